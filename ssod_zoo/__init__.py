@@ -1,0 +1,13 @@
+"""ssod_zoo: timm classifiers that know when an image is not one of their classes (SSOD).
+
+Importing the package registers the ``ssod_*`` models with timm. After ``pip install``, a fresh
+interpreter does not even need the import: ``timm.create_model('ssod_resnet18')`` works on its own
+(set ``SSOD_ZOO_AUTOLOAD=0`` to switch that off).
+"""
+from .adapter import SSODModel, wrap
+from .output import SpatialOutput, SSODOutput, robust_posterior
+from . import registry as _registry  # noqa: F401  (registers the models with timm)
+
+__version__ = '0.1.0'
+
+__all__ = ['SSODModel', 'SSODOutput', 'SpatialOutput', 'robust_posterior', 'wrap']

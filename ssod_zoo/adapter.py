@@ -1,0 +1,233 @@
+"""The spatial-head adapter: turns any timm CNN classifier into an SSOD model.
+
+SSOD (Pei, "Image Background Serves as Good Proxy for Out-of-distribution Data", Sec. 2.3) needs three things
+from a classifier: the feature map X = h(x), the classification head applied at every position of X, and a
+small binary OOD head applied at every position (for training) and on the pooled features (Eq. 15, for
+inference). This module adds exactly that to a timm model and nothing else.
+
+The SSOD model *is* the timm model: ``wrap`` gives it a subclass of its own class with :class:`SSODModel`
+mixed in and one extra module, ``ood_head``. Everything timm code relies on therefore keeps working
+unchanged: state-dict key names, ``group_matcher``/``no_weight_decay``, ``feature_info`` and
+``features_only``, ``set_grad_checkpointing``, and ``isinstance(model, timm.models.ResNet)``.
+
+The per-position head is the model's own ``forward_head(..., pre_logits=True)`` applied to every position of
+X as a 1x1 map, then the classifier. Pooling a 1x1 map is the identity, so whatever a model puts between
+pooling and the classifier (MobileNetV3's ``conv_head`` + activation, ConvNeXt's norm) is honoured with no
+per-architecture code.
+"""
+import copy
+import warnings
+from typing import Dict, Final, Optional, Union
+
+import timm
+import torch
+from torch import nn
+
+from .output import SpatialOutput, SSODOutput
+
+__all__ = ['SSODModel', 'wrap']
+
+# index of "in-distribution" in the 2-way OOD head (paper Eq. 12: y_ood = 1 for ID patches)
+ID_INDEX: Final[int] = 1
+
+_SSOD_CLASSES: Dict[type, type] = {}
+
+
+class SSODModel(nn.Module):
+    """Mixin that makes a timm CNN classifier an SSOD model. Build one with :func:`wrap` or ``timm.create_model``.
+
+    ``forward(x)`` returns :class:`SSODOutput` ``(logits, ood_factor)``; with ``return_ood=False`` it returns the
+    plain logits tensor, exactly as the timm model does, and :meth:`forward_ssod` still gives both.
+
+    Attributes:
+        ood_head: ``nn.Linear(head_hidden_size, 2)``, the binary ID/OOD head f_ood; index 1 is "in-distribution".
+        return_ood: whether ``forward`` returns :class:`SSODOutput` (True) or the logits tensor (False).
+    """
+    return_ood: Final[bool]
+
+    def forward(self, x: torch.Tensor):
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+        if self.return_ood:
+            return self.forward_ssod(x)
+        return self.forward_head(self.forward_features(x))
+
+    def forward_ssod(self, x: torch.Tensor) -> SSODOutput:
+        """Class logits and OOD factor, whatever ``return_ood`` says.
+
+        Args:
+            x: (B, C, H, W) float image batch, normalised with the model's mean/std.
+
+        Returns:
+            SSODOutput with ``logits`` (B, M) and ``ood_factor`` (B,) in [0, 1] (paper Eq. 15).
+        """
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+        features = self.forward_features(x)
+        logits = self.forward_head(features)
+        pooled = self.forward_head(features, pre_logits=True)
+        if pooled.ndim != 2:
+            raise RuntimeError(
+                'the OOD factor needs pooled features, but this model has no global pooling (global_pool=""); '
+                'use forward_spatial() for per-position outputs')
+        return SSODOutput(logits, _ood_factor(self.ood_head(pooled)))
+
+    @torch.jit.unused
+    def forward_spatial(self, x: torch.Tensor) -> SpatialOutput:
+        """Pooled and per-position outputs of both heads: what the SSOD objective trains on.
+
+        Args:
+            x: (B, C, H, W) float image batch.
+
+        Returns:
+            SpatialOutput: ``features`` (B, C, h, w), ``logits`` (B, M), ``ood_logits`` (B, 2),
+            ``cls_map`` (B, M, h, w), ``ood_map`` (B, 2, h, w).
+        """
+        self._check_input(x)
+        features = self.forward_features(x)
+        if features.ndim != 4:
+            raise RuntimeError(
+                f'{type(self).__name__} gives a {features.ndim}-D feature map {tuple(features.shape)}; '
+                'SSOD samples patches from a (B, C, H, W) map, so it needs a CNN')
+        if self.num_classes == 0:
+            raise RuntimeError('SSOD samples patches with the classification head, but this model has none '
+                               '(num_classes=0); create it with num_classes > 0')
+        logits = self.forward_head(features)
+        pooled = self.forward_head(features, pre_logits=True)
+        b, c, h, w = features.shape
+        positions = features.permute(0, 2, 3, 1).reshape(b * h * w, c, 1, 1)
+        pre_logits = self.forward_head(positions, pre_logits=True).flatten(1)
+
+        def as_map(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+        return SpatialOutput(
+            features=features,
+            logits=logits,
+            ood_logits=self.ood_head(pooled),
+            cls_map=as_map(self.get_classifier()(pre_logits)),
+            ood_map=as_map(self.ood_head(pre_logits)),
+        )
+
+    @torch.jit.unused
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is None:
+            super().reset_classifier(num_classes)
+        else:
+            super().reset_classifier(num_classes, global_pool)
+        self._fit_ood_head()
+
+    def _fit_ood_head(self) -> None:
+        """(Re)build the OOD head when the pre-logits width changed, keeping device, dtype and requires_grad."""
+        old = getattr(self, 'ood_head', None)
+        if old is not None and old.in_features == self.head_hidden_size:
+            return
+        ref = old.weight if old is not None else next(self.parameters())
+        self.ood_head = nn.Linear(self.head_hidden_size, 2, device=ref.device, dtype=ref.dtype)
+        self.ood_head.requires_grad_(ref.requires_grad)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A plain timm checkpoint has every key but the OOD head's: load it, keep the fresh head, and say so.
+        head_keys = [f'{prefix}ood_head.{k}' for k in ('weight', 'bias')]
+        if not any(k in state_dict for k in head_keys) and any(k.startswith(prefix) for k in state_dict):
+            warnings.warn(
+                'loading a checkpoint without an OOD head (no "ood_head.*" keys): backbone and classifier are '
+                'loaded, the OOD head keeps its fresh initialisation and must be trained '
+                '(python -m ssod_zoo.train) before ood_factor means anything', stacklevel=3)
+            state_dict.update({k: v for k, v in zip(head_keys, (self.ood_head.weight, self.ood_head.bias))})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.jit.unused
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Fail with a message that says what was expected, rather than deep inside the network."""
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f'{name} expects a torch.Tensor image batch, got {type(x).__name__}')
+        if x.ndim != 4:
+            hint = '; add the batch dimension with x.unsqueeze(0)' if x.ndim == 3 else ''
+            raise ValueError(f'{name} expects a (B, C, H, W) image batch, got a {x.ndim}-D tensor '
+                             f'of shape {tuple(x.shape)}{hint}')
+        if not x.is_floating_point():
+            raise TypeError(
+                f'{name} expects a floating-point image batch normalised with the model\'s mean/std, got {x.dtype}; '
+                'use timm.data.create_transform(**timm.data.resolve_data_config(model=model)) or '
+                'x.float().div(255) followed by normalisation')
+        in_chans = getattr(self, 'in_chans', None)
+        if in_chans is not None and x.shape[1] != in_chans:
+            raise ValueError(f'{name} expects {in_chans}-channel images, got {x.shape[1]} channels '
+                             f'(input shape {tuple(x.shape)}); pass in_chans={x.shape[1]} when creating the model '
+                             'or convert the images')
+        stride = _total_stride(self)
+        if stride and (x.shape[2] < stride or x.shape[3] < stride):
+            size = self.pretrained_cfg.get('input_size', (None, '?', '?'))
+            raise ValueError(f'{name} has a total stride of {stride}, so a {x.shape[2]}x{x.shape[3]} input leaves '
+                             f'no feature-map position of its own; use at least {stride}x{stride} '
+                             f'(the model is configured for {size[1]}x{size[2]})')
+
+
+def _ood_factor(ood_logits: torch.Tensor) -> torch.Tensor:
+    """P(x in S_ID | x) from the 2-way OOD logits: softmax over (OOD, ID), the ID column (Eq. 15)."""
+    return torch.sigmoid(ood_logits[:, 1] - ood_logits[:, 0])  # ID_INDEX = 1
+
+
+def _total_stride(model: nn.Module) -> int:
+    feature_info = getattr(model, 'feature_info', None)
+    try:
+        return int(feature_info[-1]['reduction'])
+    except (TypeError, KeyError, IndexError):
+        return 0
+
+
+def _ssod_class(base: type) -> type:
+    """``SSOD<Base>``: the timm class with :class:`SSODModel` mixed in, made once per class."""
+    if issubclass(base, SSODModel):
+        return base
+    cls = _SSOD_CLASSES.get(base)
+    if cls is None:
+        name = f'SSOD{base.__name__}'
+        # TorchScript reads annotations from the instance's own class, so carry the base's and ours
+        annotations = {**getattr(base, '__annotations__', {}), **SSODModel.__annotations__}
+        cls = type(name, (SSODModel, base), {'__module__': __name__, '__qualname__': name,
+                                             '__annotations__': annotations, '__doc__': SSODModel.__doc__})
+        _SSOD_CLASSES[base] = cls
+        globals().setdefault(name, cls)  # importable by name, so pickling a model works
+    return cls
+
+
+def wrap(model: Union[nn.Module, str], *, return_ood: bool = True, **kwargs) -> SSODModel:
+    """Turn a timm CNN classifier into an SSOD model.
+
+    Args:
+        model: a timm model instance (its weights are shared, not copied; the instance passed in is left as it
+            was) or a model name for ``timm.create_model``, e.g. ``'efficientnet_b0'`` or ``'resnet50.tv_in1k'``.
+        return_ood: ``forward`` returns ``SSODOutput(logits, ood_factor)`` if True, else the plain logits tensor.
+        **kwargs: passed to ``timm.create_model`` when ``model`` is a name (``pretrained``, ``num_classes``, ...).
+
+    Returns:
+        The SSOD model: an instance of the model's own class with :class:`SSODModel` mixed in and a fresh
+        2-way ``ood_head`` on the pre-logits features.
+
+    Example:
+        >>> m = wrap('resnet18', num_classes=10)
+        >>> logits, p_id = m(torch.randn(2, 3, 64, 64))
+    """
+    if isinstance(model, str):
+        model = timm.create_model(model, **kwargs)
+    elif kwargs:
+        raise TypeError(f'wrap() got model arguments {sorted(kwargs)} with a model instance; '
+                        'they apply only when the model is given by name')
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'wrap() expects a timm model or model name, got {type(model).__name__}')
+    missing = [m for m in ('forward_features', 'forward_head', 'get_classifier', 'reset_classifier')
+               if not callable(getattr(model, m, None))]
+    if missing or not hasattr(model, 'head_hidden_size'):
+        raise TypeError(f'{type(model).__name__} is not a timm classifier with the forward_features/forward_head '
+                        f'contract (missing: {", ".join(missing) or "head_hidden_size"}); wrap() needs one')
+
+    cls = _ssod_class(type(model))
+    ssod = cls.__new__(cls)
+    # shallow copy: same parameters and submodules, but own containers, so adding ood_head leaves `model` as it was
+    ssod.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in model.__dict__.items()})
+    ssod.return_ood = return_ood
+    ssod._fit_ood_head()
+    return ssod

@@ -1,0 +1,56 @@
+"""What an SSOD model returns, and the robust posterior built from it (paper Eq. 6-7)."""
+from typing import NamedTuple
+
+import torch
+
+__all__ = ['SSODOutput', 'SpatialOutput', 'robust_posterior']
+
+
+class SSODOutput(NamedTuple):
+    """The two factors of SSOD's posterior (paper Eq. 7).
+
+    Unpacks like a tuple: ``logits, p_id = model(x)``.
+
+    Attributes:
+        logits: (B, M) class logits, exactly what the plain timm model gives; their softmax is the
+            ID factor P(w_i | x in S_ID, x).
+        ood_factor: (B,) in [0, 1], the OOD factor P(x in S_ID | x) (Eq. 15). Higher = more in-distribution.
+    """
+    logits: torch.Tensor
+    ood_factor: torch.Tensor
+
+
+class SpatialOutput(NamedTuple):
+    """Everything the SSOD objective needs from one forward pass (paper Eq. 11-13).
+
+    Attributes:
+        features: (B, C, H, W) the backbone's feature map X = h(x).
+        logits: (B, M) pooled class logits f_cls(GAP(X)) (Eq. 11), identical to the plain timm model.
+        ood_logits: (B, 2) the OOD head on pooled features; index 1 is "in-distribution".
+        cls_map: (B, M, H, W) the classification head applied at every position of X.
+        ood_map: (B, 2, H, W) the OOD head applied at every position of X (Eq. 13).
+    """
+    features: torch.Tensor
+    logits: torch.Tensor
+    ood_logits: torch.Tensor
+    cls_map: torch.Tensor
+    ood_map: torch.Tensor
+
+
+def robust_posterior(logits: torch.Tensor, ood_factor: torch.Tensor) -> torch.Tensor:
+    """The paper's posterior over M known classes plus "unknown" (Eq. 7).
+
+    P(w_i | x) = softmax(logits)_i * P(x in S_ID | x), and P(w_{M+1} | x) = 1 - P(x in S_ID | x).
+
+    Args:
+        logits: (B, M) class logits.
+        ood_factor: (B,) in [0, 1], P(x in S_ID | x).
+
+    Returns:
+        (B, M + 1) probabilities; each row sums to 1, the last column is the probability of "unknown".
+    """
+    if logits.ndim != 2 or ood_factor.shape != logits.shape[:1]:
+        raise ValueError(
+            f'expected logits (B, M) and ood_factor (B,), got {tuple(logits.shape)} and {tuple(ood_factor.shape)}')
+    p_id = ood_factor.to(logits.dtype).unsqueeze(1)
+    return torch.cat([logits.softmax(dim=1) * p_id, 1 - p_id], dim=1)
