@@ -42,6 +42,8 @@ class SSODModel(nn.Module):
     Attributes:
         ood_head: ``nn.Linear(head_hidden_size, 2)``, the binary ID/OOD head f_ood; index 1 is "in-distribution".
         return_ood: whether ``forward`` returns :class:`SSODOutput` (True) or the logits tensor (False).
+        ood_threshold: the calibrated rejection threshold on ``ood_factor`` (keeps 95% of ID validation images),
+            or None if the model was never calibrated. Reject with ``out.ood_factor < model.ood_threshold``.
     """
     return_ood: Final[bool]
 
@@ -194,13 +196,20 @@ def _ssod_class(base: type) -> type:
     return cls
 
 
-def wrap(model: Union[nn.Module, str], *, return_ood: bool = True, **kwargs) -> SSODModel:
+def wrap(
+        model: Union[nn.Module, str],
+        *,
+        return_ood: bool = True,
+        ood_threshold: Optional[float] = None,
+        **kwargs,
+) -> SSODModel:
     """Turn a timm CNN classifier into an SSOD model.
 
     Args:
         model: a timm model instance (its weights are shared, not copied; the instance passed in is left as it
             was) or a model name for ``timm.create_model``, e.g. ``'efficientnet_b0'`` or ``'resnet50.tv_in1k'``.
         return_ood: ``forward`` returns ``SSODOutput(logits, ood_factor)`` if True, else the plain logits tensor.
+        ood_threshold: calibrated rejection threshold on ``ood_factor``, kept as ``model.ood_threshold``.
         **kwargs: passed to ``timm.create_model`` when ``model`` is a name (``pretrained``, ``num_classes``, ...).
 
     Returns:
@@ -229,5 +238,6 @@ def wrap(model: Union[nn.Module, str], *, return_ood: bool = True, **kwargs) -> 
     # shallow copy: same parameters and submodules, but own containers, so adding ood_head leaves `model` as it was
     ssod.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in model.__dict__.items()})
     ssod.return_ood = return_ood
+    ssod.ood_threshold = ood_threshold if ood_threshold is None else float(ood_threshold)
     ssod._fit_ood_head()
     return ssod

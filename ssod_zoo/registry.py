@@ -5,7 +5,7 @@ per-architecture model code. Weights are ``ssod_<arch>.<tag>`` entries in ``defa
 a tag describes the architecture only (no weights).
 """
 from functools import partial
-from typing import Any
+from typing import Any, Optional
 
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -20,8 +20,9 @@ PAPER_ID = 'arXiv:2307.00519'
 PAPER_NAME = 'Image Background Serves as Good Proxy for Out-of-distribution Data'
 
 
-def _build(trunk: str, return_ood: bool = True, **kwargs: Any) -> SSODModel:
-    return wrap(timm.create_model(trunk, pretrained=False, **kwargs), return_ood=return_ood)
+def _build(trunk: str, return_ood: bool = True, ood_threshold: Optional[float] = None, **kwargs: Any) -> SSODModel:
+    trunk = timm.create_model(trunk, pretrained=False, **kwargs)
+    return wrap(trunk, return_ood=return_ood, ood_threshold=ood_threshold)
 
 
 def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -> SSODModel:
