@@ -142,6 +142,8 @@ class SSODModel(nn.Module):
     @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
         """Fail with a message that says what was expected, rather than deep inside the network."""
+        if isinstance(x, torch.fx.Proxy):  # symbolic tracing (torchvision feature extraction): no values to check
+            return
         name = type(self).__name__
         if not isinstance(x, torch.Tensor):
             raise TypeError(f'{name} expects a torch.Tensor image batch, got {type(x).__name__}')

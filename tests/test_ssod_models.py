@@ -1,0 +1,252 @@
+"""The SSOD model family: registry, output contract, identity with timm, adapter, errors."""
+import warnings
+
+import pytest
+import timm
+import torch
+
+import ssod_zoo
+from ssod_zoo import SSODOutput, robust_posterior, wrap
+
+SSOD_MODELS = timm.list_models('ssod_*')
+REQUIRED = ['ssod_resnet18', 'ssod_resnet34', 'ssod_resnet50', 'ssod_resnet101', 'ssod_densenet121',
+            'ssod_regnety_008', 'ssod_mobilenetv3_large_100']
+# architectures outside the registry the adapter must handle too (EfficientNet: head conv before pooling;
+# ConvNeXt: norm after pooling)
+EXTRA_TRUNKS = ['efficientnet_b0', 'convnext_tiny']
+
+
+def _trunk_name(ssod_name: str) -> str:
+    return ssod_name[len('ssod_'):]
+
+
+def _input(model, batch=2, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, model.in_chans, size, size, generator=g)
+
+
+@pytest.fixture(scope='module', params=SSOD_MODELS + EXTRA_TRUNKS)
+def pair(request):
+    """(ssod model, plain timm model with the same weights), both in eval mode."""
+    name = request.param
+    torch.manual_seed(0)
+    if name.startswith('ssod_'):
+        ssod = timm.create_model(name, num_classes=7).eval()
+        plain = timm.create_model(_trunk_name(name), num_classes=7).eval()
+        plain.load_state_dict({k: v for k, v in ssod.state_dict().items() if not k.startswith('ood_head.')})
+    else:
+        plain = timm.create_model(name, num_classes=7).eval()
+        ssod = wrap(plain)
+    return ssod, plain
+
+
+def test_registry_lists_every_architecture():
+    assert set(REQUIRED) <= set(SSOD_MODELS)
+
+
+@pytest.mark.parametrize('name', SSOD_MODELS)
+def test_pretrained_cfg_is_complete_and_matches_timm(name):
+    cfg = timm.create_model(name, device='meta').pretrained_cfg
+    for key in ('input_size', 'mean', 'std', 'crop_pct', 'interpolation', 'first_conv', 'classifier',
+                'license', 'paper_ids', 'num_classes', 'pool_size'):
+        assert cfg.get(key) is not None, f'{name} pretrained_cfg lacks {key}'
+    trunk_cfg = timm.get_pretrained_cfg(_trunk_name(name)).to_dict()
+    assert (cfg['first_conv'], cfg['classifier']) == (trunk_cfg['first_conv'], trunk_cfg['classifier'])
+    assert cfg['architecture'] == name
+
+
+def test_output_contract(pair):
+    ssod, _ = pair
+    x = _input(ssod)
+    with torch.no_grad():
+        out = ssod(x)
+    assert isinstance(out, SSODOutput)
+    logits, p_id = out  # unpacks like a tuple
+    assert logits.shape == (2, 7) and p_id.shape == (2,)
+    assert out.logits is logits and out.ood_factor is p_id
+    assert ((p_id >= 0) & (p_id <= 1)).all()
+
+
+def test_logits_identical_to_timm(pair):
+    ssod, plain = pair
+    x = _input(ssod)
+    with torch.no_grad():
+        diff = (ssod(x).logits - plain(x)).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_logits_mode_is_a_drop_in_and_ood_stays_reachable(pair):
+    ssod, plain = pair
+    logits_only = wrap(ssod, return_ood=False)
+    x = _input(ssod)
+    with torch.no_grad():
+        out = logits_only(x)
+        both = logits_only.forward_ssod(x)
+        assert isinstance(out, torch.Tensor)
+        torch.testing.assert_close(out, plain(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(both.ood_factor, ssod(x).ood_factor)
+
+
+def test_spatial_head_is_the_pooled_head_at_each_position(pair):
+    """cls_map[..., i, j] is the model's own head (whatever sits after pooling) on feature position (i, j)."""
+    ssod, _ = pair
+    x = _input(ssod, size=96)
+    with torch.no_grad():
+        sp = ssod.forward_spatial(x)
+        b, c, h, w = sp.features.shape
+        assert sp.cls_map.shape == (b, 7, h, w) and sp.ood_map.shape == (b, 2, h, w)
+        assert sp.ood_logits.shape == (b, 2)
+        torch.testing.assert_close(sp.logits, ssod(x).logits)
+        for i, j in [(0, 0), (h - 1, w - 1), (h // 2, w // 3)]:
+            cell = sp.features[:, :, i:i + 1, j:j + 1]
+            torch.testing.assert_close(sp.cls_map[:, :, i, j], ssod.forward_head(cell), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                sp.ood_map[:, :, i, j], ssod.ood_head(ssod.forward_head(cell, pre_logits=True)),
+                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['ssod_resnet18', 'ssod_densenet121', 'ssod_regnety_008'])
+def test_pooled_ood_logits_are_the_mean_of_the_ood_map_when_pre_logits_is_pooling(name):
+    """Eq. 15 vs Eq. 13: with a linear OOD head on GAP features, f_ood(GAP(X)) = GAP(f_ood(X))."""
+    m = timm.create_model(name, num_classes=5).eval()
+    with torch.no_grad():
+        sp = m.forward_spatial(_input(m, size=96))
+    torch.testing.assert_close(sp.ood_logits, sp.ood_map.mean((2, 3)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', SSOD_MODELS)
+def test_every_parameter_gets_a_gradient_from_both_outputs(name):
+    m = timm.create_model(name, num_classes=5).train()
+    out = m(_input(m, batch=2, size=64))
+    out.logits.logsumexp(1).mean().backward(retain_graph=True)
+    no_grad_from_logits = [n for n, p in m.named_parameters() if p.grad is None]
+    assert no_grad_from_logits == ['ood_head.weight', 'ood_head.bias']
+    m.zero_grad(set_to_none=True)
+    out.ood_factor.mean().backward()
+    # the OOD factor trains the head and, through the pooled features, the backbone
+    missing = [n for n, p in m.named_parameters() if p.grad is None and not n.startswith(m.pretrained_cfg['classifier'])]
+    assert not missing
+    assert m.ood_head.weight.grad.abs().sum() > 0
+
+
+def test_state_dict_keeps_timm_keys_and_timm_checkpoints_load(pair):
+    ssod, plain = pair
+    keys = set(ssod.state_dict())
+    assert keys - set(plain.state_dict()) == {'ood_head.weight', 'ood_head.bias'}
+    fresh = wrap(plain.pretrained_cfg['architecture'], num_classes=7)
+    head_before = fresh.ood_head.weight.clone()
+    with pytest.warns(UserWarning, match='without an OOD head'):
+        fresh.load_state_dict(plain.state_dict())
+    assert torch.equal(fresh.ood_head.weight, head_before)  # the OOD head starts fresh
+    for k, v in plain.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)
+
+
+def test_ssod_checkpoint_round_trip_is_exact_and_silent():
+    a = timm.create_model('ssod_test_resnet', num_classes=3).eval()
+    b = timm.create_model('ssod_test_resnet', num_classes=3).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        b.load_state_dict(a.state_dict())
+    x = _input(a)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('return_ood', [True, False])
+@pytest.mark.parametrize('name', ['ssod_test_resnet', 'ssod_resnet18', 'ssod_mobilenetv3_large_100'])
+def test_torchscript_both_modes(name, return_ood):
+    m = timm.create_model(name, num_classes=4, return_ood=return_ood, scriptable=True).eval()
+    scripted = torch.jit.script(m)
+    x = _input(m)
+    with torch.no_grad():
+        expected, got = m(x), scripted(x)
+    if return_ood:
+        assert tuple(got._fields) == ('logits', 'ood_factor')
+        torch.testing.assert_close(tuple(got), tuple(expected))
+    else:
+        assert isinstance(got, torch.Tensor)
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize('name', SSOD_MODELS)
+def test_meta_device_creation(name):
+    m = timm.create_model(name, device='meta')
+    assert {p.device.type for p in m.parameters()} == {'meta'}
+    assert m.ood_head.weight.device.type == 'meta'
+
+
+def test_reset_classifier_keeps_ood_head_in_step_with_pre_logits():
+    m = timm.create_model('ssod_test_resnet', num_classes=3)
+    m.reset_classifier(5)
+    assert m.num_classes == 5 and m.ood_head.in_features == m.head_hidden_size
+    m.reset_classifier(5, 'catavgmax')  # doubles the pooled width
+    assert m.ood_head.in_features == m.head_hidden_size == 2 * m.num_features
+    out = m.eval()(_input(m))
+    assert out.logits.shape == (2, 5) and out.ood_factor.shape == (2,)
+
+
+def test_features_only_gives_the_trunk_pyramid():
+    m = timm.create_model('ssod_resnet18', features_only=True)
+    feats = m(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == m.feature_info.channels()
+
+
+def test_wrap_shares_weights_and_leaves_the_original_alone():
+    plain = timm.create_model('resnet18', num_classes=3).eval()
+    x = _input(plain)
+    with torch.no_grad():
+        before = plain(x)
+    ssod = wrap(plain)
+    assert not hasattr(plain, 'ood_head') and 'ood_head' not in dict(plain.named_children())
+    assert ssod.fc.weight is plain.fc.weight
+    assert isinstance(ssod, timm.models.ResNet) and isinstance(ssod, ssod_zoo.SSODModel)
+    with torch.no_grad():
+        assert isinstance(plain(x), torch.Tensor)
+        torch.testing.assert_close(plain(x), before)
+
+
+def test_wrap_by_name_with_model_arguments():
+    m = wrap('efficientnet_b0', num_classes=4, return_ood=False)
+    assert m.num_classes == 4 and m.return_ood is False
+
+
+def test_wrap_rejects_what_it_cannot_adapt():
+    with pytest.raises(TypeError, match='not a timm classifier'):
+        wrap(torch.nn.Linear(3, 3))
+    with pytest.raises(TypeError, match='only when the model is given by name'):
+        wrap(timm.create_model('resnet18'), num_classes=3)
+    vit = wrap('test_vit', num_classes=3)
+    with pytest.raises(RuntimeError, match='needs a CNN'):
+        vit.forward_spatial(torch.randn(1, 3, *vit.pretrained_cfg['input_size'][1:]))
+
+
+@pytest.mark.parametrize('x, error, match', [
+    (torch.randn(2, 1, 64, 64), ValueError, 'expects 3-channel images, got 1'),
+    (torch.randn(2, 3, 16, 16), ValueError, 'total stride of 32'),
+    (torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8), TypeError, 'floating-point'),
+    (torch.randn(3, 64, 64), ValueError, r'x\.unsqueeze\(0\)'),
+])
+@pytest.mark.parametrize('method', ['forward', 'forward_ssod', 'forward_spatial'])
+def test_bad_input_gets_a_clear_error(x, error, match, method):
+    m = timm.create_model('ssod_resnet18', num_classes=3).eval()
+    with pytest.raises(error, match=match):
+        getattr(m, method)(x)
+
+
+def test_pretrained_without_weights_says_what_to_do():
+    with pytest.raises(RuntimeError, match='has no SSOD weights'):
+        timm.create_model('ssod_resnet50', pretrained=True)
+
+
+def test_robust_posterior():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    p_id = torch.tensor([0.9, 0.25])
+    post = robust_posterior(logits, p_id)
+    assert post.shape == (2, 4)
+    torch.testing.assert_close(post.sum(1), torch.ones(2))
+    torch.testing.assert_close(post[:, -1], 1 - p_id)
+    torch.testing.assert_close(post[1, :3], torch.full((3,), 0.25 / 3))
+    torch.testing.assert_close(post[0, :3] / post[0, :3].sum(), logits[0].softmax(0))
+    with pytest.raises(ValueError, match=r'ood_factor \(B,\)'):
+        robust_posterior(logits, p_id[:1])
