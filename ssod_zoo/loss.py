@@ -1,0 +1,172 @@
+"""SSOD's patch sampler and training objective (paper Sec. 2.3, Eq. 12-14; balance schemes of Table 5).
+
+The classification head, applied at every feature-map position, labels each patch by its confidence on the
+image's label: >= gamma is an ID patch (y_ood = 1), < 1 - gamma an OOD (background) patch (y_ood = 0), the rest
+are ignored (Eq. 12). The OOD head is trained on those labels jointly with classification:
+``L = CE(pooled logits, y) + alpha * L_ood`` (Eq. 14), where L_ood balances ID and OOD patches by one of
+
+- ``'lwb'`` loss-wise balance (default, the paper's best): mean CE over ID patches and mean CE over OOD
+  patches, computed separately, then averaged;
+- ``'lw'`` loss weighting: one mean over all sampled patches, OOD (background) patches weighted by
+  ``background_weight`` (1.0 = no weighting);
+- ``'dr'`` data resampling: per image, an equal number of ID and OOD patches drawn at random, then one mean.
+
+A batch with no ID patches, no OOD patches, or none at all gives a finite loss whose gradient is that of the
+terms that exist (an empty term is exactly zero, still connected to the graph, so DDP sees every parameter).
+"""
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import ID_INDEX
+from .output import SpatialOutput
+
+__all__ = ['sample_patches', 'SSODLoss', 'SSODLossParts', 'BALANCE_SCHEMES', 'IGNORE']
+
+BALANCE_SCHEMES = ('lwb', 'lw', 'dr')
+IGNORE = -1  # patch label: neither confidently ID nor confidently OOD
+OOD_INDEX = 1 - ID_INDEX
+
+
+@torch.no_grad()
+def sample_patches(cls_map: torch.Tensor, target: torch.Tensor, gamma: float = 0.95) -> torch.Tensor:
+    """Self-supervised OOD labels for every feature-map position (Eq. 12).
+
+    Args:
+        cls_map: (B, M, H, W) class logits at each position.
+        target: (B,) int64 image labels.
+        gamma: confidence threshold in (0.5, 1].
+
+    Returns:
+        (B, H, W) int64: 1 (ID) where softmax confidence on the label >= gamma, 0 (OOD) where < 1 - gamma,
+        -1 (ignored) otherwise. Computed without gradient.
+    """
+    if not 0.5 < gamma <= 1.0:
+        raise ValueError(f'gamma must be in (0.5, 1], got {gamma}: below 0.5 a patch could be both ID and OOD')
+    if cls_map.ndim != 4 or target.shape != cls_map.shape[:1]:
+        raise ValueError(f'expected cls_map (B, M, H, W) and target (B,), got {tuple(cls_map.shape)} and '
+                         f'{tuple(target.shape)}')
+    if target.dtype != torch.int64:
+        raise TypeError(f'SSOD samples patches with hard labels, got target of dtype {target.dtype} '
+                        '(mixup/cutmix soft targets are not supported)')
+    b, _, h, w = cls_map.shape
+    index = target.view(b, 1, 1, 1).expand(b, 1, h, w)
+    confidence = cls_map.float().softmax(dim=1).gather(1, index).squeeze(1)
+    labels = torch.full_like(confidence, IGNORE, dtype=torch.int64)
+    labels[confidence >= gamma] = ID_INDEX
+    labels[confidence < 1 - gamma] = OOD_INDEX
+    return labels
+
+
+class SSODLossParts(NamedTuple):
+    """The objective and its parts; all but ``loss`` are detached, for logging.
+
+    Attributes:
+        loss: () the total, CE + alpha * OOD loss (Eq. 14).
+        cls_loss: () classification CE on the pooled logits.
+        ood_loss_id: () mean OOD-head CE over ID patches (0 if there are none).
+        ood_loss_ood: () mean OOD-head CE over OOD patches (0 if there are none).
+        frac_id, frac_ood, frac_ignored: () fractions of all positions sampled as ID / OOD / ignored.
+    """
+    loss: torch.Tensor
+    cls_loss: torch.Tensor
+    ood_loss_id: torch.Tensor
+    ood_loss_ood: torch.Tensor
+    frac_id: torch.Tensor
+    frac_ood: torch.Tensor
+    frac_ignored: torch.Tensor
+
+
+class SSODLoss(nn.Module):
+    """CE(pooled logits, y) + alpha * balanced CE of the OOD head on sampled patches (Eq. 14).
+
+    Args:
+        gamma: sampler confidence threshold (Eq. 12), 0.95 in the paper.
+        alpha: weight of the OOD loss (Eq. 14), 1.0 in the paper (Table 4).
+        balance: 'lwb' (default), 'lw' or 'dr' (Table 5); see the module docstring.
+        background_weight: weight of OOD patches under 'lw'.
+        label_smoothing: for the classification CE.
+        count_reducer: sums a tensor of patch counts over data-parallel ranks (e.g. an all-reduce), so that
+            per-patch means are over the global batch and a run on N ranks matches one process with the same
+            global batch. ``world_size`` must then be the number of ranks (DDP averages gradients over them).
+    """
+
+    def __init__(
+            self,
+            gamma: float = 0.95,
+            alpha: float = 1.0,
+            balance: str = 'lwb',
+            background_weight: float = 1.0,
+            label_smoothing: float = 0.0,
+            count_reducer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+            world_size: int = 1,
+    ):
+        super().__init__()
+        if balance not in BALANCE_SCHEMES:
+            raise ValueError(f'balance must be one of {BALANCE_SCHEMES}, got {balance!r}')
+        if not 0.5 < gamma <= 1.0:
+            raise ValueError(f'gamma must be in (0.5, 1], got {gamma}')
+        if alpha < 0 or background_weight < 0:
+            raise ValueError(f'alpha and background_weight must be >= 0, got {alpha} and {background_weight}')
+        self.gamma, self.alpha, self.balance = gamma, alpha, balance
+        self.background_weight, self.label_smoothing = background_weight, label_smoothing
+        self.count_reducer, self.world_size = count_reducer, world_size
+
+    def forward(self, out: SpatialOutput, target: torch.Tensor, ood: bool = True,
+                generator: Optional[torch.Generator] = None) -> SSODLossParts:
+        """Args:
+            out: the model's ``forward_spatial`` output.
+            target: (B,) int64 labels.
+            ood: False trains classification only (warm-up epochs); the OOD head then gets zero gradient.
+            generator: RNG for the 'dr' scheme's resampling.
+        """
+        cls_loss = F.cross_entropy(out.logits.float(), target, label_smoothing=self.label_smoothing)
+        labels = sample_patches(out.cls_map.detach(), target, self.gamma)
+        is_id, is_ood = labels == ID_INDEX, labels == OOD_INDEX
+        n_total = labels.numel()
+        fractions = [is_id.sum() / n_total, is_ood.sum() / n_total, (labels == IGNORE).sum() / n_total]
+
+        # per-patch CE of the OOD head, (B, H, W); ignored patches are masked out below
+        patch_ce = F.cross_entropy(out.ood_map.float(), labels.clamp(min=0), reduction='none')
+        connect = out.ood_map.sum() * 0.0  # keeps the OOD head in the graph when no term exists
+        if self.balance == 'dr':
+            is_id, is_ood = _resample_equal(is_id, is_ood, generator)
+        sum_id, sum_ood = (patch_ce * is_id).sum(), (patch_ce * is_ood).sum()
+        counts = torch.stack([is_id.sum(), is_ood.sum()]).to(patch_ce.dtype)
+        if self.count_reducer is not None:
+            counts = self.count_reducer(counts.clone())
+        n_id, n_ood = counts[0], counts[1]
+        scale = float(self.world_size)
+        loss_id = sum_id * scale / n_id.clamp(min=1)
+        loss_ood = sum_ood * scale / n_ood.clamp(min=1)
+
+        if self.balance == 'lwb':
+            terms = (n_id > 0).to(patch_ce.dtype) + (n_ood > 0).to(patch_ce.dtype)
+            ood_loss = (loss_id + loss_ood) / terms.clamp(min=1)
+        elif self.balance == 'lw':
+            w = self.background_weight
+            ood_loss = (sum_id + w * sum_ood) * scale / (n_id + w * n_ood).clamp(min=1)
+        else:  # 'dr': equal numbers of each per image, one mean
+            ood_loss = (sum_id + sum_ood) * scale / (n_id + n_ood).clamp(min=1)
+
+        ood_loss = ood_loss + connect
+        loss = cls_loss + (self.alpha * ood_loss if ood else 0.0 * ood_loss)
+        return SSODLossParts(loss, cls_loss.detach(), loss_id.detach() / scale, loss_ood.detach() / scale,
+                             *(f.detach() for f in fractions))
+
+
+def _resample_equal(is_id: torch.Tensor, is_ood: torch.Tensor, generator: Optional[torch.Generator]):
+    """Per image, keep min(#ID, #OOD) patches of each kind, chosen uniformly at random."""
+    b = is_id.shape[0]
+    flat_id, flat_ood = is_id.reshape(b, -1), is_ood.reshape(b, -1)
+    n = torch.minimum(flat_id.sum(1), flat_ood.sum(1)).unsqueeze(1)
+    noise = torch.rand(flat_id.shape, generator=generator, device='cpu').to(is_id.device)
+
+    def keep(mask: torch.Tensor) -> torch.Tensor:
+        key = torch.where(mask, noise, torch.full_like(noise, 2.0))  # candidates first, in random order
+        rank = key.argsort(dim=1).argsort(dim=1)
+        return mask & (rank < n)
+
+    return keep(flat_id).view_as(is_id), keep(flat_ood).view_as(is_ood)

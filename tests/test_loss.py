@@ -1,0 +1,177 @@
+"""The patch sampler (Eq. 12) and the balanced objective (Eq. 14, Table 5) on hand-built maps."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssod_zoo import SpatialOutput
+from ssod_zoo.loss import IGNORE, SSODLoss, sample_patches
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def _spatial(cls_map, ood_map, logits=None):
+    b = cls_map.shape[0]
+    logits = torch.zeros(b, cls_map.shape[1]) if logits is None else logits
+    return SpatialOutput(features=torch.zeros(b, 1, *cls_map.shape[2:]), logits=logits,
+                         ood_logits=torch.zeros(b, 2), cls_map=cls_map, ood_map=ood_map)
+
+
+def _two_class_map(conf_on_label_0):
+    """(1, 2, H, W) class logits whose softmax gives class 0 the given confidence at each position."""
+    conf = torch.tensor(conf_on_label_0, dtype=torch.float64)
+    return torch.stack([torch.log(conf / (1 - conf)), torch.zeros_like(conf)]).unsqueeze(0).float()
+
+
+def test_sampler_thresholds():
+    cls_map = _two_class_map([[0.99, 0.96, 0.94], [0.5, 0.06, 0.04]])
+    labels = sample_patches(cls_map, torch.tensor([0]), gamma=0.95)
+    assert labels.tolist() == [[[1, 1, IGNORE], [IGNORE, IGNORE, 0]]]
+    # the same map read against the other label flips ID and OOD
+    flipped = sample_patches(cls_map, torch.tensor([1]), gamma=0.95)
+    assert flipped.tolist() == [[[0, 0, IGNORE], [IGNORE, IGNORE, 1]]]
+
+
+def test_sampler_is_gradient_free_and_validates():
+    cls_map = torch.randn(2, 3, 4, 4, requires_grad=True)
+    assert not sample_patches(cls_map, torch.tensor([0, 2])).requires_grad
+    with pytest.raises(ValueError, match='gamma must be in'):
+        sample_patches(cls_map, torch.tensor([0, 2]), gamma=0.4)
+    with pytest.raises(TypeError, match='hard labels'):
+        sample_patches(cls_map, torch.tensor([0.0, 2.0]))
+    with pytest.raises(ValueError, match='expected cls_map'):
+        sample_patches(cls_map, torch.tensor([0]))
+
+
+# one image, 2x2 positions: ID, ID, OOD, ignored
+CONF = [[0.99, 0.98], [0.01, 0.5]]
+
+
+def _known_case(ce_id=(0.2, 0.6), ce_ood=1.5):
+    cls_map = _two_class_map(CONF)
+    # pick OOD-head logits so that per-patch CE is known: ID patches ce_id, OOD patch ce_ood
+    a = torch.tensor([[-math.log(math.expm1(ce_id[0])), -math.log(math.expm1(ce_id[1]))],
+                      [math.log(math.expm1(ce_ood)), 0.0]])
+    ood_map = torch.stack([torch.zeros_like(a), a]).unsqueeze(0).requires_grad_(True)
+    logits = torch.tensor([[2.0, 0.0]])
+    return _spatial(cls_map, ood_map, logits), torch.tensor([0])
+
+
+@pytest.mark.parametrize('balance, expected_ood', [
+    ('lwb', ((0.2 + 0.6) / 2 + 1.5) / 2),
+    ('lw', (0.2 + 0.6 + 1.5) / 3),
+])
+def test_known_values(balance, expected_ood):
+    out, y = _known_case()
+    parts = SSODLoss(balance=balance, alpha=0.5)(out, y)
+    ce = F.cross_entropy(out.logits, y).item()
+    assert parts.cls_loss.item() == pytest.approx(ce)
+    assert parts.loss.item() == pytest.approx(ce + 0.5 * expected_ood, rel=1e-5)
+    assert parts.ood_loss_id.item() == pytest.approx(0.4, rel=1e-5)
+    assert parts.ood_loss_ood.item() == pytest.approx(1.5, rel=1e-5)
+    assert [parts.frac_id.item(), parts.frac_ood.item(), parts.frac_ignored.item()] == [0.5, 0.25, 0.25]
+
+
+def test_lw_background_weight():
+    out, y = _known_case()
+    parts = SSODLoss(balance='lw', background_weight=4.0, alpha=1.0)(out, y)
+    expected = (0.2 + 0.6 + 4 * 1.5) / (2 + 4)
+    assert parts.loss.item() - parts.cls_loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dr_takes_equal_numbers_per_image():
+    out, y = _known_case(ce_id=(0.7, 0.7))  # equal ID costs: whichever ID patch is drawn, the loss is known
+    parts = SSODLoss(balance='dr')(out, y, generator=torch.Generator().manual_seed(0))
+    assert parts.loss.item() - parts.cls_loss.item() == pytest.approx((0.7 + 1.5) / 2, rel=1e-5)
+    # the gradient touches exactly one of the two ID patches and the OOD patch
+    parts.loss.backward()
+    touched = (out.ood_map.grad.abs().sum(1) > 0).flatten().tolist()
+    assert touched[2] and not touched[3] and sum(touched[:2]) == 1
+
+
+@pytest.mark.parametrize('balance', ['lwb', 'lw', 'dr'])
+@pytest.mark.parametrize('conf', [[[0.99, 0.98], [0.97, 0.5]],  # no OOD patches
+                                  [[0.01, 0.02], [0.5, 0.5]],  # no ID patches
+                                  [[0.5, 0.5], [0.5, 0.5]]])  # nothing sampled
+def test_degenerate_batches_are_finite_with_the_right_gradient(balance, conf):
+    cls_map = _two_class_map(conf)
+    ood_map = torch.randn(1, 2, 2, 2, requires_grad=True)
+    y = torch.tensor([0])
+    parts = SSODLoss(balance=balance)(_spatial(cls_map, ood_map), y)
+    assert torch.isfinite(parts.loss)
+    parts.loss.backward()
+    labels = sample_patches(cls_map, y)
+    grad_at = ood_map.grad.abs().sum(1) > 0
+    assert torch.isfinite(ood_map.grad).all()
+    if balance == 'dr' or (labels == IGNORE).all():  # DR needs both kinds in an image
+        assert not grad_at.any()
+    else:
+        assert torch.equal(grad_at, labels != IGNORE)
+        # the present term alone: mean CE over its patches
+        ce = F.cross_entropy(ood_map.detach(), labels.clamp(min=0), reduction='none')[labels != IGNORE].mean()
+        assert parts.loss.item() - parts.cls_loss.item() == pytest.approx(ce.item(), rel=1e-5)
+
+
+def _reference_lwb(cls_map, ood_map, y, gamma=0.95):
+    """Eq. 12 + LWB with explicit loops."""
+    ce_id, ce_ood = [], []
+    for b in range(cls_map.shape[0]):
+        p = cls_map[b].softmax(0)[y[b]]
+        for i in range(cls_map.shape[2]):
+            for j in range(cls_map.shape[3]):
+                if p[i, j] >= gamma:
+                    ce_id.append(F.cross_entropy(ood_map[b, :, i, j][None], torch.tensor([1])))
+                elif p[i, j] < 1 - gamma:
+                    ce_ood.append(F.cross_entropy(ood_map[b, :, i, j][None], torch.tensor([0])))
+    return (torch.stack(ce_id).mean() + torch.stack(ce_ood).mean()) / 2
+
+
+def test_lwb_matches_a_loop_reference_in_value_and_gradient():
+    g = torch.Generator().manual_seed(0)
+    cls_map = torch.randn(3, 4, 5, 5, generator=g) * 6
+    y = torch.tensor([0, 1, 3])
+    ood_a = torch.randn(3, 2, 5, 5, generator=g, requires_grad=True)
+    ood_b = ood_a.detach().clone().requires_grad_(True)
+    parts = SSODLoss(alpha=1.0)(_spatial(cls_map, ood_a), y)
+    (parts.loss - parts.cls_loss).backward()
+    _reference_lwb(cls_map, ood_b, y).backward()
+    torch.testing.assert_close(ood_a.grad, ood_b.grad)
+
+
+def test_count_reducer_makes_two_ranks_equal_one_process():
+    """Two half-batches with globally reduced patch counts give the full batch's mean gradient (DDP)."""
+    g = torch.Generator().manual_seed(1)
+    cls_map = torch.randn(4, 3, 4, 4, generator=g) * 6
+    y = torch.tensor([0, 1, 2, 0])
+    ood = torch.randn(4, 2, 4, 4, generator=g)
+    full = ood.clone().requires_grad_(True)
+    SSODLoss()(_spatial(cls_map, full), y).loss.backward()
+
+    halves = [ood[:2].clone().requires_grad_(True), ood[2:].clone().requires_grad_(True)]
+    counts = [torch.stack([(sample_patches(cls_map[s], y[s]) == k).sum() for k in (1, 0)]).float()
+              for s in (slice(0, 2), slice(2, 4))]
+    total = counts[0] + counts[1]
+    for s, half in zip((slice(0, 2), slice(2, 4)), halves):
+        loss = SSODLoss(count_reducer=lambda c: total.clone(), world_size=2)
+        parts = loss(_spatial(cls_map[s], half), y[s])
+        (parts.loss - parts.cls_loss).backward()
+    ddp_grad = torch.cat([h.grad for h in halves]) / 2  # DDP averages over ranks
+    torch.testing.assert_close(ddp_grad, full.grad)
+
+
+def test_warmup_trains_classification_only_but_keeps_the_head_in_the_graph():
+    out, y = _known_case()
+    parts = SSODLoss()(out, y, ood=False)
+    assert parts.loss.item() == pytest.approx(parts.cls_loss.item())
+    parts.loss.backward()
+    assert out.ood_map.grad is not None and not out.ood_map.grad.any()
+
+
+def test_bad_configuration():
+    with pytest.raises(ValueError, match='balance must be one of'):
+        SSODLoss(balance='focal')
+    with pytest.raises(ValueError, match='gamma must be in'):
+        SSODLoss(gamma=1.5)
