@@ -72,7 +72,19 @@ class SSODModel(nn.Module):
             raise RuntimeError(
                 'the OOD factor needs pooled features, but this model has no global pooling (global_pool=""); '
                 'use forward_spatial() for per-position outputs')
-        return SSODOutput(logits, _ood_factor(self.ood_head(pooled)))
+        return SSODOutput(logits, self.forward_ood(pooled))
+
+    def forward_ood(self, pre_logits: torch.Tensor) -> torch.Tensor:
+        """The OOD factor from pooled pre-logits features (Eq. 15).
+
+        Args:
+            pre_logits: (B, head_hidden_size), i.e. ``forward_head(forward_features(x), pre_logits=True)``.
+
+        Returns:
+            (B,) in [0, 1], P(x in S_ID | x): the softmax over the OOD head's (OOD, ID) logits, ID column.
+        """
+        ood_logits = self.ood_head(pre_logits)
+        return torch.sigmoid(ood_logits[:, 1] - ood_logits[:, 0])  # ID_INDEX = 1
 
     @torch.jit.unused
     def forward_spatial(self, x: torch.Tensor) -> SpatialOutput:
@@ -167,11 +179,6 @@ class SSODModel(nn.Module):
             raise ValueError(f'{name} has a total stride of {stride}, so a {x.shape[2]}x{x.shape[3]} input leaves '
                              f'no feature-map position of its own; use at least {stride}x{stride} '
                              f'(the model is configured for {size[1]}x{size[2]})')
-
-
-def _ood_factor(ood_logits: torch.Tensor) -> torch.Tensor:
-    """P(x in S_ID | x) from the 2-way OOD logits: softmax over (OOD, ID), the ID column (Eq. 15)."""
-    return torch.sigmoid(ood_logits[:, 1] - ood_logits[:, 0])  # ID_INDEX = 1
 
 
 def _total_stride(model: nn.Module) -> int:

@@ -1,0 +1,575 @@
+"""Fine-tune a timm classifier into an SSOD model (paper Sec. 2.3 and Appendix A.4).
+
+One process on CPU or GPU:
+    python -m ssod_zoo.train --model ssod_resnet50 --init resnet50.tv_in1k --data folder \
+        --train-dir imagenet/train --val-dir imagenet/val --ood-dirs inat sun
+Data-parallel, one node or several (DDP; NCCL on GPU, gloo on CPU):
+    torchrun --nproc_per_node=8 -m ssod_zoo.train ...
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 -m ssod_zoo.train ...
+
+Defaults are the paper's: AdamW, lr 1e-4 halved every 30 epochs, global batch 256, 224 px, gamma 0.95,
+alpha 1.0, loss-wise balance. Every epoch: ID accuracy and FPR95/AUROC of the OOD factor on the OOD validation
+set(s); ``best.pt`` keeps the best mean FPR95, ``last.pt`` the latest state. Checkpoints are written atomically
+and hold everything ``--resume`` needs to continue exactly; SIGTERM/SIGINT writes one before exiting.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import timm
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from . import wrap
+from .evaluate import collect, ssod_report
+from .loss import BALANCE_SCHEMES, SSODLoss
+
+CHECKPOINT_FORMAT = 'ssod_zoo.train/1'
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = 'ssod_resnet50'
+    init: str = ''  # start from timm weights: a hub tag ('resnet50.tv_in1k') or a local file; '' = from scratch
+    model_kwargs: List[str] = field(default_factory=list)  # extra create_model kwargs, key=value
+    # data
+    data: str = 'folder'  # 'folder' (ImageFolder directories) or 'synthetic' (the embedded benchmark)
+    train_dir: str = ''
+    val_dir: str = ''
+    ood_dirs: List[str] = field(default_factory=list)
+    synthetic_root: str = ''  # default ~/.cache/ssod_zoo/synthetic
+    img_size: int = 224
+    crop_pct: Optional[float] = None  # eval centre crop; default: the model's pretrained_cfg
+    scale_min: float = 0.08  # RandomResizedCrop lower bound for training
+    workers: int = 4
+    # objective (Eq. 12-14, Tables 4-5)
+    gamma: float = 0.95
+    alpha: float = 1.0
+    balance: str = 'lwb'
+    background_weight: float = 1.0
+    label_smoothing: float = 0.0
+    warmup_epochs: int = 0  # classification only before the OOD loss switches on
+    ce_only: bool = False  # the plain cross-entropy baseline: same recipe, OOD loss never on
+    # optimisation (A.4)
+    epochs: int = 90
+    batch_size: int = 256  # global, over all ranks
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    lr_step: int = 30
+    lr_gamma: float = 0.5
+    freeze_bn: bool = False  # BatchNorm statistics frozen (fine-tuning with small per-device batches)
+    max_steps_per_epoch: int = 0  # 0 = the whole training set each epoch
+    # system
+    device: str = 'auto'
+    amp: str = 'none'  # 'bf16', or 'fp16' (with a grad scaler)
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    out_dir: str = 'runs/ssod'
+    resume: str = ''  # a checkpoint path, or 'auto' for <out_dir>/last.pt if it exists
+    export_dir: str = ''  # write a hub-ready folder of the best checkpoint here at the end
+    progress: bool = True
+
+
+CHOICES = {'data': ('folder', 'synthetic'), 'balance': BALANCE_SCHEMES, 'amp': ('none', 'bf16', 'fp16')}
+
+
+def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(prog='ssod train', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = '--' + f.name.replace('_', '-')
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif f.type == List[str]:
+            parser.add_argument(flag, nargs='*', default=default)
+        else:
+            kind = {int: int, float: float, Optional[float]: float}.get(f.type, str)
+            parser.add_argument(flag, type=kind, default=default, choices=CHOICES.get(f.name))
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+class TrainError(Exception):
+    """A problem with the user's input: reported as one clear line, not a traceback."""
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    cfg = parse_args(argv)
+    try:
+        return train(cfg)
+    except TrainError as e:
+        print(f'ssod train: error: {e}', file=sys.stderr)
+        raise SystemExit(2)
+
+
+def train(cfg: TrainConfig) -> dict:
+    # ---------------------------------------------------------------------------------------------- setup
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    device = _device(cfg.device, local_rank)
+    ddp = world > 1
+    if ddp:
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    master = rank == 0
+    if cfg.batch_size % world:
+        raise TrainError(f'--batch-size {cfg.batch_size} (global) is not divisible by the {world} ranks')
+    local_batch = cfg.batch_size // world
+    _seed_everything(cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    amp_dtype = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[cfg.amp]
+
+    # ----------------------------------------------------------------------------------------------- data
+    datasets = _datasets(cfg, master)
+    class_names = datasets['train'].classes
+    model = _model(cfg, num_classes=len(class_names))
+    train_tf, eval_tf = _transforms(model, cfg)
+    train_set = _SeededTransform(datasets['train'], train_tf, cfg.seed)
+    eval_sets = {k: _SeededTransform(v, eval_tf, cfg.seed) for k, v in datasets.items() if k != 'train'}
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise TrainError(f'the training set has {len(train_set)} images, fewer than one global batch '
+                         f'({cfg.batch_size}); lower --batch-size')
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+
+    # ---------------------------------------------------------------------------------------------- model
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    step_module = _SpatialForward(model)
+    if cfg.compile:
+        step_module = torch.compile(step_module)
+    if ddp:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[local_rank] if device.type == 'cuda' else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    criterion = SSODLoss(cfg.gamma, cfg.alpha, cfg.balance, cfg.background_weight, cfg.label_smoothing,
+                         count_reducer=_all_reduce_sum if ddp else None, world_size=world)
+
+    start_epoch, start_step, best = 0, 0, {'fpr95': math.inf, 'epoch': -1}
+    resume = _resume_path(cfg, out_dir)
+    if resume:
+        ckpt = _load_resume(resume, cfg, class_names, model)
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scheduler.load_state_dict(ckpt['scheduler'])
+        scaler.load_state_dict(ckpt['scaler'])
+        start_epoch, start_step, best = ckpt['epoch'], ckpt['step'], ckpt['best']
+        _set_rng_state(ckpt['rng'])
+        if master:
+            print(f'resumed from {resume}: epoch {start_epoch + 1}, step {start_step}')
+    if master:
+        (out_dir / 'config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    def checkpoint(epoch: int, step: int, metrics: Optional[dict] = None) -> dict:
+        return {
+            'format': CHECKPOINT_FORMAT, 'architecture': model.pretrained_cfg['architecture'],
+            'model_args': _model_args(cfg, len(class_names)), 'model': model.state_dict(),
+            'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+            'scaler': scaler.state_dict(), 'epoch': epoch, 'step': step, 'best': best,
+            'rng': _rng_state(), 'config': dataclasses.asdict(cfg), 'metrics': metrics or {},
+            'ood_threshold': model.ood_threshold, 'class_names': class_names,
+        }
+
+    stop = _StopFlag()
+    history = []
+    # ---------------------------------------------------------------------------------------------- train
+    for epoch in range(start_epoch, cfg.epochs):
+        ood_on = not cfg.ce_only and epoch >= cfg.warmup_epochs
+        train_set.set_epoch(epoch)
+        batches = _GlobalBatches(len(train_set), cfg.batch_size, rank, world, cfg.seed, epoch,
+                                 start_step, steps_per_epoch)
+        loader = DataLoader(train_set, batch_sampler=batches, num_workers=cfg.workers,
+                            pin_memory=device.type == 'cuda', persistent_workers=False)
+        model.train()
+        if cfg.freeze_bn:
+            _freeze_bn(model)
+        sums, seen, n, t0 = {}, 0, 0, time.perf_counter()
+        bar = _progress(loader, cfg.progress and master, f'epoch {epoch + 1}/{cfg.epochs}', start_step,
+                        steps_per_epoch)
+        for step, (x, y) in enumerate(bar, start=start_step):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                out = step_module(x)
+            parts = criterion(out, y, ood=ood_on)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(parts.loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+            seen += x.shape[0] * world
+            for k, v in parts._asdict().items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            n = step - start_step + 1
+            if hasattr(bar, 'set_postfix'):
+                bar.set_postfix(loss=f'{sums["loss"] / n:.3f}', ce=f'{sums["cls_loss"] / n:.3f}',
+                                id=f'{sums["frac_id"] / n:.0%}', ood=f'{sums["frac_ood"] / n:.0%}',
+                                img_s=f'{seen / (time.perf_counter() - t0):.0f}')
+            if stop.requested(ddp):
+                if master:
+                    _save_atomic(checkpoint(epoch, step + 1), out_dir / 'last.pt')
+                    print(f'interrupted: resumable checkpoint at {out_dir / "last.pt"}; continue with --resume auto')
+                _cleanup(ddp)
+                raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+        start_step = 0
+        scheduler.step()
+        train_log = {k: v / max(n, 1) for k, v in sums.items()}
+        train_log['img_s'] = seen / (time.perf_counter() - t0)
+
+        # ------------------------------------------------------------------------------------- evaluate
+        metrics = _evaluate(model, eval_sets, cfg, device, amp_dtype, rank, world)
+        model.ood_threshold = metrics.pop('ood_threshold')
+        mean_fpr = metrics.get('ood_average', {}).get('fpr95', math.nan)
+        is_best = not cfg.ce_only and mean_fpr < best['fpr95']
+        if is_best:
+            best = {'fpr95': mean_fpr, 'epoch': epoch}
+        record = {'epoch': epoch + 1, 'lr': optimizer.param_groups[0]['lr'], 'ood_loss_on': ood_on,
+                  'train': train_log, 'val': metrics, 'best_epoch': best['epoch'] + 1}
+        history.append(record)
+        if master:
+            state = checkpoint(epoch + 1, 0, metrics)
+            _save_atomic(state, out_dir / 'last.pt')
+            if is_best:
+                _save_atomic(state, out_dir / 'best.pt')
+            with open(out_dir / 'log.jsonl', 'a') as f:
+                f.write(json.dumps(record) + '\n')
+            print(_summary(record))
+
+    if master and cfg.export_dir:
+        from .hub import load_checkpoint, save_pretrained
+        source = out_dir / ('best.pt' if (out_dir / 'best.pt').exists() else 'last.pt')
+        best_model, ckpt = load_checkpoint(source)
+        save_pretrained(best_model, cfg.export_dir, train_config=ckpt['config'], metrics=ckpt['metrics'],
+                        class_names=ckpt['class_names'], ood_threshold=ckpt['ood_threshold'])
+        print(f'hub-ready folder of {source.name} written to {cfg.export_dir}')
+    _cleanup(ddp)
+    return {'history': history, 'best': best, 'out_dir': str(out_dir), 'model': model}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+class _SpatialForward(nn.Module):
+    """DDP and torch.compile wrap ``forward``; training needs ``forward_spatial``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        return self.model.forward_spatial(x)
+
+
+class _SeededTransform(Dataset):
+    """Applies the transform with an RNG seeded by (seed, epoch, index): augmentation is a pure function of
+    those, whatever the worker count, rank or resume point, so a resumed run repeats the same images."""
+
+    def __init__(self, dataset: Dataset, transform, seed: int):
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        s = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        torch.manual_seed(s)
+        random.seed(s)
+        return self.transform(image), label
+
+
+class _GlobalBatches:
+    """Batch sampler over one permutation per (seed, epoch). Global batch b is the same images for any number
+    of ranks (rank r takes its r-th slice), so N ranks see what one process with the global batch sees."""
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, epoch: int,
+                 start: int, steps: int):
+        self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.epoch, self.start, self.steps = seed, epoch, start, steps
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+        local = self.global_batch // self.world
+        for b in range(self.start, self.steps):
+            lo = b * self.global_batch + self.rank * local
+            yield perm[lo:lo + local].tolist()
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT ask the loop to stop after the current step (all ranks agree under DDP)."""
+
+    def __init__(self):
+        self.signum = None
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def requested(self, ddp: bool) -> bool:
+        flag = self.signum is not None
+        if ddp:
+            t = torch.tensor([float(flag)], device=_dist_device())
+            dist.all_reduce(t)
+            flag = bool(t.item() > 0)
+        return flag
+
+
+def _dist_device() -> torch.device:
+    return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t)
+    return t
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = torch.device(name)
+    if device.type == 'cuda':
+        device = torch.device('cuda', local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {'torch': torch.get_rng_state(), 'python': random.getstate()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state['torch'])
+    random.setstate(state['python'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    """Write to a temporary file, fsync, rename: a kill mid-write never leaves a broken checkpoint."""
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _parse_model_kwargs(items: List[str]) -> dict:
+    import ast
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise TrainError(f'--model-kwargs takes key=value pairs, got {item!r}')
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs
+
+
+def _model_args(cfg: TrainConfig, num_classes: int) -> dict:
+    return {'num_classes': num_classes, **_parse_model_kwargs(cfg.model_kwargs)}
+
+
+def _model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    try:
+        model = timm.create_model(cfg.model, **_model_args(cfg, num_classes))
+    except RuntimeError as e:
+        if 'Unknown model' in str(e):
+            raise TrainError(f'unknown model {cfg.model!r}; SSOD models: {", ".join(timm.list_models("ssod_*"))}')
+        raise
+    if not hasattr(model, 'forward_spatial'):
+        model = wrap(model)  # any timm CNN
+    if cfg.init:
+        _load_init(model, cfg.init, num_classes)
+    return model
+
+
+def _load_init(model: nn.Module, init: str, num_classes: int) -> None:
+    """Backbone and classifier from timm weights (hub tag or local file); the OOD head starts fresh."""
+    import warnings
+    if Path(init).exists():
+        from timm.models import load_state_dict
+        state = load_state_dict(init, weights_only=True)
+        classifier = model.pretrained_cfg['classifier']
+        for k in [k for k in state if k.startswith(classifier + '.')]:
+            if state[k].shape != model.state_dict()[k].shape:  # another class count: new classifier
+                del state[k]
+    else:
+        try:
+            state = timm.create_model(init, pretrained=True, num_classes=num_classes).state_dict()
+        except Exception as e:
+            raise TrainError(f'--init {init!r} is neither a file nor loadable timm weights: {e}')
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith('ood_head.')]
+    unexpected = [k for k in state if k not in own]
+    if unexpected or any(not k.startswith(model.pretrained_cfg['classifier'] + '.') for k in missing):
+        raise TrainError(f'--init {init!r} does not fit {model.pretrained_cfg["architecture"]}: '
+                         f'{len(unexpected)} unexpected keys (e.g. {unexpected[:2]}), '
+                         f'{len(missing)} missing (e.g. {missing[:2]})')
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='loading a checkpoint without an OOD head')
+        model.load_state_dict({**own, **state})
+
+
+def _transforms(model: nn.Module, cfg: TrainConfig):
+    args = {'input_size': (3, cfg.img_size, cfg.img_size)}
+    if cfg.crop_pct is not None:
+        args['crop_pct'] = cfg.crop_pct
+    data_cfg = timm.data.resolve_data_config(args, model=model)
+    train_tf = timm.data.create_transform(**data_cfg, is_training=True, scale=(cfg.scale_min, 1.0))
+    eval_tf = timm.data.create_transform(**data_cfg, is_training=False)
+    return train_tf, eval_tf
+
+
+def _image_folder(path: str, what: str):
+    from torchvision.datasets import ImageFolder
+    if not path:
+        raise TrainError(f'--{what} is required with --data folder')
+    if not Path(path).is_dir():
+        raise TrainError(f'--{what} {path!r} is not a directory')
+    try:
+        return ImageFolder(path, loader=_checked_loader)
+    except FileNotFoundError as e:
+        raise TrainError(f'--{what} {path!r}: {e} (expected one sub-directory of images per class)')
+
+
+def _checked_loader(path: str):
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except (OSError, UnidentifiedImageError) as e:
+        raise TrainError(f'cannot read image {path}: {e}') from None
+
+
+def _datasets(cfg: TrainConfig, master: bool) -> Dict[str, Dataset]:
+    if cfg.data == 'synthetic':
+        from .synthetic import SyntheticBenchmark
+        root = cfg.synthetic_root or Path.home() / '.cache' / 'ssod_zoo' / 'synthetic'
+        bench = SyntheticBenchmark(root)
+        if master:
+            bench.prepare(progress=cfg.progress)
+        if dist.is_initialized():
+            dist.barrier()
+        out = {'train': bench.train_dataset(), 'val': bench.val_dataset()}
+        out.update({f'ood/{k}': v for k, v in bench.ood_datasets().items()})
+        return out
+    out = {'train': _image_folder(cfg.train_dir, 'train-dir'), 'val': _image_folder(cfg.val_dir, 'val-dir')}
+    if out['val'].classes != out['train'].classes:
+        raise TrainError(f'--val-dir has classes {out["val"].classes[:5]}..., --train-dir '
+                         f'{out["train"].classes[:5]}...: they must be the same')
+    for d in cfg.ood_dirs:
+        out[f'ood/{Path(d).name}'] = _image_folder(d, 'ood-dirs')
+    return out
+
+
+def _evaluate(model, eval_sets, cfg, device, amp_dtype, rank, world) -> dict:
+    """Every rank scores its slice of each set; rank 0 assembles them and computes the metrics."""
+    from .hub import calibrate_threshold
+    outs = {}
+    for name, ds in eval_sets.items():
+        shard = Subset(ds, range(rank, len(ds), world))
+        loader = DataLoader(shard, batch_size=max(1, cfg.batch_size // world), num_workers=cfg.workers)
+        part = collect(model, loader, device, amp_dtype, cfg.channels_last,
+                       progress=f'eval {name}' if cfg.progress and rank == 0 else None)
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, part)
+            part = {k: torch.cat([p[k] for p in parts]) for k in part}
+        outs[name] = part
+    report = ssod_report(outs['val'], {k[4:]: v for k, v in outs.items() if k.startswith('ood/')})
+    report['ood_threshold'] = calibrate_threshold(outs['val']['ood_factor'])
+    return report
+
+
+def _resume_path(cfg: TrainConfig, out_dir: Path) -> Optional[Path]:
+    if cfg.resume == 'auto':
+        return out_dir / 'last.pt' if (out_dir / 'last.pt').exists() else None
+    if cfg.resume and not Path(cfg.resume).exists():
+        raise TrainError(f'--resume {cfg.resume!r} does not exist')
+    return Path(cfg.resume) if cfg.resume else None
+
+
+def _load_resume(path: Path, cfg: TrainConfig, class_names: List[str], model: nn.Module) -> dict:
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise TrainError(f'cannot read checkpoint {path}: {e}')
+    if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
+        raise TrainError(f'{path} is not an ssod_zoo training checkpoint')
+    arch = model.pretrained_cfg['architecture']
+    if ckpt['architecture'] != arch:
+        raise TrainError(f'{path} was trained as {ckpt["architecture"]}, this run builds {arch}: '
+                         f'resume with --model {ckpt["architecture"]}, or start a new --out-dir')
+    if ckpt['class_names'] != class_names:
+        raise TrainError(f'{path} was trained on {len(ckpt["class_names"])} classes, the data has '
+                         f'{len(class_names)} (or other names): resume with the same data')
+    model.load_state_dict(ckpt['model'])
+    model.ood_threshold = ckpt['ood_threshold']
+    return ckpt
+
+
+def _freeze_bn(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _progress(loader, enabled: bool, desc: str, start: int, total: int):
+    if not enabled:
+        return loader
+    from tqdm.auto import tqdm
+    return tqdm(loader, desc=desc, initial=start, total=total, dynamic_ncols=True, leave=False)
+
+
+def _summary(record: dict) -> str:
+    v = record['val']
+    line = f'epoch {record["epoch"]}: loss {record["train"]["loss"]:.3f}, ID acc {v["id_accuracy"]:.2f}%'
+    if 'ood_average' in v:
+        a = v['ood_average']
+        line += f', FPR95 {a["fpr95"]:.2f}%, AUROC {a["auroc"]:.2f}% (OOD factor, mean over {len(v["ood"])} sets)'
+    return line + f', {record["train"]["img_s"]:.0f} img/s'
+
+
+def _cleanup(ddp: bool) -> None:
+    if ddp and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
