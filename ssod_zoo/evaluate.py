@@ -1,13 +1,34 @@
-"""OOD evaluation: run a model over ID and OOD data once, then score it with SSOD and post-hoc baselines."""
+"""OOD evaluation: SSOD's OOD factor against the post-hoc detectors, on the same backbone, in one table.
+
+    ssod eval --model runs/ssod/best.pt --val-dir imagenet/val --ood-dirs inat sun places textures \
+        --fit-dir imagenet/train --out eval_out
+
+``--model`` is a training checkpoint, a hub-ready folder, ``hf-hub:org/repo`` or a registered name with weights.
+The SSOD row uses the model's OOD factor; the baselines (MSP, MaxLogit, Energy, ODIN, ReAct, KNN, Mahalanobis,
+ViM) use ``--baseline-model`` if given (e.g. the plain cross-entropy model), else the same model. KNN,
+Mahalanobis, ViM and ReAct are fitted on features of ``--fit-dir`` (ID training images); without it they are
+left out. Writes ``results.json``, ``results.md`` and the plots to ``--out``. Metrics are percentages, with
+the convention of :mod:`ssod_zoo.metrics` (ID positive; FPR95 = OOD accepted at 95% ID accepted).
+"""
+import argparse
+import json
+import sys
+import time
 from contextlib import nullcontext
-from typing import Dict, Iterable, Optional
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
+from . import scores
 from .metrics import accuracy, ood_metrics
 
-__all__ = ['collect', 'ssod_report']
+__all__ = ['collect', 'ssod_report', 'evaluate', 'METHODS', 'results_markdown', 'main']
+
+METHODS = ('ssod', 'msp', 'maxlogit', 'energy', 'odin', 'react', 'knn', 'mahalanobis', 'vim')
+FITTED = ('react', 'knn', 'mahalanobis', 'vim')
 
 
 @torch.no_grad()
@@ -27,11 +48,8 @@ def collect(
     """
     model.eval()
     out = {'logits': [], 'ood_factor': [], 'features': [], 'targets': []}
-    if progress:
-        from tqdm.auto import tqdm
-        loader = tqdm(loader, desc=progress, leave=False, dynamic_ncols=True)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    for x, y in loader:
+    for x, y in _bar(loader, progress):
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -49,9 +67,208 @@ def ssod_report(id_out: Dict[str, torch.Tensor], ood_outs: Dict[str, Dict[str, t
     """ID accuracy and SSOD's OOD metrics per OOD set and on average, all in percent (the paper's tables)."""
     report = {'id_accuracy': 100 * accuracy(id_out['logits'], id_out['targets']), 'ood': {}}
     for name, o in ood_outs.items():
-        m = ood_metrics(id_out['ood_factor'], o['ood_factor'])
-        report['ood'][name] = {k: 100 * float(v) for k, v in m.items()}
+        report['ood'][name] = _percent(ood_metrics(id_out['ood_factor'], o['ood_factor']))
     if report['ood']:
-        keys = next(iter(report['ood'].values())).keys()
-        report['ood_average'] = {k: sum(r[k] for r in report['ood'].values()) / len(report['ood']) for k in keys}
+        report['ood_average'] = _average(report['ood'].values())
     return report
+
+
+def odin_scores(model: nn.Module, loader: Iterable, device: torch.device, temperature: float = 1000.0,
+                epsilon: float = 0.0014, progress: Optional[str] = None) -> torch.Tensor:
+    """ODIN needs the images again (an input-gradient step per batch), so it has its own pass."""
+    model.eval()
+    logits_fn = _logits_fn(model)
+    out = [scores.odin(logits_fn, x.to(device), temperature, epsilon).cpu() for x, _ in _bar(loader, progress)]
+    return torch.cat(out)
+
+
+def evaluate(
+        ssod_model: nn.Module,
+        id_loader: DataLoader,
+        ood_loaders: Dict[str, DataLoader],
+        baseline_model: Optional[nn.Module] = None,
+        fit_loader: Optional[DataLoader] = None,
+        device: torch.device = torch.device('cpu'),
+        methods: Iterable[str] = METHODS,
+        progress: bool = True,
+) -> dict:
+    """Score ID and OOD data with SSOD and every baseline; metrics per OOD set and averaged.
+
+    Returns:
+        ``{'id_accuracy': {'ssod': %, 'ce': %}, 'ood': {set: {method: {fpr95, auroc, aupr_in, aupr_out}},
+        'average': {...}}, 'scores': {method: {'id': (N,), set: (N_set,)}}}``; ``scores`` is for plots.
+    """
+    baseline_model = baseline_model or ssod_model
+    methods = [m for m in methods if fit_loader is not None or m not in FITTED]
+    tag = (lambda s: s) if progress else (lambda s: None)
+    ssod_out = {'id': collect(ssod_model, id_loader, device, progress=tag('SSOD model: ID'))}
+    ssod_out.update({k: collect(ssod_model, v, device, progress=tag(f'SSOD model: {k}')) for k, v in ood_loaders.items()})
+    if baseline_model is ssod_model:
+        base_out = ssod_out
+    else:
+        base_out = {'id': collect(baseline_model, id_loader, device, progress=tag('baseline: ID'))}
+        base_out.update({k: collect(baseline_model, v, device, progress=tag(f'baseline: {k}'))
+                         for k, v in ood_loaders.items()})
+
+    classifier = baseline_model.get_classifier()
+    weight, bias = classifier.weight.detach().cpu().float(), classifier.bias.detach().cpu().float()
+    detectors = {}
+    if any(m in FITTED for m in methods):
+        fit = collect(baseline_model, fit_loader, device, progress=tag('baseline: fit set'))
+        f, y = fit['features'], fit['targets']
+        detectors = {'react': scores.ReAct().fit(f), 'knn': scores.KNN().fit(f),
+                     'mahalanobis': scores.Mahalanobis().fit(f, y), 'vim': scores.ViM().fit(f, weight, bias)}
+
+    def score(method: str, o: Dict[str, torch.Tensor], loader) -> torch.Tensor:
+        if method == 'ssod':
+            return o['ood_factor']
+        if method == 'odin':
+            return odin_scores(baseline_model, loader, device, progress=tag('ODIN'))
+        if method in ('msp', 'energy'):
+            return getattr(scores, method)(o['logits'])
+        if method == 'maxlogit':
+            return scores.max_logit(o['logits'])
+        if method == 'react':
+            return detectors['react'](o['features'], weight, bias)
+        if method == 'vim':
+            return detectors['vim'](o['features'], o['logits'])
+        return detectors[method](o['features'])
+
+    loaders = {'id': id_loader, **ood_loaders}
+    all_scores = {}
+    for m in methods:
+        source = ssod_out if m == 'ssod' else base_out
+        all_scores[m] = {k: score(m, source[k], loaders[k]) for k in loaders}
+    results = {'id_accuracy': {'ssod': 100 * accuracy(ssod_out['id']['logits'], ssod_out['id']['targets'])},
+               'ood': {}, 'scores': all_scores}
+    if baseline_model is not ssod_model:
+        results['id_accuracy']['ce'] = 100 * accuracy(base_out['id']['logits'], base_out['id']['targets'])
+    for name in ood_loaders:
+        results['ood'][name] = {m: _percent(ood_metrics(all_scores[m]['id'], all_scores[m][name])) for m in methods}
+    results['ood']['average'] = {m: _average(results['ood'][s][m] for s in ood_loaders) for m in methods}
+    return results
+
+
+def results_markdown(results: dict) -> str:
+    """The paper's layout: one row per method, FPR95 / AUROC per OOD set, then the average."""
+    sets = [s for s in results['ood'] if s != 'average'] + ['average']
+    methods = list(results['ood']['average'])
+    head = '| Method | ' + ' | '.join(f'{s} FPR95↓ | {s} AUROC↑' for s in sets) + ' |'
+    rule = '|---|' + '---:|---:|' * len(sets)
+    rows = []
+    best = {s: min(results['ood'][s][m]['fpr95'] for m in methods) for s in sets}
+    for m in methods:
+        cells = []
+        for s in sets:
+            r = results['ood'][s][m]
+            fpr = f'{r["fpr95"]:.2f}'
+            cells += [f'**{fpr}**' if r['fpr95'] == best[s] else fpr, f'{r["auroc"]:.2f}']
+        label = 'SSOD (OOD factor)' if m == 'ssod' else f'{m} ({"CE model" if "ce" in results["id_accuracy"] else "same model"})'
+        rows.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+    acc = ', '.join(f'{k.upper()} model {v:.2f}%' for k, v in results['id_accuracy'].items())
+    return '\n'.join([f'ID accuracy: {acc}', '', head, rule, *rows, '',
+                      'FPR95: OOD images accepted at the threshold that accepts 95% of ID images (lower is '
+                      'better); AUROC: higher is better; percentages. Bold: best FPR95 per column.'])
+
+
+def write_results(results: dict, out_dir: Path, config: dict) -> dict:
+    """results.json (without raw scores) and results.md; returns what was written to JSON."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {'id_accuracy': results['id_accuracy'], 'ood': results['ood'], 'config': config}
+    (out_dir / 'results.json').write_text(json.dumps(payload, indent=2))
+    (out_dir / 'results.md').write_text(results_markdown(results) + '\n')
+    return payload
+
+
+def _logits_fn(model: nn.Module):
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.forward_features(x))
+    return fn
+
+
+def _percent(metrics: Dict[str, float]) -> Dict[str, float]:
+    return {k: 100 * float(v) for k, v in metrics.items()}
+
+
+def _average(rows: Iterable[Dict[str, float]]) -> Dict[str, float]:
+    rows = list(rows)
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+
+def _bar(loader, desc: Optional[str]):
+    if not desc:
+        return loader
+    from tqdm.auto import tqdm
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def load_model(spec: str) -> nn.Module:
+    """A training checkpoint (.pt), a hub-ready folder, 'hf-hub:org/repo', or a registered name with weights."""
+    import timm
+    from .hub import load_checkpoint
+    path = Path(spec)
+    if path.is_file():
+        return load_checkpoint(path)[0]
+    if path.is_dir():
+        return timm.create_model(f'local-dir:{path}', pretrained=True)
+    return timm.create_model(spec, pretrained=True)
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    import timm
+    from torchvision.datasets import ImageFolder
+    p = argparse.ArgumentParser(prog='ssod eval', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', required=True, help='SSOD model: checkpoint, hub folder, hf-hub:..., or name')
+    p.add_argument('--baseline-model', help='model for the post-hoc baselines (default: --model)')
+    p.add_argument('--val-dir', required=True, help='ID test images, ImageFolder layout')
+    p.add_argument('--ood-dirs', nargs='+', required=True, help='one folder per OOD set (images in sub-folders)')
+    p.add_argument('--fit-dir', help='ID training images to fit KNN, Mahalanobis, ViM and ReAct on')
+    p.add_argument('--fit-limit', type=int, default=0, help='use at most this many fit images (0 = all)')
+    p.add_argument('--out', default='eval_out')
+    p.add_argument('--img-size', type=int, default=None, help='default: the model pretrained_cfg input size')
+    p.add_argument('--crop-pct', type=float, default=None)
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--no-plots', action='store_true')
+    args = p.parse_args(argv)
+    for d in [args.val_dir, *args.ood_dirs, *([args.fit_dir] if args.fit_dir else [])]:
+        if not Path(d).is_dir():
+            p.error(f'{d} is not a directory')
+
+    t0 = time.time()
+    device = torch.device(args.device)
+    model = load_model(args.model).to(device).eval()
+    baseline = load_model(args.baseline_model).to(device).eval() if args.baseline_model else None
+    data_args = {k: v for k, v in {'input_size': args.img_size and (3, args.img_size, args.img_size),
+                                   'crop_pct': args.crop_pct}.items() if v}
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(data_args, model=model))
+
+    def loader(path, limit=0):
+        ds = ImageFolder(path, transform=transform)
+        if limit and len(ds) > limit:
+            ds = torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:limit])
+        return DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
+
+    val = loader(args.val_dir)
+    if model.num_classes != len(val.dataset.classes):
+        p.error(f'the model has {model.num_classes} classes, {args.val_dir} has {len(val.dataset.classes)}')
+    oods = {Path(d).name: loader(d) for d in args.ood_dirs}
+    fit = loader(args.fit_dir, args.fit_limit) if args.fit_dir else None
+    results = evaluate(model, val, oods, baseline, fit, device)
+    out = Path(args.out)
+    payload = write_results(results, out, {'model': args.model, 'baseline_model': args.baseline_model, **vars(args)})
+    if not args.no_plots:
+        from .plots import plot_histograms, plot_roc
+        plot_roc(results['scores'], out / 'roc.png')
+        plot_histograms(results['scores'], out / 'histograms.png')
+    print(results_markdown(results))
+    print(f'\nwrote {out}/results.json, results.md{"" if args.no_plots else ", roc.png, histograms.png"} '
+          f'in {time.time() - t0:.0f} s', file=sys.stderr)
+    return payload
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,100 @@
+"""Pictures of an evaluation: ROC curves, ID-vs-OOD score histograms (paper Fig. 6), sampler overlays (Fig. 2)."""
+from pathlib import Path
+from typing import Dict, Sequence
+
+import torch
+
+from .loss import sample_patches
+from .metrics import roc_curve
+
+__all__ = ['plot_roc', 'plot_histograms', 'plot_sampler']
+
+COLOURS = {'ssod': 'tab:red', 'msp': 'tab:blue', 'maxlogit': 'tab:cyan', 'energy': 'tab:green',
+           'odin': 'tab:olive', 'react': 'tab:purple', 'knn': 'tab:brown', 'mahalanobis': 'tab:pink',
+           'vim': 'tab:gray'}
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _ood_sets(scores: Dict[str, Dict[str, torch.Tensor]]) -> list:
+    return [k for k in next(iter(scores.values())) if k != 'id']
+
+
+def plot_roc(scores: Dict[str, Dict[str, torch.Tensor]], path: Path) -> Path:
+    """One panel per OOD set: every method's ROC (ID positive), SSOD drawn thick, FPR95 marked."""
+    plt = _pyplot()
+    sets = _ood_sets(scores)
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], sets):
+        for method, s in scores.items():
+            fpr, tpr = roc_curve(s['id'], s[name])
+            ax.plot(fpr.numpy(), tpr.numpy(), color=COLOURS.get(method), lw=2.5 if method == 'ssod' else 1.1,
+                    label=method)
+        ax.axhline(0.95, color='k', ls=':', lw=0.8)
+        ax.set(title=f'ID vs {name}', xlabel='OOD accepted (FPR)', ylabel='ID accepted (TPR)', xlim=(0, 1),
+               ylim=(0, 1.01))
+    axes[0][-1].legend(loc='lower right', fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_histograms(scores: Dict[str, Dict[str, torch.Tensor]], path: Path,
+                    methods: Sequence[str] = ('ssod', 'msp')) -> Path:
+    """Rows: methods; columns: OOD sets. ID and OOD score densities overlaid, as in the paper's Fig. 6."""
+    plt = _pyplot()
+    sets = _ood_sets(scores)
+    methods = [m for m in methods if m in scores]
+    fig, axes = plt.subplots(len(methods), len(sets), figsize=(4 * len(sets), 2.8 * len(methods)), squeeze=False)
+    for row, method in zip(axes, methods):
+        for ax, name in zip(row, sets):
+            id_s, ood_s = scores[method]['id'].numpy(), scores[method][name].numpy()
+            lo, hi = min(id_s.min(), ood_s.min()), max(id_s.max(), ood_s.max())
+            bins = 40 if hi > lo else 1
+            ax.hist(id_s, bins=bins, range=(lo, hi), density=True, alpha=0.55, color='tab:green', label='ID')
+            ax.hist(ood_s, bins=bins, range=(lo, hi), density=True, alpha=0.55, color='tab:red', label=name)
+            ax.set(title=f'{method}: ID vs {name}', xlabel='score (higher = more ID)')
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def plot_sampler(models: Dict[str, torch.nn.Module], images: torch.Tensor, targets: torch.Tensor, path: Path,
+                 mean: Sequence[float], std: Sequence[float], gamma: float = 0.95) -> Path:
+    """Which patches each model's classifier samples as ID (green) or OOD (red) on a few training images (Fig. 2).
+
+    Args:
+        models: name -> SSOD model (e.g. the CE model before SSOD, and the SSOD model).
+        images: (N, 3, H, W) normalised images; targets: (N,) labels.
+    """
+    plt = _pyplot()
+    shown = (images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(0, 1)
+    fig, axes = plt.subplots(len(models), len(images), figsize=(1.9 * len(images), 2.1 * len(models)),
+                             squeeze=False)
+    for row, (name, model) in zip(axes, models.items()):
+        model.eval()
+        labels = sample_patches(model.forward_spatial(images).cls_map, targets, gamma)
+        for ax, img, lab in zip(row, shown, labels):
+            overlay = torch.zeros(*lab.shape, 4)
+            overlay[lab == 1] = torch.tensor([0.0, 0.9, 0.0, 0.45])
+            overlay[lab == 0] = torch.tensor([0.95, 0.0, 0.0, 0.45])
+            h, w = img.shape[1:]
+            ax.imshow(img.permute(1, 2, 0).numpy())
+            ax.imshow(overlay.numpy(), extent=(0, w, h, 0), interpolation='nearest')
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(name, fontsize=9)
+    fig.suptitle(f'patches sampled as ID (green, confidence >= {gamma}) and OOD (red, < {1 - gamma:.2f})', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
