@@ -1,8 +1,10 @@
 """The registered SSOD models: ``timm.create_model('ssod_resnet50')`` and friends.
 
 Each entrypoint builds the plain timm architecture and hands it to :func:`ssod_zoo.wrap`; there is no
-per-architecture model code. Weights are ``ssod_<arch>.<tag>`` entries in ``default_cfgs``; an entry without
-a tag describes the architecture only (no weights).
+per-architecture model code. Weights are ``ssod_<arch>.<tag>`` entries in ``default_cfgs``, one per entry of
+``weights/manifest.json`` and no others (see :mod:`ssod_zoo.hub`); an entry without a tag describes the
+architecture only (no weights) and stays each architecture's default, so ``create_model('ssod_<arch>')`` never
+changes meaning when a weight is published.
 """
 from functools import partial
 from typing import Any, Optional
@@ -12,6 +14,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 
+from . import hub
 from .adapter import SSODModel, wrap
 
 __all__ = []  # models are reached through timm.create_model
@@ -26,22 +29,43 @@ def _build(trunk: str, return_ood: bool = True, ood_threshold: Optional[float] =
 
 
 def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -> SSODModel:
+    tag = kwargs.get('pretrained_cfg') if isinstance(kwargs.get('pretrained_cfg'), str) else None
+    # a registered weight brings the model arguments it was saved with (ood_threshold, output_stride, ...)
+    saved_args = hub._shipped_model_args(variant, tag)
+    for k, v in saved_args.items():
+        kwargs.setdefault(k, v)
+    if saved_args:
+        kwargs.setdefault('pretrained_model_args', saved_args)
+    overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+    if overlay.get('hf_hub_id') and 'file' not in overlay:
+        overlay['file'] = None  # a shipped file would otherwise win over the user's own repo
+    try:
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                     pretrained_cfg_overlay=overlay)
+    except RuntimeError as e:  # an unknown tag
+        raise RuntimeError(f'{e} Published SSOD weights for {variant}: '
+                           f'{timm.list_pretrained(variant + ".*") or "none"}.') from e
+    name = f'{variant}{"." + cfg.tag if cfg.tag else ""}'
     if pretrained:
-        cfg = resolve_pretrained_cfg(
-            variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-            pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
         if not (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict):
             raise RuntimeError(
-                f'{variant}{"." + cfg.tag if cfg.tag else ""} has no SSOD weights; timm.list_pretrained("ssod_*") '
-                f'lists those that exist. To fine-tune from timm\'s ImageNet classifier, build the model with '
-                f'pretrained=False and load the classifier\'s weights into it (the OOD head starts fresh), '
-                f'as `python -m ssod_zoo.train --init {trunk}.<tag>` does.')
-    return build_model_with_cfg(
-        partial(_build, trunk), variant, pretrained,
-        # forward_intermediates() of the timm trunk serves features_only for every architecture
-        feature_cfg=dict(feature_cls='getter'),
-        **kwargs,
-    )
+                f'{name} has no SSOD weights; timm.list_pretrained("ssod_*") lists those that exist '
+                f'({timm.list_pretrained(variant + ".*") or "none for " + variant}). To fine-tune from timm\'s '
+                f'ImageNet classifier, build the model with pretrained=False and load the classifier\'s weights '
+                f'into it (the OOD head starts fresh), as `python -m ssod_zoo.train --init {trunk}.<tag>` does.')
+        overlay.update(hub._prepare_pretrained(cfg, kwargs.get('cache_dir')))
+    kwargs['pretrained_cfg_overlay'] = overlay
+    with hub._clear_errors(name):
+        model = build_model_with_cfg(
+            partial(_build, trunk), variant, pretrained,
+            # forward_intermediates() of the timm trunk serves features_only for every architecture
+            feature_cfg=dict(feature_cls='getter'),
+            pretrained_filter_fn=hub._check_state_dict,
+            **kwargs,
+        )
+    if saved_args:  # create_model adds its own kwargs to these, so save_pretrained writes them all again
+        model._model_args = {**saved_args, **getattr(model, '_model_args', {})}
+    return model
 
 
 def _cfg(**kwargs: Any) -> dict:
@@ -53,7 +77,7 @@ def _cfg(**kwargs: Any) -> dict:
     }
 
 
-default_cfgs = generate_default_cfgs({
+_ARCH_CFGS = {
     'ssod_resnet18': _cfg(first_conv='conv1', classifier='fc'),
     'ssod_resnet34': _cfg(first_conv='conv1', classifier='fc'),
     'ssod_resnet50': _cfg(first_conv='conv1', classifier='fc'),
@@ -63,7 +87,13 @@ default_cfgs = generate_default_cfgs({
     'ssod_mobilenetv3_large_100': _cfg(first_conv='conv_stem', classifier='classifier'),
     # timm's 0.5M-parameter test network: fast tests and the embedded benchmark's checkpoint
     'ssod_test_resnet': _cfg(input_size=(3, 160, 160), pool_size=(5, 5), first_conv='conv1.0', classifier='fc'),
-})
+}
+# weight tags come from weights/manifest.json (a small json read), so only weights that exist are registered
+default_cfgs = generate_default_cfgs({**_ARCH_CFGS, **hub._manifest_cfgs(_ARCH_CFGS)})
+for _default in default_cfgs.values():
+    # timm makes the first tag with weights the default; keep the untagged architecture the default instead
+    _default.tags.remove('')
+    _default.tags.appendleft('')
 
 
 @register_model

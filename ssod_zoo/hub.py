@@ -1,0 +1,763 @@
+"""SSOD weights on the Hugging Face Hub, in a local folder, or shipped inside the package.
+
+Publishing
+    :func:`save_pretrained` writes a hub-ready folder: ``config.json`` (timm's format: ``architecture``,
+    ``model_args`` with every SSOD setting including ``ood_threshold`` and ``return_ood``, a timm
+    ``pretrained_cfg`` with ``label_names``), ``model.safetensors`` and ``README.md`` (a model card with HF
+    ``model-index`` metadata). :func:`push_to_hub` uploads that folder through ``huggingface_hub``.
+    ``ssod save <checkpoint> <dir>`` and ``ssod push <checkpoint> <repo_id>`` (:func:`main`) do both from a
+    training checkpoint (:func:`load_checkpoint`).
+
+Loading (plain timm, nothing from ssod_zoo to call)::
+
+    model = timm.create_model('hf-hub:<org>/<repo>', pretrained=True)       # or '...@<revision>'
+    model = timm.create_model('local-dir:/path/to/folder', pretrained=True)
+    model = timm.create_model('ssod_test_resnet.<tag>', pretrained=True)    # a tag from timm.list_pretrained('ssod_*')
+    logits, ood_factor = model(x)
+    reject = ood_factor < model.ood_threshold                              # keeps 95% of ID validation images
+
+A registered architecture can be pointed at one's own repo (or file) without registering anything::
+
+    timm.create_model('ssod_resnet50', pretrained=True, num_classes=10,
+                      pretrained_cfg_overlay=dict(hf_hub_id='me/my-ssod-resnet50', num_classes=10))
+
+``num_classes`` must be given twice there (the model's and the weights'), as for any timm overlay, together
+with any model argument the weights were trained with (``output_stride=16``, ...); the ``hf-hub:`` form reads
+all of them, and ``ood_threshold``, from the repo's ``config.json`` instead.
+
+What is guaranteed for SSOD models (every ``ssod_*`` entrypoint goes through ``registry._create``):
+
+* Nothing downloaded is ever unpickled. Weights from the Hub are read from ``model.safetensors`` only
+  (``pretrained_cfg['hf_hub_filename']`` is forced to a ``.safetensors`` name, so timm's fallback from a
+  missing ``model.safetensors`` to ``pytorch_model.bin`` + ``torch.load`` can never run; timm 1.0.31 takes
+  that fallback even offline, because ``LocalEntryNotFoundError`` is an ``EntryNotFoundError``). A
+  ``local-dir:`` folder must hold ``model.safetensors``. ``url`` sources are refused. Only a local file named
+  explicitly (``pretrained_cfg_overlay=dict(file='run/last.pt')``) may be a pickle, and timm reads it with
+  ``torch.load(weights_only=True)``. ``save_pretrained`` writes ``config.json`` with ``hf_hub_filename`` set,
+  so even a plain timm without ssod_zoo's checks reads only the safetensors file from such a repo.
+* Weights shipped in the package are checked against the sha256 and size in ``weights/manifest.json``.
+* Failures raise :class:`WeightsError` naming the remedy: the Hub unreachable or offline with nothing cached,
+  a repo / revision / file that does not exist, a truncated or corrupted safetensors file, a checkpoint for
+  another architecture, for another class count, or without an OOD head (a plain timm classifier).
+
+Not covered: for ``hf-hub:`` names timm downloads ``config.json`` before any ssod_zoo code runs, so if that
+first request fails the error is huggingface_hub's own (``LocalEntryNotFoundError`` "...check your connection",
+chained to ``OfflineModeIsEnabled`` "...unset HF_HUB_OFFLINE"; ``RepositoryNotFoundError``;
+``RevisionNotFoundError``). Everything after that, including the weights download, is checked here.
+
+Shipped weights
+    ``weights/`` at the repository root holds ``manifest.json`` and one hub folder ``<arch>.<tag>/`` per
+    weight. setup.cfg installs it as ``ssod_zoo/_weights`` (package data), and a source checkout or editable
+    install reads it in place, so ``timm.create_model('ssod_<arch>.<tag>', pretrained=True)`` works offline from
+    a clone. The registry registers a tag for every manifest entry at import, and no other tags.
+    ``python weights/add_weight.py CHECKPOINT --tag TAG`` adds an entry.
+"""
+import argparse
+import hashlib
+import json
+import math
+import re
+import sys
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import safetensors
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import EvalResult, HfApi, ModelCardData, constants as hf_constants, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+    RepositoryNotFoundError, RevisionNotFoundError)
+from timm.models import PretrainedCfg
+from timm.models._builder import _resolve_pretrained_source
+from timm.models._hub import hf_split, save_config_for_hf
+from torch import nn
+
+from .adapter import SSODModel, wrap
+
+__all__ = ['WeightsError', 'calibrate_threshold', 'load_checkpoint', 'main', 'push_to_hub', 'save_pretrained']
+
+WEIGHTS_NAME = 'model.safetensors'
+CONFIG_NAME = 'config.json'
+CARD_NAME = 'README.md'
+CHECKPOINT_FORMAT = 'ssod_zoo.train/1'
+MANIFEST_NAME = 'manifest.json'
+MANIFEST_FORMAT = 'ssod_zoo.weights/1'
+MAX_SHIPPED_BYTES = 25 * 1024 * 1024
+
+PAPER_CITATION = """@inproceedings{pei2024ssod,
+  title     = {Image Background Serves as Good Proxy for Out-of-distribution Data},
+  author    = {Pei, Sen},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2024},
+  eprint    = {2307.00519},
+  archivePrefix = {arXiv}
+}"""
+
+
+class WeightsError(RuntimeError):
+    """SSOD weights could not be found, read or used; the message names the remedy."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# calibration
+
+
+def calibrate_threshold(id_ood_factors: Union[torch.Tensor, Sequence[float]], tpr: float = 0.95) -> float:
+    """The rejection threshold on ``ood_factor`` that keeps a fraction ``tpr`` of in-distribution images.
+
+    A pipeline keeps an image when ``ood_factor >= threshold`` and rejects it when ``ood_factor < threshold``
+    (higher ``ood_factor`` = more in-distribution, paper Eq. 15). The threshold is the ``ceil(tpr * N)``-th
+    largest ID value, i.e. the largest threshold that keeps at least ``tpr`` of the ID images. Ties: every ID
+    value equal to the threshold is kept, so when several images share it the kept fraction can exceed
+    ``tpr``; it is never below. The threshold is one of the input values (exact in the input's dtype), so the
+    ``<`` comparison in that dtype reproduces the calibration exactly.
+
+    Args:
+        id_ood_factors: (N,) ``ood_factor`` of ID validation images, N >= 1, all finite.
+        tpr: fraction of ID images to keep, in (0, 1]; 0.95 is the operating point of FPR95.
+
+    Returns:
+        The threshold, a Python float.
+    """
+    x = torch.as_tensor(id_ood_factors).detach()
+    if x.ndim != 1 or x.numel() == 0:
+        raise ValueError(f'id_ood_factors must be a non-empty (N,) vector, got shape {tuple(x.shape)}')
+    if not x.is_floating_point():
+        x = x.double()
+    if not torch.isfinite(x).all():
+        raise ValueError('id_ood_factors contains NaN or inf; check the model and the validation images')
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f'tpr must be in (0, 1], got {tpr}')
+    # round before ceil so that e.g. 0.95 * 60 = 57.000000000000007 keeps 57 images, not 58
+    keep = max(1, math.ceil(round(tpr * x.numel(), 6)))
+    return float(torch.sort(x.flatten().cpu(), descending=True).values[keep - 1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# publishing
+
+
+def save_pretrained(
+        model: SSODModel,
+        save_dir: Union[str, Path],
+        *,
+        train_config: Optional[Mapping[str, Any]] = None,
+        metrics: Optional[Mapping[str, Any]] = None,
+        class_names: Optional[Sequence[str]] = None,
+        ood_threshold: Optional[float] = None,
+        model_card: bool = True,
+) -> Path:
+    """Write a folder that ``timm.create_model('hf-hub:...'/'local-dir:...', pretrained=True)`` loads.
+
+    Args:
+        model: the SSOD model (from ``timm.create_model('ssod_*')`` or :func:`ssod_zoo.wrap` of a registered trunk).
+        save_dir: folder to write (created if needed); only ``config.json``, ``model.safetensors`` and
+            ``README.md`` are written.
+        train_config: the resolved training config, shown in the model card.
+        metrics: ``{'id_accuracy': float, 'ood': {set_name: {'fpr95', 'auroc', 'aupr_in', 'aupr_out'}}}``, in
+            percent, measured for these weights; an optional ``'id_dataset'`` names the ID data in the card.
+        class_names: (M,) names of the classes, in classifier order; saved as ``label_names``.
+        ood_threshold: rejection threshold to save; default ``model.ood_threshold``.
+        model_card: write ``README.md``.
+
+    Returns:
+        The folder's path.
+    """
+    if not isinstance(model, SSODModel):
+        raise TypeError(f'save_pretrained expects an SSOD model, got {type(model).__name__}; '
+                        'create one with timm.create_model("ssod_<arch>") or ssod_zoo.wrap(model)')
+    architecture = _ssod_architecture(model)
+    threshold = model.ood_threshold if ood_threshold is None else ood_threshold
+    threshold = None if threshold is None else float(threshold)
+    if class_names is not None:
+        class_names = [str(c) for c in class_names]
+        if len(class_names) != model.num_classes:
+            raise ValueError(f'{len(class_names)} class_names for a model with {model.num_classes} classes')
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+
+    # contiguous CPU copies: safetensors refuses views and channels_last tensors
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(tensors, str(save_dir / WEIGHTS_NAME), metadata={'format': 'pt'})
+
+    model_config: Dict[str, Any] = {
+        'architecture': architecture,
+        # a plain timm reading this folder from the Hub must take the safetensors file, never a pickle fallback
+        'pretrained_cfg': {'hf_hub_filename': WEIGHTS_NAME},
+    }
+    if class_names:
+        model_config['label_names'] = class_names
+    config_path = save_dir / CONFIG_NAME
+    save_config_for_hf(model, str(config_path), model_config=model_config,
+                       model_args={'return_ood': bool(model.return_ood), 'ood_threshold': threshold})
+    config = json.loads(config_path.read_text())
+    config['pretrained_cfg']['architecture'] = architecture
+    if class_names:
+        config['pretrained_cfg']['label_names'] = class_names
+    config_path.write_text(json.dumps(config, indent=2) + '\n')
+
+    if model_card:
+        card = _model_card(config, train_config=train_config, metrics=metrics, name=save_dir.resolve().name)
+        (save_dir / CARD_NAME).write_text(card, encoding='utf-8')
+    return save_dir
+
+
+def push_to_hub(
+        model: SSODModel,
+        repo_id: str,
+        *,
+        revision: Optional[str] = None,
+        private: bool = False,
+        token: Optional[str] = None,
+        commit_message: str = 'Add SSOD weights (ssod_zoo)',
+        api: Optional[HfApi] = None,
+        **save_kwargs: Any,
+):
+    """Upload what :func:`save_pretrained` writes to a Hub model repo (created if needed).
+
+    Args:
+        model: the SSOD model.
+        repo_id: ``'<org>/<name>'``.
+        revision: branch to commit to (created from the default branch if missing); default the main branch.
+        private: create the repo private (an existing repo keeps its visibility).
+        token: Hub token; default the logged-in one (``hf auth login``) or ``HF_TOKEN``.
+        commit_message: the commit's message.
+        api: the ``HfApi`` to use (tests pass a stand-in); default ``HfApi(token=token)``.
+        **save_kwargs: :func:`save_pretrained` keywords (``train_config``, ``metrics``, ``class_names``, ...).
+
+    Returns:
+        The ``CommitInfo`` of the upload.
+    """
+    from . import __version__
+    api = api if api is not None else HfApi(token=token, library_name='ssod_zoo', library_version=__version__)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model').repo_id
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type='model')
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_pretrained(model, Path(tmp) / repo_id.split('/')[-1], **save_kwargs)  # the card's name
+        return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, repo_type='model',
+                                 commit_message=commit_message)
+
+
+def _ssod_architecture(model: SSODModel) -> str:
+    """The registered ``ssod_*`` name that rebuilds ``model``; a wrapped timm trunk maps to ``ssod_<trunk>``."""
+    arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or ''
+    if arch.startswith('ssod_') and timm.is_model(arch):
+        return arch
+    if timm.is_model(f'ssod_{arch}'):
+        return f'ssod_{arch}'
+    raise ValueError(
+        f'cannot save {type(model).__name__} (pretrained_cfg architecture {arch!r}): its config must name a '
+        f'registered SSOD architecture so timm can rebuild it, and {"ssod_" + arch!r} is not one of '
+        f'timm.list_models("ssod_*"). Register an entrypoint for it in ssod_zoo/registry.py')
+
+
+def _model_card(config: Dict[str, Any], *, train_config: Optional[Mapping[str, Any]],
+                metrics: Optional[Mapping[str, Any]], name: str) -> str:
+    """README.md: HF YAML front matter (with ``model-index``) and the card's text."""
+    arch = config['architecture']
+    cfg = config['pretrained_cfg']
+    threshold = config.get('model_args', {}).get('ood_threshold')
+    metrics = dict(metrics or {})
+    train_config = dict(train_config or {})
+    id_dataset = _id_dataset_name(metrics, train_config)
+    ood = dict(metrics.get('ood') or {})
+
+    results = []
+    if metrics.get('id_accuracy') is not None:
+        results.append(EvalResult(
+            task_type='image-classification', task_name='Image Classification',
+            dataset_type=_slug(id_dataset), dataset_name=id_dataset, dataset_split='validation',
+            metric_type='accuracy', metric_name='ID top-1 accuracy (%)',
+            metric_value=round(float(metrics['id_accuracy']), 4)))
+    for set_name, values in ood.items():
+        for key, label in (('fpr95', 'FPR95 (%)'), ('auroc', 'AUROC (%)'), ('aupr_in', 'AUPR-In (%)'),
+                           ('aupr_out', 'AUPR-Out (%)')):
+            if values.get(key) is not None:
+                results.append(EvalResult(
+                    task_type='out-of-distribution-detection', task_name='Out-of-distribution detection',
+                    dataset_type=_slug(set_name), dataset_name=f'{set_name} (OOD) vs {id_dataset} (ID)',
+                    metric_type=key, metric_name=label, metric_value=round(float(values[key]), 4)))
+    card_data = ModelCardData(
+        library_name='timm', license=cfg.get('license', 'apache-2.0'), pipeline_tag='image-classification',
+        tags=['image-classification', 'timm', 'ssod_zoo', 'out-of-distribution-detection'],
+        model_name=name, eval_results=results or None)
+    lines = ['---', card_data.to_yaml(), '---', '',
+             f'# {name}: SSOD out-of-distribution detector ({arch})', '',
+             f'A timm `{arch.removeprefix("ssod_")}` classifier for {config["num_classes"]} classes with the binary '
+             'OOD head of SSOD (Pei, ICLR 2024). Besides the class logits it gives `ood_factor`, the probability '
+             'that the image belongs to the training distribution (paper Eq. 15): the OOD head is trained on '
+             'image-background patches that the classifier itself rejects, used as stand-ins for OOD data.', '',
+             '## How to use', '', '```python', 'import timm, torch', '',
+             "model = timm.create_model('hf-hub:<org>/<this-repo>', pretrained=True).eval()  # or 'local-dir:<folder>'",
+             'config = timm.data.resolve_data_config(model=model)',
+             'transform = timm.data.create_transform(**config)', 'with torch.no_grad():',
+             '    logits, ood_factor = model(transform(image).unsqueeze(0))',
+             'reject = ood_factor < model.ood_threshold  # not one of the known classes', '```', '',
+             '## Rejection threshold', '']
+    if threshold is None:
+        lines += ['No calibrated threshold was saved with these weights (`model.ood_threshold` is None). '
+                  'Calibrate one on your own in-distribution validation images with '
+                  '`ssod_zoo.hub.calibrate_threshold(ood_factors, tpr=0.95)`.', '']
+    else:
+        lines += [f'`model.ood_threshold = {threshold:.6g}`: the `ood_factor` that keeps 95% of the '
+                  f'in-distribution validation images ({id_dataset}). Images below it are rejected as '
+                  'out-of-distribution. It holds for the ID distribution it was calibrated on; recalibrate after '
+                  'any change of data, preprocessing or input size.', '']
+    lines += ['## Results', '',
+              'Measured for exactly these weights by the run that produced them (not the paper\'s numbers). '
+              'Convention: in-distribution images are the positive class; FPR95 is the fraction of OOD images '
+              'kept at the threshold that keeps 95% of ID images (lower is better); all values in percent.', '']
+    if metrics.get('id_accuracy') is not None:
+        lines += [f'ID top-1 accuracy on {id_dataset}: **{float(metrics["id_accuracy"]):.2f}**', '']
+    if ood:
+        lines += ['| OOD set | FPR95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |', '|---|---|---|---|---|']
+        for set_name, v in ood.items():
+            cells = ' | '.join('-' if v.get(k) is None else f'{float(v[k]):.2f}'
+                               for k in ('fpr95', 'auroc', 'aupr_in', 'aupr_out'))
+            lines.append(f'| {set_name} | {cells} |')
+        average = metrics.get('ood_average') or {}
+        if average:
+            cells = ' | '.join('-' if average.get(k) is None else f'{float(average[k]):.2f}'
+                               for k in ('fpr95', 'auroc', 'aupr_in', 'aupr_out'))
+            lines.append(f'| **average** | {cells} |')
+        lines.append('')
+    if not metrics:
+        lines += ['No metrics were recorded with these weights.', '']
+    lines += ['## Training', '']
+    if train_config:
+        lines += ['The resolved training configuration:', '', '```json',
+                  json.dumps(train_config, indent=2, sort_keys=True, default=str), '```', '']
+    else:
+        lines += ['No training configuration was recorded with these weights.', '']
+    labels = cfg.get('label_names')
+    if labels:
+        shown = ', '.join(f'`{c}`' for c in labels[:20]) + (', ...' if len(labels) > 20 else '')
+        lines += [f'Classes ({len(labels)}): {shown}', '']
+    lines += ['## Intended use', '',
+              'Classifying images of the classes above while flagging inputs that belong to none of them, from '
+              f'the same kind of data as {id_dataset}. `ood_factor` is a score, not a guarantee: use it to route '
+              'images to review or to abstain, not as the only safeguard in safety-critical decisions.', '',
+              '## Limitations', '',
+              '- SSOD learns what "out of distribution" looks like from the backgrounds of its own training images. '
+              'OOD data from another domain than those backgrounds (synthetic colour blocks, textures) is its weak '
+              'spot: the paper reports its Texture result on ImageNet (FPR95 45.32%) about 33.76 points worse than '
+              'KNN\'s and traces it to Texture images that show ImageNet objects (paper Appendix A.5).',
+              '- The patch sampler\'s confidence threshold `gamma` (paper Eq. 12, 0.95 there) decides which patches '
+              'become ID and OOD supervision; the paper reports no ablation of it, so results at other values are '
+              'untested. Keep the trained value when fine-tuning further.',
+              '- The rejection threshold is calibrated on one ID validation set; it shifts with the data, '
+              'preprocessing and input size.',
+              '- These weights cover only the classes and data they were trained on; they are not ImageNet weights.',
+              '', '## Citation', '', '```bibtex', PAPER_CITATION, '```', '',
+              'Folder and card written by `ssod_zoo.hub.save_pretrained`.', '']
+    return '\n'.join(lines)
+
+
+def _id_dataset_name(metrics: Mapping[str, Any], train_config: Mapping[str, Any]) -> str:
+    """What the ID data was called: given explicitly, or read off the training config (ssod_zoo.train's)."""
+    if metrics.get('id_dataset') or train_config.get('dataset'):
+        return str(metrics.get('id_dataset') or train_config.get('dataset'))
+    if train_config.get('data') == 'synthetic':
+        return 'ssod_zoo synthetic benchmark'
+    if train_config.get('val_dir'):  # an ImageFolder directory; 'data/pets/val' -> 'pets/val'
+        path = Path(str(train_config['val_dir']))
+        split = path.name.lower() in ('val', 'valid', 'validation', 'test', 'eval')
+        return (f'{path.parent.name}/{path.name}' if split and path.parent.name else path.name) or \
+            'in-distribution validation set'
+    return 'in-distribution validation set'
+
+
+def _slug(name: str) -> str:
+    return re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-') or 'dataset'
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training checkpoints
+
+
+def load_checkpoint(path: Union[str, Path]) -> Tuple[SSODModel, Dict[str, Any]]:
+    """Rebuild the model of a ``ssod_zoo.train/1`` training checkpoint, with ``torch.load(weights_only=True)``.
+
+    Args:
+        path: the checkpoint file the training CLI wrote.
+
+    Returns:
+        ``(model, checkpoint)``: the model in eval mode with the checkpoint's weights and ``ood_threshold``,
+        and the checkpoint dict (``config``, ``metrics``, ``class_names``, ...).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'no training checkpoint at {path}')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated zip, pickle with arbitrary objects, not a torch file at all
+        raise WeightsError(
+            f'cannot read {path} as a {CHECKPOINT_FORMAT} checkpoint with torch.load(weights_only=True) '
+            f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). It is truncated or corrupted, '
+            'or not written by `python -m ssod_zoo.train`; ssod_zoo never unpickles arbitrary objects. '
+            'Re-copy the file or point to another checkpoint of the run') from e
+    if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
+        found = ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise WeightsError(f'{path} is not a {CHECKPOINT_FORMAT} training checkpoint (format: {found!r}); '
+                           'ssod save/push take the checkpoints `python -m ssod_zoo.train` writes')
+    missing = [k for k in ('architecture', 'model_args', 'model') if k not in ckpt]
+    if missing:
+        raise WeightsError(f'{path} lacks {", ".join(missing)}; it is incomplete, re-export it from training')
+    arch = ckpt['architecture']
+    if not timm.is_model(arch):
+        raise WeightsError(f'{path} was trained as {arch!r}, which is not a registered model here; '
+                           'install the ssod_zoo version that trained it')
+    model = timm.create_model(arch, pretrained=False, **dict(ckpt['model_args']))
+    if not isinstance(model, SSODModel):  # the training CLI wraps a plain timm CNN it was given by name
+        model = wrap(model)
+    state_dict = timm.models.clean_state_dict(ckpt['model'])  # drops a DDP "module." prefix
+    problem = _state_dict_mismatch(state_dict, model, head_dropped=False)
+    if problem:
+        raise WeightsError(f'{path}: the weights do not fit {arch} built with {ckpt["model_args"]}: {problem}. '
+                           'The checkpoint is inconsistent; re-export it from training')
+    model.load_state_dict(state_dict)
+    model.ood_threshold = None if ckpt.get('ood_threshold') is None else float(ckpt['ood_threshold'])
+    return model.eval(), ckpt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading: called by registry._create for every ssod_* model built with pretrained=True
+
+
+def _prepare_pretrained(cfg: PretrainedCfg, cache_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
+    """Check the weights ``cfg`` points at before timm reads them; returns the overlay that keeps timm safe.
+
+    Resolves the source exactly as timm will (its own ``_resolve_pretrained_source``), downloads Hub weights
+    into the cache with clear errors, and checks the file: safetensors header and data complete, sha256 for
+    shipped weights. timm then reads the same cached file.
+    """
+    load_from, loc = _resolve_pretrained_source(cfg.to_dict())
+    overlay: Dict[str, Any] = {'custom_load': False}  # no model-specific loader: native state dicts only
+    if load_from == 'hf-hub':
+        repo, filename = loc if isinstance(loc, (tuple, list)) else (loc, None)
+        filename = filename or WEIGHTS_NAME
+        if not filename.endswith('.safetensors'):
+            raise WeightsError(
+                f'{repo}: hf_hub_filename={filename!r} is not a safetensors file, and SSOD models load nothing '
+                f'else from the Hub (pickles run code). Publish model.safetensors with ssod_zoo.push_to_hub or '
+                f'`ssod push`, and leave hf_hub_filename unset')
+        overlay['hf_hub_filename'] = filename
+        path = _download(repo, filename, cache_dir)
+        _check_safetensors(path, f'{repo}/{filename}', remedy=(
+            f'delete the cached copy ({path}) and download it again: '
+            f'`hf download {hf_split(repo)[0]} {filename} --force-download`'))
+    elif load_from == 'local-dir':
+        folder = Path(loc)
+        path = folder / WEIGHTS_NAME
+        if not path.is_file():
+            found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else None
+            raise WeightsError(
+                f'local-dir:{folder} has no {WEIGHTS_NAME} '
+                f'({"folder does not exist" if found is None else "it holds: " + (", ".join(found) or "nothing")}). '
+                'SSOD models load safetensors only; write the folder with ssod_zoo.save_pretrained or '
+                '`ssod save <checkpoint> <dir>`, or load a local .pth explicitly with '
+                'pretrained_cfg_overlay=dict(file=...)')
+        _check_safetensors(path, str(path), remedy='write it again with `ssod save` or re-copy the folder')
+    elif load_from == 'file':
+        path = Path(loc)
+        shipped = _SHIPPED_BY_FILE.get(str(path))
+        if not path.is_file():
+            remedy = ('reinstall ssod_zoo, or in a clone restore it with `git checkout -- weights/`'
+                      if shipped else 'check the path given in pretrained_cfg_overlay=dict(file=...)')
+            raise WeightsError(f'weights file {path} does not exist: {remedy}')
+        if shipped:
+            _verify_shipped(path, shipped)
+        if path.suffix == '.safetensors':
+            _check_safetensors(path, str(path), remedy='replace the file with an intact copy')
+        # any other local file is read by timm with torch.load(weights_only=True)
+    elif load_from == 'url':
+        raise WeightsError(
+            f'{cfg.url}: SSOD models do not load weights from URLs (torch.hub unpickles them). Publish them on '
+            'the Hub as model.safetensors and use pretrained_cfg_overlay=dict(hf_hub_id=...), or download the '
+            'file and pass pretrained_cfg_overlay=dict(file=...)')
+    return overlay
+
+
+def _download(repo: str, filename: str, cache_dir: Optional[Union[str, Path]]) -> Path:
+    """``hf_hub_download`` with errors that say what to do."""
+    repo_id, revision = hf_split(repo)
+    at = f'{repo_id}@{revision}' if revision else repo_id
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                    library_name='ssod_zoo'))
+    except LocalEntryNotFoundError as e:
+        offline = hf_constants.is_offline_mode()
+        cache = cache_dir or hf_constants.HF_HUB_CACHE
+        why = ('offline mode is on (HF_HUB_OFFLINE=1)' if offline else
+               'the Hub cannot be reached (no network, proxy, or HF_ENDPOINT down)')
+        raise WeightsError(
+            f'{at}: {filename} is not in the Hugging Face cache ({cache}) and {why}. Remedy: '
+            f'{"unset HF_HUB_OFFLINE and " if offline else ""}download it once with network access '
+            f'(`hf download {repo_id}{" --revision " + revision if revision else ""}`), copy a cache that holds it '
+            f'and point HF_HUB_CACHE at it, or load a saved folder with timm.create_model("local-dir:<folder>", '
+            'pretrained=True)') from e
+    except GatedRepoError as e:
+        raise WeightsError(f'{at} is gated: accept its terms on the Hub and log in (`hf auth login`)') from e
+    except RepositoryNotFoundError as e:
+        raise WeightsError(
+            f'Hub repo {repo_id} does not exist or is private. Check the id (timm.list_pretrained("ssod_*") lists '
+            'the published SSOD weights); for a private repo log in with `hf auth login` or set HF_TOKEN') from e
+    except RevisionNotFoundError as e:
+        raise WeightsError(
+            f'Hub repo {repo_id} has no revision {revision!r}. Use an existing branch, tag or commit after "@" '
+            f'(HfApi().list_repo_refs("{repo_id}") lists them), or drop "@{revision}" for the main branch') from e
+    except EntryNotFoundError as e:
+        raise WeightsError(
+            f'{at} has no {filename}. SSOD models load safetensors only; publish the weights with '
+            'ssod_zoo.push_to_hub or `ssod push <checkpoint> <repo_id>`, which upload model.safetensors') from e
+    except (HfHubHTTPError, OfflineModeIsEnabled) as e:
+        raise WeightsError(f'{at}: the Hub request for {filename} failed ({e}). Retry later, check the network '
+                           'and HF_ENDPOINT, or load a saved folder with "local-dir:<folder>"') from e
+
+
+def _check_safetensors(path: Path, what: str, remedy: str) -> None:
+    """Header parses and the file holds every byte the header promises (catches truncation and header damage)."""
+    try:
+        with safetensors.safe_open(str(path), framework='pt') as f:
+            keys = list(f.keys())
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f'{what} is truncated or corrupted ({e}); {remedy}') from e
+    if not keys:
+        raise WeightsError(f'{what} holds no tensors; {remedy}')
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verify_shipped(path: Path, entry: Mapping[str, Any]) -> None:
+    size, sha = path.stat().st_size, _sha256(path)
+    if sha != entry['sha256'] or size != entry['size']:
+        pointer = ' It looks like a Git LFS pointer: run `git lfs pull`.' if size < 1024 else ''
+        raise WeightsError(
+            f'{path} ({size} bytes, sha256 {sha}) is not the file {entry["name"]} was published with '
+            f'({entry["size"]} bytes, sha256 {entry["sha256"]} in {MANIFEST_NAME}): it is corrupted or was '
+            f'replaced.{pointer} Restore it with `git checkout -- weights/` or reinstall ssod_zoo')
+
+
+def _check_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm ``pretrained_filter_fn``: refuse weights for another architecture, class count, or without OOD head."""
+    cfg = model.pretrained_cfg
+    arch = cfg.get('architecture') or type(model).__name__
+    has_ood_head = any(k.startswith('ood_head.') for k in state_dict)
+    # timm discards the classifier itself when the model was asked for another class count than the weights'
+    head_dropped = model.num_classes != cfg.get('num_classes')
+    problem = _state_dict_mismatch(state_dict, model, head_dropped=head_dropped, ood_head=has_ood_head)
+    if problem:
+        raise WeightsError(problem)
+    if not has_ood_head:
+        raise WeightsError(
+            f'the weights for {arch} have no "ood_head.*" tensors: they are a plain timm classifier checkpoint, '
+            'not SSOD weights, and the OOD head would stay untrained. To start SSOD training from them, create '
+            'the model with pretrained=False and load them with model.load_state_dict(state_dict, strict=False) '
+            '(as `python -m ssod_zoo.train --init` does)')
+    return state_dict
+
+
+def _state_dict_mismatch(state_dict: Mapping[str, torch.Tensor], model: nn.Module, head_dropped: bool,
+                         ood_head: bool = True) -> str:
+    """'' if ``state_dict`` fits ``model``, else a message saying which model the weights need.
+
+    ``head_dropped``: the classifier's tensors are not compared (timm drops them); ``ood_head=False``: nor the
+    OOD head's (the caller reports its absence).
+    """
+    cfg = getattr(model, 'pretrained_cfg', {}) or {}
+    arch = cfg.get('architecture') or type(model).__name__
+    classifiers = cfg.get('classifier') or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    head_keys = {f'{c}.{p}' for c in classifiers for p in ('weight', 'bias')}
+    first_convs = cfg.get('first_conv') or ()
+    first_convs = {f'{c}.weight' for c in ((first_convs,) if isinstance(first_convs, str) else first_convs)}
+    expected = model.state_dict()
+
+    if head_dropped and head_keys and all(k in state_dict and k in expected and
+                                          tuple(state_dict[k].shape) == tuple(expected[k].shape) for k in head_keys):
+        n = model.num_classes
+        return (f'the weights\' classifier fits {arch} as built ({n} classes), but their pretrained_cfg says '
+                f'{cfg.get("num_classes")} classes, so timm would discard the trained classifier. Say so for the '
+                f'weights too: pretrained_cfg_overlay=dict(..., num_classes={n})')
+    skip = set(head_keys) if head_dropped else set()
+    if not ood_head:
+        skip |= {k for k in expected if k.startswith('ood_head.')}
+    missing = [k for k in expected if k not in state_dict and k not in skip]
+    unexpected = [k for k in state_dict if k not in expected]
+    head_shape, other_shape = [], []
+    for k, v in state_dict.items():
+        if k in expected and k not in skip and tuple(v.shape) != tuple(expected[k].shape):
+            if k in first_convs and v.ndim == 4 and v.shape[0] == expected[k].shape[0]:
+                continue  # timm adapts the stem to another in_chans
+            (head_shape if k in head_keys else other_shape).append(k)
+
+    if missing or unexpected or other_shape:
+        parts = []
+        if missing:
+            parts.append(f'{len(missing)} tensors missing (e.g. {", ".join(missing[:3])})')
+        if unexpected:
+            parts.append(f'{len(unexpected)} unexpected (e.g. {", ".join(unexpected[:3])})')
+        if other_shape:
+            k = other_shape[0]
+            parts.append(f'{len(other_shape)} of another shape (e.g. {k}: weights {tuple(state_dict[k].shape)}, '
+                         f'model {tuple(expected[k].shape)})')
+        return (f'the weights are not for {arch} as built ({"; ".join(parts)}): they were saved from another '
+                'architecture or other model arguments (output_stride, global_pool, ...). Load them through '
+                'their own config.json, which names both: timm.create_model("hf-hub:<repo>") or '
+                '"local-dir:<folder>", or create the architecture they were trained as')
+    if head_shape:
+        k = sorted(head_shape)[0]
+        n_weights, n_model = state_dict[k].shape[0], expected[k].shape[0]
+        return (f'the weights are for {n_weights} classes but {arch} was built for {n_model} ({k}: weights '
+                f'{tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)}). Create the model with '
+                f'num_classes={n_weights} and say so for the weights too: '
+                f'pretrained_cfg_overlay=dict(..., num_classes={n_weights}); '
+                'or load it as "hf-hub:<repo>" / "local-dir:<folder>", whose config.json gives both')
+    return ''
+
+
+@contextmanager
+def _clear_errors(what: str) -> Iterator[None]:
+    """Errors that can still surface while timm reads the checked file (e.g. it changed in between)."""
+    try:
+        yield
+    except safetensors.SafetensorError as e:
+        raise WeightsError(f'{what}: the weights file is truncated or corrupted ({e}); download or copy it '
+                           'again') from e
+    except (LocalEntryNotFoundError, EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled) as e:
+        raise WeightsError(f'{what}: reading the weights from the Hub failed ({type(e).__name__}: {e}); check '
+                           'the network or HF_HUB_OFFLINE and the Hugging Face cache, or load a saved folder '
+                           'with "local-dir:<folder>"') from e
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# weights shipped in the package: weights/manifest.json, registered by registry.py at import
+
+
+_SHIPPED: Dict[str, Dict[str, Any]] = {}  # 'arch.tag' -> manifest entry, with 'path' the absolute file (or None)
+_SHIPPED_BY_FILE: Dict[str, Dict[str, Any]] = {}  # absolute file path -> manifest entry
+
+
+def _weights_dir() -> Optional[Path]:
+    """Installed wheel: ``ssod_zoo/_weights``; source checkout or editable install: ``<repo>/weights``."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / '_weights', here.parent / 'weights'):
+        manifest = folder / MANIFEST_NAME
+        if manifest.is_file():
+            return folder
+    return None
+
+
+def _read_manifest(folder: Path) -> List[Dict[str, Any]]:
+    manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding='utf-8'))
+    if not isinstance(manifest, dict) or manifest.get('format') != MANIFEST_FORMAT:
+        raise ValueError(f'{folder / MANIFEST_NAME} is not a {MANIFEST_FORMAT} manifest')
+    return list(manifest.get('weights') or [])
+
+
+def _manifest_cfgs(arch_cfgs: Mapping[str, Mapping[str, Any]],
+                   folder: Optional[Path] = None) -> Dict[str, Dict[str, Any]]:
+    """``{'arch.tag': pretrained cfg}`` for ``generate_default_cfgs``, one per manifest entry, no other.
+
+    A shipped file that is present becomes ``file`` (loaded offline, sha256-checked); without it the entry
+    falls back to its ``hf_hub_id``; with neither, ``file`` stays, so loading says the file is missing.
+    Never raises: a broken manifest must not break ``import timm``.
+    """
+    folder = folder if folder is not None else _weights_dir()
+    if folder is None:
+        return {}
+    try:
+        entries = _read_manifest(folder)
+    except (OSError, ValueError) as e:
+        warnings.warn(f'ssod_zoo: ignoring the weights manifest ({e}); no SSOD weight tags are registered')
+        return {}
+    fields = set(PretrainedCfg.__dataclass_fields__)
+    cfgs = {}
+    for entry in entries:
+        arch, tag = entry.get('architecture'), entry.get('tag')
+        if (arch not in arch_cfgs or not tag or not (entry.get('file') or entry.get('hf_hub_id'))
+                or (entry.get('file') and not (entry.get('sha256') and entry.get('size')))):
+            warnings.warn(f'ssod_zoo: manifest entry {entry.get("name")!r} needs a registered architecture, a '
+                          'tag, and a file (with sha256 and size) or an hf_hub_id; skipped')
+            continue
+        path = (folder / entry['file']).resolve() if entry.get('file') else None
+        cfg = {**arch_cfgs[arch],
+               **{k: tuple(v) if isinstance(v, list) else v
+                  for k, v in (entry.get('pretrained_cfg') or {}).items() if k in fields},
+               'hf_hub_id': entry.get('hf_hub_id'), 'hf_hub_filename': WEIGHTS_NAME,
+               'file': str(path) if path is not None and (path.is_file() or not entry.get('hf_hub_id')) else None,
+               'source': None, 'architecture': None, 'tag': None}
+        entry = {**entry, 'path': path}
+        _SHIPPED[f'{arch}.{tag}'] = entry
+        if path is not None:
+            _SHIPPED_BY_FILE[str(path)] = entry
+        cfgs[f'{arch}.{tag}'] = cfg
+    return cfgs
+
+
+def _shipped_model_args(variant: str, tag: Optional[str]) -> Dict[str, Any]:
+    """Model arguments a registered weight was saved with (``ood_threshold``, ``output_stride``, ...)."""
+    entry = _SHIPPED.get(f'{variant}.{tag}') if tag else None
+    return dict(entry.get('model_args') or {}) if entry else {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI: `ssod save` / `ssod push`
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``ssod save <checkpoint> <dir>`` and ``ssod push <checkpoint> <repo_id>``."""
+    parser = argparse.ArgumentParser(prog='ssod', description='Publish SSOD weights from a training checkpoint.')
+    sub = parser.add_subparsers(dest='command', required=True)
+    save = sub.add_parser('save', help='write a hub-ready folder (config.json, model.safetensors, README.md)')
+    save.add_argument('checkpoint', type=Path, help='training checkpoint (ssod_zoo.train/1)')
+    save.add_argument('save_dir', type=Path, help='folder to write')
+    push = sub.add_parser('push', help='upload that folder to a Hugging Face Hub model repo')
+    push.add_argument('checkpoint', type=Path, help='training checkpoint (ssod_zoo.train/1)')
+    push.add_argument('repo_id', help='<org>/<name>; created if missing')
+    push.add_argument('--revision', help='branch to commit to (default: main)')
+    push.add_argument('--private', action='store_true', help='create the repo private')
+    push.add_argument('--token', help='Hub token (default: the logged-in one or HF_TOKEN)')
+    push.add_argument('--commit-message', default='Add SSOD weights (ssod_zoo)')
+    for p in (save, push):
+        p.add_argument('--ood-threshold', type=float,
+                       help="rejection threshold to publish instead of the checkpoint's calibrated one")
+        p.add_argument('--no-card', action='store_true', help='do not write README.md')
+    args = parser.parse_args(argv)
+
+    try:
+        model, ckpt = load_checkpoint(args.checkpoint)
+    except (WeightsError, FileNotFoundError) as e:
+        parser.exit(2, f'ssod {args.command}: error: {e}\n')
+    threshold = args.ood_threshold if args.ood_threshold is not None else ckpt.get('ood_threshold')
+    if threshold is None:
+        print(f'ssod {args.command}: warning: {args.checkpoint} has no calibrated ood_threshold; the published '
+              'model will have none. Pass --ood-threshold, or calibrate with ssod_zoo.hub.calibrate_threshold',
+              file=sys.stderr)
+    save_kwargs = dict(train_config=ckpt.get('config'), metrics=ckpt.get('metrics'),
+                       class_names=ckpt.get('class_names'), ood_threshold=threshold, model_card=not args.no_card)
+    if args.command == 'save':
+        out = save_pretrained(model, args.save_dir, **save_kwargs)
+        print(f'wrote {out} (load it with timm.create_model("local-dir:{out}", pretrained=True))')
+    else:
+        info = push_to_hub(model, args.repo_id, revision=args.revision, private=args.private, token=args.token,
+                           commit_message=args.commit_message, **save_kwargs)
+        print(f'pushed {args.repo_id}: {getattr(info, "commit_url", info)} '
+              f'(load it with timm.create_model("hf-hub:{args.repo_id}", pretrained=True))')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

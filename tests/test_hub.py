@@ -1,0 +1,791 @@
+"""Publishing and loading SSOD weights: save_pretrained / push_to_hub / timm's hf-hub: and local-dir: loaders,
+the shipped-weights manifest, and every error that names a remedy. No network: the Hub is either the HF cache
+written by a stand-in for HfApi (then read with HF_HUB_OFFLINE=1) or a small HTTP endpoint on 127.0.0.1.
+"""
+import hashlib
+import http.server
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub
+import pytest
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import ModelCard, constants as hf_constants
+
+import ssod_zoo
+from ssod_zoo import hub, registry
+from ssod_zoo.hub import WeightsError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ARCH = 'ssod_test_resnet'
+NUM_CLASSES = 3
+CLASS_NAMES = ['cat', 'dog', 'fox']
+MODEL_KWARGS = {'output_stride': 16}
+THRESHOLD = 0.4375
+METRICS = {'id_accuracy': 87.5, 'id_dataset': 'synthetic shapes',
+           'ood': {'noise': {'fpr95': 12.5, 'auroc': 96.25, 'aupr_in': 95.0, 'aupr_out': 97.0},
+                   'textures': {'fpr95': 40.0, 'auroc': 88.0, 'aupr_in': 86.5, 'aupr_out': 89.25}},
+           'ood_average': {'fpr95': 26.25, 'auroc': 92.125, 'aupr_in': 90.75, 'aupr_out': 93.125}}
+TRAIN_CONFIG = {'model': ARCH, 'epochs': 2, 'gamma': 0.95, 'alpha': 1.0, 'lr': 1e-4, 'dataset': 'synthetic shapes'}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope='module')
+def model():
+    torch.manual_seed(0)
+    # output_stride changes the outputs but no tensor shape: only restoring the model args gets it right
+    m = timm.create_model(ARCH, num_classes=NUM_CLASSES, ood_threshold=THRESHOLD, **MODEL_KWARGS).eval()
+    with torch.no_grad():  # a head far from its init, so a load that silently kept the fresh head shows
+        m.ood_head.weight.normal_(0, 1.0)
+        m.ood_head.bias.copy_(torch.tensor([-0.3, 0.7]))
+    return m
+
+
+@pytest.fixture(scope='module')
+def images():
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def assert_same_model(loaded, original, images, threshold=THRESHOLD):
+    assert type(loaded) is type(original)
+    assert loaded.ood_threshold == threshold
+    assert loaded.return_ood == original.return_ood
+    with torch.no_grad():
+        a, b = original.forward_ssod(images), loaded.eval().forward_ssod(images)
+    assert torch.equal(a.logits, b.logits)
+    assert torch.equal(a.ood_factor, b.ood_factor)
+
+
+def make_checkpoint(path, model, ood_threshold=THRESHOLD, **changes):
+    """A checkpoint in the training CLI's format (ssod_zoo.train/1)."""
+    ckpt = {
+        'format': 'ssod_zoo.train/1', 'architecture': ARCH, 'model_args': {'num_classes': NUM_CLASSES, **MODEL_KWARGS},
+        'model': model.state_dict(), 'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-4}]},
+        'scheduler': {'last_epoch': 2}, 'scaler': {}, 'epoch': 2, 'rng': {'torch': torch.get_rng_state()},
+        'config': TRAIN_CONFIG, 'metrics': METRICS, 'ood_threshold': ood_threshold, 'class_names': CLASS_NAMES,
+    }
+    ckpt.update(changes)
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture
+def hf_home(tmp_path, monkeypatch):
+    """An empty HF cache, offline: huggingface_hub read HF_HUB_CACHE/HF_HUB_OFFLINE at import, so patch constants."""
+    cache = tmp_path / 'hf-cache'
+    cache.mkdir()
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    return cache
+
+
+class CacheWriterApi:
+    """Stands in for HfApi: an upload writes the HF cache layout (blobs/, snapshots/<commit>/, refs/<branch>)."""
+
+    def __init__(self, cache: Path):
+        self.cache = Path(cache)
+        self.calls = []
+        self.uploaded = {}
+
+    def create_repo(self, repo_id, *, private=None, exist_ok=False, repo_type=None, **kwargs):
+        self.calls.append(('create_repo', repo_id, private, exist_ok))
+        return SimpleNamespace(repo_id=repo_id)
+
+    def create_branch(self, repo_id, *, branch, exist_ok=False, repo_type=None, **kwargs):
+        self.calls.append(('create_branch', repo_id, branch))
+
+    def upload_folder(self, *, repo_id, folder_path, revision=None, commit_message=None, repo_type=None, **kwargs):
+        self.calls.append(('upload_folder', repo_id, revision, commit_message))
+        files = {p.relative_to(folder_path).as_posix(): p.read_bytes()
+                 for p in sorted(Path(folder_path).rglob('*')) if p.is_file()}
+        self.uploaded = files
+        return write_cache_repo(self.cache, repo_id, files, revision or 'main')
+
+
+def write_cache_repo(cache: Path, repo_id: str, files: dict, ref: str = 'main'):
+    digest = hashlib.sha1()
+    for name, data in sorted(files.items()):
+        digest.update(name.encode() + hashlib.sha256(data).digest())
+    commit = digest.hexdigest()
+    repo_dir = cache / ('models--' + repo_id.replace('/', '--'))
+    for name, data in files.items():
+        blob = repo_dir / 'blobs' / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        pointer = repo_dir / 'snapshots' / commit / name
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(blob, pointer)
+    (repo_dir / 'refs').mkdir(parents=True, exist_ok=True)
+    (repo_dir / 'refs' / ref).write_text(commit)  # no newline: huggingface_hub reads the file verbatim
+    return SimpleNamespace(oid=commit, commit_url=f'https://huggingface.co/{repo_id}/commit/{commit}')
+
+
+@pytest.fixture(scope='module')
+def saved(model, tmp_path_factory):
+    """A folder written by save_pretrained, shared read-only by the tests."""
+    return hub.save_pretrained(model, tmp_path_factory.mktemp('saved') / 'ssod-test', train_config=TRAIN_CONFIG,
+                               metrics=METRICS, class_names=CLASS_NAMES)
+
+
+def folder_files(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+class _HubHandler(http.server.BaseHTTPRequestHandler):
+    """/<org>/<repo>/resolve/<revision>/<file>, answered the way the Hub does (headers huggingface_hub reads)."""
+    repos: dict = {}  # repo_id -> {revision: (commit, {filename: bytes})}
+
+    def log_message(self, *args):
+        pass
+
+    def _answer(self, body: bool):
+        parts = self.path.split('?')[0].strip('/').split('/')
+        if len(parts) < 5 or parts[2] != 'resolve':
+            return self._error(404, 'RepoNotFound')
+        repo_id, revision, filename = '/'.join(parts[:2]), parts[3], '/'.join(parts[4:])
+        revisions = self.repos.get(repo_id)
+        if revisions is None:
+            return self._error(404, 'RepoNotFound')
+        found = revisions.get(revision) or next((r for r in revisions.values() if r[0] == revision), None)
+        if found is None:
+            return self._error(404, 'RevisionNotFound')
+        commit, files = found
+        if filename not in files:
+            return self._error(404, 'EntryNotFound', commit)
+        data = files[filename]
+        self.send_response(200)
+        self.send_header('X-Repo-Commit', commit)
+        self.send_header('ETag', f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def _error(self, status, code, commit=None):
+        self.send_response(status)
+        self.send_header('X-Error-Code', code)
+        self.send_header('X-Error-Message', code)
+        if commit:
+            self.send_header('X-Repo-Commit', commit)
+        self.send_header('Content-Length', '0')
+        self.end_headers()
+
+    def do_HEAD(self):
+        self._answer(body=False)
+
+    def do_GET(self):
+        self._answer(body=True)
+
+
+@pytest.fixture
+def hub_server(tmp_path, monkeypatch):
+    """A Hub endpoint on 127.0.0.1, online mode, empty cache; ``serve(repo_id, files, revision)`` publishes."""
+    cache = tmp_path / 'hf-cache'
+    cache.mkdir()
+    repos = {}
+    handler = type('Handler', (_HubHandler,), {'repos': repos})
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f'http://127.0.0.1:{server.server_address[1]}'
+    monkeypatch.setenv('NO_PROXY', '127.0.0.1,localhost')
+    monkeypatch.setattr(hf_constants, 'ENDPOINT', endpoint)
+    monkeypatch.setattr(hf_constants, 'HUGGINGFACE_CO_URL_TEMPLATE',
+                        endpoint + '/{repo_id}/resolve/{revision}/{filename}')
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
+    huggingface_hub.close_session()
+
+    def serve(repo_id, files, revision='main'):
+        commit = hashlib.sha1(f'{repo_id}@{revision}'.encode()).hexdigest()
+        repos.setdefault(repo_id, {})[revision] = (commit, dict(files))
+
+    yield SimpleNamespace(serve=serve, endpoint=endpoint, cache=cache)
+    server.shutdown()
+    server.server_close()
+    huggingface_hub.close_session()
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    """Fails the test if anything calls torch.load."""
+    def refuse(*args, **kwargs):
+        raise AssertionError('torch.load was called: a pickle was read')
+    monkeypatch.setattr(torch, 'load', refuse)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# calibration
+
+
+def test_calibrate_threshold_keeps_95_percent_of_id():
+    scores = torch.arange(1, 101, dtype=torch.float32) / 100  # 0.01 ... 1.00
+    threshold = hub.calibrate_threshold(scores)
+    assert threshold == pytest.approx(0.06)
+    assert (scores >= threshold).float().mean().item() == pytest.approx(0.95)
+    # the rejection rule in the documentation reproduces the calibration exactly, in the input's dtype
+    assert (scores < threshold).sum().item() == 5
+
+
+def test_calibrate_threshold_rounding_ties_and_bounds():
+    scores = torch.linspace(0, 1, 60, dtype=torch.float64)
+    # 0.95 * 60 = 57.000000000000007 in floating point: must keep 57 images, not 58
+    assert (scores >= hub.calibrate_threshold(scores)).sum().item() == 57
+    tied = torch.tensor([0.9] * 8 + [0.2, 0.1])
+    assert hub.calibrate_threshold(tied, tpr=0.85) == pytest.approx(0.2)
+    assert hub.calibrate_threshold(tied, tpr=0.8) == pytest.approx(0.9)  # ties kept: 80% asked, 80% kept
+    assert hub.calibrate_threshold([0.3, 0.7, 0.5], tpr=1.0) == pytest.approx(0.3)
+    assert isinstance(hub.calibrate_threshold([0.5]), float)
+    for bad, kwargs in (([], {}), ([[0.5, 0.6]], {}), ([0.5, float('nan')], {}), ([0.5], {'tpr': 0.0}),
+                        ([0.5], {'tpr': 1.5})):
+        with pytest.raises(ValueError):
+            hub.calibrate_threshold(bad, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# save_pretrained: the folder
+
+
+def test_save_pretrained_writes_config_safetensors_and_card_only(saved, model):
+    assert sorted(p.name for p in saved.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    tensors = safetensors.torch.load_file(saved / 'model.safetensors')
+    assert tensors.keys() == model.state_dict().keys()
+    assert all(torch.equal(tensors[k], v) for k, v in model.state_dict().items())
+
+    config = json.loads((saved / 'config.json').read_text())
+    assert config['architecture'] == ARCH
+    assert config['num_classes'] == NUM_CLASSES
+    assert config['num_features'] == model.num_features
+    assert config['label_names'] == CLASS_NAMES
+    assert config['model_args']['ood_threshold'] == THRESHOLD
+    assert config['model_args']['return_ood'] is True
+    assert config['model_args']['num_classes'] == NUM_CLASSES
+    pretrained_cfg = timm.models.PretrainedCfg(**config['pretrained_cfg'])  # valid for timm
+    assert pretrained_cfg.num_classes == NUM_CLASSES
+    assert list(pretrained_cfg.label_names) == CLASS_NAMES
+    assert pretrained_cfg.hf_hub_filename == 'model.safetensors'
+    assert tuple(pretrained_cfg.input_size) == (3, 160, 160)
+
+
+def test_model_card_has_model_index_metrics_config_and_citation(saved):
+    card = ModelCard.load(saved / 'README.md')
+    assert card.data.library_name == 'timm'
+    assert card.data.license == 'apache-2.0'
+    results = {(r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results[('synthetic-shapes', 'accuracy')] == METRICS['id_accuracy']
+    for set_name, values in METRICS['ood'].items():
+        for metric, value in values.items():
+            assert results[(set_name, metric)] == value
+    text = card.text
+    assert '"gamma": 0.95' in text and '"epochs": 2' in text  # the training config
+    assert f'model.ood_threshold = {THRESHOLD:.6g}' in text
+    assert 'ood_factor < model.ood_threshold' in text  # how a pipeline rejects
+    assert 'Texture' in text and 'A.5' in text and 'gamma' in text  # limitations
+    assert '2307.00519' in text and 'Pei, Sen' in text  # citation
+    assert '| noise | 12.50 | 96.25 | 95.00 | 97.00 |' in text
+    assert '| **average** | 26.25 | 92.12 | 90.75 | 93.12 |' in text
+
+
+def test_save_pretrained_without_metrics_or_threshold(tmp_path):
+    m = timm.create_model(ARCH, num_classes=2)
+    out = hub.save_pretrained(m, tmp_path / 'bare')
+    config = json.loads((out / 'config.json').read_text())
+    assert config['model_args']['ood_threshold'] is None
+    assert 'label_names' not in config
+    card = ModelCard.load(out / 'README.md')
+    assert not card.data.eval_results
+    assert 'No calibrated threshold' in card.text
+    # the ID data's name is read off ssod_zoo.train's config when the metrics do not give it
+    synthetic = hub.save_pretrained(m, tmp_path / 'synthetic', metrics={'id_accuracy': 50.0},
+                                    train_config={'data': 'synthetic', 'val_dir': ''})
+    assert ModelCard.load(synthetic / 'README.md').data.eval_results[0].dataset_name == 'ssod_zoo synthetic benchmark'
+    folder = hub.save_pretrained(m, tmp_path / 'folder', metrics={'id_accuracy': 50.0},
+                                 train_config={'data': 'folder', 'val_dir': '/data/pets/val'})
+    assert ModelCard.load(folder / 'README.md').data.eval_results[0].dataset_name == 'pets/val'
+    hub.save_pretrained(m, tmp_path / 'no-card', model_card=False)
+    assert not (tmp_path / 'no-card' / 'README.md').exists()
+
+
+def test_save_pretrained_refuses_what_it_cannot_describe(tmp_path, model):
+    with pytest.raises(TypeError, match='SSOD model'):
+        hub.save_pretrained(timm.create_model('test_resnet'), tmp_path / 'plain')
+    with pytest.raises(ValueError, match='2 class_names for a model with 3 classes'):
+        hub.save_pretrained(model, tmp_path / 'names', class_names=['a', 'b'])
+    with pytest.raises(ValueError, match="'ssod_test_efficientnet' is not one of"):  # no SSOD entrypoint
+        hub.save_pretrained(ssod_zoo.wrap('test_efficientnet', num_classes=2), tmp_path / 'effnet')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# round trips
+
+
+def test_local_dir_round_trip(saved, model, images):
+    loaded = timm.create_model(f'local-dir:{saved}', pretrained=True)
+    assert_same_model(loaded, model, images)
+    assert list(loaded.pretrained_cfg['label_names']) == CLASS_NAMES
+
+
+def test_round_trip_keeps_return_ood_threshold_override_and_wrapped_models(tmp_path, images):
+    torch.manual_seed(2)
+    wrapped = ssod_zoo.wrap('test_resnet', num_classes=4, return_ood=False).eval()  # a wrapped timm trunk
+    out = hub.save_pretrained(wrapped, tmp_path / 'wrapped', ood_threshold=0.125)
+    assert json.loads((out / 'config.json').read_text())['architecture'] == ARCH
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    assert loaded.return_ood is False and loaded.ood_threshold == 0.125
+    assert torch.equal(loaded(images), wrapped(images))
+    # and a re-export of a loaded model writes the same settings again
+    again = json.loads((hub.save_pretrained(loaded, tmp_path / 'again') / 'config.json').read_text())
+    assert again['model_args']['return_ood'] is False and again['model_args']['ood_threshold'] == 0.125
+
+
+def test_push_to_hub_then_offline_hf_hub_round_trip(hf_home, model, images):
+    api = CacheWriterApi(hf_home)
+    info = hub.push_to_hub(model, 'ssod-org/ssod-test', api=api, private=True, commit_message='v0',
+                           train_config=TRAIN_CONFIG, metrics=METRICS, class_names=CLASS_NAMES)
+    assert api.calls[0] == ('create_repo', 'ssod-org/ssod-test', True, True)
+    assert api.calls[-1] == ('upload_folder', 'ssod-org/ssod-test', None, 'v0')
+    assert sorted(api.uploaded) == ['README.md', 'config.json', 'model.safetensors']
+    assert ModelCard(api.uploaded['README.md'].decode()).data.model_name == 'ssod-test'  # named after the repo
+    assert info.oid
+    loaded = timm.create_model('hf-hub:ssod-org/ssod-test', pretrained=True)
+    assert_same_model(loaded, model, images)
+    assert loaded.pretrained_cfg['hf_hub_id'] == 'ssod-org/ssod-test'
+    assert list(loaded.pretrained_cfg['label_names']) == CLASS_NAMES
+
+
+def test_push_to_a_revision_and_load_it(hf_home, model, images):
+    api = CacheWriterApi(hf_home)
+    other = timm.create_model(ARCH, num_classes=NUM_CLASSES, ood_threshold=0.9).eval()
+    hub.push_to_hub(other, 'ssod-org/revs', api=api)
+    hub.push_to_hub(model, 'ssod-org/revs', api=api, revision='v2')
+    assert ('create_branch', 'ssod-org/revs', 'v2') in api.calls
+    assert_same_model(timm.create_model('hf-hub:ssod-org/revs@v2', pretrained=True), model, images)
+    assert timm.create_model('hf-hub:ssod-org/revs', pretrained=True).ood_threshold == 0.9
+
+
+def test_online_hf_hub_round_trip_through_a_local_endpoint(hub_server, saved, model, images):
+    hub_server.serve('ssod-org/online', folder_files(saved))
+    loaded = timm.create_model('hf-hub:ssod-org/online', pretrained=True)
+    assert_same_model(loaded, model, images)
+    assert list(hub_server.cache.glob('models--ssod-org--online/snapshots/*/model.safetensors'))
+
+
+def test_registered_architecture_pointed_at_own_repo(hf_home, saved, model, images):
+    write_cache_repo(hf_home, 'me/my-ssod', folder_files(saved))
+    # the overlay form needs the model args given again; hf-hub:me/my-ssod would read them from config.json
+    loaded = timm.create_model(ARCH, pretrained=True, num_classes=NUM_CLASSES, ood_threshold=THRESHOLD,
+                               **MODEL_KWARGS,
+                               pretrained_cfg_overlay=dict(hf_hub_id='me/my-ssod', num_classes=NUM_CLASSES))
+    assert_same_model(loaded, model, images)
+
+
+def test_explicit_local_file_overlay(saved, model, images):
+    loaded = timm.create_model(ARCH, pretrained=True, num_classes=NUM_CLASSES, ood_threshold=THRESHOLD,
+                               **MODEL_KWARGS, pretrained_cfg_overlay=dict(file=str(saved / 'model.safetensors'),
+                                                           num_classes=NUM_CLASSES))
+    assert_same_model(loaded, model, images)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nothing is unpickled from a download
+
+
+def test_hub_repo_without_safetensors_is_refused_not_unpickled(hf_home, model, no_unpickling, tmp_path):
+    # a repo someone else published: config.json without hf_hub_filename and only a pickle. timm on its own
+    # falls back from the missing model.safetensors to pytorch_model.bin and torch.load.
+    config = {'architecture': ARCH, 'num_classes': NUM_CLASSES, 'model_args': {'num_classes': NUM_CLASSES},
+              'pretrained_cfg': {'num_classes': NUM_CLASSES, 'classifier': 'fc', 'first_conv': 'conv1.0'}}
+    buffer = tmp_path / 'pytorch_model.bin'
+    torch.save(model.state_dict(), buffer)
+    write_cache_repo(hf_home, 'evil/pickle', {'config.json': json.dumps(config).encode(),
+                                             'pytorch_model.bin': buffer.read_bytes()})
+    with pytest.raises(WeightsError, match='model.safetensors'):
+        timm.create_model('hf-hub:evil/pickle', pretrained=True)
+
+
+def test_hub_filename_that_is_not_safetensors_is_refused(hf_home, no_unpickling):
+    with pytest.raises(WeightsError, match='not a safetensors file'):
+        timm.create_model(ARCH, pretrained=True,
+                          pretrained_cfg_overlay=dict(hf_hub_id='evil/pickle', hf_hub_filename='pytorch_model.bin'))
+
+
+def test_local_dir_without_safetensors_is_refused(tmp_path, model, no_unpickling):
+    folder = tmp_path / 'pickled'
+    folder.mkdir()
+    (folder / 'config.json').write_text(json.dumps({'architecture': ARCH, 'num_classes': NUM_CLASSES,
+                                                    'model_args': {'num_classes': NUM_CLASSES},
+                                                    'pretrained_cfg': {'num_classes': NUM_CLASSES}}))
+    (folder / 'pytorch_model.bin').write_bytes(b'not read')
+    with pytest.raises(WeightsError, match='no model.safetensors .*pytorch_model.bin'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+
+
+def test_url_sources_are_refused():
+    with pytest.raises(WeightsError, match='URLs'):
+        timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(url='https://example.com/w.pth'))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# errors that name the remedy
+
+
+def test_offline_and_not_cached(hf_home):
+    with pytest.raises(WeightsError, match=r'not in the Hugging Face cache .*HF_HUB_OFFLINE=1.*hf download'):
+        timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id='ssod-org/absent'))
+
+
+def test_hf_hub_name_offline_and_not_cached_fails_in_timm_with_huggingface_hubs_error(hf_home):
+    # timm fetches config.json before any ssod_zoo code runs (documented in ssod_zoo.hub): the error is
+    # huggingface_hub's, and it must still say that offline mode is the cause
+    with pytest.raises(huggingface_hub.errors.LocalEntryNotFoundError) as e:
+        timm.create_model('hf-hub:ssod-org/absent', pretrained=True)
+    assert 'HF_HUB_OFFLINE' in str(e.value.__cause__)
+
+
+def test_config_cached_but_weights_not(hf_home, saved):
+    write_cache_repo(hf_home, 'ssod-org/partial', {'config.json': (saved / 'config.json').read_bytes()})
+    with pytest.raises(WeightsError, match='ssod-org/partial: model.safetensors is not in the Hugging Face cache'):
+        timm.create_model('hf-hub:ssod-org/partial', pretrained=True)
+
+
+def test_hub_unreachable(tmp_path, monkeypatch):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv('NO_PROXY', '127.0.0.1,localhost')
+    monkeypatch.setattr(hf_constants, 'HUGGINGFACE_CO_URL_TEMPLATE',
+                        f'http://127.0.0.1:{port}' + '/{repo_id}/resolve/{revision}/{filename}')
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(tmp_path))
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
+    # huggingface_hub retries a refused connection with exponential backoff (~23 s); the waiting is not under test
+    from huggingface_hub.utils import _http
+    monkeypatch.setattr(_http, 'time', SimpleNamespace(sleep=lambda s: None, time=_http.time.time))
+    with pytest.raises(WeightsError, match='the Hub cannot be reached'):
+        timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id='ssod-org/anything'))
+
+
+def test_repo_revision_and_file_missing_on_the_hub(hub_server, saved):
+    hub_server.serve('ssod-org/real', folder_files(saved))
+    hub_server.serve('ssod-org/config-only', {'config.json': (saved / 'config.json').read_bytes()})
+    overlay = lambda hub_id: dict(pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=hub_id))  # noqa: E731
+    with pytest.raises(WeightsError, match='ssod-org/nope does not exist or is private.*hf auth login'):
+        timm.create_model(ARCH, **overlay('ssod-org/nope'))
+    with pytest.raises(WeightsError, match="has no revision 'v9'.*list_repo_refs"):
+        timm.create_model(ARCH, **overlay('ssod-org/real@v9'))
+    with pytest.raises(WeightsError, match='has no model.safetensors.*ssod push'):
+        timm.create_model('hf-hub:ssod-org/config-only', pretrained=True)
+
+
+def test_tag_without_weights_and_unknown_tag():
+    with pytest.raises(RuntimeError, match=f'{ARCH} has no SSOD weights.*list_pretrained'):
+        timm.create_model(ARCH, pretrained=True)
+    with pytest.raises(RuntimeError, match=r'Invalid pretrained tag \(nope\).*Published SSOD weights'):
+        timm.create_model(f'{ARCH}.nope')
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'header'])
+def test_truncated_or_corrupted_safetensors(tmp_path, saved, damage):
+    folder = tmp_path / 'damaged'
+    shutil.copytree(saved, folder)
+    weights = folder / 'model.safetensors'
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2] if damage == 'truncate' else data[:8] + b'#' * 16 + data[24:])
+    with pytest.raises(WeightsError, match='truncated or corrupted'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+
+
+def test_truncated_download_in_the_cache_names_force_download(hf_home, saved):
+    files = folder_files(saved)
+    files['model.safetensors'] = files['model.safetensors'][:-100]
+    write_cache_repo(hf_home, 'ssod-org/broken', files)
+    with pytest.raises(WeightsError, match='truncated or corrupted.*--force-download'):
+        timm.create_model('hf-hub:ssod-org/broken', pretrained=True)
+
+
+def test_weights_for_another_architecture(tmp_path, saved):
+    folder = tmp_path / 'relabelled'
+    shutil.copytree(saved, folder)
+    config = json.loads((folder / 'config.json').read_text())
+    config['architecture'] = config['pretrained_cfg']['architecture'] = 'ssod_resnet18'
+    (folder / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match='not for ssod_resnet18 .*tensors missing.*another architecture'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+
+
+def test_weights_for_another_class_count(tmp_path, saved):
+    # the registry default says 1000 classes; the file has 3
+    with pytest.raises(WeightsError, match='for 3 classes but ssod_test_resnet was built for 1000.*num_classes=3'):
+        timm.create_model(ARCH, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(saved / 'model.safetensors')))
+    # a folder whose config disagrees with its weights
+    folder = tmp_path / 'five'
+    shutil.copytree(saved, folder)
+    config = json.loads((folder / 'config.json').read_text())
+    config['num_classes'] = config['model_args']['num_classes'] = config['pretrained_cfg']['num_classes'] = 5
+    del config['label_names'], config['pretrained_cfg']['label_names']
+    (folder / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match='for 3 classes but ssod_test_resnet was built for 5'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+
+
+def test_trained_classifier_is_never_dropped_silently(saved):
+    # num_classes=3 for the model, but the weights' cfg still says 1000: timm would discard the trained head
+    with pytest.raises(WeightsError, match='pretrained_cfg_overlay=dict\\(..., num_classes=3\\)'):
+        timm.create_model(ARCH, pretrained=True, num_classes=3,
+                          pretrained_cfg_overlay=dict(file=str(saved / 'model.safetensors')))
+
+
+def test_fine_tuning_a_new_head_from_ssod_weights_keeps_the_rest(saved, model):
+    loaded = timm.create_model(f'local-dir:{saved}', pretrained=True, num_classes=7)
+    assert loaded.num_classes == 7
+    assert torch.equal(loaded.ood_head.weight, model.ood_head.weight)
+    assert torch.equal(loaded.layer1[0].conv1.weight, model.layer1[0].conv1.weight)
+
+
+def test_plain_timm_weights_are_not_ssod_weights(tmp_path):
+    plain = tmp_path / 'plain.safetensors'
+    safetensors.torch.save_file(timm.create_model('test_resnet', num_classes=NUM_CLASSES).state_dict(), plain)
+    with pytest.raises(WeightsError, match='no "ood_head.\\*" tensors.*pretrained=False'):
+        timm.create_model(ARCH, pretrained=True, num_classes=NUM_CLASSES,
+                          pretrained_cfg_overlay=dict(file=str(plain), num_classes=NUM_CLASSES))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training checkpoints and the CLI
+
+
+def test_load_checkpoint(tmp_path, model, images):
+    loaded, ckpt = hub.load_checkpoint(make_checkpoint(tmp_path / 'last.pt', model))
+    assert_same_model(loaded, model, images)
+    assert not loaded.training
+    assert ckpt['class_names'] == CLASS_NAMES and ckpt['metrics'] == METRICS
+
+
+def test_checkpoint_of_a_wrapped_timm_cnn(tmp_path, images):
+    # `python -m ssod_zoo.train --model test_resnet` wraps the plain timm model and records its timm name
+    torch.manual_seed(3)
+    wrapped = ssod_zoo.wrap('test_resnet', num_classes=2).eval()
+    ckpt = make_checkpoint(tmp_path / 'plain.pt', wrapped, architecture='test_resnet', model_args={'num_classes': 2},
+                           class_names=['a', 'b'])
+    loaded, _ = hub.load_checkpoint(ckpt)
+    assert_same_model(loaded, wrapped, images)
+    out = hub.save_pretrained(loaded, tmp_path / 'out')
+    assert_same_model(timm.create_model(f'local-dir:{out}', pretrained=True), wrapped, images)
+
+
+def test_load_checkpoint_errors(tmp_path, model):
+    with pytest.raises(FileNotFoundError):
+        hub.load_checkpoint(tmp_path / 'missing.pt')
+    with pytest.raises(WeightsError, match="not a ssod_zoo.train/1 training checkpoint \\(format: 'other/2'\\)"):
+        hub.load_checkpoint(make_checkpoint(tmp_path / 'other.pt', model, format='other/2'))
+    with pytest.raises(WeightsError, match='weights do not fit ssod_test_resnet.*for 3 classes but .* built for 5'):
+        hub.load_checkpoint(make_checkpoint(tmp_path / 'five.pt', model, model_args={'num_classes': 5}))
+    data = make_checkpoint(tmp_path / 'cut.pt', model).read_bytes()
+    (tmp_path / 'cut.pt').write_bytes(data[:len(data) // 2])
+    with pytest.raises(WeightsError, match='truncated or corrupted'):
+        hub.load_checkpoint(tmp_path / 'cut.pt')
+    torch.save({'format': 'ssod_zoo.train/1', 'fn': SimpleNamespace(a=1)}, tmp_path / 'pickle.pt')
+    with pytest.raises(WeightsError, match='never unpickles'):
+        hub.load_checkpoint(tmp_path / 'pickle.pt')
+
+
+def test_cli_save(tmp_path, model, images, capsys):
+    ckpt = make_checkpoint(tmp_path / 'last.pt', model)
+    assert hub.main(['save', str(ckpt), str(tmp_path / 'out')]) == 0
+    assert 'local-dir:' in capsys.readouterr().out
+    assert_same_model(timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True), model, images)
+    card = ModelCard.load(tmp_path / 'out' / 'README.md')
+    assert {r.metric_type for r in card.data.eval_results} == {'accuracy', 'fpr95', 'auroc', 'aupr_in', 'aupr_out'}
+
+
+def test_cli_push(hf_home, tmp_path, model, images, monkeypatch):
+    monkeypatch.setattr(hub, 'HfApi', lambda **kwargs: CacheWriterApi(hf_home))
+    ckpt = make_checkpoint(tmp_path / 'last.pt', model, ood_threshold=None)
+    assert hub.main(['push', str(ckpt), 'ssod-org/cli', '--ood-threshold', str(THRESHOLD)]) == 0
+    assert_same_model(timm.create_model('hf-hub:ssod-org/cli', pretrained=True), model, images)
+
+
+def test_cli_warns_without_threshold_and_fails_cleanly(tmp_path, model, capsys):
+    ckpt = make_checkpoint(tmp_path / 'last.pt', model, ood_threshold=None)
+    hub.main(['save', str(ckpt), str(tmp_path / 'out')])
+    assert 'no calibrated ood_threshold' in capsys.readouterr().err
+    assert json.loads((tmp_path / 'out' / 'config.json').read_text())['model_args']['ood_threshold'] is None
+    with pytest.raises(SystemExit) as e:
+        hub.main(['save', str(tmp_path / 'missing.pt'), str(tmp_path / 'x')])
+    assert e.value.code == 2
+    assert 'no training checkpoint' in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# weights/: manifest, add_weight.py, shipped weights
+
+
+def load_add_weight():
+    spec = importlib.util.spec_from_file_location('add_weight', REPO_ROOT / 'weights' / 'add_weight.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_registered_tags_are_exactly_the_manifest():
+    folder = hub._weights_dir()
+    assert folder is not None, 'the weights manifest is not found where ssod_zoo looks for it'
+    manifest = json.loads((folder / 'manifest.json').read_text())
+    assert manifest == json.loads((REPO_ROOT / 'weights' / 'manifest.json').read_text())
+    assert set(timm.list_pretrained('ssod_*')) == {e['name'] for e in manifest['weights']}
+    for arch in timm.list_models('ssod_*'):  # untagged architectures carry no weights and stay the default
+        assert not timm.models.get_pretrained_cfg(arch).has_weights
+
+
+def test_add_weight_writes_folder_and_manifest_entry(tmp_path, model, monkeypatch):
+    add_weight = load_add_weight()
+    ckpt = make_checkpoint(tmp_path / 'last.pt', model)
+    weights_dir = tmp_path / 'weights'
+    weights_dir.mkdir()
+    entry = add_weight.add_weight(ckpt, 'tiny', weights_dir=weights_dir, hf_hub_id='ssod-org/ssod_test_resnet.tiny')
+    folder = weights_dir / f'{ARCH}.tiny'
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    data = (folder / 'model.safetensors').read_bytes()
+    manifest = json.loads((weights_dir / 'manifest.json').read_text())
+    assert manifest['format'] == hub.MANIFEST_FORMAT and manifest['weights'] == [entry]
+    assert entry['sha256'] == hashlib.sha256(data).hexdigest() and entry['size'] == len(data)
+    assert entry['file'] == f'{ARCH}.tiny/model.safetensors'
+    assert entry['ood_threshold'] == THRESHOLD and entry['model_args']['ood_threshold'] == THRESHOLD
+    assert entry['metrics'] == METRICS and entry['recipe']['config'] == TRAIN_CONFIG
+    assert entry['pretrained_cfg']['label_names'] == CLASS_NAMES
+
+    with pytest.raises(FileExistsError, match='--force'):
+        add_weight.add_weight(ckpt, 'tiny', weights_dir=weights_dir)
+    add_weight.add_weight(ckpt, 'tiny', weights_dir=weights_dir, force=True, ood_threshold=0.25)
+    manifest = json.loads((weights_dir / 'manifest.json').read_text())
+    assert [e['ood_threshold'] for e in manifest['weights']] == [0.25]
+    with pytest.raises(ValueError, match='lower-case'):
+        add_weight.add_weight(ckpt, 'Bad.Tag', weights_dir=weights_dir)
+
+    # what the registry makes of it: one tag, loading the file offline
+    monkeypatch.setattr(hub, '_SHIPPED', {})
+    monkeypatch.setattr(hub, '_SHIPPED_BY_FILE', {})
+    cfgs = hub._manifest_cfgs(registry._ARCH_CFGS, folder=weights_dir)
+    assert list(cfgs) == [f'{ARCH}.tiny']
+    assert cfgs[f'{ARCH}.tiny']['file'] == str((folder / 'model.safetensors').resolve())
+    assert cfgs[f'{ARCH}.tiny']['hf_hub_id'] == 'ssod-org/ssod_test_resnet.tiny'  # kept by the --force re-add
+    assert cfgs[f'{ARCH}.tiny']['num_classes'] == NUM_CLASSES
+    assert hub._shipped_model_args(ARCH, 'tiny')['ood_threshold'] == 0.25
+
+
+SHIPPED_SCRIPT = r'''
+import json, sys, torch
+import ssod_zoo, timm
+from ssod_zoo.hub import WeightsError
+expect = torch.load(sys.argv[1], weights_only=True)
+out = {'ssod_zoo': ssod_zoo.__file__, 'tags': timm.list_pretrained('ssod_*')}
+m = timm.create_model('ssod_test_resnet.tiny', pretrained=True).eval()
+with torch.no_grad():
+    y = m.forward_ssod(expect['images'])
+out['same'] = torch.equal(y.logits, expect['logits']) and torch.equal(y.ood_factor, expect['ood_factor'])
+out['threshold'] = m.ood_threshold
+out['labels'] = list(m.pretrained_cfg.get('label_names') or [])
+out['default_classes'] = timm.create_model('ssod_test_resnet').num_classes
+path = m.pretrained_cfg['file']
+out['file'] = path
+data = open(path, 'rb').read()
+with open(path, 'wb') as f:  # one flipped byte in the tensor data: only the sha256 can tell
+    f.write(data[:-1] + bytes([data[-1] ^ 1]))
+try:
+    timm.create_model('ssod_test_resnet.tiny', pretrained=True)
+    out['corrupt'] = 'loaded'
+except WeightsError as e:
+    out['corrupt'] = str(e)
+print(json.dumps(out))
+'''
+
+
+def can_build_wheels_here():
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        setuptools = tuple(int(x) for x in version('setuptools').split('.')[:2])
+    except (PackageNotFoundError, ValueError):
+        return False
+    if setuptools >= (70, 1):  # bdist_wheel is built in
+        return True
+    return setuptools >= (64, 0) and importlib.util.find_spec('wheel') is not None
+
+
+def start_shipped_check(tmp_path, pythonpath, expected):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('PYTHON', 'HF_'))}
+    env.update(PYTHONPATH=str(pythonpath), HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'empty-cache'),
+               PYTHONDONTWRITEBYTECODE='1')
+    return subprocess.Popen([sys.executable, '-c', SHIPPED_SCRIPT, str(expected)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def shipped_check_result(proc):
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_shipped_weight_loads_offline_from_a_clone_and_from_a_wheel(tmp_path, model, images):
+    """A fresh clone with a weight added by add_weight.py: from the source tree (what an editable install
+    maps) and after a non-editable `pip install .`, `create_model('<arch>.<tag>', pretrained=True)` loads it
+    offline, outputs identical, sha256 checked."""
+    clone = tmp_path / 'clone'
+    git = subprocess.run(['git', 'ls-files', '--cached', '--others', '--exclude-standard', '-z'], cwd=REPO_ROOT,
+                         capture_output=True, text=True)
+    if git.returncode != 0:
+        pytest.skip(f'needs a git checkout to build a clone from: {git.stderr.strip()}')
+    listed = git.stdout.split('\0')
+    for name in filter(None, listed):
+        if (REPO_ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, clone / name)
+    load_add_weight().add_weight(make_checkpoint(tmp_path / 'last.pt', model), 'tiny',
+                                 weights_dir=clone / 'weights')
+    with torch.no_grad():
+        y = model.forward_ssod(images)
+    expected = tmp_path / 'expected.pt'
+    torch.save({'images': images, 'logits': y.logits, 'ood_factor': y.ood_factor}, expected)
+
+    # a non-editable install of that clone: the manifest and weights travel as package data
+    pip = [sys.executable, '-m', 'pip', '--disable-pip-version-check', '-q']
+    # build with this environment's setuptools when it can build wheels (no network), else as pip does by default
+    offline = ['--no-build-isolation', '--no-index'] if can_build_wheels_here() else []
+    subprocess.run(pip + ['wheel', '--no-deps', *offline, '-w', str(tmp_path / 'dist'), str(clone)],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / 'dist').glob('ssod_zoo-*.whl'))
+    site = tmp_path / 'site'
+    subprocess.run(pip + ['install', '--no-deps', '--no-index', '--target', str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    assert (site / 'ssod_zoo' / '_weights' / f'{ARCH}.tiny' / 'model.safetensors').is_file()
+
+    # both interpreters at once (each flips a byte of its own copy at the end)
+    from_source, from_wheel = (start_shipped_check(tmp_path, path, expected) for path in (clone, site))
+    got = shipped_check_result(from_source)  # ssod_zoo imported from the clone, weights from <clone>/weights
+    assert Path(got['ssod_zoo']).is_relative_to(clone)
+    assert Path(got['file']).is_relative_to(clone / 'weights')
+    assert f'{ARCH}.tiny' in got['tags']
+    assert got['same'] and got['threshold'] == THRESHOLD and got['labels'] == CLASS_NAMES
+    assert got['default_classes'] == 1000  # publishing a weight does not change what 'ssod_test_resnet' means
+    assert 'sha256' in got['corrupt'] and 'git checkout -- weights/' in got['corrupt']
+
+    got = shipped_check_result(from_wheel)  # nothing from the source tree
+    assert Path(got['ssod_zoo']).is_relative_to(site)
+    assert Path(got['file']).is_relative_to(site / 'ssod_zoo' / '_weights')
+    assert f'{ARCH}.tiny' in got['tags']
+    assert got['same'] and got['threshold'] == THRESHOLD and got['labels'] == CLASS_NAMES
+    assert 'sha256' in got['corrupt']

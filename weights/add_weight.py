@@ -1,0 +1,120 @@
+"""Turn a training checkpoint into a published SSOD weight: a hub folder plus an entry in manifest.json.
+
+    python weights/add_weight.py runs/synth/last.pt --tag synth_r160 [--hf-hub-id ORG/REPO]
+
+writes ``weights/<arch>.<tag>/`` (config.json, model.safetensors, README.md: what ``ssod save`` writes, i.e.
+exactly what gets pushed to the Hub) and records the weight in ``weights/manifest.json`` with its sha256, size,
+model arguments, timm pretrained_cfg, training config and measured metrics. From the next import on,
+``timm.create_model('<arch>.<tag>', pretrained=True)`` loads it offline, sha256-checked. Weights over 25 MB are
+not kept in the repository: publish them with ``ssod push`` and add them with ``--hub-only --hf-hub-id``.
+"""
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+from ssod_zoo import hub
+
+WEIGHTS_DIR = Path(__file__).resolve().parent
+TAG_CHARS = set('abcdefghijklmnopqrstuvwxyz0123456789_')
+
+
+def add_weight(
+        checkpoint: Path,
+        tag: str,
+        *,
+        weights_dir: Path = WEIGHTS_DIR,
+        hf_hub_id: Optional[str] = None,
+        hub_only: bool = False,
+        ood_threshold: Optional[float] = None,
+        force: bool = False,
+) -> Dict[str, Any]:
+    """Write ``weights_dir/<arch>.<tag>/`` and its manifest entry; returns the entry."""
+    if not tag or not set(tag) <= TAG_CHARS:
+        raise ValueError(f'tag {tag!r}: use lower-case letters, digits and "_" (timm splits names at ".")')
+    model, ckpt = hub.load_checkpoint(checkpoint)
+    arch = ckpt['architecture']
+    name = f'{arch}.{tag}'
+    manifest_path = weights_dir / hub.MANIFEST_NAME
+    manifest = (json.loads(manifest_path.read_text()) if manifest_path.is_file()
+                else {'format': hub.MANIFEST_FORMAT, 'weights': []})
+    if manifest.get('format') != hub.MANIFEST_FORMAT:
+        raise ValueError(f'{manifest_path} is not a {hub.MANIFEST_FORMAT} manifest')
+    previous = next((e for e in manifest['weights'] if e['name'] == name), None)
+    if previous is not None and not force:
+        raise FileExistsError(f'{name} is already in {manifest_path}; pass --force to replace it')
+    hf_hub_id = hf_hub_id or (previous or {}).get('hf_hub_id')  # re-adding keeps where it was published
+    if hub_only and not hf_hub_id:
+        raise ValueError('--hub-only needs --hf-hub-id: the weight must be loadable from somewhere')
+
+    threshold = ood_threshold if ood_threshold is not None else ckpt.get('ood_threshold')
+    folder = weights_dir / name
+    with tempfile.TemporaryDirectory() as tmp:
+        out = hub.save_pretrained(model, Path(tmp) / name, train_config=ckpt.get('config'),
+                                  metrics=ckpt.get('metrics'), class_names=ckpt.get('class_names'),
+                                  ood_threshold=threshold)
+        weights_file = out / hub.WEIGHTS_NAME
+        size = weights_file.stat().st_size
+        if size > hub.MAX_SHIPPED_BYTES and not hub_only:
+            raise ValueError(f'{name}: model.safetensors is {size / 2 ** 20:.1f} MB, over the 25 MB that may live '
+                             'in the repository. Publish it (`ssod push CHECKPOINT ORG/REPO`) and add it with '
+                             '--hub-only --hf-hub-id ORG/REPO')
+        config = json.loads((out / hub.CONFIG_NAME).read_text())
+        entry = {
+            'name': name,
+            'architecture': arch,
+            'tag': tag,
+            'hf_hub_id': hf_hub_id,
+            'file': None if hub_only else f'{name}/{hub.WEIGHTS_NAME}',
+            'sha256': hub._sha256(weights_file),
+            'size': size,
+            'num_classes': config['num_classes'],
+            'ood_threshold': config['model_args'].get('ood_threshold'),
+            'model_args': config['model_args'],
+            'pretrained_cfg': config['pretrained_cfg'],
+            'metrics': ckpt.get('metrics') or {},
+            'recipe': {'checkpoint_format': ckpt.get('format'), 'epoch': ckpt.get('epoch'),
+                       'config': ckpt.get('config') or {}},
+            'added': date.today().isoformat(),
+        }
+        if not hub_only:
+            if folder.exists():
+                shutil.rmtree(folder)
+            shutil.copytree(out, folder)
+
+    manifest['weights'] = [e for e in manifest['weights'] if e['name'] != name] + [entry]
+    tmp_manifest = manifest_path.with_suffix('.json.tmp')
+    tmp_manifest.write_text(json.dumps(manifest, indent=2) + '\n')
+    tmp_manifest.replace(manifest_path)
+    return entry
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('checkpoint', type=Path, help='training checkpoint (ssod_zoo.train/1)')
+    parser.add_argument('--tag', required=True, help='weight tag: the model loads as <arch>.<tag>')
+    parser.add_argument('--hf-hub-id', help='Hub repo the same folder is pushed to (kept from the entry it replaces)')
+    parser.add_argument('--hub-only', action='store_true', help='record a Hub-only weight; keep no file here')
+    parser.add_argument('--ood-threshold', type=float, help="publish this threshold, not the checkpoint's")
+    parser.add_argument('--weights-dir', type=Path, default=WEIGHTS_DIR, help='default: this folder')
+    parser.add_argument('--force', action='store_true', help='replace an entry of the same name')
+    args = parser.parse_args(argv)
+    try:
+        entry = add_weight(args.checkpoint, args.tag, weights_dir=args.weights_dir, hf_hub_id=args.hf_hub_id,
+                           hub_only=args.hub_only, ood_threshold=args.ood_threshold, force=args.force)
+    except (ValueError, FileExistsError, FileNotFoundError, hub.WeightsError) as e:
+        parser.exit(2, f'add_weight: error: {e}\n')
+    where = 'Hub only' if args.hub_only else f'{args.weights_dir / entry["name"]}'
+    print(f'added {entry["name"]} ({entry["size"]} bytes, sha256 {entry["sha256"][:12]}..., {where})\n'
+          f'load it: timm.create_model("{entry["name"]}", pretrained=True)\n'
+          f'publish the same folder: ssod push {args.checkpoint} <org>/{entry["name"]}, then re-run with '
+          f'--hf-hub-id <org>/{entry["name"]} --force')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
