@@ -44,6 +44,8 @@ class SSODModel(nn.Module):
         return_ood: whether ``forward`` returns :class:`SSODOutput` (True) or the logits tensor (False).
         ood_threshold: the calibrated rejection threshold on ``ood_factor`` (keeps 95% of ID validation images),
             or None if the model was never calibrated. Reject with ``out.ood_factor < model.ood_threshold``.
+        check_finite: (default True) eager forwards reject inputs with NaN/Inf values; set False to skip that pass
+            over the input (and its device sync) for throughput. Skipped anyway under torch.compile/export.
     """
     return_ood: Final[bool]
 
@@ -168,6 +170,10 @@ class SSODModel(nn.Module):
                 f'{name} expects a floating-point image batch normalised with the model\'s mean/std, got {x.dtype}; '
                 'use timm.data.create_transform(**timm.data.resolve_data_config(model=model)) or '
                 'x.float().div(255) followed by normalisation')
+        weight_dtype = self.ood_head.weight.dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f'{name} holds {weight_dtype} weights but got a {x.dtype} input; convert one to the other '
+                            f'(x.to({weight_dtype}) or model.to({x.dtype})), or run under torch.autocast')
         in_chans = getattr(self, 'in_chans', None)
         if in_chans is not None and x.shape[1] != in_chans:
             raise ValueError(f'{name} expects {in_chans}-channel images, got {x.shape[1]} channels '
@@ -179,6 +185,12 @@ class SSODModel(nn.Module):
             raise ValueError(f'{name} has a total stride of {stride}, so a {x.shape[2]}x{x.shape[3]} input leaves '
                              f'no feature-map position of its own; use at least {stride}x{stride} '
                              f'(the model is configured for {size[1]}x{size[2]})')
+        # a full pass over the input (and a device sync): skipped inside torch.compile/export, where a data-dependent
+        # branch would break the graph, and when the user opts out for throughput (model.check_finite = False)
+        if getattr(self, 'check_finite', True) and x.device.type != 'meta' and not torch.compiler.is_compiling():
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f'{name} got an input with NaN or Inf values; the outputs would be NaN. Check the '
+                                 'image loading and normalisation (set model.check_finite = False to skip this check)')
 
 
 def _total_stride(model: nn.Module) -> int:

@@ -1,10 +1,12 @@
 """``ssod demo --out DIR``: SSOD against the post-hoc detectors on the embedded benchmark, on a CPU, in minutes.
 
 1. Generates the embedded benchmark (:mod:`ssod_zoo.synthetic`; cached).
-2. Trains a classifier from scratch with plain cross-entropy for ``--warmup-epochs`` (the sampler needs a
-   classifier that already works; the paper fine-tunes an ImageNet classifier, none is reachable offline).
-3. From that checkpoint, two runs with the same budget of ``--ssod-epochs`` more epochs, the same data order and
-   the same learning rate: one with the SSOD objective, one with cross-entropy only (the baseline model).
+2. Starts from a classifier that already works, as the paper does (it fine-tunes an ImageNet classifier; the
+   sampler needs confident patches): the cross-entropy ``test_resnet`` shipped in ``weights/init/``, trained on
+   the benchmark's training split by this project's recipe (``weights/init/README.md`` has the command). With
+   ``--init ''`` it trains one from scratch for ``--warmup-epochs`` instead.
+3. Two fine-tuning runs from that classifier with the same budget (``--ssod-epochs``), data order and learning
+   rate: one with the SSOD objective, one with cross-entropy only (the baseline model).
 4. Scores the ID validation set and every OOD set with SSOD's OOD factor and with MSP, MaxLogit, Energy, ODIN,
    ReAct, KNN, Mahalanobis and ViM on the cross-entropy model (fitted on training features), and writes
    ``results.json``, ``results.md``, ``roc.png``, ``histograms.png`` and ``sampler.png`` to DIR.
@@ -31,6 +33,10 @@ from .synthetic import BenchmarkConfig, SyntheticBenchmark
 
 __all__ = ['main']
 
+SHIPPED_INIT = Path(__file__).resolve().parent / '_weights' / 'init' / 'test_resnet_synthetic_ce.safetensors'
+if not SHIPPED_INIT.exists():  # source checkout / editable install
+    SHIPPED_INIT = Path(__file__).resolve().parent.parent / 'weights' / 'init' / SHIPPED_INIT.name
+
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog='ssod demo', description=__doc__,
@@ -39,10 +45,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument('--model', default='ssod_test_resnet')
     p.add_argument('--model-kwargs', nargs='*', default=['output_stride=16'],
                    help='output_stride=16 gives a 6x6 feature map at 96 px: patches to sample')
-    p.add_argument('--warmup-epochs', type=int, default=8, help='cross-entropy epochs before the two runs split')
-    p.add_argument('--ssod-epochs', type=int, default=6, help='epochs of each run after the split')
+    p.add_argument('--init', default=str(SHIPPED_INIT) if SHIPPED_INIT.exists() else '',
+                   help='cross-entropy classifier to fine-tune from (default: the shipped one); \'\' = from scratch')
+    p.add_argument('--warmup-epochs', type=int, default=8, help='without --init: cross-entropy epochs from scratch')
+    p.add_argument('--ssod-epochs', type=int, default=4, help='fine-tuning epochs of each of the two runs')
     p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--lr', type=float, default=2e-3, help='from scratch, so higher than the paper\'s 1e-4 fine-tuning')
+    p.add_argument('--lr', type=float, default=5e-4, help='fine-tuning a small network on a small set')
     p.add_argument('--gamma', type=float, default=0.95)
     p.add_argument('--alpha', type=float, default=1.0)
     p.add_argument('--train-per-class', type=int, default=400)
@@ -55,7 +63,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument('--no-progress', dest='progress', action='store_false')
     args = p.parse_args(argv)
     if args.quick:
-        args.warmup_epochs, args.ssod_epochs, args.batch_size = 1, 1, 16
+        args.init, args.warmup_epochs, args.ssod_epochs, args.batch_size = '', 1, 1, 16
         args.train_per_class, args.val_per_class, args.ood_per_set = 8, 4, 12
     return args
 
@@ -77,21 +85,27 @@ def main(argv: Optional[List[str]] = None) -> dict:
         workers=args.workers, progress=args.progress)
     size = bench_cfg.image_size
 
-    total = args.warmup_epochs + args.ssod_epochs
+    warmup = 0 if args.init else args.warmup_epochs
+    total = warmup + args.ssod_epochs
     common = ['--model', args.model, '--model-kwargs', *args.model_kwargs, '--data', 'folder',
               '--train-dir', str(bench.root / 'id' / 'train'), '--val-dir', str(bench.root / 'id' / 'val'),
               '--img-size', str(size), '--crop-pct', '1.0', '--scale-min', '0.5', '--batch-size',
               str(args.batch_size), '--lr', str(args.lr), '--lr-step', str(total + 1), '--gamma', str(args.gamma),
               '--alpha', str(args.alpha), '--workers', str(args.workers), '--seed', str(args.seed),
               '--eval-every', '0', *([] if args.progress else ['--no-progress'])]
-    stage(f'cross-entropy warm-up: {args.warmup_epochs} epochs')
-    train_mod.main(common + ['--ce-only', '--epochs', str(args.warmup_epochs), '--out-dir', str(runs / 'ce')])
     (runs / 'ssod').mkdir(parents=True, exist_ok=True)
-    shutil.copy(runs / 'ce' / 'last.pt', runs / 'ssod' / 'last.pt')
-    stage(f'SSOD: {args.ssod_epochs} more epochs with the OOD loss')
-    train_mod.main(common + ['--epochs', str(total), '--resume', 'auto', '--out-dir', str(runs / 'ssod')])
-    stage(f'cross-entropy baseline: the same {args.ssod_epochs} more epochs without it')
-    train_mod.main(common + ['--ce-only', '--epochs', str(total), '--resume', 'auto', '--out-dir', str(runs / 'ce')])
+    if args.init:
+        common += ['--init', args.init]
+    else:  # from scratch: one cross-entropy warm-up, shared by both runs
+        stage(f'cross-entropy warm-up from scratch: {warmup} epochs')
+        train_mod.main(common + ['--epochs', str(warmup), '--ce-only', '--out-dir', str(runs / 'ce')])
+        shutil.copy(runs / 'ce' / 'last.pt', runs / 'ssod' / 'last.pt')
+        common += ['--resume', 'auto']
+    common += ['--epochs', str(total)]
+    stage(f'SSOD: {args.ssod_epochs} epochs with the OOD loss, from {args.init or "the warm-up"}')
+    train_mod.main(common + ['--out-dir', str(runs / 'ssod')])
+    stage(f'cross-entropy baseline: the same {args.ssod_epochs} epochs without it')
+    train_mod.main(common + ['--ce-only', '--out-dir', str(runs / 'ce')])
 
     stage('scoring with SSOD and every baseline')
     ssod_model, ssod_ckpt = load_checkpoint(runs / 'ssod' / 'last.pt')

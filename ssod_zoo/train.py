@@ -213,6 +213,10 @@ def train(cfg: TrainConfig) -> dict:
             with autocast:
                 out = step_module(x)
             parts = criterion(out, y, ood=ood_on)
+            if not torch.isfinite(parts.loss):
+                raise TrainError(f'the loss became {parts.loss.item()} at epoch {epoch + 1}, step {step}; lower --lr, '
+                                 'or with --amp fp16 try --amp bf16. The last good state is '
+                                 f'{out_dir / "last.pt"} (--resume auto)')
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(parts.loss).backward()
             scaler.step(optimizer)

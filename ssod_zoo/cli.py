@@ -1,0 +1,41 @@
+"""The ``ssod`` command: one entry point, one module per sub-command.
+
+    ssod demo   --out DIR            the embedded benchmark end to end (ssod_zoo.demo)
+    ssod train  ...                  fine-tune a timm classifier into an SSOD model (ssod_zoo.train)
+    ssod eval   ...                  SSOD vs post-hoc baselines on your ImageFolder data (ssod_zoo.evaluate)
+    ssod export MODEL --out F.onnx   ONNX with named outputs logits and ood_factor (ssod_zoo.export)
+    ssod save   CHECKPOINT DIR       a hub-ready folder from a training checkpoint (ssod_zoo.hub)
+    ssod push   CHECKPOINT REPO_ID   the same, uploaded to the Hugging Face Hub (ssod_zoo.hub)
+"""
+import importlib
+import sys
+from typing import List, Optional
+
+COMMANDS = {
+    'demo': ('ssod_zoo.demo', 'the embedded benchmark end to end: data, two trainings, every baseline, plots'),
+    'train': ('ssod_zoo.train', 'fine-tune a timm classifier into an SSOD model (single process or torchrun)'),
+    'eval': ('ssod_zoo.evaluate', 'SSOD against MSP/Energy/ODIN/ReAct/KNN/Mahalanobis/ViM on your data'),
+    'export': ('ssod_zoo.export', 'export to ONNX with outputs logits and ood_factor'),
+    'save': ('ssod_zoo.hub', 'write a hub-ready folder (safetensors, config.json, model card)'),
+    'push': ('ssod_zoo.hub', 'upload a checkpoint to the Hugging Face Hub'),
+}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ('-h', '--help'):
+        width = max(map(len, COMMANDS))
+        lines = [f'  {name:<{width}}  {help_}' for name, (_, help_) in COMMANDS.items()]
+        print('usage: ssod COMMAND [ARGS]   (ssod COMMAND --help for its options)\n\ncommands:\n' + '\n'.join(lines))
+        raise SystemExit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f'ssod: unknown command {command!r}; one of: {", ".join(COMMANDS)}', file=sys.stderr)
+        raise SystemExit(2)
+    module = importlib.import_module(COMMANDS[command][0])
+    # the hub module takes its sub-command as the first argument (save / push)
+    module.main([command, *rest] if command in ('save', 'push') else rest)
+
+
+if __name__ == '__main__':
+    main()
