@@ -7,17 +7,21 @@ object that gives the image its label covers a minority of it.
 
 **ID** (``id/train``, ``id/val``): one object of one of K classes (:data:`ID_SHAPES`: star, ring, cross,
 triangle, arrow, crescent, heart, bolt, letter glyphs, ...) at a random position, scale, rotation and aspect,
-filled with a random colour and texture, covering :data:`OBJECT_AREA` (8-30%) of the image, over a cluttered
-background (gradients, smooth noise, stripes, checkers, blotches, grain) with distractors that are no class
-(thin strokes, zigzags, curves, dots, small random blobs). Colour and texture are drawn independently of the
-class, so only the shape tells the classes apart. With 96x96 images and an output-stride-16 backbone the
+filled with a random texture in colours of the class's typical hue (as real categories have typical
+colours: a class's hue band is +-HUE_SPREAD around its own point on the colour wheel; saturation and brightness
+vary freely), covering :data:`OBJECT_AREA` (8-30%) of the image, over a cluttered background (gradients, smooth
+noise, stripes, checkers, blotches, grain, in any colour) with distractors that are no class (thin strokes,
+zigzags, curves, dots, small random blobs). Shape and hue together tell the classes apart. (Version 1 drew
+object colours independently of the class; small CNNs trained from scratch on CPU stayed at chance for
+hundreds of steps, too slow for a demo, so version 2 gives classes their hue.) With 96x96 images and an output-stride-16 backbone the
 feature map has 6x6 cells: an object fills a few of them (typically 3-10) and leaves at least 10 without a
 single object pixel.
 
 **OOD sets** (``ood/<set>``), one per kind of OOD data in the paper's tables:
 
 - ``near``: held-out object classes (:data:`NEAR_SHAPES`: frame, trefoil, half disc, letter H, droplet,
-  gear) drawn by exactly the same pipeline as ID objects (same sizes, colours, textures and backgrounds).
+  gear) drawn by exactly the same pipeline as ID objects (same sizes, textures, saturation, brightness and
+  backgrounds; any hue, so most of them share a hue band with some ID class).
   Several resemble ID classes (frame ~ ring, gear ~ star/ring, droplet and trefoil ~ heart). Stands for the
   hard, semantic-shift sets: ImageNet-O, OpenImage-O, SSB.
 - ``textures``: backgrounds alone, from the very generator used for ID backgrounds, clutter included, no
@@ -70,7 +74,8 @@ __all__ = [
 ]
 
 # Bump whenever rendering changes: caches made by another version are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+HUE_SPREAD = 0.03  # half-width of an ID class's hue band (12 shapes: bands 1/12 apart)
 
 # Fraction of the image an object covers (its mask), for ID and near-OOD objects alike.
 OBJECT_AREA: Tuple[float, float] = (0.08, 0.30)
@@ -178,6 +183,14 @@ def _grid(size: int) -> Tuple[np.ndarray, np.ndarray]:
 
 def _colour(rng: np.random.Generator) -> np.ndarray:
     h, s, v = rng.random(), rng.random() ** 0.8, 0.1 + 0.9 * rng.random()
+    return np.asarray(colorsys.hsv_to_rgb(h, s, v), dtype=np.float32)
+
+
+def _object_colour(rng: np.random.Generator, hue: Optional[float]) -> np.ndarray:
+    """An object's colour: the class's typical hue if it has one (ID), any hue otherwise (near-OOD shapes);
+    saturation and value are drawn alike for both, so only the hue distribution differs."""
+    h = rng.random() if hue is None else (hue + rng.uniform(-HUE_SPREAD, HUE_SPREAD)) % 1.0
+    s, v = 0.35 + 0.65 * rng.random() ** 0.8, 0.15 + 0.85 * rng.random()
     return np.asarray(colorsys.hsv_to_rgb(h, s, v), dtype=np.float32)
 
 
@@ -330,8 +343,9 @@ def _object_scene(rng: np.random.Generator, name: str, size: int) -> Tuple[np.nd
     t = _pattern(rng, size, _FILL_KINDS[rng.integers(len(_FILL_KINDS))]) * rng.uniform(0.3, 1)
     t_mean = float(t[mask].mean())
     best, best_gap = None, -1.0
+    hue = ID_SHAPES.index(name) / len(ID_SHAPES) if name in ID_SHAPES else None
     for _ in range(6):
-        c0, c1 = _colour(rng), _colour(rng)
+        c0, c1 = _object_colour(rng, hue), _object_colour(rng, hue)
         gap = float(np.linalg.norm(c0 + (c1 - c0) * t_mean - behind))
         if gap > best_gap:
             best, best_gap = (c0, c1), gap

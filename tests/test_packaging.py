@@ -1,0 +1,54 @@
+"""The repository's promises about itself: the README's two commands, CI, the `ssod` CLI."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _setup_commands():
+    readme = (ROOT / 'README.md').read_text()
+    block = readme.split('## Set up', 1)[1].split('```bash', 1)[1].split('```', 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.startswith('#')]
+
+
+def test_readme_gives_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    main_job, tests = _setup_commands()
+    assert main_job.startswith('pip install ') and 'ssod demo' in main_job
+    assert tests.startswith('pip install ') and 'pytest' in tests
+    ci = (ROOT / '.ci' / 'run').read_text()
+    assert tests in ci.splitlines()
+
+
+def test_top_level_layout():
+    for name in ('ssod_zoo', 'weights', 'benchmarks', 'tests', 'setup.cfg', 'pyproject.toml', 'MODEL_CARD.md',
+                 'README.md', '.ci/run'):
+        assert (ROOT / name).exists(), name
+
+
+def test_library_imports_only_its_declared_dependencies():
+    """adapter/registry/output/loss/scores/metrics/hub/export import only torch, timm, torchvision, HF, safetensors."""
+    allowed = {'torch', 'timm', 'torchvision', 'huggingface_hub', 'safetensors', 'onnx', 'onnxscript', 'onnxruntime'}
+    stdlib = set(sys.stdlib_module_names)
+    for name in ('adapter', 'registry', 'output', 'loss', 'scores', 'metrics', 'hub', 'export'):
+        tree = ast.parse((ROOT / 'ssod_zoo' / f'{name}.py').read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.split('.')[0]
+                assert top in allowed or top in stdlib, f'ssod_zoo/{name}.py imports {module}'
+
+
+def test_cli_lists_its_commands_and_rejects_unknown_ones():
+    r = subprocess.run([sys.executable, '-m', 'ssod_zoo.cli', '--help'], capture_output=True, text=True)
+    assert r.returncode == 0
+    for command in ('demo', 'train', 'eval', 'export', 'save', 'push'):
+        assert f'  {command}' in r.stdout
+    r = subprocess.run([sys.executable, '-m', 'ssod_zoo.cli', 'fly'], capture_output=True, text=True)
+    assert r.returncode == 2 and 'unknown command' in r.stderr

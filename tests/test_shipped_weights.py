@@ -1,0 +1,43 @@
+"""The weights shipped in weights/: they load offline with pretrained=True and reproduce their manifest's metrics."""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch.utils.data import DataLoader
+
+from ssod_zoo.evaluate import collect, ssod_report
+from ssod_zoo.synthetic import BenchmarkConfig, SyntheticBenchmark
+
+MANIFEST = json.loads((Path(__file__).resolve().parent.parent / 'weights' / 'manifest.json').read_text())
+SYNTHETIC = [e for e in MANIFEST['weights'] if e['file'] and e['metrics'].get('ood')]
+
+
+def test_at_least_one_weight_is_shipped_and_registered():
+    assert SYNTHETIC, 'weights/manifest.json lists no shipped weight with measured metrics'
+    for e in MANIFEST['weights']:
+        assert e['name'] in timm.list_pretrained('ssod_*')
+
+
+@pytest.mark.parametrize('entry', SYNTHETIC, ids=[e['name'] for e in SYNTHETIC])
+def test_shipped_weight_reproduces_its_manifest_metrics(entry, tmp_path):
+    """Re-evaluates on the embedded benchmark it was trained on (the demo's: BenchmarkConfig defaults, the
+    recipe's seed): validation split and the OOD sets, regenerated deterministically from the seed."""
+    model = timm.create_model(entry['name'], pretrained=True).eval()
+    assert model.ood_threshold == pytest.approx(entry['ood_threshold'])
+    config = BenchmarkConfig(train_per_class=1, seed=entry['recipe']['config']['seed'])
+    bench = SyntheticBenchmark(tmp_path / 'bench', config).prepare(progress=False)
+    size = entry['recipe']['config']['img_size']
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(
+        {'input_size': (3, size, size), 'crop_pct': entry['recipe']['config']['crop_pct']}, model=model))
+    loader = lambda ds: DataLoader(ds, batch_size=128, num_workers=2)  # noqa: E731
+    device = torch.device('cpu')
+    val = collect(model, loader(bench.val_dataset(transform)), device)
+    oods = {k: collect(model, loader(v), device) for k, v in bench.ood_datasets(transform).items()}
+    report = ssod_report(val, oods)
+    expected = entry['metrics']
+    assert report['id_accuracy'] == pytest.approx(expected['id_accuracy'], abs=0.2)
+    for name, metrics in expected['ood'].items():
+        for k in ('fpr95', 'auroc'):
+            assert report['ood'][name][k] == pytest.approx(metrics[k], abs=0.2), (name, k)
