@@ -50,7 +50,7 @@ class SSODModel(nn.Module):
     return_ood: Final[bool]
 
     def forward(self, x: torch.Tensor):
-        if not torch.jit.is_scripting():
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
             self._check_input(x)
         if self.return_ood:
             return self.forward_ssod(x)
@@ -65,7 +65,7 @@ class SSODModel(nn.Module):
         Returns:
             SSODOutput with ``logits`` (B, M) and ``ood_factor`` (B,) in [0, 1] (paper Eq. 15).
         """
-        if not torch.jit.is_scripting():
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
             self._check_input(x)
         features = self.forward_features(x)
         logits = self.forward_head(features)
@@ -83,10 +83,11 @@ class SSODModel(nn.Module):
             pre_logits: (B, head_hidden_size), i.e. ``forward_head(forward_features(x), pre_logits=True)``.
 
         Returns:
-            (B,) in [0, 1], P(x in S_ID | x): the softmax over the OOD head's (OOD, ID) logits, ID column.
+            (B,) float32 in [0, 1], P(x in S_ID | x): the softmax over the OOD head's (OOD, ID) logits, ID column.
         """
         ood_logits = self.ood_head(pre_logits)
-        return torch.sigmoid(ood_logits[:, 1] - ood_logits[:, 0])  # ID_INDEX = 1
+        # float32 even under autocast: bf16 resolves only ~0.004 near 1, too coarse against a calibrated threshold
+        return torch.sigmoid((ood_logits[:, 1] - ood_logits[:, 0]).float())  # ID_INDEX = 1
 
     @torch.jit.unused
     def forward_spatial(self, x: torch.Tensor) -> SpatialOutput:

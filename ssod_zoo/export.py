@@ -1,0 +1,313 @@
+"""ONNX export of SSOD models: one file with two named outputs, ``logits`` and ``ood_factor``.
+
+The graph is the model's :meth:`~ssod_zoo.SSODModel.forward_ssod`, so the file carries both outputs whatever the
+model's ``return_ood`` says, and it is traced in eval mode (BatchNorm running statistics, no dropout)::
+
+    image: (batch, C, H, W) float  ->  logits: (batch, M),  ood_factor: (batch,) in [0, 1]
+
+Exporter: the ``torch.export``-based one (``torch.onnx.export(..., dynamo=True)``, the default since torch 2.9).
+The legacy TorchScript exporter gives the same numbers for every registered architecture, but it is deprecated
+(a DeprecationWarning on every call) and, when handed a wrapper in training mode, it flips the caller's model
+back into training mode after export; the dynamo exporter leaves the model alone, emits a dynamic batch axis from
+one ``Dim``, and is where ONNX export in torch is maintained. It is slower (seconds rather than a second).
+Only an explicit ``opset`` below 18, which the dynamo exporter cannot write (it silently keeps 18), goes through
+the TorchScript exporter.
+
+``onnx`` and ``onnxscript`` are needed only here and are imported lazily: ``pip install 'ssod_zoo[export]'``.
+
+Command line (``ssod export``)::
+
+    ssod export ssod_resnet50 --out ssod_resnet50.onnx [--checkpoint model.safetensors] [--input-size 3 224 224]
+    ssod export runs/exp/best.pt --out model.onnx         # a training checkpoint: arch, weights, ood_threshold
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .adapter import SSODModel
+
+__all__ = ['export_onnx', 'main', 'INPUT_NAME', 'OUTPUT_NAMES']
+
+INPUT_NAME = 'image'
+OUTPUT_NAMES = ('logits', 'ood_factor')
+
+# the dynamo exporter's lowest opset; below it, the TorchScript exporter writes the requested opset natively
+_DYNAMO_MIN_OPSET = 18
+# protobuf cannot hold a file over 2 GiB; above this the weights go to a side file ``<path>.data``
+_EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+class _SSODGraph(nn.Module):
+    """``forward_ssod`` as a plain tuple: what the exporter traces. The argument name becomes the input's name."""
+
+    def __init__(self, model: SSODModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        logits, ood_factor = self.model.forward_ssod(image)
+        return logits, ood_factor
+
+
+def _require_onnx():
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (the dynamo exporter translates through it)
+    except ImportError as e:
+        raise ImportError(f'ONNX export needs the onnx and onnxscript packages ({e.name} is missing); '
+                          "install them with: pip install 'ssod_zoo[export]'") from e
+    return onnx
+
+
+def _resolve_input_size(model: SSODModel, input_size: Optional[Sequence[int]]) -> Tuple[int, int, int]:
+    if input_size is None:
+        input_size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size') or (3, 224, 224)
+    input_size = tuple(int(s) for s in input_size)
+    if len(input_size) != 3 or min(input_size) < 1:
+        raise ValueError(f'input_size is (C, H, W) with positive sizes, got {input_size}')
+    in_chans = getattr(model, 'in_chans', None)
+    if in_chans is not None and input_size[0] != in_chans:
+        raise ValueError(f'input_size {input_size} has {input_size[0]} channels but the model takes {in_chans}')
+    return input_size  # type: ignore[return-value]
+
+
+def _export_torchscript(graph: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool,
+                        onnx: Any, metadata: Dict[str, str]) -> None:
+    """Opsets below 18, for older runtimes: the dynamo exporter would fall back to opset 18 with a warning."""
+    import warnings
+
+    axes = {name: {0: 'batch'} for name in (INPUT_NAME, *OUTPUT_NAMES)} if dynamic_batch else None
+    with warnings.catch_warnings():
+        # chosen on purpose for old opsets; the tracer's notes are about _check_input's shape checks, which
+        # belong to eager mode and are not part of the graph
+        warnings.simplefilter('ignore', DeprecationWarning)
+        warnings.simplefilter('ignore', torch.jit.TracerWarning)
+        torch.onnx.export(graph, (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=axes)
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save(proto, str(path))
+
+
+def _metadata(model: SSODModel, input_size: Tuple[int, int, int]) -> Dict[str, str]:
+    """What a deployment needs beside the graph: preprocessing, class count and the calibrated threshold."""
+    from . import __version__
+
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    meta = {
+        'ssod_zoo.version': __version__,
+        'ssod_zoo.architecture': str(cfg.get('architecture', type(model).__name__)),
+        'ssod_zoo.num_classes': str(model.num_classes),
+        'ssod_zoo.input_size': json.dumps(list(input_size)),
+        'ssod_zoo.outputs': 'logits: (batch, num_classes); ood_factor: (batch,) in [0, 1], higher = more '
+                            'in-distribution; reject where ood_factor < ood_threshold',
+    }
+    for key in ('mean', 'std', 'interpolation', 'crop_pct'):
+        if cfg.get(key) is not None:
+            meta[f'ssod_zoo.{key}'] = json.dumps(cfg[key])
+    if getattr(model, 'ood_threshold', None) is not None:
+        meta['ssod_zoo.ood_threshold'] = repr(float(model.ood_threshold))
+    return meta
+
+
+def export_onnx(
+        model: SSODModel,
+        path: Union[str, Path],
+        *,
+        input_size: Optional[Sequence[int]] = None,
+        batch_size: int = 1,
+        opset: Optional[int] = None,
+        dynamic_batch: bool = True,
+) -> Path:
+    """Write an SSOD model as ONNX with input ``image`` and outputs ``logits`` and ``ood_factor``.
+
+    The graph is ``forward_ssod`` in eval mode, whatever the model's ``return_ood`` and training mode are; the
+    model's own mode is restored afterwards. The file is checked with ``onnx.checker`` (full check, with shape
+    inference) before this returns, and carries the model's mean/std, input size and ``ood_threshold`` as
+    ``ssod_zoo.*`` metadata properties.
+
+    Args:
+        model: an SSOD model (``timm.create_model('ssod_resnet50')`` or ``ssod_zoo.wrap(...)``).
+        path: the ``.onnx`` file to write; parent folders are created.
+        input_size: (C, H, W) of the example input; default: the model's ``pretrained_cfg['input_size']``.
+            Height and width are fixed in the graph.
+        batch_size: batch size of the example input (and of the graph if ``dynamic_batch`` is False).
+        opset: ONNX opset; default: the dynamo exporter's (20 with torch 2.14). Opsets below 18, for older
+            runtimes, are written by the TorchScript exporter, which emits them natively.
+        dynamic_batch: make axis 0 of ``image``, ``logits`` and ``ood_factor`` the symbolic dimension ``batch``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: ``model`` is not an SSOD model.
+        ImportError: onnx/onnxscript are not installed (``pip install 'ssod_zoo[export]'``).
+        RuntimeError: the export or the check of the written file failed.
+    """
+    if not isinstance(model, SSODModel):
+        raise TypeError(f'export_onnx() needs an SSOD model, got {type(model).__name__}; create one with '
+                        "timm.create_model('ssod_resnet50') or ssod_zoo.wrap(model)")
+    onnx = _require_onnx()
+    if int(batch_size) < 1:
+        raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    size = _resolve_input_size(model, input_size)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    was_training = model.training  # before the wrapper's eval(), which reaches the model too
+    ref = next(model.parameters())
+    example = torch.randn(int(batch_size), *size, device=ref.device, dtype=ref.dtype)
+    dynamic_shapes = {INPUT_NAME: {0: torch.export.Dim('batch')}} if dynamic_batch else None
+    big = sum(p.numel() * p.element_size() for p in model.parameters()) > _EXTERNAL_DATA_BYTES
+
+    try:
+        graph = _SSODGraph(model).eval()
+        with torch.no_grad():
+            if opset is not None and opset < _DYNAMO_MIN_OPSET:
+                _export_torchscript(graph, example, path, opset, dynamic_batch, onnx, _metadata(model, size))
+            else:
+                program = torch.onnx.export(
+                    graph, (example,), None, dynamo=True, verbose=False, opset_version=opset,
+                    input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_shapes=dynamic_shapes)
+                program.model.metadata_props.update(_metadata(model, size))
+                program.save(path, external_data=big)
+    except Exception as e:
+        raise RuntimeError(f'ONNX export of {type(model).__name__} failed: {type(e).__name__}: {e}') from e
+    finally:
+        model.train(was_training)
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:
+        raise RuntimeError(f'the exported file {path} does not pass onnx.checker: {e}') from e
+    proto = onnx.load(str(path), load_external_data=False)
+    inputs = [i.name for i in proto.graph.input]
+    outputs = [o.name for o in proto.graph.output]
+    if inputs != [INPUT_NAME] or outputs != list(OUTPUT_NAMES):
+        raise RuntimeError(f'the exported file {path} has inputs {inputs} and outputs {outputs}; '
+                           f'expected [{INPUT_NAME!r}] and {list(OUTPUT_NAMES)}')
+    written = next((o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')), None)
+    if opset is not None and written != opset:
+        raise RuntimeError(f'asked for opset {opset}, but {path} has opset {written}')
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line: ssod export
+
+
+def _num_classes_in(checkpoint: Union[str, Path], model_name: str) -> Optional[int]:
+    """The class count a checkpoint was trained with, read from its classifier weight (None if not found)."""
+    import timm
+    from timm.models import load_state_dict
+
+    classifier = timm.models.get_pretrained_cfg_value(model_name, 'classifier') or ''
+    try:
+        state_dict = load_state_dict(str(checkpoint))
+    except Exception:
+        return None
+    weight = state_dict.get(f'{classifier}.weight')
+    return int(weight.shape[0]) if weight is not None and weight.ndim >= 2 else None
+
+
+def _read_checkpoint(checkpoint: Path) -> Optional[dict]:
+    """The checkpoint as a dict (``torch.load(weights_only=True)``), or None for safetensors or unreadable files."""
+    if checkpoint.suffix == '.safetensors':
+        return None
+    try:
+        ckpt = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    except Exception:
+        return None
+    return ckpt if isinstance(ckpt, dict) else None
+
+
+def _build_model(name_or_checkpoint: str, checkpoint: Optional[str], num_classes: Optional[int],
+                 pretrained: bool = False) -> SSODModel:
+    """The model to export: a ``python -m ssod_zoo.train`` checkpoint (architecture, weights and ood_threshold
+    in one file), or a timm model name with optional timm-format weights."""
+    import timm
+
+    from . import hub
+
+    name = name_or_checkpoint
+    if Path(name).is_file():
+        if checkpoint is not None:
+            raise SystemExit(f'error: {name} is a file and --checkpoint {checkpoint} was given too; give the '
+                             'architecture as MODEL (e.g. ssod_resnet50) and the weights as --checkpoint')
+        checkpoint, name = name, None
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise SystemExit(f'error: checkpoint {checkpoint} not found')
+        ckpt = _read_checkpoint(Path(checkpoint))
+        if ckpt is not None and ckpt.get('format') == hub.CHECKPOINT_FORMAT:
+            try:
+                model, ckpt = hub.load_checkpoint(checkpoint)
+            except (hub.WeightsError, FileNotFoundError) as e:
+                raise SystemExit(f'error: {e}') from e
+            if name is not None and name.split('.')[0] != ckpt['architecture']:
+                raise SystemExit(f'error: {checkpoint} holds {ckpt["architecture"]}, not {name}')
+            return model
+        if name is None:  # timm's train.py names the architecture as 'arch'
+            name = next((ckpt[k] for k in ('arch', 'architecture') if isinstance((ckpt or {}).get(k), str)), None)
+            if name is None:
+                raise SystemExit(f'error: {checkpoint} does not say which architecture it holds; give it as '
+                                 f'`ssod export ARCH --checkpoint {checkpoint}`, ARCH from timm.list_models("ssod_*")')
+    if not timm.is_model(name.split('.')[0]) and not name.startswith('hf-hub:'):
+        raise SystemExit(f'error: unknown model {name!r}; SSOD models: {", ".join(timm.list_models("ssod_*"))}')
+    kwargs: Dict[str, Any] = {}
+    if num_classes is None and checkpoint is not None:
+        num_classes = _num_classes_in(checkpoint, name)
+    if num_classes is not None:
+        kwargs['num_classes'] = num_classes
+    model = timm.create_model(name, pretrained=pretrained and checkpoint is None, checkpoint_path=checkpoint or '',
+                              **kwargs)
+    if not isinstance(model, SSODModel):
+        raise SystemExit(f'error: {name} is not an SSOD model; use one of {", ".join(timm.list_models("ssod_*"))} '
+                         'or wrap your own with ssod_zoo.wrap() and call ssod_zoo.export.export_onnx()')
+    return model
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='ssod export',
+        description='Export an SSOD model to ONNX: input "image" (batch, C, H, W), outputs "logits" '
+                    '(batch, num_classes) and "ood_factor" (batch,).')
+    p.add_argument('model', metavar='MODEL_OR_CHECKPOINT',
+                   help='timm model name, e.g. ssod_resnet50, or a checkpoint written by `python -m ssod_zoo.train` '
+                        '(architecture, weights and ood_threshold come from it)')
+    p.add_argument('--out', required=True, type=Path, help='the .onnx file to write')
+    p.add_argument('--checkpoint', default=None,
+                   help='weights to load into MODEL: a ssod_zoo.train checkpoint, or timm-format .pth/.safetensors')
+    p.add_argument('--pretrained', action='store_true',
+                   help='load the published SSOD weights of MODEL (e.g. ssod_resnet50.<tag>; see '
+                        'timm.list_pretrained("ssod_*"))')
+    p.add_argument('--input-size', nargs=3, type=int, default=None, metavar=('C', 'H', 'W'),
+                   help="input size fixed in the graph (default: the model's pretrained_cfg input_size)")
+    p.add_argument('--num-classes', type=int, default=None,
+                   help='class count (default: read from --checkpoint, else the model default)')
+    p.add_argument('--batch-size', type=int, default=1, help='batch size of the example input (default: 1)')
+    p.add_argument('--static-batch', action='store_true', help='fix the batch axis to --batch-size')
+    p.add_argument('--opset', type=int, default=None, help="ONNX opset (default: the exporter's)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``ssod export``: parse ``argv`` (default ``sys.argv[1:]``), write the ONNX file, print where it went."""
+    args = _parser().parse_args(argv)
+    model = _build_model(args.model, args.checkpoint, args.num_classes, args.pretrained)
+    path = export_onnx(model, args.out, input_size=args.input_size, batch_size=args.batch_size,
+                       opset=args.opset, dynamic_batch=not args.static_batch)
+    size = _resolve_input_size(model, args.input_size)
+    batch = str(args.batch_size) if args.static_batch else 'batch'
+    print(f'wrote {path}: {INPUT_NAME} ({batch}, {", ".join(map(str, size))}) -> '
+          f'logits ({batch}, {model.num_classes}), ood_factor ({batch},)')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
