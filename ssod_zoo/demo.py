@@ -48,7 +48,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument('--init', default=str(SHIPPED_INIT) if SHIPPED_INIT.exists() else '',
                    help='cross-entropy classifier to fine-tune from (default: the shipped one); \'\' = from scratch')
     p.add_argument('--warmup-epochs', type=int, default=8, help='without --init: cross-entropy epochs from scratch')
-    p.add_argument('--ssod-epochs', type=int, default=4, help='fine-tuning epochs of each of the two runs')
+    p.add_argument('--ssod-epochs', type=int, default=8, help='fine-tuning epochs of each of the two runs')
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--lr', type=float, default=5e-4, help='fine-tuning a small network on a small set')
     p.add_argument('--gamma', type=float, default=0.95)
@@ -89,6 +89,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     total = warmup + args.ssod_epochs
     common = ['--model', args.model, '--model-kwargs', *args.model_kwargs, '--data', 'folder',
               '--train-dir', str(bench.root / 'id' / 'train'), '--val-dir', str(bench.root / 'id' / 'val'),
+              # measured once, after the last epoch, into the checkpoint's metrics; never used to select one
+              '--ood-dirs', *[str(bench.root / 'ood' / k) for k in bench.ood_sets],
               '--img-size', str(size), '--crop-pct', '1.0', '--scale-min', '0.5', '--batch-size',
               str(args.batch_size), '--lr', str(args.lr), '--lr-step', str(total + 1), '--gamma', str(args.gamma),
               '--alpha', str(args.alpha), '--workers', str(args.workers), '--seed', str(args.seed),

@@ -34,9 +34,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import wrap
 from .evaluate import collect, ssod_report
+from .hub import CHECKPOINT_FORMAT
 from .loss import BALANCE_SCHEMES, SSODLoss
-
-CHECKPOINT_FORMAT = 'ssod_zoo.train/1'
 
 
 @dataclass
