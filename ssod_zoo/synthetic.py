@@ -634,8 +634,14 @@ class SyntheticBenchmark:
                         done += _render_chunk(job)
                         update(done)
                 else:
-                    # fork skips re-importing torch and timm in every worker; the workers never touch torch
-                    ctx = multiprocessing.get_context('fork' if sys.platform.startswith('linux') else None)
+                    # not plain fork: forking a process whose torch/OpenMP threads hold locks can deadlock the
+                    # children (seen inside the test suite). A fork server imports this module once, cleanly,
+                    # and forks the workers from itself.
+                    if sys.platform.startswith('linux'):
+                        ctx = multiprocessing.get_context('forkserver')
+                        ctx.set_forkserver_preload([__name__])
+                    else:
+                        ctx = multiprocessing.get_context()
                     with ctx.Pool(workers) as pool:
                         for n in pool.imap_unordered(_render_chunk, jobs):
                             done += n
