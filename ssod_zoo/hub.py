@@ -197,6 +197,7 @@ def save_pretrained(
                        model_args={'return_ood': bool(model.return_ood), 'ood_threshold': threshold})
     config = json.loads(config_path.read_text())
     config['pretrained_cfg']['architecture'] = architecture
+    _record_input_size(config['pretrained_cfg'], model, train_config)
     if class_names:
         config['pretrained_cfg']['label_names'] = class_names
     config_path.write_text(json.dumps(config, indent=2) + '\n')
@@ -205,6 +206,24 @@ def save_pretrained(
         card = _model_card(config, train_config=train_config, metrics=metrics, name=save_dir.resolve().name)
         (save_dir / CARD_NAME).write_text(card, encoding='utf-8')
     return save_dir
+
+
+def _record_input_size(cfg: Dict[str, Any], model: nn.Module, train_config: Optional[Mapping[str, Any]]) -> None:
+    """The input size and eval crop the weights were trained and measured at, and the feature-map size that
+    gives with the weights' model arguments (output_stride changes it), so the config describes these weights."""
+    train_config = train_config or {}
+    if train_config.get('img_size'):
+        size = int(train_config['img_size'])
+        cfg['input_size'] = [cfg.get('input_size', [3])[0], size, size]
+    if train_config.get('crop_pct'):
+        cfg['crop_pct'] = float(train_config['crop_pct'])
+    if cfg.get('input_size'):
+        was_training = model.training
+        param = next(model.parameters())
+        with torch.no_grad():
+            x = torch.zeros(1, *cfg['input_size'], device=param.device, dtype=param.dtype)
+            cfg['pool_size'] = list(model.eval().forward_features(x).shape[-2:])
+        model.train(was_training)
 
 
 def push_to_hub(
@@ -595,7 +614,7 @@ def _state_dict_mismatch(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
     if not ood_head:
         skip |= {k for k in expected if k.startswith('ood_head.')}
     missing = [k for k in expected if k not in state_dict and k not in skip]
-    unexpected = [k for k in state_dict if k not in expected]
+    unexpected = [k for k in state_dict if k not in expected and k not in skip]  # num_classes=0: no classifier
     head_shape, other_shape = [], []
     for k, v in state_dict.items():
         if k in expected and k not in skip and tuple(v.shape) != tuple(expected[k].shape):

@@ -121,7 +121,14 @@ def test_two_ranks_under_torchrun_match_one_process(bench, tmp_path):
     single = subprocess.run([sys.executable, str(script), *_args(bench, tmp_path / 'single', '--freeze-bn')],
                             capture_output=True, text=True, timeout=600, env=env)
     assert single.returncode == 0, single.stderr[-4000:]
-    _assert_same_weights(rank0, torch.load(tmp_path / 'single' / 'rank0.pt', weights_only=True), atol=1e-5)
+    single_state = torch.load(tmp_path / 'single' / 'rank0.pt', weights_only=True)
+    deltas = torch.cat([(rank0[k].float() - single_state[k].float()).abs().flatten() for k in rank0]).sort().values
+    median, q99, worst = (deltas[int(q * (deltas.numel() - 1))].item() for q in (0.5, 0.99, 1.0))
+    print(f'|DDP - single process| over all weights: median {median:.1e}, 99% {q99:.1e}, max {worst:.1e}')
+    # Summation order differs (two half-batch backward passes + all-reduce vs one), and AdamW normalises each
+    # element by sqrt(v): an element whose gradient is near 0 can move by up to ~lr per step from rounding alone
+    # (6 steps at lr 1e-3 here). Per-rank instead of global patch means move most weights, not a few.
+    assert median <= 1e-6 and q99 <= 1e-4 and worst <= 6e-3
 
 
 def _error(capsys, argv):
