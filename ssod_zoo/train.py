@@ -127,7 +127,6 @@ def train(cfg: TrainConfig) -> dict:
     master = rank == 0
     if cfg.batch_size % world:
         raise TrainError(f'--batch-size {cfg.batch_size} (global) is not divisible by the {world} ranks')
-    local_batch = cfg.batch_size // world
     _seed_everything(cfg.seed)
     out_dir = Path(cfg.out_dir)
     if master:
