@@ -150,7 +150,7 @@ class SSODModel(nn.Module):
             warnings.warn(
                 'loading a checkpoint without an OOD head (no "ood_head.*" keys): backbone and classifier are '
                 'loaded, the OOD head keeps its fresh initialisation and must be trained '
-                '(python -m ssod_zoo.train) before ood_factor means anything', stacklevel=3)
+                '(python -m ssod_zoo.app.train) before ood_factor means anything', stacklevel=3)
             state_dict.update({k: v for k, v in zip(head_keys, (self.ood_head.weight, self.ood_head.bias))})
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -228,7 +228,7 @@ def _read_checkpoint(checkpoint: Path) -> Optional[dict]:
 
 def _build_model(name_or_checkpoint: str, checkpoint: Optional[str], num_classes: Optional[int],
                  pretrained: bool = False) -> SSODModel:
-    """The model to export: a ``python -m ssod_zoo.train`` checkpoint (architecture, weights and ood_threshold
+    """The model to export: a ``python -m ssod_zoo.app.train`` checkpoint (architecture, weights and ood_threshold
     in one file), or a timm model name with optional timm-format weights."""
     import timm
 
@@ -278,11 +278,11 @@ def _parser() -> argparse.ArgumentParser:
         description='Export an SSOD model to ONNX: input "image" (batch, C, H, W), outputs "logits" '
                     '(batch, num_classes) and "ood_factor" (batch,).')
     p.add_argument('model', metavar='MODEL_OR_CHECKPOINT',
-                   help='timm model name, e.g. ssod_resnet50, or a checkpoint written by `python -m ssod_zoo.train` '
+                   help='timm model name, e.g. ssod_resnet50, or a checkpoint written by `python -m ssod_zoo.app.train` '
                         '(architecture, weights and ood_threshold come from it)')
     p.add_argument('--out', required=True, type=Path, help='the .onnx file to write')
     p.add_argument('--checkpoint', default=None,
-                   help='weights to load into MODEL: a ssod_zoo.train checkpoint, or timm-format .pth/.safetensors')
+                   help='weights to load into MODEL: a ssod_zoo.app.train checkpoint, or timm-format .pth/.safetensors')
     p.add_argument('--pretrained', action='store_true',
                    help='load the published SSOD weights of MODEL (e.g. ssod_resnet50.<tag>; see '
                         'timm.list_pretrained("ssod_*"))')

@@ -79,7 +79,7 @@ from torch import nn
 
 from .adapter import SSODModel, wrap
 
-__all__ = ['WeightsError', 'calibrate_threshold', 'load_checkpoint', 'main', 'push_to_hub', 'save_pretrained']
+__all__ = ['WeightsError', 'calibrate_threshold', 'load_checkpoint', 'load_model', 'main', 'push_to_hub', 'save_pretrained']
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
@@ -379,7 +379,7 @@ def _model_card(config: Dict[str, Any], *, train_config: Optional[Mapping[str, A
 
 
 def _id_dataset_name(metrics: Mapping[str, Any], train_config: Mapping[str, Any]) -> str:
-    """What the ID data was called: given explicitly, or read off the training config (ssod_zoo.train's)."""
+    """What the ID data was called: given explicitly, or read off the training config (ssod_zoo.app.train's)."""
     if metrics.get('id_dataset') or train_config.get('dataset'):
         return str(metrics.get('id_dataset') or train_config.get('dataset'))
     if train_config.get('data') == 'synthetic':
@@ -419,12 +419,12 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[SSODModel, Dict[str, Any]]:
         raise WeightsError(
             f'cannot read {path} as a {CHECKPOINT_FORMAT} checkpoint with torch.load(weights_only=True) '
             f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). It is truncated or corrupted, '
-            'or not written by `python -m ssod_zoo.train`; ssod_zoo never unpickles arbitrary objects. '
+            'or not written by `python -m ssod_zoo.app.train`; ssod_zoo never unpickles arbitrary objects. '
             'Re-copy the file or point to another checkpoint of the run') from e
     if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
         found = ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__
         raise WeightsError(f'{path} is not a {CHECKPOINT_FORMAT} training checkpoint (format: {found!r}); '
-                           'ssod save/push take the checkpoints `python -m ssod_zoo.train` writes')
+                           'ssod save/push take the checkpoints `python -m ssod_zoo.app.train` writes')
     missing = [k for k in ('architecture', 'model_args', 'model') if k not in ckpt]
     if missing:
         raise WeightsError(f'{path} lacks {", ".join(missing)}; it is incomplete, re-export it from training')
@@ -442,7 +442,50 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[SSODModel, Dict[str, Any]]:
                            'The checkpoint is inconsistent; re-export it from training')
     model.load_state_dict(state_dict)
     model.ood_threshold = None if ckpt.get('ood_threshold') is None else float(ckpt['ood_threshold'])
+    model.pretrained_cfg = {**model.pretrained_cfg, **_checkpoint_data_config(ckpt)}
     return model.eval(), ckpt
+
+
+def _checkpoint_data_config(ckpt: Mapping[str, Any]) -> Dict[str, Any]:
+    """The preprocessing a checkpoint was trained and calibrated with (input size, crop, interpolation, mean,
+    std); checkpoints older than ``data_config`` have it only as ``config.img_size`` / ``config.crop_pct``."""
+    if ckpt.get('data_config'):
+        return dict(ckpt['data_config'])
+    config, data_cfg = ckpt.get('config') or {}, {}
+    if config.get('img_size'):
+        data_cfg['input_size'] = (3, int(config['img_size']), int(config['img_size']))
+    if config.get('crop_pct'):
+        data_cfg['crop_pct'] = float(config['crop_pct'])
+    return data_cfg
+
+
+def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
+    """One way to get a trained model from any source, with its threshold and preprocessing.
+
+    Args:
+        spec: a training checkpoint file (``python -m ssod_zoo.app.train``), a hub-ready folder (``ssod save``,
+            ``save_pretrained``) or ``local-dir:FOLDER``, ``hf-hub:org/repo``, or a registered ``ssod_<arch>.<tag>``.
+        **kwargs: passed to ``timm.create_model`` for the folder, hub and tag forms.
+
+    Returns:
+        The model in eval mode; ``model.pretrained_cfg`` holds the input size, crop, mean and std it was trained
+        with, so ``timm.data.resolve_data_config(model=model)`` gives its transform.
+    """
+    spec = str(spec)
+    path = Path(spec)
+    if path.is_file():
+        if kwargs:
+            raise TypeError(f'load_model({spec!r}): a training checkpoint takes no model arguments, got {sorted(kwargs)}')
+        return load_checkpoint(path)[0]
+    if path.is_dir():
+        spec = f'local-dir:{path}'
+    elif not (spec.startswith(('hf-hub:', 'local-dir:')) or timm.is_model(spec.split('.')[0])):
+        raise WeightsError(f'{spec!r} is neither a file, a folder, an hf-hub:/local-dir: spec nor a registered model; '
+                           f'SSOD models: {", ".join(timm.list_models("ssod_*"))}')
+    model = timm.create_model(spec, pretrained=True, **kwargs)
+    if not isinstance(model, SSODModel):
+        model = wrap(model)
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -584,7 +627,7 @@ def _check_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> 
             f'the weights for {arch} have no "ood_head.*" tensors: they are a plain timm classifier checkpoint, '
             'not SSOD weights, and the OOD head would stay untrained. To start SSOD training from them, create '
             'the model with pretrained=False and load them with model.load_state_dict(state_dict, strict=False) '
-            '(as `python -m ssod_zoo.train --init` does)')
+            '(as `python -m ssod_zoo.app.train --init` does)')
     return state_dict
 
 

@@ -52,7 +52,7 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
                 f'{name} has no SSOD weights; timm.list_pretrained("ssod_*") lists those that exist '
                 f'({timm.list_pretrained(variant + ".*") or "none for " + variant}). To fine-tune from timm\'s '
                 f'ImageNet classifier, build the model with pretrained=False and load the classifier\'s weights '
-                f'into it (the OOD head starts fresh), as `python -m ssod_zoo.train --init {trunk}.<tag>` does.')
+                f'into it (the OOD head starts fresh), as `python -m ssod_zoo.app.train --init {trunk}.<tag>` does.')
         overlay.update(hub._prepare_pretrained(cfg, kwargs.get('cache_dir')))
     kwargs['pretrained_cfg_overlay'] = overlay
     with hub._clear_errors(name):

@@ -149,7 +149,7 @@ def test_onnx_cli_with_checkpoint(tmp_path, capsys):
 
 
 def test_onnx_cli_with_training_checkpoint(tmp_path):
-    """`ssod export CHECKPOINT` rebuilds a `ssod_zoo.train` checkpoint: architecture, weights and ood_threshold."""
+    """`ssod export CHECKPOINT` rebuilds a `ssod_zoo.app.train` checkpoint: architecture, weights and ood_threshold."""
     onnx = pytest.importorskip('onnx')
     from ssod_zoo.hub import CHECKPOINT_FORMAT
 

@@ -309,7 +309,7 @@ def test_save_pretrained_without_metrics_or_threshold(tmp_path):
     card = ModelCard.load(out / 'README.md')
     assert not card.data.eval_results
     assert 'No calibrated threshold' in card.text
-    # the ID data's name is read off ssod_zoo.train's config when the metrics do not give it
+    # the ID data's name is read off ssod_zoo.app.train's config when the metrics do not give it
     synthetic = hub.save_pretrained(m, tmp_path / 'synthetic', metrics={'id_accuracy': 50.0},
                                     train_config={'data': 'synthetic', 'val_dir': ''})
     assert ModelCard.load(synthetic / 'README.md').data.eval_results[0].dataset_name == 'ssod_zoo synthetic benchmark'
@@ -577,7 +577,7 @@ def test_load_checkpoint(tmp_path, model, images):
 
 
 def test_checkpoint_of_a_wrapped_timm_cnn(tmp_path, images):
-    # `python -m ssod_zoo.train --model test_resnet` wraps the plain timm model and records its timm name
+    # `python -m ssod_zoo.app.train --model test_resnet` wraps the plain timm model and records its timm name
     torch.manual_seed(3)
     wrapped = ssod_zoo.wrap('test_resnet', num_classes=2).eval()
     ckpt = make_checkpoint(tmp_path / 'plain.pt', wrapped, architecture='test_resnet', model_args={'num_classes': 2},

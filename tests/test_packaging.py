@@ -46,9 +46,9 @@ def test_library_imports_only_its_declared_dependencies():
 
 
 def test_cli_lists_its_commands_and_rejects_unknown_ones():
-    r = subprocess.run([sys.executable, '-m', 'ssod_zoo.cli', '--help'], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, '-m', 'ssod_zoo.app.cli', '--help'], capture_output=True, text=True)
     assert r.returncode == 0
     for command in ('demo', 'train', 'eval', 'export', 'save', 'push'):
         assert f'  {command}' in r.stdout
-    r = subprocess.run([sys.executable, '-m', 'ssod_zoo.cli', 'fly'], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, '-m', 'ssod_zoo.app.cli', 'fly'], capture_output=True, text=True)
     assert r.returncode == 2 and 'unknown command' in r.stderr

@@ -91,8 +91,8 @@ def test_metrics_on_degenerate_inputs(n_id, n_ood, levels, special):
 
 def test_training_is_deterministic(tmp_path):
     """Two CPU runs of the same short training with the same seed give identical weights."""
-    from ssod_zoo.synthetic import BenchmarkConfig, SyntheticBenchmark
-    from ssod_zoo.train import main
+    from ssod_zoo.app.synthetic import BenchmarkConfig, SyntheticBenchmark
+    from ssod_zoo.app.train import main
     bench = SyntheticBenchmark(tmp_path / 'bench', BenchmarkConfig(
         num_classes=2, image_size=64, train_per_class=8, val_per_class=2, ood_per_set=2)).prepare(progress=False)
     states = []

@@ -7,8 +7,8 @@ import timm
 import torch
 from torch.utils.data import DataLoader
 
-from ssod_zoo.evaluate import collect, ssod_report
-from ssod_zoo.synthetic import BenchmarkConfig, SyntheticBenchmark
+from ssod_zoo.app.evaluate import collect, ssod_report
+from ssod_zoo.app.synthetic import BenchmarkConfig, SyntheticBenchmark
 
 MANIFEST = json.loads((Path(__file__).resolve().parent.parent / 'weights' / 'manifest.json').read_text())
 SYNTHETIC = [e for e in MANIFEST['weights'] if e['file'] and e['metrics'].get('ood')]

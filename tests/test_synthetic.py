@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssod_zoo import synthetic
-from ssod_zoo.synthetic import (
+from ssod_zoo.app import synthetic
+from ssod_zoo.app.synthetic import (
     ID_SHAPES, NEAR_SHAPES, OBJECT_AREA, OOD_SETS, BenchmarkConfig, SyntheticBenchmark, render)
 
 TINY = BenchmarkConfig(num_classes=3, image_size=64, train_per_class=4, val_per_class=2, ood_per_set=3, seed=0)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ssod_zoo.loss import SSODLoss
-from ssod_zoo.synthetic import BenchmarkConfig, SyntheticBenchmark
-from ssod_zoo.train import main
+from ssod_zoo.app.synthetic import BenchmarkConfig, SyntheticBenchmark
+from ssod_zoo.app.train import main
 
 
 @pytest.fixture(scope='module')
@@ -106,7 +106,7 @@ def test_two_ranks_under_torchrun_match_one_process(bench, tmp_path):
     script = tmp_path / 'run.py'
     script.write_text(
         'import os, sys, torch\n'
-        'from ssod_zoo.train import main\n'
+        'from ssod_zoo.app.train import main\n'
         'r = main(sys.argv[1:])\n'
         "torch.save(r['model'].state_dict(), os.path.join(r['out_dir'], f\"rank{os.environ.get('RANK', 0)}.pt\"))\n")
     args = _args(bench, tmp_path / 'ddp', '--freeze-bn')  # BatchNorm statistics are per-rank otherwise

@@ -1,8 +1,8 @@
 """The ``ssod`` command: one entry point, one module per sub-command.
 
-    ssod demo   --out DIR            the embedded benchmark end to end (ssod_zoo.demo)
-    ssod train  ...                  fine-tune a timm classifier into an SSOD model (ssod_zoo.train)
-    ssod eval   ...                  SSOD vs post-hoc baselines on your ImageFolder data (ssod_zoo.evaluate)
+    ssod demo   --out DIR            the embedded benchmark end to end (ssod_zoo.app.demo)
+    ssod train  ...                  fine-tune a timm classifier into an SSOD model (ssod_zoo.app.train)
+    ssod eval   ...                  SSOD vs post-hoc baselines on your ImageFolder data (ssod_zoo.app.evaluate)
     ssod export MODEL --out F.onnx   ONNX with named outputs logits and ood_factor (ssod_zoo.export)
     ssod save   CHECKPOINT DIR       a hub-ready folder from a training checkpoint (ssod_zoo.hub)
     ssod push   CHECKPOINT REPO_ID   the same, uploaded to the Hugging Face Hub (ssod_zoo.hub)
@@ -12,9 +12,9 @@ import sys
 from typing import List, Optional
 
 COMMANDS = {
-    'demo': ('ssod_zoo.demo', 'the embedded benchmark end to end: data, two trainings, every baseline, plots'),
-    'train': ('ssod_zoo.train', 'fine-tune a timm classifier into an SSOD model (single process or torchrun)'),
-    'eval': ('ssod_zoo.evaluate', 'SSOD against MSP/Energy/ODIN/ReAct/KNN/Mahalanobis/ViM on your data'),
+    'demo': ('ssod_zoo.app.demo', 'the embedded benchmark end to end: data, two trainings, every baseline, plots'),
+    'train': ('ssod_zoo.app.train', 'fine-tune a timm classifier into an SSOD model (single process or torchrun)'),
+    'eval': ('ssod_zoo.app.evaluate', 'SSOD against MSP/Energy/ODIN/ReAct/KNN/Mahalanobis/ViM on your data'),
     'export': ('ssod_zoo.export', 'export to ONNX with outputs logits and ood_factor'),
     'save': ('ssod_zoo.hub', 'write a hub-ready folder (safetensors, config.json, model card)'),
     'push': ('ssod_zoo.hub', 'upload a checkpoint to the Hugging Face Hub'),

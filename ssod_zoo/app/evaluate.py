@@ -11,6 +11,7 @@ left out. Writes ``results.json``, ``results.md`` and the plots to ``--out``. Me
 the convention of :mod:`ssod_zoo.metrics` (ID positive; FPR95 = OOD accepted at 95% ID accepted).
 """
 import argparse
+import warnings
 import json
 import sys
 import time
@@ -22,8 +23,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import scores
-from .metrics import accuracy, ood_metrics
+from .. import scores
+from ..hub import load_model
+from ..metrics import accuracy, ood_metrics
 
 __all__ = ['collect', 'ssod_report', 'evaluate', 'METHODS', 'results_markdown', 'main']
 
@@ -203,18 +205,6 @@ def _bar(loader, desc: Optional[str]):
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
-def load_model(spec: str) -> nn.Module:
-    """A training checkpoint (.pt), a hub-ready folder, 'hf-hub:org/repo', or a registered name with weights."""
-    import timm
-    from .hub import load_checkpoint
-    path = Path(spec)
-    if path.is_file():
-        return load_checkpoint(path)[0]
-    if path.is_dir():
-        return timm.create_model(f'local-dir:{path}', pretrained=True)
-    return timm.create_model(spec, pretrained=True)
-
-
 def main(argv: Optional[List[str]] = None) -> dict:
     import timm
     from torchvision.datasets import ImageFolder
@@ -241,6 +231,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     t0 = time.time()
     device = torch.device(args.device)
     model = load_model(args.model).to(device).eval()
+    trained = tuple(model.pretrained_cfg.get('input_size') or ())
+    if args.img_size and trained and trained[-1] != args.img_size and model.ood_threshold is not None:
+        warnings.warn(f'{args.model} was trained and its threshold calibrated at {trained[-1]} px; scoring at '
+                      f'{args.img_size} px shifts the OOD factor, so accept rates at its threshold will differ')
     baseline = load_model(args.baseline_model).to(device).eval() if args.baseline_model else None
     data_args = {k: v for k, v in {'input_size': args.img_size and (3, args.img_size, args.img_size),
                                    'crop_pct': args.crop_pct}.items() if v}

@@ -4,8 +4,8 @@ from typing import Dict, Sequence
 
 import torch
 
-from .loss import sample_patches
-from .metrics import roc_curve
+from ..loss import sample_patches
+from ..metrics import roc_curve
 
 __all__ = ['plot_roc', 'plot_histograms', 'plot_sampler']
 

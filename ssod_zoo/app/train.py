@@ -1,11 +1,11 @@
 """Fine-tune a timm classifier into an SSOD model (paper Sec. 2.3 and Appendix A.4).
 
 One process on CPU or GPU:
-    python -m ssod_zoo.train --model ssod_resnet50 --init resnet50.tv_in1k --data folder \
+    python -m ssod_zoo.app.train --model ssod_resnet50 --init resnet50.tv_in1k --data folder \
         --train-dir imagenet/train --val-dir imagenet/val --ood-dirs inat sun
 Data-parallel, one node or several (DDP; NCCL on GPU, gloo on CPU):
-    torchrun --nproc_per_node=8 -m ssod_zoo.train ...
-    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 -m ssod_zoo.train ...
+    torchrun --nproc_per_node=8 -m ssod_zoo.app.train ...
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 -m ssod_zoo.app.train ...
 
 Defaults are the paper's: AdamW, lr 1e-4 halved every 30 epochs, global batch 256, 224 px, gamma 0.95,
 alpha 1.0, loss-wise balance. Every epoch: ID accuracy and FPR95/AUROC of the OOD factor on the OOD validation
@@ -32,10 +32,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from . import wrap
+from .. import wrap
 from .evaluate import collect, ssod_report
-from .hub import CHECKPOINT_FORMAT
-from .loss import BALANCE_SCHEMES, SSODLoss
+from ..hub import CHECKPOINT_FORMAT
+from ..loss import BALANCE_SCHEMES, SSODLoss
 
 
 @dataclass
@@ -138,6 +138,8 @@ def train(cfg: TrainConfig) -> dict:
     class_names = datasets['train'].classes
     model = _model(cfg, num_classes=len(class_names))
     train_tf, eval_tf = _transforms(model, cfg)
+    # the model carries the preprocessing it is trained with: checkpoints, hub folders, eval and export read it
+    model.pretrained_cfg = {**model.pretrained_cfg, **eval_data_config(model, cfg)}
     train_set = _SeededTransform(datasets['train'], train_tf, cfg.seed)
     eval_sets = {k: _SeededTransform(v, eval_tf, cfg.seed) for k, v in datasets.items() if k != 'train'}
     steps_per_epoch = len(train_set) // cfg.batch_size
@@ -186,6 +188,7 @@ def train(cfg: TrainConfig) -> dict:
             'scaler': scaler.state_dict(), 'epoch': epoch, 'step': step, 'best': best,
             'rng': _rng_state(), 'config': dataclasses.asdict(cfg), 'metrics': metrics or {},
             'ood_threshold': model.ood_threshold, 'class_names': class_names,
+            'data_config': eval_data_config(model, cfg),
         }
 
     stop = _StopFlag()
@@ -263,7 +266,7 @@ def train(cfg: TrainConfig) -> dict:
             print(_summary(record))
 
     if master and cfg.export_dir:
-        from .hub import load_checkpoint, save_pretrained
+        from ..hub import load_checkpoint, save_pretrained
         source = out_dir / ('best.pt' if (out_dir / 'best.pt').exists() else 'last.pt')
         best_model, ckpt = load_checkpoint(source)
         save_pretrained(best_model, cfg.export_dir, train_config=ckpt['config'], metrics=ckpt['metrics'],
@@ -453,11 +456,17 @@ def _load_init(model: nn.Module, init: str, num_classes: int) -> None:
         model.load_state_dict({**own, **state})
 
 
-def _transforms(model: nn.Module, cfg: TrainConfig):
+def eval_data_config(model: nn.Module, cfg: TrainConfig) -> dict:
+    """timm's data config for evaluation at the training size and crop (the model's pretrained_cfg otherwise)."""
     args = {'input_size': (3, cfg.img_size, cfg.img_size)}
     if cfg.crop_pct is not None:
         args['crop_pct'] = cfg.crop_pct
     data_cfg = timm.data.resolve_data_config(args, model=model)
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in data_cfg.items()}
+
+
+def _transforms(model: nn.Module, cfg: TrainConfig):
+    data_cfg = eval_data_config(model, cfg)
     train_tf = timm.data.create_transform(**data_cfg, is_training=True, scale=(cfg.scale_min, 1.0))
     eval_tf = timm.data.create_transform(**data_cfg, is_training=False)
     return train_tf, eval_tf
@@ -507,7 +516,7 @@ def _datasets(cfg: TrainConfig, master: bool) -> Dict[str, Dataset]:
 
 def _evaluate(model, eval_sets, cfg, device, amp_dtype, rank, world) -> dict:
     """Every rank scores its slice of each set; rank 0 assembles them and computes the metrics."""
-    from .hub import calibrate_threshold
+    from ..hub import calibrate_threshold
     outs = {}
     for name, ds in eval_sets.items():
         shard = Subset(ds, range(rank, len(ds), world))

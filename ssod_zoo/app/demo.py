@@ -1,6 +1,6 @@
 """``ssod demo --out DIR``: SSOD against the post-hoc detectors on the embedded benchmark, on a CPU, in minutes.
 
-1. Generates the embedded benchmark (:mod:`ssod_zoo.synthetic`; cached).
+1. Generates the embedded benchmark (:mod:`ssod_zoo.app.synthetic`; cached).
 2. Starts from a classifier that already works, as the paper does (it fine-tunes an ImageNet classifier; the
    sampler needs confident patches): the cross-entropy ``test_resnet`` shipped in ``weights/init/``, trained on
    the benchmark's training split by this project's recipe (``weights/init/README.md`` has the command). With
@@ -27,15 +27,15 @@ from torch.utils.data import DataLoader, Subset
 
 from . import train as train_mod
 from .evaluate import evaluate, results_markdown, write_results
-from .hub import load_checkpoint
+from ..hub import load_checkpoint
 from .plots import plot_histograms, plot_roc, plot_sampler
 from .synthetic import BenchmarkConfig, SyntheticBenchmark
 
 __all__ = ['main']
 
-SHIPPED_INIT = Path(__file__).resolve().parent / '_weights' / 'init' / 'test_resnet_synthetic_ce.safetensors'
+SHIPPED_INIT = Path(__file__).resolve().parents[1] / '_weights' / 'init' / 'test_resnet_synthetic_ce.safetensors'
 if not SHIPPED_INIT.exists():  # source checkout / editable install
-    SHIPPED_INIT = Path(__file__).resolve().parent.parent / 'weights' / 'init' / SHIPPED_INIT.name
+    SHIPPED_INIT = Path(__file__).resolve().parents[2] / 'weights' / 'init' / SHIPPED_INIT.name
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
