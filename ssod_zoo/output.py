@@ -3,7 +3,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ['SSODOutput', 'SpatialOutput', 'robust_posterior']
+__all__ = ['posterior_score', 'SSODOutput', 'SpatialOutput', 'robust_posterior']
 
 
 class SSODOutput(NamedTuple):
@@ -54,3 +54,34 @@ def robust_posterior(logits: torch.Tensor, ood_factor: torch.Tensor) -> torch.Te
             f'expected logits (B, M) and ood_factor (B,), got {tuple(logits.shape)} and {tuple(ood_factor.shape)}')
     p_id = ood_factor.to(logits.dtype).unsqueeze(1)
     return torch.cat([logits.softmax(dim=1) * p_id, 1 - p_id], dim=1)
+
+
+def posterior_score(logits: torch.Tensor, ood_factor: torch.Tensor, kind: str = 'energy') -> torch.Tensor:
+    """A full-posterior OOD score: both factors of Eq. 7, the ID factor (the classifier) and the OOD factor.
+
+    Higher = more in-distribution (the convention of :mod:`ssod_zoo.metrics`). Not in the paper, which scores with
+    the OOD factor alone (Eq. 15); it is the natural detector once the posterior is factored as in Eq. 7.
+
+    - ``kind='energy'``: log sum_i exp(z_i) + log P(x in S_ID | x). The negative free energy (Liu et al., NeurIPS
+      2020) is the classifier's log-density proxy; adding log P_ID multiplies it by the OOD factor.
+    - ``kind='msp'``: max_i softmax(z)_i * P(x in S_ID | x), the largest known-class probability of the Eq. 7
+      posterior (:func:`robust_posterior`).
+
+    Args:
+        logits: (B, M) class logits z.
+        ood_factor: (B,) in [0, 1], P(x in S_ID | x).
+        kind: ``'energy'`` or ``'msp'``.
+
+    Returns:
+        (B,) float32 scores.
+    """
+    if logits.ndim != 2 or ood_factor.shape != logits.shape[:1]:
+        raise ValueError(
+            f'expected logits (B, M) and ood_factor (B,), got {tuple(logits.shape)} and {tuple(ood_factor.shape)}')
+    z, p_id = logits.float(), ood_factor.float()
+    if kind == 'energy':
+        # P_ID saturates to 0 in float32 far from the data; the floor keeps the score finite and ordered by energy
+        return torch.logsumexp(z, dim=1) + p_id.clamp_min(1e-30).log()
+    if kind == 'msp':
+        return z.softmax(dim=1).amax(dim=1) * p_id
+    raise ValueError(f"kind is 'energy' or 'msp', got {kind!r}")

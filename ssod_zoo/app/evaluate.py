@@ -26,10 +26,22 @@ from torch.utils.data import DataLoader
 from .. import scores
 from ..hub import load_model
 from ..metrics import accuracy, ood_metrics
+from ..output import posterior_score
 
 __all__ = ['collect', 'ssod_report', 'evaluate', 'METHODS', 'results_markdown', 'main']
 
-METHODS = ('ssod', 'msp', 'maxlogit', 'energy', 'odin', 'react', 'knn', 'mahalanobis', 'vim')
+# Readouts of the SSOD model (scored on its own outputs), then the post-hoc baselines (on the baseline model).
+# 'ssod' is the paper's Eq. 15, the OOD factor alone; 'ssod_posterior' uses both factors of Eq. 7
+# (ssod_zoo.posterior_score: log-sum-exp of the logits + log P_ID); 'ssod_energy' is the SSOD model's own logits
+# scored by Energy, which separates what SSOD training does to the classifier from what the OOD head adds.
+SSOD_READOUTS = {
+    'ssod_posterior': lambda o: posterior_score(o['logits'], o['ood_factor'], 'energy'),
+    'ssod': lambda o: o['ood_factor'],
+    'ssod_energy': lambda o: scores.energy(o['logits']),
+}
+LABELS = {'ssod_posterior': 'SSOD full posterior: logsumexp(z) + log P_ID',
+          'ssod': 'SSOD OOD factor, Eq. 15 (paper)', 'ssod_energy': 'Energy of the SSOD model'}
+METHODS = (*SSOD_READOUTS, 'msp', 'maxlogit', 'energy', 'odin', 'react', 'knn', 'mahalanobis', 'vim')
 FITTED = ('react', 'knn', 'mahalanobis', 'vim')
 
 
@@ -122,8 +134,8 @@ def evaluate(
                      'mahalanobis': scores.Mahalanobis().fit(f, y), 'vim': scores.ViM().fit(f, weight, bias)}
 
     def score(method: str, o: Dict[str, torch.Tensor], loader) -> torch.Tensor:
-        if method == 'ssod':
-            return o['ood_factor']
+        if method in SSOD_READOUTS:
+            return SSOD_READOUTS[method](o)
         if method == 'odin':
             return odin_scores(baseline_model, loader, device, progress=tag('ODIN'))
         if method in ('msp', 'energy'):
@@ -139,7 +151,7 @@ def evaluate(
     loaders = {'id': id_loader, **ood_loaders}
     all_scores = {}
     for m in methods:
-        source = ssod_out if m == 'ssod' else base_out
+        source = ssod_out if m in SSOD_READOUTS else base_out
         all_scores[m] = {k: score(m, source[k], loaders[k]) for k in loaders}
     results = {'id_accuracy': {'ssod': 100 * accuracy(ssod_out['id']['logits'], ssod_out['id']['targets'])},
                'ood': {}, 'scores': all_scores}
@@ -165,7 +177,7 @@ def results_markdown(results: dict) -> str:
             r = results['ood'][s][m]
             fpr = f'{r["fpr95"]:.2f}'
             cells += [f'**{fpr}**' if r['fpr95'] == best[s] else fpr, f'{r["auroc"]:.2f}']
-        label = 'SSOD (OOD factor)' if m == 'ssod' else f'{m} ({"CE model" if "ce" in results["id_accuracy"] else "same model"})'
+        label = LABELS.get(m) or f'{m} ({"CE model" if "ce" in results["id_accuracy"] else "same model"})'
         rows.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     acc = ', '.join(f'{k.upper()} model {v:.2f}%' for k, v in results['id_accuracy'].items())
     return '\n'.join([f'ID accuracy: {acc}', '', head, rule, *rows, '',
