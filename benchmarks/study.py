@@ -1,0 +1,326 @@
+"""The SSOD study: why does the OOD factor trail post-hoc detectors, and which recipe and readout fix it?
+
+One command runs a named grid of training + evaluation runs on the embedded benchmark, one JSON per run
+(config, seed, per-set metrics of every readout and baseline, wall time), skips runs that are finished (and
+resumes a half-trained one from its ``last.pt``), then writes ``summary.md`` and ``study.png``::
+
+    python benchmarks/study.py --grid select   # every candidate, seed 0, OOD *validation* sets only
+    python benchmarks/study.py --grid test --config <chosen>   # the chosen one, seeds 0-2, test sets once
+    python benchmarks/study.py --summarise     # tables and plot from the JSON files
+
+Selection discipline. Candidates are compared on OOD validation sets that are not the reported test sets:
+the benchmark's three OOD families drawn from another generator seed (seed 1: other images, other object
+placements, other backgrounds) with their own ID validation images, plus real photographs of another kind
+(Fashion-MNIST test images, when Debian's dataset-fashion-mnist is installed). The test sets (the embedded
+benchmark, seed 0, as in ``ssod demo``) are scored only in the ``test`` grid, for the configuration chosen on
+validation, over three training seeds.
+
+Every SSOD run has a cross-entropy twin of the same backbone, initialisation, budget, learning rate, data order
+and seed (``--ce-only``), on which the 8 post-hoc baselines are scored. Both start from the shipped
+cross-entropy classifier, as the demo does.
+"""
+import argparse
+import dataclasses
+import gzip
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, environment  # noqa: E402
+
+from ssod_zoo.adapter import ID_INDEX  # noqa: E402
+from ssod_zoo.app import train as train_mod  # noqa: E402
+from ssod_zoo.app.demo import SHIPPED_INIT  # noqa: E402
+from ssod_zoo.app.evaluate import evaluate  # noqa: E402
+from ssod_zoo.app.synthetic import BenchmarkConfig, SyntheticBenchmark  # noqa: E402
+from ssod_zoo.hub import load_checkpoint  # noqa: E402
+from ssod_zoo.metrics import ood_metrics  # noqa: E402
+from ssod_zoo.output import posterior_score  # noqa: E402
+
+OUT = RESULTS / 'study'
+CACHE = Path(os.environ.get('SSOD_STUDY_CACHE', Path.home() / '.cache' / 'ssod_zoo' / 'study'))
+FMNIST_DIR = Path('/usr/share/datasets/fashion-mnist')
+
+# the demo's recipe (ssod_zoo.app.demo): test_resnet at output stride 16, 96 px, fine-tuned from the shipped CE model
+BASE = dict(model='ssod_test_resnet', model_kwargs=['output_stride=16'], img_size=96, crop_pct=1.0, scale_min=0.5,
+            batch_size=64, lr=5e-4, gamma=0.95, alpha=1.0, balance='lwb', epochs=8, workers=2, eval_every=0)
+
+# Candidates. Each names what it changes from the paper-faithful demo recipe (gamma 0.95, alpha 1, LWB, 8 epochs).
+CONFIGS: Dict[str, dict] = {
+    'paper-e8': {},
+    'paper-e16': {'epochs': 16},
+    'gamma0.8-e8': {'gamma': 0.8},
+    'alpha0.3-e8': {'alpha': 0.3},
+    'lrdecay-e16': {'epochs': 16, 'lr_step': 4},  # lr halved every 4 epochs: 5e-4 -> 6.25e-5
+}
+GRIDS = {'select': {'configs': list(CONFIGS), 'seeds': [0], 'sets': 'val'}}
+SEEDS_TEST = [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------------------------------- data
+
+def benchmarks() -> Dict[str, SyntheticBenchmark]:
+    """``test``: the embedded benchmark (seed 0, as the demo); ``val``: the same families from generator seed 1."""
+    test = SyntheticBenchmark(CACHE / 'bench_seed0', BenchmarkConfig())
+    val = SyntheticBenchmark(CACHE / 'bench_seed1', BenchmarkConfig(seed=1, train_per_class=1, val_per_class=50,
+                                                                    ood_per_set=500))
+    for b in (test, val):
+        b.prepare(workers=2, progress=False)
+    return {'test': test, 'val': val}
+
+
+class _Gray(Dataset):
+    """Real photographs for validation: Fashion-MNIST test images as RGB, label -1 (OOD)."""
+
+    def __init__(self, n: int, transform):
+        from torchvision.datasets import FashionMNIST
+        raw = CACHE / 'FashionMNIST' / 'raw'
+        raw.mkdir(parents=True, exist_ok=True)
+        for f in FMNIST_DIR.glob('*.gz'):  # torchvision wants the IDX files uncompressed
+            if not (raw / f.stem).exists():
+                with gzip.open(f) as src, open(raw / f.stem, 'wb') as dst:
+                    shutil.copyfileobj(src, dst)
+        self.ds = FashionMNIST(str(CACHE), train=False, download=False)
+        self.idx = torch.linspace(0, len(self.ds) - 1, n).long().tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.ds[self.idx[i]][0].convert('RGB')), -1
+
+
+def eval_sets(benches: Dict[str, SyntheticBenchmark], which: str, transform) -> Dict[str, Dataset]:
+    b = benches[which]
+    sets = {'id': b.val_dataset(transform), **b.ood_datasets(transform)}
+    if which == 'val' and FMNIST_DIR.is_dir():
+        sets['fmnist'] = _Gray(500, transform)
+    return sets
+
+
+# ------------------------------------------------------------------------------------------------------ train
+
+def train_run(name: str, overrides: dict, seed: int, bench: SyntheticBenchmark, ce: bool) -> Path:
+    out = CACHE / 'runs' / f'{name}-s{seed}'
+    cfg = {**BASE, **overrides}
+    cfg.setdefault('lr_step', cfg['epochs'] + 1)  # no decay unless the candidate asks
+    done = out / 'last.pt'
+    if done.exists() and torch.load(done, map_location='cpu', weights_only=True)['epoch'] >= cfg['epochs']:
+        return out
+    tc = train_mod.TrainConfig(
+        **cfg, init=str(SHIPPED_INIT), data='folder', train_dir=str(bench.root / 'id' / 'train'),
+        val_dir=str(bench.root / 'id' / 'val'), ood_dirs=[], seed=seed, out_dir=str(out), resume='auto',
+        ce_only=ce, progress=False)
+    t0 = time.time()
+    train_mod.train(tc)
+    (out / 'wall.json').write_text(json.dumps({'train_seconds': round(time.time() - t0, 1)}))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- eval
+
+@torch.no_grad()
+def spatial_readouts(model, loader) -> Dict[str, torch.Tensor]:
+    """Per-position readouts of the OOD head and classifier, aggregated over the feature map."""
+    out = {'pos_mean_pid': [], 'pos_max_pid': [], 'pos_top3_maxlogit': []}
+    for x, _ in loader:
+        s = model.forward_spatial(x)
+        p_id = s.ood_map.float().softmax(1)[:, ID_INDEX].flatten(1)  # (B, h*w)
+        top = s.cls_map.float().amax(1).flatten(1)  # (B, h*w) max logit per position
+        out['pos_mean_pid'].append(p_id.mean(1))
+        out['pos_max_pid'].append(p_id.amax(1))
+        out['pos_top3_maxlogit'].append(top.topk(min(3, top.shape[1]), dim=1).values.mean(1))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def evaluate_pair(ssod_dir: Path, ce_dir: Path, sets: Dict[str, Dataset], fit: Dataset) -> dict:
+    ssod_model, ckpt = load_checkpoint(ssod_dir / 'last.pt')
+    ce_model, _ = load_checkpoint(ce_dir / 'last.pt')
+    loader = lambda ds: DataLoader(ds, batch_size=128, num_workers=2)  # noqa: E731
+    loaders = {k: loader(v) for k, v in sets.items()}
+    res = evaluate(ssod_model, loaders['id'], {k: v for k, v in loaders.items() if k != 'id'},
+                   baseline_model=ce_model, fit_loader=loader(fit), progress=False)
+    # readouts beyond evaluate()'s: per-position aggregations and the MSP form of the full posterior
+    extra = {k: spatial_readouts(ssod_model, v) for k, v in loaders.items()}
+    for method in extra['id']:
+        for name in loaders:
+            if name == 'id':
+                continue
+            res['ood'][name][method] = {m: 100 * float(v) for m, v in
+                                        ood_metrics(extra['id'][method], extra[name][method]).items()}
+    # MSP x P_ID needs softmax of the logits: recompute from the SSOD model's collected outputs
+    msp_post = {k: _posterior_msp(ssod_model, v) for k, v in loaders.items()}
+    for name in loaders:
+        if name != 'id':
+            res['ood'][name]['ssod_posterior_msp'] = {m: 100 * float(v) for m, v in
+                                                      ood_metrics(msp_post['id'], msp_post[name]).items()}
+    sets_ = [k for k in loaders if k != 'id']
+    methods = list(res['ood'][sets_[0]])
+    res['ood']['average'] = {m: {k: sum(res['ood'][s][m][k] for s in sets_) / len(sets_)
+                                 for k in res['ood'][sets_[0]][m]} for m in methods}
+    res.pop('scores')
+    res['threshold'] = ckpt['ood_threshold']
+    res['counts'] = {k: len(v) for k, v in sets.items()}
+    return res
+
+
+@torch.no_grad()
+def _posterior_msp(model, loader) -> torch.Tensor:
+    out = []
+    for x, _ in loader:
+        o = model.forward_ssod(x)
+        out.append(posterior_score(o.logits, o.ood_factor, 'msp'))
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------------------------- runs
+
+def run(grid: str, names: List[str], seeds: List[int], which: str) -> None:
+    benches = benchmarks()
+    bench = benches['test']  # training data: the embedded benchmark's training split, for every run
+    out_dir = OUT / grid
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        for name in names:
+            result_file = out_dir / f'{name}-s{seed}.json'
+            if result_file.exists():
+                print(f'[study] {result_file.name}: done, skipped', flush=True)
+                continue
+            overrides = CONFIGS[name]
+            ce_key = {k: v for k, v in {**BASE, **overrides}.items() if k in ('epochs', 'lr', 'lr_step', 'batch_size')}
+            ce_name = 'ce-' + '-'.join(f'{k}{v}' for k, v in sorted(ce_key.items()))
+            t0 = time.time()
+            print(f'[study] {name} seed {seed}: training SSOD and its CE twin ({ce_name})', flush=True)
+            ssod_dir = train_run(name, overrides, seed, bench, ce=False)
+            ce_dir = train_run(ce_name, {k: v for k, v in overrides.items() if k in ce_key}, seed, bench, ce=True)
+            t1 = time.time()
+            model, _ = load_checkpoint(ssod_dir / 'last.pt')
+            tf = train_mod._transforms(model, train_mod.TrainConfig(img_size=BASE['img_size'], crop_pct=1.0))[1]
+            result = evaluate_pair(ssod_dir, ce_dir, eval_sets(benches, which, tf), bench.train_dataset(tf))
+            record = {'name': name, 'seed': seed, 'sets': which, 'config': {**BASE, **overrides},
+                      'ce_twin': ce_name, 'train_log_ssod': _last_log(ssod_dir), **result,
+                      'wall_seconds': {'this_invocation_train': round(t1 - t0, 1), 'eval': round(time.time() - t1, 1)},
+                      'environment': environment()}
+            result_file.write_text(json.dumps(record, indent=1))
+            avg = record['ood']['average']
+            print(f'[study] {name} seed {seed} on {which}: ' + ', '.join(
+                f'{m} {avg[m]["fpr95"]:.1f}' for m in ('ssod', 'ssod_posterior', 'ssod_energy', 'odin', 'react',
+                                                       'knn', 'energy') if m in avg), flush=True)
+    summarise()
+
+
+def _last_log(run_dir: Path) -> dict:
+    lines = (run_dir / 'log.jsonl').read_text().splitlines() if (run_dir / 'log.jsonl').exists() else []
+    return json.loads(lines[-1])['train'] if lines else {}
+
+
+# --------------------------------------------------------------------------------------------------- summary
+
+SSOD_ROWS = ('ssod_posterior', 'ssod_posterior_msp', 'ssod', 'ssod_energy', 'pos_mean_pid', 'pos_max_pid',
+             'pos_top3_maxlogit')
+BASELINES = ('msp', 'maxlogit', 'energy', 'odin', 'react', 'knn', 'mahalanobis', 'vim')
+
+
+def summarise() -> None:
+    """summary.md (mean and spread over seeds of average FPR95 per readout and the best baseline) and study.png."""
+    lines = ['# SSOD study', '', 'Written by `python benchmarks/study.py`; one JSON per run beside this file.',
+             'FPR95 (ID positive, the paper\'s convention) averaged over the OOD sets of each table; lower is better.',
+             '']
+    plot_rows = []
+    for grid_dir in sorted(p for p in OUT.iterdir() if p.is_dir()) if OUT.exists() else []:
+        records = [json.loads(p.read_text()) for p in sorted(grid_dir.glob('*.json'))]
+        if not records:
+            continue
+        sets = [s for s in records[0]['ood'] if s != 'average']
+        lines += [f'## grid `{grid_dir.name}` (OOD sets: {", ".join(sets)}; '
+                  f'{"validation" if records[0]["sets"] == "val" else "TEST"})', '',
+                  '| config | seeds | ID acc SSOD | ID acc CE | ' + ' | '.join(SSOD_ROWS) +
+                  ' | best baseline (CE model) |', '|---|---|' + '---:|' * (len(SSOD_ROWS) + 3)]
+        by_config: Dict[str, list] = {}
+        for r in records:
+            by_config.setdefault(r['name'], []).append(r)
+        for name, rs in by_config.items():
+            def stat(values):
+                m = sum(values) / len(values)
+                sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+                return m, sd
+
+            def cell(values):
+                m, sd = stat(values)
+                return f'{m:.1f}' + (f' ± {sd:.1f}' if len(values) > 1 else '')
+            best_base = [min(r['ood']['average'][b]['fpr95'] for b in BASELINES) for r in rs]
+            best_name = min(BASELINES, key=lambda b: sum(r['ood']['average'][b]['fpr95'] for r in rs))
+            row = [name, ','.join(str(r['seed']) for r in rs), cell([r['id_accuracy']['ssod'] for r in rs]),
+                   cell([r['id_accuracy']['ce'] for r in rs])]
+            row += [cell([r['ood']['average'][m]['fpr95'] for r in rs]) for m in SSOD_ROWS]
+            row.append(f'{cell(best_base)} ({best_name})')
+            lines.append('| ' + ' | '.join(row) + ' |')
+            plot_rows.append((grid_dir.name, name, {m: stat([r['ood']['average'][m]['fpr95'] for r in rs])[0]
+                                                    for m in (*SSOD_ROWS, *BASELINES)}))
+        lines += ['', 'Per-set FPR95 of each run:', '']
+        for r in records:
+            lines.append(f'- `{r["name"]}` seed {r["seed"]}: ' + '; '.join(
+                f'{s}: ' + ', '.join(f'{m} {r["ood"][s][m]["fpr95"]:.1f}' for m in
+                                     ('ssod_posterior', 'ssod', 'ssod_energy', 'energy', 'odin', 'react', 'knn'))
+                for s in sets))
+        lines.append('')
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / 'summary.md').write_text('\n'.join(lines) + '\n')
+    if plot_rows:
+        _plot(plot_rows, OUT / 'study.png')
+    print(f'[study] wrote {OUT / "summary.md"}', flush=True)
+
+
+def _plot(rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    methods = (*SSOD_ROWS, *BASELINES)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4.5))
+    width = 0.8 / len(methods)
+    cmap = plt.get_cmap('tab20')
+    for j, m in enumerate(methods):
+        ax.bar([i + j * width for i in range(len(rows))], [r[2][m] for r in rows], width,
+               label=m, color=cmap(j), edgecolor='black' if m in SSOD_ROWS else 'none', linewidth=0.4)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+    ax.set_xticklabels([f'{g}\n{n}' for g, n, _ in rows], fontsize=8)
+    ax.set_ylabel('average FPR95 (%) , lower is better')
+    ax.set_title('SSOD readouts (outlined) vs post-hoc baselines on the CE twin')
+    ax.legend(fontsize=6, ncol=2, loc='upper left', bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--grid', choices=['select', 'test'], help='select: all candidates on validation sets; '
+                   'test: --config over seeds 0-2 on the test sets')
+    p.add_argument('--config', choices=list(CONFIGS), help='with --grid test: the configuration chosen on validation')
+    p.add_argument('--configs', nargs='*', choices=list(CONFIGS), help='with --grid select: a subset of candidates')
+    p.add_argument('--seeds', nargs='*', type=int, help='override the grid\'s seeds')
+    p.add_argument('--summarise', action='store_true', help='only rewrite summary.md and study.png')
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.summarise or not args.grid:
+        summarise()
+        return
+    if args.grid == 'select':
+        run('select', args.configs or GRIDS['select']['configs'], args.seeds or GRIDS['select']['seeds'], 'val')
+    else:
+        if not args.config:
+            p.error('--grid test needs --config, the configuration chosen on the validation sets')
+        run('test', [args.config], args.seeds or SEEDS_TEST, 'test')
+
+
+if __name__ == '__main__':
+    main()
