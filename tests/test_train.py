@@ -171,3 +171,32 @@ def test_bf16_autocast_and_channels_last_run(bench, tmp_path):
     result = main(_args(bench, tmp_path, '--epochs', '1', '--amp', 'bf16', '--channels-last'))
     record = result['history'][-1]
     assert math.isfinite(record['train']['loss']) and 0 <= record['val']['id_accuracy'] <= 100
+
+
+def test_signal_handlers_are_restored_after_a_run(bench, tmp_path, monkeypatch):
+    """An in-process run (notebook, sweep, test) gives Ctrl-C back to its caller, after a finished run and after
+    one that stopped on a signal."""
+    def caller_handler(signum, frame):
+        pass
+
+    signals = (signal.SIGTERM, signal.SIGINT)
+    saved = {s: signal.getsignal(s) for s in signals}
+    try:
+        for s in signals:
+            signal.signal(s, caller_handler)
+        main(_args(bench, tmp_path / 'done', '--epochs', '1', '--max-steps-per-epoch', '1'))
+        assert [signal.getsignal(s) for s in signals] == [caller_handler] * 2, 'handlers not restored after a run'
+
+        forward = SSODLoss.forward
+
+        def interrupted(self, *args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the first step
+            return forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(SSODLoss, 'forward', interrupted)
+        with pytest.raises(SystemExit):
+            main(_args(bench, tmp_path / 'stopped', '--epochs', '1'))
+        assert [signal.getsignal(s) for s in signals] == [caller_handler] * 2, 'handlers not restored after a stop'
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)

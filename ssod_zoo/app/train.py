@@ -14,6 +14,7 @@ and hold everything ``--resume`` needs to continue exactly; SIGTERM/SIGINT write
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -116,6 +117,22 @@ def main(argv: Optional[List[str]] = None) -> dict:
         raise SystemExit(2)
 
 
+def _restores_signal_handlers(fn):
+    """The SIGTERM/SIGINT handlers ``_StopFlag`` installs are the run's, not the caller's: put the caller's
+    back on any exit, so Ctrl-C interrupts a notebook or sweep again after an in-process run."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for s, handler in saved.items():
+                if handler is not None:  # None: installed outside Python, cannot be put back from here
+                    signal.signal(s, handler)
+    return wrapper
+
+
+@_restores_signal_handlers
 def train(cfg: TrainConfig) -> dict:
     # ---------------------------------------------------------------------------------------------- setup
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
