@@ -16,6 +16,7 @@ pooling and the classifier (MobileNetV3's ``conv_head`` + activation, ConvNeXt's
 per-architecture code.
 """
 import copy
+import sys
 import warnings
 from typing import Dict, Final, Optional, Union
 
@@ -126,6 +127,15 @@ class SSODModel(nn.Module):
             ood_map=as_map(self.ood_head(pre_logits)),
         )
 
+    def __reduce_ex__(self, protocol):
+        # Pickle a generated SSOD<Base> as "SSOD of <Base>", with <Base> by reference: whole-model pickles
+        # (torch.save(model), multiprocessing spawn, Ray) load in any interpreter, for any importable base class.
+        reduced = super().__reduce_ex__(protocol)
+        cls = type(self)
+        if _SSOD_CLASSES.get(cls.__bases__[-1]) is not cls or not isinstance(reduced, tuple):
+            return reduced  # a user's own subclass: pickled by its own name
+        return (_new_ssod_instance, (cls.__bases__[-1],), *reduced[2:])
+
     @torch.jit.unused
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is None:
@@ -214,8 +224,27 @@ def _ssod_class(base: type) -> type:
         cls = type(name, (SSODModel, base), {'__module__': __name__, '__qualname__': name,
                                              '__annotations__': annotations, '__doc__': SSODModel.__doc__})
         _SSOD_CLASSES[base] = cls
-        globals().setdefault(name, cls)  # importable by name, so pickling a model works
+        globals().setdefault(name, cls)  # importable by name (see __getattr__ for classes not made yet)
     return cls
+
+
+def _new_ssod_instance(base: type) -> SSODModel:
+    """Unpickling: an empty ``SSOD<Base>`` whose state pickle then restores."""
+    cls = _ssod_class(base)
+    return cls.__new__(cls)
+
+
+def __getattr__(name: str) -> type:
+    """``ssod_zoo.adapter.SSOD<Base>`` for any timm model class ``<Base>``, made on demand, so the generated classes
+    are importable by name in any interpreter (and pickles that name them load)."""
+    if name.startswith('SSOD') and len(name) > 4:
+        base_name = name[4:]
+        candidates = [getattr(timm.models, base_name, None)] + [
+            getattr(m, base_name, None) for k, m in list(sys.modules.items()) if k.startswith('timm.models.')]
+        for base in candidates:
+            if isinstance(base, type) and issubclass(base, nn.Module) and base.__name__ == base_name:
+                return _ssod_class(base)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def wrap(

@@ -250,3 +250,30 @@ def test_robust_posterior():
     torch.testing.assert_close(post[0, :3] / post[0, :3].sum(), logits[0].softmax(0))
     with pytest.raises(ValueError, match=r'ood_factor \(B,\)'):
         robust_posterior(logits, p_id[:1])
+
+
+@pytest.mark.parametrize('make', ['ssod_test_resnet', 'wrap:test_efficientnet'])
+def test_whole_model_pickle_loads_in_a_fresh_interpreter(make, tmp_path):
+    """torch.save(model) / multiprocessing spawn / Ray pickle the whole model: SSOD<Arch> must resolve by name."""
+    import subprocess
+    import sys
+    torch.manual_seed(0)
+    if make.startswith('wrap:'):
+        model = wrap(timm.create_model(make[5:], num_classes=3)).eval()
+    else:
+        model = timm.create_model(make, num_classes=3).eval()
+    x = _input(model, size=64)
+    with torch.no_grad():
+        logits, ood = model(x)
+    torch.save({'model': model, 'x': x, 'logits': logits, 'ood': ood}, tmp_path / 'whole.pt')
+    code = ('import sys, torch; d = torch.load(sys.argv[1], weights_only=False); m = d["model"]\n'
+            'with torch.no_grad(): logits, ood = m(d["x"])\n'
+            'assert torch.equal(logits, d["logits"]) and torch.equal(ood, d["ood"])\n'
+            'import ssod_zoo.adapter as a; assert getattr(a, type(m).__name__) is type(m)\n'
+            'assert isinstance(m, ssod_zoo.SSODModel)\n'
+            'print(type(m).__name__)')
+    code = 'import ssod_zoo\n' + code if make.startswith('wrap:') else code.replace('ssod_zoo.SSODModel', 'a.SSODModel')
+    r = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'whole.pt')], capture_output=True, text=True,
+                       env={**__import__('os').environ, 'SSOD_ZOO_AUTOLOAD': '0'})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == type(model).__name__
