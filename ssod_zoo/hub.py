@@ -21,9 +21,10 @@ A registered architecture can be pointed at one's own repo (or file) without reg
     timm.create_model('ssod_resnet50', pretrained=True, num_classes=10,
                       pretrained_cfg_overlay=dict(hf_hub_id='me/my-ssod-resnet50', num_classes=10))
 
-``num_classes`` must be given twice there (the model's and the weights'), as for any timm overlay, together
-with any model argument the weights were trained with (``output_stride=16``, ...); the ``hf-hub:`` form reads
-all of them, and ``ood_threshold``, from the repo's ``config.json`` instead.
+``num_classes`` must be given twice there (the model's and the weights'), as for any timm overlay. The other
+model arguments the weights were saved with (``output_stride=16``, ...) and ``ood_threshold`` are read from the
+repo's ``config.json``, as the ``hf-hub:`` form reads them; arguments given explicitly win. A repo without
+``config.json`` is refused with a clear error.
 
 What is guaranteed for SSOD models (every ``ssod_*`` entrypoint goes through ``registry._create``):
 
@@ -767,6 +768,34 @@ def _manifest_cfgs(arch_cfgs: Mapping[str, Mapping[str, Any]],
             _SHIPPED_BY_FILE[str(path)] = entry
         cfgs[f'{arch}.{tag}'] = cfg
     return cfgs
+
+
+def _repo_model_args(cfg: PretrainedCfg, cache_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
+    """Model arguments (``ood_threshold``, ``output_stride``, ...) saved in the ``config.json`` of the Hub repo a
+    registered architecture is pointed at with ``pretrained_cfg_overlay=dict(hf_hub_id=...)``. Without them the
+    weights would load, without an error, into another model: other logits and no threshold."""
+    repo = cfg.hf_hub_id
+    try:
+        path = _download(repo, CONFIG_NAME, cache_dir)
+    except WeightsError as e:
+        cause = e.__cause__
+        if isinstance(cause, EntryNotFoundError) and not isinstance(cause, LocalEntryNotFoundError):
+            raise WeightsError(
+                f'{repo} has no {CONFIG_NAME}, so the model arguments and ood_threshold its weights were saved with '
+                'are unknown. Publish the weights with ssod_zoo.push_to_hub or `ssod push <checkpoint> <repo_id>`, '
+                f'which write {CONFIG_NAME}, or load a local copy with pretrained_cfg_overlay=dict(file=...) and '
+                'the model arguments given explicitly') from cause
+        raise
+    try:
+        config = json.loads(Path(path).read_text(encoding='utf-8'))
+    except (OSError, ValueError) as e:
+        raise WeightsError(f'{repo}/{CONFIG_NAME} is not readable JSON ({e}); download it again: '
+                           f'`hf download {hf_split(repo)[0]} {CONFIG_NAME} --force-download`') from e
+    arch = cfg.architecture or ''
+    if config.get('architecture') and arch and config['architecture'] != arch:
+        raise WeightsError(f'{repo} holds {config["architecture"]} weights, not {arch}: create '
+                           f'timm.create_model("hf-hub:{repo}", pretrained=True), or the architecture it names')
+    return dict(config.get('model_args') or {})
 
 
 def _shipped_model_args(variant: str, tag: Optional[str]) -> Dict[str, Any]:

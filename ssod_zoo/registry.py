@@ -54,6 +54,12 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
                 f'ImageNet classifier, build the model with pretrained=False and load the classifier\'s weights '
                 f'into it (the OOD head starts fresh), as `python -m ssod_zoo.app.train --init {trunk}.<tag>` does.')
         overlay.update(hub._prepare_pretrained(cfg, kwargs.get('cache_dir')))
+        if overlay.get('hf_hub_id') and not overlay.get('file'):  # pointed at a repo: its config.json's model args
+            repo_args = hub._repo_model_args(cfg, kwargs.get('cache_dir'))
+            for k, v in repo_args.items():
+                kwargs.setdefault(k, v)
+            saved_args = {**repo_args, **saved_args}
+            kwargs.setdefault('pretrained_model_args', saved_args)
     kwargs['pretrained_cfg_overlay'] = overlay
     with hub._clear_errors(name):
         model = build_model_with_cfg(

@@ -385,12 +385,23 @@ def test_online_hf_hub_round_trip_through_a_local_endpoint(hub_server, saved, mo
 
 
 def test_registered_architecture_pointed_at_own_repo(hf_home, saved, model, images):
+    """The documented call (MODEL_CARD, ssod_zoo.hub): the repo's config.json brings the model arguments the
+    weights were saved with (output_stride changes the logits, not a tensor shape) and the threshold."""
     write_cache_repo(hf_home, 'me/my-ssod', folder_files(saved))
-    # the overlay form needs the model args given again; hf-hub:me/my-ssod would read them from config.json
-    loaded = timm.create_model(ARCH, pretrained=True, num_classes=NUM_CLASSES, ood_threshold=THRESHOLD,
-                               **MODEL_KWARGS,
+    loaded = timm.create_model(ARCH, pretrained=True, num_classes=NUM_CLASSES,
                                pretrained_cfg_overlay=dict(hf_hub_id='me/my-ssod', num_classes=NUM_CLASSES))
     assert_same_model(loaded, model, images)
+    # arguments given explicitly still win over the saved ones
+    logits_only = timm.create_model(ARCH, pretrained=True, num_classes=NUM_CLASSES, return_ood=False,
+                                    pretrained_cfg_overlay=dict(hf_hub_id='me/my-ssod', num_classes=NUM_CLASSES))
+    assert logits_only.return_ood is False and logits_only.ood_threshold == THRESHOLD
+
+
+def test_registered_architecture_pointed_at_a_repo_without_config_fails_clearly(hub_server, saved):
+    hub_server.serve('me/bare', {'model.safetensors': (saved / 'model.safetensors').read_bytes()})
+    with pytest.raises(WeightsError, match='me/bare has no config.json.*ssod push'):
+        timm.create_model(ARCH, pretrained=True, num_classes=NUM_CLASSES,
+                          pretrained_cfg_overlay=dict(hf_hub_id='me/bare', num_classes=NUM_CLASSES))
 
 
 def test_explicit_local_file_overlay(saved, model, images):
