@@ -16,6 +16,7 @@ pooling and the classifier (MobileNetV3's ``conv_head`` + activation, ConvNeXt's
 per-architecture code.
 """
 import copy
+import math
 import sys
 import warnings
 from typing import Dict, Final, Optional, Union
@@ -32,6 +33,9 @@ __all__ = ['SSODModel', 'wrap']
 ID_INDEX: Final[int] = 1
 
 _SSOD_CLASSES: Dict[type, type] = {}
+# |values| above this are no normalised image (ImageNet mean/std map [0, 1] pixels into about [-2.2, 2.7])
+_MAX_NORMALISED: Final[float] = 20.0
+_SPATIAL_OK: Dict[type, bool] = {}  # model classes already probed for a (B, C, H, W) feature map
 
 
 class SSODModel(nn.Module):
@@ -44,9 +48,10 @@ class SSODModel(nn.Module):
         ood_head: ``nn.Linear(head_hidden_size, 2)``, the binary ID/OOD head f_ood; index 1 is "in-distribution".
         return_ood: whether ``forward`` returns :class:`SSODOutput` (True) or the logits tensor (False).
         ood_threshold: the calibrated rejection threshold on ``ood_factor`` (keeps 95% of ID validation images),
-            or None if the model was never calibrated. Reject with ``out.ood_factor < model.ood_threshold``.
-        check_finite: (default True) eager forwards reject inputs with NaN/Inf values; set False to skip that pass
-            over the input (and its device sync) for throughput. Skipped anyway under torch.compile/export.
+            or None if the model was never calibrated. Decide with :meth:`accepts`.
+        check_finite: (default True) eager forwards reject inputs with NaN/Inf values, and warn once about values
+            far outside a normalised image's range (0-255 pixels); set False to skip that pass over the input (and
+            its device sync) for throughput. Skipped anyway under torch.compile/export.
     """
     return_ood: Final[bool]
 
@@ -56,6 +61,23 @@ class SSODModel(nn.Module):
         if self.return_ood:
             return self.forward_ssod(x)
         return self.forward_head(self.forward_features(x))
+
+    def accepts(self, ood_factor: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
+        """Which images count as one of the known classes: ``ood_factor >= threshold``.
+
+        Args:
+            ood_factor: (B,) from :meth:`forward_ssod` (or ``model(x).ood_factor``).
+            threshold: default ``model.ood_threshold``, calibrated to keep 95% of ID validation images.
+
+        Returns:
+            (B,) bool, True = in-distribution (keep), False = unknown.
+        """
+        threshold = self.ood_threshold if threshold is None else threshold
+        if threshold is None:
+            raise ValueError('this model has no calibrated ood_threshold: pass threshold=..., or calibrate one on '
+                             'ID validation images with ssod_zoo.calibrate_threshold(ood_factors) and set '
+                             'model.ood_threshold')
+        return ood_factor >= threshold
 
     def forward_ssod(self, x: torch.Tensor) -> SSODOutput:
         """Class logits and OOD factor, whatever ``return_ood`` says.
@@ -199,9 +221,59 @@ class SSODModel(nn.Module):
         # a full pass over the input (and a device sync): skipped inside torch.compile/export, where a data-dependent
         # branch would break the graph, and when the user opts out for throughput (model.check_finite = False)
         if getattr(self, 'check_finite', True) and x.device.type != 'meta' and not torch.compiler.is_compiling():
-            if not bool(torch.isfinite(x).all()):
+            peak = float(x.abs().amax()) if x.numel() else 0.0  # NaN and Inf propagate: one reduction for both
+            if not math.isfinite(peak):
                 raise ValueError(f'{name} got an input with NaN or Inf values; the outputs would be NaN. Check the '
                                  'image loading and normalisation (set model.check_finite = False to skip this check)')
+            if peak > _MAX_NORMALISED and not getattr(self, '_range_warned', False):
+                self._range_warned = True  # once per model: a pipeline feeding raw pixels would warn every batch
+                warnings.warn(f'{name} got input values up to {peak:.0f}, but normalised images lie within about '
+                              '+-3: are these 0-255 pixels? Divide by 255 and normalise with the model\'s mean/std '
+                              '(timm.data.create_transform(**timm.data.resolve_data_config(model=model))); '
+                              'otherwise ood_factor is meaningless', stacklevel=3)
+
+
+def _require_spatial(model: nn.Module) -> None:
+    """Reject models whose ``forward_features`` is no (B, num_features, H, W) map (ViT tokens, Swin's channels-last
+    maps): SSOD applies its heads at every position of that map. The probe runs on meta tensors (shapes only, no
+    arithmetic, the model's own tensors untouched), once per model class."""
+    cls = type(model)
+    if cls in _SPATIAL_OK:
+        return
+    size = tuple((getattr(model, 'pretrained_cfg', None) or {}).get('input_size') or (3, 224, 224))
+    state = {f'm.{k}': v.to('meta') for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    ref = next(iter(state.values()), None)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = torch.func.functional_call(_Features(model), state, (torch.zeros(
+                1, *size, device='meta', dtype=ref.dtype if ref is not None else torch.float32),))
+        shape = tuple(out.shape)
+    except Exception:  # the probe itself failed (lazy modules, an unusual input size): do not guess
+        return
+    finally:
+        model.train(was_training)
+    if len(shape) == 4 and shape[1] == model.num_features:
+        _SPATIAL_OK[cls] = True
+        return
+    layout = ('tokens (B, N, C), as a vision transformer gives' if len(shape) == 3 else
+              'a channels-last (B, H, W, C) map' if len(shape) == 4 and shape[-1] == model.num_features else
+              f'a {len(shape)}-D tensor')
+    raise TypeError(f'{cls.__name__} is not a CNN SSOD can use: its forward_features gives {layout}, shape {shape} '
+                    f'for a {size} input, but SSOD applies its heads at every position of a (B, C, H, W) feature map. '
+                    'Use a CNN (resnet50, efficientnet_b0, convnext_tiny, ...)')
+
+
+class _Features(nn.Module):
+    """``forward_features`` as ``forward``, for ``torch.func.functional_call``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m.forward_features(x)
 
 
 def _total_stride(model: nn.Module) -> int:
@@ -283,6 +355,7 @@ def wrap(
     if missing or not hasattr(model, 'head_hidden_size'):
         raise TypeError(f'{type(model).__name__} is not a timm classifier with the forward_features/forward_head '
                         f'contract (missing: {", ".join(missing) or "head_hidden_size"}); wrap() needs one')
+    _require_spatial(model)
 
     cls = _ssod_class(type(model))
     ssod = cls.__new__(cls)

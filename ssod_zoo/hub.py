@@ -444,6 +444,8 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[SSODModel, Dict[str, Any]]:
     model.load_state_dict(state_dict)
     model.ood_threshold = None if ckpt.get('ood_threshold') is None else float(ckpt['ood_threshold'])
     model.pretrained_cfg = {**model.pretrained_cfg, **_checkpoint_data_config(ckpt)}
+    if ckpt.get('class_names') and len(ckpt['class_names']) == model.num_classes:
+        model.pretrained_cfg['label_names'] = tuple(str(c) for c in ckpt['class_names'])
     return model.eval(), ckpt
 
 
@@ -486,6 +488,14 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
     model = timm.create_model(spec, pretrained=True, **kwargs)
     if not isinstance(model, SSODModel):
         model = wrap(model)
+    labels = model.pretrained_cfg.get('label_names')
+    if labels and len(labels) != model.num_classes:
+        # timm reset the classifier: the weights' class names and the threshold calibrated with them no longer apply
+        warnings.warn(f'{spec}: built with num_classes={model.num_classes}, the weights have {len(labels)} classes; '
+                      'the classifier is new, so their label_names and ood_threshold are dropped (train it, then '
+                      'calibrate a threshold)', stacklevel=2)
+        model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != 'label_names'}
+        model.ood_threshold = None
     return model.eval()
 
 

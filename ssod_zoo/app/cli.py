@@ -3,6 +3,7 @@
     ssod demo   --out DIR            the embedded benchmark end to end (ssod_zoo.app.demo)
     ssod train  ...                  fine-tune a timm classifier into an SSOD model (ssod_zoo.app.train)
     ssod eval   ...                  SSOD vs post-hoc baselines on your ImageFolder data (ssod_zoo.app.evaluate)
+    ssod predict MODEL INPUTS...     class or "unknown" for each image, as CSV/JSON lines (ssod_zoo.app.predict)
     ssod export MODEL --out F.onnx   ONNX with named outputs logits and ood_factor (ssod_zoo.export)
     ssod save   CHECKPOINT DIR       a hub-ready folder from a training checkpoint (ssod_zoo.hub)
     ssod push   CHECKPOINT REPO_ID   the same, uploaded to the Hugging Face Hub (ssod_zoo.hub)
@@ -15,6 +16,7 @@ COMMANDS = {
     'demo': ('ssod_zoo.app.demo', 'the embedded benchmark end to end: data, two trainings, every baseline, plots'),
     'train': ('ssod_zoo.app.train', 'fine-tune a timm classifier into an SSOD model (single process or torchrun)'),
     'eval': ('ssod_zoo.app.evaluate', 'SSOD against MSP/Energy/ODIN/ReAct/KNN/Mahalanobis/ViM on your data'),
+    'predict': ('ssod_zoo.app.predict', 'class or "unknown" for each image of files, folders or globs (CSV/JSONL)'),
     'export': ('ssod_zoo.export', 'export to ONNX with outputs logits and ood_factor'),
     'save': ('ssod_zoo.hub', 'write a hub-ready folder (safetensors, config.json, model card)'),
     'push': ('ssod_zoo.hub', 'upload a checkpoint to the Hugging Face Hub'),

@@ -1,0 +1,260 @@
+"""``ssod predict``: for each image, one of the model's classes or ``unknown``.
+
+    ssod predict MODEL INPUTS... [--threshold T] [--rule factor|posterior] [--out predictions.csv|.jsonl]
+
+MODEL is any spec :func:`ssod_zoo.load_model` takes: a training checkpoint, a hub folder or ``local-dir:``,
+``hf-hub:org/repo``, or a registered ``ssod_<arch>.<tag>``. INPUTS are image files, folders (searched
+recursively) and glob patterns. Images are preprocessed as the model was trained
+(``timm.data.resolve_data_config(model=model)``: its input size, crop, mean and std; never a default size).
+
+One row per image: ``path``, ``label`` (the class name, or ``unknown``), ``class`` (the most probable class,
+whatever the decision), ``class_prob`` (its softmax probability, the ID factor of Eq. 7), ``ood_factor``
+(P(in-distribution | x), Eq. 15) and ``p_unknown`` (the last column of the robust posterior of Eq. 7,
+``ssod_zoo.robust_posterior``; it equals ``1 - ood_factor``).
+
+Which rule says "unknown":
+
+* ``--rule factor`` (default): ``ood_factor < threshold``, with the threshold the model was calibrated with
+  (``model.ood_threshold``: it keeps 95% of the in-distribution validation images) or ``--threshold``. This is
+  the operating point that FPR95 and ``ssod eval``'s accept rates describe; use it when you want a known
+  fraction of your own classes kept.
+* ``--rule posterior``: ``unknown`` when it is the argmax of Eq. 7's posterior over the M classes plus
+  unknown, i.e. ``1 - ood_factor > ood_factor * max softmax``. It needs no calibration, but it is another
+  operating point: it calls an image unknown whenever ``ood_factor < 1 / (1 + class_prob)`` (between 0.5 and
+  1/(1 + 1/M)), which is usually far above a calibrated threshold, so it rejects more ID images. Use it for an
+  uncalibrated model, or where the paper's posterior is the decision you want.
+
+The summary line says how many images the two rules decided differently.
+"""
+import argparse
+import csv
+import glob
+import json
+import sys
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..output import robust_posterior
+
+__all__ = ['find_images', 'predict', 'main', 'IMAGE_EXTENSIONS', 'COLUMNS']
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+COLUMNS = ('path', 'label', 'class', 'class_prob', 'ood_factor', 'p_unknown')
+UNKNOWN = 'unknown'
+
+
+class PredictError(Exception):
+    """A problem with the user's input: one line at the command line."""
+
+
+def find_images(inputs: Sequence[str]) -> List[Path]:
+    """Image files named by ``inputs``: files as given, folders searched recursively, glob patterns expanded.
+
+    Returns:
+        The files in input order (each folder's and pattern's files sorted), without duplicates.
+    """
+    found: Dict[Path, None] = {}
+    for item in inputs:
+        path = Path(item)
+        if path.is_file():
+            matches = [path]
+        elif path.is_dir():
+            matches = sorted(p for p in path.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True)
+                             if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+            if not matches and not glob.has_magic(item):
+                raise PredictError(f'{item}: no such file or folder')
+        found.update(dict.fromkeys(matches))
+    if not found:
+        raise PredictError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) found in {" ".join(inputs)}')
+    return list(found)
+
+
+class _Images(Dataset):
+    """Image files with a transform; an unreadable file gives None (reported and skipped, not a traceback)."""
+
+    def __init__(self, paths: Sequence[Path], transform):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        try:
+            with open(self.paths[i], 'rb') as f:
+                image = Image.open(f).convert('RGB')
+        except OSError as e:  # PIL's UnidentifiedImageError is an OSError
+            return i, None, f'{type(e).__name__}: {e}'
+        return i, self.transform(image), None
+
+
+def _collate(items):
+    ok = [(i, x) for i, x, _ in items if x is not None]
+    bad = [(i, err) for i, x, err in items if x is None]
+    index = torch.tensor([i for i, _ in ok], dtype=torch.long)
+    images = torch.stack([x for _, x in ok]) if ok else None
+    return index, images, bad
+
+
+@torch.no_grad()
+def predict(
+        model: torch.nn.Module,
+        paths: Sequence[Path],
+        threshold: Optional[float] = None,
+        rule: str = 'factor',
+        batch_size: int = 32,
+        device: torch.device = torch.device('cpu'),
+        workers: int = 0,
+        progress: Optional[bool] = None,
+        on_error=None,
+) -> Iterator[dict]:
+    """Yield one row per readable image (see :data:`COLUMNS`), in the order of ``paths``.
+
+    Args:
+        model: an SSOD model in eval mode; its ``pretrained_cfg`` gives the preprocessing.
+        paths: image files.
+        threshold: ``ood_factor`` below this is unknown (rule ``factor``); default ``model.ood_threshold``.
+        rule: ``'factor'`` (threshold on ``ood_factor``) or ``'posterior'`` (argmax of Eq. 7).
+        progress: tqdm bar on stderr; None = only when stderr is a terminal.
+        on_error: called with ``(path, message)`` for an unreadable image; default: raise :class:`PredictError`.
+
+    Each row also carries ``_disagree``: whether the other rule would have decided otherwise (needs a threshold;
+    False without one).
+    """
+    import timm
+    from tqdm.auto import tqdm
+
+    if rule not in ('factor', 'posterior'):
+        raise ValueError(f"rule is 'factor' or 'posterior', got {rule!r}")
+    threshold = model.ood_threshold if threshold is None else float(threshold)
+    if rule == 'factor' and threshold is None:
+        raise PredictError('the model has no calibrated ood_threshold: pass --threshold T (e.g. from '
+                           'ssod_zoo.calibrate_threshold on your ID validation images), or use --rule posterior')
+    names = _label_names(model)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    loader = DataLoader(_Images(paths, transform), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_collate, pin_memory=device.type == 'cuda')
+    bar = tqdm(total=len(paths), unit='img', desc='predict', mininterval=1.0,
+               disable=(not sys.stderr.isatty()) if progress is None else not progress)
+    model.eval()
+    try:
+        for index, images, bad in loader:
+            for i, err in bad:
+                if on_error is None:
+                    raise PredictError(f'cannot read image {paths[i]}: {err}')
+                on_error(paths[i], err)
+            if images is not None:
+                logits, ood_factor = model.forward_ssod(images.to(device, non_blocking=True))
+                posterior = robust_posterior(logits.float(), ood_factor).cpu()
+                prob, cls = logits.float().softmax(dim=1).max(dim=1)
+                by_factor = (ood_factor < threshold).cpu() if threshold is not None else None
+                by_posterior = posterior.argmax(dim=1) == posterior.shape[1] - 1
+                unknown = by_factor if rule == 'factor' else by_posterior
+                for j, i in enumerate(index.tolist()):
+                    c = int(cls[j])
+                    yield {'path': str(paths[i]), 'label': UNKNOWN if unknown[j] else names[c], 'class': names[c],
+                           'class_prob': float(prob[j]), 'ood_factor': float(ood_factor[j]),
+                           'p_unknown': float(posterior[j, -1]),
+                           '_disagree': by_factor is not None and bool(by_factor[j] != by_posterior[j])}
+            bar.update(len(index) + len(bad))
+    finally:
+        bar.close()
+
+
+def _label_names(model: torch.nn.Module) -> List[str]:
+    names = list((getattr(model, 'pretrained_cfg', None) or {}).get('label_names') or ())
+    if len(names) != model.num_classes:
+        names = [str(i) for i in range(model.num_classes)]
+    return names
+
+
+class _Writer:
+    """CSV (default, also to stdout) or JSON lines, chosen by the file's suffix."""
+
+    def __init__(self, out: Optional[str]):
+        self.file = open(out, 'w', newline='') if out else sys.stdout
+        self.jsonl = bool(out) and Path(out).suffix.lower() in ('.jsonl', '.json', '.ndjson')
+        if not self.jsonl:
+            self.csv = csv.DictWriter(self.file, fieldnames=COLUMNS, extrasaction='ignore')
+            self.csv.writeheader()
+
+    def write(self, row: dict) -> None:
+        row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items() if k in COLUMNS}
+        if self.jsonl:
+            self.file.write(json.dumps(row) + '\n')
+        else:
+            self.csv.writerow(row)
+
+    def close(self) -> None:
+        if self.file is not sys.stdout:
+            self.file.close()
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    p = argparse.ArgumentParser(prog='ssod predict', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('model', metavar='MODEL', help='checkpoint, hub folder, local-dir:, hf-hub:org/repo or a '
+                                                  'registered ssod_<arch>.<tag>')
+    p.add_argument('inputs', nargs='+', metavar='INPUTS', help='image files, folders (recursive) or glob patterns')
+    p.add_argument('--threshold', type=float, default=None,
+                   help="ood_factor below this is unknown (default: the model's calibrated ood_threshold)")
+    p.add_argument('--rule', choices=('factor', 'posterior'), default='factor',
+                   help='factor: ood_factor < threshold; posterior: argmax of the Eq. 7 posterior is unknown '
+                        '(default: %(default)s)')
+    p.add_argument('--out', default=None, help='FILE.csv or FILE.jsonl (default: CSV to stdout)')
+    p.add_argument('--batch-size', type=int, default=32, help='images per forward pass (default: %(default)s)')
+    p.add_argument('--workers', type=int, default=0, help='image-loading processes (default: %(default)s)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='cpu, cuda, cuda:1, ... (default: %(default)s)')
+    p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None,
+                   help='progress bar on stderr (default: only on a terminal)')
+    args = p.parse_args(argv)
+
+    from ..hub import WeightsError, load_model
+
+    def fail(message: str):
+        print(f'ssod predict: error: {message}', file=sys.stderr)
+        raise SystemExit(2)
+
+    try:
+        paths = find_images(args.inputs)
+        device = torch.device(args.device)
+        model = load_model(args.model).to(device).eval()
+    except (PredictError, WeightsError, FileNotFoundError, RuntimeError) as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if args.batch_size < 1:
+        fail(f'--batch-size must be >= 1, got {args.batch_size}')
+
+    skipped = []
+    counts = {'images': 0, 'unknown': 0, 'disagree': 0}
+    writer = _Writer(args.out)
+    try:
+        rows = predict(model, paths, args.threshold, args.rule, args.batch_size, device, args.workers,
+                       args.progress, on_error=lambda path, err: (skipped.append(str(path)), print(
+                           f'ssod predict: skipped {path}: not a readable image ({err})', file=sys.stderr)))
+        for row in rows:
+            writer.write(row)
+            counts['images'] += 1
+            counts['unknown'] += row['label'] == UNKNOWN
+            counts['disagree'] += row['_disagree']
+    except PredictError as e:
+        fail(str(e))
+    finally:
+        writer.close()
+    threshold = model.ood_threshold if args.threshold is None else args.threshold
+    rule = f'ood_factor < {threshold:.4g}' if args.rule == 'factor' else 'posterior argmax'
+    other = (f'; the {"posterior" if args.rule == "factor" else "threshold"} rule would decide '
+             f'{counts["disagree"]} differently' if threshold is not None else '')
+    print(f'{counts["images"]} images, {counts["unknown"]} unknown ({rule}){other}'
+          f'{f"; {len(skipped)} unreadable skipped" if skipped else ""}'
+          f'{f"; wrote {args.out}" if args.out else ""}', file=sys.stderr)
+    return {**counts, 'skipped': skipped, 'threshold': threshold, 'rule': args.rule}
+
+
+if __name__ == '__main__':
+    main()
