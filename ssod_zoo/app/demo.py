@@ -22,14 +22,15 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+import timm
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from . import train as train_mod
+from ..hub import load_checkpoint, save_pretrained
 from .evaluate import evaluate, results_markdown, write_results
-from ..hub import load_checkpoint
 from .plots import plot_histograms, plot_roc, plot_sampler
 from .synthetic import BenchmarkConfig, SyntheticBenchmark
+from .train import TrainConfig, train
 
 __all__ = ['main']
 
@@ -51,6 +52,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument('--ssod-epochs', type=int, default=8, help='fine-tuning epochs of each of the two runs')
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--lr', type=float, default=5e-4, help='fine-tuning a small network on a small set')
+    p.add_argument('--lr-step', type=int, default=0, help='halve the learning rate every N epochs (0: never)')
     p.add_argument('--gamma', type=float, default=0.95)
     p.add_argument('--alpha', type=float, default=1.0)
     p.add_argument('--train-per-class', type=int, default=400)
@@ -83,36 +85,33 @@ def main(argv: Optional[List[str]] = None) -> dict:
                                 ood_per_set=args.ood_per_set, seed=args.seed)
     bench = SyntheticBenchmark(args.bench_root or out / 'benchmark', bench_cfg).prepare(
         workers=args.workers, progress=args.progress)
-    size = bench_cfg.image_size
 
     warmup = 0 if args.init else args.warmup_epochs
     total = warmup + args.ssod_epochs
-    common = ['--model', args.model, '--model-kwargs', *args.model_kwargs, '--data', 'folder',
-              '--train-dir', str(bench.root / 'id' / 'train'), '--val-dir', str(bench.root / 'id' / 'val'),
-              # measured once, after the last epoch, into the checkpoint's metrics; never used to select one
-              '--ood-dirs', *[str(bench.root / 'ood' / k) for k in bench.ood_sets],
-              '--img-size', str(size), '--crop-pct', '1.0', '--scale-min', '0.5', '--batch-size',
-              str(args.batch_size), '--lr', str(args.lr), '--lr-step', str(total + 1), '--gamma', str(args.gamma),
-              '--alpha', str(args.alpha), '--workers', str(args.workers), '--seed', str(args.seed),
-              '--eval-every', '0', *([] if args.progress else ['--no-progress'])]
+    common = TrainConfig(
+        model=args.model, model_kwargs=list(args.model_kwargs), data='folder',
+        train_dir=str(bench.root / 'id' / 'train'), val_dir=str(bench.root / 'id' / 'val'),
+        # measured once, after the last epoch, into the checkpoint's metrics; never used to select one
+        ood_dirs=[str(bench.root / 'ood' / k) for k in bench.ood_sets], img_size=bench_cfg.image_size,
+        crop_pct=1.0, scale_min=0.5, batch_size=args.batch_size, lr=args.lr, lr_step=args.lr_step or total + 1,
+        gamma=args.gamma, alpha=args.alpha, workers=args.workers, seed=args.seed, eval_every=0,
+        progress=args.progress, init=args.init, epochs=total)
     (runs / 'ssod').mkdir(parents=True, exist_ok=True)
-    if args.init:
-        common += ['--init', args.init]
-    else:  # from scratch: one cross-entropy warm-up, shared by both runs
+    if not args.init:  # from scratch: one cross-entropy warm-up, shared by both runs
         stage(f'cross-entropy warm-up from scratch: {warmup} epochs')
-        train_mod.main(common + ['--epochs', str(warmup), '--ce-only', '--out-dir', str(runs / 'ce')])
+        train(dataclasses.replace(common, epochs=warmup, ce_only=True, out_dir=str(runs / 'ce')))
         shutil.copy(runs / 'ce' / 'last.pt', runs / 'ssod' / 'last.pt')
-        common += ['--resume', 'auto']
-    common += ['--epochs', str(total)]
+        common = dataclasses.replace(common, resume='auto')
     stage(f'SSOD: {args.ssod_epochs} epochs with the OOD loss, from {args.init or "the warm-up"}')
-    train_mod.main(common + ['--out-dir', str(runs / 'ssod')])
+    train(dataclasses.replace(common, out_dir=str(runs / 'ssod')))
     stage(f'cross-entropy baseline: the same {args.ssod_epochs} epochs without it')
-    train_mod.main(common + ['--ce-only', '--out-dir', str(runs / 'ce')])
+    train(dataclasses.replace(common, ce_only=True, out_dir=str(runs / 'ce')))
 
     stage('scoring with SSOD and every baseline')
     ssod_model, ssod_ckpt = load_checkpoint(runs / 'ssod' / 'last.pt')
-    ce_model, _ = load_checkpoint(runs / 'ce' / 'last.pt')
-    transform = train_mod._transforms(ssod_model, train_mod.TrainConfig(img_size=size, crop_pct=1.0))[1]
+    ce_model, ce_ckpt = load_checkpoint(runs / 'ce' / 'last.pt')
+    # the models carry the preprocessing they were trained with (96 px, crop 1.0)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=ssod_model))
     loader = lambda ds: DataLoader(ds, batch_size=128, num_workers=args.workers)  # noqa: E731
     results = evaluate(ssod_model.eval(), loader(bench.val_dataset(transform)),
                        {k: loader(v) for k, v in bench.ood_datasets(transform).items()},
@@ -121,6 +120,15 @@ def main(argv: Optional[List[str]] = None) -> dict:
     config = {'benchmark': dataclasses.asdict(bench_cfg),
               'demo': {k: v for k, v in vars(args).items() if k not in ('out', 'bench_root')},
               'train': ssod_ckpt['config'], 'model': args.model, 'ood_threshold': ssod_ckpt['ood_threshold']}
+
+    stage('hub-ready folders of both models')
+    ce_model.ood_threshold = None  # its OOD head was never trained: no threshold to publish
+    for name, model, ckpt in (('ssod', ssod_model, ssod_ckpt), ('ce', ce_model, ce_ckpt)):
+        save_pretrained(model, out / 'models' / name, train_config=ckpt['config'], class_names=ckpt['class_names'],
+                        ood_threshold=model.ood_threshold,
+                        metrics={'id_accuracy': results['id_accuracy'][name], 'id_dataset': 'ssod_zoo synthetic',
+                                 'ood': {k: v['ssod'] for k, v in results['ood'].items() if k != 'average'}}
+                        if name == 'ssod' else None)
 
     stage('plots')
     write_results(results, out, config)
@@ -134,7 +142,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
                  args.gamma)
 
     print('\n' + results_markdown(results))
-    stage(f'done: {out}/results.json, results.md, roc.png, histograms.png, sampler.png')
+    stage(f'done: {out}/results.json, results.md, roc.png, histograms.png, sampler.png; '
+          f'models in {out}/models/ssod and {out}/models/ce (timm.create_model("local-dir:{out}/models/ssod", '
+          'pretrained=True))')
     (out / 'timing.json').write_text(json.dumps({'wall_seconds': round(time.time() - t0, 1)}))
     return results
 
