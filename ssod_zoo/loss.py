@@ -23,25 +23,46 @@ from torch import nn
 from .adapter import ID_INDEX
 from .output import SpatialOutput
 
-__all__ = ['sample_patches', 'SSODLoss', 'SSODLossParts', 'BALANCE_SCHEMES', 'IGNORE']
+__all__ = ['sample_patches', 'ood_cutoff', 'SSODLoss', 'SSODLossParts', 'BALANCE_SCHEMES', 'OOD_RULES', 'IGNORE']
 
 BALANCE_SCHEMES = ('lwb', 'lw', 'dr')
 IGNORE = -1  # patch label: neither confidently ID nor confidently OOD
 OOD_INDEX = 1 - ID_INDEX
 
 
+OOD_RULES = ('paper', 'chance')
+
+
+def ood_cutoff(gamma: float, num_classes: int, rule: str = 'paper') -> float:
+    """The confidence on its label below which a patch is taken as OOD (background).
+
+    - ``'paper'``: 1 - gamma (Eq. 12).
+    - ``'chance'``: max(1 - gamma, 0.5 / M), below half the uniform probability. Identical to the paper's rule
+      for M >= 10 classes at gamma 0.95 (CIFAR-10, ImageNet); with few classes (M = 3: uniform 0.33) a
+      background patch rarely puts under 5% on its own label, so the paper's rule yields almost no OOD patches.
+    """
+    if rule == 'paper':
+        return 1.0 - gamma
+    if rule == 'chance':
+        return max(1.0 - gamma, 0.5 / num_classes)
+    raise ValueError(f'rule must be one of {OOD_RULES}, got {rule!r}')
+
+
 @torch.no_grad()
-def sample_patches(cls_map: torch.Tensor, target: torch.Tensor, gamma: float = 0.95) -> torch.Tensor:
+def sample_patches(cls_map: torch.Tensor, target: torch.Tensor, gamma: float = 0.95,
+                   ood_rule: str = 'paper') -> torch.Tensor:
     """Self-supervised OOD labels for every feature-map position (Eq. 12).
 
     Args:
         cls_map: (B, M, H, W) class logits at each position.
         target: (B,) int64 image labels.
         gamma: confidence threshold in (0.5, 1].
+        ood_rule: ``'paper'`` (OOD below 1 - gamma) or ``'chance'`` (below max(1 - gamma, 0.5 / M)); see
+            :func:`ood_cutoff`.
 
     Returns:
-        (B, H, W) int64: 1 (ID) where softmax confidence on the label >= gamma, 0 (OOD) where < 1 - gamma,
-        -1 (ignored) otherwise. Computed without gradient.
+        (B, H, W) int64: 1 (ID) where softmax confidence on the label >= gamma, 0 (OOD) where below the
+        :func:`ood_cutoff`, -1 (ignored) otherwise. Computed without gradient.
     """
     if not 0.5 < gamma <= 1.0:
         raise ValueError(f'gamma must be in (0.5, 1], got {gamma}: below 0.5 a patch could be both ID and OOD')
@@ -56,7 +77,7 @@ def sample_patches(cls_map: torch.Tensor, target: torch.Tensor, gamma: float = 0
     confidence = cls_map.float().softmax(dim=1).gather(1, index).squeeze(1)
     labels = torch.full_like(confidence, IGNORE, dtype=torch.int64)
     labels[confidence >= gamma] = ID_INDEX
-    labels[confidence < 1 - gamma] = OOD_INDEX
+    labels[confidence < ood_cutoff(gamma, cls_map.shape[1], ood_rule)] = OOD_INDEX
     return labels
 
 
@@ -88,6 +109,7 @@ class SSODLoss(nn.Module):
         balance: 'lwb' (default), 'lw' or 'dr' (Table 5); see the module docstring.
         background_weight: weight of OOD patches under 'lw'.
         label_smoothing: for the classification CE.
+        ood_rule: which patches are OOD: 'paper' (below 1 - gamma) or 'chance' (see :func:`ood_cutoff`).
         count_reducer: sums a tensor of patch counts over data-parallel ranks (e.g. an all-reduce), so that
             per-patch means are over the global batch and a run on N ranks matches one process with the same
             global batch. ``world_size`` must then be the number of ranks (DDP averages gradients over them).
@@ -102,6 +124,7 @@ class SSODLoss(nn.Module):
             label_smoothing: float = 0.0,
             count_reducer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
             world_size: int = 1,
+            ood_rule: str = 'paper',
     ):
         super().__init__()
         if balance not in BALANCE_SCHEMES:
@@ -113,6 +136,9 @@ class SSODLoss(nn.Module):
         self.gamma, self.alpha, self.balance = gamma, alpha, balance
         self.background_weight, self.label_smoothing = background_weight, label_smoothing
         self.count_reducer, self.world_size = count_reducer, world_size
+        if ood_rule not in OOD_RULES:
+            raise ValueError(f'ood_rule must be one of {OOD_RULES}, got {ood_rule!r}')
+        self.ood_rule = ood_rule
 
     def forward(self, out: SpatialOutput, target: torch.Tensor, ood: bool = True,
                 generator: Optional[torch.Generator] = None) -> SSODLossParts:
@@ -123,7 +149,7 @@ class SSODLoss(nn.Module):
             generator: RNG for the 'dr' scheme's resampling.
         """
         cls_loss = F.cross_entropy(out.logits.float(), target, label_smoothing=self.label_smoothing)
-        labels = sample_patches(out.cls_map.detach(), target, self.gamma)
+        labels = sample_patches(out.cls_map.detach(), target, self.gamma, self.ood_rule)
         is_id, is_ood = labels == ID_INDEX, labels == OOD_INDEX
         n_total = labels.numel()
         fractions = [is_id.sum() / n_total, is_ood.sum() / n_total, (labels == IGNORE).sum() / n_total]

@@ -1,0 +1,29 @@
+"""The sampler's OOD rule for few classes, and the warning when it starves the OOD head."""
+import pytest
+import torch
+
+from ssod_zoo.loss import ood_cutoff, sample_patches
+
+
+def test_chance_rule_equals_the_paper_rule_from_ten_classes_on():
+    for m in (10, 100, 1000):
+        assert ood_cutoff(0.95, m, 'chance') == ood_cutoff(0.95, m, 'paper') == pytest.approx(0.05)
+    assert ood_cutoff(0.95, 3, 'chance') == pytest.approx(0.5 / 3)
+
+
+def test_three_classes_background_is_ood_only_under_the_chance_rule():
+    # a background patch spreads its mass: 0.10 on the label, 0.45 on each other class (3 classes)
+    p = torch.tensor([0.10, 0.45, 0.45])
+    cls_map = p.log().view(1, 3, 1, 1).expand(1, 3, 2, 2).contiguous()
+    target = torch.zeros(1, dtype=torch.int64)
+    assert (sample_patches(cls_map, target, 0.95, 'paper') == -1).all()  # ignored: 0.10 >= 0.05
+    assert (sample_patches(cls_map, target, 0.95, 'chance') == 0).all()  # OOD: 0.10 < 0.167
+
+
+def test_training_warns_when_the_sampler_finds_no_background(capsys):
+    from ssod_zoo.app.train import TrainConfig, _warn_starved_sampler
+    _warn_starved_sampler({'frac_ood': 0.002, 'frac_id': 0.4}, TrainConfig(), num_classes=3)
+    err = capsys.readouterr().err
+    assert 'only 0.2% of feature-map positions were sampled as OOD' in err and '--ood-rule chance' in err
+    _warn_starved_sampler({'frac_ood': 0.2, 'frac_id': 0.4}, TrainConfig(), num_classes=3)
+    assert capsys.readouterr().err == ''
