@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .. import wrap
 from .evaluate import collect, ssod_report
 from ..hub import CHECKPOINT_FORMAT
-from ..loss import BALANCE_SCHEMES, SSODLoss
+from ..loss import BALANCE_SCHEMES, OOD_RULES, SSODLoss
+from .protocols import PROTOCOLS
 
 
 @dataclass
@@ -46,7 +47,9 @@ class TrainConfig:
     init: str = ''  # start from timm weights: a hub tag ('resnet50.tv_in1k') or a local file; '' = from scratch
     model_kwargs: List[str] = field(default_factory=list)  # extra create_model kwargs, key=value
     # data
-    data: str = 'folder'  # 'folder' (ImageFolder directories) or 'synthetic' (the embedded benchmark)
+    data: str = 'folder'  # 'folder' (ImageFolder directories), 'synthetic' (the embedded benchmark) or a protocol
+    data_root: str = ''  # with --data <protocol>: where its data sets live (see ssod_zoo.app.protocols)
+    download: bool = False  # with --data <protocol>: fetch what torchvision can download
     train_dir: str = ''
     val_dir: str = ''
     ood_dirs: List[str] = field(default_factory=list)
@@ -61,6 +64,7 @@ class TrainConfig:
     balance: str = 'lwb'
     background_weight: float = 1.0
     label_smoothing: float = 0.0
+    ood_rule: str = 'paper'  # OOD patches below 1-gamma ('paper') or below max(1-gamma, 0.5/M) ('chance')
     warmup_epochs: int = 0  # classification only before the OOD loss switches on
     ce_only: bool = False  # the plain cross-entropy baseline: same recipe, OOD loss never on
     # optimisation (A.4)
@@ -85,7 +89,8 @@ class TrainConfig:
     progress: bool = True
 
 
-CHOICES = {'data': ('folder', 'synthetic'), 'balance': BALANCE_SCHEMES, 'amp': ('none', 'bf16', 'fp16')}
+CHOICES = {'data': ('folder', 'synthetic', *PROTOCOLS), 'balance': BALANCE_SCHEMES, 'ood_rule': OOD_RULES,
+           'amp': ('none', 'bf16', 'fp16')}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
@@ -181,7 +186,7 @@ def train(cfg: TrainConfig) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     criterion = SSODLoss(cfg.gamma, cfg.alpha, cfg.balance, cfg.background_weight, cfg.label_smoothing,
-                         count_reducer=_all_reduce_sum if ddp else None, world_size=world)
+                         count_reducer=_all_reduce_sum if ddp else None, world_size=world, ood_rule=cfg.ood_rule)
 
     start_epoch, start_step, best = 0, 0, {'fpr95': math.inf, 'epoch': -1}
     resume = _resume_path(cfg, out_dir)
@@ -258,6 +263,8 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.step()
         train_log = {k: v / max(n, 1) for k, v in sums.items()}
         train_log['img_s'] = seen / (time.perf_counter() - t0)
+        if master and ood_on:
+            _warn_starved_sampler(train_log, cfg, len(class_names))
 
         # ------------------------------------------------------------------------------------- evaluate
         last = epoch + 1 == cfg.epochs
@@ -446,25 +453,47 @@ def _model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     return model
 
 
+# what a model's weights were trained with, besides the input size (which --img-size sets)
+_PREPROCESSING_KEYS = ('crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
+
+
 def _load_init(model: nn.Module, init: str, num_classes: int) -> None:
-    """Backbone and classifier from timm weights (hub tag or local file); the OOD head starts fresh."""
+    """Weights to start from, with the preprocessing they were trained with (crop, mean, std, interpolation).
+
+    ``init`` is an SSOD model spec (``ssod_zoo.load_model``: a training checkpoint, a hub folder, ``local-dir:``,
+    ``hf-hub:``, an ``ssod_*`` tag; its OOD head comes too), a timm tag (``resnet50.tv_in1k``) or a timm-format
+    weights file; for the last two the OOD head starts fresh. A classifier for another class count is dropped.
+    """
     import warnings
-    if Path(init).exists():
-        from timm.models import load_state_dict
-        state = load_state_dict(init, weights_only=True)
-        classifier = model.pretrained_cfg['classifier']
-        for k in [k for k in state if k.startswith(classifier + '.')]:
-            if state[k].shape != model.state_dict()[k].shape:  # another class count: new classifier
-                del state[k]
-    else:
-        try:
-            state = timm.create_model(init, pretrained=True, num_classes=num_classes).state_dict()
-        except Exception as e:
-            raise TrainError(f'--init {init!r} is neither a file nor loadable timm weights: {e}')
+    from ..hub import CHECKPOINT_FORMAT as _FORMAT, WeightsError, load_model
+    path = Path(init)
+    source = None
+    try:
+        if path.is_file():
+            head = torch.load(path, map_location='cpu', weights_only=True) if path.suffix != '.safetensors' else None
+            if isinstance(head, dict) and head.get('format') == _FORMAT:
+                source = load_model(path)
+            else:
+                from timm.models import load_state_dict
+                state = load_state_dict(init, weights_only=True)
+        elif path.is_dir() or init.startswith(('hf-hub:', 'local-dir:')) or init.startswith('ssod_'):
+            source = load_model(init)
+        else:
+            source = timm.create_model(init, pretrained=True, num_classes=num_classes)
+    except (WeightsError, RuntimeError, OSError, ValueError) as e:
+        raise TrainError(f'--init {init!r} is neither a file nor loadable weights: {str(e).splitlines()[0]}')
+    if source is not None:
+        state = source.state_dict()
+        model.pretrained_cfg = {**model.pretrained_cfg, **{k: source.pretrained_cfg[k] for k in _PREPROCESSING_KEYS
+                                                           if source.pretrained_cfg.get(k) is not None}}
     own = model.state_dict()
+    classifier = model.pretrained_cfg['classifier']
+    for k in [k for k in state if k.startswith(classifier + '.')]:
+        if k in own and state[k].shape != own[k].shape:  # another class count: new classifier
+            del state[k]
     missing = [k for k in own if k not in state and not k.startswith('ood_head.')]
     unexpected = [k for k in state if k not in own]
-    if unexpected or any(not k.startswith(model.pretrained_cfg['classifier'] + '.') for k in missing):
+    if unexpected or any(not k.startswith(classifier + '.') for k in missing):
         raise TrainError(f'--init {init!r} does not fit {model.pretrained_cfg["architecture"]}: '
                          f'{len(unexpected)} unexpected keys (e.g. {unexpected[:2]}), '
                          f'{len(missing)} missing (e.g. {missing[:2]})')
@@ -511,6 +540,15 @@ def _checked_loader(path: str):
 
 
 def _datasets(cfg: TrainConfig, master: bool) -> Dict[str, Dataset]:
+    if cfg.data in PROTOCOLS:
+        from .protocols import DataMissing, load_protocol
+        try:
+            p = load_protocol(cfg.data, cfg.data_root or None, download=cfg.download and master, split='train')
+        except DataMissing as e:
+            raise TrainError(str(e))
+        out = {'train': p.train, 'val': p.val}
+        out.update({f'ood/{k}': v for k, v in p.ood_val.items()})
+        return out
     if cfg.data == 'synthetic':
         from .synthetic import SyntheticBenchmark
         root = cfg.synthetic_root or Path.home() / '.cache' / 'ssod_zoo' / 'synthetic'
@@ -588,6 +626,22 @@ def _progress(loader, enabled: bool, desc: str, start: int, total: int):
         return loader
     from tqdm.auto import tqdm
     return tqdm(loader, desc=desc, initial=start, total=total, dynamic_ncols=True, leave=False)
+
+
+def _warn_starved_sampler(train_log: dict, cfg: TrainConfig, num_classes: int, floor: float = 0.01) -> None:
+    """One line when the sampler (Eq. 12) gives the OOD head almost nothing to learn from, and what to change."""
+    from ..loss import ood_cutoff
+    if train_log.get('frac_ood', 1.0) < floor:
+        cut = ood_cutoff(cfg.gamma, num_classes, cfg.ood_rule)
+        hint = (f'with {num_classes} classes a background patch rarely puts under {cut:.2f} on its own label; '
+                f'try --ood-rule chance (OOD below max(1-gamma, 0.5/M) = {ood_cutoff(cfg.gamma, num_classes, "chance"):.2f})'
+                if cfg.ood_rule == 'paper' and num_classes < 10 else 'try a lower --gamma')
+        print(f'warning: only {train_log["frac_ood"]:.1%} of feature-map positions were sampled as OOD this epoch, '
+              f'so the OOD head gets almost no background supervision: {hint}', file=sys.stderr)
+    if train_log.get('frac_id', 1.0) < floor:
+        print(f'warning: only {train_log["frac_id"]:.1%} of positions were sampled as ID this epoch (confidence >= '
+              f'gamma {cfg.gamma} on the label): train the classifier longer first (--warmup-epochs) or lower --gamma',
+              file=sys.stderr)
 
 
 def _summary(record: dict) -> str:
