@@ -273,6 +273,11 @@ def summarise() -> None:
                                      ('ssod_posterior', 'ssod', 'ssod_energy', 'energy', 'odin', 'react', 'knn'))
                 for s in sets))
         lines.append('')
+    if (OUT / 'choice.json').exists():
+        c = json.loads((OUT / 'choice.json').read_text())
+        lines += ['## Choice', '', f'Rule: {c["rule"]}', '',
+                  f'Chosen: config `{c["config"]}`, readout `{c["readout"]}` (validation FPR95 '
+                  f'{c["validation_fpr95"]:.2f}, AUROC {c["validation_auroc"]:.2f}).', '']
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / 'summary.md').write_text('\n'.join(lines) + '\n')
     if plot_rows:
@@ -301,10 +306,28 @@ def _plot(rows, path: Path) -> None:
     plt.close(fig)
 
 
+def choose() -> dict:
+    """The selection rule, fixed before any test number exists: among the candidates run in the ``select`` grid
+    and the SSOD model's readouts, the pair with the lowest average FPR95 on the OOD *validation* sets (ties: the
+    higher validation AUROC). Written to ``choice.json``."""
+    records = [json.loads(p.read_text()) for p in sorted((OUT / 'select').glob('*.json'))]
+    if not records:
+        raise SystemExit('no select runs yet: run --grid select first')
+    candidates = [(r['ood']['average'][m]['fpr95'], -r['ood']['average'][m]['auroc'], r['name'], m)
+                  for r in records for m in SSOD_ROWS]
+    fpr, neg_auroc, name, readout = min(candidates)
+    choice = {'config': name, 'readout': readout, 'validation_fpr95': fpr, 'validation_auroc': -neg_auroc,
+              'rule': choose.__doc__.split('Written')[0].strip().replace('\n', ' '),
+              'candidates': {f'{n} / {m}': round(f, 2) for f, _, n, m in sorted(candidates)}}
+    (OUT / 'choice.json').write_text(json.dumps(choice, indent=1))
+    print(f'[study] chosen on validation: {name} with readout {readout} (FPR95 {fpr:.2f})', flush=True)
+    return choice
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--grid', choices=['select', 'test'], help='select: all candidates on validation sets; '
-                   'test: --config over seeds 0-2 on the test sets')
+    p.add_argument('--grid', choices=['select', 'test', 'auto'], help='select: all candidates on validation sets; '
+                   'test: --config over seeds 0-2 on the test sets; auto: select, choose (choice.json), then test')
     p.add_argument('--config', choices=list(CONFIGS), help='with --grid test: the configuration chosen on validation')
     p.add_argument('--configs', nargs='*', choices=list(CONFIGS), help='with --grid select: a subset of candidates')
     p.add_argument('--seeds', nargs='*', type=int, help='override the grid\'s seeds')
@@ -314,7 +337,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.summarise or not args.grid:
         summarise()
         return
-    if args.grid == 'select':
+    if args.grid == 'auto':
+        run('select', args.configs or GRIDS['select']['configs'], GRIDS['select']['seeds'], 'val')
+        run('test', [choose()['config']], args.seeds or SEEDS_TEST, 'test')
+    elif args.grid == 'select':
         run('select', args.configs or GRIDS['select']['configs'], args.seeds or GRIDS['select']['seeds'], 'val')
     else:
         if not args.config:
