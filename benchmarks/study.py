@@ -131,14 +131,18 @@ def train_run(name: str, overrides: dict, seed: int, bench: SyntheticBenchmark, 
 @torch.no_grad()
 def spatial_readouts(model, loader) -> Dict[str, torch.Tensor]:
     """Per-position readouts of the OOD head and classifier, aggregated over the feature map."""
-    out = {'pos_mean_pid': [], 'pos_max_pid': [], 'pos_top3_maxlogit': []}
+    out = {'pos_mean_pid': [], 'pos_max_pid': [], 'pos_top3_maxlogit': [], 'pos_max_posterior': []}
     for x, _ in loader:
         s = model.forward_spatial(x)
-        p_id = s.ood_map.float().softmax(1)[:, ID_INDEX].flatten(1)  # (B, h*w)
+        log_pid = s.ood_map.float().log_softmax(1)[:, ID_INDEX].flatten(1)  # (B, h*w)
+        p_id = log_pid.exp()
         top = s.cls_map.float().amax(1).flatten(1)  # (B, h*w) max logit per position
         out['pos_mean_pid'].append(p_id.mean(1))
         out['pos_max_pid'].append(p_id.amax(1))
         out['pos_top3_maxlogit'].append(top.topk(min(3, top.shape[1]), dim=1).values.mean(1))
+        # the full posterior at each position (log-sum-exp of its class logits + its log P_ID), best position:
+        # objects cover a minority of the image, so the most object-like position carries the evidence
+        out['pos_max_posterior'].append((s.cls_map.float().logsumexp(1).flatten(1) + log_pid).amax(1))
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -226,7 +230,7 @@ def _last_log(run_dir: Path) -> dict:
 # --------------------------------------------------------------------------------------------------- summary
 
 SSOD_ROWS = ('ssod_posterior', 'ssod_posterior_msp', 'ssod', 'ssod_energy', 'pos_mean_pid', 'pos_max_pid',
-             'pos_top3_maxlogit')
+             'pos_top3_maxlogit', 'pos_max_posterior')
 BASELINES = ('msp', 'maxlogit', 'energy', 'odin', 'react', 'knn', 'mahalanobis', 'vim')
 
 
