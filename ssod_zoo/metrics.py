@@ -26,7 +26,8 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ['OODMetrics', 'accuracy', 'aupr_in', 'aupr_out', 'auroc', 'fpr_at_tpr', 'ood_metrics', 'roc_curve']
+__all__ = ['OODMetrics', 'accuracy', 'aupr_in', 'aupr_out', 'auroc', 'fpr95_ood_positive', 'fpr_at_tpr',
+           'ood_metrics', 'roc_curve']
 
 ScoresLike = Union[torch.Tensor, Sequence[float]]
 
@@ -45,6 +46,27 @@ def fpr_at_tpr(id_scores: ScoresLike, ood_scores: ScoresLike, tpr: float = 0.95)
     if not 0.0 < tpr <= 1.0:
         raise ValueError(f'tpr must be in (0, 1], got {tpr}; FPR95 is tpr=0.95')
     return _fpr_at_tpr(*_roc(*_check_pair(id_scores, ood_scores)), tpr)
+
+
+def fpr95_ood_positive(id_scores: ScoresLike, ood_scores: ScoresLike, tpr: float = 0.95) -> float:
+    """OpenOOD v1.5's FPR95 (OOD positive): the fraction of ID images rejected at the threshold that rejects
+    ``tpr`` of the OOD images. Not this module's convention: use it only to sit next to OpenOOD's leaderboard.
+
+    OpenOOD computes ``fpr[argmax(tpr >= 0.95)]`` on ``sklearn.metrics.roc_curve(is_ood, -score)``; this is the
+    same ROC point with ties handled exactly (:func:`fpr_at_tpr` with the roles of ID and OOD swapped).
+
+    Args:
+        id_scores: (N_id,) scores of in-distribution images, higher = more in-distribution.
+        ood_scores: (N_ood,) scores of OOD images.
+        tpr: the fraction of OOD images to reject, in (0, 1].
+
+    Returns:
+        The fraction of ID images rejected, in [0, 1].
+    """
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f'tpr must be in (0, 1], got {tpr}; FPR95 is tpr=0.95')
+    pos, neg = _check_pair(id_scores, ood_scores)
+    return _fpr_at_tpr(*_roc(-neg, -pos), tpr)
 
 
 def auroc(id_scores: ScoresLike, ood_scores: ScoresLike) -> float:

@@ -1,6 +1,7 @@
 """Turn a training checkpoint into a published SSOD weight: a hub folder plus an entry in manifest.json.
 
     python weights/add_weight.py runs/synth/last.pt --tag synth_r160 [--hf-hub-id ORG/REPO]
+    python weights/add_weight.py runs/fmnist_ssod/release.pt --tag fmnist --dtype float16   (after ssod release)
 
 writes ``weights/<arch>.<tag>/`` (config.json, model.safetensors, README.md: what ``ssod save`` writes, i.e.
 exactly what gets pushed to the Hub) and records the weight in ``weights/manifest.json`` with its sha256, size,
@@ -32,6 +33,7 @@ def add_weight(
         hub_only: bool = False,
         ood_threshold: Optional[float] = None,
         force: bool = False,
+        dtype: str = 'float32',
 ) -> Dict[str, Any]:
     """Write ``weights_dir/<arch>.<tag>/`` and its manifest entry; returns the entry."""
     if not tag or not set(tag) <= TAG_CHARS:
@@ -57,6 +59,13 @@ def add_weight(
         out = hub.save_pretrained(model, Path(tmp) / name, train_config=ckpt.get('config'),
                                   metrics=ckpt.get('metrics'), class_names=ckpt.get('class_names'),
                                   ood_threshold=threshold)
+        if dtype != 'float32':  # lossless only: `ssod release --dtype float16` rounds (and measures) first
+            from ssod_zoo.app.release import DTYPES, ReleaseError, store_as
+            try:
+                store_as(out, DTYPES[dtype])
+            except ReleaseError as e:
+                raise ValueError(f'{e}: release the run with `ssod release ... --dtype {dtype}` and add its '
+                                 'release.pt, so the published numbers are those of the stored tensors') from None
         weights_file = out / hub.WEIGHTS_NAME
         size = weights_file.stat().st_size
         if size > hub.MAX_SHIPPED_BYTES and not hub_only:
@@ -102,10 +111,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--ood-threshold', type=float, help="publish this threshold, not the checkpoint's")
     parser.add_argument('--weights-dir', type=Path, default=WEIGHTS_DIR, help='default: this folder')
     parser.add_argument('--force', action='store_true', help='replace an entry of the same name')
+    parser.add_argument('--dtype', choices=('float32', 'float16', 'bfloat16'), default='float32',
+                        help='storage precision; the weights must already hold its values (ssod release --dtype)')
     args = parser.parse_args(argv)
     try:
         entry = add_weight(args.checkpoint, args.tag, weights_dir=args.weights_dir, hf_hub_id=args.hf_hub_id,
-                           hub_only=args.hub_only, ood_threshold=args.ood_threshold, force=args.force)
+                           hub_only=args.hub_only, ood_threshold=args.ood_threshold, force=args.force,
+                           dtype=args.dtype)
     except (ValueError, FileExistsError, FileNotFoundError, hub.WeightsError) as e:
         parser.exit(2, f'add_weight: error: {e}\n')
     where = 'Hub only' if args.hub_only else f'{args.weights_dir / entry["name"]}'

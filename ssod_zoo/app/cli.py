@@ -7,6 +7,7 @@
     ssod export MODEL --out F.onnx   ONNX with named outputs logits and ood_factor (ssod_zoo.export)
     ssod save   CHECKPOINT DIR       a hub-ready folder from a training checkpoint (ssod_zoo.hub)
     ssod push   CHECKPOINT REPO_ID   the same, uploaded to the Hugging Face Hub (ssod_zoo.hub)
+    ssod release RUN_DIR OUT ...     evaluate, calibrate, card and (--repo-id) push a run (ssod_zoo.app.release)
 """
 import importlib
 import sys
@@ -20,6 +21,7 @@ COMMANDS = {
     'export': ('ssod_zoo.export', 'export to ONNX with outputs logits and ood_factor'),
     'save': ('ssod_zoo.hub', 'write a hub-ready folder (safetensors, config.json, model card)'),
     'push': ('ssod_zoo.hub', 'upload a checkpoint to the Hugging Face Hub'),
+    'release': ('ssod_zoo.app.release', 'a training run to an evaluated, calibrated, carded hub folder (and push)'),
 }
 
 
@@ -34,9 +36,39 @@ def main(argv: Optional[List[str]] = None) -> None:
     if command not in COMMANDS:
         print(f'ssod: unknown command {command!r}; one of: {", ".join(COMMANDS)}', file=sys.stderr)
         raise SystemExit(2)
-    module = importlib.import_module(COMMANDS[command][0])
-    # the hub module takes its sub-command as the first argument (save / push)
-    module.main([command, *rest] if command in ('save', 'push') else rest)
+    _require_extra(command)
+    try:
+        module = importlib.import_module(COMMANDS[command][0])
+        # the hub module takes its sub-command as the first argument (save / push)
+        module.main([command, *rest] if command in ('save', 'push') else rest)
+    except ModuleNotFoundError as e:  # a training-only dependency imported late, on a path not checked above
+        top = (e.name or '').split('.')[0]
+        if top not in _EXTRA_OF:
+            raise
+        _missing_extra(command, top)
+
+
+# what each application command imports beyond the library, and the extra that installs it
+_EXTRA_OF = {'tqdm': 'train', 'matplotlib': 'train', 'PIL': 'train', 'numpy': 'train',
+             'onnx': 'export', 'onnxscript': 'export'}
+_NEEDS = {'demo': ('PIL', 'tqdm', 'matplotlib'), 'train': ('PIL', 'tqdm'), 'eval': ('PIL', 'tqdm', 'matplotlib'),
+          'predict': ('PIL', 'tqdm'), 'release': ('PIL', 'tqdm', 'matplotlib')}
+
+
+def _require_extra(command: str) -> None:
+    """Check before a long run starts, not when its last stage (the demo's plots) first imports the module."""
+    for name in _NEEDS.get(command, ()):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            _missing_extra(command, name)
+
+
+def _missing_extra(command: str, module: str) -> None:
+    extra = _EXTRA_OF[module]
+    print(f"ssod {command}: error: needs {module}, which is in the [{extra}] extra: pip install 'ssod_zoo[{extra}]'",
+          file=sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == '__main__':

@@ -21,11 +21,13 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .. import scores
 from ..hub import load_model
 from ..metrics import accuracy, ood_metrics
+from .protocols import PROTOCOLS, DataMissing, Transformed, add_fpr95_openood, fpr95_markdown, load_protocol, \
+    skipped_markdown
 from ..output import posterior_score
 
 __all__ = ['collect', 'ssod_report', 'evaluate', 'METHODS', 'results_markdown', 'main']
@@ -224,8 +226,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', required=True, help='SSOD model: checkpoint, hub folder, hf-hub:..., or name')
     p.add_argument('--baseline-model', help='model for the post-hoc baselines (default: --model)')
-    p.add_argument('--val-dir', required=True, help='ID test images, ImageFolder layout')
-    p.add_argument('--ood-dirs', nargs='+', required=True, help='one folder per OOD set (images in sub-folders)')
+    p.add_argument('--val-dir', help='ID test images, ImageFolder layout (or --protocol)')
+    p.add_argument('--ood-dirs', nargs='+', default=[], help='one folder per OOD set (images in sub-folders)')
+    p.add_argument('--protocol', choices=PROTOCOLS, help='a named protocol on real data (ssod_zoo.app.protocols)')
+    p.add_argument('--data-root', help='where the protocol data sets live (default: $SSOD_ZOO_DATA or ./data)')
+    p.add_argument('--download', action='store_true', help='with --protocol: fetch what torchvision can download')
+    p.add_argument('--openood-root', help="OpenOOD v1.5's data/ folder: --protocol on OpenOOD's image lists")
+    p.add_argument('--limit', type=int, default=0, help='with --protocol: at most this many images per test set')
     p.add_argument('--fit-dir', help='ID training images to fit KNN, Mahalanobis, ViM and ReAct on')
     p.add_argument('--fit-limit', type=int, default=0, help='use at most this many fit images (0 = all)')
     p.add_argument('--out', default='eval_out')
@@ -236,7 +243,16 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--no-plots', action='store_true')
     args = p.parse_args(argv)
-    for d in [args.val_dir, *args.ood_dirs, *([args.fit_dir] if args.fit_dir else [])]:
+    protocol = None
+    if args.protocol:
+        try:  # before the models load: a missing data set costs nothing
+            protocol = load_protocol(args.protocol, args.data_root, args.download, openood_root=args.openood_root)
+        except DataMissing as e:
+            print(f'ssod eval: error: {e}', file=sys.stderr)
+            raise SystemExit(2)
+    elif not args.val_dir or not args.ood_dirs:
+        p.error('give --protocol NAME, or --val-dir and --ood-dirs')
+    for d in [] if protocol else [args.val_dir, *args.ood_dirs, *([args.fit_dir] if args.fit_dir else [])]:
         if not Path(d).is_dir():
             p.error(f'{d} is not a directory')
 
@@ -253,19 +269,29 @@ def main(argv: Optional[List[str]] = None) -> dict:
     transform = timm.data.create_transform(**timm.data.resolve_data_config(data_args, model=model))
 
     def loader(path, limit=0):
-        ds = ImageFolder(path, transform=transform)
+        ds = Transformed(path, transform) if isinstance(path, Dataset) else ImageFolder(path, transform=transform)
         if limit and len(ds) > limit:
             ds = torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:limit])
         return DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
 
-    val = loader(args.val_dir)
+    val = loader(protocol.test if protocol else args.val_dir)
     if model.num_classes != len(val.dataset.classes):
-        p.error(f'the model has {model.num_classes} classes, {args.val_dir} has {len(val.dataset.classes)}')
+        p.error(f'the model has {model.num_classes} classes, {args.val_dir or args.protocol} has '
+                f'{len(val.dataset.classes)}')
     oods = {Path(d).name: loader(d) for d in args.ood_dirs}
     fit = loader(args.fit_dir, args.fit_limit) if args.fit_dir else None
-    results = evaluate(model, val, oods, baseline, fit, device)
+    if protocol:
+        val = loader(protocol.test, args.limit) if args.limit else val
+        oods = {k: loader(v, args.limit) for k, v in protocol.ood.items()}
+        fit = loader(protocol.fit, args.fit_limit) if protocol.fit is not None and not args.fit_dir else fit
+    results = add_fpr95_openood(evaluate(model, val, oods, baseline, fit, device))
     out = Path(args.out)
-    payload = write_results(results, out, {'model': args.model, 'baseline_model': args.baseline_model, **vars(args)})
+    extra = {'skipped': protocol.skipped, 'groups': protocol.groups} if protocol else {}
+    payload = write_results(results, out, {'model': args.model, 'baseline_model': args.baseline_model,
+                                           **vars(args), **extra})
+    with open(out / 'results.md', 'a') as f:  # both FPR95 conventions, and what the protocol could not run
+        f.write('\n' + fpr95_markdown(results) + '\n' + (f'\n{skipped_markdown(protocol.skipped)}\n'
+                                                         if protocol and protocol.skipped else ''))
     if not args.no_plots:
         from .plots import plot_histograms, plot_roc
         plot_roc(results['scores'], out / 'roc.png')

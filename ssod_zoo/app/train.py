@@ -109,6 +109,9 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
+READ_EVERY = 10  # training steps between reads of the loss sums (host syncs), the NaN check and DDP's stop vote
+
+
 class TrainError(Exception):
     """A problem with the user's input: reported as one clear line, not a traceback."""
 
@@ -117,6 +120,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     cfg = parse_args(argv)
     try:
         return train(cfg)
+    except UnreadableImage:  # from the loop or a DataLoader worker (whose message wraps a traceback)
+        print(f'ssod train: error: {_unreadable_report(cfg)}', file=sys.stderr)
+        raise SystemExit(2)
     except TrainError as e:
         print(f'ssod train: error: {e}', file=sys.stderr)
         raise SystemExit(2)
@@ -226,7 +232,7 @@ def train(cfg: TrainConfig) -> dict:
         model.train()
         if cfg.freeze_bn:
             _freeze_bn(model)
-        sums, seen, n, t0 = {}, 0, 0, time.perf_counter()
+        sums, device_sums, seen, n, t0 = {}, None, 0, 0, time.perf_counter()
         bar = _progress(loader, cfg.progress and master, f'epoch {epoch + 1}/{cfg.epochs}', start_step,
                         steps_per_epoch)
         for step, (x, y) in enumerate(bar, start=start_step):
@@ -236,24 +242,29 @@ def train(cfg: TrainConfig) -> dict:
             with autocast:
                 out = step_module(x)
             parts = criterion(out, y, ood=ood_on)
-            if not torch.isfinite(parts.loss):
-                raise TrainError(f'the loss became {parts.loss.item()} at epoch {epoch + 1}, step {step}; lower --lr, '
-                                 'or with --amp fp16 try --amp bf16. The last good state is '
-                                 f'{out_dir / "last.pt"} (--resume auto)')
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(parts.loss).backward()
             scaler.step(optimizer)
             scaler.update()
 
             seen += x.shape[0] * world
-            for k, v in parts._asdict().items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            # summed on the device and read (one host sync) every READ_EVERY steps, like nanoGPT's log_interval:
+            # a float() per loss part, a NaN check and the stop flag's all-reduce each step stall a GPU
+            step_parts = torch.stack([v.detach().float() for v in parts])
+            device_sums = step_parts if device_sums is None else device_sums + step_parts
             n = step - start_step + 1
-            if hasattr(bar, 'set_postfix'):
-                bar.set_postfix(loss=f'{sums["loss"] / n:.3f}', ce=f'{sums["cls_loss"] / n:.3f}',
-                                id=f'{sums["frac_id"] / n:.0%}', ood=f'{sums["frac_ood"] / n:.0%}',
-                                img_s=f'{seen / (time.perf_counter() - t0):.0f}')
-            if stop.requested(ddp):
+            read = n % READ_EVERY == 0 or step + 1 == steps_per_epoch
+            if read:
+                sums = dict(zip(parts._fields, device_sums.tolist()))
+                if not math.isfinite(sums['loss']):
+                    raise TrainError(f'the loss became {sums["loss"]} at epoch {epoch + 1} by step {step + 1}; lower '
+                                     '--lr, or with --amp fp16 try --amp bf16. The last good state is '
+                                     f'{out_dir / "last.pt"} (--resume auto)')
+                if hasattr(bar, 'set_postfix'):
+                    bar.set_postfix(loss=f'{sums["loss"] / n:.3f}', ce=f'{sums["cls_loss"] / n:.3f}',
+                                    id=f'{sums["frac_id"] / n:.0%}', ood=f'{sums["frac_ood"] / n:.0%}',
+                                    img_s=f'{seen / (time.perf_counter() - t0):.0f}')
+            if (read or not ddp) and stop.requested(ddp):  # free in one process, an all-reduce under DDP
                 if master:
                     _save_atomic(checkpoint(epoch, step + 1), out_dir / 'last.pt')
                     print(f'interrupted: resumable checkpoint at {out_dir / "last.pt"}; continue with --resume auto')
@@ -328,9 +339,16 @@ class _SeededTransform(Dataset):
     def __getitem__(self, index: int):
         image, label = self.dataset[index]
         s = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
-        torch.manual_seed(s)
-        random.seed(s)
-        return self.transform(image), label
+        # seeded inside a fork of the global RNGs: with --workers 0 this runs in the training process, whose RNG
+        # (dropout, DR resampling) must not depend on how many images were loaded
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            random.seed(s)
+            try:
+                return self.transform(image), label
+            finally:
+                random.setstate(python_state)
 
 
 class _GlobalBatches:
@@ -530,13 +548,39 @@ def _image_folder(path: str, what: str):
         raise TrainError(f'--{what} {path!r}: {e} (expected one sub-directory of images per class)')
 
 
+class UnreadableImage(TrainError):
+    """An image file of the user's folders cannot be decoded; :func:`main` then lists every such file."""
+
+
 def _checked_loader(path: str):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
     try:
         with open(path, 'rb') as f:
             return Image.open(f).convert('RGB')
-    except (OSError, UnidentifiedImageError) as e:
-        raise TrainError(f'cannot read image {path}: {e}') from None
+    except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise UnreadableImage(f'cannot read image {path}: {e}') from None
+
+
+def _unreadable_report(cfg: TrainConfig, shown: int = 3) -> str:
+    """One line: how many images of the run's folders cannot be read, and the first few (a header check of each
+    file, run only after one failed, so a large folder is reported in one go rather than one crash at a time)."""
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    folders = [d for d in (cfg.train_dir, cfg.val_dir, *cfg.ood_dirs) if d]
+    files = sorted(p for d in folders for p in Path(d).rglob('*') if p.suffix.lower() in IMG_EXTENSIONS)
+    bad = []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except Exception as e:  # verify() raises whatever the format's parser raises
+            bad.append((p, f'{type(e).__name__}: {e}'))
+    if not bad:
+        return 'an image could not be read while training, but every file reads now; check the storage'
+    (first, why), rest = bad[0], [str(p) for p, _ in bad[1:shown]]
+    more = f' and {len(bad) - shown} more' if len(bad) > shown else ''
+    return (f'{len(bad)} of {len(files)} images cannot be read: cannot read image {first} ({why})'
+            f'{"; also " + ", ".join(rest) if rest else ""}{more}. Fix or delete them and run again')
 
 
 def _datasets(cfg: TrainConfig, master: bool) -> Dict[str, Dataset]:
