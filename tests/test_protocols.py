@@ -1,0 +1,268 @@
+"""Named protocols on real data: Fashion-MNIST from Debian's files, the missing-data messages of every protocol,
+OpenOOD v1.5's image lists, both FPR95 conventions, and the release pipeline.
+
+The real-data tests need Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist; .ci/run installs it
+when it can) and are skipped, with that reason, where it is absent.
+"""
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssod_zoo.app import evaluate, protocols, train
+from ssod_zoo.app.protocols import DataMissing, load_protocol
+from ssod_zoo.metrics import fpr95_ood_positive, fpr_at_tpr
+
+FMNIST_ROOT = Path('/usr/share/datasets/fashion-mnist')
+MANIFEST = json.loads((Path(__file__).resolve().parent.parent / 'weights' / 'manifest.json').read_text())
+FMNIST_WEIGHT = next((e['name'] for e in MANIFEST['weights'] if e['metrics'].get('protocol') == 'fashion-mnist'),
+                     None)
+
+needs_fmnist = pytest.mark.skipif(
+    not (FMNIST_ROOT / 'train-images-idx3-ubyte.gz').is_file(),
+    reason=f'SKIPPED: Fashion-MNIST is not in {FMNIST_ROOT}: apt-get install dataset-fashion-mnist to run the '
+           'real-data tests')
+
+
+@pytest.fixture(scope='module')
+def fmnist(tmp_path_factory):
+    return load_protocol('fashion-mnist', str(FMNIST_ROOT), split='train',
+                         cache=tmp_path_factory.mktemp('cache') / 'fashion-mnist')
+
+
+# ------------------------------------------------------------------------------------------- Fashion-MNIST
+@needs_fmnist
+def test_fashion_mnist_splits_counts_labels_and_images(fmnist):
+    assert fmnist.classes == ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Sneaker', 'Bag']
+    per_val = protocols.FMNIST_VAL_PER_CLASS
+    assert len(fmnist.test) == 6 * 1000 and len(fmnist.ood['fmnist_heldout']) == 4 * 1000
+    assert len(fmnist.val) == 6 * per_val and len(fmnist.ood_val['fmnist_heldout']) == 4 * per_val
+    assert len(fmnist.train) == 6 * (6000 - per_val) and fmnist.fit is not None
+    # validation rows are never trained on, and the test split is untouched by both
+    assert not set(fmnist.train.indices) & set(fmnist.val.indices)
+    test_labels = fmnist.test.dataset.targets[fmnist.test.indices]
+    assert sorted(torch.unique(test_labels).tolist()) == list(protocols.FMNIST_ID)
+    held_out = fmnist.ood['fmnist_heldout']
+    assert sorted(torch.unique(held_out.dataset.targets[held_out.indices]).tolist()) == list(protocols.FMNIST_OOD)
+    for i in (0, 2999, 5999):
+        image, label = fmnist.test[i]
+        assert image.mode == 'RGB' and image.size == (28, 28)
+        assert fmnist.classes[label] == protocols.FMNIST_CLASSES[int(test_labels[i])]
+    assert np.bincount([fmnist.test[i][1] for i in range(0, 6000, 7)]).size == 6
+    assert held_out[0][1] == -1
+    # offline here: MNIST/KMNIST are not under the Debian root, so they are listed as skipped, with the reason
+    for name in ('mnist', 'kmnist'):
+        assert name in fmnist.ood or ('--download' in fmnist.skipped[name] and 'raw' in fmnist.skipped[name])
+
+
+@needs_fmnist
+def test_fashion_mnist_reads_the_torchvision_layout_too(fmnist, tmp_path):
+    """A root with torchvision's uncompressed FashionMNIST/raw/ files is read in place (no cache copy)."""
+    raw = tmp_path / 'FashionMNIST' / 'raw'
+    raw.mkdir(parents=True)
+    cached = Path(fmnist.test.dataset.raw_folder)
+    for f in protocols._IDX_FILES:
+        (raw / f).symlink_to(cached / f)
+    data = load_protocol('fashion-mnist', str(tmp_path), cache=tmp_path / 'unused')
+    assert len(data.test) == 6000 and not (tmp_path / 'unused').exists()
+
+
+@needs_fmnist
+@pytest.mark.skipif(FMNIST_WEIGHT is None, reason='SKIPPED: no fashion-mnist weight in weights/manifest.json yet')
+def test_protocol_end_to_end_with_the_shipped_weights(tmp_path, capsys):
+    """`ssod eval --protocol fashion-mnist` on a slice of the test images with the shipped ssod_resnet18 weights:
+    both FPR95 conventions in results.json and results.md, the skipped far-OOD sets listed with their reason."""
+    payload = evaluate.main(['--model', FMNIST_WEIGHT, '--protocol', 'fashion-mnist', '--data-root', str(FMNIST_ROOT),
+                             '--limit', '96', '--fit-limit', '96', '--out', str(tmp_path), '--no-plots',
+                             '--workers', '0', '--device', 'cpu'])
+    heldout = payload['ood']['fmnist_heldout']
+    assert payload['id_accuracy']['ssod'] >= 85.0  # on 96 test images; the card reports the full split
+    for method in ('ssod', 'msp', 'energy', 'knn', 'vim'):
+        assert 0.0 <= heldout[method]['fpr95_openood'] <= 100.0
+    assert heldout['ssod']['auroc'] > 60.0
+    md = (tmp_path / 'results.md').read_text()
+    assert 'FPR95 OpenOOD' in md and 'FPR95 paper' in md
+    assert all(name in md for name in payload['config']['skipped'])
+
+
+# ------------------------------------------------------------------------------------- missing-data messages
+def _one_line(message: str) -> None:
+    assert '\n' not in message and 'Traceback' not in message
+
+
+@pytest.mark.parametrize('name, expect', [
+    ('fashion-mnist', ('FashionMNIST', 'apt-get install dataset-fashion-mnist', '--download')),
+    ('cifar10', ('CIFAR-10', 'cifar-10-batches-py', '--download')),
+    ('imagenet', ('ImageNet val', 'imagenet/val', 'image-net.org')),
+])
+def test_missing_data_is_one_line_naming_the_set_the_path_and_the_remedy(name, expect, tmp_path):
+    with pytest.raises(DataMissing) as e:
+        load_protocol(name, str(tmp_path / 'empty'))
+    message = str(e.value)
+    _one_line(message)
+    assert str(tmp_path / 'empty') in message
+    for text in expect:
+        assert text in message
+
+
+def test_missing_openood_lists_name_the_download_script(tmp_path):
+    with pytest.raises(DataMissing) as e:
+        load_protocol('cifar10', openood_root=str(tmp_path))
+    _one_line(str(e.value))
+    assert 'benchmark_imglist/cifar10/test_cifar10.txt' in str(e.value) and 'download.py' in str(e.value)
+
+
+@pytest.mark.parametrize('command, argv', [
+    (evaluate.main, ['--model', 'no_such_model', '--protocol', 'cifar10']),
+    (train.main, ['--model', 'ssod_test_resnet', '--data', 'imagenet']),
+])
+def test_cli_reports_missing_data_in_one_line_before_any_work(command, argv, tmp_path, capsys):
+    """One line on stderr, exit status 2, and nothing loaded first (the model name here does not even exist)."""
+    if command is train.main:
+        argv = [*argv, '--out-dir', str(tmp_path / 'run')]
+    with pytest.raises(SystemExit) as e:
+        command([*argv, '--data-root', str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and ': error: ' in err and str(tmp_path) in err
+
+
+def _png(path: Path, value: int = 128) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+
+
+def test_imagenet_present_sets_run_and_missing_ones_are_listed_as_skipped(tmp_path):
+    for c in ('n01', 'n02'):
+        _png(tmp_path / 'imagenet' / 'val' / c / 'a.png')
+    _png(tmp_path / 'iNaturalist' / 'images' / 'x.jpg')
+    data = load_protocol('imagenet', str(tmp_path))
+    assert data.classes == ['n01', 'n02'] and len(data.test) == 2
+    assert list(data.ood) == ['inaturalist'] and data.ood['inaturalist'][0][1] == -1
+    assert set(data.skipped) == {'fit', 'sun', 'places', 'textures'}
+    for reason in data.skipped.values():
+        _one_line(reason)
+    assert str(tmp_path / 'SUN') in data.skipped['sun'] and 'large_scale_ood' in data.skipped['sun']
+
+
+# ------------------------------------------------------------------------------------------------ OpenOOD
+CIFAR_CLASSES = protocols.OPENOOD['cifar10']['classes']
+
+
+@pytest.fixture
+def openood_root(tmp_path):
+    """OpenOOD v1.5's data/ layout: benchmark_imglist/cifar10/*.txt naming images under images_classic/."""
+    root = tmp_path / 'data'
+    lists = root / 'benchmark_imglist' / 'cifar10'
+    lists.mkdir(parents=True)
+
+    def write(list_name, rows):
+        (lists / list_name).write_text(''.join(f'{p} {label}\n' for p, label in rows))
+        for i, (p, _) in enumerate(rows):
+            _png(root / 'images_classic' / p, value=20 * i % 255)
+
+    write('test_cifar10.txt', [(f'cifar10/test/{c}/{i}.png', k) for k, c in enumerate(CIFAR_CLASSES) for i in range(2)])
+    write('train_cifar10.txt', [(f'cifar10/train/{c}/{i}.png', k) for k, c in enumerate(CIFAR_CLASSES)
+                                for i in range(6)])
+    write('test_cifar100.txt', [(f'cifar100/test/{i}.png', -1) for i in range(6)])
+    write('test_svhn.txt', [(f'svhn/test/{i}.png', -1) for i in range(5)])
+    (lists / 'test_tin.txt').write_text('tin/test/missing.png -1\n')  # a list whose images were never downloaded
+    return root
+
+
+def test_openood_imglists_give_its_splits_groups_and_skips(openood_root):
+    data = load_protocol('cifar10', openood_root=str(openood_root))
+    assert data.name == 'openood-cifar10' and data.classes == CIFAR_CLASSES
+    assert len(data.test) == 20 and [data.test[i][1] for i in (0, 1, 2, 19)] == [0, 0, 1, 9]
+    assert len(data.fit) == 60
+    assert {k: len(v) for k, v in data.ood.items()} == {'cifar100': 6, 'svhn': 5}
+    assert data.groups == {'near': ['cifar100'], 'far': ['svhn']}
+    assert set(data.skipped) >= {'tin', 'mnist', 'texture', 'places365', 'val'}
+    assert 'lists images that are not there' in data.skipped['tin']
+    image, label = data.ood['svhn'][0]
+    assert image.mode == 'RGB' and label == -1
+
+
+def test_openood_end_to_end_eval(openood_root, tmp_path):
+    payload = evaluate.main(['--model', 'ssod_test_resnet.synthetic', '--protocol', 'cifar10', '--openood-root',
+                             str(openood_root), '--out', str(tmp_path / 'out'), '--no-plots', '--workers', '0',
+                             '--fit-limit', '60', '--device', 'cpu'])
+    assert set(payload['ood']) == {'cifar100', 'svhn', 'average'}
+    assert payload['config']['groups'] == {'near': ['cifar100'], 'far': ['svhn']}
+    assert 'fpr95_openood' in payload['ood']['average']['ssod']
+    assert 'Skipped' in (tmp_path / 'out' / 'results.md').read_text()
+
+
+# ----------------------------------------------------------------------------------- both FPR95 conventions
+def test_fpr95_openood_convention_on_toy_scores():
+    id_scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.1])
+    ood_scores = torch.tensor([0.5, 0.4, 0.3, 0.2, 0.65])
+    # paper (ID positive): keep 95% of ID -> threshold 0.1 -> every OOD image kept
+    assert fpr_at_tpr(id_scores, ood_scores) == 1.0
+    # OpenOOD (OOD positive): reject 95% of OOD -> threshold 0.65 -> ID images 0.6 and 0.1 rejected
+    assert fpr95_ood_positive(id_scores, ood_scores) == pytest.approx(0.4)
+
+
+def test_fpr95_openood_equals_openoods_formula():
+    """OpenOOD v1.5: fpr[argmax(tpr >= 0.95)] of sklearn's roc_curve(is_ood, -conf), here with many ties."""
+    from sklearn.metrics import roc_curve
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        id_scores, ood_scores = rng.normal(1, 1, 300).round(1), rng.normal(0, 1, 200).round(1)
+        conf = np.r_[id_scores, ood_scores]
+        is_ood = np.r_[np.zeros(300), np.ones(200)]
+        fpr, tpr, _ = roc_curve(is_ood, -conf, drop_intermediate=False)
+        assert fpr95_ood_positive(torch.tensor(id_scores), torch.tensor(ood_scores)) == pytest.approx(
+            fpr[np.argmax(tpr >= 0.95)])
+
+
+# ------------------------------------------------------------------------------------------------ release
+class _FakeHub:
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(('create_repo', repo_id))
+        return type('Url', (), {'repo_id': repo_id})()
+
+    def upload_folder(self, **kw):
+        self.calls.append(('upload_folder', sorted(p.name for p in Path(kw['folder_path']).iterdir())))
+
+
+@needs_fmnist
+def test_release_evaluates_calibrates_cards_and_pushes(tmp_path, fmnist):
+    """A tiny Fashion-MNIST run through `ssod release`: float16 file, threshold calibrated on the validation
+    split, test numbers in the card's model-index, the folder pushed as written, release.pt for add_weight."""
+    from safetensors.torch import load_file
+    from ssod_zoo.app.release import release
+    run = tmp_path / 'run'
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        train.main(['--model', 'ssod_test_resnet', '--data', 'fashion-mnist', '--data-root', str(FMNIST_ROOT),
+                    '--img-size', '32', '--crop-pct', '1.0', '--batch-size', '32', '--max-steps-per-epoch', '2',
+                    '--epochs', '1', '--workers', '0', '--out-dir', str(run), '--no-progress'])
+    hub = _FakeHub()
+    done = release(str(run), str(tmp_path / 'out'), 'fashion-mnist', data_root=str(FMNIST_ROOT), dtype='float16',
+                   baseline_run=str(run), baseline_out=str(tmp_path / 'ce'), limit=48, fit_limit=64, workers=0,
+                   repo_id='me/ssod-fmnist', api=hub)
+    out = tmp_path / 'out'
+    assert {t.dtype for t in load_file(str(out / 'model.safetensors')).values() if t.is_floating_point()} == \
+        {torch.float16}
+    config = json.loads((out / 'config.json').read_text())
+    assert config['model_args']['ood_threshold'] == pytest.approx(done['threshold'])
+    card = (out / 'README.md').read_text()
+    assert 'model-index' in card and 'fmnist_heldout' in card
+    results = json.loads((out / 'eval' / 'results.json').read_text())
+    assert results['id_accuracy']['ssod'] == pytest.approx(done['metrics']['id_accuracy'])
+    assert (run / 'release.pt').is_file()
+    assert hub.calls[0] == ('create_repo', 'me/ssod-fmnist')
+    assert hub.calls[1][1] == ['README.md', 'config.json', 'eval', 'model.safetensors']
+    # the folder alone reproduces the numbers (what a user of the pushed repo would run)
+    again = evaluate.main(['--model', str(out), '--baseline-model', str(tmp_path / 'ce'), '--protocol', 'fashion-mnist',
+                           '--data-root', str(FMNIST_ROOT), '--limit', '48', '--fit-limit', '64', '--workers', '0',
+                           '--out', str(tmp_path / 'again'), '--no-plots', '--device', 'cpu'])
+    assert again['ood'] == results['ood'] and again['id_accuracy'] == results['id_accuracy']
