@@ -161,7 +161,8 @@ def evaluate_pair(ssod_dir: Path, ce_dir: Path, sets: Dict[str, Dataset], fit: D
     # the best-position Energy is a post-hoc readout any CNN has: score the CE twin with it too, as a baseline,
     # so a gain of the spatial readouts is not credited to SSOD's training
     for k, v in loaders.items():
-        extra[k]['ce_pos_max_energy'] = spatial_readouts(ce_model, v)  # the CE twin is trained --ce-only: an SSOD-class model['pos_max_energy']
+        # the CE twin is trained --ce-only: an SSOD-class model, with forward_spatial
+        extra[k]['ce_pos_max_energy'] = spatial_readouts(ce_model, v)['pos_max_energy']
     for method in extra['id']:
         for name in loaders:
             if name == 'id':
