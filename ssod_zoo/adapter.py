@@ -59,7 +59,7 @@ class SSODModel(nn.Module):
         if not torch.jit.is_scripting() and not torch.jit.is_tracing():
             self._check_input(x)
         if self.return_ood:
-            return self.forward_ssod(x)
+            return self._forward_ssod(x)  # checked once, above
         return self.forward_head(self.forward_features(x))
 
     def accepts(self, ood_factor: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
@@ -90,14 +90,27 @@ class SSODModel(nn.Module):
         """
         if not torch.jit.is_scripting() and not torch.jit.is_tracing():
             self._check_input(x)
+        return self._forward_ssod(x)
+
+    def _forward_ssod(self, x: torch.Tensor) -> SSODOutput:
         features = self.forward_features(x)
-        logits = self.forward_head(features)
         pooled = self.forward_head(features, pre_logits=True)
         if pooled.ndim != 2:
             raise RuntimeError(
                 'the OOD factor needs pooled features, but this model has no global pooling (global_pool=""); '
                 'use forward_spatial() for per-position outputs')
+        if torch.jit.is_scripting():
+            logits = self.forward_head(features)
+        else:
+            logits = self._classify(pooled)
         return SSODOutput(logits, self.forward_ood(pooled))
+
+    @torch.jit.unused
+    def _classify(self, pre_logits: torch.Tensor) -> torch.Tensor:
+        """Logits from pooled pre-logits: the last step of ``forward_head`` (timm's heads return pre-logits right
+        before the classifier, dropout included), so one pass of the head serves the logits and the OOD head
+        (MobileNetV3's ``conv_head`` sits in that pass) and the logits are bit for bit timm's."""
+        return self.get_classifier()(pre_logits)
 
     def forward_ood(self, pre_logits: torch.Tensor) -> torch.Tensor:
         """The OOD factor from pooled pre-logits features (Eq. 15).
@@ -108,9 +121,10 @@ class SSODModel(nn.Module):
         Returns:
             (B,) float32 in [0, 1], P(x in S_ID | x): the softmax over the OOD head's (OOD, ID) logits, ID column.
         """
-        ood_logits = self.ood_head(pre_logits)
-        # float32 even under autocast: bf16 resolves only ~0.004 near 1, too coarse against a calibrated threshold
-        return torch.sigmoid((ood_logits[:, 1] - ood_logits[:, 0]).float())  # ID_INDEX = 1
+        ood_logits = self.ood_head(pre_logits).float()
+        # float32 even under autocast, the difference too: bf16 resolves only ~0.004 near 1 (and rounds the
+        # difference of two logits), too coarse against a calibrated threshold
+        return torch.sigmoid(ood_logits[:, 1] - ood_logits[:, 0])  # ID_INDEX = 1
 
     @torch.jit.unused
     def forward_spatial(self, x: torch.Tensor) -> SpatialOutput:
@@ -132,8 +146,8 @@ class SSODModel(nn.Module):
         if self.num_classes == 0:
             raise RuntimeError('SSOD samples patches with the classification head, but this model has none '
                                '(num_classes=0); create it with num_classes > 0')
-        logits = self.forward_head(features)
         pooled = self.forward_head(features, pre_logits=True)
+        logits = self._classify(pooled)  # one pass of the pooled head for both heads
         b, c, h, w = features.shape
         positions = features.permute(0, 2, 3, 1).reshape(b * h * w, c, 1, 1)
         pre_logits = self.forward_head(positions, pre_logits=True).flatten(1)

@@ -18,7 +18,8 @@ the TorchScript exporter.
 Command line (``ssod export``)::
 
     ssod export ssod_resnet50 --out ssod_resnet50.onnx [--checkpoint model.safetensors] [--input-size 3 224 224]
-    ssod export runs/exp/best.pt --out model.onnx         # a training checkpoint: arch, weights, ood_threshold
+    ssod export runs/exp/best.pt --out model.onnx         # a training checkpoint: arch, weights, ood_threshold, size
+    ssod export my_folder --out model.onnx                # a hub folder (ssod save), local-dir: or hf-hub: the same
 """
 import argparse
 import json
@@ -226,48 +227,54 @@ def _read_checkpoint(checkpoint: Path) -> Optional[dict]:
     return ckpt if isinstance(ckpt, dict) else None
 
 
-def _build_model(name_or_checkpoint: str, checkpoint: Optional[str], num_classes: Optional[int],
+def _build_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int],
                  pretrained: bool = False) -> SSODModel:
-    """The model to export: a ``python -m ssod_zoo.app.train`` checkpoint (architecture, weights and ood_threshold
-    in one file), or a timm model name with optional timm-format weights."""
+    """The model to export.
+
+    Without ``--checkpoint``, ``spec`` is anything :func:`ssod_zoo.load_model` takes (a training checkpoint, a hub
+    folder or ``local-dir:``, ``hf-hub:``, a registered tag with ``--pretrained``), so the model comes with its
+    threshold and the preprocessing it was trained with; a bare architecture name gives fresh weights. With
+    ``--checkpoint``, ``spec`` names the architecture and the file holds its weights (a training checkpoint, or
+    timm-format ``.pth``/``.safetensors``).
+    """
     import timm
 
     from . import hub
 
-    name = name_or_checkpoint
-    if Path(name).is_file():
+    if Path(spec).is_file():
         if checkpoint is not None:
-            raise SystemExit(f'error: {name} is a file and --checkpoint {checkpoint} was given too; give the '
+            raise SystemExit(f'error: {spec} is a file and --checkpoint {checkpoint} was given too; give the '
                              'architecture as MODEL (e.g. ssod_resnet50) and the weights as --checkpoint')
-        checkpoint, name = name, None
+        ckpt = _read_checkpoint(Path(spec))
+        if ckpt is None or ckpt.get('format') != hub.CHECKPOINT_FORMAT:  # timm's train.py names it as 'arch'
+            name = next((ckpt[k] for k in ('arch', 'architecture') if isinstance((ckpt or {}).get(k), str)), None)
+            if name is None:
+                raise SystemExit(f'error: {spec} does not say which architecture it holds; give it as '
+                                 f'`ssod export ARCH --checkpoint {spec}`, ARCH from timm.list_models("ssod_*")')
+            spec, checkpoint = name, spec
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise SystemExit(f'error: checkpoint {checkpoint} not found')
         ckpt = _read_checkpoint(Path(checkpoint))
         if ckpt is not None and ckpt.get('format') == hub.CHECKPOINT_FORMAT:
-            try:
-                model, ckpt = hub.load_checkpoint(checkpoint)
-            except (hub.WeightsError, FileNotFoundError) as e:
-                raise SystemExit(f'error: {e}') from e
-            if name is not None and name.split('.')[0] != ckpt['architecture']:
-                raise SystemExit(f'error: {checkpoint} holds {ckpt["architecture"]}, not {name}')
-            return model
-        if name is None:  # timm's train.py names the architecture as 'arch'
-            name = next((ckpt[k] for k in ('arch', 'architecture') if isinstance((ckpt or {}).get(k), str)), None)
-            if name is None:
-                raise SystemExit(f'error: {checkpoint} does not say which architecture it holds; give it as '
-                                 f'`ssod export ARCH --checkpoint {checkpoint}`, ARCH from timm.list_models("ssod_*")')
-    if not timm.is_model(name.split('.')[0]) and not name.startswith('hf-hub:'):
-        raise SystemExit(f'error: unknown model {name!r}; SSOD models: {", ".join(timm.list_models("ssod_*"))}')
+            if spec.split('.')[0] != ckpt.get('architecture'):
+                raise SystemExit(f'error: {checkpoint} holds {ckpt.get("architecture")}, not {spec}')
+            spec, checkpoint = checkpoint, None
+    if checkpoint is None and (pretrained or Path(spec).exists() or spec.startswith(('hf-hub:', 'local-dir:'))):
+        try:
+            return hub.load_model(spec)
+        except (RuntimeError, FileNotFoundError) as e:  # WeightsError, or a tag without weights
+            raise SystemExit(f'error: {e}') from e
+    if not timm.is_model(spec.split('.')[0]):
+        raise SystemExit(f'error: unknown model {spec!r}; SSOD models: {", ".join(timm.list_models("ssod_*"))}')
     kwargs: Dict[str, Any] = {}
     if num_classes is None and checkpoint is not None:
-        num_classes = _num_classes_in(checkpoint, name)
+        num_classes = _num_classes_in(checkpoint, spec)
     if num_classes is not None:
         kwargs['num_classes'] = num_classes
-    model = timm.create_model(name, pretrained=pretrained and checkpoint is None, checkpoint_path=checkpoint or '',
-                              **kwargs)
+    model = timm.create_model(spec, checkpoint_path=checkpoint or '', **kwargs)
     if not isinstance(model, SSODModel):
-        raise SystemExit(f'error: {name} is not an SSOD model; use one of {", ".join(timm.list_models("ssod_*"))} '
+        raise SystemExit(f'error: {spec} is not an SSOD model; use one of {", ".join(timm.list_models("ssod_*"))} '
                          'or wrap your own with ssod_zoo.wrap() and call ssod_zoo.export.export_onnx()')
     return model
 
@@ -277,9 +284,10 @@ def _parser() -> argparse.ArgumentParser:
         prog='ssod export',
         description='Export an SSOD model to ONNX: input "image" (batch, C, H, W), outputs "logits" '
                     '(batch, num_classes) and "ood_factor" (batch,).')
-    p.add_argument('model', metavar='MODEL_OR_CHECKPOINT',
-                   help='timm model name, e.g. ssod_resnet50, or a checkpoint written by `python -m ssod_zoo.app.train` '
-                        '(architecture, weights and ood_threshold come from it)')
+    p.add_argument('model', metavar='MODEL',
+                   help='a checkpoint written by `ssod train`, a hub folder (`ssod save`) or local-dir:/hf-hub: spec '
+                        '(architecture, weights, ood_threshold and input size come from it), or an architecture '
+                        'name, e.g. ssod_resnet50')
     p.add_argument('--out', required=True, type=Path, help='the .onnx file to write')
     p.add_argument('--checkpoint', default=None,
                    help='weights to load into MODEL: a ssod_zoo.app.train checkpoint, or timm-format .pth/.safetensors')

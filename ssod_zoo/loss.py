@@ -135,6 +135,12 @@ class SSODLoss(nn.Module):
             raise ValueError(f'alpha and background_weight must be >= 0, got {alpha} and {background_weight}')
         self.gamma, self.alpha, self.balance = gamma, alpha, balance
         self.background_weight, self.label_smoothing = background_weight, label_smoothing
+        if world_size > 1 and count_reducer is None:
+            raise ValueError(f'world_size={world_size} needs a count_reducer that sums the patch counts over the '
+                             'ranks (e.g. an all-reduce); without it each rank divides by its own counts and the '
+                             'loss is mis-scaled by the number of ranks')
+        if world_size < 1:
+            raise ValueError(f'world_size must be >= 1, got {world_size}')
         self.count_reducer, self.world_size = count_reducer, world_size
         if ood_rule not in OOD_RULES:
             raise ValueError(f'ood_rule must be one of {OOD_RULES}, got {ood_rule!r}')

@@ -175,3 +175,10 @@ def test_bad_configuration():
         SSODLoss(balance='focal')
     with pytest.raises(ValueError, match='gamma must be in'):
         SSODLoss(gamma=1.5)
+
+
+def test_several_ranks_without_a_count_reducer_are_refused():
+    """Each rank would divide by its own patch counts: the loss silently off by the number of ranks."""
+    with pytest.raises(ValueError, match='count_reducer'):
+        SSODLoss(world_size=2)
+    SSODLoss(world_size=1)

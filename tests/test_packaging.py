@@ -2,6 +2,8 @@
 import ast
 import subprocess
 import sys
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,3 +54,28 @@ def test_cli_lists_its_commands_and_rejects_unknown_ones():
         assert f'  {command}' in r.stdout
     r = subprocess.run([sys.executable, '-m', 'ssod_zoo.app.cli', 'fly'], capture_output=True, text=True)
     assert r.returncode == 2 and 'unknown command' in r.stderr
+
+
+def test_import_ssod_zoo_loads_no_training_dependency():
+    """The library adds no module beyond what timm, huggingface_hub and safetensors load (tqdm and PIL come with
+    those: huggingface_hub and torchvision require them); matplotlib, sklearn and the app stay out."""
+    code = ('import sys; import timm, huggingface_hub, safetensors.torch; before = set(sys.modules)\n'
+            'import ssod_zoo\n'
+            'new = sorted({m.split(".")[0] for m in set(sys.modules) - before} - set(sys.stdlib_module_names))\n'
+            'print(new, [m for m in ("matplotlib", "sklearn", "ssod_zoo.app") if m in sys.modules])')
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['ssod_zoo'] []"
+
+
+@pytest.mark.parametrize('command, blocked', [('demo', 'matplotlib'), ('train', 'PIL'), ('train', 'tqdm')])
+def test_commands_without_the_train_extra_name_it_in_one_line(command, blocked, tmp_path):
+    """A plain `pip install` has no matplotlib/tqdm/PIL: say which extra to install, before any work starts."""
+    code = (f'import sys; sys.modules[{blocked!r}] = None\n'
+            'from ssod_zoo.app.cli import main\n'
+            f'main([{command!r}, "--out-dir" if {command!r} == "train" else "--out", {str(tmp_path / "o")!r}])')
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [
+        f"ssod {command}: error: needs {blocked}, which is in the [train] extra: pip install 'ssod_zoo[train]'"]
+    assert not (tmp_path / 'o').exists()

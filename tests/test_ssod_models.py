@@ -71,8 +71,8 @@ def test_logits_identical_to_timm(pair):
     ssod, plain = pair
     x = _input(ssod)
     with torch.no_grad():
-        diff = (ssod(x).logits - plain(x)).abs().max().item()
-    assert diff <= 1e-5
+        assert torch.equal(ssod(x).logits, plain(x))  # bit for bit: one pass of the head serves both outputs
+        assert torch.equal(ssod.forward_spatial(x).logits, plain(x))
 
 
 def test_logits_mode_is_a_drop_in_and_ood_stays_reachable(pair):
@@ -277,3 +277,43 @@ def test_whole_model_pickle_loads_in_a_fresh_interpreter(make, tmp_path):
                        env={**__import__('os').environ, 'SSOD_ZOO_AUTOLOAD': '0'})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == type(model).__name__
+
+
+def test_default_forward_checks_the_input_once(monkeypatch):
+    """Each check is a pass over the input and a device sync on GPU: once per call, not once per layer of API."""
+    m = timm.create_model('ssod_test_resnet', num_classes=3).eval()
+    calls = []
+    original = type(m)._check_input
+    monkeypatch.setattr(type(m), '_check_input', lambda self, x: (calls.append(1), original(self, x))[1])
+    with torch.no_grad():
+        m(_input(m))
+        assert len(calls) == 1
+        m.forward_ssod(_input(m))
+        assert len(calls) == 2
+
+
+@pytest.mark.parametrize('method', ['forward', 'forward_spatial'])
+def test_mobilenetv3_runs_its_head_conv_once_per_pooled_output(method):
+    """MobileNetV3 pools before conv_head: the logits and the OOD head share one pass of it."""
+    m = timm.create_model('ssod_mobilenetv3_large_100', num_classes=5).eval()
+    shapes = []
+    m.conv_head.register_forward_hook(lambda mod, inp, out: shapes.append(tuple(inp[0].shape)))
+    x = _input(m, size=64)
+    with torch.no_grad():
+        getattr(m, method)(x)
+    pooled = [s for s in shapes if s[0] == x.shape[0]]
+    assert len(pooled) == 1, shapes  # forward_spatial adds one pass over every position, (B*h*w, C, 1, 1)
+    assert len(shapes) == (2 if method == 'forward_spatial' else 1)
+
+
+def test_ood_factor_difference_is_taken_in_float32_under_autocast():
+    """bf16 would round the difference of the two OOD logits before the float32 sigmoid."""
+    m = timm.create_model('ssod_test_resnet', num_classes=3).eval()
+    with torch.no_grad():
+        m.ood_head.weight.zero_()
+        m.ood_head.bias.copy_(torch.tensor([3 * 2.0 ** -8, 1.5]))  # both exact in bf16; their difference is not
+        pooled = torch.zeros(1, m.head_hidden_size)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            p = m.forward_ood(pooled)
+    assert p.dtype == torch.float32
+    assert torch.equal(p, torch.sigmoid(torch.tensor([1.5 - 3 * 2.0 ** -8])))
