@@ -33,7 +33,9 @@ def test_library_imports_only_its_declared_dependencies():
     """adapter/registry/output/loss/scores/metrics/hub/export import only torch, timm, torchvision, HF, safetensors."""
     allowed = {'torch', 'timm', 'torchvision', 'huggingface_hub', 'safetensors', 'onnx', 'onnxscript', 'onnxruntime'}
     stdlib = set(sys.stdlib_module_names)
-    for name in ('adapter', 'registry', 'output', 'loss', 'scores', 'metrics', 'hub', 'export'):
+    library = ['adapter', 'registry', 'output', 'loss', 'scores', 'metrics', 'hub', 'export']
+    library += [f'detectors/{p.stem}' for p in sorted((ROOT / 'ssod_zoo' / 'detectors').glob('*.py'))]
+    for name in library:
         tree = ast.parse((ROOT / 'ssod_zoo' / f'{name}.py').read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):

@@ -127,7 +127,8 @@ def evaluate(
                          for k, v in ood_loaders.items()})
 
     classifier = baseline_model.get_classifier()
-    weight, bias = classifier.weight.detach().cpu().float(), classifier.bias.detach().cpu().float()
+    weight = classifier.weight.detach().cpu().float()
+    bias = None if classifier.bias is None else classifier.bias.detach().cpu().float()  # nn.Linear(bias=False)
     detectors = {}
     if any(m in FITTED for m in methods):
         fit = collect(baseline_model, fit_loader, device, progress=tag('baseline: fit set'))

@@ -1,0 +1,75 @@
+"""One interface for every post-hoc detector: a table lookup, fit(features, labels, classifier), score(features, logits)."""
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ssod_zoo import scores
+from ssod_zoo.detectors import DETECTORS, Detector, create_detector
+
+
+def _toy(n=64, d=16, m=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(n, d, generator=g).relu()
+    labels = torch.arange(n) % m
+    classifier = nn.Linear(d, m)
+    with torch.no_grad():
+        classifier.weight.copy_(torch.randn(m, d, generator=g))
+        classifier.bias.copy_(torch.randn(m, generator=g))
+    return features, labels, classifier
+
+
+def test_the_table_names_every_detector():
+    assert list(DETECTORS) == ['msp', 'maxlogit', 'energy', 'odin', 'react', 'knn', 'mahalanobis', 'vim']
+    assert all(issubclass(cls, Detector) for cls in DETECTORS.values())
+    with pytest.raises(ValueError, match='unknown detector'):
+        create_detector('nope')
+
+
+@pytest.mark.parametrize('name', ['msp', 'maxlogit', 'energy', 'react', 'knn', 'mahalanobis', 'vim'])
+def test_every_detector_scores_through_the_same_two_calls(name):
+    features, labels, classifier = _toy()
+    with torch.no_grad():
+        logits = classifier(features)
+    kwargs = {'k': 5} if name == 'knn' else {'dim': 8} if name == 'vim' else {}
+    got = create_detector(name, **kwargs).fit(features, labels, classifier).score(features[:10], logits[:10])
+    w, b = classifier.weight.detach(), classifier.bias.detach()
+    want = {
+        'msp': lambda: scores.msp(logits[:10]), 'maxlogit': lambda: scores.max_logit(logits[:10]),
+        'energy': lambda: scores.energy(logits[:10]),
+        'react': lambda: scores.ReAct().fit(features)(features[:10], w, b),
+        'knn': lambda: scores.KNN(k=5).fit(features)(features[:10]),
+        'mahalanobis': lambda: scores.Mahalanobis().fit(features, labels)(features[:10]),
+        'vim': lambda: scores.ViM(dim=8).fit(features, w, b)(features[:10], logits[:10]),
+    }[name]()
+    assert got.shape == (10,)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('name', ['react', 'vim'])
+def test_a_classifier_without_bias_is_fine(name):
+    features, labels, classifier = _toy()
+    no_bias = nn.Linear(classifier.in_features, classifier.out_features, bias=False)
+    with torch.no_grad():
+        no_bias.weight.copy_(classifier.weight)
+        logits = no_bias(features)
+    kwargs = {'dim': 8} if name == 'vim' else {}
+    out = create_detector(name, **kwargs).fit(features, labels, no_bias).score(features, logits)
+    assert out.shape == (64,) and torch.isfinite(out).all()
+
+
+def test_evaluate_a_model_whose_classifier_has_no_bias():
+    """`ssod eval` crashed with AttributeError on classifier.bias.detach() for nn.Linear(bias=False)."""
+    from ssod_zoo.app.evaluate import evaluate
+    torch.manual_seed(0)
+    model = timm.create_model('ssod_test_resnet', num_classes=3).eval()
+    model.fc = nn.Linear(model.fc.in_features, 3, bias=False)
+
+    def loader(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        return DataLoader(TensorDataset(torch.randn(n, 3, 64, 64, generator=g), torch.arange(n) % 3), batch_size=8)
+
+    results = evaluate(model, loader(12, 0), {'noise': loader(12, 1)}, fit_loader=loader(24, 2), progress=False,
+                       methods=('ssod', 'msp', 'react', 'vim'))
+    assert set(results['ood']['noise']) >= {'ssod', 'msp', 'react', 'vim'}
