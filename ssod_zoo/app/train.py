@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 
 import timm
 import torch
+from timm.optim import create_optimizer_v2
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -187,7 +188,7 @@ def train(cfg: TrainConfig) -> dict:
     if ddp:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[local_rank] if device.type == 'cuda' else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
@@ -439,18 +440,22 @@ def _save_atomic(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm's factory: AdamW (the paper's, A.4) with no weight decay on norms, biases and ``no_weight_decay()``."""
+    return create_optimizer_v2(model, opt='adamw', lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def _parse_model_kwargs(items: List[str]) -> dict:
-    import ast
-    kwargs = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep:
-            raise TrainError(f'--model-kwargs takes key=value pairs, got {item!r}')
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key] = value
-    return kwargs
+    """``['output_stride=16', 'drop_rate=0.1']`` -> kwargs, parsed as timm's train.py parses ``--model-kwargs``
+    (``timm.utils.ParseKwargs``: Python literals, anything else a string). The config keeps the list: it is
+    saved as JSON beside every checkpoint."""
+    from timm.utils import ParseKwargs
+    bad = [item for item in items if '=' not in item]
+    if bad:
+        raise TrainError(f'--model-kwargs takes key=value pairs, got {bad[0]!r}')
+    parsed = argparse.Namespace()
+    ParseKwargs(option_strings=[], dest='kwargs')(None, parsed, list(items))
+    return parsed.kwargs
 
 
 def _model_args(cfg: TrainConfig, num_classes: int) -> dict:

@@ -1,0 +1,43 @@
+"""The training recipe's pieces: data loading leaves the training RNG alone, the optimizer, model kwargs."""
+import random
+
+import torch
+
+from ssod_zoo.app.train import _SeededTransform
+
+
+def test_seeded_transform_leaves_the_global_rngs_alone():
+    def augment(x):
+        return x + torch.rand(1).item() + random.random()
+
+    ds = _SeededTransform([(0.0, 0), (1.0, 1)], augment, seed=3)
+    torch.manual_seed(123)
+    random.seed(123)
+    expected = (torch.rand(3), [random.random() for _ in range(3)])
+    torch.manual_seed(123)
+    random.seed(123)
+    first = [ds[i][0] for i in range(2)]
+    assert (torch.rand(3).tolist(), [random.random() for _ in range(3)]) == (expected[0].tolist(), expected[1])
+    assert [ds[i][0] for i in range(2)] == first  # still a pure function of (seed, epoch, index)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    import timm
+
+    from ssod_zoo.app.train import TrainConfig, _optimizer
+    model = timm.create_model('ssod_test_resnet', num_classes=3)
+    optimizer = _optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.05))
+    decay = {id(p) for g in optimizer.param_groups if g['weight_decay'] == 0.05 for p in g['params']}
+    for name, p in model.named_parameters():
+        assert (id(p) in decay) == (p.ndim > 1), name  # conv/linear weights decay; BN and biases do not
+    assert all(g['lr'] == 1e-3 for g in optimizer.param_groups)
+
+
+def test_model_kwargs_are_parsed_as_timm_parses_them():
+    import pytest
+
+    from ssod_zoo.app.train import TrainError, _parse_model_kwargs
+    assert _parse_model_kwargs(['output_stride=16', 'act_layer=relu', 'drop_rate=0.1']) == \
+        {'output_stride': 16, 'act_layer': 'relu', 'drop_rate': 0.1}
+    with pytest.raises(TrainError, match='key=value'):
+        _parse_model_kwargs(['output_stride'])
