@@ -5,8 +5,8 @@ Publishing
     ``model_args`` with every SSOD setting including ``ood_threshold`` and ``return_ood``, a timm
     ``pretrained_cfg`` with ``label_names``), ``model.safetensors`` and ``README.md`` (a model card with HF
     ``model-index`` metadata). :func:`push_to_hub` uploads that folder through ``huggingface_hub``.
-    ``ssod save <checkpoint> <dir>`` and ``ssod push <checkpoint> <repo_id>`` (:func:`main`) do both from a
-    training checkpoint (:func:`load_checkpoint`).
+    ``ssod save <checkpoint> <dir>`` and ``ssod push <checkpoint> <repo_id>`` (:mod:`ssod_zoo.app.publish`) do
+    both from a training checkpoint (:func:`load_checkpoint`). The card is :data:`ssod_zoo._card.TEMPLATE`.
 
 Loading (plain timm, nothing from ssod_zoo to call)::
 
@@ -53,12 +53,9 @@ Shipped weights
     a clone. The registry registers a tag for every manifest entry at import, and no other tags.
     ``python weights/add_weight.py CHECKPOINT --tag TAG`` adds an entry.
 """
-import argparse
 import hashlib
 import json
 import math
-import re
-import sys
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -69,7 +66,7 @@ import safetensors
 import safetensors.torch
 import timm
 import torch
-from huggingface_hub import EvalResult, HfApi, ModelCardData, constants as hf_constants, hf_hub_download
+from huggingface_hub import HfApi, constants as hf_constants, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
     RepositoryNotFoundError, RevisionNotFoundError)
@@ -78,9 +75,10 @@ from timm.models._builder import _resolve_pretrained_source
 from timm.models._hub import hf_split, save_config_for_hf
 from torch import nn
 
+from ._card import model_card
 from .adapter import SSODModel, wrap
 
-__all__ = ['WeightsError', 'calibrate_threshold', 'load_checkpoint', 'load_model', 'main', 'push_to_hub', 'save_pretrained']
+__all__ = ['WeightsError', 'calibrate_threshold', 'load_checkpoint', 'load_model', 'push_to_hub', 'save_pretrained']
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
@@ -89,16 +87,6 @@ CHECKPOINT_FORMAT = 'ssod_zoo.train/1'
 MANIFEST_NAME = 'manifest.json'
 MANIFEST_FORMAT = 'ssod_zoo.weights/1'
 MAX_SHIPPED_BYTES = 25 * 1024 * 1024
-
-PAPER_CITATION = """@inproceedings{pei2024ssod,
-  title     = {Image Background Serves as Good Proxy for Out-of-distribution Data},
-  author    = {Pei, Sen},
-  booktitle = {International Conference on Learning Representations (ICLR)},
-  year      = {2024},
-  eprint    = {2307.00519},
-  archivePrefix = {arXiv}
-}"""
-
 
 class WeightsError(RuntimeError):
     """SSOD weights could not be found, read or used; the message names the remedy."""
@@ -204,8 +192,8 @@ def save_pretrained(
     config_path.write_text(json.dumps(config, indent=2) + '\n')
 
     if model_card:
-        card = _model_card(config, train_config=train_config, metrics=metrics, name=save_dir.resolve().name)
-        (save_dir / CARD_NAME).write_text(card, encoding='utf-8')
+        card = model_card(config, train_config=train_config, metrics=metrics, name=save_dir.resolve().name)
+        card.save(save_dir / CARD_NAME)
     return save_dir
 
 
@@ -275,126 +263,6 @@ def _ssod_architecture(model: SSODModel) -> str:
         f'cannot save {type(model).__name__} (pretrained_cfg architecture {arch!r}): its config must name a '
         f'registered SSOD architecture so timm can rebuild it, and {"ssod_" + arch!r} is not one of '
         f'timm.list_models("ssod_*"). Register an entrypoint for it in ssod_zoo/registry.py')
-
-
-def _model_card(config: Dict[str, Any], *, train_config: Optional[Mapping[str, Any]],
-                metrics: Optional[Mapping[str, Any]], name: str) -> str:
-    """README.md: HF YAML front matter (with ``model-index``) and the card's text."""
-    arch = config['architecture']
-    cfg = config['pretrained_cfg']
-    threshold = config.get('model_args', {}).get('ood_threshold')
-    metrics = dict(metrics or {})
-    train_config = dict(train_config or {})
-    id_dataset = _id_dataset_name(metrics, train_config)
-    ood = dict(metrics.get('ood') or {})
-
-    results = []
-    if metrics.get('id_accuracy') is not None:
-        results.append(EvalResult(
-            task_type='image-classification', task_name='Image Classification',
-            dataset_type=_slug(id_dataset), dataset_name=id_dataset, dataset_split='validation',
-            metric_type='accuracy', metric_name='ID top-1 accuracy (%)',
-            metric_value=round(float(metrics['id_accuracy']), 4)))
-    for set_name, values in ood.items():
-        for key, label in (('fpr95', 'FPR95 (%)'), ('auroc', 'AUROC (%)'), ('aupr_in', 'AUPR-In (%)'),
-                           ('aupr_out', 'AUPR-Out (%)')):
-            if values.get(key) is not None:
-                results.append(EvalResult(
-                    task_type='out-of-distribution-detection', task_name='Out-of-distribution detection',
-                    dataset_type=_slug(set_name), dataset_name=f'{set_name} (OOD) vs {id_dataset} (ID)',
-                    metric_type=key, metric_name=label, metric_value=round(float(values[key]), 4)))
-    card_data = ModelCardData(
-        library_name='timm', license=cfg.get('license', 'apache-2.0'), pipeline_tag='image-classification',
-        tags=['image-classification', 'timm', 'ssod_zoo', 'out-of-distribution-detection'],
-        model_name=name, eval_results=results or None)
-    lines = ['---', card_data.to_yaml(), '---', '',
-             f'# {name}: SSOD out-of-distribution detector ({arch})', '',
-             f'A timm `{arch.removeprefix("ssod_")}` classifier for {config["num_classes"]} classes with the binary '
-             'OOD head of SSOD (Pei, ICLR 2024). Besides the class logits it gives `ood_factor`, the probability '
-             'that the image belongs to the training distribution (paper Eq. 15): the OOD head is trained on '
-             'image-background patches that the classifier itself rejects, used as stand-ins for OOD data.', '',
-             '## How to use', '', '```python', 'import timm, torch', '',
-             "model = timm.create_model('hf-hub:<org>/<this-repo>', pretrained=True).eval()  # or 'local-dir:<folder>'",
-             'config = timm.data.resolve_data_config(model=model)',
-             'transform = timm.data.create_transform(**config)', 'with torch.no_grad():',
-             '    logits, ood_factor = model(transform(image).unsqueeze(0))',
-             'reject = ood_factor < model.ood_threshold  # not one of the known classes', '```', '',
-             '## Rejection threshold', '']
-    if threshold is None:
-        lines += ['No calibrated threshold was saved with these weights (`model.ood_threshold` is None). '
-                  'Calibrate one on your own in-distribution validation images with '
-                  '`ssod_zoo.hub.calibrate_threshold(ood_factors, tpr=0.95)`.', '']
-    else:
-        lines += [f'`model.ood_threshold = {threshold:.6g}`: the `ood_factor` that keeps 95% of the '
-                  f'in-distribution validation images ({id_dataset}). Images below it are rejected as '
-                  'out-of-distribution. It holds for the ID distribution it was calibrated on; recalibrate after '
-                  'any change of data, preprocessing or input size.', '']
-    lines += ['## Results', '',
-              'Measured for exactly these weights by the run that produced them (not the paper\'s numbers). '
-              'Convention: in-distribution images are the positive class; FPR95 is the fraction of OOD images '
-              'kept at the threshold that keeps 95% of ID images (lower is better); all values in percent.', '']
-    if metrics.get('id_accuracy') is not None:
-        lines += [f'ID top-1 accuracy on {id_dataset}: **{float(metrics["id_accuracy"]):.2f}**', '']
-    if ood:
-        lines += ['| OOD set | FPR95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |', '|---|---|---|---|---|']
-        for set_name, v in ood.items():
-            cells = ' | '.join('-' if v.get(k) is None else f'{float(v[k]):.2f}'
-                               for k in ('fpr95', 'auroc', 'aupr_in', 'aupr_out'))
-            lines.append(f'| {set_name} | {cells} |')
-        average = metrics.get('ood_average') or {}
-        if average:
-            cells = ' | '.join('-' if average.get(k) is None else f'{float(average[k]):.2f}'
-                               for k in ('fpr95', 'auroc', 'aupr_in', 'aupr_out'))
-            lines.append(f'| **average** | {cells} |')
-        lines.append('')
-    if not metrics:
-        lines += ['No metrics were recorded with these weights.', '']
-    lines += ['## Training', '']
-    if train_config:
-        lines += ['The resolved training configuration:', '', '```json',
-                  json.dumps(train_config, indent=2, sort_keys=True, default=str), '```', '']
-    else:
-        lines += ['No training configuration was recorded with these weights.', '']
-    labels = cfg.get('label_names')
-    if labels:
-        shown = ', '.join(f'`{c}`' for c in labels[:20]) + (', ...' if len(labels) > 20 else '')
-        lines += [f'Classes ({len(labels)}): {shown}', '']
-    lines += ['## Intended use', '',
-              'Classifying images of the classes above while flagging inputs that belong to none of them, from '
-              f'the same kind of data as {id_dataset}. `ood_factor` is a score, not a guarantee: use it to route '
-              'images to review or to abstain, not as the only safeguard in safety-critical decisions.', '',
-              '## Limitations', '',
-              '- SSOD learns what "out of distribution" looks like from the backgrounds of its own training images. '
-              'OOD data from another domain than those backgrounds (synthetic colour blocks, textures) is its weak '
-              'spot: the paper reports its Texture result on ImageNet (FPR95 45.32%) about 33.76 points worse than '
-              'KNN\'s and traces it to Texture images that show ImageNet objects (paper Appendix A.5).',
-              '- The patch sampler\'s confidence threshold `gamma` (paper Eq. 12, 0.95 there) decides which patches '
-              'become ID and OOD supervision; the paper reports no ablation of it, so results at other values are '
-              'untested. Keep the trained value when fine-tuning further.',
-              '- The rejection threshold is calibrated on one ID validation set; it shifts with the data, '
-              'preprocessing and input size.',
-              '- These weights cover only the classes and data they were trained on; they are not ImageNet weights.',
-              '', '## Citation', '', '```bibtex', PAPER_CITATION, '```', '',
-              'Folder and card written by `ssod_zoo.hub.save_pretrained`.', '']
-    return '\n'.join(lines)
-
-
-def _id_dataset_name(metrics: Mapping[str, Any], train_config: Mapping[str, Any]) -> str:
-    """What the ID data was called: given explicitly, or read off the training config (ssod_zoo.app.train's)."""
-    if metrics.get('id_dataset') or train_config.get('dataset'):
-        return str(metrics.get('id_dataset') or train_config.get('dataset'))
-    if train_config.get('data') == 'synthetic':
-        return 'ssod_zoo synthetic benchmark'
-    if train_config.get('val_dir'):  # an ImageFolder directory; 'data/pets/val' -> 'pets/val'
-        path = Path(str(train_config['val_dir']))
-        split = path.name.lower() in ('val', 'valid', 'validation', 'test', 'eval')
-        return (f'{path.parent.name}/{path.name}' if split and path.parent.name else path.name) or \
-            'in-distribution validation set'
-    return 'in-distribution validation set'
-
-
-def _slug(name: str) -> str:
-    return re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-') or 'dataset'
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -812,53 +680,3 @@ def _shipped_model_args(variant: str, tag: Optional[str]) -> Dict[str, Any]:
     """Model arguments a registered weight was saved with (``ood_threshold``, ``output_stride``, ...)."""
     entry = _SHIPPED.get(f'{variant}.{tag}') if tag else None
     return dict(entry.get('model_args') or {}) if entry else {}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CLI: `ssod save` / `ssod push`
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``ssod save <checkpoint> <dir>`` and ``ssod push <checkpoint> <repo_id>``."""
-    parser = argparse.ArgumentParser(prog='ssod', description='Publish SSOD weights from a training checkpoint.')
-    sub = parser.add_subparsers(dest='command', required=True)
-    save = sub.add_parser('save', help='write a hub-ready folder (config.json, model.safetensors, README.md)')
-    save.add_argument('checkpoint', type=Path, help='training checkpoint (ssod_zoo.train/1)')
-    save.add_argument('save_dir', type=Path, help='folder to write')
-    push = sub.add_parser('push', help='upload that folder to a Hugging Face Hub model repo')
-    push.add_argument('checkpoint', type=Path, help='training checkpoint (ssod_zoo.train/1)')
-    push.add_argument('repo_id', help='<org>/<name>; created if missing')
-    push.add_argument('--revision', help='branch to commit to (default: main)')
-    push.add_argument('--private', action='store_true', help='create the repo private')
-    push.add_argument('--token', help='Hub token (default: the logged-in one or HF_TOKEN)')
-    push.add_argument('--commit-message', default='Add SSOD weights (ssod_zoo)')
-    for p in (save, push):
-        p.add_argument('--ood-threshold', type=float,
-                       help="rejection threshold to publish instead of the checkpoint's calibrated one")
-        p.add_argument('--no-card', action='store_true', help='do not write README.md')
-    args = parser.parse_args(argv)
-
-    try:
-        model, ckpt = load_checkpoint(args.checkpoint)
-    except (WeightsError, FileNotFoundError) as e:
-        parser.exit(2, f'ssod {args.command}: error: {e}\n')
-    threshold = args.ood_threshold if args.ood_threshold is not None else ckpt.get('ood_threshold')
-    if threshold is None:
-        print(f'ssod {args.command}: warning: {args.checkpoint} has no calibrated ood_threshold; the published '
-              'model will have none. Pass --ood-threshold, or calibrate with ssod_zoo.hub.calibrate_threshold',
-              file=sys.stderr)
-    save_kwargs = dict(train_config=ckpt.get('config'), metrics=ckpt.get('metrics'),
-                       class_names=ckpt.get('class_names'), ood_threshold=threshold, model_card=not args.no_card)
-    if args.command == 'save':
-        out = save_pretrained(model, args.save_dir, **save_kwargs)
-        print(f'wrote {out} (load it with timm.create_model("local-dir:{out}", pretrained=True))')
-    else:
-        info = push_to_hub(model, args.repo_id, revision=args.revision, private=args.private, token=args.token,
-                           commit_message=args.commit_message, **save_kwargs)
-        print(f'pushed {args.repo_id}: {getattr(info, "commit_url", info)} '
-              f'(load it with timm.create_model("hf-hub:{args.repo_id}", pretrained=True))')
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

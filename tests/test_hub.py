@@ -23,6 +23,7 @@ from huggingface_hub import ModelCard, constants as hf_constants
 
 import ssod_zoo
 from ssod_zoo import hub, registry
+from ssod_zoo.app import publish
 from ssod_zoo.hub import WeightsError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -617,7 +618,7 @@ def test_load_checkpoint_errors(tmp_path, model):
 
 def test_cli_save(tmp_path, model, images, capsys):
     ckpt = make_checkpoint(tmp_path / 'last.pt', model)
-    assert hub.main(['save', str(ckpt), str(tmp_path / 'out')]) == 0
+    assert publish.main(['save', str(ckpt), str(tmp_path / 'out')]) == 0
     assert 'local-dir:' in capsys.readouterr().out
     assert_same_model(timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True), model, images)
     card = ModelCard.load(tmp_path / 'out' / 'README.md')
@@ -627,17 +628,17 @@ def test_cli_save(tmp_path, model, images, capsys):
 def test_cli_push(hf_home, tmp_path, model, images, monkeypatch):
     monkeypatch.setattr(hub, 'HfApi', lambda **kwargs: CacheWriterApi(hf_home))
     ckpt = make_checkpoint(tmp_path / 'last.pt', model, ood_threshold=None)
-    assert hub.main(['push', str(ckpt), 'ssod-org/cli', '--ood-threshold', str(THRESHOLD)]) == 0
+    assert publish.main(['push', str(ckpt), 'ssod-org/cli', '--ood-threshold', str(THRESHOLD)]) == 0
     assert_same_model(timm.create_model('hf-hub:ssod-org/cli', pretrained=True), model, images)
 
 
 def test_cli_warns_without_threshold_and_fails_cleanly(tmp_path, model, capsys):
     ckpt = make_checkpoint(tmp_path / 'last.pt', model, ood_threshold=None)
-    hub.main(['save', str(ckpt), str(tmp_path / 'out')])
+    publish.main(['save', str(ckpt), str(tmp_path / 'out')])
     assert 'no calibrated ood_threshold' in capsys.readouterr().err
     assert json.loads((tmp_path / 'out' / 'config.json').read_text())['model_args']['ood_threshold'] is None
     with pytest.raises(SystemExit) as e:
-        hub.main(['save', str(tmp_path / 'missing.pt'), str(tmp_path / 'x')])
+        publish.main(['save', str(tmp_path / 'missing.pt'), str(tmp_path / 'x')])
     assert e.value.code == 2
     assert 'no training checkpoint' in capsys.readouterr().err
 

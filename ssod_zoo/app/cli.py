@@ -5,8 +5,8 @@
     ssod eval   ...                  SSOD vs post-hoc baselines on your ImageFolder data (ssod_zoo.app.evaluate)
     ssod predict MODEL INPUTS...     class or "unknown" for each image, as CSV/JSON lines (ssod_zoo.app.predict)
     ssod export MODEL --out F.onnx   ONNX with named outputs logits and ood_factor (ssod_zoo.export)
-    ssod save   CHECKPOINT DIR       a hub-ready folder from a training checkpoint (ssod_zoo.hub)
-    ssod push   CHECKPOINT REPO_ID   the same, uploaded to the Hugging Face Hub (ssod_zoo.hub)
+    ssod save   CHECKPOINT DIR       a hub-ready folder from a training checkpoint (ssod_zoo.app.publish)
+    ssod push   CHECKPOINT REPO_ID   the same, uploaded to the Hugging Face Hub (ssod_zoo.app.publish)
     ssod release RUN_DIR OUT ...     evaluate, calibrate, card and (--repo-id) push a run (ssod_zoo.app.release)
 """
 import importlib
@@ -19,8 +19,8 @@ COMMANDS = {
     'eval': ('ssod_zoo.app.evaluate', 'SSOD against MSP/Energy/ODIN/ReAct/KNN/Mahalanobis/ViM on your data'),
     'predict': ('ssod_zoo.app.predict', 'class or "unknown" for each image of files, folders or globs (CSV/JSONL)'),
     'export': ('ssod_zoo.export', 'export to ONNX with outputs logits and ood_factor'),
-    'save': ('ssod_zoo.hub', 'write a hub-ready folder (safetensors, config.json, model card)'),
-    'push': ('ssod_zoo.hub', 'upload a checkpoint to the Hugging Face Hub'),
+    'save': ('ssod_zoo.app.publish', 'write a hub-ready folder (safetensors, config.json, model card)'),
+    'push': ('ssod_zoo.app.publish', 'upload a checkpoint to the Hugging Face Hub'),
     'release': ('ssod_zoo.app.release', 'a training run to an evaluated, calibrated, carded hub folder (and push)'),
 }
 

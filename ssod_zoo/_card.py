@@ -1,0 +1,173 @@
+"""The model card of a hub folder: :data:`TEMPLATE` rendered by ``huggingface_hub.ModelCard.from_template``."""
+import json
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+__all__ = ['PAPER_CITATION', 'TEMPLATE', 'model_card']
+
+PAPER_CITATION = """@inproceedings{pei2024ssod,
+  title     = {Image Background Serves as Good Proxy for Out-of-distribution Data},
+  author    = {Pei, Sen},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2024},
+  eprint    = {2307.00519},
+  archivePrefix = {arXiv}
+}"""
+
+METRICS = (('fpr95', 'FPR95 (%)'), ('auroc', 'AUROC (%)'), ('aupr_in', 'AUPR-In (%)'), ('aupr_out', 'AUPR-Out (%)'))
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ name }}: SSOD out-of-distribution detector ({{ arch }})
+
+A timm `{{ trunk }}` classifier for {{ num_classes }} classes with the binary OOD head of SSOD (Pei, ICLR 2024). \
+Besides the class logits it gives `ood_factor`, the probability that the image belongs to the training \
+distribution (paper Eq. 15): the OOD head is trained on image-background patches that the classifier itself \
+rejects, used as stand-ins for OOD data.
+
+## How to use
+
+```python
+import timm, torch
+
+model = timm.create_model('hf-hub:<org>/<this-repo>', pretrained=True).eval()  # or 'local-dir:<folder>'
+config = timm.data.resolve_data_config(model=model)
+transform = timm.data.create_transform(**config)
+with torch.no_grad():
+    logits, ood_factor = model(transform(image).unsqueeze(0))
+reject = ood_factor < model.ood_threshold  # not one of the known classes
+```
+
+## Rejection threshold
+
+{% if threshold is none -%}
+No calibrated threshold was saved with these weights (`model.ood_threshold` is None). Calibrate one on your own \
+in-distribution validation images with `ssod_zoo.hub.calibrate_threshold(ood_factors, tpr=0.95)`.
+{%- else -%}
+`model.ood_threshold = {{ '%.6g' | format(threshold) }}`: the `ood_factor` that keeps 95% of the in-distribution \
+validation images ({{ id_dataset }}), at {{ input_size }} px. Images below it are rejected as out-of-distribution. \
+It holds for the ID distribution and the preprocessing it was calibrated with; recalibrate after any change of \
+data, preprocessing or input size.
+{%- endif %}
+
+## Results
+
+Measured for exactly these weights by the run that produced them (not the paper's numbers). Convention: \
+in-distribution images are the positive class; FPR95 is the fraction of OOD images kept at the threshold that \
+keeps 95% of ID images (lower is better); all values in percent.
+{% if id_accuracy is not none %}
+ID top-1 accuracy on {{ id_dataset }}: **{{ '%.2f' | format(id_accuracy) }}**
+{% endif %}{% if ood_rows %}
+| OOD set | FPR95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |
+|---|---|---|---|---|
+{% for row in ood_rows %}{{ row }}
+{% endfor %}{% endif %}{% if not has_metrics %}
+No metrics were recorded with these weights.
+{% endif %}
+## Training
+
+{% if train_config -%}
+The resolved training configuration:
+
+```json
+{{ train_config }}
+```
+{%- else -%}
+No training configuration was recorded with these weights.
+{%- endif %}
+{% if classes %}
+{{ classes }}
+{% endif %}
+## Intended use
+
+Classifying images of the classes above while flagging inputs that belong to none of them, from the same kind of \
+data as {{ id_dataset }}. `ood_factor` is a score, not a guarantee: use it to route images to review or to \
+abstain, not as the only safeguard in safety-critical decisions.
+
+## Limitations
+
+- SSOD learns what "out of distribution" looks like from the backgrounds of its own training images. OOD data \
+from another domain than those backgrounds (synthetic colour blocks, textures) is its weak spot: the paper reports \
+its Texture result on ImageNet (FPR95 45.32%) about 33.76 points worse than KNN's and traces it to Texture images \
+that show ImageNet objects (paper Appendix A.5).
+- The patch sampler's confidence threshold `gamma` (paper Eq. 12, 0.95 there) decides which patches become ID and \
+OOD supervision; the paper reports no ablation of it, so results at other values are untested. Keep the trained \
+value when fine-tuning further.
+- The rejection threshold is calibrated on one ID validation set; it shifts with the data, preprocessing and input \
+size.
+- These weights cover only the classes and data they were trained on; they are not ImageNet weights.
+
+## Citation
+
+```bibtex
+{{ citation }}
+```
+
+Folder and card written by `ssod_zoo.hub.save_pretrained`.
+"""
+
+
+def model_card(config: Dict[str, Any], *, train_config: Optional[Mapping[str, Any]],
+               metrics: Optional[Mapping[str, Any]], name: str) -> ModelCard:
+    """The card of a folder whose ``config.json`` is ``config``: HF metadata (``model-index``) and :data:`TEMPLATE`."""
+    arch, cfg = config['architecture'], config['pretrained_cfg']
+    metrics, train_config = dict(metrics or {}), dict(train_config or {})
+    id_dataset = id_dataset_name(metrics, train_config)
+    ood = dict(metrics.get('ood') or {})
+    results: List[EvalResult] = []
+    if metrics.get('id_accuracy') is not None:
+        results.append(EvalResult(
+            task_type='image-classification', task_name='Image Classification', dataset_type=_slug(id_dataset),
+            dataset_name=id_dataset, dataset_split='validation', metric_type='accuracy',
+            metric_name='ID top-1 accuracy (%)', metric_value=round(float(metrics['id_accuracy']), 4)))
+    for set_name, values in ood.items():
+        results += [EvalResult(
+            task_type='out-of-distribution-detection', task_name='Out-of-distribution detection',
+            dataset_type=_slug(set_name), dataset_name=f'{set_name} (OOD) vs {id_dataset} (ID)',
+            metric_type=key, metric_name=label, metric_value=round(float(values[key]), 4))
+            for key, label in METRICS if values.get(key) is not None]
+    card_data = ModelCardData(
+        library_name='timm', license=cfg.get('license', 'apache-2.0'), pipeline_tag='image-classification',
+        tags=['image-classification', 'timm', 'ssod_zoo', 'out-of-distribution-detection'],
+        model_name=name, eval_results=results or None)
+
+    def row(label: str, v: Mapping[str, Any]) -> str:
+        return f'| {label} | ' + ' | '.join('-' if v.get(k) is None else f'{float(v[k]):.2f}' for k, _ in METRICS) + ' |'
+
+    ood_rows = [row(s, v) for s, v in ood.items()]
+    if ood and metrics.get('ood_average'):
+        ood_rows.append(row('**average**', metrics['ood_average']))
+    labels = cfg.get('label_names') or []
+    classes = (f'Classes ({len(labels)}): ' + ', '.join(f'`{c}`' for c in labels[:20]) +
+               (', ...' if len(labels) > 20 else '')) if labels else ''
+    size = cfg.get('input_size')
+    return ModelCard.from_template(
+        card_data, template_str=TEMPLATE, name=name, arch=arch, trunk=arch.removeprefix('ssod_'),
+        num_classes=config['num_classes'], threshold=config.get('model_args', {}).get('ood_threshold'),
+        input_size=f'{size[1]}x{size[2]}' if size else 'the configured input size',
+        id_dataset=id_dataset, id_accuracy=metrics.get('id_accuracy'), ood_rows=ood_rows,
+        has_metrics=bool(metrics), classes=classes, citation=PAPER_CITATION,
+        train_config=json.dumps(train_config, indent=2, sort_keys=True, default=str) if train_config else '')
+
+
+def id_dataset_name(metrics: Mapping[str, Any], train_config: Mapping[str, Any]) -> str:
+    """What the ID data was called: given explicitly, or read off the training config (ssod_zoo.app.train's)."""
+    if metrics.get('id_dataset') or train_config.get('dataset'):
+        return str(metrics.get('id_dataset') or train_config.get('dataset'))
+    if train_config.get('data') == 'synthetic':
+        return 'ssod_zoo synthetic benchmark'
+    if train_config.get('val_dir'):  # an ImageFolder directory; 'data/pets/val' -> 'pets/val'
+        path = Path(str(train_config['val_dir']))
+        split = path.name.lower() in ('val', 'valid', 'validation', 'test', 'eval')
+        return (f'{path.parent.name}/{path.name}' if split and path.parent.name else path.name) or \
+            'in-distribution validation set'
+    return 'in-distribution validation set'
+
+
+def _slug(name: str) -> str:
+    return re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-') or 'dataset'
