@@ -22,7 +22,7 @@ import torch
 from huggingface_hub import ModelCard, constants as hf_constants
 
 import ssod_zoo
-from ssod_zoo import hub, registry
+from ssod_zoo import _pretrained, hub, registry
 from ssod_zoo.app import publish
 from ssod_zoo.hub import WeightsError
 
@@ -690,8 +690,8 @@ def test_add_weight_writes_folder_and_manifest_entry(tmp_path, model, monkeypatc
         add_weight.add_weight(ckpt, 'Bad.Tag', weights_dir=weights_dir)
 
     # what the registry makes of it: one tag, loading the file offline
-    monkeypatch.setattr(hub, '_SHIPPED', {})
-    monkeypatch.setattr(hub, '_SHIPPED_BY_FILE', {})
+    monkeypatch.setattr(_pretrained, '_SHIPPED', {})
+    monkeypatch.setattr(_pretrained, '_SHIPPED_BY_FILE', {})
     cfgs = hub._manifest_cfgs(registry._ARCH_CFGS, folder=weights_dir)
     assert list(cfgs) == [f'{ARCH}.tiny']
     assert cfgs[f'{ARCH}.tiny']['file'] == str((folder / 'model.safetensors').resolve())
