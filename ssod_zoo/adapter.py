@@ -19,7 +19,7 @@ import copy
 import math
 import sys
 import warnings
-from typing import Dict, Final, Optional, Union
+from typing import Dict, Final, Optional, Tuple, Union
 
 import timm
 import torch
@@ -148,6 +148,21 @@ class SSODModel(nn.Module):
                                '(num_classes=0); create it with num_classes > 0')
         pooled = self.forward_head(features, pre_logits=True)
         logits = self._classify(pooled)  # one pass of the pooled head for both heads
+        cls_map, ood_map = self.forward_positions(features)
+        return SpatialOutput(features=features, logits=logits, ood_logits=self.ood_head(pooled), cls_map=cls_map,
+                             ood_map=ood_map)
+
+    @torch.jit.unused
+    def forward_positions(self, features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Both heads at every position of a feature map (Eq. 13): each position is passed through the model's
+        own ``forward_head(pre_logits=True)`` as a 1x1 map, then the classifier and the OOD head.
+
+        Args:
+            features: (B, C, h, w), ``forward_features(x)``.
+
+        Returns:
+            ``cls_map`` (B, M, h, w) and ``ood_map`` (B, 2, h, w).
+        """
         b, c, h, w = features.shape
         positions = features.permute(0, 2, 3, 1).reshape(b * h * w, c, 1, 1)
         pre_logits = self.forward_head(positions, pre_logits=True).flatten(1)
@@ -155,13 +170,7 @@ class SSODModel(nn.Module):
         def as_map(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
-        return SpatialOutput(
-            features=features,
-            logits=logits,
-            ood_logits=self.ood_head(pooled),
-            cls_map=as_map(self.get_classifier()(pre_logits)),
-            ood_map=as_map(self.ood_head(pre_logits)),
-        )
+        return as_map(self.get_classifier()(pre_logits)), as_map(self.ood_head(pre_logits))
 
     def __reduce_ex__(self, protocol):
         # Pickle a generated SSOD<Base> as "SSOD of <Base>", with <Base> by reference: whole-model pickles

@@ -1,9 +1,9 @@
 """What an SSOD model returns, and the robust posterior built from it (paper Eq. 6-7)."""
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ['posterior_score', 'SSODOutput', 'SpatialOutput', 'robust_posterior']
+__all__ = ['posterior_score', 'spatial_posterior_score', 'SSODOutput', 'SpatialOutput', 'robust_posterior']
 
 
 class SSODOutput(NamedTuple):
@@ -85,3 +85,28 @@ def posterior_score(logits: torch.Tensor, ood_factor: torch.Tensor, kind: str = 
     if kind == 'msp':
         return z.softmax(dim=1).amax(dim=1) * p_id
     raise ValueError(f"kind is 'energy' or 'msp', got {kind!r}")
+
+
+def spatial_posterior_score(cls_map: torch.Tensor, ood_map: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The full posterior read out where the object is: the best feature-map position's score.
+
+    score(x) = max_p [ log sum_i exp(z_i(p)) + log P(ID | p) ], with z(p) the classification head and P(ID | p)
+    the OOD head at position p (the heads SSOD trains per position, Eq. 13). Objects often cover a minority of
+    the image; pooling first (Eq. 15) mixes their evidence with the background's, the best position keeps it.
+    Not in the paper; chosen on OOD validation sets by this project's study (``benchmarks/study.py``).
+    Without ``ood_map`` it is the best position's Energy, a post-hoc readout any CNN has (the fair baseline).
+
+    Args:
+        cls_map: (B, M, h, w) class logits at every position (``SpatialOutput.cls_map``).
+        ood_map: (B, 2, h, w) OOD-head logits at every position (``SpatialOutput.ood_map``), or None.
+
+    Returns:
+        (B,) float32 scores, higher = more in-distribution.
+    """
+    if cls_map.ndim != 4 or (ood_map is not None and (ood_map.ndim != 4 or ood_map.shape[0] != cls_map.shape[0])):
+        raise ValueError(f'expected cls_map (B, M, h, w) and ood_map (B, 2, h, w), got {tuple(cls_map.shape)} and '
+                         f'{None if ood_map is None else tuple(ood_map.shape)}')
+    score = cls_map.float().logsumexp(dim=1)
+    if ood_map is not None:
+        score = score + ood_map.float().log_softmax(dim=1)[:, 1]  # index 1: in-distribution (adapter.ID_INDEX)
+    return score.flatten(1).amax(dim=1)

@@ -28,22 +28,32 @@ from ..hub import load_model
 from ..metrics import accuracy, ood_metrics
 from .protocols import PROTOCOLS, DataMissing, Transformed, add_fpr95_openood, fpr95_markdown, load_protocol, \
     skipped_markdown
-from ..output import posterior_score
+from ..output import posterior_score, spatial_posterior_score
+from .images import ImageError, ImageFiles, class_folder, one_line
+from .report import accept_rates, confidence_intervals, fit_detectors, report_markdown, write_scores_csv
 
 __all__ = ['collect', 'ssod_report', 'evaluate', 'METHODS', 'results_markdown', 'main']
 
 # Readouts of the SSOD model (scored on its own outputs), then the post-hoc baselines (on the baseline model).
-# 'ssod' is the paper's Eq. 15, the OOD factor alone; 'ssod_posterior' uses both factors of Eq. 7
-# (ssod_zoo.posterior_score: log-sum-exp of the logits + log P_ID); 'ssod_energy' is the SSOD model's own logits
-# scored by Energy, which separates what SSOD training does to the classifier from what the OOD head adds.
+# 'ssod_spatial_energy' (the default, chosen on OOD validation sets by benchmarks/study.py): the Energy score of
+# the best feature-map position, max_p logsumexp(z(p)); 'ssod' is the paper's Eq. 15, the OOD factor alone;
+# 'ssod_spatial' and 'ssod_posterior' use both factors of Eq. 7 (ssod_zoo.spatial_posterior_score at the best
+# position, ssod_zoo.posterior_score on pooled features); 'ssod_energy' scores the SSOD model's pooled logits by
+# Energy. 'energy_spatial' is the default readout on the CE model: the post-hoc baseline that tells what SSOD
+# training adds to the readout itself.
 SSOD_READOUTS = {
-    'ssod_posterior': lambda o: posterior_score(o['logits'], o['ood_factor'], 'energy'),
+    'ssod_spatial_energy': lambda o: o['spatial_energy'],
     'ssod': lambda o: o['ood_factor'],
+    'ssod_spatial': lambda o: o['spatial_posterior'],
+    'ssod_posterior': lambda o: posterior_score(o['logits'], o['ood_factor'], 'energy'),
     'ssod_energy': lambda o: scores.energy(o['logits']),
 }
-LABELS = {'ssod_posterior': 'SSOD full posterior: logsumexp(z) + log P_ID',
-          'ssod': 'SSOD OOD factor, Eq. 15 (paper)', 'ssod_energy': 'Energy of the SSOD model'}
-METHODS = (*SSOD_READOUTS, 'msp', 'maxlogit', 'energy', 'odin', 'react', 'knn', 'mahalanobis', 'vim')
+LABELS = {'ssod_spatial_energy': 'SSOD model, best-position energy (default)',
+          'ssod_spatial': 'SSOD best-position posterior: max_p logsumexp(z(p)) + log P_ID(p)',
+          'ssod': 'SSOD OOD factor, Eq. 15 (paper)', 'ssod_posterior': 'SSOD pooled posterior: logsumexp(z) + log P_ID',
+          'ssod_energy': 'Energy of the SSOD model', 'energy_spatial': 'best-position energy (CE model)'}
+METHODS = (*SSOD_READOUTS, 'msp', 'maxlogit', 'energy', 'energy_spatial', 'odin', 'react', 'knn', 'mahalanobis',
+           'vim')
 FITTED = ('react', 'knn', 'mahalanobis', 'vim')
 
 
@@ -55,15 +65,20 @@ def collect(
         amp_dtype: Optional[torch.dtype] = None,
         channels_last: bool = False,
         progress: Optional[str] = None,
+        spatial: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """One pass over a loader, keeping what every score needs (on CPU, float32).
 
     Returns:
         dict with ``logits`` (N, M), ``ood_factor`` (N,), ``features`` (N, D) pooled pre-logits and
-        ``targets`` (N,).
+        ``targets`` (N,); with ``spatial``, also ``spatial_posterior`` and ``spatial_energy`` (N,), the best
+        position's full posterior and Energy (:func:`ssod_zoo.spatial_posterior_score`).
     """
     model.eval()
     out = {'logits': [], 'ood_factor': [], 'features': [], 'targets': []}
+    spatial = spatial and hasattr(model, 'forward_positions')  # a plain timm baseline has no per-position heads
+    if spatial:
+        out.update(spatial_posterior=[], spatial_energy=[])
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     for x, y in _bar(loader, progress):
         x = x.to(device, non_blocking=True)
@@ -74,7 +89,10 @@ def collect(
             pre_logits = model.forward_head(features, pre_logits=True)
             logits = model.forward_head(features)
             ood_factor = model.forward_ood(pre_logits)
-        for k, v in zip(out, (logits, ood_factor, pre_logits, y)):
+            if spatial:
+                cls_map, ood_map = model.forward_positions(features)
+                extra = (spatial_posterior_score(cls_map, ood_map), spatial_posterior_score(cls_map))
+        for k, v in zip(out, (logits, ood_factor, pre_logits, y, *(extra if spatial else ()))):
             out[k].append(v.float().cpu() if v.is_floating_point() else v.cpu())
     return {k: torch.cat(v) for k, v in out.items()}
 
@@ -107,8 +125,12 @@ def evaluate(
         device: torch.device = torch.device('cpu'),
         methods: Iterable[str] = METHODS,
         progress: bool = True,
+        knn_k: int = 50,
 ) -> dict:
     """Score ID and OOD data with SSOD and every baseline; metrics per OOD set and averaged.
+
+    The fitted detectors are sized to the fit set (:func:`ssod_zoo.app.report.fit_detectors`: KNN's ``knn_k`` is
+    capped below the smallest class, with a warning; small fit sets for Mahalanobis/ViM are flagged).
 
     Returns:
         ``{'id_accuracy': {'ssod': %, 'ce': %}, 'ood': {set: {method: {fpr95, auroc, aupr_in, aupr_out}},
@@ -116,14 +138,17 @@ def evaluate(
     """
     baseline_model = baseline_model or ssod_model
     methods = [m for m in methods if fit_loader is not None or m not in FITTED]
+    if not hasattr(baseline_model, 'forward_positions'):
+        methods = [m for m in methods if m != 'energy_spatial']
     tag = (lambda s: s) if progress else (lambda s: None)
-    ssod_out = {'id': collect(ssod_model, id_loader, device, progress=tag('SSOD model: ID'))}
-    ssod_out.update({k: collect(ssod_model, v, device, progress=tag(f'SSOD model: {k}')) for k, v in ood_loaders.items()})
+    ssod_out = {'id': collect(ssod_model, id_loader, device, progress=tag('SSOD model: ID'), spatial=True)}
+    ssod_out.update({k: collect(ssod_model, v, device, progress=tag(f'SSOD model: {k}'), spatial=True)
+                     for k, v in ood_loaders.items()})
     if baseline_model is ssod_model:
         base_out = ssod_out
     else:
-        base_out = {'id': collect(baseline_model, id_loader, device, progress=tag('baseline: ID'))}
-        base_out.update({k: collect(baseline_model, v, device, progress=tag(f'baseline: {k}'))
+        base_out = {'id': collect(baseline_model, id_loader, device, progress=tag('baseline: ID'), spatial=True)}
+        base_out.update({k: collect(baseline_model, v, device, progress=tag(f'baseline: {k}'), spatial=True)
                          for k, v in ood_loaders.items()})
 
     classifier = baseline_model.get_classifier()
@@ -133,14 +158,15 @@ def evaluate(
     if any(m in FITTED for m in methods):
         fit = collect(baseline_model, fit_loader, device, progress=tag('baseline: fit set'))
         f, y = fit['features'], fit['targets']
-        detectors = {'react': scores.ReAct().fit(f), 'knn': scores.KNN().fit(f),
-                     'mahalanobis': scores.Mahalanobis().fit(f, y), 'vim': scores.ViM().fit(f, weight, bias)}
+        detectors = fit_detectors(f, y, weight, bias, knn_k, [m for m in methods if m in FITTED])
 
     def score(method: str, o: Dict[str, torch.Tensor], loader) -> torch.Tensor:
         if method in SSOD_READOUTS:
             return SSOD_READOUTS[method](o)
         if method == 'odin':
             return odin_scores(baseline_model, loader, device, progress=tag('ODIN'))
+        if method == 'energy_spatial':
+            return o['spatial_energy']
         if method in ('msp', 'energy'):
             return getattr(scores, method)(o['logits'])
         if method == 'maxlogit':
@@ -222,13 +248,13 @@ def _bar(loader, desc: Optional[str]):
 # ------------------------------------------------------------------------------------------------------ CLI
 def main(argv: Optional[List[str]] = None) -> dict:
     import timm
-    from torchvision.datasets import ImageFolder
     p = argparse.ArgumentParser(prog='ssod eval', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', required=True, help='SSOD model: checkpoint, hub folder, hf-hub:..., or name')
     p.add_argument('--baseline-model', help='model for the post-hoc baselines (default: --model)')
     p.add_argument('--val-dir', help='ID test images, ImageFolder layout (or --protocol)')
-    p.add_argument('--ood-dirs', nargs='+', default=[], help='one folder per OOD set (images in sub-folders)')
+    p.add_argument('--ood-dirs', nargs='+', default=[],
+                   help='one folder per OOD set: every image under it, flat or in sub-folders')
     p.add_argument('--protocol', choices=PROTOCOLS, help='a named protocol on real data (ssod_zoo.app.protocols)')
     p.add_argument('--data-root', help='where the protocol data sets live (default: $SSOD_ZOO_DATA or ./data)')
     p.add_argument('--download', action='store_true', help='with --protocol: fetch what torchvision can download')
@@ -243,6 +269,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--no-plots', action='store_true')
+    p.add_argument('--knn-k', type=int, default=50,
+                   help='KNN neighbour; capped below the smallest fit class, with a warning (default: %(default)s)')
+    p.add_argument('--bootstrap', type=int, default=1000,
+                   help='bootstrap resamples for the FPR95/AUROC intervals, seed 0; 0 = none (default: %(default)s)')
     args = p.parse_args(argv)
     protocol = None
     if args.protocol:
@@ -269,23 +299,39 @@ def main(argv: Optional[List[str]] = None) -> dict:
                                    'crop_pct': args.crop_pct}.items() if v}
     transform = timm.data.create_transform(**timm.data.resolve_data_config(data_args, model=model))
 
-    def loader(path, limit=0):
-        ds = Transformed(path, transform) if isinstance(path, Dataset) else ImageFolder(path, transform=transform)
+    def loader(path, limit=0, labelled=False):
+        if isinstance(path, Dataset):
+            ds = Transformed(path, transform)
+        else:  # ID sets need their class folders; an OOD set is every image under its folder
+            ds = class_folder(path, transform) if labelled else ImageFiles(path, transform)
         if limit and len(ds) > limit:
             ds = torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:limit])
         return DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
 
-    val = loader(protocol.test if protocol else args.val_dir)
+    def fail(e: BaseException):
+        print(f'ssod eval: error: {one_line(e)}', file=sys.stderr)
+        raise SystemExit(2)
+
+    try:
+        val = loader(protocol.test if protocol else args.val_dir, labelled=True)
+    except ImageError as e:
+        fail(e)
     if model.num_classes != len(val.dataset.classes):
         p.error(f'the model has {model.num_classes} classes, {args.val_dir or args.protocol} has '
                 f'{len(val.dataset.classes)}')
-    oods = {Path(d).name: loader(d) for d in args.ood_dirs}
-    fit = loader(args.fit_dir, args.fit_limit) if args.fit_dir else None
+    try:
+        oods = {Path(d).name: loader(d) for d in args.ood_dirs}
+        fit = loader(args.fit_dir, args.fit_limit, labelled=True) if args.fit_dir else None
+    except ImageError as e:
+        fail(e)
     if protocol:
         val = loader(protocol.test, args.limit) if args.limit else val
         oods = {k: loader(v, args.limit) for k, v in protocol.ood.items()}
         fit = loader(protocol.fit, args.fit_limit) if protocol.fit is not None and not args.fit_dir else fit
-    results = add_fpr95_openood(evaluate(model, val, oods, baseline, fit, device))
+    try:
+        results = add_fpr95_openood(evaluate(model, val, oods, baseline, fit, device, knn_k=args.knn_k))
+    except ImageError as e:  # a corrupt file, read in a DataLoader worker
+        fail(e)
     out = Path(args.out)
     extra = {'skipped': protocol.skipped, 'groups': protocol.groups} if protocol else {}
     payload = write_results(results, out, {'model': args.model, 'baseline_model': args.baseline_model,
@@ -293,14 +339,47 @@ def main(argv: Optional[List[str]] = None) -> dict:
     with open(out / 'results.md', 'a') as f:  # both FPR95 conventions, and what the protocol could not run
         f.write('\n' + fpr95_markdown(results) + '\n' + (f'\n{skipped_markdown(protocol.skipped)}\n'
                                                          if protocol and protocol.skipped else ''))
+    # what a deployment decides with: sample counts, accept rates at the model's own threshold, intervals
+    ssod_scores = results['scores'].get('ssod') or {}
+    payload['accept_rates'] = accept_rates(ssod_scores, model.ood_threshold)
+    payload['ood_threshold'] = model.ood_threshold
+    payload['bootstrap'] = {'resamples': args.bootstrap, 'seed': 0, 'level': 95}
+    payload['ci'] = confidence_intervals(results['scores'], args.bootstrap) if args.bootstrap else {}
+    (out / 'results.json').write_text(json.dumps(payload, indent=2))
+    deployment = report_markdown(payload['accept_rates'], model.ood_threshold, payload['ci'], results['ood'],
+                                 args.bootstrap)
+    with open(out / 'results.md', 'a') as f:
+        f.write('\n' + deployment + '\n')
+    loaders = {'id': val, **oods}
+    write_scores_csv(results['scores'], {k: _paths(v.dataset) for k, v in loaders.items()}, out / 'scores.csv',
+                     targets={'id': torch.as_tensor(_targets(val.dataset))} if _targets(val.dataset) else None)
     if not args.no_plots:
         from .plots import plot_histograms, plot_roc
         plot_roc(results['scores'], out / 'roc.png')
-        plot_histograms(results['scores'], out / 'histograms.png')
+        plot_histograms(results['scores'], out / 'histograms.png', thresholds={'ssod': model.ood_threshold})
     print(results_markdown(results))
-    print(f'\nwrote {out}/results.json, results.md{"" if args.no_plots else ", roc.png, histograms.png"} '
+    print('\n' + deployment)
+    print(f'\nwrote {out}/results.json, results.md, scores.csv{"" if args.no_plots else ", roc.png, histograms.png"} '
           f'in {time.time() - t0:.0f} s', file=sys.stderr)
     return payload
+
+
+def _paths(ds) -> List[str]:
+    """The image file of each item, in loader order, where the dataset says ('' where it does not)."""
+    if hasattr(ds, 'paths'):
+        return [str(p) for p in ds.paths]
+    if hasattr(ds, 'samples'):
+        return [str(p) for p, _ in ds.samples]
+    if isinstance(ds, torch.utils.data.Subset):
+        inner = _paths(ds.dataset)
+        return [inner[i] for i in ds.indices] if inner else []
+    return _paths(ds.dataset) if hasattr(ds, 'dataset') else []
+
+
+def _targets(ds) -> List[int]:
+    if hasattr(ds, 'targets'):
+        return list(ds.targets)
+    return _targets(ds.dataset) if hasattr(ds, 'dataset') and not isinstance(ds, torch.utils.data.Subset) else []
 
 
 if __name__ == '__main__':
