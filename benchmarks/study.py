@@ -303,7 +303,7 @@ def _plot(rows, path: Path) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     methods = (*SSOD_ROWS, *BASELINES)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(7, 2.2 * len(rows)), 4.5))
     width = 0.8 / len(methods)
     cmap = plt.get_cmap('tab20')
     for j, m in enumerate(methods):
@@ -312,10 +312,10 @@ def _plot(rows, path: Path) -> None:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
     ax.set_xticklabels([f'{g}\n{n}' for g, n, _ in rows], fontsize=8)
     ax.set_ylabel('average FPR95 (%) , lower is better')
-    ax.set_title('SSOD readouts (outlined) vs post-hoc baselines on the CE twin')
+    ax.set_title('SSOD readouts (outlined) vs baselines on the CE twin', fontsize=10)
     ax.legend(fontsize=6, ncol=2, loc='upper left', bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches='tight')
     plt.close(fig)
 
 
