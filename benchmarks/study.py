@@ -278,6 +278,8 @@ def summarise() -> None:
             lines.append('| ' + ' | '.join(row) + ' |')
             plot_rows.append((grid_dir.name, name, {m: stat([r['ood']['average'][m]['fpr95'] for r in rs])[0]
                                                     for m in (*SSOD_ROWS, *BASELINES)}))
+        if records[0]['sets'] == 'test':
+            lines += ['', table_over_seeds(records), '']
         lines += ['', 'Per-set FPR95 of each run:', '']
         for r in records:
             lines.append(f'- `{r["name"]}` seed {r["seed"]}: ' + '; '.join(
@@ -296,6 +298,27 @@ def summarise() -> None:
     if plot_rows:
         _plot(plot_rows, OUT / 'study.png')
     print(f'[study] wrote {OUT / "summary.md"}', flush=True)
+
+
+def table_over_seeds(records: List[dict]) -> str:
+    """Every readout and baseline: FPR95 and AUROC per OOD set and on average, mean ± sample std over seeds."""
+    sets = [s for s in records[0]['ood'] if s != 'average'] + ['average']
+    head = '| method | ' + ' | '.join(f'{s} FPR95↓ | {s} AUROC↑' for s in sets) + ' |'
+    rows = [head, '|---|' + '---:|---:|' * len(sets)]
+    for m in (*SSOD_ROWS, *BASELINES):
+        cells = []
+        for s in sets:
+            for metric in ('fpr95', 'auroc'):
+                v = [r['ood'][s][m][metric] for r in records]
+                mean = sum(v) / len(v)
+                sd = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+                cells.append(f'{mean:.1f} ± {sd:.1f}')
+        rows.append(f'| {m} | ' + ' | '.join(cells) + ' |')
+    acc = {k: [r['id_accuracy'][k] for r in records] for k in ('ssod', 'ce')}
+    rows.append('')
+    rows.append('ID accuracy: ' + ', '.join(f'{k.upper()} model {sum(v) / len(v):.2f}% (seeds: '
+                                             f'{", ".join(f"{x:.1f}" for x in v)})' for k, v in acc.items()))
+    return '\n'.join(rows)
 
 
 def _plot(rows, path: Path) -> None:
