@@ -25,7 +25,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import timm
 import torch
@@ -220,61 +220,15 @@ def train(cfg: TrainConfig) -> dict:
             'data_config': eval_data_config(model, cfg),
         }
 
-    stop = _StopFlag()
+    run = _Run(cfg, model, step_module, criterion, optimizer, scaler, autocast, device, rank, world, out_dir,
+               train_set, steps_per_epoch, _StopFlag(), checkpoint)
     history = []
     # ---------------------------------------------------------------------------------------------- train
     for epoch in range(start_epoch, cfg.epochs):
         ood_on = not cfg.ce_only and epoch >= cfg.warmup_epochs
-        train_set.set_epoch(epoch)
-        batches = _GlobalBatches(len(train_set), cfg.batch_size, rank, world, cfg.seed, epoch,
-                                 start_step, steps_per_epoch)
-        loader = DataLoader(train_set, batch_sampler=batches, num_workers=cfg.workers,
-                            pin_memory=device.type == 'cuda', persistent_workers=False)
-        model.train()
-        if cfg.freeze_bn:
-            _freeze_bn(model)
-        sums, device_sums, seen, n, t0 = {}, None, 0, 0, time.perf_counter()
-        bar = _progress(loader, cfg.progress and master, f'epoch {epoch + 1}/{cfg.epochs}', start_step,
-                        steps_per_epoch)
-        for step, (x, y) in enumerate(bar, start=start_step):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                out = step_module(x)
-            parts = criterion(out, y, ood=ood_on)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(parts.loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-
-            seen += x.shape[0] * world
-            # summed on the device and read (one host sync) every READ_EVERY steps, like nanoGPT's log_interval:
-            # a float() per loss part, a NaN check and the stop flag's all-reduce each step stall a GPU
-            step_parts = torch.stack([v.detach().float() for v in parts])
-            device_sums = step_parts if device_sums is None else device_sums + step_parts
-            n = step - start_step + 1
-            read = n % READ_EVERY == 0 or step + 1 == steps_per_epoch
-            if read:
-                sums = dict(zip(parts._fields, device_sums.tolist()))
-                if not math.isfinite(sums['loss']):
-                    raise TrainError(f'the loss became {sums["loss"]} at epoch {epoch + 1} by step {step + 1}; lower '
-                                     '--lr, or with --amp fp16 try --amp bf16. The last good state is '
-                                     f'{out_dir / "last.pt"} (--resume auto)')
-                if hasattr(bar, 'set_postfix'):
-                    bar.set_postfix(loss=f'{sums["loss"] / n:.3f}', ce=f'{sums["cls_loss"] / n:.3f}',
-                                    id=f'{sums["frac_id"] / n:.0%}', ood=f'{sums["frac_ood"] / n:.0%}',
-                                    img_s=f'{seen / (time.perf_counter() - t0):.0f}')
-            if (read or not ddp) and stop.requested(ddp):  # free in one process, an all-reduce under DDP
-                if master:
-                    _save_atomic(checkpoint(epoch, step + 1), out_dir / 'last.pt')
-                    print(f'interrupted: resumable checkpoint at {out_dir / "last.pt"}; continue with --resume auto')
-                _cleanup(ddp)
-                raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+        train_log = _train_epoch(run, epoch, start_step, ood_on)
         start_step = 0
         scheduler.step()
-        train_log = {k: v / max(n, 1) for k, v in sums.items()}
-        train_log['img_s'] = seen / (time.perf_counter() - t0)
         if master and ood_on:
             _warn_starved_sampler(train_log, cfg, len(class_names))
 
@@ -310,6 +264,87 @@ def train(cfg: TrainConfig) -> dict:
         print(f'hub-ready folder of {source.name} written to {cfg.export_dir}')
     _cleanup(ddp)
     return {'history': history, 'best': best, 'out_dir': str(out_dir), 'model': model}
+
+
+# ------------------------------------------------------------------------------------------------ the epoch loop
+@dataclass
+class _Run:
+    """What a training step touches, built once by :func:`train`."""
+    cfg: TrainConfig
+    model: nn.Module
+    step_module: nn.Module  # forward_spatial, under DDP / torch.compile when asked
+    criterion: SSODLoss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: Any
+    device: torch.device
+    rank: int
+    world: int
+    out_dir: Path
+    train_set: Dataset
+    steps_per_epoch: int
+    stop: '_StopFlag'
+    checkpoint: Callable[..., dict]  # (epoch, step, metrics=None) -> the resumable state
+
+
+def _train_epoch(run: _Run, epoch: int, start_step: int, ood_on: bool) -> dict:
+    """One epoch from ``start_step``: forward_spatial, the SSOD loss (classification only when not ``ood_on``),
+    backward, optimizer step. SIGTERM/SIGINT save a resumable ``last.pt`` and exit.
+
+    Returns:
+        The epoch's mean loss parts (``loss``, ``cls_loss``, ``frac_id``, ...) and ``img_s``.
+    """
+    cfg, model, device, world = run.cfg, run.model, run.device, run.world
+    ddp, master = world > 1, run.rank == 0
+    run.train_set.set_epoch(epoch)
+    batches = _GlobalBatches(len(run.train_set), cfg.batch_size, run.rank, world, cfg.seed, epoch,
+                             start_step, run.steps_per_epoch)
+    loader = DataLoader(run.train_set, batch_sampler=batches, num_workers=cfg.workers,
+                        pin_memory=device.type == 'cuda', persistent_workers=False)
+    model.train()
+    if cfg.freeze_bn:
+        _freeze_bn(model)
+    sums, device_sums, seen, n, t0 = {}, None, 0, 0, time.perf_counter()
+    bar = _progress(loader, cfg.progress and master, f'epoch {epoch + 1}/{cfg.epochs}', start_step,
+                    run.steps_per_epoch)
+    for step, (x, y) in enumerate(bar, start=start_step):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with run.autocast:
+            out = run.step_module(x)
+        parts = run.criterion(out, y, ood=ood_on)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(parts.loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+
+        seen += x.shape[0] * world
+        # summed on the device and read (one host sync) every READ_EVERY steps, like nanoGPT's log_interval:
+        # a float() per loss part, a NaN check and the stop flag's all-reduce each step stall a GPU
+        step_parts = torch.stack([v.detach().float() for v in parts])
+        device_sums = step_parts if device_sums is None else device_sums + step_parts
+        n = step - start_step + 1
+        read = n % READ_EVERY == 0 or step + 1 == run.steps_per_epoch
+        if read:
+            sums = dict(zip(parts._fields, device_sums.tolist()))
+            if not math.isfinite(sums['loss']):
+                raise TrainError(f'the loss became {sums["loss"]} at epoch {epoch + 1} by step {step + 1}; lower '
+                                 '--lr, or with --amp fp16 try --amp bf16. The last good state is '
+                                 f'{run.out_dir / "last.pt"} (--resume auto)')
+            if hasattr(bar, 'set_postfix'):
+                bar.set_postfix(loss=f'{sums["loss"] / n:.3f}', ce=f'{sums["cls_loss"] / n:.3f}',
+                                id=f'{sums["frac_id"] / n:.0%}', ood=f'{sums["frac_ood"] / n:.0%}',
+                                img_s=f'{seen / (time.perf_counter() - t0):.0f}')
+        if (read or not ddp) and run.stop.requested(ddp):  # free in one process, an all-reduce under DDP
+            if master:
+                _save_atomic(run.checkpoint(epoch, step + 1), run.out_dir / 'last.pt')
+                print(f'interrupted: resumable checkpoint at {run.out_dir / "last.pt"}; continue with --resume auto')
+            _cleanup(ddp)
+            raise SystemExit(128 + (run.stop.signum or signal.SIGTERM))
+    train_log = {k: v / max(n, 1) for k, v in sums.items()}
+    train_log['img_s'] = seen / (time.perf_counter() - t0)
+    return train_log
 
 
 # ------------------------------------------------------------------------------------------------ helpers
