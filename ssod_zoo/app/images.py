@@ -1,0 +1,81 @@
+"""Image folders as users have them: class sub-folders for ID data, any tree of images for OOD data.
+
+An OOD set has no classes, so :class:`ImageFiles` takes every image under a folder, however deep (a flat folder,
+or the ``<set>/<dummy class>/`` layout ImageFolder needs), with target -1. Both datasets read images with
+:func:`read_image`, which turns a corrupt file into :class:`ImageError` naming it, and :func:`one_line` gets that
+line back out of a DataLoader worker's wrapped traceback.
+"""
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from torch.utils.data import Dataset
+
+__all__ = ['IMAGE_EXTENSIONS', 'ImageError', 'ImageFiles', 'class_folder', 'list_images', 'one_line', 'read_image']
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+
+class ImageError(ValueError):
+    """An image file that cannot be read, or a folder without images; the message names it."""
+
+
+def read_image(path):
+    """The image at ``path`` as RGB; :class:`ImageError` naming the file if it is not a readable image."""
+    from PIL import Image
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise ImageError(f'cannot read image {path}: {type(e).__name__}: {e}') from None
+
+
+def list_images(folder) -> List[Path]:
+    """Every image file under ``folder`` (recursively), sorted."""
+    return sorted(p for p in Path(folder).rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+class ImageFiles(Dataset):
+    """Every image under a folder, with target -1 (no class): an OOD set, flat or nested.
+
+    Attributes:
+        paths: the image files, sorted; ``dataset[i]`` is ``(transform(image_i), -1)``.
+    """
+
+    def __init__(self, folder, transform: Optional[Callable] = None):
+        if not Path(folder).is_dir():
+            raise ImageError(f'{folder} is not a directory')
+        self.paths = list_images(folder)
+        if not self.paths:
+            raise ImageError(f'{folder} holds no images ({", ".join(IMAGE_EXTENSIONS)})')
+        self.transform = transform
+        self.classes: List[str] = []
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        image = read_image(self.paths[i])
+        return (self.transform(image) if self.transform else image), -1
+
+
+def class_folder(folder, transform: Optional[Callable] = None):
+    """torchvision's ImageFolder (one sub-folder per class) reading with :func:`read_image`, or ImageError."""
+    from torchvision.datasets import ImageFolder
+    if not Path(folder).is_dir():
+        raise ImageError(f'{folder} is not a directory')
+    try:
+        return ImageFolder(str(folder), transform=transform, loader=read_image)
+    except FileNotFoundError as e:
+        raise ImageError(f'{folder}: {e} (expected one sub-folder of images per class)') from None
+
+
+def one_line(error: BaseException) -> str:
+    """The message of an error, without the traceback a DataLoader worker wraps around it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    last = lines[-1]
+    for prefix in (f'{type(error).__name__}: ', 'ImageError: '):
+        if len(lines) > 1 and last.startswith(prefix):
+            return last[len(prefix):]
+    return last if len(lines) > 1 and 'Traceback' in str(error) else lines[0]
