@@ -1,6 +1,6 @@
 """Pictures of an evaluation: ROC curves, ID-vs-OOD score histograms (paper Fig. 6), sampler overlays (Fig. 2)."""
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -46,23 +46,37 @@ def plot_roc(scores: Dict[str, Dict[str, torch.Tensor]], path: Path) -> Path:
 
 
 def plot_histograms(scores: Dict[str, Dict[str, torch.Tensor]], path: Path,
-                    methods: Sequence[str] = ('ssod', 'msp')) -> Path:
-    """Rows: methods; columns: OOD sets. ID and OOD score densities overlaid, as in the paper's Fig. 6."""
+                    methods: Optional[Sequence[str]] = None,
+                    thresholds: Optional[Dict[str, Optional[float]]] = None) -> Path:
+    """Rows: methods (default every one scored); columns: OOD sets. ID and OOD score densities overlaid, as in the
+    paper's Fig. 6, with each method's deployment threshold drawn where one is given (SSOD: ``ood_threshold``).
+
+    Args:
+        scores: method -> {'id': (N,), set: (N_set,)} as ``evaluate`` returns them.
+        methods: rows to draw; default all of ``scores``.
+        thresholds: method -> threshold on its score (None or missing: no line).
+    """
     plt = _pyplot()
     sets = _ood_sets(scores)
-    methods = [m for m in methods if m in scores]
+    methods = [m for m in (methods or scores) if m in scores]
+    thresholds = {k: v for k, v in (thresholds or {}).items() if v is not None}
     fig, axes = plt.subplots(len(methods), len(sets), figsize=(4 * len(sets), 2.8 * len(methods)), squeeze=False)
     for row, method in zip(axes, methods):
         for ax, name in zip(row, sets):
-            id_s, ood_s = scores[method]['id'].numpy(), scores[method][name].numpy()
+            id_s, ood_s = scores[method]['id'].float().numpy(), scores[method][name].float().numpy()
             lo, hi = min(id_s.min(), ood_s.min()), max(id_s.max(), ood_s.max())
             bins = 40 if hi > lo else 1
-            ax.hist(id_s, bins=bins, range=(lo, hi), density=True, alpha=0.55, color='tab:green', label='ID')
-            ax.hist(ood_s, bins=bins, range=(lo, hi), density=True, alpha=0.55, color='tab:red', label=name)
-            ax.set(title=f'{method}: ID vs {name}', xlabel='score (higher = more ID)')
-            ax.legend(fontsize=8)
+            ax.hist(id_s, bins=bins, range=(lo, hi), density=True, alpha=0.55, color='tab:green',
+                    label=f'ID (n={len(id_s)})')
+            ax.hist(ood_s, bins=bins, range=(lo, hi), density=True, alpha=0.55, color='tab:red',
+                    label=f'{name} (n={len(ood_s)})')
+            ax.set(title=f'{method}: ID vs {name}', xlabel=f'{method} score (higher = more ID)', ylabel='density')
+            if method in thresholds:
+                ax.axvline(thresholds[method], color='k', ls='--', lw=1.2,
+                           label=f'threshold {thresholds[method]:.3g}')
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 

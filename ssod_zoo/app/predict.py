@@ -38,10 +38,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..output import robust_posterior
+from .images import IMAGE_EXTENSIONS
 
 __all__ = ['find_images', 'predict', 'main', 'IMAGE_EXTENSIONS', 'COLUMNS']
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 COLUMNS = ('path', 'label', 'class', 'class_prob', 'ood_factor', 'p_unknown')
 UNKNOWN = 'unknown'
 

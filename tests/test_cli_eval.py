@@ -1,0 +1,105 @@
+"""`ssod eval` reports what a user decides with (issue 13, item 2): counts, accept rates at the model's threshold,
+bootstrap intervals, per-image scores, every method's histogram, detectors sized to small fit sets, flat OOD
+folders, and one line for a corrupt image."""
+import csv
+import json
+import math
+
+import matplotlib.axes
+import pytest
+import torch
+
+from ssod_zoo import metrics
+from ssod_zoo.app import evaluate, plots
+from ssod_zoo.app.report import bootstrap_ci, bootstrap_metrics, fit_detectors
+
+from cli_helpers import class_tree, make_checkpoint, save_images
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('eval')
+    return {'ckpt': make_checkpoint(root / 'best.pt', threshold=0.5),
+            'val': class_tree(root / 'val', 4), 'fit': class_tree(root / 'fit', 3, seed=10),
+            'flat': save_images(root / 'flat_ood', 5, seed=20),  # images directly in the folder
+            'nested': save_images(root / 'nested_ood' / 'a' / 'b', 3, seed=30).parent.parent}
+
+
+def test_eval_reports_counts_accept_rates_intervals_and_per_image_scores(data, tmp_path, monkeypatch):
+    lines = []
+    monkeypatch.setattr(matplotlib.axes.Axes, 'axvline', lambda self, x, **kw: lines.append((self.get_title(), x)))
+    with pytest.warns(UserWarning, match='KNN: k=50'):
+        payload = evaluate.main(['--model', str(data['ckpt']), '--val-dir', str(data['val']), '--ood-dirs',
+                                 str(data['flat']), str(data['nested']), '--fit-dir', str(data['fit']),
+                                 '--out', str(tmp_path), '--workers', '0', '--batch-size', '8',
+                                 '--bootstrap', '200'])
+    rates = payload['accept_rates']
+    assert {k: v['n'] for k, v in rates.items()} == {'id': 12, 'flat_ood': 5, 'nested_ood': 3}
+    with open(tmp_path / 'scores.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 20 and all(r['path'].endswith('.png') for r in rows)
+    assert {'ssod', 'msp', 'knn', 'vim', 'mahalanobis'} <= set(rows[0])
+    for name, r in rates.items():  # accept rate = share of ood_factor >= the model's threshold
+        kept = [float(x['ssod']) >= 0.5 for x in rows if x['set'] == name]
+        assert r['accepted'] == pytest.approx(100 * sum(kept) / len(kept))
+    assert set(payload['ci']) == {'flat_ood', 'nested_ood'}
+    for by_method in payload['ci'].values():
+        for c in by_method.values():
+            assert 0 <= c['fpr95'][0] <= c['fpr95'][1] <= 100 and 0 <= c['auroc'][0] <= c['auroc'][1] <= 100
+    md = (tmp_path / 'results.md').read_text()
+    assert 'Accepted %' in md and '95% CI' in md
+    # every method gets a histogram row, and the SSOD rows carry the model's threshold
+    titles = {t.split(':')[0] for t, _ in lines}
+    assert titles == {'ssod'} and {x for _, x in lines} == {0.5}
+    assert (tmp_path / 'histograms.png').is_file()
+    assert json.loads((tmp_path / 'results.json').read_text())['accept_rates'] == rates
+
+
+def test_corrupt_image_is_one_line_naming_the_file(data, tmp_path, capsys):
+    bad = save_images(tmp_path / 'ood', 2)
+    (bad / 'broken.png').write_bytes(b'\x89PNG not really')
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(['--model', str(data['ckpt']), '--val-dir', str(data['val']), '--ood-dirs', str(bad),
+                       '--out', str(tmp_path / 'out'), '--workers', '1', '--no-plots', '--bootstrap', '0'])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'broken.png' in err[0] and 'Traceback' not in err[0]
+
+
+def test_knn_k_is_capped_below_the_smallest_class_and_small_fits_are_flagged():
+    g = torch.Generator().manual_seed(0)
+    f, y = torch.randn(12, 16, generator=g), torch.arange(3).repeat_interleave(4)
+    w, b = torch.randn(3, 16, generator=g), torch.zeros(3)
+    with pytest.warns(UserWarning) as caught:
+        detectors = fit_detectors(f, y, w, b, knn_k=50)
+    text = ' '.join(str(c.message) for c in caught)
+    assert detectors['knn'].k == 3 and 'KNN: k=50' in text
+    assert 'Mahalanobis' in text and 'ViM' in text  # 12 images for 16 dimensions
+    big = torch.randn(400, 16, generator=g)
+    quiet = fit_detectors(big, torch.arange(4).repeat_interleave(100) % 3, w, b, knn_k=5)
+    assert quiet['knn'].k == 5
+
+
+def test_bootstrap_matches_explicit_resampling_with_ties():
+    g = torch.Generator().manual_seed(1)
+    s_id = torch.randint(0, 8, (37,), generator=g).float()
+    s_ood = torch.randint(0, 6, (23,), generator=g).float() - 1
+    boot = bootstrap_metrics(s_id, s_ood, 40, seed=3)
+    gen = torch.Generator().manual_seed(3)  # the documented draw order: ID indices, then OOD indices
+    i1, i0 = torch.randint(37, (40, 37), generator=gen), torch.randint(23, (40, 23), generator=gen)
+    a, o = s_id.sort(descending=True).values, s_ood.sort().values
+    for k in range(40):
+        assert boot['fpr95'][k] == pytest.approx(metrics.fpr_at_tpr(a[i1[k]], o[i0[k]]), abs=1e-12)
+        assert boot['auroc'][k] == pytest.approx(metrics.auroc(a[i1[k]], o[i0[k]]), abs=1e-12)
+    ci = bootstrap_ci(s_id, s_ood, 300)
+    assert ci == bootstrap_ci(s_id, s_ood, 300)  # seeded
+    assert ci['auroc'][0] < 100 * metrics.auroc(s_id, s_ood) < ci['auroc'][1]
+
+
+def test_histograms_for_every_method_with_labelled_axes(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, 'set', lambda self, **kw: drawn.append(kw))
+    s = {m: {'id': torch.rand(10), 'ood': torch.rand(8)} for m in ('ssod', 'msp', 'energy', 'knn')}
+    plots.plot_histograms(s, tmp_path / 'h.png')
+    assert len(drawn) == 4 and all(d['xlabel'] and d['ylabel'] for d in drawn)
+    assert [d['title'].split(':')[0] for d in drawn] == ['ssod', 'msp', 'energy', 'knn']
