@@ -113,6 +113,9 @@ def _metadata(model: SSODModel, input_size: Tuple[int, int, int]) -> Dict[str, s
             meta[f'ssod_zoo.{key}'] = json.dumps(cfg[key])
     if getattr(model, 'ood_threshold', None) is not None:
         meta['ssod_zoo.ood_threshold'] = repr(float(model.ood_threshold))
+    labels = cfg.get('label_names')
+    if labels and len(labels) == model.num_classes:  # logits column i is label_names[i]
+        meta['ssod_zoo.label_names'] = json.dumps([str(c) for c in labels])
     return meta
 
 
@@ -260,7 +263,9 @@ def _build_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int
             if spec.split('.')[0] != ckpt.get('architecture'):
                 raise SystemExit(f'error: {checkpoint} holds {ckpt.get("architecture")}, not {spec}')
             spec, checkpoint = checkpoint, None
-    if checkpoint is None and (pretrained or Path(spec).exists() or spec.startswith(('hf-hub:', 'local-dir:'))):
+    tagged = '.' in spec and spec in timm.list_pretrained(spec)  # 'arch.tag' names weights
+    if checkpoint is None and (pretrained or tagged or Path(spec).exists()
+                               or spec.startswith(('hf-hub:', 'local-dir:'))):
         try:
             return hub.load_model(spec)
         except (RuntimeError, FileNotFoundError) as e:  # WeightsError, or a tag without weights

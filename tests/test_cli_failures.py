@@ -39,3 +39,43 @@ def test_nan_input_is_still_rejected():
     x[0, 0, 0, 0] = float('nan')
     with pytest.raises(ValueError, match='NaN or Inf'):
         model(x)
+
+
+def test_push_offline_is_one_line_with_what_to_do(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from ssod_zoo.app import publish
+    from cli_helpers import make_checkpoint
+
+    def offline(self, *args, **kwargs):
+        raise OfflineModeIsEnabled('Cannot reach https://huggingface.co/api/repos/create: offline mode is enabled.')
+
+    monkeypatch.setattr(HfApi, 'create_repo', offline)
+    ckpt = make_checkpoint(tmp_path / 'best.pt', threshold=0.5)
+    with pytest.raises(SystemExit) as e:
+        publish.main(['push', str(ckpt), 'me/my-ssod'])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'ssod save' in err[0] and 'OfflineModeIsEnabled' in err[0]
+
+
+def test_export_takes_tags_and_writes_label_names(tmp_path):
+    import json
+
+    from ssod_zoo.export import _build_model, _metadata
+    from cli_helpers import NAMES, make_checkpoint
+
+    model = _build_model(str(make_checkpoint(tmp_path / 'c.pt', threshold=0.5, size=48)), None, None)
+    meta = _metadata(model, (3, 48, 48))
+    assert json.loads(meta['ssod_zoo.label_names']) == list(NAMES)
+    assert json.loads(meta['ssod_zoo.input_size']) == [3, 48, 48] and 'ssod_zoo.ood_threshold' in meta
+    tagged = _build_model('ssod_test_resnet.synthetic', None, None)  # a tag names weights: load them
+    assert tagged.ood_threshold is not None and tuple(tagged.pretrained_cfg['input_size']) == (3, 96, 96)
+    assert len(json.loads(_metadata(tagged, (3, 96, 96))['ssod_zoo.label_names'])) == tagged.num_classes
+
+
+def test_loading_with_another_class_count_drops_label_names_and_threshold():
+    with pytest.warns(UserWarning, match='label_names and ood_threshold are dropped'):
+        model = ssod_zoo.load_model('ssod_test_resnet.synthetic', num_classes=3)
+    assert model.ood_threshold is None and 'label_names' not in model.pretrained_cfg

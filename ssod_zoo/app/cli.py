@@ -36,7 +36,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if command not in COMMANDS:
         print(f'ssod: unknown command {command!r}; one of: {", ".join(COMMANDS)}', file=sys.stderr)
         raise SystemExit(2)
-    _require_extra(command)
+    _require_extra(command, rest)
     try:
         module = importlib.import_module(COMMANDS[command][0])
         # the hub module takes its sub-command as the first argument (save / push)
@@ -48,16 +48,16 @@ def main(argv: Optional[List[str]] = None) -> None:
         _missing_extra(command, top)
 
 
-# what each application command imports beyond the library, and the extra that installs it
+# what application commands import beyond the library, and the extra that installs it (tqdm and pillow come
+# with huggingface_hub and torchvision too, so in practice matplotlib is what a plain `pip install` lacks)
 _EXTRA_OF = {'tqdm': 'train', 'matplotlib': 'train', 'PIL': 'train', 'numpy': 'train',
              'onnx': 'export', 'onnxscript': 'export'}
-_NEEDS = {'demo': ('PIL', 'tqdm', 'matplotlib'), 'train': ('PIL', 'tqdm'), 'eval': ('PIL', 'tqdm', 'matplotlib'),
-          'predict': ('PIL', 'tqdm'), 'release': ('PIL', 'tqdm', 'matplotlib')}
+_NEEDS = {'demo': ('matplotlib',), 'eval': ('matplotlib',), 'release': ('matplotlib',)}  # their plots
 
 
-def _require_extra(command: str) -> None:
+def _require_extra(command: str, rest: List[str]) -> None:
     """Check before a long run starts, not when its last stage (the demo's plots) first imports the module."""
-    for name in _NEEDS.get(command, ()):
+    for name in _NEEDS.get(command, ()) if '--no-plots' not in rest else ():
         try:
             importlib.import_module(name)
         except ImportError:

@@ -41,20 +41,20 @@ class ImageFiles(Dataset):
         paths: the image files, sorted; ``dataset[i]`` is ``(transform(image_i), -1)``.
     """
 
-    def __init__(self, folder, transform: Optional[Callable] = None):
+    def __init__(self, folder, transform: Optional[Callable] = None, loader: Callable = read_image):
         if not Path(folder).is_dir():
             raise ImageError(f'{folder} is not a directory')
         self.paths = list_images(folder)
         if not self.paths:
             raise ImageError(f'{folder} holds no images ({", ".join(IMAGE_EXTENSIONS)})')
-        self.transform = transform
+        self.transform, self.loader = transform, loader
         self.classes: List[str] = []
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        image = read_image(self.paths[i])
+        image = self.loader(self.paths[i])
         return (self.transform(image) if self.transform else image), -1
 
 

@@ -45,11 +45,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = save_pretrained(model, args.save_dir, **save_kwargs)
         print(f'wrote {out} (load it with timm.create_model("local-dir:{out}", pretrained=True))')
     else:
-        info = push_to_hub(model, args.repo_id, revision=args.revision, private=args.private, token=args.token,
-                           commit_message=args.commit_message, **save_kwargs)
+        try:
+            info = push_to_hub(model, args.repo_id, revision=args.revision, private=args.private, token=args.token,
+                               commit_message=args.commit_message, **save_kwargs)
+        except Exception as e:  # offline, DNS, proxy, HF_HUB_OFFLINE, auth: one line, not httpx's 70-line trace
+            if not _is_network_error(e):
+                raise
+            first = (str(e).strip().splitlines() or [''])[0][:200]
+            parser.exit(2, f'ssod push: error: uploading to the Hugging Face Hub failed ({type(e).__name__}: {first}). '
+                           f'Write the folder now with `ssod save {args.checkpoint} DIR` and upload it later '
+                           f'(`hf upload {args.repo_id} DIR`) when the network is back'
+                           f'{"; HF_HUB_OFFLINE=1 is set: unset it to upload" if _offline() else ""}\n')
         print(f'pushed {args.repo_id}: {getattr(info, "commit_url", info)} '
               f'(load it with timm.create_model("hf-hub:{args.repo_id}", pretrained=True))')
     return 0
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+    return bool(constants.is_offline_mode())
+
+
+def _is_network_error(e: BaseException) -> bool:
+    """Connection, offline-mode and Hub HTTP errors (huggingface_hub raises its own, httpx's or requests')."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    return (isinstance(e, (OSError, HfHubHTTPError, OfflineModeIsEnabled, TimeoutError)) or
+            type(e).__module__.split('.')[0] in ('httpx', 'httpcore', 'requests', 'urllib3', 'huggingface_hub'))
 
 
 if __name__ == '__main__':

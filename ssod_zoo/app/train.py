@@ -58,7 +58,7 @@ class TrainConfig:
     img_size: int = 224
     crop_pct: Optional[float] = None  # eval centre crop; default: the model's pretrained_cfg
     scale_min: float = 0.08  # RandomResizedCrop lower bound for training
-    workers: int = 4
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # never more than the CPUs
     # objective (Eq. 12-14, Tables 4-5)
     gamma: float = 0.95
     alpha: float = 1.0
@@ -94,19 +94,67 @@ CHOICES = {'data': ('folder', 'synthetic', *PROTOCOLS), 'balance': BALANCE_SCHEM
            'amp': ('none', 'bf16', 'fp16')}
 
 
+HELP = {  # one line per TrainConfig field: `ssod train --help` shows it with the field's default
+    'model': 'SSOD architecture (timm.list_models("ssod_*")) or any timm CNN name, wrapped',
+    'init': "start from timm weights: a hub tag ('resnet50.tv_in1k') or a local file; '' = from scratch",
+    'model_kwargs': 'extra timm.create_model arguments, key=value (e.g. output_stride=16)',
+    'data': "'folder' (--train-dir/--val-dir/--ood-dirs), 'synthetic' (the embedded benchmark) or a protocol",
+    'data_root': 'with --data <protocol>: where its data sets live (see ssod_zoo.app.protocols)',
+    'download': 'with --data <protocol>: fetch what torchvision can download',
+    'train_dir': 'ID training images, one sub-folder per class',
+    'val_dir': 'ID validation images, same class sub-folders; calibrates the threshold',
+    'ood_dirs': 'OOD validation folders, one per set (every image under each folder)',
+    'synthetic_root': "with --data synthetic: its cache ('' = ~/.cache/ssod_zoo/synthetic)",
+    'img_size': 'training and evaluation input size, pixels',
+    'crop_pct': "evaluation centre-crop fraction (None = the model's pretrained_cfg)",
+    'scale_min': 'RandomResizedCrop lower scale bound for training',
+    'workers': 'data-loading processes per rank (default at most the CPU count)',
+    'gamma': 'patch-sampler confidence: ID patches above gamma, OOD below 1 - gamma (Eq. 12)',
+    'alpha': 'weight of the OOD loss against classification (Eq. 14)',
+    'balance': 'ID/OOD balance of the OOD loss: lwb (loss-wise), lw, dr (Table 5)',
+    'background_weight': 'weight of the background (OOD) patches in the OOD loss',
+    'label_smoothing': 'label smoothing of the classification loss',
+    'ood_rule': "OOD patches below 1 - gamma ('paper') or below max(1 - gamma, 0.5 / M) ('chance')",
+    'warmup_epochs': 'epochs of classification only before the OOD loss switches on',
+    'ce_only': 'the plain cross-entropy baseline: same recipe, OOD loss never on',
+    'epochs': 'training epochs',
+    'batch_size': 'global batch size, over all ranks; at most the training-set size',
+    'lr': 'AdamW learning rate',
+    'weight_decay': 'AdamW weight decay',
+    'lr_step': 'epochs between learning-rate decays',
+    'lr_gamma': 'learning-rate decay factor',
+    'freeze_bn': 'freeze BatchNorm statistics (fine-tuning with small per-device batches)',
+    'max_steps_per_epoch': 'cap on steps per epoch; 0 = the whole training set',
+    'eval_every': 'validate every N epochs; 0 = after the last epoch only',
+    'device': "'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...",
+    'amp': "mixed precision: 'none', 'bf16', or 'fp16' (with a grad scaler)",
+    'channels_last': 'channels-last memory format (faster convolutions on recent GPUs)',
+    'compile': 'torch.compile the training step',
+    'seed': 'seed of data order, augmentation and initialisation',
+    'out_dir': 'where checkpoints, config.json and log.jsonl go',
+    'resume': "a checkpoint to continue from, or 'auto' for <out-dir>/last.pt if it exists",
+    'export_dir': 'write a hub-ready folder of the best checkpoint here at the end',
+    'progress': 'a progress bar per epoch (only when stderr is a terminal; else one line per epoch)',
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default after its help."""
+
+
 def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(prog='ssod train', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog='ssod train', description=__doc__, formatter_class=_HelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = '--' + f.name.replace('_', '-')
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_ = HELP.get(f.name, f.name.replace('_', ' '))
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif f.type == List[str]:
-            parser.add_argument(flag, nargs='*', default=default)
+            parser.add_argument(flag, nargs='*', default=default, help=help_)
         else:
             kind = {int: int, float: float, Optional[float]: float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=default, choices=CHOICES.get(f.name))
+            parser.add_argument(flag, type=kind, default=default, choices=CHOICES.get(f.name), help=help_)
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
@@ -147,6 +195,7 @@ def _restores_signal_handlers(fn):
 @_restores_signal_handlers
 def train(cfg: TrainConfig) -> dict:
     # ---------------------------------------------------------------------------------------------- setup
+    cfg = _resumed_config(cfg)
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     device = _device(cfg.device, local_rank)
@@ -173,8 +222,9 @@ def train(cfg: TrainConfig) -> dict:
     eval_sets = {k: _SeededTransform(v, eval_tf, cfg.seed) for k, v in datasets.items() if k != 'train'}
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise TrainError(f'the training set has {len(train_set)} images, fewer than one global batch '
-                         f'({cfg.batch_size}); lower --batch-size')
+        fits = max(world, 2 ** int(math.log2(max(1, len(train_set)))) // world * world)
+        raise TrainError(f'the training set has {len(train_set)} images, fewer than one global batch of '
+                         f'{cfg.batch_size}: pass --batch-size {fits} (or less)')
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
 
@@ -203,6 +253,12 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.load_state_dict(ckpt['scheduler'])
         scaler.load_state_dict(ckpt['scaler'])
         start_epoch, start_step, best = ckpt['epoch'], ckpt['step'], ckpt['best']
+        if start_epoch >= cfg.epochs:
+            if master:
+                print(f'{resume} has already finished all {start_epoch} epochs; nothing to train (raise --epochs to '
+                      'continue it, or start a new --out-dir)')
+            _cleanup(ddp)
+            return {'history': [], 'best': best, 'out_dir': str(out_dir), 'model': model, 'finished': True}
         _set_rng_state(ckpt['rng'])
         if master:
             print(f'resumed from {resume}: epoch {start_epoch + 1}, step {start_step}')
@@ -536,8 +592,8 @@ def _load_init(model: nn.Module, init: str, num_classes: int) -> None:
                 state = load_state_dict(init, weights_only=True)
         elif path.is_dir() or init.startswith(('hf-hub:', 'local-dir:')) or init.startswith('ssod_'):
             source = load_model(init)
-        else:
-            source = timm.create_model(init, pretrained=True, num_classes=num_classes)
+        else:  # a timm tag, with its own classifier: a class-count change is reported below like any other
+            source = timm.create_model(init, pretrained=True, **_cached_hub_weights(init))
     except (WeightsError, RuntimeError, OSError, ValueError) as e:
         raise TrainError(f'--init {init!r} is neither a file nor loadable weights: {str(e).splitlines()[0]}')
     if source is not None:
@@ -546,9 +602,13 @@ def _load_init(model: nn.Module, init: str, num_classes: int) -> None:
                                                            if source.pretrained_cfg.get(k) is not None}}
     own = model.state_dict()
     classifier = model.pretrained_cfg['classifier']
+    dropped = {}
     for k in [k for k in state if k.startswith(classifier + '.')]:
         if k in own and state[k].shape != own[k].shape:  # another class count: new classifier
-            del state[k]
+            dropped[k] = state.pop(k).shape[0]
+    if dropped and int(os.environ.get('RANK', 0)) == 0:
+        print(f'--init {init}: its classifier has {next(iter(dropped.values()))} classes, the data {num_classes}; '
+              'the classifier starts fresh, the rest comes from --init', file=sys.stderr)
     missing = [k for k in own if k not in state and not k.startswith('ood_head.')]
     unexpected = [k for k in state if k not in own]
     if unexpected or any(not k.startswith(classifier + '.') for k in missing):
@@ -558,6 +618,38 @@ def _load_init(model: nn.Module, init: str, num_classes: int) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='loading a checkpoint without an OOD head')
         model.load_state_dict({**own, **state})
+
+
+def _cached_hub_weights(init: str) -> dict:
+    """For a timm tag: load from the Hugging Face cache if it holds the weights (no network round trips), else
+    fail in one line, at once, when the Hub cannot be reached (huggingface_hub would retry for a minute)."""
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants, try_to_load_from_cache
+    try:
+        cfg = timm.models.get_pretrained_cfg(init)
+    except Exception:
+        return {}
+    repo = getattr(cfg, 'hf_hub_id', None)
+    if not repo:
+        return {}
+    for name in dict.fromkeys([getattr(cfg, 'hf_hub_filename', None) or 'model.safetensors', 'model.safetensors',
+                               'pytorch_model.bin']):
+        cached = try_to_load_from_cache(repo, name)
+        if isinstance(cached, str):
+            return {'pretrained_cfg_overlay': {'file': cached}}
+    if constants.is_offline_mode():
+        why = 'HF_HUB_OFFLINE is set'
+    elif os.environ.get('HTTPS_PROXY') or os.environ.get('https_proxy'):
+        return {}  # through a proxy a direct probe says nothing
+    else:
+        try:
+            socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=3).close()
+            return {}
+        except OSError as e:
+            why = f'{constants.ENDPOINT} cannot be reached ({e})'
+    raise TrainError(f'--init {init}: its weights ({repo}) are not in the Hugging Face cache and {why}; download '
+                     f'them once with network access (`hf download {repo}`), or pass a local weights file to --init')
 
 
 def eval_data_config(model: nn.Module, cfg: TrainConfig) -> dict:
@@ -648,8 +740,12 @@ def _datasets(cfg: TrainConfig, master: bool) -> Dict[str, Dataset]:
     if out['val'].classes != out['train'].classes:
         raise TrainError(f'--val-dir has classes {out["val"].classes[:5]}..., --train-dir '
                          f'{out["train"].classes[:5]}...: they must be the same')
-    for d in cfg.ood_dirs:
-        out[f'ood/{Path(d).name}'] = _image_folder(d, 'ood-dirs')
+    for d in cfg.ood_dirs:  # an OOD set has no classes: every image under the folder, flat or nested
+        from .images import ImageError, ImageFiles
+        try:
+            out[f'ood/{Path(d).name}'] = ImageFiles(d, loader=_checked_loader)
+        except ImageError as e:
+            raise TrainError(f'--ood-dirs {e}')
     return out
 
 
@@ -670,6 +766,32 @@ def _evaluate(model, eval_sets, cfg, device, amp_dtype, rank, world) -> dict:
     report = ssod_report(outs['val'], {k[4:]: v for k, v in outs.items() if k.startswith('ood/')})
     report['ood_threshold'] = calibrate_threshold(outs['val']['ood_factor'])
     return report
+
+
+# flags a resumed run may change; every other one is the checkpoint's (its optimizer, scheduler and data order
+# were made with them), so a resumed run uses, and records, the checkpoint's values
+RESUME_MAY_CHANGE = ('epochs', 'resume', 'out_dir', 'workers', 'device', 'progress', 'eval_every', 'export_dir',
+                     'compile', 'channels_last', 'train_dir', 'val_dir', 'ood_dirs', 'data_root', 'download',
+                     'synthetic_root')
+
+
+def _resumed_config(cfg: TrainConfig) -> TrainConfig:
+    """With ``--resume``: the checkpoint's settings for everything but :data:`RESUME_MAY_CHANGE`, and one
+    warning listing the flags given with other values."""
+    path = _resume_path(cfg, Path(cfg.out_dir))
+    if path is None:
+        return cfg
+    try:
+        old = torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('config') or {}
+    except Exception:
+        return cfg  # _load_resume reports an unreadable checkpoint
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    kept = {k: v for k, v in old.items() if k in fields and k not in RESUME_MAY_CHANGE and getattr(cfg, k) != v}
+    if kept and int(os.environ.get('RANK', 0)) == 0:
+        changes = ', '.join(f'--{k.replace("_", "-")} {v} (asked {getattr(cfg, k)})' for k, v in kept.items())
+        print(f'warning: resuming {path} with its own settings: {changes}; the run uses and records these. '
+              'Start a new --out-dir to train with other values', file=sys.stderr)
+    return dataclasses.replace(cfg, **kept)
 
 
 def _resume_path(cfg: TrainConfig, out_dir: Path) -> Optional[Path]:
@@ -706,7 +828,7 @@ def _freeze_bn(model: nn.Module) -> None:
 
 
 def _progress(loader, enabled: bool, desc: str, start: int, total: int):
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():  # piped to a file: no carriage-return bar, the epoch lines suffice
         return loader
     from tqdm.auto import tqdm
     return tqdm(loader, desc=desc, initial=start, total=total, dynamic_ncols=True, leave=False)
@@ -733,7 +855,7 @@ def _summary(record: dict) -> str:
     line = f'epoch {record["epoch"]}: loss {record["train"]["loss"]:.3f}'
     if 'id_accuracy' in v:
         line += f', ID acc {v["id_accuracy"]:.2f}%'
-    if 'ood_average' in v:
+    if 'ood_average' in v and record.get('ood_loss_on', True):  # --ce-only / warm-up: the OOD head is untrained
         a = v['ood_average']
         line += f', FPR95 {a["fpr95"]:.2f}%, AUROC {a["auroc"]:.2f}% (OOD factor, mean over {len(v["ood"])} sets)'
     return line + f', {record["train"]["img_s"]:.0f} img/s'

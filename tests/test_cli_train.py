@@ -1,0 +1,88 @@
+"""`ssod train` as a user meets it (issue 13, item 3): help and defaults, small data, readable output, resume."""
+import dataclasses
+import os
+
+import pytest
+import timm
+import torch
+
+from ssod_zoo.app import train as train_mod
+from ssod_zoo.app.train import HELP, TrainConfig, TrainError, main
+
+from cli_helpers import class_tree, make_checkpoint
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp('tiny')
+    return {'train': class_tree(root / 'train', 4), 'val': class_tree(root / 'val', 2, seed=5)}
+
+
+def _args(tiny, out, *extra):
+    return ['--model', 'ssod_test_resnet', '--model-kwargs', 'output_stride=16', '--train-dir', str(tiny['train']),
+            '--val-dir', str(tiny['val']), '--ood-dirs', str(tiny['val'] / 'cat'), '--img-size', '32',
+            '--batch-size', '4', '--workers', '0', '--epochs', '1', '--out-dir', str(out), *extra]
+
+
+def test_every_flag_has_help_and_shows_its_default(capsys):
+    assert set(HELP) == {f.name for f in dataclasses.fields(TrainConfig)}
+    with pytest.raises(SystemExit):
+        train_mod.parse_args(['--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):
+        flag = '--' + f.name.replace('_', '-')
+        after = text.split(flag, 1)[1].split(' --', 1)[0]
+        assert '(default:' in after, flag
+
+
+def test_workers_default_fits_the_machine():
+    assert 1 <= TrainConfig().workers <= (os.cpu_count() or 1)
+
+
+def test_batch_larger_than_the_training_set_names_the_flag(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(_args(tiny, tmp_path, '--batch-size', '256'))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and '--batch-size 8' in err[0]  # 12 images: the largest power of two that fits
+
+
+def test_ce_only_summary_has_no_ood_factor_fpr95():
+    record = {'epoch': 1, 'train': {'loss': 1.0, 'img_s': 5.0}, 'ood_loss_on': False,
+              'val': {'id_accuracy': 50.0, 'ood': {'x': {}}, 'ood_average': {'fpr95': 90.0, 'auroc': 50.0}}}
+    assert 'FPR95' not in train_mod._summary(record)
+    assert 'FPR95' in train_mod._summary({**record, 'ood_loss_on': True})
+
+
+def test_progress_bar_only_on_a_terminal():
+    loader = [1, 2, 3]
+    assert train_mod._progress(loader, True, 'epoch 1', 0, 3) is loader  # pytest's captured stderr is no TTY
+
+
+def test_init_with_another_class_count_says_so(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / 'c.pt', num_classes=3)
+    model = timm.create_model('ssod_test_resnet', num_classes=2)
+    train_mod._load_init(model, str(ckpt), num_classes=2)
+    err = capsys.readouterr().err
+    assert 'classifier has 3 classes, the data 2' in err and 'starts fresh' in err
+
+
+def test_init_offline_fails_at_once_in_one_line(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'is_offline_mode', lambda: True)
+    monkeypatch.setattr(huggingface_hub, 'try_to_load_from_cache', lambda *a, **k: None)
+    with pytest.raises(TrainError, match='not in the Hugging Face cache and HF_HUB_OFFLINE is set') as e:
+        train_mod._cached_hub_weights('resnet18.a1_in1k')
+    assert '\n' not in str(e.value) and 'local weights file' in str(e.value)
+
+
+def test_resume_of_a_finished_run_and_with_changed_flags(tiny, tmp_path, capsys):
+    main(_args(tiny, tmp_path, '--lr', '1e-3'))
+    capsys.readouterr()
+    out = main(_args(tiny, tmp_path, '--lr', '1e-3', '--resume', 'auto'))
+    assert out.get('finished') and 'already finished' in capsys.readouterr().out
+    main(_args(tiny, tmp_path, '--epochs', '2', '--lr', '5e-2', '--resume', 'auto'))
+    err = capsys.readouterr().err
+    assert '--lr 0.001 (asked 0.05)' in err
+    ckpt = torch.load(tmp_path / 'last.pt', map_location='cpu', weights_only=True)
+    assert ckpt['epoch'] == 2 and ckpt['config']['lr'] == 1e-3  # records what the run used
