@@ -239,7 +239,7 @@ def _average(rows: Iterable[Dict[str, float]]) -> Dict[str, float]:
 
 
 def _bar(loader, desc: Optional[str]):
-    if not desc:
+    if not desc or not sys.stderr.isatty():  # piped to a file: no wall of carriage returns
         return loader
     from tqdm.auto import tqdm
     return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
