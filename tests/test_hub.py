@@ -5,6 +5,7 @@ written by a stand-in for HfApi (then read with HF_HUB_OFFLINE=1) or a small HTT
 import hashlib
 import http.server
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -94,23 +95,37 @@ def hf_home(tmp_path, monkeypatch):
     return cache
 
 
-class CacheWriterApi:
-    """Stands in for HfApi: an upload writes the HF cache layout (blobs/, snapshots/<commit>/, refs/<branch>)."""
+def _bind(method: str, *args, **kwargs) -> inspect.BoundArguments:
+    """The call as the real ``huggingface_hub.HfApi`` would take it: a wrong or misspelt argument fails here."""
+    bound = inspect.signature(getattr(huggingface_hub.HfApi, method)).bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    return bound
 
-    def __init__(self, cache: Path):
+
+class CacheWriterApi:
+    """Stands in for HfApi: an upload writes the HF cache layout (blobs/, snapshots/<commit>/, refs/<branch>).
+    Every call is first bound to the real HfApi method's signature."""
+
+    def __init__(self, cache: Path, **hf_api_kwargs):
+        _bind('__init__', **hf_api_kwargs)
         self.cache = Path(cache)
         self.calls = []
         self.uploaded = {}
 
-    def create_repo(self, repo_id, *, private=None, exist_ok=False, repo_type=None, **kwargs):
-        self.calls.append(('create_repo', repo_id, private, exist_ok))
-        return SimpleNamespace(repo_id=repo_id)
+    def create_repo(self, *args, **kwargs):
+        a = _bind('create_repo', *args, **kwargs).arguments
+        self.calls.append(('create_repo', a['repo_id'], a['private'], a['exist_ok']))
+        return SimpleNamespace(repo_id=a['repo_id'])
 
-    def create_branch(self, repo_id, *, branch, exist_ok=False, repo_type=None, **kwargs):
-        self.calls.append(('create_branch', repo_id, branch))
+    def create_branch(self, *args, **kwargs):
+        a = _bind('create_branch', *args, **kwargs).arguments
+        self.calls.append(('create_branch', a['repo_id'], a['branch']))
 
-    def upload_folder(self, *, repo_id, folder_path, revision=None, commit_message=None, repo_type=None, **kwargs):
-        self.calls.append(('upload_folder', repo_id, revision, commit_message))
+    def upload_folder(self, *args, **kwargs):
+        a = _bind('upload_folder', *args, **kwargs).arguments
+        repo_id, folder_path, revision = a['repo_id'], a['folder_path'], a['revision']
+        assert a['repo_type'] in (None, 'model')
+        self.calls.append(('upload_folder', repo_id, revision, a['commit_message']))
         files = {p.relative_to(folder_path).as_posix(): p.read_bytes()
                  for p in sorted(Path(folder_path).rglob('*')) if p.is_file()}
         self.uploaded = files
@@ -617,19 +632,27 @@ def test_load_checkpoint_errors(tmp_path, model):
 
 
 def test_cli_save(tmp_path, model, images, capsys):
+    from ssod_zoo.app.cli import main as ssod
     ckpt = make_checkpoint(tmp_path / 'last.pt', model)
-    assert publish.main(['save', str(ckpt), str(tmp_path / 'out')]) == 0
+    ssod(['save', str(ckpt), str(tmp_path / 'out')])  # the `ssod` command itself
     assert 'local-dir:' in capsys.readouterr().out
     assert_same_model(timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True), model, images)
     card = ModelCard.load(tmp_path / 'out' / 'README.md')
     assert {r.metric_type for r in card.data.eval_results} == {'accuracy', 'fpr95', 'auroc', 'aupr_in', 'aupr_out'}
 
 
-def test_cli_push(hf_home, tmp_path, model, images, monkeypatch):
-    monkeypatch.setattr(hub, 'HfApi', lambda **kwargs: CacheWriterApi(hf_home))
+def test_cli_push(hf_home, tmp_path, model, images, monkeypatch, capsys):
+    from ssod_zoo.app.cli import main as ssod
+    apis = []
+    monkeypatch.setattr(hub, 'HfApi', lambda **kwargs: apis.append(CacheWriterApi(hf_home, **kwargs)) or apis[-1])
     ckpt = make_checkpoint(tmp_path / 'last.pt', model, ood_threshold=None)
-    assert publish.main(['push', str(ckpt), 'ssod-org/cli', '--ood-threshold', str(THRESHOLD)]) == 0
-    assert_same_model(timm.create_model('hf-hub:ssod-org/cli', pretrained=True), model, images)
+    ssod(['push', str(ckpt), 'ssod-org/cli', '--ood-threshold', str(THRESHOLD), '--revision', 'v1', '--private',
+          '--commit-message', 'first weights'])  # the `ssod` command itself
+    assert apis[-1].calls == [('create_repo', 'ssod-org/cli', True, True), ('create_branch', 'ssod-org/cli', 'v1'),
+                              ('upload_folder', 'ssod-org/cli', 'v1', 'first weights')]
+    assert sorted(apis[-1].uploaded) == ['README.md', 'config.json', 'model.safetensors']
+    assert 'pushed ssod-org/cli' in capsys.readouterr().out
+    assert_same_model(timm.create_model('hf-hub:ssod-org/cli@v1', pretrained=True), model, images)
 
 
 def test_cli_warns_without_threshold_and_fails_cleanly(tmp_path, model, capsys):
