@@ -786,7 +786,9 @@ def _resumed_config(cfg: TrainConfig) -> TrainConfig:
     except Exception:
         return cfg  # _load_resume reports an unreadable checkpoint
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    kept = {k: v for k, v in old.items() if k in fields and k not in RESUME_MAY_CHANGE and getattr(cfg, k) != v}
+    checked = ('model', 'model_kwargs', 'data')  # another architecture or data set: _load_resume refuses it
+    kept = {k: v for k, v in old.items()
+            if k in fields and k not in RESUME_MAY_CHANGE + checked and getattr(cfg, k) != v}
     if kept and int(os.environ.get('RANK', 0)) == 0:
         changes = ', '.join(f'--{k.replace("_", "-")} {v} (asked {getattr(cfg, k)})' for k, v in kept.items())
         print(f'warning: resuming {path} with its own settings: {changes}; the run uses and records these. '
