@@ -82,6 +82,8 @@ def main(argv=None) -> dict:
     p.add_argument('--device', default='cpu')
     p.add_argument('--amp', choices=('none', 'bf16'), default='none')
     p.add_argument('--threads', type=int, default=0, help='torch threads on CPU (0: torch default)')
+    p.add_argument('--out', type=Path, default=None,
+                   help='output path without suffix (default: results/train_step_<device>[_bf16])')
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,13 +98,14 @@ def main(argv=None) -> dict:
               f'(95% CI {r["ratio_ci95"][0]:.3f}-{r["ratio_ci95"][1]:.3f})', flush=True)
     tag = device.type + ('_bf16' if args.amp == 'bf16' else '')
     result = {'goal_ratio': GOAL, 'environment': env, 'results': rows}
-    _common.write_json(_common.RESULTS / f'train_step_{tag}.json', result)
+    out = args.out or _common.RESULTS / f'train_step_{tag}'
+    _common.write_json(out.with_suffix('.json'), result)
     table = _common.markdown_table(
         ['model', 'batch', 'px', 'classes', 'CE step ms', 'SSOD step ms', 'ratio', '95% CI', f'goal <= {GOAL}'],
         [[r['model'], r['batch'], r['size'], r['num_classes'], f'{r["ce_ms"]:.0f}', f'{r["ssod_ms"]:.0f}',
           f'{r["ratio"]:.3f}', f'{r["ratio_ci95"][0]:.3f}-{r["ratio_ci95"][1]:.3f}',
           'yes' if r['ratio'] <= GOAL else f'no (+{100 * (r["ratio"] - GOAL):.1f} pts)'] for r in rows])
-    (_common.RESULTS / f'train_step_{tag}.md').write_text(
+    out.with_suffix('.md').write_text(
         f'# Training step: SSOD objective vs plain cross-entropy ({tag})\n\n'
         'forward + loss + backward + AdamW step, median of interleaved repetitions after warm-up; '
         f'ratio = SSOD / CE.\n\n{table}\n\n{_common.environment_markdown(env)}\n')
