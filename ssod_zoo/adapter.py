@@ -23,6 +23,8 @@ from typing import Dict, Final, Optional, Tuple, Union
 
 import timm
 import torch
+import torch.nn.functional as F
+from timm.models import MobileNetV3
 from torch import nn
 
 from .output import SpatialOutput, SSODOutput
@@ -164,8 +166,17 @@ class SSODModel(nn.Module):
             ``cls_map`` (B, M, h, w) and ``ood_map`` (B, 2, h, w).
         """
         b, c, h, w = features.shape
-        positions = features.permute(0, 2, 3, 1).reshape(b * h * w, c, 1, 1)
-        pre_logits = self.forward_head(positions, pre_logits=True).flatten(1)
+        if _head_is_per_position(self):
+            # MobileNetV3 pools first, then conv_head + norm + activation act on each position alone: run them on
+            # the whole map as one 1x1 convolution (the same numbers; its backward is ~2x faster on CPU than that
+            # of B*h*w separate 1x1 maps), then the head's own dropout, as forward_head applies it
+            x = self.act2(self.norm_head(self.conv_head(features)))
+            pre_logits = x.permute(0, 2, 3, 1).reshape(b * h * w, -1)
+            if self.drop_rate > 0.:
+                pre_logits = F.dropout(pre_logits, p=self.drop_rate, training=self.training)
+        else:
+            positions = features.permute(0, 2, 3, 1).reshape(b * h * w, c, 1, 1)
+            pre_logits = self.forward_head(positions, pre_logits=True).flatten(1)
 
         def as_map(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(b, h, w, -1).permute(0, 3, 1, 2)
@@ -297,6 +308,12 @@ class _Features(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.m.forward_features(x)
+
+
+def _head_is_per_position(model: nn.Module) -> bool:
+    """Whether ``forward_head`` is timm's MobileNetV3 head: global pooling, then only per-position layers
+    (``conv_head``, ``norm_head``, ``act2``), flatten and dropout (timm's tests call these EARLY_POOL_MODELS)."""
+    return isinstance(model, MobileNetV3) and type(model).forward_head is MobileNetV3.forward_head
 
 
 def _total_stride(model: nn.Module) -> int:

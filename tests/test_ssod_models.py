@@ -324,9 +324,10 @@ def test_mobilenetv3_runs_its_head_conv_once_per_pooled_output(method):
     x = _input(m, size=64)
     with torch.no_grad():
         getattr(m, method)(x)
-    pooled = [s for s in shapes if s[0] == x.shape[0]]
-    assert len(pooled) == 1, shapes  # forward_spatial adds one pass over every position, (B*h*w, C, 1, 1)
-    assert len(shapes) == (2 if method == 'forward_spatial' else 1)
+    pooled = [s for s in shapes if s[0] == x.shape[0] and s[2:] == (1, 1)]
+    assert len(pooled) == 1, shapes
+    # forward_spatial adds one pass over every position: the whole (B, C, h, w) map as one 1x1 convolution
+    assert shapes[1:] == ([(x.shape[0], 960, 2, 2)] if method == 'forward_spatial' else []), shapes
 
 
 def test_ood_factor_difference_is_taken_in_float32_under_autocast():
@@ -340,3 +341,17 @@ def test_ood_factor_difference_is_taken_in_float32_under_autocast():
             p = m.forward_ood(pooled)
     assert p.dtype == torch.float32
     assert torch.equal(p, torch.sigmoid(torch.tensor([1.5 - 3 * 2.0 ** -8])))
+
+
+def test_mobilenetv3_per_position_head_on_the_whole_map_is_the_head_at_each_position():
+    """The one-convolution path equals forward_head on each position as a 1x1 map, dropout masks included."""
+    m = timm.create_model('ssod_mobilenetv3_large_100', num_classes=5, drop_rate=0.3).train()
+    features = torch.randn(2, m.num_features, 3, 3)
+    torch.manual_seed(1)
+    cls_map, ood_map = m.forward_positions(features)
+    torch.manual_seed(1)
+    positions = features.permute(0, 2, 3, 1).reshape(18, -1, 1, 1)
+    pre_logits = m.forward_head(positions, pre_logits=True)
+    as_map = lambda t: t.reshape(2, 3, 3, -1).permute(0, 3, 1, 2)  # noqa: E731
+    torch.testing.assert_close(cls_map, as_map(m.get_classifier()(pre_logits)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ood_map, as_map(m.ood_head(pre_logits)), rtol=1e-4, atol=1e-5)
