@@ -143,6 +143,11 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
+    return TrainConfig(**vars(build_parser().parse_args(argv)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``ssod train``'s flags, one per :class:`TrainConfig` field, with :data:`HELP` and the field's default."""
     parser = argparse.ArgumentParser(prog='ssod train', description=__doc__, formatter_class=_HelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = '--' + f.name.replace('_', '-')
@@ -155,7 +160,7 @@ def parse_args(argv: Optional[List[str]] = None) -> TrainConfig:
         else:
             kind = {int: int, float: float, Optional[float]: float}.get(f.type, str)
             parser.add_argument(flag, type=kind, default=default, choices=CHOICES.get(f.name), help=help_)
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    return parser
 
 
 READ_EVERY = 10  # training steps between reads of the loss sums (host syncs), the NaN check and DDP's stop vote
@@ -717,11 +722,11 @@ def _unreadable_report(cfg: TrainConfig, shown: int = 3) -> str:
 
 def _datasets(cfg: TrainConfig, master: bool) -> Dict[str, Dataset]:
     if cfg.data in PROTOCOLS:
-        from .protocols import DataMissing, load_protocol
-        try:
-            p = load_protocol(cfg.data, cfg.data_root or None, download=cfg.download and master, split='train')
-        except DataMissing as e:
-            raise TrainError(str(e))
+        if cfg.download and dist.is_initialized():  # rank 0 downloads, the others read what it fetched
+            if master:
+                _protocol_or_error(cfg, download=True)
+            dist.barrier()
+        p = _protocol_or_error(cfg, download=cfg.download and not dist.is_initialized())
         out = {'train': p.train, 'val': p.val}
         out.update({f'ood/{k}': v for k, v in p.ood_val.items()})
         return out
@@ -747,6 +752,14 @@ def _datasets(cfg: TrainConfig, master: bool) -> Dict[str, Dataset]:
         except ImageError as e:
             raise TrainError(f'--ood-dirs {e}')
     return out
+
+
+def _protocol_or_error(cfg: TrainConfig, download: bool):
+    from .protocols import DataMissing, load_protocol
+    try:
+        return load_protocol(cfg.data, cfg.data_root or None, download=download, split='train')
+    except DataMissing as e:
+        raise TrainError(str(e))
 
 
 def _evaluate(model, eval_sets, cfg, device, amp_dtype, rank, world) -> dict:
