@@ -185,5 +185,5 @@ def report_markdown(accept: Mapping[str, dict], threshold: Optional[float], ci: 
             cells += [f'{r["fpr95"]:.1f} [{c["fpr95"][0]:.1f}, {c["fpr95"][1]:.1f}]',
                       f'{r["auroc"]:.1f} [{c["auroc"][0]:.1f}, {c["auroc"][1]:.1f}]']
         lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
-    lines += ['', 'Overlapping intervals: the sets are too small to tell those methods apart.']
+    lines += ['', 'Where two methods\' intervals overlap, these sets are too small to rank them.']
     return '\n'.join(lines)
