@@ -4,8 +4,8 @@ Each model gets non-trivial weights first (random BatchNorm statistics, heads sc
 ood_factor sits inside (0, 1) rather than at 0.5 or saturated), so a wrong graph cannot pass by producing the
 near-constant outputs of a freshly initialised network. Inputs are 64x64 (a 2x2 feature map at stride 32).
 
-The Inductor tests are marked ``slow`` (30-60 s each on 2 CPU cores with a cold Inductor cache); deselect them
-with ``-m "not slow"``.
+The Inductor tests are marked ``slow`` (30-60 s each on 2 CPU cores with a cold Inductor cache) and skipped
+unless ``--runslow`` is given (tests/conftest.py).
 """
 import copy
 import math
@@ -20,7 +20,8 @@ import ssod_zoo
 from ssod_zoo import SSODOutput
 from ssod_zoo.export import INPUT_NAME, OUTPUT_NAMES, export_onnx, main
 
-MODELS = timm.list_models('ssod_*')
+# resnet34 and resnet101 export through resnet18's and resnet50's graphs (same block types, more of them)
+MODELS = [m for m in timm.list_models('ssod_*') if m not in ('ssod_resnet34', 'ssod_resnet101')]
 SIZE = (3, 64, 64)
 ONNX_ATOL = 1e-4  # the issue's bar for ONNX vs PyTorch, on logits of magnitude ~1-4
 COMPILE_MODELS = ['ssod_test_resnet', 'ssod_resnet18']
@@ -55,6 +56,44 @@ def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
             head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 2.0
                               / (math.sqrt(head.in_features) * pooled.std()))
             head.bias.copy_(torch.randn(head.bias.shape, generator=g) - head.weight @ pooled.mean(0))
+    return model
+
+
+def _varied_images(batch: int, seed: int) -> torch.Tensor:
+    """Noise images whose contrast and colour differ per image: pooled features of i.i.d. noise barely differ."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *SIZE, generator=g)
+    return x * (torch.rand(batch, 1, 1, 1, generator=g) * 1.5 + 0.5) + torch.randn(batch, 3, 1, 1, generator=g)
+
+
+def _input_sensitive(name: str) -> nn.Module:
+    """A model whose outputs vary strongly across :func:`_varied_images`: BatchNorm statistics measured on
+    images (so every layer passes a signal on), heads along the two main directions in which the pooled
+    features vary across images, so ``ood_factor`` spreads over most of (0, 1)."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    g = torch.Generator().manual_seed(0)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for m in bns:
+            m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the calibration pass
+        model.train()(torch.randn(16, *SIZE, generator=g))
+        for m in bns:  # statistics that differ a little from any batch's, so eval mode is not train mode
+            m.momentum = 0.1
+            m.running_mean.add_(torch.randn(m.running_mean.shape, generator=g) * 0.05 * m.running_var.sqrt())
+            m.running_var.mul_(torch.rand(m.running_var.shape, generator=g) * 0.2 + 0.9)
+        model.eval()
+        pooled = model.forward_head(model.forward_features(_varied_images(16, seed=100)), pre_logits=True)
+        mean = pooled.mean(0)
+        _, s, v = torch.linalg.svd(pooled - mean, full_matrices=False)
+        basis = v[:2] * (math.sqrt(pooled.shape[0] - 1) / s[:2]).unsqueeze(1)  # unit-variance projections
+        for head in (model.get_classifier(), model.ood_head):
+            weight = torch.randn(head.out_features, 2, generator=g) @ basis * 2.0
+            head.weight.copy_(weight)
+            head.bias.copy_(torch.randn(head.bias.shape, generator=g) * 0.5 - weight @ mean)
     return model
 
 
@@ -268,19 +307,24 @@ def test_channels_last_matches(name):
     _assert_same(out, _reference(model, x), atol=1e-4, rtol=1e-4)
 
 
+BF16_OOD_ATOL = 0.01  # measured: at most 0.0043 (resnet50) over the registered models, torch 2.14 CPU
+
+
 @pytest.mark.parametrize('name', MODELS)
 def test_bf16_autocast_cpu(name):
     """Under CPU bf16 autocast the logits come back as bfloat16 (the classifier is a Linear, which autocast runs
     in bf16) and ood_factor as float32 (the sigmoid runs in float32, so it compares finely with a threshold near
-    1); both stay close to fp32: logits within 10% of their largest magnitude, ood_factor within 0.05."""
-    model = _model(name)
-    x = _images(2)
+    1); both stay close to fp32: logits within 10% of their largest magnitude (MobileNetV3 measured 8.6%, the
+    others under 4%), ood_factor within BF16_OOD_ATOL, while it varies across the images by over 20 times that."""
+    model = _input_sensitive(name)
+    x = _varied_images(4, seed=1)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         out = model(x)
     ref = _reference(model, x)
+    spread = (ref.ood_factor.max() - ref.ood_factor.min()).item()
+    assert spread >= 20 * BF16_OOD_ATOL, f'ood_factor varies by only {spread:.3f} across the images'
     assert out.logits.dtype == torch.bfloat16 and out.ood_factor.dtype == torch.float32
     assert out.logits.shape == ref.logits.shape and out.ood_factor.shape == ref.ood_factor.shape
-    assert torch.isfinite(out.logits).all() and ((out.ood_factor >= 0) & (out.ood_factor <= 1)).all()
     scale = ref.logits.abs().max().item()
     assert (out.logits.float() - ref.logits).abs().max().item() <= 0.1 * scale
-    assert (out.ood_factor.float() - ref.ood_factor).abs().max().item() <= 0.05
+    assert (out.ood_factor - ref.ood_factor).abs().max().item() <= BF16_OOD_ATOL
