@@ -1,31 +1,50 @@
-"""The fine-tuning recipe end to end on tiny generated data: CLI, resume, signals, DDP, bad input."""
+"""The fine-tuning recipe end to end on tiny generated data: CLI, flags, resume, signals, DDP, bad input."""
+import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
+import timm
 import torch
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
 
-from ssod_zoo.loss import SSODLoss
+from ssod_zoo import SSODModel, load_model
+from ssod_zoo.app.evaluate import collect, ssod_report
 from ssod_zoo.app.synthetic import BenchmarkConfig, SyntheticBenchmark
 from ssod_zoo.app.train import main
+from ssod_zoo.hub import calibrate_threshold, load_checkpoint
+from ssod_zoo.loss import SSODLoss
+
+OOD_SETS = ('near', 'textures')
 
 
 @pytest.fixture(scope='module')
 def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp('bench')
-    config = BenchmarkConfig(num_classes=3, image_size=64, train_per_class=8, val_per_class=4, ood_per_set=6)
+    # 21 validation images: the 95% threshold keeps 20 of them, not all; 12 images per OOD set give epochs
+    # that differ in FPR95 (measured: 95.83% after epoch 1, 100% after epoch 2, so best.pt is not last.pt)
+    config = BenchmarkConfig(num_classes=3, image_size=64, train_per_class=8, val_per_class=7, ood_per_set=12)
     return SyntheticBenchmark(root, config).prepare(workers=1, progress=False).root
 
 
 def _args(bench, out, *extra):
     return ['--model', 'ssod_test_resnet', '--model-kwargs', 'output_stride=16', '--data', 'folder',
             '--train-dir', str(bench / 'id' / 'train'), '--val-dir', str(bench / 'id' / 'val'),
-            '--ood-dirs', str(bench / 'ood' / 'near'), str(bench / 'ood' / 'textures'),
+            '--ood-dirs', *(str(bench / 'ood' / k) for k in OOD_SETS),
             '--img-size', '64', '--crop-pct', '1.0', '--batch-size', '8', '--lr', '1e-3', '--workers', '0',
             '--epochs', '2', '--out-dir', str(out), '--no-progress', *extra]
+
+
+@pytest.fixture(scope='module')
+def two_epochs(bench, tmp_path_factory):
+    """The recipe's default two-epoch run, shared read-only by the tests that compare with it."""
+    out = tmp_path_factory.mktemp('two_epochs')
+    return out, main(_args(bench, out))
 
 
 def _weights(path):
@@ -38,32 +57,58 @@ def _assert_same_weights(a, b, atol=0.0):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
-def test_two_epochs_write_checkpoints_log_and_metrics(bench, tmp_path):
-    result = main(_args(bench, tmp_path))
-    assert [r['epoch'] for r in result['history']] == [1, 2]
-    for name in ('last.pt', 'best.pt', 'config.json', 'log.jsonl'):
-        assert (tmp_path / name).exists(), name
-    assert len((tmp_path / 'log.jsonl').read_text().splitlines()) == 2
-    ckpt = torch.load(tmp_path / 'last.pt', weights_only=True)
-    assert ckpt['epoch'] == 2 and ckpt['architecture'] == 'ssod_test_resnet'
-    assert ckpt['class_names'] == sorted(p.name for p in (bench / 'id' / 'train').iterdir())
-    val = result['history'][-1]['val']
-    assert set(val['ood']) == {'near', 'textures'}
-    assert set(val['ood']['near']) == {'fpr95', 'auroc', 'aupr_in', 'aupr_out'}
-    assert 0 <= val['id_accuracy'] <= 100 and 0 <= ckpt['ood_threshold'] <= 1
-    train = result['history'][-1]['train']
-    assert train['frac_id'] + train['frac_ood'] + train['frac_ignored'] == pytest.approx(1.0)
+def _score(model, bench, batch_size=8):
+    """One process scores the validation and OOD sets with the model's own preprocessing (restored from the
+    checkpoint), in the order and batches the training run used."""
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    loader = lambda d: DataLoader(ImageFolder(d, transform=transform), batch_size=batch_size)  # noqa: E731
+    cpu = torch.device('cpu')
+    val = collect(model, loader(bench / 'id' / 'val'), cpu)
+    return val, {k: collect(model, loader(bench / 'ood' / k), cpu) for k in OOD_SETS}
 
 
-def test_resume_continues_exactly(bench, tmp_path):
-    main(_args(bench, tmp_path / 'straight'))
+def _assert_same_metrics(got, expected):
+    assert got['id_accuracy'] == pytest.approx(expected['id_accuracy'], abs=1e-9)
+    assert set(got['ood']) == set(expected['ood']) == set(OOD_SETS)
+    for name in OOD_SETS:
+        assert got['ood'][name] == pytest.approx(expected['ood'][name], abs=1e-6), name
+    assert got['ood_average'] == pytest.approx(expected['ood_average'], abs=1e-6)
+
+
+def test_two_epochs_write_checkpoints_log_and_metrics(bench, two_epochs):
+    out, result = two_epochs
+    log = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in log] == [r['epoch'] for r in result['history']] == [1, 2]
+    last = torch.load(out / 'last.pt', weights_only=True)
+    assert last['epoch'] == 2 and last['architecture'] == 'ssod_test_resnet'
+    assert last['class_names'] == sorted(p.name for p in (bench / 'id' / 'train').iterdir())
+    assert json.loads((out / 'config.json').read_text())['epochs'] == 2
+
+    # best.pt is the epoch with the lowest mean validation FPR95 in the log, whichever epoch that is
+    fprs = [r['val']['ood_average']['fpr95'] for r in log]
+    assert len(set(fprs)) == len(fprs), f'the epochs tie at FPR95 {fprs}: this run cannot tell best from last'
+    best_epoch = 1 + fprs.index(min(fprs))
+    best = torch.load(out / 'best.pt', weights_only=True)
+    assert best['epoch'] == best_epoch == log[-1]['best_epoch']
+    assert json.loads(json.dumps(best['metrics'])) == log[best_epoch - 1]['val']
+
+    # the logged metrics and the threshold are those of best.pt's weights on the validation images
+    model, _ = load_checkpoint(out / 'best.pt')
+    val, oods = _score(model, bench)
+    _assert_same_metrics(ssod_report(val, oods), best['metrics'])
+    threshold, factors = best['ood_threshold'], val['ood_factor']
+    assert model.ood_threshold == threshold
+    assert (factors >= threshold).float().mean() >= 0.95 > (factors > threshold).float().mean(), \
+        'the threshold is not the largest one that keeps 95% of the validation images'
+
+
+def test_resume_continues_exactly(bench, two_epochs, tmp_path):
     main(_args(bench, tmp_path / 'split', '--epochs', '1'))
     main(_args(bench, tmp_path / 'split', '--resume', 'auto'))
-    _assert_same_weights(_weights(tmp_path / 'straight' / 'last.pt'), _weights(tmp_path / 'split' / 'last.pt'))
+    _assert_same_weights(_weights(two_epochs[0] / 'last.pt'), _weights(tmp_path / 'split' / 'last.pt'))
 
 
-def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(bench, tmp_path, monkeypatch):
-    main(_args(bench, tmp_path / 'straight'))
+def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(bench, two_epochs, tmp_path, monkeypatch):
     calls = {'n': 0}
     forward = SSODLoss.forward
 
@@ -81,7 +126,7 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(bench, tmp_pa
     assert (ckpt['epoch'], ckpt['step']) == (0, 2)
     monkeypatch.setattr(SSODLoss, 'forward', forward)
     main(_args(bench, tmp_path / 'killed', '--resume', 'auto'))
-    _assert_same_weights(_weights(tmp_path / 'straight' / 'last.pt'), _weights(tmp_path / 'killed' / 'last.pt'))
+    _assert_same_weights(_weights(two_epochs[0] / 'last.pt'), _weights(tmp_path / 'killed' / 'last.pt'))
 
 
 def test_a_kill_mid_checkpoint_write_leaves_the_previous_checkpoint(bench, tmp_path, monkeypatch):
@@ -102,6 +147,12 @@ def test_a_kill_mid_checkpoint_write_leaves_the_previous_checkpoint(bench, tmp_p
     assert [r['epoch'] for r in result['history']] == [2]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
 def test_two_ranks_under_torchrun_match_one_process(bench, tmp_path):
     script = tmp_path / 'run.py'
     script.write_text(
@@ -111,16 +162,14 @@ def test_two_ranks_under_torchrun_match_one_process(bench, tmp_path):
         "torch.save(r['model'].state_dict(), os.path.join(r['out_dir'], f\"rank{os.environ.get('RANK', 0)}.pt\"))\n")
     args = _args(bench, tmp_path / 'ddp', '--freeze-bn')  # BatchNorm statistics are per-rank otherwise
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29631',
-                        str(script), *args], capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                        f'--master_port={_free_port()}', str(script), *args],
+                       capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     rank0 = torch.load(tmp_path / 'ddp' / 'rank0.pt', weights_only=True)
     rank1 = torch.load(tmp_path / 'ddp' / 'rank1.pt', weights_only=True)
     _assert_same_weights(rank0, rank1)
-    single = subprocess.run([sys.executable, str(script), *_args(bench, tmp_path / 'single', '--freeze-bn')],
-                            capture_output=True, text=True, timeout=600, env=env)
-    assert single.returncode == 0, single.stderr[-4000:]
-    single_state = torch.load(tmp_path / 'single' / 'rank0.pt', weights_only=True)
+    single_state = main(_args(bench, tmp_path / 'single', '--freeze-bn'))['model'].state_dict()
     deltas = torch.cat([(rank0[k].float() - single_state[k].float()).abs().flatten() for k in rank0]).sort().values
     median, q99, worst = (deltas[int(q * (deltas.numel() - 1))].item() for q in (0.5, 0.99, 1.0))
     print(f'|DDP - single process| over all weights: median {median:.1e}, 99% {q99:.1e}, max {worst:.1e}')
@@ -128,6 +177,13 @@ def test_two_ranks_under_torchrun_match_one_process(bench, tmp_path):
     # element by sqrt(v): an element whose gradient is near 0 can move by up to ~lr per step from rounding alone
     # (6 steps at lr 1e-3 here). Per-rank instead of global patch means move most weights, not a few.
     assert median <= 1e-6 and q99 <= 1e-4 and worst <= 6e-3
+
+    # the evaluation sharded over the two ranks is the one-process evaluation of the same weights
+    ckpt = torch.load(tmp_path / 'ddp' / 'last.pt', weights_only=True)
+    model, _ = load_checkpoint(tmp_path / 'ddp' / 'last.pt')
+    val, oods = _score(model, bench)
+    _assert_same_metrics(ssod_report(val, oods), ckpt['metrics'])
+    assert ckpt['ood_threshold'] == pytest.approx(calibrate_threshold(val['ood_factor']), abs=1e-6)
 
 
 def _error(capsys, argv):
@@ -167,10 +223,110 @@ def test_resume_from_another_architecture_is_refused(bench, tmp_path, capsys):
     assert 'was trained as ssod_test_resnet' in err and '--model ssod_test_resnet' in err
 
 
-def test_bf16_autocast_and_channels_last_run(bench, tmp_path):
-    result = main(_args(bench, tmp_path, '--epochs', '1', '--amp', 'bf16', '--channels-last'))
-    record = result['history'][-1]
-    assert math.isfinite(record['train']['loss']) and 0 <= record['val']['id_accuracy'] <= 100
+def _spy_on_training_steps(monkeypatch):
+    """Records what each training step's forward pass ran under, and what each loss call was asked for."""
+    seen = {'forward': [], 'loss': []}
+    forward_spatial, loss_forward = SSODModel.forward_spatial, SSODLoss.forward
+
+    def spatial(self, x):
+        out = forward_spatial(self, x)
+        if self.training:
+            seen['forward'].append({
+                'autocast': torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu'),
+                'input_channels_last': x.is_contiguous(memory_format=torch.channels_last)
+                and not x.is_contiguous(),
+                'weights_channels_last': all(p.is_contiguous(memory_format=torch.channels_last)
+                                             and not p.is_contiguous() for p in self.parameters() if p.ndim == 4
+                                             and p.shape[-1] > 1),
+                'dtype': out.cls_map.dtype})
+        return out
+
+    def loss(self, out, target, ood=True, generator=None):
+        seen['loss'].append({'ood': ood, 'balance': self.balance})
+        return loss_forward(self, out, target, ood=ood, generator=generator)
+
+    monkeypatch.setattr(SSODModel, 'forward_spatial', spatial)
+    monkeypatch.setattr(SSODLoss, 'forward', loss)
+    return seen
+
+
+@pytest.mark.parametrize('amp, dtype', [('bf16', torch.bfloat16), ('fp16', torch.float16)])
+def test_mixed_precision_and_channels_last_are_in_effect(bench, tmp_path, monkeypatch, amp, dtype):
+    seen = _spy_on_training_steps(monkeypatch)
+    result = main(_args(bench, tmp_path, '--epochs', '1', '--max-steps-per-epoch', '2', '--amp', amp,
+                        '--channels-last'))
+    assert len(seen['forward']) == 2
+    for step in seen['forward']:
+        assert step == {'autocast': dtype, 'input_channels_last': True, 'weights_channels_last': True,
+                        'dtype': dtype}
+    assert math.isfinite(result['history'][-1]['train']['loss'])
+    scaler = torch.load(tmp_path / 'last.pt', weights_only=True)['scaler']
+    assert bool(scaler) == (amp == 'fp16'), 'fp16 trains with a gradient scaler, bf16 without'
+
+
+def test_warmup_balance_and_lr_halving_from_the_command_line(bench, tmp_path, monkeypatch):
+    seen = _spy_on_training_steps(monkeypatch)
+    lrs = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        lrs.append(self.param_groups[0]['lr'])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, 'step', recording_step)
+    result = main(_args(bench, tmp_path, '--epochs', '3', '--max-steps-per-epoch', '1', '--eval-every', '0',
+                        '--warmup-epochs', '1', '--balance', 'dr', '--lr-step', '1'))
+    assert [s['ood'] for s in seen['loss']] == [False, True, True]  # classification only in the warm-up epoch
+    assert {s['balance'] for s in seen['loss']} == {'dr'}
+    assert [r['ood_loss_on'] for r in result['history']] == [False, True, True]
+    assert lrs == pytest.approx([1e-3, 5e-4, 2.5e-4])  # halved every --lr-step epochs
+    assert json.loads((tmp_path / 'config.json').read_text())['balance'] == 'dr'
+
+
+def _plain_state(num_classes, seed):
+    """A trained-looking state dict of the SSOD architecture, OOD head included."""
+    torch.manual_seed(seed)
+    model = timm.create_model('ssod_test_resnet', num_classes=num_classes, output_stride=16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_init_from_a_file_with_another_class_count_and_export_dir(bench, tmp_path):
+    """--init FILE: every tensor but the classifier (5 classes there, 3 here) comes from the file; lr 0 and
+    frozen BatchNorm keep them as loaded. --export-dir: a hub folder of best.pt that loads with its threshold."""
+    state = _plain_state(num_classes=5, seed=3)
+    torch.save(state, tmp_path / 'init.pt')
+    result = main(_args(bench, tmp_path / 'run', '--epochs', '1', '--max-steps-per-epoch', '1', '--lr', '0',
+                        '--freeze-bn', '--init', str(tmp_path / 'init.pt'), '--export-dir', str(tmp_path / 'hub')))
+    trained = result['model'].state_dict()
+    for k, v in state.items():
+        if k.startswith('fc.'):
+            assert trained[k].shape[0] == 3
+        else:
+            assert torch.equal(trained[k], v), k
+    exported = load_model(tmp_path / 'hub')
+    best, ckpt = load_checkpoint(tmp_path / 'run' / 'best.pt')
+    assert exported.ood_threshold == ckpt['ood_threshold'] is not None
+    assert list(exported.pretrained_cfg['label_names']) == ckpt['class_names']
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = exported(x), best(x)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.ood_factor, b.ood_factor)
+
+
+def test_ce_only_never_trains_the_ood_head(bench, tmp_path, monkeypatch):
+    seen = _spy_on_training_steps(monkeypatch)
+    state = _plain_state(num_classes=3, seed=4)
+    torch.save(state, tmp_path / 'init.pt')
+    result = main(_args(bench, tmp_path, '--epochs', '1', '--max-steps-per-epoch', '2', '--ce-only',
+                        '--weight-decay', '0', '--init', str(tmp_path / 'init.pt')))
+    assert [s['ood'] for s in seen['loss']] == [False, False]
+    trained = result['model'].state_dict()
+    assert torch.equal(trained['ood_head.weight'], state['ood_head.weight'])
+    assert not torch.equal(trained['fc.weight'], state['fc.weight'])  # the classifier did train
+    assert not (tmp_path / 'best.pt').exists(), 'a cross-entropy run selects no checkpoint on OOD data'
 
 
 def test_signal_handlers_are_restored_after_a_run(bench, tmp_path, monkeypatch):
