@@ -849,7 +849,7 @@ def _progress(loader, enabled: bool, desc: str, start: int, total: int):
     return tqdm(loader, desc=desc, initial=start, total=total, dynamic_ncols=True, leave=False)
 
 
-def _warn_starved_sampler(train_log: dict, cfg: TrainConfig, num_classes: int, floor: float = 0.01) -> None:
+def _warn_starved_sampler(train_log: dict, cfg: TrainConfig, num_classes: int, floor: float = 0.05) -> None:
     """One line when the sampler (Eq. 12) gives the OOD head almost nothing to learn from, and what to change."""
     from ..loss import ood_cutoff
     if train_log.get('frac_ood', 1.0) < floor:
