@@ -41,3 +41,31 @@ def test_model_kwargs_are_parsed_as_timm_parses_them():
         {'output_stride': 16, 'act_layer': 'relu', 'drop_rate': 0.1}
     with pytest.raises(TrainError, match='key=value'):
         _parse_model_kwargs(['output_stride'])
+
+
+def test_the_training_loop_reads_the_device_once_every_read_every_steps(tmp_path, monkeypatch):
+    """float()/.item()/bool() on a tensor wait for the GPU: the loop sums on the device and reads every N steps."""
+    import sys
+
+    import torch
+
+    from ssod_zoo.app import train as train_module
+    from ssod_zoo.app.synthetic import BenchmarkConfig, SyntheticBenchmark
+    bench = SyntheticBenchmark(tmp_path / 'bench', BenchmarkConfig(
+        num_classes=3, image_size=32, train_per_class=8, val_per_class=2, ood_per_set=2)).prepare(
+        workers=1, progress=False).root
+    reads = []
+    for name in ('item', 'tolist', '__float__', '__bool__'):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename == train_module.__file__ and caller.co_name in ('train', '_train_epoch'):
+                reads.append(caller.co_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    train_module.main(['--model', 'ssod_test_resnet', '--data', 'folder', '--train-dir', str(bench / 'id' / 'train'),
+                       '--val-dir', str(bench / 'id' / 'val'), '--img-size', '32', '--batch-size', '2',
+                       '--workers', '0', '--epochs', '1', '--out-dir', str(tmp_path / 'run'), '--no-progress'])
+    steps = 12  # 24 images, batch 2
+    assert len(reads) <= steps // getattr(train_module, 'READ_EVERY', 10) + 1, reads
