@@ -102,6 +102,24 @@ def test_two_epochs_write_checkpoints_log_and_metrics(bench, two_epochs):
         'the threshold is not the largest one that keeps 95% of the validation images'
 
 
+def test_best_checkpoint_is_the_lowest_fpr95_not_the_latest(bench, tmp_path, monkeypatch):
+    """Selection on its own, with validation FPR95s scripted to be best at epoch 1: best.pt must stay there."""
+    import ssod_zoo.app.train as train_module
+    scripted = iter([40.0, 70.0, 55.0])
+    report = train_module.ssod_report
+
+    def scripted_report(*args, **kwargs):
+        out = report(*args, **kwargs)
+        out['ood_average']['fpr95'] = next(scripted)
+        return out
+
+    monkeypatch.setattr(train_module, 'ssod_report', scripted_report)
+    result = main(_args(bench, tmp_path, '--epochs', '3', '--max-steps-per-epoch', '1'))
+    assert [r['best_epoch'] for r in result['history']] == [1, 1, 1]
+    assert torch.load(tmp_path / 'best.pt', weights_only=True)['epoch'] == 1
+    assert torch.load(tmp_path / 'last.pt', weights_only=True)['epoch'] == 3
+
+
 def test_resume_continues_exactly(bench, two_epochs, tmp_path):
     main(_args(bench, tmp_path / 'split', '--epochs', '1'))
     main(_args(bench, tmp_path / 'split', '--resume', 'auto'))
