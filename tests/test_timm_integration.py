@@ -103,7 +103,18 @@ def test_timm_scripts_run_unchanged(tmp_path, script):
         (tmp_path / 'data' / c).mkdir(parents=True)
         for i in range(3):
             Image.new('RGB', (72, 72), colour).save(tmp_path / 'data' / c / f'{c}{i}.png')
-    model = timm.create_model('ssod_resnet18', num_classes=2)
+    model = timm.create_model('ssod_resnet18', num_classes=2).eval()
+    # a classifier that tells the two colours apart, so validate.py's top-1 of 100% means the logits were read
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    with torch.no_grad():
+        red, blue = model.forward_head(model.forward_features(torch.stack([
+            transform(Image.open(tmp_path / 'data' / c / f'{c}0.png').convert('RGB')) for c in ('cat', 'dog')])),
+            pre_logits=True)
+        direction = (red - blue) / (red - blue).norm() ** 2
+        model.fc.weight.copy_(torch.stack([direction, -direction]))
+        model.fc.bias.copy_(torch.stack([-direction @ (red + blue) / 2, direction @ (red + blue) / 2]))
+        assert model(torch.stack([transform(Image.open(tmp_path / 'data' / c / f'{c}1.png').convert('RGB'))
+                                  for c in ('cat', 'dog')])).logits.argmax(1).tolist() == [0, 1]
     torch.save(model.state_dict(), tmp_path / 'ckpt.pth')
     args = [sys.executable, str(Path(TIMM_SCRIPTS) / script), str(tmp_path / 'data'), '--model', 'ssod_resnet18',
             '--model-kwargs', 'return_ood=False', '--num-classes', '2', '--checkpoint', str(tmp_path / 'ckpt.pth'),
@@ -116,7 +127,7 @@ def test_timm_scripts_run_unchanged(tmp_path, script):
     assert r.returncode == 0, r.stderr[-3000:]
     if script == 'validate.py':
         result = json.loads((tmp_path / 'results.json').read_text())
-        assert result['model'] == 'ssod_resnet18' and 0 <= result['top1'] <= 100
+        assert result['model'] == 'ssod_resnet18' and result['top1'] == pytest.approx(100.0)
     else:
         rows = (tmp_path / 'out' / 'ssod_resnet18-224.csv').read_text().strip().splitlines()
         assert len(rows) == 1 + 6  # header + one row per image
