@@ -1,0 +1,51 @@
+"""The project's readouts beyond Eq. 15: the full-posterior scores, pooled and at the best position."""
+import pytest
+import timm
+import torch
+
+import ssod_zoo
+from ssod_zoo import posterior_score, robust_posterior, spatial_posterior_score
+
+
+def test_pooled_posterior_scores_are_the_two_factors_of_eq7():
+    torch.manual_seed(0)
+    logits, p_id = torch.randn(6, 4) * 3, torch.rand(6)
+    energy_form = posterior_score(logits, p_id, 'energy')
+    torch.testing.assert_close(energy_form, torch.logsumexp(logits, 1) + p_id.log())
+    # MSP x P_ID is the largest known-class probability of the Eq. 7 posterior
+    torch.testing.assert_close(posterior_score(logits, p_id, 'msp'), robust_posterior(logits, p_id)[:, :-1].amax(1))
+    # each factor moves the score: a lower P_ID or flatter logits lower it
+    assert (posterior_score(logits, p_id / 2) < energy_form).all()
+    with pytest.raises(ValueError, match="kind is 'energy' or 'msp'"):
+        posterior_score(logits, p_id, 'max')
+
+
+def test_spatial_score_is_the_best_position_of_the_per_position_heads():
+    torch.manual_seed(0)
+    model = timm.create_model('ssod_test_resnet', num_classes=5, output_stride=16).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # random heads, so positions differ clearly
+            p.add_(torch.randn_like(p) * 0.1)
+        x = torch.randn(3, 3, 96, 96)
+        cls_map, ood_map = model.forward_positions(model.forward_features(x))
+        score = spatial_posterior_score(cls_map, ood_map)
+        energy_only = spatial_posterior_score(cls_map)
+    assert cls_map.shape == (3, 5, 6, 6) and ood_map.shape == (3, 2, 6, 6)
+    # position by position, the pooled formula on that position's 1x1 crop of the feature map
+    features = model.forward_features(x).detach()
+    best = torch.full((3,), -float('inf'))
+    for i in range(6):
+        for j in range(6):
+            crop = features[..., i:i + 1, j:j + 1]
+            pre = model.forward_head(crop, pre_logits=True)
+            logits = model.get_classifier()(pre)
+            best = torch.maximum(best, posterior_score(logits, model.forward_ood(pre), 'energy'))
+    torch.testing.assert_close(score, best.detach(), rtol=1e-4, atol=1e-4)
+    assert score.std() > 1e-2  # the images are told apart, not a constant
+    assert (score <= energy_only + 1e-6).all()  # log P_ID <= 0
+
+
+def test_spatial_score_rejects_unpooled_shapes():
+    with pytest.raises(ValueError, match=r'cls_map \(B, M, h, w\)'):
+        spatial_posterior_score(torch.randn(2, 5))
+    assert ssod_zoo.spatial_posterior_score is spatial_posterior_score
