@@ -40,5 +40,10 @@ def test_shipped_weight_reproduces_its_manifest_metrics(entry, tmp_path):
     expected = entry['metrics']
     assert report['id_accuracy'] == pytest.approx(expected['id_accuracy'], abs=0.2)
     for name, metrics in expected['ood'].items():
-        for k in ('fpr95', 'auroc'):
+        for k in ('fpr95', 'auroc', 'aupr_in', 'aupr_out'):  # the model card reports all four
             assert report['ood'][name][k] == pytest.approx(metrics[k], abs=0.2), (name, k)
+    # the shipped threshold keeps 95% of these validation images (one image either way: batching changes the
+    # last bits of ood_factor, and the threshold is one image's value)
+    factors = val['ood_factor']
+    kept = (factors >= model.ood_threshold).float().mean().item()
+    assert kept == pytest.approx(0.95, abs=1.01 / len(factors)), f'the threshold keeps {kept:.2%} of ID images'

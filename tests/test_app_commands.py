@@ -1,0 +1,156 @@
+"""The commands users run most, through the ``ssod`` entry point: ``ssod eval`` and ``ssod demo --quick``.
+
+Each checks the files the command promises (images that PIL can read back as PNG) and recomputes one of the
+reported metrics directly from the model, so a table that merely has the right shape cannot pass.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from ssod_zoo import load_model, scores
+from ssod_zoo.app.cli import main as ssod
+from ssod_zoo.app.evaluate import collect
+from ssod_zoo.hub import CHECKPOINT_FORMAT
+from ssod_zoo.metrics import ood_metrics
+
+CLASSES = ['amber', 'cobalt', 'moss']
+COLOURS = [(200, 120, 30), (40, 70, 200), (60, 160, 60)]
+SIZE = 64
+
+
+def _assert_png(path: Path) -> None:
+    assert path.is_file(), f'{path.name} was not written'
+    with Image.open(path) as image:
+        assert image.format == 'PNG'
+        image.verify()
+    with Image.open(path) as image:
+        assert min(image.size) >= 100, f'{path.name} is {image.size}'
+
+
+def _write_images(folder: Path, count: int, colour, seed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    base = torch.tensor(colour, dtype=torch.float32).view(1, 1, 3)
+    for i in range(count):
+        noise = torch.randn(SIZE, SIZE, 3, generator=g) * 40
+        pixels = (base + noise).clamp(0, 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f'{i:03d}.png')
+
+
+def _checkpoint(path: Path, seed: int) -> Path:
+    """A training checkpoint (the format `ssod train` writes) of a small randomised SSOD model."""
+    torch.manual_seed(seed)
+    model = timm.create_model('ssod_test_resnet', num_classes=len(CLASSES)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    data_config = {'input_size': (3, SIZE, SIZE), 'crop_pct': 1.0, 'interpolation': 'bilinear',
+                   'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225)}
+    torch.save({'format': CHECKPOINT_FORMAT, 'architecture': 'ssod_test_resnet',
+                'model_args': {'num_classes': len(CLASSES)}, 'model': model.state_dict(), 'ood_threshold': 0.5,
+                'class_names': CLASSES, 'config': {'img_size': SIZE, 'crop_pct': 1.0}, 'metrics': {},
+                'data_config': data_config}, path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp('eval_data')
+    for split, count, seed in (('val', 6, 0), ('fit', 8, 1)):
+        for c, (name, colour) in enumerate(zip(CLASSES, COLOURS)):
+            _write_images(root / split / name, count, colour, seed * 10 + c)
+    _write_images(root / 'ood' / 'grey', 10, (128, 128, 128), 20)  # flat folders: every image is OOD
+    _write_images(root / 'ood' / 'purple', 10, (150, 40, 160), 21)
+    return root
+
+
+def _scores_of(spec, folder: Path, labelled: bool):
+    """One process, the model's own preprocessing: what ``ssod eval`` should have scored."""
+    model = load_model(spec)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    if labelled:
+        ds = ImageFolder(folder, transform=transform)
+    else:
+        files = sorted(folder.rglob('*.png'))
+        ds = [(transform(Image.open(f).convert('RGB')), 0) for f in files]
+    return collect(model, DataLoader(ds, batch_size=8), torch.device('cpu'))
+
+
+@pytest.mark.filterwarnings('ignore:.*(unreliable|from another class).*:UserWarning')  # a tiny fit set, on purpose
+def test_ssod_eval_on_a_folder_with_two_checkpoints(folders, tmp_path, capsys):
+    ssod_ckpt = _checkpoint(tmp_path / 'ssod.pt', seed=0)
+    ce_ckpt = _checkpoint(tmp_path / 'ce.pt', seed=1)
+    out = tmp_path / 'out'
+    ssod(['eval', '--model', str(ssod_ckpt), '--baseline-model', str(ce_ckpt), '--val-dir', str(folders / 'val'),
+          '--ood-dirs', str(folders / 'ood' / 'grey'), str(folders / 'ood' / 'purple'),
+          '--fit-dir', str(folders / 'fit'), '--out', str(out), '--batch-size', '8', '--workers', '0',
+          '--device', 'cpu', '--bootstrap', '20'])
+    results = json.loads((out / 'results.json').read_text())
+    for name in ('roc.png', 'histograms.png'):
+        _assert_png(out / name)
+    markdown = (out / 'results.md').read_text()
+    assert 'grey' in markdown and 'purple' in markdown and 'FPR95' in markdown
+
+    # both models were used: ID accuracy of each, and the baselines fitted on --fit-dir
+    assert set(results['id_accuracy']) == {'ssod', 'ce'}
+    assert set(results['ood']) == {'grey', 'purple', 'average'}
+    methods = set(results['ood']['average'])
+    assert {'ssod', 'msp', 'energy', 'odin', 'knn', 'mahalanobis', 'vim', 'react'} <= methods
+
+    # recomputed here: the SSOD row from --model's OOD factor, MSP from --baseline-model's logits
+    id_ssod, id_ce = (_scores_of(c, folders / 'val', labelled=True) for c in (ssod_ckpt, ce_ckpt))
+    ood_ssod, ood_ce = (_scores_of(c, folders / 'ood' / 'purple', labelled=False) for c in (ssod_ckpt, ce_ckpt))
+    expected_ssod = ood_metrics(id_ssod['ood_factor'], ood_ssod['ood_factor'])
+    expected_msp = ood_metrics(scores.msp(id_ce['logits']), scores.msp(ood_ce['logits']))
+    for key in ('fpr95', 'auroc'):
+        assert results['ood']['purple']['ssod'][key] == pytest.approx(100 * expected_ssod[key], abs=1e-6), key
+        assert results['ood']['purple']['msp'][key] == pytest.approx(100 * expected_msp[key], abs=1e-6), key
+    accuracy = 100 * (id_ce['logits'].argmax(1) == id_ce['targets']).float().mean().item()
+    assert results['id_accuracy']['ce'] == pytest.approx(accuracy)
+
+
+def test_ssod_eval_without_fit_dir_leaves_the_fitted_baselines_out(folders, tmp_path):
+    ckpt = _checkpoint(tmp_path / 'ssod.pt', seed=0)
+    ssod(['eval', '--model', str(ckpt), '--val-dir', str(folders / 'val'), '--ood-dirs', str(folders / 'ood' / 'grey'),
+          '--out', str(tmp_path / 'out'), '--batch-size', '8', '--workers', '0', '--device', 'cpu', '--no-plots',
+          '--bootstrap', '0'])
+    results = json.loads((tmp_path / 'out' / 'results.json').read_text())
+    methods = set(results['ood']['average'])
+    assert 'msp' in methods and not methods & {'knn', 'mahalanobis', 'vim', 'react'}
+    assert set(results['id_accuracy']) == {'ssod'}  # no --baseline-model: one model
+    assert not (tmp_path / 'out' / 'roc.png').exists()
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    """The README's main job, in its quick form: every promised file, and one metric recomputed."""
+    out = tmp_path / 'demo'
+    ssod(['demo', '--quick', '--out', str(out), '--no-progress', '--workers', '0'])
+    results = json.loads((out / 'results.json').read_text())
+    assert (out / 'results.md').read_text().strip()
+    for name in ('roc.png', 'histograms.png', 'sampler.png'):
+        _assert_png(out / name)
+    for name in ('ssod', 'ce'):
+        folder = out / 'models' / name
+        assert {'config.json', 'model.safetensors', 'README.md'} <= {p.name for p in folder.iterdir()}, name
+
+    # the published SSOD model is the one scored: its threshold and one metric, recomputed from its outputs
+    model = load_model(out / 'models' / 'ssod')
+    assert model.ood_threshold == pytest.approx(results['config']['ood_threshold'])
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    folder = lambda *parts: DataLoader(ImageFolder(out.joinpath('benchmark', *parts), transform=transform),  # noqa
+                                       batch_size=128)
+    cpu = torch.device('cpu')
+    val = collect(model, folder('id', 'val'), cpu)
+    ood_set = next(s for s in results['ood'] if s != 'average')
+    ood = collect(model, folder('ood', ood_set), cpu)
+    expected = ood_metrics(val['ood_factor'], ood['ood_factor'])
+    for key in ('fpr95', 'auroc'):
+        assert results['ood'][ood_set]['ssod'][key] == pytest.approx(100 * expected[key], abs=1e-6), key
+    assert results['id_accuracy']['ssod'] == pytest.approx(
+        100 * (val['logits'].argmax(1) == val['targets']).float().mean().item())
