@@ -123,7 +123,7 @@ def model_card(config: Dict[str, Any], *, train_config: Optional[Mapping[str, An
     if metrics.get('id_accuracy') is not None:
         results.append(EvalResult(
             task_type='image-classification', task_name='Image Classification', dataset_type=_slug(id_dataset),
-            dataset_name=id_dataset, dataset_split='validation', metric_type='accuracy',
+            dataset_name=id_dataset, dataset_split=metrics.get('split', 'validation'), metric_type='accuracy',
             metric_name='ID top-1 accuracy (%)', metric_value=round(float(metrics['id_accuracy']), 4)))
     for set_name, values in ood.items():
         results += [EvalResult(

@@ -121,7 +121,7 @@ def release(run_dir: str, out: str, protocol: str, data_root: Optional[str] = No
     results = json.loads((out_dir / 'eval' / 'results.json').read_text())
     ssod = {s: r['ssod'] for s, r in results['ood'].items() if s != 'average'}
     metrics = {'id_accuracy': results['id_accuracy']['ssod'], 'ood': ssod, 'ood_average': results['ood']['average']['ssod'],
-               'id_dataset': f'the {protocol} protocol\'s ID classes', 'protocol': protocol}
+               'id_dataset': f'the {protocol} protocol\'s ID classes', 'protocol': protocol, 'split': 'test'}
     _write(model, ckpt, out_dir, torch_dtype, metrics)  # the card now carries the test numbers
 
     release_ckpt = {**ckpt, 'model': model.state_dict(), 'ood_threshold': model.ood_threshold, 'metrics': metrics,
