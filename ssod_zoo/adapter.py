@@ -81,6 +81,7 @@ class SSODModel(nn.Module):
                              'model.ood_threshold')
         return ood_factor >= threshold
 
+    @torch.jit.export  # scripted models keep it: forward() reaches only _forward_ssod
     def forward_ssod(self, x: torch.Tensor) -> SSODOutput:
         """Class logits and OOD factor, whatever ``return_ood`` says.
 
