@@ -35,7 +35,7 @@ from .report import accept_rates, confidence_intervals, fit_detectors, report_ma
 __all__ = ['collect', 'ssod_report', 'evaluate', 'METHODS', 'results_markdown', 'main']
 
 # Readouts of the SSOD model (scored on its own outputs), then the post-hoc baselines (on the baseline model).
-# 'ssod_spatial_energy' (the default, chosen on OOD validation sets by benchmarks/study.py): the Energy score of
+# 'ssod_spatial_energy' (chosen on the synthetic OOD validation sets by benchmarks/study.py): the Energy score of
 # the best feature-map position, max_p logsumexp(z(p)); 'ssod' is the paper's Eq. 15, the OOD factor alone;
 # 'ssod_spatial' and 'ssod_posterior' use both factors of Eq. 7 (ssod_zoo.spatial_posterior_score at the best
 # position, ssod_zoo.posterior_score on pooled features); 'ssod_energy' scores the SSOD model's pooled logits by
@@ -48,7 +48,7 @@ SSOD_READOUTS = {
     'ssod_posterior': lambda o: posterior_score(o['logits'], o['ood_factor'], 'energy'),
     'ssod_energy': lambda o: scores.energy(o['logits']),
 }
-LABELS = {'ssod_spatial_energy': 'SSOD model, best-position energy (default)',
+LABELS = {'ssod_spatial_energy': 'SSOD model, best-position energy (study\'s choice)',
           'ssod_spatial': 'SSOD best-position posterior: max_p logsumexp(z(p)) + log P_ID(p)',
           'ssod': 'SSOD OOD factor, Eq. 15 (paper)', 'ssod_posterior': 'SSOD pooled posterior: logsumexp(z) + log P_ID',
           'ssod_energy': 'Energy of the SSOD model', 'energy_spatial': 'best-position energy (CE model)'}
