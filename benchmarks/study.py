@@ -20,7 +20,6 @@ and seed (``--ce-only``), on which the 8 post-hoc baselines are scored. Both sta
 cross-entropy classifier, as the demo does.
 """
 import argparse
-import dataclasses
 import gzip
 import json
 import os

@@ -3,7 +3,6 @@ bootstrap intervals, per-image scores, every method's histogram, detectors sized
 folders, and one line for a corrupt image."""
 import csv
 import json
-import math
 
 import matplotlib.axes
 import pytest
@@ -69,14 +68,14 @@ def test_corrupt_image_is_one_line_naming_the_file(data, tmp_path, capsys):
 def test_knn_k_is_capped_below_the_smallest_class_and_small_fits_are_flagged():
     g = torch.Generator().manual_seed(0)
     f, y = torch.randn(12, 40, generator=g), torch.arange(3).repeat_interleave(4)
-    w, b = torch.randn(3, 40, generator=g), torch.zeros(3)
+    classifier = torch.nn.Linear(40, 3)
     with pytest.warns(UserWarning) as caught:
-        detectors = fit_detectors(f, y, w, b, knn_k=50)
+        detectors = fit_detectors(f, y, classifier, knn_k=50)
     text = ' '.join(str(c.message) for c in caught)
     assert detectors['knn'].k == 3 and 'KNN: k=50' in text
     assert 'Mahalanobis' in text and 'ViM' in text  # 12 images for 40 dimensions (ViM's subspace: 20)
     big = torch.randn(400, 40, generator=g)
-    quiet = fit_detectors(big, torch.arange(4).repeat_interleave(100) % 3, w, b, knn_k=5)
+    quiet = fit_detectors(big, torch.arange(4).repeat_interleave(100) % 3, classifier, knn_k=5)
     assert quiet['knn'].k == 5
 
 

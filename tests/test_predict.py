@@ -11,21 +11,8 @@ from PIL import Image
 import ssod_zoo
 from ssod_zoo.app import cli
 from ssod_zoo.app.predict import COLUMNS, find_images, predict
-from ssod_zoo.hub import CHECKPOINT_FORMAT
 
-NAMES = ('cat', 'dog', 'fox')
-
-
-def make_checkpoint(path, threshold=None, size=64, num_classes=3):
-    """A tiny ssod_test_resnet training checkpoint, as `ssod train` writes it (untrained weights)."""
-    torch.manual_seed(0)
-    model = timm.create_model('ssod_test_resnet', num_classes=num_classes)
-    torch.save({'format': CHECKPOINT_FORMAT, 'architecture': 'ssod_test_resnet',
-                'model_args': {'num_classes': num_classes}, 'model': model.state_dict(),
-                'ood_threshold': threshold, 'class_names': list(NAMES[:num_classes]),
-                'data_config': {'input_size': (3, size, size), 'crop_pct': 1.0, 'interpolation': 'bilinear',
-                                'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5)}}, path)
-    return path
+from cli_helpers import NAMES, make_checkpoint
 
 
 def make_images(folder, n=5, corrupt=False):

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import scores
 from ..hub import load_model
+from ..detectors import DETECTORS, Detector, create_detector
 from ..metrics import accuracy, ood_metrics
 from .protocols import PROTOCOLS, DataMissing, Transformed, add_fpr95_openood, fpr95_markdown, load_protocol, \
     skipped_markdown
@@ -52,9 +53,11 @@ LABELS = {'ssod_spatial_energy': 'SSOD model, best-position energy (study\'s cho
           'ssod_spatial': 'SSOD best-position posterior: max_p logsumexp(z(p)) + log P_ID(p)',
           'ssod': 'SSOD OOD factor, Eq. 15 (paper)', 'ssod_posterior': 'SSOD pooled posterior: logsumexp(z) + log P_ID',
           'ssod_energy': 'Energy of the SSOD model', 'energy_spatial': 'best-position energy (CE model)'}
-METHODS = (*SSOD_READOUTS, 'msp', 'maxlogit', 'energy', 'energy_spatial', 'odin', 'react', 'knn', 'mahalanobis',
+# the default readout of the study on any baseline model: not a pooled-feature detector, so not in DETECTORS
+SPATIAL_BASELINES = {'energy_spatial': lambda o: o['spatial_energy']}
+METHODS = (*SSOD_READOUTS, 'msp', 'maxlogit', 'energy', *SPATIAL_BASELINES, 'odin', 'react', 'knn', 'mahalanobis',
            'vim')
-FITTED = ('react', 'knn', 'mahalanobis', 'vim')
+FITTED = tuple(m for m in METHODS if m in DETECTORS and DETECTORS[m].needs_fit)
 
 
 @torch.no_grad()
@@ -107,13 +110,12 @@ def ssod_report(id_out: Dict[str, torch.Tensor], ood_outs: Dict[str, Dict[str, t
     return report
 
 
-def odin_scores(model: nn.Module, loader: Iterable, device: torch.device, temperature: float = 1000.0,
-                epsilon: float = 0.0014, progress: Optional[str] = None) -> torch.Tensor:
-    """ODIN needs the images again (an input-gradient step per batch), so it has its own pass."""
+def score_images(detector: Detector, model: nn.Module, loader: Iterable, device: torch.device,
+                 progress: Optional[str] = None) -> torch.Tensor:
+    """Detectors that need the images again (ODIN: an input-gradient step per batch) get their own pass."""
     model.eval()
     logits_fn = _logits_fn(model)
-    out = [scores.odin(logits_fn, x.to(device), temperature, epsilon).cpu() for x, _ in _bar(loader, progress)]
-    return torch.cat(out)
+    return torch.cat([detector.score_images(logits_fn, x.to(device)).cpu() for x, _ in _bar(loader, progress)])
 
 
 def evaluate(
@@ -151,31 +153,22 @@ def evaluate(
         base_out.update({k: collect(baseline_model, v, device, progress=tag(f'baseline: {k}'), spatial=True)
                          for k, v in ood_loaders.items()})
 
-    classifier = baseline_model.get_classifier()
-    weight = classifier.weight.detach().cpu().float()
-    bias = None if classifier.bias is None else classifier.bias.detach().cpu().float()  # nn.Linear(bias=False)
-    detectors = {}
+    # the post-hoc detectors, looked up by name (ssod_zoo.detectors); the fitted ones sized to the fit set
+    detectors = {m: create_detector(m) for m in methods if m in DETECTORS and not DETECTORS[m].needs_fit}
     if any(m in FITTED for m in methods):
         fit = collect(baseline_model, fit_loader, device, progress=tag('baseline: fit set'))
-        f, y = fit['features'], fit['targets']
-        detectors = fit_detectors(f, y, weight, bias, knn_k, [m for m in methods if m in FITTED])
+        detectors.update(fit_detectors(fit['features'], fit['targets'], baseline_model.get_classifier(), knn_k,
+                                       [m for m in methods if m in FITTED]))
 
     def score(method: str, o: Dict[str, torch.Tensor], loader) -> torch.Tensor:
         if method in SSOD_READOUTS:
             return SSOD_READOUTS[method](o)
-        if method == 'odin':
-            return odin_scores(baseline_model, loader, device, progress=tag('ODIN'))
-        if method == 'energy_spatial':
-            return o['spatial_energy']
-        if method in ('msp', 'energy'):
-            return getattr(scores, method)(o['logits'])
-        if method == 'maxlogit':
-            return scores.max_logit(o['logits'])
-        if method == 'react':
-            return detectors['react'](o['features'], weight, bias)
-        if method == 'vim':
-            return detectors['vim'](o['features'], o['logits'])
-        return detectors[method](o['features'])
+        if method in SPATIAL_BASELINES:
+            return SPATIAL_BASELINES[method](o)
+        detector = detectors[method]
+        if detector.needs_images:
+            return score_images(detector, baseline_model, loader, device, progress=tag(method))
+        return detector.score(o['features'], o['logits'])
 
     loaders = {'id': id_loader, **ood_loaders}
     all_scores = {}

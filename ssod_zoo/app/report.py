@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
+from torch import nn
 
 from .. import scores as _scores
+from ..detectors import Detector, create_detector
 
 __all__ = ['accept_rates', 'bootstrap_metrics', 'bootstrap_ci', 'confidence_intervals', 'fit_detectors',
            'report_markdown', 'write_scores_csv']
@@ -98,8 +100,8 @@ def confidence_intervals(all_scores: Mapping[str, Mapping[str, torch.Tensor]], n
     return out
 
 
-def fit_detectors(features: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                  knn_k: int = 50, methods: Sequence[str] = ('react', 'knn', 'mahalanobis', 'vim')) -> dict:
+def fit_detectors(features: torch.Tensor, targets: torch.Tensor, classifier: nn.Module, knn_k: int = 50,
+                  methods: Sequence[str] = ('react', 'knn', 'mahalanobis', 'vim')) -> Dict[str, Detector]:
     """The fitted baselines, sized to the fit set, with a warning wherever the fit set is too small for them.
 
     KNN's k-th neighbour must be able to come from the image's own class: with k at or above the smallest
@@ -109,11 +111,9 @@ def fit_detectors(features: torch.Tensor, targets: torch.Tensor, weight: torch.T
     flagged (ViM's dimension is capped so it can still leave a residual).
     """
     n, d = features.shape
-    counts = torch.bincount(targets[targets >= 0], minlength=weight.shape[0])
+    counts = torch.bincount(targets[targets >= 0], minlength=classifier.weight.shape[0])
     smallest = int(counts[counts > 0].min()) if bool((counts > 0).any()) else n
-    detectors = {}
-    if 'react' in methods:
-        detectors['react'] = _scores.ReAct().fit(features)
+    kwargs: Dict[str, dict] = {}
     if 'knn' in methods:
         k = knn_k
         if k >= smallest:
@@ -121,13 +121,12 @@ def fit_detectors(features: torch.Tensor, targets: torch.Tensor, weight: torch.T
             warnings.warn(f'KNN: k={knn_k} is not below the smallest class of the fit set ({smallest} images), so '
                           f'the k-th neighbour would come from another class; using k={k} (set --knn-k, or fit on '
                           'more images per class)', stacklevel=2)
-        detectors['knn'] = _scores.KNN(k=min(k, n)).fit(features)
+        kwargs['knn'] = {'k': min(k, n)}
     if 'mahalanobis' in methods:
         if n <= d or smallest < 2:
             warnings.warn(f'Mahalanobis: {n} fit images for {d} feature dimensions (smallest class {smallest}); the '
                           'class means and the shared covariance are poorly estimated, so its scores are unreliable '
                           '(fit on more images)', stacklevel=2)
-        detectors['mahalanobis'] = _scores.Mahalanobis().fit(features, targets)
     if 'vim' in methods:
         dim = _scores.ViM().dim or _vim_default_dim(d)
         if n <= dim:
@@ -135,8 +134,8 @@ def fit_detectors(features: torch.Tensor, targets: torch.Tensor, weight: torch.T
             warnings.warn(f'ViM: its principal subspace (dim {dim}) needs more than {dim} fit images, got {n}; '
                           f'using dim {capped}, and its scores are unreliable (fit on more images)', stacklevel=2)
             dim = capped
-        detectors['vim'] = _scores.ViM(dim=dim).fit(features, weight, bias)
-    return detectors
+        kwargs['vim'] = {'dim': dim}
+    return {m: create_detector(m, **kwargs.get(m, {})).fit(features, targets, classifier) for m in methods}
 
 
 def _vim_default_dim(d: int) -> int:

@@ -20,6 +20,11 @@ class KNN(Detector):
     def __init__(self, k: int = 50, chunk_size: int = 4096) -> None:
         self._knn = scores.KNN(k, chunk_size)
 
+    @property
+    def k(self) -> int:
+        """Which neighbour's distance scores an image."""
+        return self._knn.k
+
     def fit(self, features: torch.Tensor, labels: Optional[torch.Tensor] = None,
             classifier: Optional[nn.Module] = None) -> 'KNN':
         self._knn.fit(features)
