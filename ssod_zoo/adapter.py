@@ -169,10 +169,12 @@ class SSODModel(nn.Module):
         b, c, h, w = features.shape
         if _head_is_per_position(self):
             # MobileNetV3 pools first, then conv_head + norm + activation act on each position alone: run them on
-            # the whole map as one 1x1 convolution (the same numbers; its backward is ~2x faster on CPU than that
-            # of B*h*w separate 1x1 maps), then the head's own dropout, as forward_head applies it
-            x = self.act2(self.norm_head(self.conv_head(features)))
-            pre_logits = x.permute(0, 2, 3, 1).reshape(b * h * w, -1)
+            # all B*h*w positions at once, the 1x1 convolution as the one matrix product it is (the same numbers;
+            # its backward is ~20% faster on CPU than a convolution's on the (B, C, h, w) map, and ~2x faster
+            # than B*h*w separate 1x1 maps), then the head's own dropout, as forward_head applies it
+            x = features.permute(0, 2, 3, 1).reshape(b * h * w, c)
+            x = F.linear(x, self.conv_head.weight.flatten(1), self.conv_head.bias)[:, :, None, None]
+            pre_logits = self.act2(self.norm_head(x)).flatten(1)
             if self.drop_rate > 0.:
                 pre_logits = F.dropout(pre_logits, p=self.drop_rate, training=self.training)
         else:
@@ -314,7 +316,9 @@ class _Features(nn.Module):
 def _head_is_per_position(model: nn.Module) -> bool:
     """Whether ``forward_head`` is timm's MobileNetV3 head: global pooling, then only per-position layers
     (``conv_head``, ``norm_head``, ``act2``), flatten and dropout (timm's tests call these EARLY_POOL_MODELS)."""
-    return isinstance(model, MobileNetV3) and type(model).forward_head is MobileNetV3.forward_head
+    conv = getattr(model, 'conv_head', None)
+    return (isinstance(model, MobileNetV3) and type(model).forward_head is MobileNetV3.forward_head
+            and isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.groups == 1)
 
 
 def _total_stride(model: nn.Module) -> int:
