@@ -49,3 +49,19 @@ def test_spatial_score_rejects_unpooled_shapes():
     with pytest.raises(ValueError, match=r'cls_map \(B, M, h, w\)'):
         spatial_posterior_score(torch.randn(2, 5))
     assert ssod_zoo.spatial_posterior_score is spatial_posterior_score
+
+
+@pytest.mark.parametrize('name', ['ssod_mobilenetv3_large_100', 'ssod_resnet18'])
+def test_collect_gives_the_models_own_logits_from_one_head_pass(name):
+    """evaluate.collect classifies the pooled pre-logits it keeps (one pass of MobileNetV3's conv_head); the logits
+    must be timm's own forward_head's."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ssod_zoo.app.evaluate import collect
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=4).eval()
+    x = torch.randn(3, 3, 64, 64)
+    out = collect(model, DataLoader(TensorDataset(x, torch.zeros(3, dtype=torch.long))), torch.device('cpu'))
+    with torch.no_grad():
+        want = model.forward_head(model.forward_features(x))
+    torch.testing.assert_close(out['logits'], want)

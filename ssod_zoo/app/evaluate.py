@@ -90,7 +90,7 @@ def collect(
         with autocast:
             features = model.forward_features(x)
             pre_logits = model.forward_head(features, pre_logits=True)
-            logits = model.forward_head(features)
+            logits = model.get_classifier()(pre_logits)  # timm's heads end in the classifier: one head pass
             ood_factor = model.forward_ood(pre_logits)
             if spatial:
                 cls_map, ood_map = model.forward_positions(features)
