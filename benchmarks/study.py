@@ -66,9 +66,10 @@ CONFIGS: Dict[str, dict] = {
 # Compared on validation sets only: it informs a default for small M, not the headline.
 FEW = {'classes': 3, 'warmup_epochs': 2}
 CONFIGS.update({'m3-paper': {**FEW, 'ood_rule': 'paper'}, 'm3-chance': {**FEW, 'ood_rule': 'chance'}})
-# The select grid that was run (2026-11-27, 2 CPU cores): the 16-epoch candidates were left out for compute
-# (--configs paper-e16 lrdecay-e16 runs them); the issue's own runs measured 24 epochs (see README).
-GRIDS = {'select': {'configs': ['paper-e8', 'gamma0.8-e8', 'alpha0.3-e8'], 'seeds': [0], 'sets': 'val'},
+# The select grid that was run (2026-11-27, 2 CPU cores): the three 8-epoch candidates in the second session,
+# lrdecay-e16 added in the third (its selection rule and validation sets unchanged); paper-e16 left out for compute.
+GRIDS = {'select': {'configs': ['paper-e8', 'gamma0.8-e8', 'alpha0.3-e8', 'lrdecay-e16'], 'seeds': [0],
+                    'sets': 'val'},
          'fewclass': {'configs': ['m3-paper', 'm3-chance'], 'seeds': [0, 1], 'sets': 'val'}}
 SEEDS_TEST = [0, 1, 2]
 
@@ -158,7 +159,42 @@ def spatial_readouts(model, loader) -> Dict[str, torch.Tensor]:
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def evaluate_pair(ssod_dir: Path, ce_dir: Path, sets: Dict[str, Dataset], fit: Dataset) -> dict:
+@torch.no_grad()
+def sampler_cleanliness(model, bench: SyntheticBenchmark, transform, n: int = 500, touch: float = 0.05) -> dict:
+    """How clean the sampler's patch labels are, against the benchmark's object masks (the issue's measurement).
+
+    Eq. 12 on the first ``n`` ID validation images with their true labels; a feature-map cell is "on the object"
+    if the mask covers more than ``touch`` of it. Returns percentages: positions sampled ID / OOD, ID samples that
+    touch the object, OOD samples off it, and object cells sampled ID.
+    """
+    from ssod_zoo.loss import OOD_INDEX, sample_patches
+    model.eval()
+    n = min(n, bench.config.split_size('val'))
+    samples = [bench.render('val', i) for i in range(n)]
+    counts = torch.zeros(5)
+    for start in range(0, n, 100):
+        chunk = samples[start:start + 100]
+        x = torch.stack([transform(smp.image) for smp in chunk])
+        cls_map = model.forward_spatial(x).cls_map
+        labels = sample_patches(cls_map, torch.tensor([smp.label for smp in chunk]))  # (B, h, w)
+        masks = torch.stack([torch.from_numpy(smp.mask).float() for smp in chunk])[:, None]
+        on = torch.nn.functional.adaptive_avg_pool2d(masks, labels.shape[1:])[:, 0] > touch
+        is_id, is_ood = labels == ID_INDEX, labels == OOD_INDEX
+        counts += torch.stack([is_id.sum(), is_ood.sum(), (is_id & on).sum(), (is_ood & ~on).sum(), on.sum()]).float()
+    positions = n * labels.shape[1] * labels.shape[2]
+    n_id, n_ood, id_on, ood_off, obj = counts.tolist()
+    return {'sampled_id': 100 * n_id / positions, 'sampled_ood': 100 * n_ood / positions,
+            'id_on_object': 100 * id_on / max(n_id, 1), 'ood_off_object': 100 * ood_off / max(n_ood, 1),
+            'object_cells_sampled_id': 100 * id_on / max(obj, 1), 'images': n, 'touch': touch}
+
+
+CE_CONTROLS = ('pos_max_energy', 'pos_top3_maxlogit')  # the position readouts that use no OOD head
+
+
+def evaluate_pair(ssod_dir: Path, ce_dir: Path, sets: Dict[str, Dataset], fit: Dataset,
+                  bench: SyntheticBenchmark, transform) -> dict:
+    """Every readout of the SSOD model and every baseline on its CE twin, on ``sets``; the sampler's cleanliness
+    on ``bench``'s ID validation images (whose masks are known)."""
     ssod_model, ckpt = load_checkpoint(ssod_dir / 'last.pt')
     ce_model, _ = load_checkpoint(ce_dir / 'last.pt')
     loader = lambda ds: DataLoader(ds, batch_size=128, num_workers=2)  # noqa: E731
@@ -167,11 +203,12 @@ def evaluate_pair(ssod_dir: Path, ce_dir: Path, sets: Dict[str, Dataset], fit: D
                    baseline_model=ce_model, fit_loader=loader(fit), progress=False)
     # readouts beyond evaluate()'s: per-position aggregations and the MSP form of the full posterior
     extra = {k: spatial_readouts(ssod_model, v) for k, v in loaders.items()}
-    # the best-position Energy is a post-hoc readout any CNN has: score the CE twin with it too, as a baseline,
-    # so a gain of the spatial readouts is not credited to SSOD's training
+    # the classifier-only position readouts are post-hoc readouts any CNN has: score the CE twin with them too, as
+    # baselines, so a gain of the spatial readouts is not credited to SSOD's training
     for k, v in loaders.items():
         # the CE twin is trained --ce-only: an SSOD-class model, with forward_spatial
-        extra[k]['ce_pos_max_energy'] = spatial_readouts(ce_model, v)['pos_max_energy']
+        ce = spatial_readouts(ce_model, v)
+        extra[k].update({f'ce_{m}': ce[m] for m in CE_CONTROLS})
     for method in extra['id']:
         for name in loaders:
             if name == 'id':
@@ -189,6 +226,7 @@ def evaluate_pair(ssod_dir: Path, ce_dir: Path, sets: Dict[str, Dataset], fit: D
     res['ood']['average'] = {m: {k: sum(res['ood'][s][m][k] for s in sets_) / len(sets_)
                                  for k in res['ood'][sets_[0]][m]} for m in methods}
     res.pop('scores')
+    res['sampler'] = sampler_cleanliness(ssod_model, bench, transform)
     res['threshold'] = ckpt['ood_threshold']
     res['counts'] = {k: len(v) for k, v in sets.items()}
     return res
@@ -205,14 +243,20 @@ def _posterior_msp(model, loader) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------- runs
 
-def run(grid: str, names: List[str], seeds: List[int], which: str) -> None:
+def run(grid: str, names: List[str], seeds: List[int], which: str, rescore: bool = False) -> None:
+    """Train (or resume) and evaluate every (config, seed) of a grid; finished runs are skipped. ``rescore``
+    re-evaluates finished runs from their cached checkpoints (a readout added later), never retraining one."""
     out_dir = OUT / grid
     out_dir.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         for name in names:
             result_file = out_dir / f'{name}-s{seed}.json'
-            if result_file.exists():
+            previous = json.loads(result_file.read_text()) if result_file.exists() else None
+            if previous and not rescore:
                 print(f'[study] {result_file.name}: done, skipped', flush=True)
+                continue
+            if rescore and not (previous and (CACHE / 'runs' / f'{name}-s{seed}' / 'last.pt').exists()):
+                print(f'[study] {result_file.name}: no finished run with checkpoints to rescore, skipped', flush=True)
                 continue
             overrides = dict(CONFIGS[name])
             benches = benchmarks(overrides.pop('classes', 10))
@@ -230,11 +274,16 @@ def run(grid: str, names: List[str], seeds: List[int], which: str) -> None:
             t1 = time.time()
             model, _ = load_checkpoint(ssod_dir / 'last.pt')
             tf = train_mod._transforms(model, train_mod.TrainConfig(img_size=BASE['img_size'], crop_pct=1.0))[1]
-            result = evaluate_pair(ssod_dir, ce_dir, eval_sets(benches, which, tf), bench.train_dataset(tf))
+            result = evaluate_pair(ssod_dir, ce_dir, eval_sets(benches, which, tf), bench.train_dataset(tf),
+                                   benches[which], tf)
+            wall = {'this_invocation_train': round(t1 - t0, 1), 'eval': round(time.time() - t1, 1),
+                    **{f'train_{k}': json.loads((d / 'wall.json').read_text())['train_seconds']
+                       for k, d in (('ssod', ssod_dir), ('ce', ce_dir)) if (d / 'wall.json').exists()}}
+            if previous:  # rescored: the training wall time is the first invocation's
+                wall['this_invocation_train'] = previous['wall_seconds']['this_invocation_train']
             record = {'name': name, 'seed': seed, 'sets': which, 'config': {**BASE, **overrides},
                       'ce_twin': ce_name, 'train_log_ssod': _last_log(ssod_dir), **result,
-                      'wall_seconds': {'this_invocation_train': round(t1 - t0, 1), 'eval': round(time.time() - t1, 1)},
-                      'environment': environment()}
+                      'wall_seconds': wall, 'environment': environment()}
             result_file.write_text(json.dumps(record, indent=1))
             avg = record['ood']['average']
             print(f'[study] {name} seed {seed} on {which}: ' + ', '.join(
@@ -252,7 +301,14 @@ def _last_log(run_dir: Path) -> dict:
 
 SSOD_ROWS = ('ssod_posterior', 'ssod_posterior_msp', 'ssod', 'ssod_energy', 'pos_mean_pid', 'pos_max_pid',
              'pos_top3_maxlogit', 'pos_max_posterior', 'pos_max_energy')
-BASELINES = ('msp', 'maxlogit', 'energy', 'odin', 'react', 'knn', 'mahalanobis', 'vim', 'ce_pos_max_energy')
+EIGHT = ('msp', 'maxlogit', 'energy', 'odin', 'react', 'knn', 'mahalanobis', 'vim')  # the issue's 8 post-hoc baselines
+CONTROLS = tuple(f'ce_{m}' for m in CE_CONTROLS)  # SSOD's classifier-only position readouts, on the CE twin
+BASELINES = (*EIGHT, *CONTROLS)
+
+
+def _fpr(r: dict, method: str) -> Optional[float]:
+    """Average FPR95 of a readout in one run record (None where the run predates that readout)."""
+    return r['ood']['average'].get(method, {}).get('fpr95')
 
 
 def summarise() -> None:
@@ -269,7 +325,8 @@ def summarise() -> None:
         lines += [f'## grid `{grid_dir.name}` (OOD sets: {", ".join(sets)}; '
                   f'{"validation" if records[0]["sets"] == "val" else "TEST"})', '',
                   '| config | seeds | ID acc SSOD | ID acc CE | ' + ' | '.join(SSOD_ROWS) +
-                  ' | best baseline (CE model) |', '|---|---|' + '---:|' * (len(SSOD_ROWS) + 3)]
+                  ' | best of the 8 (CE model) | ' + ' | '.join(CONTROLS) + ' |',
+                  '|---|---|' + '---:|' * (len(SSOD_ROWS) + 3 + len(CONTROLS))]
         by_config: Dict[str, list] = {}
         for r in records:
             by_config.setdefault(r['name'], []).append(r)
@@ -280,26 +337,35 @@ def summarise() -> None:
                 return m, sd
 
             def cell(values):
+                if any(v is None for v in values):
+                    return 'n/a'
                 m, sd = stat(values)
                 return f'{m:.1f}' + (f' ± {sd:.1f}' if len(values) > 1 else '')
-            best_base = [min(r['ood']['average'][b]['fpr95'] for b in BASELINES) for r in rs]
-            best_name = min(BASELINES, key=lambda b: sum(r['ood']['average'][b]['fpr95'] for r in rs))
+            best_base = [min(_fpr(r, b) for b in EIGHT) for r in rs]
+            best_name = min(EIGHT, key=lambda b: sum(_fpr(r, b) for r in rs))
             row = [name, ','.join(str(r['seed']) for r in rs), cell([r['id_accuracy']['ssod'] for r in rs]),
                    cell([r['id_accuracy']['ce'] for r in rs])]
-            row += [cell([r['ood']['average'][m]['fpr95'] for r in rs]) for m in SSOD_ROWS]
+            row += [cell([_fpr(r, m) for r in rs]) for m in SSOD_ROWS]
             row.append(f'{cell(best_base)} ({best_name})')
+            row += [cell([_fpr(r, m) for r in rs]) for m in CONTROLS]
             lines.append('| ' + ' | '.join(row) + ' |')
-            plot_rows.append((grid_dir.name, name, {m: stat([r['ood']['average'][m]['fpr95'] for r in rs])[0]
-                                                    for m in (*SSOD_ROWS, *BASELINES)}))
+            plot_rows.append((grid_dir.name, name, {m: stat([_fpr(r, m) for r in rs])[0]
+                                                    for m in (*SSOD_ROWS, *BASELINES)
+                                                    if all(_fpr(r, m) is not None for r in rs)}))
         if records[0]['sets'] == 'test':
-            lines += ['', table_over_seeds(records), '']
+            for name, rs in by_config.items():
+                lines += ['', f'`{name}`, every readout and baseline over seeds:', '', table_over_seeds(rs), '']
         lines += ['', 'Per-set FPR95 of each run:', '']
         for r in records:
             lines.append(f'- `{r["name"]}` seed {r["seed"]}: ' + '; '.join(
                 f'{s}: ' + ', '.join(f'{m} {r["ood"][s][m]["fpr95"]:.1f}' for m in
-                                     ('pos_max_posterior', 'pos_max_energy', 'ssod_posterior', 'ssod', 'ssod_energy',
-                                      'ce_pos_max_energy', 'energy', 'odin', 'react', 'knn'))
-                for s in sets))
+                                     ('pos_top3_maxlogit', 'pos_max_posterior', 'pos_max_energy', 'ssod_posterior',
+                                      'ssod', 'ssod_energy', *CONTROLS, 'energy', 'odin', 'react', 'knn')
+                                     if m in r['ood'][s])
+                for s in sets) + ('; sampler (% of positions ID / OOD; ID on the object; OOD off it; object cells '
+                                  'sampled ID): {sampled_id:.1f} / {sampled_ood:.1f}; {id_on_object:.1f}; '
+                                  '{ood_off_object:.1f}; {object_cells_sampled_id:.1f}'.format(**r['sampler'])
+                                  if 'sampler' in r else ''))
         lines.append('')
     if (OUT / 'choice.json').exists():
         c = json.loads((OUT / 'choice.json').read_text())
@@ -319,6 +385,8 @@ def table_over_seeds(records: List[dict]) -> str:
     head = '| method | ' + ' | '.join(f'{s} FPR95↓ | {s} AUROC↑' for s in sets) + ' |'
     rows = [head, '|---|' + '---:|---:|' * len(sets)]
     for m in (*SSOD_ROWS, *BASELINES):
+        if any(m not in r['ood']['average'] for r in records):
+            continue
         cells = []
         for s in sets:
             for metric in ('fpr95', 'auroc'):
@@ -343,7 +411,7 @@ def _plot(rows, path: Path) -> None:
     width = 0.8 / len(methods)
     cmap = plt.get_cmap('tab20')
     for j, m in enumerate(methods):
-        ax.bar([i + j * width for i in range(len(rows))], [r[2][m] for r in rows], width,
+        ax.bar([i + j * width for i in range(len(rows))], [r[2].get(m, float('nan')) for r in rows], width,
                label=m, color=cmap(j), edgecolor='black' if m in SSOD_ROWS else 'none', linewidth=0.4)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
     ax.set_xticklabels([f'{g}\n{n}' for g, n, _ in rows], fontsize=8)
@@ -375,12 +443,15 @@ def choose() -> dict:
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--grid', choices=['select', 'test', 'auto', 'fewclass'], help='select: all candidates on validation sets; '
-                   'test: --config over seeds 0-2 on the test sets; auto: select, choose (choice.json), then test')
+    p.add_argument('--grid', choices=['select', 'test', 'auto', 'fewclass'],
+                   help='select: all candidates on validation sets; test: --config over seeds 0-2 on the test '
+                   'sets; auto: select, choose (choice.json), then test')
     p.add_argument('--config', choices=list(CONFIGS), help='with --grid test: the configuration chosen on validation')
     p.add_argument('--configs', nargs='*', choices=list(CONFIGS), help='with --grid select: a subset of candidates')
     p.add_argument('--seeds', nargs='*', type=int, help='override the grid\'s seeds')
     p.add_argument('--summarise', action='store_true', help='only rewrite summary.md and study.png')
+    p.add_argument('--rescore', action='store_true', help='re-evaluate the grid\'s finished runs from their cached '
+                   'checkpoints (readouts added after they ran); trains nothing')
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.summarise or not args.grid:
@@ -389,14 +460,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.grid == 'auto':
         run('select', args.configs or GRIDS['select']['configs'], GRIDS['select']['seeds'], 'val')
         run('test', [choose()['config']], args.seeds or SEEDS_TEST, 'test')
-    elif args.grid == 'fewclass':
-        run('fewclass', args.configs or GRIDS['fewclass']['configs'], args.seeds or GRIDS['fewclass']['seeds'], 'val')
-    elif args.grid == 'select':
-        run('select', args.configs or GRIDS['select']['configs'], args.seeds or GRIDS['select']['seeds'], 'val')
+    elif args.grid in ('fewclass', 'select'):
+        grid = GRIDS[args.grid]
+        run(args.grid, args.configs or grid['configs'], args.seeds or grid['seeds'], 'val', args.rescore)
     else:
         if not args.config:
             p.error('--grid test needs --config, the configuration chosen on the validation sets')
-        run('test', [args.config], args.seeds or SEEDS_TEST, 'test')
+        run('test', [args.config], args.seeds or SEEDS_TEST, 'test', args.rescore)
 
 
 if __name__ == '__main__':
