@@ -3,7 +3,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ['posterior_score', 'spatial_posterior_score', 'SSODOutput', 'SpatialOutput', 'robust_posterior']
+__all__ = ['posterior_score', 'spatial_posterior_score', 'spatial_maxlogit_score', 'SSODOutput', 'SpatialOutput',
+           'robust_posterior']
 
 
 class SSODOutput(NamedTuple):
@@ -110,3 +111,26 @@ def spatial_posterior_score(cls_map: torch.Tensor, ood_map: Optional[torch.Tenso
     if ood_map is not None:
         score = score + ood_map.float().log_softmax(dim=1)[:, 1]  # index 1: in-distribution (adapter.ID_INDEX)
     return score.flatten(1).amax(dim=1)
+
+
+def spatial_maxlogit_score(cls_map: torch.Tensor, k: int = 3) -> torch.Tensor:
+    """The classifier read out where the objects are: the mean of the ``k`` largest per-position MaxLogits.
+
+    score(x) = mean of the top ``k`` over positions p of max_i z_i(p), with z(p) the classification head at p
+    (Eq. 13). A classifier-only readout (no OOD head), so any CNN has it; averaging a few positions steadies the
+    best-position score when an object spans several cells. Not in the paper; chosen (config and readout together)
+    on OOD validation sets by this project's study (``benchmarks/study.py``, ``k = 3``).
+
+    Args:
+        cls_map: (B, M, h, w) class logits at every position (``SpatialOutput.cls_map``).
+        k: how many positions to average; capped at h * w.
+
+    Returns:
+        (B,) float32 scores, higher = more in-distribution.
+    """
+    if cls_map.ndim != 4:
+        raise ValueError(f'expected cls_map (B, M, h, w), got {tuple(cls_map.shape)}')
+    if k < 1:
+        raise ValueError(f'k must be >= 1, got {k}')
+    best = cls_map.float().amax(dim=1).flatten(1)  # (B, h*w): MaxLogit of each position
+    return best.topk(min(k, best.shape[1]), dim=1).values.mean(dim=1)

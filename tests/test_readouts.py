@@ -65,3 +65,39 @@ def test_collect_gives_the_models_own_logits_from_one_head_pass(name):
     with torch.no_grad():
         want = model.forward_head(model.forward_features(x))
     torch.testing.assert_close(out['logits'], want)
+
+
+def test_spatial_maxlogit_score_is_the_mean_of_the_k_best_positions_maxlogit():
+    torch.manual_seed(0)
+    cls_map = torch.randn(4, 5, 3, 3) * 2
+    per_position = cls_map.amax(1).flatten(1)  # (4, 9)
+    want = torch.tensor([sum(sorted(row.tolist(), reverse=True)[:3]) / 3 for row in per_position])
+    torch.testing.assert_close(ssod_zoo.spatial_maxlogit_score(cls_map), want)
+    # k = 1 is the best position's MaxLogit; k beyond h * w averages every position
+    torch.testing.assert_close(ssod_zoo.spatial_maxlogit_score(cls_map, k=1), per_position.amax(1))
+    torch.testing.assert_close(ssod_zoo.spatial_maxlogit_score(cls_map, k=100), per_position.mean(1))
+    with pytest.raises(ValueError, match='k must be >= 1'):
+        ssod_zoo.spatial_maxlogit_score(cls_map, k=0)
+    with pytest.raises(ValueError, match=r'\(B, M, h, w\)'):
+        ssod_zoo.spatial_maxlogit_score(cls_map.flatten(2))
+
+
+def test_evaluate_scores_the_position_readouts_on_both_models(tmp_path):
+    """The study's readout on the SSOD model and the same classifier-only readout on the CE model, as separate rows:
+    a gain of the readout is not credited to SSOD training."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ssod_zoo.app.evaluate import evaluate
+    torch.manual_seed(0)
+    ssod_model = timm.create_model('ssod_test_resnet', num_classes=3, output_stride=16).eval()
+    ce_model = timm.create_model('ssod_test_resnet', num_classes=3, output_stride=16).eval()
+    x = torch.randn(14, 3, 64, 64)
+    data = lambda s: DataLoader(TensorDataset(x[s], torch.arange(14)[s] % 3), batch_size=4)  # noqa: E731
+    res = evaluate(ssod_model, data(slice(0, 8)), {'noise': data(slice(8, 14))}, baseline_model=ce_model,
+                   methods=['ssod_spatial_top3', 'maxlogit_spatial_top3', 'ssod'], progress=False)
+    ssod_scores, ce_scores = res['scores']['ssod_spatial_top3'], res['scores']['maxlogit_spatial_top3']
+    with torch.no_grad():
+        for model, got in ((ssod_model, ssod_scores), (ce_model, ce_scores)):
+            cls_map, _ = model.forward_positions(model.forward_features(x[:8]))
+            torch.testing.assert_close(got['id'], ssod_zoo.spatial_maxlogit_score(cls_map))
+    assert set(res['ood']['noise']) == {'ssod_spatial_top3', 'maxlogit_spatial_top3', 'ssod'}

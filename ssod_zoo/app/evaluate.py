@@ -29,32 +29,37 @@ from ..detectors import DETECTORS, Detector, create_detector
 from ..metrics import accuracy, ood_metrics
 from .protocols import PROTOCOLS, DataMissing, Transformed, add_fpr95_openood, fpr95_markdown, load_protocol, \
     skipped_markdown
-from ..output import posterior_score, spatial_posterior_score
+from ..output import posterior_score, spatial_maxlogit_score, spatial_posterior_score
 from .images import ImageError, ImageFiles, class_folder, one_line
 from .report import accept_rates, confidence_intervals, fit_detectors, report_markdown, write_scores_csv
 
 __all__ = ['collect', 'ssod_report', 'evaluate', 'METHODS', 'results_markdown', 'main']
 
 # Readouts of the SSOD model (scored on its own outputs), then the post-hoc baselines (on the baseline model).
-# 'ssod_spatial_energy' (chosen on the synthetic OOD validation sets by benchmarks/study.py): the Energy score of
-# the best feature-map position, max_p logsumexp(z(p)); 'ssod' is the paper's Eq. 15, the OOD factor alone;
-# 'ssod_spatial' and 'ssod_posterior' use both factors of Eq. 7 (ssod_zoo.spatial_posterior_score at the best
-# position, ssod_zoo.posterior_score on pooled features); 'ssod_energy' scores the SSOD model's pooled logits by
-# Energy. 'energy_spatial' is the default readout on the CE model: the post-hoc baseline that tells what SSOD
-# training adds to the readout itself.
+# 'ssod_spatial_top3' (chosen with its recipe on the synthetic OOD validation sets by benchmarks/study.py): the mean
+# MaxLogit of the 3 best feature-map positions (ssod_zoo.spatial_maxlogit_score); 'ssod' is the paper's Eq. 15, the
+# OOD factor alone; 'ssod_spatial_energy' is the best position's Energy, max_p logsumexp(z(p)); 'ssod_spatial' and
+# 'ssod_posterior' use both factors of Eq. 7 (ssod_zoo.spatial_posterior_score at the best position,
+# ssod_zoo.posterior_score on pooled features); 'ssod_energy' scores the SSOD model's pooled logits by Energy.
+# 'maxlogit_spatial_top3' and 'energy_spatial' are the same classifier-only position readouts on the CE model: the
+# post-hoc baselines that tell what SSOD training adds to the readout itself.
 SSOD_READOUTS = {
-    'ssod_spatial_energy': lambda o: o['spatial_energy'],
+    'ssod_spatial_top3': lambda o: o['spatial_top3'],
     'ssod': lambda o: o['ood_factor'],
+    'ssod_spatial_energy': lambda o: o['spatial_energy'],
     'ssod_spatial': lambda o: o['spatial_posterior'],
     'ssod_posterior': lambda o: posterior_score(o['logits'], o['ood_factor'], 'energy'),
     'ssod_energy': lambda o: scores.energy(o['logits']),
 }
-LABELS = {'ssod_spatial_energy': 'SSOD model, best-position energy (study\'s choice)',
+LABELS = {'ssod_spatial_top3': 'SSOD model, mean MaxLogit of the 3 best positions (study\'s choice)',
+          'ssod_spatial_energy': 'SSOD model, best-position energy',
           'ssod_spatial': 'SSOD best-position posterior: max_p logsumexp(z(p)) + log P_ID(p)',
           'ssod': 'SSOD OOD factor, Eq. 15 (paper)', 'ssod_posterior': 'SSOD pooled posterior: logsumexp(z) + log P_ID',
-          'ssod_energy': 'Energy of the SSOD model', 'energy_spatial': 'best-position energy (CE model)'}
-# the default readout of the study on any baseline model: not a pooled-feature detector, so not in DETECTORS
-SPATIAL_BASELINES = {'energy_spatial': lambda o: o['spatial_energy']}
+          'ssod_energy': 'Energy of the SSOD model', 'energy_spatial': 'best-position energy (CE model)',
+          'maxlogit_spatial_top3': 'mean MaxLogit of the 3 best positions (CE model)'}
+# the study's classifier-only readouts on any baseline model: not pooled-feature detectors, so not in DETECTORS
+SPATIAL_BASELINES = {'maxlogit_spatial_top3': lambda o: o['spatial_top3'],
+                     'energy_spatial': lambda o: o['spatial_energy']}
 METHODS = (*SSOD_READOUTS, 'msp', 'maxlogit', 'energy', *SPATIAL_BASELINES, 'odin', 'react', 'knn', 'mahalanobis',
            'vim')
 FITTED = tuple(m for m in METHODS if m in DETECTORS and DETECTORS[m].needs_fit)
@@ -75,13 +80,14 @@ def collect(
     Returns:
         dict with ``logits`` (N, M), ``ood_factor`` (N,), ``features`` (N, D) pooled pre-logits and
         ``targets`` (N,); with ``spatial``, also ``spatial_posterior`` and ``spatial_energy`` (N,), the best
-        position's full posterior and Energy (:func:`ssod_zoo.spatial_posterior_score`).
+        position's full posterior and Energy (:func:`ssod_zoo.spatial_posterior_score`), and ``spatial_top3``
+        (N,), the mean MaxLogit of the 3 best positions (:func:`ssod_zoo.spatial_maxlogit_score`).
     """
     model.eval()
     out = {'logits': [], 'ood_factor': [], 'features': [], 'targets': []}
     spatial = spatial and hasattr(model, 'forward_positions')  # a plain timm baseline has no per-position heads
     if spatial:
-        out.update(spatial_posterior=[], spatial_energy=[])
+        out.update(spatial_posterior=[], spatial_energy=[], spatial_top3=[])
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     for x, y in _bar(loader, progress):
         x = x.to(device, non_blocking=True)
@@ -94,7 +100,8 @@ def collect(
             ood_factor = model.forward_ood(pre_logits)
             if spatial:
                 cls_map, ood_map = model.forward_positions(features)
-                extra = (spatial_posterior_score(cls_map, ood_map), spatial_posterior_score(cls_map))
+                extra = (spatial_posterior_score(cls_map, ood_map), spatial_posterior_score(cls_map),
+                         spatial_maxlogit_score(cls_map, k=3))
         for k, v in zip(out, (logits, ood_factor, pre_logits, y, *(extra if spatial else ()))):
             out[k].append(v.float().cpu() if v.is_floating_point() else v.cpu())
     return {k: torch.cat(v) for k, v in out.items()}
@@ -141,7 +148,7 @@ def evaluate(
     baseline_model = baseline_model or ssod_model
     methods = [m for m in methods if fit_loader is not None or m not in FITTED]
     if not hasattr(baseline_model, 'forward_positions'):
-        methods = [m for m in methods if m != 'energy_spatial']
+        methods = [m for m in methods if m not in SPATIAL_BASELINES]
     tag = (lambda s: s) if progress else (lambda s: None)
     ssod_out = {'id': collect(ssod_model, id_loader, device, progress=tag('SSOD model: ID'), spatial=True)}
     ssod_out.update({k: collect(ssod_model, v, device, progress=tag(f'SSOD model: {k}'), spatial=True)
