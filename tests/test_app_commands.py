@@ -154,3 +154,29 @@ def test_demo_quick_end_to_end(tmp_path):
         assert results['ood'][ood_set]['ssod'][key] == pytest.approx(100 * expected[key], abs=1e-6), key
     assert results['id_accuracy']['ssod'] == pytest.approx(
         100 * (val['logits'].argmax(1) == val['targets']).float().mean().item())
+
+
+def test_demo_evaluates_the_shipped_models_by_default(tmp_path):
+    """Without --retrain the demo scores the shipped SSOD model and CE twin (weights/demo), publishes exactly those,
+    and reports the study's readout on both models."""
+    from ssod_zoo.app.demo import SHIPPED_MODELS
+    out = tmp_path / 'demo'
+    ssod(['demo', '--out', str(out), '--train-per-class', '4', '--val-per-class', '6', '--ood-per-set', '10',
+          '--no-progress', '--workers', '0'])
+    results = json.loads((out / 'results.json').read_text())
+    assert results['config']['models'].startswith('shipped')
+    assert not (out / 'runs').exists()  # nothing trained
+    assert {'ssod_spatial_top3', 'maxlogit_spatial_top3', 'ssod'} <= set(results['ood']['average'])
+    for name in ('ssod', 'ce'):
+        shipped, published = load_model(SHIPPED_MODELS / name), load_model(out / 'models' / name)
+        assert published.ood_threshold == shipped.ood_threshold
+        for k, v in shipped.state_dict().items():
+            assert torch.equal(published.state_dict()[k], v), (name, k)
+    recipe = json.loads((SHIPPED_MODELS / 'recipe.json').read_text())
+    assert results['config']['train'] == recipe['models']['ssod']['config']
+
+
+def test_demo_refuses_training_options_without_retrain(capsys):
+    with pytest.raises(SystemExit):
+        ssod(['demo', '--out', 'unused', '--ssod-epochs', '8'])
+    assert '--ssod-epochs only apply to training: add --retrain' in capsys.readouterr().err

@@ -807,6 +807,10 @@ def test_shipped_weight_loads_offline_from_a_clone_and_from_a_wheel(tmp_path, mo
     subprocess.run(pip + ['install', '--no-deps', '--no-index', '--target', str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)
     assert (site / 'ssod_zoo' / '_weights' / f'{ARCH}.tiny' / 'model.safetensors').is_file()
+    # the demo's shipped models and starting classifier travel too: `ssod demo` evaluates them by default
+    for name in ('demo/recipe.json', 'demo/ssod/model.safetensors', 'demo/ce/model.safetensors', 'demo/ce/config.json',
+                 'init/test_resnet_synthetic_ce.safetensors'):
+        assert (site / 'ssod_zoo' / '_weights' / name).is_file(), name
 
     # both interpreters at once (each flips a byte of its own copy at the end)
     from_source, from_wheel = (start_shipped_check(tmp_path, path, expected) for path in (clone, site))

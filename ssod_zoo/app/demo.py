@@ -1,15 +1,17 @@
 """``ssod demo --out DIR``: SSOD against the post-hoc detectors on the embedded benchmark, on a CPU, in minutes.
 
 1. Generates the embedded benchmark (:mod:`ssod_zoo.app.synthetic`; cached).
-2. Starts from a classifier that already works, as the paper does (it fine-tunes an ImageNet classifier; the
-   sampler needs confident patches): the cross-entropy ``test_resnet`` shipped in ``weights/init/``, trained on
-   the benchmark's training split by this project's recipe (``weights/init/README.md`` has the command). With
-   ``--init ''`` it trains one from scratch for ``--warmup-epochs`` instead.
-3. Two fine-tuning runs from that classifier with the same budget (``--ssod-epochs``), data order and learning
+2. Takes the two models to compare: by default the shipped ones (``weights/demo/``: an SSOD model and its
+   cross-entropy twin, trained by the study's chosen recipe, seed 0; ``weights/demo/README.md`` has the command and
+   its wall time). With ``--retrain`` it trains them here instead (about 25 minutes on 2 CPU cores): from a
+   classifier that already works, as the paper does (it fine-tunes an ImageNet classifier; the sampler needs
+   confident patches), the cross-entropy ``test_resnet`` in ``weights/init/`` (``--init ''``: from scratch for
+   ``--warmup-epochs``), two fine-tuning runs with the same budget (``--ssod-epochs``), data order and learning
    rate: one with the SSOD objective, one with cross-entropy only (the baseline model).
-4. Scores the ID validation set and every OOD set with SSOD's OOD factor and with MSP, MaxLogit, Energy, ODIN,
-   ReAct, KNN, Mahalanobis and ViM on the cross-entropy model (fitted on training features), and writes
-   ``results.json``, ``results.md``, ``roc.png``, ``histograms.png`` and ``sampler.png`` to DIR.
+3. Scores the ID validation set and every OOD set with every SSOD readout (the study's choice, the paper's Eq. 15,
+   ...) and with MSP, MaxLogit, Energy, ODIN, ReAct, KNN, Mahalanobis, ViM and the position readouts on the
+   cross-entropy model (fitted on training features), and writes ``results.json``, ``results.md``, ``roc.png``,
+   ``histograms.png`` and ``sampler.png`` to DIR, and both models as hub-ready folders to DIR/models.
 
 No checkpoint is selected on OOD data: both models are the last epoch's.
 """
@@ -20,42 +22,53 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import timm
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..hub import load_checkpoint, save_pretrained
+from ..hub import load_checkpoint, load_model, save_pretrained
 from .evaluate import evaluate, results_markdown, write_results
 from .plots import plot_histograms, plot_roc, plot_sampler
-from .synthetic import BenchmarkConfig, SyntheticBenchmark
+from .synthetic import GENERATOR_VERSION, BenchmarkConfig, SyntheticBenchmark
 from .train import TrainConfig, train
 
 __all__ = ['main']
 
-SHIPPED_INIT = Path(__file__).resolve().parents[1] / '_weights' / 'init' / 'test_resnet_synthetic_ce.safetensors'
-if not SHIPPED_INIT.exists():  # source checkout / editable install
-    SHIPPED_INIT = Path(__file__).resolve().parents[2] / 'weights' / 'init' / SHIPPED_INIT.name
+_WEIGHTS = Path(__file__).resolve().parents[1] / '_weights'
+if not _WEIGHTS.exists():  # source checkout / editable install
+    _WEIGHTS = Path(__file__).resolve().parents[2] / 'weights'
+SHIPPED_INIT = _WEIGHTS / 'init' / 'test_resnet_synthetic_ce.safetensors'
+SHIPPED_MODELS = _WEIGHTS / 'demo'  # ssod/, ce/ (hub-ready folders) and recipe.json
+# the options that only a training run uses: given without --retrain they would silently do nothing
+TRAINING_OPTIONS = ('model', 'model_kwargs', 'init', 'warmup_epochs', 'ssod_epochs', 'batch_size', 'lr', 'lr_step',
+                    'gamma', 'alpha', 'seed')
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog='ssod demo', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default='demo_out', help='output directory')
-    p.add_argument('--model', default='ssod_test_resnet')
+    p.add_argument('--retrain', action='store_true', help='train both models here (the options below marked '
+                   '"training") instead of evaluating the shipped ones; about 25 minutes on 2 CPU cores')
+    # the study's chosen recipe (benchmarks/study.py, 'lrdecay-e16'): the shipped models were trained with it
+    p.add_argument('--model', default='ssod_test_resnet', help='training: the architecture')
     p.add_argument('--model-kwargs', nargs='*', default=['output_stride=16'],
-                   help='output_stride=16 gives a 6x6 feature map at 96 px: patches to sample')
+                   help='training: output_stride=16 gives a 6x6 feature map at 96 px, patches to sample')
     p.add_argument('--init', default=str(SHIPPED_INIT) if SHIPPED_INIT.exists() else '',
-                   help='cross-entropy classifier to fine-tune from (default: the shipped one); \'\' = from scratch')
-    p.add_argument('--warmup-epochs', type=int, default=8, help='without --init: cross-entropy epochs from scratch')
-    p.add_argument('--ssod-epochs', type=int, default=8, help='fine-tuning epochs of each of the two runs')
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--lr', type=float, default=5e-4, help='fine-tuning a small network on a small set')
-    p.add_argument('--lr-step', type=int, default=0, help='halve the learning rate every N epochs (0: never)')
-    p.add_argument('--gamma', type=float, default=0.95)
-    p.add_argument('--alpha', type=float, default=1.0)
-    p.add_argument('--train-per-class', type=int, default=400)
+                   help='training: cross-entropy classifier to fine-tune from (default: the shipped one); '
+                        '\'\' = from scratch')
+    p.add_argument('--warmup-epochs', type=int, default=8,
+                   help='training, without --init: cross-entropy epochs from scratch')
+    p.add_argument('--ssod-epochs', type=int, default=16, help='training: epochs of each of the two runs')
+    p.add_argument('--batch-size', type=int, default=64, help='training')
+    p.add_argument('--lr', type=float, default=5e-4, help='training: fine-tuning a small network on a small set')
+    p.add_argument('--lr-step', type=int, default=4, help='training: halve the learning rate every N epochs (0: never)')
+    p.add_argument('--gamma', type=float, default=0.95, help='training: the sampler\'s threshold (Eq. 12)')
+    p.add_argument('--alpha', type=float, default=1.0, help='training: the OOD loss weight (Eq. 14)')
+    p.add_argument('--train-per-class', type=int, default=400, help='training: benchmark training images per class')
     p.add_argument('--val-per-class', type=int, default=100)
     p.add_argument('--ood-per-set', type=int, default=1000)
     p.add_argument('--seed', type=int, default=0)
@@ -65,8 +78,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument('--no-progress', dest='progress', action='store_false')
     args = p.parse_args(argv)
     if args.quick:
-        args.init, args.warmup_epochs, args.ssod_epochs, args.batch_size = '', 1, 1, 16
+        args.retrain, args.init, args.warmup_epochs, args.ssod_epochs, args.batch_size = True, '', 1, 1, 16
         args.train_per_class, args.val_per_class, args.ood_per_set = 8, 4, 12
+    given = [k for k in TRAINING_OPTIONS if getattr(args, k) != p.get_default(k)]
+    if not args.retrain and given:
+        p.error(f'{", ".join("--" + k.replace("_", "-") for k in given)} only apply to training: add --retrain '
+                '(without it the demo evaluates the shipped models)')
+    if not args.retrain and not (SHIPPED_MODELS / 'recipe.json').is_file():
+        p.error(f'the shipped demo models are missing ({SHIPPED_MODELS}): add --retrain to train them')
     return args
 
 
@@ -86,13 +105,71 @@ def main(argv: Optional[List[str]] = None) -> dict:
     bench = SyntheticBenchmark(args.bench_root or out / 'benchmark', bench_cfg).prepare(
         workers=args.workers, progress=args.progress)
 
+    if args.retrain:
+        (ssod_model, ssod_config), (ce_model, ce_config) = _train_both(args, bench, runs, stage)
+    else:
+        (ssod_model, ssod_config), (ce_model, ce_config) = _shipped_models(stage)
+
+    stage('scoring with SSOD and every baseline')
+    # the models carry the preprocessing they were trained with (96 px, crop 1.0)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=ssod_model))
+    loader = lambda ds: DataLoader(ds, batch_size=128, num_workers=args.workers)  # noqa: E731
+    results = evaluate(ssod_model.eval(), loader(bench.val_dataset(transform)),
+                       {k: loader(v) for k, v in bench.ood_datasets(transform).items()},
+                       baseline_model=ce_model.eval(), fit_loader=loader(bench.train_dataset(transform)),
+                       progress=args.progress)
+    config = {'benchmark': dataclasses.asdict(bench_cfg),
+              'demo': {k: v for k, v in vars(args).items() if k not in ('out', 'bench_root')},
+              'models': 'trained here (--retrain)' if args.retrain else f'shipped ({SHIPPED_MODELS})',
+              'train': ssod_config, 'model': ssod_config['model'], 'ood_threshold': ssod_model.ood_threshold}
+
+    stage('hub-ready folders of both models')
+    for name, model, train_config in (('ssod', ssod_model, ssod_config), ('ce', ce_model, ce_config)):
+        save_pretrained(model, out / 'models' / name, train_config=train_config,
+                        class_names=model.pretrained_cfg['label_names'], ood_threshold=model.ood_threshold,
+                        metrics={'id_accuracy': results['id_accuracy'][name], 'id_dataset': 'ssod_zoo synthetic',
+                                 'ood': {k: v['ssod'] for k, v in results['ood'].items() if k != 'average'}}
+                        if name == 'ssod' else None)
+
+    stage('plots')
+    write_results(results, out, config)
+    plot_roc(results['scores'], out / 'roc.png')
+    plot_histograms(results['scores'], out / 'histograms.png')
+    train_set = bench.train_dataset(transform)
+    picks = Subset(train_set, torch.linspace(0, len(train_set) - 1, 8).long().tolist())
+    images, targets = map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in picks]))
+    mean, std = ssod_model.pretrained_cfg['mean'], ssod_model.pretrained_cfg['std']
+    plot_sampler({'CE model': ce_model, 'SSOD model': ssod_model}, images, targets, out / 'sampler.png', mean, std,
+                 ssod_config['gamma'])
+
+    print('\n' + results_markdown(results))
+    stage(f'done: {out}/results.json, results.md, roc.png, histograms.png, sampler.png; '
+          f'models in {out}/models/ssod and {out}/models/ce (timm.create_model("local-dir:{out}/models/ssod", '
+          'pretrained=True))')
+    (out / 'timing.json').write_text(json.dumps({'wall_seconds': round(time.time() - t0, 1)}))
+    return results
+
+
+def _shipped_models(stage) -> Tuple[Tuple[nn.Module, dict], Tuple[nn.Module, dict]]:
+    """The shipped SSOD model and CE twin (``weights/demo``), with their training configs."""
+    recipe = json.loads((SHIPPED_MODELS / 'recipe.json').read_text())
+    if recipe['generator_version'] != GENERATOR_VERSION:
+        raise SystemExit(f'the shipped demo models were trained on benchmark generator version '
+                         f'{recipe["generator_version"]}, this is version {GENERATOR_VERSION}: add --retrain')
+    stage(f'the shipped models ({SHIPPED_MODELS}: the study\'s recipe, '
+          f'{recipe["models"]["ssod"]["epochs"]} epochs each; --retrain trains them here)')
+    return tuple((load_model(SHIPPED_MODELS / name), recipe['models'][name]['config']) for name in ('ssod', 'ce'))
+
+
+def _train_both(args: argparse.Namespace, bench: SyntheticBenchmark, runs: Path, stage):
+    """The SSOD run and its cross-entropy twin: same init, budget, learning rate and data order."""
     warmup = 0 if args.init else args.warmup_epochs
     total = warmup + args.ssod_epochs
     common = TrainConfig(
         model=args.model, model_kwargs=list(args.model_kwargs), data='folder',
         train_dir=str(bench.root / 'id' / 'train'), val_dir=str(bench.root / 'id' / 'val'),
         # measured once, after the last epoch, into the checkpoint's metrics; never used to select one
-        ood_dirs=[str(bench.root / 'ood' / k) for k in bench.ood_sets], img_size=bench_cfg.image_size,
+        ood_dirs=[str(bench.root / 'ood' / k) for k in bench.ood_sets], img_size=bench.config.image_size,
         crop_pct=1.0, scale_min=0.5, batch_size=args.batch_size, lr=args.lr, lr_step=args.lr_step or total + 1,
         gamma=args.gamma, alpha=args.alpha, workers=args.workers, seed=args.seed, eval_every=0,
         progress=args.progress, init=args.init, epochs=total)
@@ -107,46 +184,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     stage(f'cross-entropy baseline: the same {args.ssod_epochs} epochs without it')
     train(dataclasses.replace(common, ce_only=True, out_dir=str(runs / 'ce')))
 
-    stage('scoring with SSOD and every baseline')
     ssod_model, ssod_ckpt = load_checkpoint(runs / 'ssod' / 'last.pt')
     ce_model, ce_ckpt = load_checkpoint(runs / 'ce' / 'last.pt')
-    # the models carry the preprocessing they were trained with (96 px, crop 1.0)
-    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=ssod_model))
-    loader = lambda ds: DataLoader(ds, batch_size=128, num_workers=args.workers)  # noqa: E731
-    results = evaluate(ssod_model.eval(), loader(bench.val_dataset(transform)),
-                       {k: loader(v) for k, v in bench.ood_datasets(transform).items()},
-                       baseline_model=ce_model.eval(), fit_loader=loader(bench.train_dataset(transform)),
-                       progress=args.progress)
-    config = {'benchmark': dataclasses.asdict(bench_cfg),
-              'demo': {k: v for k, v in vars(args).items() if k not in ('out', 'bench_root')},
-              'train': ssod_ckpt['config'], 'model': args.model, 'ood_threshold': ssod_ckpt['ood_threshold']}
-
-    stage('hub-ready folders of both models')
     ce_model.ood_threshold = None  # its OOD head was never trained: no threshold to publish
-    for name, model, ckpt in (('ssod', ssod_model, ssod_ckpt), ('ce', ce_model, ce_ckpt)):
-        save_pretrained(model, out / 'models' / name, train_config=ckpt['config'], class_names=ckpt['class_names'],
-                        ood_threshold=model.ood_threshold,
-                        metrics={'id_accuracy': results['id_accuracy'][name], 'id_dataset': 'ssod_zoo synthetic',
-                                 'ood': {k: v['ssod'] for k, v in results['ood'].items() if k != 'average'}}
-                        if name == 'ssod' else None)
-
-    stage('plots')
-    write_results(results, out, config)
-    plot_roc(results['scores'], out / 'roc.png')
-    plot_histograms(results['scores'], out / 'histograms.png')
-    train_set = bench.train_dataset(transform)
-    picks = Subset(train_set, torch.linspace(0, len(train_set) - 1, 8).long().tolist())
-    images, targets = map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in picks]))
-    mean, std = ssod_model.pretrained_cfg['mean'], ssod_model.pretrained_cfg['std']
-    plot_sampler({'CE model': ce_model, 'SSOD model': ssod_model}, images, targets, out / 'sampler.png', mean, std,
-                 args.gamma)
-
-    print('\n' + results_markdown(results))
-    stage(f'done: {out}/results.json, results.md, roc.png, histograms.png, sampler.png; '
-          f'models in {out}/models/ssod and {out}/models/ce (timm.create_model("local-dir:{out}/models/ssod", '
-          'pretrained=True))')
-    (out / 'timing.json').write_text(json.dumps({'wall_seconds': round(time.time() - t0, 1)}))
-    return results
+    return (ssod_model, ssod_ckpt['config']), (ce_model, ce_ckpt['config'])
 
 
 if __name__ == '__main__':
