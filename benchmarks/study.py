@@ -160,10 +160,12 @@ def spatial_readouts(model, loader) -> Dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def sampler_cleanliness(model, bench: SyntheticBenchmark, transform, n: int = 500, touch: float = 0.05) -> dict:
+def sampler_cleanliness(model, bench: SyntheticBenchmark, transform, gamma: float, ood_rule: str, n: int = 500,
+                        touch: float = 0.05) -> dict:
     """How clean the sampler's patch labels are, against the benchmark's object masks (the issue's measurement).
 
-    Eq. 12 on the first ``n`` ID validation images with their true labels; a feature-map cell is "on the object"
+    Eq. 12 (the run's ``gamma`` and ``ood_rule``) on the first ``n`` ID validation images with their true labels;
+    a feature-map cell is "on the object"
     if the mask covers more than ``touch`` of it. Returns percentages: positions sampled ID / OOD, ID samples that
     touch the object, OOD samples off it, and object cells sampled ID.
     """
@@ -176,7 +178,7 @@ def sampler_cleanliness(model, bench: SyntheticBenchmark, transform, n: int = 50
         chunk = samples[start:start + 100]
         x = torch.stack([transform(smp.image) for smp in chunk])
         cls_map = model.forward_spatial(x).cls_map
-        labels = sample_patches(cls_map, torch.tensor([smp.label for smp in chunk]))  # (B, h, w)
+        labels = sample_patches(cls_map, torch.tensor([smp.label for smp in chunk]), gamma, ood_rule)  # (B, h, w)
         masks = torch.stack([torch.from_numpy(smp.mask).float() for smp in chunk])[:, None]
         on = torch.nn.functional.adaptive_avg_pool2d(masks, labels.shape[1:])[:, 0] > touch
         is_id, is_ood = labels == ID_INDEX, labels == OOD_INDEX
@@ -226,7 +228,8 @@ def evaluate_pair(ssod_dir: Path, ce_dir: Path, sets: Dict[str, Dataset], fit: D
     res['ood']['average'] = {m: {k: sum(res['ood'][s][m][k] for s in sets_) / len(sets_)
                                  for k in res['ood'][sets_[0]][m]} for m in methods}
     res.pop('scores')
-    res['sampler'] = sampler_cleanliness(ssod_model, bench, transform)
+    cfg = ckpt['config']
+    res['sampler'] = sampler_cleanliness(ssod_model, bench, transform, cfg['gamma'], cfg.get('ood_rule', 'paper'))
     res['threshold'] = ckpt['ood_threshold']
     res['counts'] = {k: len(v) for k, v in sets.items()}
     return res
