@@ -319,7 +319,7 @@ def summarise() -> None:
     lines = ['# SSOD study', '', 'Written by `python benchmarks/study.py`; one JSON per run beside this file.',
              'FPR95 (ID positive, the paper\'s convention) averaged over the OOD sets of each table; lower is better.',
              '']
-    plot_rows = []
+    plot_rows, focus_rows = [], []
     for grid_dir in sorted(p for p in OUT.iterdir() if p.is_dir()) if OUT.exists() else []:
         records = [json.loads(p.read_text()) for p in sorted(grid_dir.glob('*.json'))]
         if not records:
@@ -355,6 +355,9 @@ def summarise() -> None:
             plot_rows.append((grid_dir.name, name, {m: stat([_fpr(r, m) for r in rs])[0]
                                                     for m in (*SSOD_ROWS, *BASELINES)
                                                     if all(_fpr(r, m) is not None for r in rs)}))
+            focus_rows.append((f'{grid_dir.name}\n{name}\n({len(rs)} seed{"s" * (len(rs) > 1)})', {
+                **{m: stat([_fpr(r, m) for r in rs]) for m in FOCUS if all(_fpr(r, m) is not None for r in rs)},
+                'best of the 8 (CE)': stat(best_base)}))
         if records[0]['sets'] == 'test':
             for name, rs in by_config.items():
                 lines += ['', f'`{name}`, every readout and baseline over seeds:', '', table_over_seeds(rs), '']
@@ -379,6 +382,7 @@ def summarise() -> None:
     (OUT / 'summary.md').write_text('\n'.join(lines) + '\n')
     if plot_rows:
         _plot(plot_rows, OUT / 'study.png')
+        _plot_focus(focus_rows, OUT / 'study_focus.png')
     print(f'[study] wrote {OUT / "summary.md"}', flush=True)
 
 
@@ -403,6 +407,36 @@ def table_over_seeds(records: List[dict]) -> str:
     rows.append('ID accuracy: ' + ', '.join(f'{k.upper()} model {sum(v) / len(v):.2f}% (seeds: '
                                              f'{", ".join(f"{x:.1f}" for x in v)})' for k, v in acc.items()))
     return '\n'.join(rows)
+
+
+FOCUS = ('pos_top3_maxlogit', 'ce_pos_top3_maxlogit', 'ssod')
+FOCUS_LABELS = {'pos_top3_maxlogit': 'SSOD model: 3 best positions (the choice\'s readout)',
+                'ce_pos_top3_maxlogit': 'CE twin: the same readout', 'ssod': 'SSOD model: Eq. 15 (paper)',
+                'best of the 8 (CE)': 'CE twin: best of the 8 post-hoc baselines'}
+
+
+def _plot_focus(rows, path: Path) -> None:
+    """The study's question in four bars per run group: does SSOD training beat the same readout on the CE twin,
+    and the best post-hoc baseline? Error bars: sample std over seeds."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    methods = list(FOCUS_LABELS)
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(rows)), 4))
+    width = 0.8 / len(methods)
+    colours = ('tab:red', 'tab:pink', 'tab:orange', 'tab:gray')
+    for j, m in enumerate(methods):
+        xs = [i + j * width for i, r in enumerate(rows) if m in r[1]]
+        means, sds = zip(*[r[1][m] for r in rows if m in r[1]]) if xs else ((), ())
+        ax.bar(xs, means, width, yerr=sds, capsize=2, label=FOCUS_LABELS[m], color=colours[j])
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+    ax.set_xticklabels([r[0] for r in rows], fontsize=7)
+    ax.set_ylabel('average FPR95 (%), lower is better')
+    ax.set_title('SSOD training against the same readout on its CE twin (validation grids, then TEST)', fontsize=10)
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    plt.close(fig)
 
 
 def _plot(rows, path: Path) -> None:
