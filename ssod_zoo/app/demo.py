@@ -68,10 +68,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument('--lr-step', type=int, default=4, help='training: halve the learning rate every N epochs (0: never)')
     p.add_argument('--gamma', type=float, default=0.95, help='training: the sampler\'s threshold (Eq. 12)')
     p.add_argument('--alpha', type=float, default=1.0, help='training: the OOD loss weight (Eq. 14)')
-    p.add_argument('--train-per-class', type=int, default=400, help='training: benchmark training images per class')
+    p.add_argument('--train-per-class', type=int, default=400,
+                   help='benchmark training images per class: the training split, and the detectors\' fit set')
     p.add_argument('--val-per-class', type=int, default=100)
     p.add_argument('--ood-per-set', type=int, default=1000)
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0, help='training: the training seed and the benchmark\'s')
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--bench-root', default='', help='benchmark cache (default: DIR/benchmark)')
     p.add_argument('--quick', action='store_true', help='a tiny run to check the pipeline, not for numbers')
