@@ -170,8 +170,8 @@ class SSODModel(nn.Module):
         if _head_is_per_position(self):
             # MobileNetV3 pools first, then conv_head + norm + activation act on each position alone: run them on
             # all B*h*w positions at once, the 1x1 convolution as the one matrix product it is (the same numbers;
-            # its backward is ~20% faster on CPU than a convolution's on the (B, C, h, w) map, and ~2x faster
-            # than B*h*w separate 1x1 maps), then the head's own dropout, as forward_head applies it
+            # on CPU its backward skips the convolution kernel's, benchmarks/results/mobilenetv3_issue11.md), then
+            # the head's own dropout, as forward_head applies it
             x = features.permute(0, 2, 3, 1).reshape(b * h * w, c)
             x = F.linear(x, self.conv_head.weight.flatten(1), self.conv_head.bias)[:, :, None, None]
             pre_logits = self.act2(self.norm_head(x)).flatten(1)
