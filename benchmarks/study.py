@@ -42,7 +42,7 @@ from ssod_zoo.app.evaluate import evaluate  # noqa: E402
 from ssod_zoo.app.synthetic import BenchmarkConfig, SyntheticBenchmark  # noqa: E402
 from ssod_zoo.hub import load_checkpoint  # noqa: E402
 from ssod_zoo.metrics import ood_metrics  # noqa: E402
-from ssod_zoo.output import posterior_score  # noqa: E402
+from ssod_zoo.output import posterior_score, spatial_maxlogit_score, spatial_posterior_score  # noqa: E402
 
 OUT = RESULTS / 'study'
 CACHE = Path(os.environ.get('SSOD_STUDY_CACHE', Path.home() / '.cache' / 'ssod_zoo' / 'study'))
@@ -145,17 +145,13 @@ def spatial_readouts(model, loader) -> Dict[str, torch.Tensor]:
            'pos_max_energy': []}
     for x, _ in loader:
         s = model.forward_spatial(x)
-        log_pid = s.ood_map.float().log_softmax(1)[:, ID_INDEX].flatten(1)  # (B, h*w)
-        p_id = log_pid.exp()
-        top = s.cls_map.float().amax(1).flatten(1)  # (B, h*w) max logit per position
+        p_id = s.ood_map.float().log_softmax(1)[:, ID_INDEX].flatten(1).exp()  # (B, h*w)
         out['pos_mean_pid'].append(p_id.mean(1))
         out['pos_max_pid'].append(p_id.amax(1))
-        out['pos_top3_maxlogit'].append(top.topk(min(3, top.shape[1]), dim=1).values.mean(1))
-        # the full posterior at each position (log-sum-exp of its class logits + its log P_ID), best position:
-        # objects cover a minority of the image, so the most object-like position carries the evidence
-        energy_map = s.cls_map.float().logsumexp(1).flatten(1)  # (B, h*w) Energy score of each position
-        out['pos_max_posterior'].append((energy_map + log_pid).amax(1))
-        out['pos_max_energy'].append(energy_map.amax(1))  # the same without the OOD factor
+        # the library's position readouts (ssod_zoo.output), as `ssod eval` scores them
+        out['pos_top3_maxlogit'].append(spatial_maxlogit_score(s.cls_map, k=3))
+        out['pos_max_posterior'].append(spatial_posterior_score(s.cls_map, s.ood_map))
+        out['pos_max_energy'].append(spatial_posterior_score(s.cls_map))  # the same without the OOD factor
     return {k: torch.cat(v) for k, v in out.items()}
 
 

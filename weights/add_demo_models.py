@@ -9,12 +9,12 @@ recipe (``benchmarks/study.py``; ``ssod demo --retrain`` trains the same). Write
 file's sha256, and the benchmark generator version the models were trained on.
 """
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 from ssod_zoo.app.synthetic import GENERATOR_VERSION
+from ssod_zoo import hub
 from ssod_zoo.hub import load_checkpoint, save_pretrained
 
 DEMO_DIR = Path(__file__).resolve().parent / 'demo'
@@ -33,7 +33,7 @@ def add_demo_models(ssod_run: Path, ce_run: Path, out: Path = DEMO_DIR) -> dict:
         recipe['models'][name] = {
             'epochs': ckpt['epoch'], 'config': ckpt['config'], 'ood_threshold': model.ood_threshold,
             'train_seconds': json.loads(wall.read_text())['train_seconds'] if wall.exists() else None,
-            'sha256': hashlib.sha256((folder / 'model.safetensors').read_bytes()).hexdigest()}
+            'sha256': hub._sha256(folder / 'model.safetensors')}
     (out / 'recipe.json').write_text(json.dumps(recipe, indent=1) + '\n')
     return recipe
 
