@@ -195,6 +195,19 @@ def test_openood_end_to_end_eval(openood_root, tmp_path):
     assert payload['config']['groups'] == {'near': ['cifar100'], 'far': ['svhn']}
     assert 'fpr95_openood' in payload['ood']['average']['ssod']
     assert 'Skipped' in (tmp_path / 'out' / 'results.md').read_text()
+    # scores.csv names each OOD image's file (the protocol's image lists expose their paths)
+    import csv
+    with open(tmp_path / 'out' / 'scores.csv', newline='') as f:
+        rows = [r for r in csv.DictReader(f) if r['set'] == 'svhn']
+    assert len(rows) == 5 and all(r['path'].endswith('.png') and 'svhn' in r['path'] for r in rows)
+
+
+def test_protocol_sets_name_a_corrupt_image(openood_root):
+    from ssod_zoo.app.images import ImageError
+    data = load_protocol('cifar10', openood_root=str(openood_root))
+    data.ood['svhn'].paths[0].write_bytes(b'not an image')
+    with pytest.raises(ImageError, match=r'cannot read image .*svhn.*0\.png'):
+        data.ood['svhn'][0]
 
 
 # ----------------------------------------------------------------------------------- both FPR95 conventions

@@ -32,6 +32,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch.utils.data import Dataset, Subset
 
+from .images import list_images, read_image
+
 __all__ = ['PROTOCOLS', 'DataMissing', 'ProtocolData', 'load_protocol', 'Transformed',
            'FMNIST_CLASSES', 'FMNIST_ID', 'FMNIST_OOD']
 
@@ -187,30 +189,31 @@ def fashion_mnist(root: Path, download: bool = False, cache: Optional[Path] = No
 
 
 # ----------------------------------------------------------------------------------------- image folders
-IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp')
 
+class ImageList(Dataset):
+    """Image files with labels: every image under ``root`` (any depth, sorted; label -1, an OOD set needs no class
+    folders) or an explicit list (an OpenOOD image list). Reads with :func:`ssod_zoo.app.images.read_image`, so a
+    corrupt file is an ``ImageError`` naming it.
 
-class ImageFiles(Dataset):
-    """Every image under ``root`` (any depth, sorted), label -1: an OOD set needs no class folders."""
+    Attributes:
+        paths: the image files; ``dataset[i]`` is ``(image_i, labels[i])``.
+    """
 
-    def __init__(self, root: Path, files: Optional[List[Path]] = None, labels: Optional[List[int]] = None):
+    def __init__(self, root: Path, paths: Optional[List[Path]] = None, labels: Optional[List[int]] = None):
         self.root = Path(root)
-        self.files = files if files is not None else sorted(
-            p for p in self.root.rglob('*') if p.suffix.lower() in IMG_EXTENSIONS)
-        self.labels = labels if labels is not None else [-1] * len(self.files)
+        self.paths = paths if paths is not None else list_images(self.root)
+        self.labels = labels if labels is not None else [-1] * len(self.paths)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.paths)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-        with open(self.files[index], 'rb') as f:
-            return Image.open(f).convert('RGB'), self.labels[index]
+        return read_image(self.paths[index]), self.labels[index]
 
 
 def _ood_folder(root: Path, name: str, how: str) -> Dataset:
     folder = root / name
-    ds = ImageFiles(folder) if folder.is_dir() else None
+    ds = ImageList(folder) if folder.is_dir() else None
     if ds is None or len(ds) == 0:
         raise DataMissing(f'{name}: no images in {folder}; {how}')
     return ds
@@ -219,15 +222,9 @@ def _ood_folder(root: Path, name: str, how: str) -> Dataset:
 def _class_folder(path: Path, what: str, how: str) -> Dataset:
     from torchvision.datasets import ImageFolder
     try:
-        return ImageFolder(str(path), loader=_rgb_loader)
+        return ImageFolder(str(path), loader=read_image)
     except (FileNotFoundError, OSError):
         raise DataMissing(f'{what}: no class sub-folders of images in {path}; {how}') from None
-
-
-def _rgb_loader(path: str):
-    from PIL import Image
-    with open(path, 'rb') as f:
-        return Image.open(f).convert('RGB')
 
 
 def _torchvision(what: str, make: Callable[[bool], Dataset], where: Path, download: bool, how: str) -> Dataset:
@@ -347,7 +344,7 @@ _GET_OPENOOD = ("get OpenOOD v1.5's data with its scripts/download/download.py -
                 'ood_v1.5 and pass its data/ folder as --openood-root')
 
 
-def read_imglist(root: Path, imglist: str, images: str) -> ImageFiles:
+def read_imglist(root: Path, imglist: str, images: str) -> ImageList:
     """An OpenOOD ``benchmark_imglist`` file: one ``<path relative to root/images> <label or json>`` per line."""
     import json
     files, labels = [], []
@@ -362,7 +359,7 @@ def read_imglist(root: Path, imglist: str, images: str) -> ImageFiles:
         except (ValueError, KeyError, TypeError):
             label = -1
         labels.append(label)
-    return ImageFiles(root / images, files, labels)
+    return ImageList(root / images, files, labels)
 
 
 def openood(name: str, root: Path) -> ProtocolData:
@@ -373,36 +370,36 @@ def openood(name: str, root: Path) -> ProtocolData:
     spec = OPENOOD[name]
     lists = root / 'benchmark_imglist' / name
 
-    def load(key: str, file: str, required: bool) -> Optional[ImageFiles]:
+    def load(key: str, file: str) -> ImageList:
         images = spec.get('images_of', {}).get(key, spec['images'])
         path = lists / file
         if not path.is_file():
             raise DataMissing(f'OpenOOD {name} {key}: no image list {path}; {_GET_OPENOOD}')
         ds = read_imglist(root, path, images)
-        if len(ds) == 0 or not ds.files[0].is_file():
-            first = ds.files[0] if len(ds) else root / images
+        if len(ds) == 0 or not ds.paths[0].is_file():
+            first = ds.paths[0] if len(ds) else root / images
             raise DataMissing(f'OpenOOD {name} {key}: {path.name} lists images that are not there (e.g. {first}); '
                               f'{_GET_OPENOOD}')
         ds.classes = spec['classes']
         return ds
 
-    data = ProtocolData(name=f'openood-{name}', classes=spec['classes'], test=load('test', spec['id']['test'], True))
+    data = ProtocolData(name=f'openood-{name}', classes=spec['classes'], test=load('test', spec['id']['test']))
     for key, attr in (('train', 'fit'), ('val', 'val')):
         try:
-            setattr(data, attr, load(key, spec['id'][key], False))
+            setattr(data, attr, load(key, spec['id'][key]))
         except DataMissing as e:
             data.skipped[key] = str(e)
     data.train = data.fit
     for key, file in spec['ood_val'].items():
         try:
-            data.ood_val[key] = load(key, file, False)
+            data.ood_val[key] = load(key, file)
         except DataMissing:
             pass
     for group in ('near', 'far'):
         data.groups[group] = []
         for key, file in spec[group].items():
             try:
-                data.ood[key] = load(key, file, False)
+                data.ood[key] = load(key, file)
                 data.groups[group].append(key)
             except DataMissing as e:
                 data.skipped[key] = str(e)
