@@ -48,7 +48,7 @@ def test_spatial_score_is_the_best_position_of_the_per_position_heads():
 def test_spatial_score_rejects_unpooled_shapes():
     with pytest.raises(ValueError, match=r'cls_map \(B, M, h, w\)'):
         spatial_posterior_score(torch.randn(2, 5))
-    assert ssod_zoo.spatial_posterior_score is spatial_posterior_score
+    assert 'spatial_posterior_score' in ssod_zoo.__all__ and 'spatial_maxlogit_score' in ssod_zoo.__all__
 
 
 @pytest.mark.parametrize('name', ['ssod_mobilenetv3_large_100', 'ssod_resnet18'])

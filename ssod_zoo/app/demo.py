@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from .._pretrained import _weights_dir
 from ..hub import load_checkpoint, load_model, save_pretrained
 from .evaluate import evaluate, results_markdown, write_results
 from .plots import plot_histograms, plot_roc, plot_sampler
@@ -37,9 +38,8 @@ from .train import TrainConfig, train
 
 __all__ = ['main']
 
-_WEIGHTS = Path(__file__).resolve().parents[1] / '_weights'
-if not _WEIGHTS.exists():  # source checkout / editable install
-    _WEIGHTS = Path(__file__).resolve().parents[2] / 'weights'
+# the package's weights folder (installed: ssod_zoo/_weights; source checkout or editable install: <repo>/weights)
+_WEIGHTS = _weights_dir() or Path(__file__).resolve().parents[2] / 'weights'
 SHIPPED_INIT = _WEIGHTS / 'init' / 'test_resnet_synthetic_ce.safetensors'
 SHIPPED_MODELS = _WEIGHTS / 'demo'  # ssod/, ce/ (hub-ready folders) and recipe.json
 # the options that only a training run uses: given without --retrain they would silently do nothing

@@ -60,6 +60,7 @@ LABELS = {'ssod_spatial_top3': 'SSOD model, mean MaxLogit of the 3 best position
 # the study's classifier-only readouts on any baseline model: not pooled-feature detectors, so not in DETECTORS
 SPATIAL_BASELINES = {'maxlogit_spatial_top3': lambda o: o['spatial_top3'],
                      'energy_spatial': lambda o: o['spatial_energy']}
+SPATIAL_READOUTS = ('ssod_spatial_top3', 'ssod_spatial_energy', 'ssod_spatial')  # read from forward_positions
 METHODS = (*SSOD_READOUTS, 'msp', 'maxlogit', 'energy', *SPATIAL_BASELINES, 'odin', 'react', 'knn', 'mahalanobis',
            'vim')
 FITTED = tuple(m for m in METHODS if m in DETECTORS and DETECTORS[m].needs_fit)
@@ -150,14 +151,18 @@ def evaluate(
     if not hasattr(baseline_model, 'forward_positions'):
         methods = [m for m in methods if m not in SPATIAL_BASELINES]
     tag = (lambda s: s) if progress else (lambda s: None)
-    ssod_out = {'id': collect(ssod_model, id_loader, device, progress=tag('SSOD model: ID'), spatial=True)}
-    ssod_out.update({k: collect(ssod_model, v, device, progress=tag(f'SSOD model: {k}'), spatial=True)
+    # the per-position heads run only for the readouts that read them (a pass over every feature-map position)
+    base_spatial = any(m in SPATIAL_BASELINES for m in methods)
+    ssod_spatial = any(m in SPATIAL_READOUTS for m in methods) or (base_spatial and baseline_model is ssod_model)
+    ssod_out = {'id': collect(ssod_model, id_loader, device, progress=tag('SSOD model: ID'), spatial=ssod_spatial)}
+    ssod_out.update({k: collect(ssod_model, v, device, progress=tag(f'SSOD model: {k}'), spatial=ssod_spatial)
                      for k, v in ood_loaders.items()})
     if baseline_model is ssod_model:
         base_out = ssod_out
     else:
-        base_out = {'id': collect(baseline_model, id_loader, device, progress=tag('baseline: ID'), spatial=True)}
-        base_out.update({k: collect(baseline_model, v, device, progress=tag(f'baseline: {k}'), spatial=True)
+        base_out = {'id': collect(baseline_model, id_loader, device, progress=tag('baseline: ID'),
+                                  spatial=base_spatial)}
+        base_out.update({k: collect(baseline_model, v, device, progress=tag(f'baseline: {k}'), spatial=base_spatial)
                          for k, v in ood_loaders.items()})
 
     # the post-hoc detectors, looked up by name (ssod_zoo.detectors); the fitted ones sized to the fit set

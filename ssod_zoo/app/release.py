@@ -16,7 +16,6 @@
 6. With ``--repo-id``, uploads the folder to the Hugging Face Hub (``--token`` or the logged-in token).
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -117,8 +116,7 @@ def release(run_dir: str, out: str, protocol: str, data_root: Optional[str] = No
     argv += ['--openood-root', openood_root] if openood_root else []
     argv += ['--baseline-model', str(baseline_out)] if baseline_run else []
     argv += ['--limit', str(limit)] if limit else []
-    payload = ev.main(argv)
-    results = json.loads((out_dir / 'eval' / 'results.json').read_text())
+    results = ev.main(argv)  # what it wrote to eval/results.json
     ssod = {s: r['ssod'] for s, r in results['ood'].items() if s != 'average'}
     metrics = {'id_accuracy': results['id_accuracy']['ssod'], 'ood': ssod, 'ood_average': results['ood']['average']['ssod'],
                'id_dataset': f'the {protocol} protocol\'s ID classes', 'protocol': protocol, 'split': 'test'}
@@ -130,7 +128,7 @@ def release(run_dir: str, out: str, protocol: str, data_root: Optional[str] = No
     torch.save(release_ckpt, run / 'release.pt')
     if repo_id:
         push(out_dir, repo_id, token=token, private=private, api=api)
-    return {'threshold': model.ood_threshold, 'metrics': metrics, 'results': payload, 'out': str(out_dir),
+    return {'threshold': model.ood_threshold, 'metrics': metrics, 'results': results, 'out': str(out_dir),
             'seconds': time.time() - t0}
 
 

@@ -128,7 +128,7 @@ def fit_detectors(features: torch.Tensor, targets: torch.Tensor, classifier: nn.
                           'class means and the shared covariance are poorly estimated, so its scores are unreliable '
                           '(fit on more images)', stacklevel=2)
     if 'vim' in methods:
-        dim = _scores.ViM().dim or _vim_default_dim(d)
+        dim = _scores._vim_dim(d)  # the ViM paper's rule, as ViM() uses it
         if n <= dim:
             capped = max(1, min(dim, n - 1, d - 1))
             warnings.warn(f'ViM: its principal subspace (dim {dim}) needs more than {dim} fit images, got {n}; '
@@ -137,10 +137,6 @@ def fit_detectors(features: torch.Tensor, targets: torch.Tensor, classifier: nn.
         kwargs['vim'] = {'dim': dim}
     return {m: create_detector(m, **kwargs.get(m, {})).fit(features, targets, classifier) for m in methods}
 
-
-def _vim_default_dim(d: int) -> int:
-    rule = getattr(_scores, '_vim_dim', None)
-    return rule(d) if rule else (1000 if d >= 2048 else 512 if d >= 768 else d // 2)
 
 
 def write_scores_csv(all_scores: Mapping[str, Mapping[str, torch.Tensor]], paths: Mapping[str, Sequence],

@@ -690,21 +690,20 @@ class UnreadableImage(TrainError):
 
 
 def _checked_loader(path: str):
-    from PIL import Image
+    from .images import ImageError, read_image
     try:
-        with open(path, 'rb') as f:
-            return Image.open(f).convert('RGB')
-    except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-        raise UnreadableImage(f'cannot read image {path}: {e}') from None
+        return read_image(path)
+    except ImageError as e:
+        raise UnreadableImage(str(e)) from None
 
 
 def _unreadable_report(cfg: TrainConfig, shown: int = 3) -> str:
     """One line: how many images of the run's folders cannot be read, and the first few (a header check of each
     file, run only after one failed, so a large folder is reported in one go rather than one crash at a time)."""
     from PIL import Image
-    from torchvision.datasets.folder import IMG_EXTENSIONS
+    from .images import list_images
     folders = [d for d in (cfg.train_dir, cfg.val_dir, *cfg.ood_dirs) if d]
-    files = sorted(p for d in folders for p in Path(d).rglob('*') if p.suffix.lower() in IMG_EXTENSIONS)
+    files = sorted(p for d in folders for p in list_images(d))
     bad = []
     for p in files:
         try:
