@@ -55,9 +55,15 @@ def test_ce_only_summary_has_no_ood_factor_fpr95():
     assert 'FPR95' in train_mod._summary({**record, 'ood_loss_on': True})
 
 
-def test_progress_bar_only_on_a_terminal():
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    import sys
     loader = [1, 2, 3]
-    assert train_mod._progress(loader, True, 'epoch 1', 0, 3) is loader  # pytest's captured stderr is no TTY
+    monkeypatch.setattr(sys.stderr, 'isatty', lambda: False)  # piped to a file: the loader itself, no bar
+    assert train_mod._progress(loader, True, 'epoch 1', 0, 3) is loader
+    monkeypatch.setattr(sys.stderr, 'isatty', lambda: True)  # a terminal: a bar over the same items
+    bar = train_mod._progress(loader, True, 'epoch 1', 0, 3)
+    assert bar is not loader and list(bar) == loader
+    assert train_mod._progress(loader, False, 'epoch 1', 0, 3) is loader  # --no-progress
 
 
 def test_init_with_another_class_count_says_so(tmp_path, capsys):
