@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..output import robust_posterior
-from .images import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, list_images
 
 __all__ = ['find_images', 'predict', 'main', 'IMAGE_EXTENSIONS', 'COLUMNS']
 
@@ -62,7 +62,7 @@ def find_images(inputs: Sequence[str]) -> List[Path]:
         if path.is_file():
             matches = [path]
         elif path.is_dir():
-            matches = sorted(p for p in path.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            matches = list_images(path)
         else:
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True)
                              if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
