@@ -17,7 +17,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -219,12 +219,14 @@ def results_markdown(results: dict) -> str:
                       'better); AUROC: higher is better; percentages. Bold: best FPR95 per column.'])
 
 
-def write_results(results: dict, out_dir: Path, config: dict) -> dict:
-    """results.json (without raw scores) and results.md; returns what was written to JSON."""
+def write_results(results: dict, out_dir: Path, config: dict, extra: Optional[dict] = None,
+                  sections: Sequence[str] = ()) -> dict:
+    """results.json (without raw scores, with ``extra`` keys) and results.md (the table, then ``sections``);
+    returns what was written to JSON."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {'id_accuracy': results['id_accuracy'], 'ood': results['ood'], 'config': config}
+    payload = {'id_accuracy': results['id_accuracy'], 'ood': results['ood'], 'config': config, **(extra or {})}
     (out_dir / 'results.json').write_text(json.dumps(payload, indent=2))
-    (out_dir / 'results.md').write_text(results_markdown(results) + '\n')
+    (out_dir / 'results.md').write_text('\n\n'.join([results_markdown(results), *sections]) + '\n')
     return payload
 
 
@@ -338,23 +340,19 @@ def main(argv: Optional[List[str]] = None) -> dict:
     except ImageError as e:  # a corrupt file, read in a DataLoader worker
         fail(e)
     out = Path(args.out)
-    extra = {'skipped': protocol.skipped, 'groups': protocol.groups} if protocol else {}
-    payload = write_results(results, out, {'model': args.model, 'baseline_model': args.baseline_model,
-                                           **vars(args), **extra})
-    with open(out / 'results.md', 'a') as f:  # both FPR95 conventions, and what the protocol could not run
-        f.write('\n' + fpr95_markdown(results) + '\n' + (f'\n{skipped_markdown(protocol.skipped)}\n'
-                                                         if protocol and protocol.skipped else ''))
     # what a deployment decides with: sample counts, accept rates at the model's own threshold, intervals
-    ssod_scores = results['scores'].get('ssod') or {}
-    payload['accept_rates'] = accept_rates(ssod_scores, model.ood_threshold)
-    payload['ood_threshold'] = model.ood_threshold
-    payload['bootstrap'] = {'resamples': args.bootstrap, 'seed': 0, 'level': 95}
-    payload['ci'] = confidence_intervals(results['scores'], args.bootstrap) if args.bootstrap else {}
-    (out / 'results.json').write_text(json.dumps(payload, indent=2))
-    deployment = report_markdown(payload['accept_rates'], model.ood_threshold, payload['ci'], results['ood'],
-                                 args.bootstrap)
-    with open(out / 'results.md', 'a') as f:
-        f.write('\n' + deployment + '\n')
+    ci = confidence_intervals(results['scores'], args.bootstrap) if args.bootstrap else {}
+    rates = accept_rates(results['scores'].get('ssod') or {}, model.ood_threshold)
+    deployment = report_markdown(rates, model.ood_threshold, ci, results['ood'], args.bootstrap)
+    extra = {'skipped': protocol.skipped, 'groups': protocol.groups} if protocol else {}
+    sections = [fpr95_markdown(results)]  # both FPR95 conventions, and what the protocol could not run
+    if protocol and protocol.skipped:
+        sections.append(skipped_markdown(protocol.skipped))
+    payload = write_results(
+        results, out, {'model': args.model, 'baseline_model': args.baseline_model, **vars(args), **extra},
+        extra={'accept_rates': rates, 'ood_threshold': model.ood_threshold,
+               'bootstrap': {'resamples': args.bootstrap, 'seed': 0, 'level': 95}, 'ci': ci},
+        sections=[*sections, deployment])
     loaders = {'id': val, **oods}
     write_scores_csv(results['scores'], {k: _paths(v.dataset) for k, v in loaders.items()}, out / 'scores.csv',
                      targets={'id': torch.as_tensor(_targets(val.dataset))} if _targets(val.dataset) else None)
