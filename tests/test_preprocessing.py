@@ -10,18 +10,15 @@ import timm
 import torch
 
 import ssod_zoo
-from ssod_zoo.app.synthetic import BenchmarkConfig, SyntheticBenchmark
 from ssod_zoo.app.train import main as train_main
 
 SIZE, CROP = 64, 1.0
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
+def run(tmp_path_factory, small_bench):
     """best.pt of a one-epoch run at 64 px, crop 1.0."""
-    root = tmp_path_factory.mktemp('bench')
-    bench = SyntheticBenchmark(root, BenchmarkConfig(num_classes=3, image_size=64, train_per_class=8,
-                                                      val_per_class=4, ood_per_set=6)).prepare(workers=1, progress=False).root
+    bench = small_bench
     out = tmp_path_factory.mktemp('run')
     train_main(['--model', 'ssod_test_resnet', '--data', 'folder', '--train-dir', str(bench / 'id' / 'train'),
                 '--val-dir', str(bench / 'id' / 'val'), '--ood-dirs', str(bench / 'ood' / 'near'),

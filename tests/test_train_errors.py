@@ -3,31 +3,23 @@ import shutil
 
 import pytest
 
-from ssod_zoo.app.synthetic import BenchmarkConfig, SyntheticBenchmark
 from ssod_zoo.app.train import main
 
 
-@pytest.fixture(scope='module')
-def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp('bench')
-    config = BenchmarkConfig(num_classes=3, image_size=64, train_per_class=8, val_per_class=4, ood_per_set=6)
-    return SyntheticBenchmark(root, config).prepare(workers=1, progress=False).root
-
-
 @pytest.mark.parametrize('workers', [0, 1])
-def test_corrupt_images_are_counted_and_named_in_one_line(bench, tmp_path, capsys, workers):
+def test_corrupt_images_are_counted_and_named_in_one_line(small_bench, tmp_path, capsys, workers):
     data = tmp_path / 'data'
-    shutil.copytree(bench / 'id' / 'train', data)
+    shutil.copytree(small_bench / 'id' / 'train', data)
     bad = sorted(data.glob('*/*.png'))[:5]
     for p in bad:
         p.write_bytes(b'not a png')
     with pytest.raises(SystemExit) as e:
         main(['--model', 'ssod_test_resnet', '--data', 'folder', '--train-dir', str(data),
-              '--val-dir', str(bench / 'id' / 'val'), '--img-size', '64', '--batch-size', '8',
+              '--val-dir', str(small_bench / 'id' / 'val'), '--img-size', '64', '--batch-size', '8',
               '--workers', str(workers), '--epochs', '1', '--out-dir', str(tmp_path / 'run'), '--no-progress'])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
-    total = len(list(data.glob('*/*.png'))) + len(list((bench / 'id' / 'val').glob('*/*.png')))
+    total = len(list(data.glob('*/*.png'))) + len(list((small_bench / 'id' / 'val').glob('*/*.png')))
     assert err.startswith(f'ssod train: error: 5 of {total} images cannot be read: cannot read image {bad[0]}')
     assert str(bad[1]) in err and str(bad[2]) in err and 'and 2 more' in err
