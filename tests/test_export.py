@@ -8,6 +8,7 @@ The Inductor tests are marked ``slow`` (30-60 s each on 2 CPU cores with a cold 
 unless ``--runslow`` is given (tests/conftest.py).
 """
 import copy
+import functools
 import math
 import sys
 
@@ -66,10 +67,12 @@ def _varied_images(batch: int, seed: int) -> torch.Tensor:
     return x * (torch.rand(batch, 1, 1, 1, generator=g) * 1.5 + 0.5) + torch.randn(batch, 3, 1, 1, generator=g)
 
 
+@functools.lru_cache(maxsize=None)
 def _input_sensitive(name: str) -> nn.Module:
     """A model whose outputs vary strongly across :func:`_varied_images`: BatchNorm statistics measured on
     images (so every layer passes a signal on), heads along the two main directions in which the pooled
-    features vary across images, so ``ood_factor`` spreads over most of (0, 1)."""
+    features vary across images, so ``ood_factor`` spreads over most of (0, 1). Built once per name and shared
+    by the tests that read it (none modifies it)."""
     torch.manual_seed(0)
     model = timm.create_model(name).eval()
     g = torch.Generator().manual_seed(0)
