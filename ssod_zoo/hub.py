@@ -51,7 +51,8 @@ from ._pretrained import (  # noqa: F401
     _state_dict_mismatch, _weights_dir)
 from .adapter import SSODModel, wrap
 
-__all__ = ['WeightsError', 'calibrate_threshold', 'load_checkpoint', 'load_model', 'push_to_hub', 'save_pretrained']
+__all__ = ['WeightsError', 'calibrate_threshold', 'load_checkpoint', 'load_model', 'push_folder', 'push_to_hub',
+           'save_pretrained']
 
 CARD_NAME = 'README.md'
 CHECKPOINT_FORMAT = 'ssod_zoo.train/1'
@@ -206,15 +207,31 @@ def push_to_hub(
     Returns:
         The ``CommitInfo`` of the upload.
     """
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_pretrained(model, Path(tmp) / repo_id.split('/')[-1], **save_kwargs)  # the card's name
+        return push_folder(folder, repo_id, revision=revision, private=private, token=token,
+                           commit_message=commit_message, api=api)
+
+
+def push_folder(
+        folder: Union[str, Path],
+        repo_id: str,
+        *,
+        revision: Optional[str] = None,
+        private: bool = False,
+        token: Optional[str] = None,
+        commit_message: str = 'Add SSOD weights (ssod_zoo)',
+        api: Optional[HfApi] = None,
+):
+    """Upload a folder as it is (one :func:`save_pretrained` wrote, or ``ssod release``) to a Hub model repo,
+    created if needed; the arguments are :func:`push_to_hub`'s. Returns the ``CommitInfo`` of the upload."""
     from . import __version__
     api = api if api is not None else HfApi(token=token, library_name='ssod_zoo', library_version=__version__)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model').repo_id
     if revision is not None:
         api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type='model')
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = save_pretrained(model, Path(tmp) / repo_id.split('/')[-1], **save_kwargs)  # the card's name
-        return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, repo_type='model',
-                                 commit_message=commit_message)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, repo_type='model',
+                             commit_message=commit_message)
 
 
 def _ssod_architecture(model: SSODModel) -> str:

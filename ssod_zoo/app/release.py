@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..hub import WEIGHTS_NAME, calibrate_threshold, load_checkpoint, save_pretrained
+from ..hub import WEIGHTS_NAME, calibrate_threshold, load_checkpoint, push_folder, save_pretrained
 from .evaluate import collect
 from .protocols import PROTOCOLS, DataMissing, Transformed, load_protocol
 
@@ -127,19 +127,10 @@ def release(run_dir: str, out: str, protocol: str, data_root: Optional[str] = No
                                 'limit': limit}}
     torch.save(release_ckpt, run / 'release.pt')
     if repo_id:
-        push(out_dir, repo_id, token=token, private=private, api=api)
+        push_folder(out_dir, repo_id, token=token, private=private, api=api,
+                    commit_message='SSOD weights, evaluated and calibrated by `ssod release`')
     return {'threshold': model.ood_threshold, 'metrics': metrics, 'results': results, 'out': str(out_dir),
             'seconds': time.time() - t0}
-
-
-def push(folder: Path, repo_id: str, token: Optional[str] = None, private: bool = False, api: Any = None):
-    """Upload ``folder`` as it is (the files measured above) to the Hub model repo ``repo_id``."""
-    if api is None:
-        from huggingface_hub import HfApi
-        api = HfApi(token=token, library_name='ssod_zoo')
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model').repo_id
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type='model',
-                             commit_message='SSOD weights, evaluated and calibrated by `ssod release`')
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
