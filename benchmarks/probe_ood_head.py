@@ -191,12 +191,12 @@ def _mean_sd(values: List[float]) -> str:
     return f'{t.mean():.1f}' + (f' ± {t.std():.1f}' if len(values) > 1 else '')
 
 
-def write_markdown(results: List[dict], path: Path) -> None:
-    lines = ['# Probes of the OOD head on frozen per-position features', '',
-             'Written by `python benchmarks/probe_ood_head.py` (see its docstring). Validation data only.',
-             'Patch AUROC: object cells against cells without an object pixel (500 ID validation images).',
-             'Image FPR95: average over the validation OOD sets (near, textures, domain, fmnist), '
-             'ID validation images positive; `max` = best position, `top3` = mean of the 3 best.', '']
+LABELS = {'maxlogit': 'MaxLogit (classifier)', 'trained_head': 'trained OOD head', 'linear_probe': 'linear head',
+          'mlp_probe': 'MLP head', 'class_probe': 'class-conditional head'}
+
+
+def _over_runs(results: List[dict]) -> Dict[tuple, Dict[str, List[float]]]:
+    """(features, scorer) -> {'patch', 'max', 'top3'}: one value per run."""
     rows: Dict[tuple, Dict[str, List[float]]] = {}
     for r in results:
         for feat, f in r['features'].items():
@@ -205,7 +205,41 @@ def write_markdown(results: List[dict], path: Path) -> None:
                 row['patch'].append(v)
                 for agg in ('max', 'top3'):
                     row[agg].append(f['image'][f'{k}_{agg}']['average']['fpr95'])
-    lines += [f'## Over the {len(results)} runs ({", ".join(r["run"] for r in results)}): mean ± sd', '',
+    return rows
+
+
+def plot(results: List[dict], path: Path) -> None:
+    """Patch skill (x) against image-level detection (y), one point per head and features, sd over the runs."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    colours = dict(zip(LABELS, ('tab:blue', 'tab:red', 'tab:orange', 'tab:purple', 'tab:green')))
+    for (feat, k), v in _over_runs(results).items():
+        x, y = torch.tensor(v['patch']), torch.tensor(v['top3'])
+        sd = (lambda t: float(t.std()) if len(t) > 1 else 0.0)
+        ax.errorbar(float(x.mean()), float(y.mean()), xerr=sd(x), yerr=sd(y), fmt='o' if feat == 'ssod' else 's',
+                    mfc=colours[k] if feat == 'ssod' else 'white', color=colours[k], capsize=2,
+                    label=f'{LABELS[k]}, {"SSOD" if feat == "ssod" else "CE twin"} features')
+    ax.set_xlabel('patch AUROC: object cells vs background cells (%), higher = better objectness')
+    ax.set_ylabel('image FPR95, mean of the 3 best positions (%)')
+    ax.set_title(f'Fitting the sampled patches is not detecting OOD images ({len(results)} runs, validation)',
+                 fontsize=9)
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    plt.close(fig)
+
+
+def write_markdown(results: List[dict], path: Path) -> None:
+    lines = ['# Probes of the OOD head on frozen per-position features', '',
+             'Written by `python benchmarks/probe_ood_head.py` (see its docstring). Validation data only.',
+             'Patch AUROC: object cells against cells without an object pixel (500 ID validation images).',
+             'Image FPR95: average over the validation OOD sets (near, textures, domain, fmnist), '
+             'ID validation images positive; `max` = best position, `top3` = mean of the 3 best.', '']
+    rows = _over_runs(results)
+    lines += ['![patch AUROC against image FPR95](probe.png)', '',
+              f'## Over the {len(results)} runs ({", ".join(r["run"] for r in results)}): mean ± sd', '',
               '| features | scorer | patch AUROC | FPR95 best position | FPR95 3 best positions |',
               '|---|---|---:|---:|---:|']
     lines += [f'| {feat} | {k} | {_mean_sd(v["patch"])} | {_mean_sd(v["max"])} | {_mean_sd(v["top3"])} |'
@@ -241,7 +275,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     result = probe(args.run, args.ce_run, args.train_images, args.hidden, args.seed)
     (OUT / f'{args.run}-h{args.hidden}-p{args.seed}.json').write_text(json.dumps(result, indent=1))
-    write_markdown([json.loads(f.read_text()) for f in sorted(OUT.glob('*.json'))], OUT / 'summary.md')
+    results = [json.loads(f.read_text()) for f in sorted(OUT.glob('*.json'))]
+    write_markdown(results, OUT / 'summary.md')
+    plot(results, OUT / 'probe.png')
     print(f'[probe] wrote {OUT}', flush=True)
 
 
