@@ -43,50 +43,51 @@ from .protocols import PROTOCOLS
 
 @dataclass
 class TrainConfig:
+    """What `ssod train` does: one field per flag; :data:`HELP` says what each means (`ssod train --help`)."""
     # model
     model: str = 'ssod_resnet50'
-    init: str = ''  # start from timm weights: a hub tag ('resnet50.tv_in1k') or a local file; '' = from scratch
-    model_kwargs: List[str] = field(default_factory=list)  # extra create_model kwargs, key=value
+    init: str = ''
+    model_kwargs: List[str] = field(default_factory=list)
     # data
-    data: str = 'folder'  # 'folder' (ImageFolder directories), 'synthetic' (the embedded benchmark) or a protocol
-    data_root: str = ''  # with --data <protocol>: where its data sets live (see ssod_zoo.app.protocols)
-    download: bool = False  # with --data <protocol>: fetch what torchvision can download
+    data: str = 'folder'
+    data_root: str = ''
+    download: bool = False
     train_dir: str = ''
     val_dir: str = ''
     ood_dirs: List[str] = field(default_factory=list)
-    synthetic_root: str = ''  # default ~/.cache/ssod_zoo/synthetic
+    synthetic_root: str = ''
     img_size: int = 224
-    crop_pct: Optional[float] = None  # eval centre crop; default: the model's pretrained_cfg
-    scale_min: float = 0.08  # RandomResizedCrop lower bound for training
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # never more than the CPUs
+    crop_pct: Optional[float] = None
+    scale_min: float = 0.08
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     # objective (Eq. 12-14, Tables 4-5)
     gamma: float = 0.95
     alpha: float = 1.0
     balance: str = 'lwb'
     background_weight: float = 1.0
     label_smoothing: float = 0.0
-    ood_rule: str = 'paper'  # OOD patches below 1-gamma ('paper') or below max(1-gamma, 0.5/M) ('chance')
-    warmup_epochs: int = 0  # classification only before the OOD loss switches on
-    ce_only: bool = False  # the plain cross-entropy baseline: same recipe, OOD loss never on
+    ood_rule: str = 'paper'
+    warmup_epochs: int = 0
+    ce_only: bool = False
     # optimisation (A.4)
     epochs: int = 90
-    batch_size: int = 256  # global, over all ranks
+    batch_size: int = 256
     lr: float = 1e-4
     weight_decay: float = 0.01
     lr_step: int = 30
     lr_gamma: float = 0.5
-    freeze_bn: bool = False  # BatchNorm statistics frozen (fine-tuning with small per-device batches)
-    max_steps_per_epoch: int = 0  # 0 = the whole training set each epoch
-    eval_every: int = 1  # validate every N epochs; 0 = after the last epoch only
+    freeze_bn: bool = False
+    max_steps_per_epoch: int = 0
+    eval_every: int = 1
     # system
     device: str = 'auto'
-    amp: str = 'none'  # 'bf16', or 'fp16' (with a grad scaler)
+    amp: str = 'none'
     channels_last: bool = False
     compile: bool = False
     seed: int = 0
     out_dir: str = 'runs/ssod'
-    resume: str = ''  # a checkpoint path, or 'auto' for <out_dir>/last.pt if it exists
-    export_dir: str = ''  # write a hub-ready folder of the best checkpoint here at the end
+    resume: str = ''
+    export_dir: str = ''
     progress: bool = True
 
 
