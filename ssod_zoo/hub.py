@@ -52,7 +52,7 @@ from ._pretrained import (  # noqa: F401
 from .adapter import SSODModel, wrap
 
 __all__ = ['WeightsError', 'calibrate_threshold', 'load_checkpoint', 'load_model', 'push_folder', 'push_to_hub',
-           'save_pretrained']
+           'save_pretrained', 'write_card']
 
 CARD_NAME = 'README.md'
 CHECKPOINT_FORMAT = 'ssod_zoo.train/1'
@@ -158,9 +158,20 @@ def save_pretrained(
     config_path.write_text(json.dumps(config, indent=2) + '\n')
 
     if model_card:
-        card = _card.model_card(config, train_config=train_config, metrics=metrics, name=save_dir.resolve().name)
-        card.save(save_dir / CARD_NAME)
+        write_card(save_dir, train_config=train_config, metrics=metrics)
     return save_dir
+
+
+def write_card(save_dir: Union[str, Path], *, train_config: Optional[Mapping[str, Any]] = None,
+               metrics: Optional[Mapping[str, Any]] = None) -> Path:
+    """(Re)write the model card, ``README.md``, of a folder :func:`save_pretrained` wrote, from its
+    ``config.json``; the weights are not touched (``ssod release`` adds the test numbers once they are measured).
+    ``train_config`` and ``metrics`` are :func:`save_pretrained`'s. Returns the card's path."""
+    save_dir = Path(save_dir)
+    config = json.loads((save_dir / CONFIG_NAME).read_text())
+    path = save_dir / CARD_NAME
+    _card.model_card(config, train_config=train_config, metrics=metrics, name=save_dir.resolve().name).save(path)
+    return path
 
 
 def _record_input_size(cfg: Dict[str, Any], model: nn.Module, train_config: Optional[Mapping[str, Any]]) -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..hub import WEIGHTS_NAME, calibrate_threshold, load_checkpoint, push_folder, save_pretrained
+from ..hub import WEIGHTS_NAME, calibrate_threshold, load_checkpoint, push_folder, save_pretrained, write_card
 from .evaluate import collect
 from .protocols import PROTOCOLS, DataMissing, Transformed, load_protocol
 
@@ -71,8 +71,8 @@ def _checkpoint(run: Path) -> Path:
     raise ReleaseError(f'{run} has no best.pt or last.pt; give the --out-dir of a finished `ssod train` run')
 
 
-def _write(model: nn.Module, ckpt: dict, out: Path, dtype: torch.dtype, metrics: Optional[dict] = None) -> None:
-    save_pretrained(model, out, train_config=ckpt.get('config'), metrics=metrics or {},
+def _write(model: nn.Module, ckpt: dict, out: Path, dtype: torch.dtype) -> None:
+    save_pretrained(model, out, train_config=ckpt.get('config'), metrics={},
                     class_names=ckpt.get('class_names'), ood_threshold=model.ood_threshold)
     if dtype != torch.float32:
         store_as(out, dtype)
@@ -120,7 +120,7 @@ def release(run_dir: str, out: str, protocol: str, data_root: Optional[str] = No
     ssod = {s: r['ssod'] for s, r in results['ood'].items() if s != 'average'}
     metrics = {'id_accuracy': results['id_accuracy']['ssod'], 'ood': ssod, 'ood_average': results['ood']['average']['ssod'],
                'id_dataset': f'the {protocol} protocol\'s ID classes', 'protocol': protocol, 'split': 'test'}
-    _write(model, ckpt, out_dir, torch_dtype, metrics)  # the card now carries the test numbers
+    write_card(out_dir, train_config=ckpt.get('config'), metrics=metrics)  # the card now carries the test numbers
 
     release_ckpt = {**ckpt, 'model': model.state_dict(), 'ood_threshold': model.ood_threshold, 'metrics': metrics,
                     'release': {'protocol': protocol, 'dtype': dtype, 'source': str(source), 'fit_limit': fit_limit,
