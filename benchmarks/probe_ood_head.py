@@ -17,6 +17,11 @@ frozen features, without retraining:
    sampled patches (an ID patch positive for its image's class only, an OOD patch negative for all), read out
    as its best class's logit.
 
+Limits: the probes see the evaluation transform's features (the trained head saw RandomResizedCrop ones), so
+the linear probe is a refit of the head's *form*, not of its training; ``positions`` follows
+``forward_positions`` for heads that pool before their last layers (ResNets, the study's ``test_resnet``), not
+MobileNetV3's per-position ``conv_head``, and expects a square feature map.
+
 Every figure is on the study's *validation* data (generator seed 1 and Fashion-MNIST); no test set is read.
 Patch level: AUROC of object cells (mask covers > 5% of the cell) against cells with no object pixel, on 500 ID
 validation images. Image level: FPR95 / AUROC of the best position and of the mean of the 3 best, ID validation
@@ -113,12 +118,12 @@ def fit_head(pre: torch.Tensor, labels: torch.Tensor, hidden: int, epochs: int =
 
 
 @torch.no_grad()
-def head_logit(head: nn.Module, pre: torch.Tensor) -> torch.Tensor:
+def head_logit(head: nn.Module, pre: torch.Tensor, per_class: bool = False) -> torch.Tensor:
+    """(N, P) ID score of each position: the ID-minus-OOD logit, or for a class-conditional head its best
+    class's logit."""
     n, p, c = pre.shape
     out = head(pre.reshape(n * p, c))
-    if out.shape[1] != 2:  # class-conditional: the best class's logit
-        return out.amax(1).view(n, p)
-    return (out[:, ID_INDEX] - out[:, OOD_INDEX]).view(n, p)
+    return (out.amax(1) if per_class else out[:, ID_INDEX] - out[:, OOD_INDEX]).view(n, p)
 
 
 def readouts(pos_score: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -157,7 +162,8 @@ def probe(run: str, ce_run: Optional[str], train_images: int, hidden: int, seed:
                  'class_probe': fit_head(tr['pre'], labels, 0, seed=seed, classes=tr['y'][:, None].expand(n, p))}
         scorers = {
             'maxlogit': lambda pre, cls, head: cls.amax(2),
-            **{name: (lambda pre, cls, head, h=h: head_logit(h, pre)) for name, h in heads.items()}}
+            **{name: (lambda pre, cls, head, h=h, c=name == 'class_probe': head_logit(h, pre, c))
+               for name, h in heads.items()}}
         if feat_name == 'ssod':
             scorers['trained_head'] = lambda pre, cls, head: head
         # patch level
@@ -275,7 +281,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     result = probe(args.run, args.ce_run, args.train_images, args.hidden, args.seed)
     (OUT / f'{args.run}-h{args.hidden}-p{args.seed}.json').write_text(json.dumps(result, indent=1))
-    results = [json.loads(f.read_text()) for f in sorted(OUT.glob('*.json'))]
+    # the summary: every run probed with these settings
+    results = [r for r in (json.loads(f.read_text()) for f in sorted(OUT.glob(f'*-h{args.hidden}-p{args.seed}.json')))
+               if r['train_images'] == args.train_images]
     write_markdown(results, OUT / 'summary.md')
     plot(results, OUT / 'probe.png')
     print(f'[probe] wrote {OUT}', flush=True)
