@@ -336,6 +336,18 @@ def test_save_pretrained_without_metrics_or_threshold(tmp_path):
     assert not (tmp_path / 'no-card' / 'README.md').exists()
 
 
+def test_write_card_refreshes_the_card_and_leaves_the_weights(tmp_path, model, saved):
+    """What `ssod release` does once the test numbers exist: a card with them, the weights and config untouched,
+    and the same card save_pretrained writes from the same inputs."""
+    out = hub.save_pretrained(model, tmp_path / 'ssod-test', train_config=TRAIN_CONFIG, class_names=CLASS_NAMES)
+    assert not ModelCard.load(out / 'README.md').data.eval_results
+    weights, config = (out / 'model.safetensors').read_bytes(), (out / 'config.json').read_bytes()
+    path = hub.write_card(out, train_config=TRAIN_CONFIG, metrics=METRICS)
+    assert path == out / 'README.md'
+    assert (out / 'model.safetensors').read_bytes() == weights and (out / 'config.json').read_bytes() == config
+    assert path.read_text() == (saved / 'README.md').read_text()
+
+
 def test_save_pretrained_refuses_what_it_cannot_describe(tmp_path, model):
     with pytest.raises(TypeError, match='SSOD model'):
         hub.save_pretrained(timm.create_model('test_resnet'), tmp_path / 'plain')
