@@ -65,34 +65,53 @@ def measure(run: str, ce_run: str) -> dict:
     sets = eval_sets(benches, 'val', tf)
     ood = {name: score_loader(ssod, ce, DataLoader(sets[name], batch_size=128, num_workers=2)) for name in SETS}
     edges = torch.quantile(area, torch.tensor([1 / 3, 2 / 3]))
-    third = torch.bucketize(area, edges)  # 0, 1, 2: smallest to largest objects
+    labels = torch.tensor([s.label for s in samples])
+    splits = {'thirds': torch.bucketize(area, edges),  # 0, 1, 2: smallest to largest objects
+              # the same within each class (object area depends on the shape): every third has every class
+              'thirds_within_class': within_class_thirds(area, labels)}
     out = {'run': run, 'ce_run': ce_run, 'images': n, 'area_edges': edges.tolist(),
-           'area_range': [float(area.min()), float(area.max())], 'thirds': []}
-    for t in range(3):
-        pick = third == t
-        row = {'area_mean': float(area[pick].mean()), 'images': int(pick.sum()), 'fpr95': {}, 'auroc': {}}
-        for k in READOUTS:
-            per = {s: ood_metrics(id_scores[k][pick], ood[s][k]) for s in SETS}
-            row['fpr95'][k] = 100 * sum(float(m['fpr95']) for m in per.values()) / len(SETS)
-            row['auroc'][k] = 100 * sum(float(m['auroc']) for m in per.values()) / len(SETS)
-        out['thirds'].append(row)
+           'area_range': [float(area.min()), float(area.max())]}
+    for key, third in splits.items():
+        out[key] = []
+        for t in range(3):
+            pick = third == t
+            row = {'area_mean': float(area[pick].mean()), 'images': int(pick.sum()), 'fpr95': {}, 'auroc': {}}
+            for k in READOUTS:
+                per = {s: ood_metrics(id_scores[k][pick], ood[s][k]) for s in SETS}
+                row['fpr95'][k] = 100 * sum(float(m['fpr95']) for m in per.values()) / len(SETS)
+                row['auroc'][k] = 100 * sum(float(m['auroc']) for m in per.values()) / len(SETS)
+            out[key].append(row)
     return out
 
 
+def within_class_thirds(area: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2 for the smallest, middle and largest third of the objects *of each class*."""
+    third = torch.empty_like(labels)
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        ranks = area[idx].argsort().argsort()
+        third[idx] = (3 * ranks) // len(idx)
+    return third
+
+
 def write(results: List[dict], path: Path) -> None:
-    def cell(t: int, k: str) -> str:
-        v = torch.tensor([r['thirds'][t]['fpr95'][k] for r in results], dtype=torch.float64)
-        return f'{v.mean():.1f}' + (f' ± {v.std():.1f}' if len(v) > 1 else '')
-    areas = [sum(r['thirds'][t]['area_mean'] for r in results) / len(results) for t in range(3)]
     lines = ['# OOD detection by object size (validation)', '',
              'Written by `python benchmarks/object_size.py` (see its docstring). ID validation images (generator seed 1) '
              'split into thirds by the fraction of the image the object covers; average FPR95 (%) over the '
              f'validation OOD sets {", ".join(SETS)}; mean ± sd over {len(results)} runs '
-             f'({", ".join(r["run"] for r in results)}).', '',
-             '| readout | ' + ' | '.join(f'objects {100 * a:.0f}% of the image (mean)' for a in areas) + ' |',
-             '|---|' + '---:|' * 3]
-    lines += [f'| {label} | ' + ' | '.join(cell(t, k) for t in range(3)) + ' |' for k, label in READOUTS.items()]
-    path.write_text('\n'.join(lines) + '\n')
+             f'({", ".join(r["run"] for r in results)}).', '']
+    for key, title in (('thirds', 'Thirds of all images'),
+                       ('thirds_within_class', 'Thirds within each class (every third holds every class)')):
+        def cell(t: int, k: str) -> str:
+            v = torch.tensor([r[key][t]['fpr95'][k] for r in results], dtype=torch.float64)
+            return f'{v.mean():.1f}' + (f' ± {v.std():.1f}' if len(v) > 1 else '')
+        areas = [sum(r[key][t]['area_mean'] for r in results) / len(results) for t in range(3)]
+        lines += [f'## {title}', '',
+                  '| readout | ' + ' | '.join(f'objects {100 * a:.0f}% of the image (mean)' for a in areas) + ' |',
+                  '|---|' + '---:|' * 3]
+        lines += [f'| {label} | ' + ' | '.join(cell(t, k) for t in range(3)) + ' |' for k, label in READOUTS.items()]
+        lines.append('')
+    path.write_text('\n'.join(lines))
 
 
 def main(argv: Optional[List[str]] = None) -> None:
