@@ -8,7 +8,9 @@ FPR95 should fall steeply from the smallest third to the largest, and faster tha
 
 Usage::
 
-    python benchmarks/object_size.py --runs lrdecay-e16-s0 lrdecay-e16-s1 lrdecay-e16-s2
+    python benchmarks/object_size.py   # the three lrdecay-e16 runs and their CE twins
+    python benchmarks/object_size.py --runs paper-e8-s{0,1,2} --ce-runs ce-batch_size64-epochs8-lr0.0005-s{0,1,2} \
+        --summary summary_paper-e8.md
 """
 import argparse
 import json
@@ -118,6 +120,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--runs', nargs='+', default=[f'lrdecay-e16-s{s}' for s in range(3)])
     p.add_argument('--ce-runs', nargs='+', default=[f'ce-batch_size64-epochs16-lr0.0005-lr_step4-s{s}' for s in range(3)])
+    p.add_argument('--summary', default='summary.md', help='the table of these runs, under benchmarks/results/object_size')
     args = p.parse_args(argv)
     if len(args.runs) != len(args.ce_runs):
         p.error('give one --ce-runs entry per --runs entry')
@@ -130,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             f'{100 * t["area_mean"]:.0f}%: Eq.15 {t["fpr95"]["ssod"]:.1f}, top3 {t["fpr95"]["ssod_top3"]:.1f}'
             for t in r['thirds']), flush=True)
         results.append(r)
-    write(results, OUT / 'summary.md')
+    write(results, OUT / args.summary)
     print(f'[object_size] wrote {OUT}', flush=True)
 
 
