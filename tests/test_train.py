@@ -374,3 +374,25 @@ def test_signal_handlers_are_restored_after_a_run(bench, tmp_path, monkeypatch):
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+@pytest.mark.parametrize('detach', [False, True])
+def test_ood_detach_keeps_the_ood_loss_out_of_the_backbone(detach):
+    """--ood-detach: the OOD loss still trains the OOD head, and no longer the backbone (without it, it does)."""
+    from ssod_zoo.app.train import _SpatialForward
+    torch.manual_seed(0)
+    model = timm.create_model('ssod_test_resnet', num_classes=3, output_stride=16)
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])
+    step = _SpatialForward(model, detach_ood=detach)
+    criterion = SSODLoss(gamma=0.51)  # at initialisation most positions fall below 0.49 on their label: OOD patches
+
+    def grads(ood: bool) -> dict:
+        model.zero_grad()
+        criterion(step(x), y, ood=ood).loss.backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    with_ood, without = grads(True), grads(False)
+    assert with_ood['ood_head.weight'].abs().sum() > 0 and without['ood_head.weight'].abs().sum() == 0
+    backbone = [k for k in with_ood if not k.startswith(('ood_head.', 'fc.'))]
+    moved = max((with_ood[k] - without[k]).abs().max().item() for k in backbone)
+    assert (moved == 0) if detach else (moved > 1e-6), moved

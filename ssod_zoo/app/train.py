@@ -69,6 +69,7 @@ class TrainConfig:
     ood_rule: str = 'paper'
     warmup_epochs: int = 0
     ce_only: bool = False
+    ood_detach: bool = False
     # optimisation (A.4)
     epochs: int = 90
     batch_size: int = 256
@@ -118,6 +119,8 @@ HELP = {  # one line per TrainConfig field: `ssod train --help` shows it with th
     'ood_rule': "OOD patches below 1 - gamma ('paper') or below max(1 - gamma, 0.5 / M) ('chance')",
     'warmup_epochs': 'epochs of classification only before the OOD loss switches on',
     'ce_only': 'the plain cross-entropy baseline: same recipe, OOD loss never on',
+    'ood_detach': 'the OOD loss trains the heads only: the OOD head reads a detached feature map, so no OOD '
+                  'gradient reaches the backbone (an ablation; the paper trains both)',
     'epochs': 'training epochs',
     'batch_size': 'global batch size, over all ranks; at most the training-set size',
     'lr': 'AdamW learning rate',
@@ -238,7 +241,7 @@ def train(cfg: TrainConfig) -> dict:
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    step_module = _SpatialForward(model)
+    step_module = _SpatialForward(model, detach_ood=cfg.ood_detach)
     if cfg.compile:
         step_module = torch.compile(step_module)
     if ddp:
@@ -411,14 +414,19 @@ def _train_epoch(run: _Run, epoch: int, start_step: int, ood_on: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------------ helpers
 class _SpatialForward(nn.Module):
-    """DDP and torch.compile wrap ``forward``; training needs ``forward_spatial``."""
+    """DDP and torch.compile wrap ``forward``; training needs ``forward_spatial``. With ``detach_ood`` the OOD map
+    is recomputed from the detached feature map, so the OOD loss reaches the heads but not the backbone."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, detach_ood: bool = False):
         super().__init__()
         self.model = model
+        self.detach_ood = detach_ood
 
     def forward(self, x: torch.Tensor):
-        return self.model.forward_spatial(x)
+        out = self.model.forward_spatial(x)
+        if self.detach_ood:
+            out = out._replace(ood_map=self.model.forward_positions(out.features.detach())[1])
+        return out
 
 
 class _SeededTransform(Dataset):
