@@ -67,6 +67,8 @@ CONFIGS: Dict[str, dict] = {
     # sampled patches ('lw', background_weight 1), and equal numbers of ID and OOD patches per image ('dr')
     'lw-e8': {'balance': 'lw'},
     'dr-e8': {'balance': 'dr'},
+    # the OOD loss without a gradient into the backbone (--ood-detach): does SSOD's training of the features matter?
+    'detach-e8': {'ood_detach': True},
 }
 # Few classes (issue: the paper's sampler starves the OOD head when M is small). A 3-class benchmark (the first 3
 # ID shapes), the classifier re-initialised for 3 classes and trained 2 epochs with cross-entropy before the OOD
@@ -75,10 +77,10 @@ CONFIGS: Dict[str, dict] = {
 FEW = {'classes': 3, 'warmup_epochs': 2}
 CONFIGS.update({'m3-paper': {**FEW, 'ood_rule': 'paper'}, 'm3-chance': {**FEW, 'ood_rule': 'chance'}})
 # The select grid that was run (2026-11-27, 2 CPU cores): the three 8-epoch candidates in the second session,
-# lrdecay-e16 added in the third, paper-e16, scratch-e34, lw-e8 and dr-e8 in the fourth (the selection rule and
-# validation sets unchanged each time).
+# lrdecay-e16 added in the third, paper-e16, scratch-e34, lw-e8, dr-e8 and detach-e8 in the fourth (the selection
+# rule and validation sets unchanged each time).
 GRIDS = {'select': {'configs': ['paper-e8', 'gamma0.8-e8', 'alpha0.3-e8', 'lrdecay-e16', 'paper-e16', 'scratch-e34',
-                                'lw-e8', 'dr-e8'],
+                                'lw-e8', 'dr-e8', 'detach-e8'],
                     'seeds': [0],
                     'sets': 'val'},
          'fewclass': {'configs': ['m3-paper', 'm3-chance'], 'seeds': [0, 1], 'sets': 'val'}}
