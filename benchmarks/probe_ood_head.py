@@ -281,11 +281,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     result = probe(args.run, args.ce_run, args.train_images, args.hidden, args.seed)
     (OUT / f'{args.run}-h{args.hidden}-p{args.seed}.json').write_text(json.dumps(result, indent=1))
-    # the summary: every run probed with these settings
-    results = [r for r in (json.loads(f.read_text()) for f in sorted(OUT.glob(f'*-h{args.hidden}-p{args.seed}.json')))
-               if r['train_images'] == args.train_images]
-    write_markdown(results, OUT / 'summary.md')
-    plot(results, OUT / 'probe.png')
+    # the summary: every seed of this run's configuration probed with these settings ('summary.md' and
+    # 'probe.png' for the study's choice, lrdecay-e16; '<config>.md' and '<config>.png' for any other)
+    config = args.run.rsplit('-s', 1)[0]
+    files = sorted(OUT.glob(f'{config}-s*-h{args.hidden}-p{args.seed}.json'))
+    results = [r for r in map(lambda f: json.loads(f.read_text()), files)
+               if r['train_images'] == args.train_images and r['run'].rsplit('-s', 1)[0] == config]
+    name = 'summary' if config == 'lrdecay-e16' else config
+    write_markdown(results, OUT / f'{name}.md')
+    plot(results, OUT / ('probe.png' if name == 'summary' else f'{name}.png'))
     print(f'[probe] wrote {OUT}', flush=True)
 
 
