@@ -138,7 +138,6 @@ def fit_detectors(features: torch.Tensor, targets: torch.Tensor, classifier: nn.
     return {m: create_detector(m, **kwargs.get(m, {})).fit(features, targets, classifier) for m in methods}
 
 
-
 def write_scores_csv(all_scores: Mapping[str, Mapping[str, torch.Tensor]], paths: Mapping[str, Sequence],
                      path: Path, targets: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
     """One row per image: ``set, index, path, target, <one column per method>`` (the per-image scores)."""
