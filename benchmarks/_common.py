@@ -72,6 +72,14 @@ def summary(values: Sequence[float]) -> Dict[str, float]:
             'n': n}
 
 
+def mean_sd(values: Sequence[float]) -> str:
+    """'mean ± sample sd' to one decimal, or just the value for one run."""
+    m = sum(values) / len(values)
+    if len(values) == 1:
+        return f'{m:.1f}'
+    return f'{m:.1f} ± {(sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5:.1f}'
+
+
 def write_json(path: Path, data: Dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + '\n')

@@ -12,8 +12,6 @@ Usage::
     python benchmarks/object_size.py --runs paper-e8-s{0,1,2} --ce-runs ce-batch_size64-epochs8-lr0.0005-s{0,1,2} \
         --summary summary_paper-e8.md
 """
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -22,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment  # noqa: E402
-from study import CACHE, benchmarks, eval_sets  # noqa: E402
+from _common import RESULTS, mean_sd  # noqa: E402
+from study import CACHE, benchmarks, eval_sets, run_pairs  # noqa: E402
 
 from ssod_zoo.app import train as train_mod  # noqa: E402
 from ssod_zoo.hub import load_checkpoint  # noqa: E402
@@ -105,8 +103,7 @@ def write(results: List[dict], path: Path) -> None:
     for key, title in (('thirds', 'Thirds of all images'),
                        ('thirds_within_class', 'Thirds within each class (every third holds every class)')):
         def cell(t: int, k: str) -> str:
-            v = torch.tensor([r[key][t]['fpr95'][k] for r in results], dtype=torch.float64)
-            return f'{v.mean():.1f}' + (f' ± {v.std():.1f}' if len(v) > 1 else '')
+            return mean_sd([r[key][t]['fpr95'][k] for r in results])
         areas = [sum(r[key][t]['area_mean'] for r in results) / len(results) for t in range(3)]
         lines += [f'## {title}', '',
                   '| readout | ' + ' | '.join(f'objects {100 * a:.0f}% of the image (mean)' for a in areas) + ' |',
@@ -116,25 +113,13 @@ def write(results: List[dict], path: Path) -> None:
     path.write_text('\n'.join(lines))
 
 
+def _describe(r: dict) -> str:
+    return '; '.join(f'{100 * t["area_mean"]:.0f}%: Eq.15 {t["fpr95"]["ssod"]:.1f}, top3 {t["fpr95"]["ssod_top3"]:.1f}'
+                     for t in r['thirds_within_class'])
+
+
 def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--runs', nargs='+', default=[f'lrdecay-e16-s{s}' for s in range(3)])
-    p.add_argument('--ce-runs', nargs='+', default=[f'ce-batch_size64-epochs16-lr0.0005-lr_step4-s{s}' for s in range(3)])
-    p.add_argument('--summary', default='summary.md', help='the table of these runs, under benchmarks/results/object_size')
-    args = p.parse_args(argv)
-    if len(args.runs) != len(args.ce_runs):
-        p.error('give one --ce-runs entry per --runs entry')
-    OUT.mkdir(parents=True, exist_ok=True)
-    results = []
-    for run, ce_run in zip(args.runs, args.ce_runs):
-        r = {**measure(run, ce_run), 'environment': environment()}
-        (OUT / f'{run}.json').write_text(json.dumps(r, indent=1))
-        print(f'[object_size] {run}: ' + '; '.join(
-            f'{100 * t["area_mean"]:.0f}%: Eq.15 {t["fpr95"]["ssod"]:.1f}, top3 {t["fpr95"]["ssod_top3"]:.1f}'
-            for t in r['thirds']), flush=True)
-        results.append(r)
-    write(results, OUT / args.summary)
-    print(f'[object_size] wrote {OUT}', flush=True)
+    run_pairs(argv, __doc__, OUT, measure, write, _describe)
 
 
 if __name__ == '__main__':

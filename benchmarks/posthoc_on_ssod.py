@@ -9,8 +9,6 @@ Usage::
 
     python benchmarks/posthoc_on_ssod.py   # the three lrdecay-e16 runs and their CE twins
 """
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -19,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment  # noqa: E402
-from study import CACHE, benchmarks, eval_sets  # noqa: E402
+from _common import RESULTS, mean_sd  # noqa: E402
+from study import CACHE, benchmarks, eval_sets, run_pairs  # noqa: E402
 
 from ssod_zoo.app import train as train_mod  # noqa: E402
 from ssod_zoo.app.evaluate import evaluate  # noqa: E402
@@ -51,8 +49,7 @@ def measure(run: str, ce_run: str) -> dict:
 
 def write(results: List[dict], path: Path) -> None:
     def stat(model: str, m: str) -> str:
-        v = torch.tensor([r['fpr95'][model][m] for r in results], dtype=torch.float64)
-        return f'{v.mean():.1f}' + (f' ± {v.std():.1f}' if len(v) > 1 else '')
+        return mean_sd([r['fpr95'][model][m] for r in results])
 
     def diff(m: str) -> str:
         v = torch.tensor([r['fpr95']['ce'][m] - r['fpr95']['ssod'][m] for r in results], dtype=torch.float64)
@@ -69,25 +66,12 @@ def write(results: List[dict], path: Path) -> None:
     path.write_text('\n'.join(lines) + '\n')
 
 
+def _describe(r: dict) -> str:
+    return ', '.join(f'{m} {r["fpr95"]["ssod"][m]:.1f}/{r["fpr95"]["ce"][m]:.1f}' for m in BASELINES)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--runs', nargs='+', default=[f'lrdecay-e16-s{s}' for s in range(3)])
-    p.add_argument('--ce-runs', nargs='+', default=[f'ce-batch_size64-epochs16-lr0.0005-lr_step4-s{s}' for s in range(3)])
-    p.add_argument('--summary', default='summary.md', help='the table of these runs, under benchmarks/results/posthoc_on_ssod')
-    args = p.parse_args(argv)
-    if len(args.runs) != len(args.ce_runs):
-        p.error('give one --ce-runs entry per --runs entry')
-    torch.set_num_threads(2)
-    OUT.mkdir(parents=True, exist_ok=True)
-    results = []
-    for run, ce_run in zip(args.runs, args.ce_runs):
-        r = {**measure(run, ce_run), 'environment': environment()}
-        (OUT / f'{run}.json').write_text(json.dumps(r, indent=1))
-        print(f'[posthoc] {run}: ' + ', '.join(f'{m} {r["fpr95"]["ssod"][m]:.1f}/{r["fpr95"]["ce"][m]:.1f}'
-                                               for m in BASELINES), flush=True)
-        results.append(r)
-    write(results, OUT / args.summary)
-    print(f'[posthoc] wrote {OUT}', flush=True)
+    run_pairs(argv, __doc__, OUT, measure, write, _describe)
 
 
 if __name__ == '__main__':

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment  # noqa: E402
+from _common import RESULTS, environment, mean_sd  # noqa: E402
 from study import CACHE, benchmarks, eval_sets  # noqa: E402
 
 from ssod_zoo.adapter import ID_INDEX  # noqa: E402
@@ -192,11 +192,6 @@ def probe(run: str, ce_run: Optional[str], train_images: int, hidden: int, seed:
     return result
 
 
-def _mean_sd(values: List[float]) -> str:
-    t = torch.tensor(values, dtype=torch.float64)
-    return f'{t.mean():.1f}' + (f' ± {t.std():.1f}' if len(values) > 1 else '')
-
-
 LABELS = {'maxlogit': 'MaxLogit (classifier)', 'trained_head': 'trained OOD head', 'linear_probe': 'linear head',
           'mlp_probe': 'MLP head', 'class_probe': 'class-conditional head'}
 
@@ -248,7 +243,7 @@ def write_markdown(results: List[dict], path: Path) -> None:
               f'## Over the {len(results)} runs ({", ".join(r["run"] for r in results)}): mean ± sd', '',
               '| features | scorer | patch AUROC | FPR95 best position | FPR95 3 best positions |',
               '|---|---|---:|---:|---:|']
-    lines += [f'| {feat} | {k} | {_mean_sd(v["patch"])} | {_mean_sd(v["max"])} | {_mean_sd(v["top3"])} |'
+    lines += [f'| {feat} | {k} | {mean_sd(v["patch"])} | {mean_sd(v["max"])} | {mean_sd(v["top3"])} |'
               for (feat, k), v in rows.items()]
     lines.append('')
     for r in results:

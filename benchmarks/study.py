@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment  # noqa: E402
+from _common import RESULTS, environment, mean_sd  # noqa: E402
 
 from ssod_zoo.adapter import ID_INDEX  # noqa: E402
 from ssod_zoo.app import train as train_mod  # noqa: E402
@@ -350,10 +350,7 @@ def summarise() -> None:
                 return m, sd
 
             def cell(values):
-                if any(v is None for v in values):
-                    return 'n/a'
-                m, sd = stat(values)
-                return f'{m:.1f}' + (f' ± {sd:.1f}' if len(values) > 1 else '')
+                return 'n/a' if any(v is None for v in values) else mean_sd(values)
             best_base = [min(_fpr(r, b) for b in EIGHT) for r in rs]
             best_name = min(EIGHT, key=lambda b: sum(_fpr(r, b) for r in rs))
             row = [name, ','.join(str(r['seed']) for r in rs), cell([r['id_accuracy']['ssod'] for r in rs]),
@@ -468,6 +465,36 @@ def _plot(rows, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches='tight')
     plt.close(fig)
+
+
+# the diagnostics of the chosen recipe (benchmarks/object_size.py, posthoc_on_ssod.py): its three seeds' runs
+CHOICE_RUNS = [f'lrdecay-e16-s{s}' for s in SEEDS_TEST]
+CHOICE_CE_RUNS = [f'ce-batch_size64-epochs16-lr0.0005-lr_step4-s{s}' for s in SEEDS_TEST]
+
+
+def run_pairs(argv: Optional[List[str]], doc: str, out: Path, measure, write, describe) -> List[dict]:
+    """The command line of a diagnostic over (SSOD run, CE twin) pairs of the study cache: ``--runs``,
+    ``--ce-runs`` (default: :data:`CHOICE_RUNS`) and ``--summary``. ``measure(run, ce_run)`` gives one record,
+    written to ``out/<run>.json`` with the environment and printed with ``describe(record)``; then
+    ``write(records, out / summary)``."""
+    p = argparse.ArgumentParser(description=doc.split('\n\n')[0])
+    p.add_argument('--runs', nargs='+', default=CHOICE_RUNS, help='SSOD runs under the study cache')
+    p.add_argument('--ce-runs', nargs='+', default=CHOICE_CE_RUNS, help='their CE twins, in the same order')
+    p.add_argument('--summary', default='summary.md', help=f'the table of these runs, under {out}')
+    args = p.parse_args(argv)
+    if len(args.runs) != len(args.ce_runs):
+        p.error('give one --ce-runs entry per --runs entry')
+    torch.set_num_threads(2)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for run, ce_run in zip(args.runs, args.ce_runs):
+        record = {**measure(run, ce_run), 'environment': environment()}
+        (out / f'{run}.json').write_text(json.dumps(record, indent=1))
+        print(f'[{out.name}] {run}: {describe(record)}', flush=True)
+        records.append(record)
+    write(records, out / args.summary)
+    print(f'[{out.name}] wrote {out / args.summary}', flush=True)
+    return records
 
 
 def choose() -> dict:
