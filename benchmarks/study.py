@@ -83,7 +83,10 @@ GRIDS = {'select': {'configs': ['paper-e8', 'gamma0.8-e8', 'alpha0.3-e8', 'lrdec
                                 'lw-e8', 'dr-e8', 'detach-e8'],
                     'seeds': [0],
                     'sets': 'val'},
-         'fewclass': {'configs': ['m3-paper', 'm3-chance'], 'seeds': [0, 1], 'sets': 'val'}}
+         'fewclass': {'configs': ['m3-paper', 'm3-chance'], 'seeds': [0, 1], 'sets': 'val'},
+         # the --ood-detach ablation over three seeds (fifth session), on validation sets: its own folder, so that
+         # the extra seeds never enter the select grid's choice
+         'ablate': {'configs': ['paper-e8', 'detach-e8'], 'seeds': [0, 1, 2], 'sets': 'val'}}
 SEEDS_TEST = [0, 1, 2]
 
 
@@ -517,9 +520,9 @@ def choose() -> dict:
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--grid', choices=['select', 'test', 'auto', 'fewclass'],
+    p.add_argument('--grid', choices=['select', 'test', 'auto', 'fewclass', 'ablate'],
                    help='select: all candidates on validation sets; test: --config over seeds 0-2 on the test '
-                   'sets; auto: select, choose (choice.json), then test')
+                   'sets; auto: select, choose (choice.json), then test; fewclass, ablate: side studies on validation sets')
     p.add_argument('--config', choices=list(CONFIGS), help='with --grid test: the configuration chosen on validation')
     p.add_argument('--configs', nargs='*', choices=list(CONFIGS), help='with --grid select: a subset of candidates')
     p.add_argument('--seeds', nargs='*', type=int, help='override the grid\'s seeds')
@@ -534,7 +537,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.grid == 'auto':
         run('select', args.configs or GRIDS['select']['configs'], GRIDS['select']['seeds'], 'val')
         run('test', [choose()['config']], args.seeds or SEEDS_TEST, 'test')
-    elif args.grid in ('fewclass', 'select'):
+    elif args.grid in ('fewclass', 'select', 'ablate'):
         grid = GRIDS[args.grid]
         run(args.grid, args.configs or grid['configs'], args.seeds or grid['seeds'], 'val', args.rescore)
     else:
