@@ -60,6 +60,23 @@ def test_push_offline_is_one_line_with_what_to_do(tmp_path, monkeypatch, capsys)
     assert len(err) == 1 and 'ssod save' in err[0] and 'OfflineModeIsEnabled' in err[0]
 
 
+def test_push_without_a_reachable_hub_is_one_line(tmp_path, monkeypatch, capsys):
+    """The real transport error of the installed huggingface_hub (a refused connection), not a stand-in."""
+    from huggingface_hub import constants
+
+    from ssod_zoo.app import publish
+    from cli_helpers import make_checkpoint
+
+    monkeypatch.setattr(constants, 'ENDPOINT', 'http://127.0.0.1:9')  # the discard port: nothing listens
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    ckpt = make_checkpoint(tmp_path / 'best.pt', threshold=0.5)
+    with pytest.raises(SystemExit) as e:
+        publish.main(['push', str(ckpt), 'me/my-ssod', '--token', 'hf_test'])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'uploading to the Hugging Face Hub failed' in err[0] and 'ssod save' in err[0]
+
+
 def test_export_takes_tags_and_writes_label_names(tmp_path):
     import json
 

@@ -67,10 +67,12 @@ def _offline() -> bool:
 
 
 def _is_network_error(e: BaseException) -> bool:
-    """Connection, offline-mode and Hub HTTP errors (huggingface_hub raises its own, httpx's or requests')."""
+    """Connection, offline-mode and Hub HTTP errors: huggingface_hub raises its own, or its HTTP client's (requests
+    and urllib3 before 1.0, httpx after, httpx2 in 2.x)."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    transport = ('httpx', 'httpcore', 'requests', 'urllib3', 'huggingface_hub')
     return (isinstance(e, (OSError, HfHubHTTPError, OfflineModeIsEnabled, TimeoutError)) or
-            type(e).__module__.split('.')[0] in ('httpx', 'httpcore', 'requests', 'urllib3', 'huggingface_hub'))
+            type(e).__module__.split('.')[0].startswith(transport))
 
 
 if __name__ == '__main__':
