@@ -96,3 +96,41 @@ def test_loading_with_another_class_count_drops_label_names_and_threshold():
     with pytest.warns(UserWarning, match='label_names and ood_threshold are dropped'):
         model = ssod_zoo.load_model('ssod_test_resnet.synthetic', num_classes=3)
     assert model.ood_threshold is None and 'label_names' not in model.pretrained_cfg
+
+
+@pytest.mark.parametrize('command, argv, message', [
+    ('train', ['--gamma', '1.5'], 'argument --gamma: must be in (0.5, 1], got 1.5'),
+    ('train', ['--batch-size', '0'], 'argument --batch-size: must be >= 1, got 0'),
+    ('eval', ['--model', 'm', '--val-dir', '.', '--ood-dirs', '.', '--knn-k', '0'], 'argument --knn-k: must be >= 1'),
+    ('predict', ['m', 'x.png', '--threshold', '2'], 'argument --threshold: must be in [0, 1]'),
+    ('demo', ['--retrain', '--ood-per-set', '0'], 'argument --ood-per-set: must be >= 1, got 0'),
+])
+def test_out_of_range_values_stop_at_parsing_in_one_line(command, argv, message, capsys):
+    """Before any model loads or feature is extracted (a bad --knn-k used to fail after scoring every set)."""
+    from ssod_zoo.app import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f'ssod {command}: error: {message}'), err
+    assert not any('Traceback' in line for line in err)
+
+
+def test_train_checks_ranges_for_api_callers_too():
+    from ssod_zoo.app.train import RANGES, TrainConfig, TrainError, train
+
+    defaults = TrainConfig()
+    assert all(accepts(getattr(defaults, name)) for name, (accepts, _) in RANGES.items())  # names exist, defaults pass
+    with pytest.raises(TrainError, match=r'--lr-step must be >= 1, got 0'):
+        train(TrainConfig(lr_step=0))
+
+
+def test_eval_with_a_missing_model_is_one_line(tmp_path, capsys):
+    from ssod_zoo.app import evaluate
+
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(['--model', str(tmp_path / 'bestt.pt'), '--val-dir', str(tmp_path), '--ood-dirs', str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('ssod eval: error: ') and 'bestt.pt' in err[0], err

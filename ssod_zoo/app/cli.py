@@ -9,9 +9,10 @@
     ssod push   CHECKPOINT REPO_ID   the same, uploaded to the Hugging Face Hub (ssod_zoo.app.publish)
     ssod release RUN_DIR OUT ...     evaluate, calibrate, card and (--repo-id) push a run (ssod_zoo.app.release)
 """
+import argparse
 import importlib
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 COMMANDS = {
     'demo': ('ssod_zoo.app.demo', 'the embedded benchmark end to end: data, two trainings, every baseline, plots'),
@@ -46,6 +47,23 @@ def main(argv: Optional[List[str]] = None) -> None:
         if top not in _EXTRA_OF:
             raise
         _missing_extra(command, top)
+
+
+def bounded(kind: type, accepts: Callable[[float], bool], what: str) -> Callable[[str], float]:
+    """An argparse ``type``: ``kind(text)``, refused at parsing ("argument --gamma: must be in (0.5, 1], got 1.5")
+    unless ``accepts`` it, so that a bad value costs one line before any work, not a traceback after it."""
+    def convert(text: str):
+        value = kind(text)
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f'must be {what}, got {text}')
+        return value
+    convert.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+    return convert
+
+
+AT_LEAST_1 = (lambda v: v >= 1, '>= 1')
+AT_LEAST_0 = (lambda v: v >= 0, '>= 0')
+POSITIVE = (lambda v: v > 0, '> 0')
 
 
 # what application commands import beyond the library, and the extra that installs it (tqdm and pillow come

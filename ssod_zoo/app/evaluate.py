@@ -24,12 +24,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import scores
-from ..hub import load_model
+from ..hub import WeightsError, load_model
 from ..detectors import DETECTORS, Detector, create_detector
 from ..metrics import accuracy, ood_metrics
 from .protocols import PROTOCOLS, DataMissing, Transformed, add_fpr95_openood, fpr95_markdown, load_protocol, \
     skipped_markdown
 from ..output import posterior_score, spatial_maxlogit_score, spatial_posterior_score
+from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded
 from .images import ImageError, ImageFiles, class_folder, one_line
 from .report import accept_rates, confidence_intervals, fit_detectors, report_markdown, write_scores_csv
 
@@ -266,19 +267,22 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument('--data-root', help='where the protocol data sets live (default: $SSOD_ZOO_DATA or ./data)')
     p.add_argument('--download', action='store_true', help='with --protocol: fetch what torchvision can download')
     p.add_argument('--openood-root', help="OpenOOD v1.5's data/ folder: --protocol on OpenOOD's image lists")
-    p.add_argument('--limit', type=int, default=0, help='with --protocol: at most this many images per test set')
+    p.add_argument('--limit', type=bounded(int, *AT_LEAST_0), default=0,
+                   help='with --protocol: at most this many images per test set')
     p.add_argument('--fit-dir', help='ID training images to fit KNN, Mahalanobis, ViM and ReAct on')
-    p.add_argument('--fit-limit', type=int, default=0, help='use at most this many fit images (0 = all)')
+    p.add_argument('--fit-limit', type=bounded(int, *AT_LEAST_0), default=0,
+                   help='use at most this many fit images (0 = all)')
     p.add_argument('--out', default='eval_out')
-    p.add_argument('--img-size', type=int, default=None, help='default: the model pretrained_cfg input size')
-    p.add_argument('--crop-pct', type=float, default=None)
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--img-size', type=bounded(int, *AT_LEAST_1), default=None,
+                   help='default: the model pretrained_cfg input size')
+    p.add_argument('--crop-pct', type=bounded(float, *POSITIVE), default=None)
+    p.add_argument('--batch-size', type=bounded(int, *AT_LEAST_1), default=64)
+    p.add_argument('--workers', type=bounded(int, *AT_LEAST_0), default=2)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--no-plots', action='store_true')
-    p.add_argument('--knn-k', type=int, default=50,
+    p.add_argument('--knn-k', type=bounded(int, *AT_LEAST_1), default=50,
                    help='KNN neighbour; capped below the smallest fit class, with a warning (default: %(default)s)')
-    p.add_argument('--bootstrap', type=int, default=1000,
+    p.add_argument('--bootstrap', type=bounded(int, *AT_LEAST_0), default=1000,
                    help='bootstrap resamples for the FPR95/AUROC intervals, seed 0; 0 = none (default: %(default)s)')
     args = p.parse_args(argv)
     protocol = None
@@ -294,14 +298,21 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if not Path(d).is_dir():
             p.error(f'{d} is not a directory')
 
+    def fail(e: BaseException):
+        print(f'ssod eval: error: {one_line(e)}', file=sys.stderr)
+        raise SystemExit(2)
+
     t0 = time.time()
     device = torch.device(args.device)
-    model = load_model(args.model).to(device).eval()
+    try:
+        model = load_model(args.model).to(device).eval()
+        baseline = load_model(args.baseline_model).to(device).eval() if args.baseline_model else None
+    except (WeightsError, FileNotFoundError) as e:
+        fail(e)
     trained = tuple(model.pretrained_cfg.get('input_size') or ())
     if args.img_size and trained and trained[-1] != args.img_size and model.ood_threshold is not None:
         warnings.warn(f'{args.model} was trained and its threshold calibrated at {trained[-1]} px; scoring at '
                       f'{args.img_size} px shifts the OOD factor, so accept rates at its threshold will differ')
-    baseline = load_model(args.baseline_model).to(device).eval() if args.baseline_model else None
     data_args = {k: v for k, v in {'input_size': args.img_size and (3, args.img_size, args.img_size),
                                    'crop_pct': args.crop_pct}.items() if v}
     transform = timm.data.create_transform(**timm.data.resolve_data_config(data_args, model=model))
@@ -314,10 +325,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if limit and len(ds) > limit:
             ds = torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:limit])
         return DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
-
-    def fail(e: BaseException):
-        print(f'ssod eval: error: {one_line(e)}', file=sys.stderr)
-        raise SystemExit(2)
 
     try:
         val = loader(protocol.test if protocol else args.val_dir, labelled=True)

@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..output import robust_posterior
+from .cli import AT_LEAST_0, AT_LEAST_1, bounded
 from .images import IMAGE_EXTENSIONS, list_images
 
 __all__ = ['find_images', 'predict', 'main', 'IMAGE_EXTENSIONS', 'COLUMNS']
@@ -201,14 +202,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument('model', metavar='MODEL', help='checkpoint, hub folder, local-dir:, hf-hub:org/repo or a '
                                                   'registered ssod_<arch>.<tag>')
     p.add_argument('inputs', nargs='+', metavar='INPUTS', help='image files, folders (recursive) or glob patterns')
-    p.add_argument('--threshold', type=float, default=None,
+    p.add_argument('--threshold', type=bounded(float, lambda v: 0 <= v <= 1, 'in [0, 1], as ood_factor is'),
+                   default=None,
                    help="ood_factor below this is unknown (default: the model's calibrated ood_threshold)")
     p.add_argument('--rule', choices=('factor', 'posterior'), default='factor',
                    help='factor: ood_factor < threshold; posterior: argmax of the Eq. 7 posterior is unknown '
                         '(default: %(default)s)')
     p.add_argument('--out', default=None, help='FILE.csv or FILE.jsonl (default: CSV to stdout)')
-    p.add_argument('--batch-size', type=int, default=32, help='images per forward pass (default: %(default)s)')
-    p.add_argument('--workers', type=int, default=0, help='image-loading processes (default: %(default)s)')
+    p.add_argument('--batch-size', type=bounded(int, *AT_LEAST_1), default=32,
+                   help='images per forward pass (default: %(default)s)')
+    p.add_argument('--workers', type=bounded(int, *AT_LEAST_0), default=0,
+                   help='image-loading processes (default: %(default)s)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help='cpu, cuda, cuda:1, ... (default: %(default)s)')
     p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None,
@@ -227,8 +231,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
         model = load_model(args.model).to(device).eval()
     except (PredictError, WeightsError, FileNotFoundError, RuntimeError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    if args.batch_size < 1:
-        fail(f'--batch-size must be >= 1, got {args.batch_size}')
 
     skipped = []
     counts = {'images': 0, 'unknown': 0, 'disagree': 0}

@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import wrap
+from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded
 from .evaluate import collect, ssod_report
 from ..hub import CHECKPOINT_FORMAT
 from ..loss import BALANCE_SCHEMES, OOD_RULES, SSODLoss
@@ -94,6 +95,15 @@ class TrainConfig:
 
 CHOICES = {'data': ('folder', 'synthetic', *PROTOCOLS), 'balance': BALANCE_SCHEMES, 'ood_rule': OOD_RULES,
            'amp': ('none', 'bf16', 'fp16')}
+
+RANGES = {  # the numeric fields' valid values: checked when the flags are parsed, and by train() for API callers
+    'img_size': AT_LEAST_1, 'scale_min': (lambda v: 0 < v <= 1, 'in (0, 1]'), 'workers': AT_LEAST_0,
+    'gamma': (lambda v: 0.5 < v <= 1, 'in (0.5, 1]'),
+    'alpha': AT_LEAST_0, 'background_weight': AT_LEAST_0, 'label_smoothing': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'warmup_epochs': AT_LEAST_0, 'epochs': AT_LEAST_1, 'batch_size': AT_LEAST_1, 'lr': POSITIVE,
+    'weight_decay': AT_LEAST_0, 'lr_step': AT_LEAST_1, 'lr_gamma': POSITIVE, 'max_steps_per_epoch': AT_LEAST_0,
+    'eval_every': AT_LEAST_0,
+}
 
 
 HELP = {  # one line per TrainConfig field: `ssod train --help` shows it with the field's default
@@ -163,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, nargs='*', default=default, help=help_)
         else:
             kind = {int: int, float: float, Optional[float]: float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=default, choices=CHOICES.get(f.name), help=help_)
+            parser.add_argument(flag, type=bounded(kind, *RANGES[f.name]) if f.name in RANGES else kind,
+                                default=default, choices=CHOICES.get(f.name), help=help_)
     return parser
 
 
@@ -204,6 +215,9 @@ def _restores_signal_handlers(fn):
 @_restores_signal_handlers
 def train(cfg: TrainConfig) -> dict:
     # ---------------------------------------------------------------------------------------------- setup
+    for name, (accepts, what) in RANGES.items():
+        if not accepts(getattr(cfg, name)):
+            raise TrainError(f'--{name.replace("_", "-")} must be {what}, got {getattr(cfg, name)}')
     cfg = _resumed_config(cfg)
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
