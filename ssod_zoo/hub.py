@@ -350,11 +350,16 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
     if not isinstance(model, SSODModel):
         model = wrap(model)
     labels = model.pretrained_cfg.get('label_names')
-    if labels and len(labels) != model.num_classes:
-        # timm reset the classifier: the weights' class names and the threshold calibrated with them no longer apply
-        warnings.warn(f'{spec}: built with num_classes={model.num_classes}, the weights have {len(labels)} classes; '
-                      'the classifier is new, so their label_names and ood_threshold are dropped (train it, then '
-                      'calibrate a threshold)', stacklevel=2)
-        model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != 'label_names'}
-        model.ood_threshold = None
+    if labels and len(labels) != model.num_classes:  # a wrapped timm model; SSOD models did this in registry._create
+        _forget_calibration(model, spec, len(labels))
     return model.eval()
+
+
+def _forget_calibration(model: SSODModel, name: str, weights_classes: int) -> None:
+    """timm reset the classifier for another class count than the weights': their label names and the threshold
+    calibrated with them no longer apply."""
+    warnings.warn(f'{name}: built with num_classes={model.num_classes}, the weights have {weights_classes} classes; '
+                  'the classifier is new, so their label_names and ood_threshold are dropped (train it, then '
+                  'calibrate a threshold)', stacklevel=3)
+    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != 'label_names'}
+    model.ood_threshold = None

@@ -71,6 +71,9 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
         )
     if saved_args:  # create_model adds its own kwargs to these, so save_pretrained writes them all again
         model._model_args = {**saved_args, **getattr(model, '_model_args', {})}
+    weights_classes = cfg.num_classes  # features_only gives a feature extractor, not an SSODModel
+    if pretrained and isinstance(model, SSODModel) and model.num_classes not in (0, weights_classes):
+        hub._forget_calibration(model, name, weights_classes)  # 0: no classifier, the calibration still holds
     return model
 
 

@@ -1,5 +1,6 @@
 """Failures a user meets are one line that says what failed and what to do (issue 13, item 4)."""
 import warnings
+from functools import partial
 
 import pytest
 import timm
@@ -92,10 +93,14 @@ def test_export_takes_tags_and_writes_label_names(tmp_path):
     assert len(json.loads(_metadata(tagged, (3, 96, 96))['ssod_zoo.label_names'])) == tagged.num_classes
 
 
-def test_loading_with_another_class_count_drops_label_names_and_threshold():
+@pytest.mark.parametrize('load', [ssod_zoo.load_model, partial(timm.create_model, pretrained=True)],
+                         ids=['load_model', 'timm.create_model'])
+def test_loading_with_another_class_count_drops_label_names_and_threshold(load):
     with pytest.warns(UserWarning, match='label_names and ood_threshold are dropped'):
-        model = ssod_zoo.load_model('ssod_test_resnet.synthetic', num_classes=3)
+        model = load('ssod_test_resnet.synthetic', num_classes=3)
     assert model.ood_threshold is None and 'label_names' not in model.pretrained_cfg
+    kept = load('ssod_test_resnet.synthetic')  # the weights' own class count: calibration kept
+    assert kept.ood_threshold is not None and len(kept.pretrained_cfg['label_names']) == kept.num_classes
 
 
 @pytest.mark.parametrize('command, argv, message', [
