@@ -34,10 +34,12 @@ rejects, used as stand-ins for OOD data.
 
 ```python
 import timm, torch
+from PIL import Image
 
 model = timm.create_model('hf-hub:<org>/<this-repo>', pretrained=True).eval()  # or 'local-dir:<folder>'
 config = timm.data.resolve_data_config(model=model)
 transform = timm.data.create_transform(**config)
+image = Image.open('photo.png').convert('RGB')  # 3 channels, also for grayscale files
 with torch.no_grad():
     logits, ood_factor = model(transform(image).unsqueeze(0))
 reject = ood_factor < model.ood_threshold  # not one of the known classes
