@@ -246,6 +246,10 @@ class SSODModel(nn.Module):
                             f'(x.to({weight_dtype}) or model.to({x.dtype})), or run under torch.autocast')
         in_chans = getattr(self, 'in_chans', None)
         if in_chans is not None and x.shape[1] != in_chans:
+            if x.shape[-1] == in_chans:  # (B, H, W, C): an image array's layout, not a tensor's
+                raise ValueError(f'{name} expects (B, C, H, W) images, got shape {tuple(x.shape)}, which looks like '
+                                 f'(B, H, W, C) with {in_chans} channels last: pass x.permute(0, 3, 1, 2), or '
+                                 'build the input with the model\'s timm transform')
             raise ValueError(f'{name} expects {in_chans}-channel images, got {x.shape[1]} channels '
                              f'(input shape {tuple(x.shape)}); pass in_chans={x.shape[1]} when creating the model '
                              'or convert the images')
