@@ -102,3 +102,37 @@ def test_histograms_for_every_method_with_labelled_axes(tmp_path, monkeypatch):
     plots.plot_histograms(s, tmp_path / 'h.png')
     assert len(drawn) == 4 and all(d['xlabel'] and d['ylabel'] for d in drawn)
     assert [d['title'].split(':')[0] for d in drawn] == ['ssod', 'msp', 'energy', 'knn']
+
+
+def test_fit_limit_takes_the_same_number_from_each_class():
+    from collections import Counter
+
+    from ssod_zoo.app.protocols import limited
+
+    targets = [0] * 50 + [1] * 30 + [2] * 4  # unbalanced, as real fit sets are
+    subset = limited(list(range(len(targets))), 20, targets)
+    assert len(subset) == 20 and len(set(subset.indices)) == 20
+    assert Counter(targets[i] for i in subset.indices) == {0: 8, 1: 8, 2: 4}  # class 2 gives all it has
+    assert limited(list(range(84)), 20).indices == limited(list(range(84)), 20).indices  # seed 0, every run
+
+
+def test_targets_follow_the_rows_a_protocol_wrapper_selects():
+    """scores.csv's target column on a protocol set used to be the wrapped data set's labels, row for row."""
+    from PIL import Image
+    from torch.utils.data import Dataset, Subset
+
+    from ssod_zoo.app.evaluate import _targets
+    from ssod_zoo.app.protocols import Transformed, _Classes
+
+    class Source(Dataset):
+        targets = [5, 7, 5, 9, 7]
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            return Image.new('L', (4, 4)), self.targets[i]
+
+    ds = Transformed(_Classes(Source(), [3, 1, 4], {7: 0, 9: 1}, ['seven', 'nine']), None)
+    assert _targets(ds) == [ds[i][1] for i in range(len(ds))] == [1, 0, 0]
+    assert _targets(Subset(ds, [2, 0])) == [0, 1]

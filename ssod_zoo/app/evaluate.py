@@ -27,7 +27,7 @@ from .. import scores
 from ..hub import WeightsError, load_model
 from ..detectors import DETECTORS, Detector, create_detector
 from ..metrics import accuracy, ood_metrics
-from .protocols import PROTOCOLS, DataMissing, Transformed, add_fpr95_openood, fpr95_markdown, load_protocol, \
+from .protocols import PROTOCOLS, DataMissing, Transformed, add_fpr95_openood, fpr95_markdown, limited, load_protocol, \
     skipped_markdown
 from ..output import posterior_score, spatial_maxlogit_score, spatial_posterior_score
 from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded
@@ -271,7 +271,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                    help='with --protocol: at most this many images per test set')
     p.add_argument('--fit-dir', help='ID training images to fit KNN, Mahalanobis, ViM and ReAct on')
     p.add_argument('--fit-limit', type=bounded(int, *AT_LEAST_0), default=0,
-                   help='use at most this many fit images (0 = all)')
+                   help='use at most this many fit images, the same number from each class (0 = all)')
     p.add_argument('--out', default='eval_out')
     p.add_argument('--img-size', type=bounded(int, *AT_LEAST_1), default=None,
                    help='default: the model pretrained_cfg input size')
@@ -292,6 +292,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         except DataMissing as e:
             print(f'ssod eval: error: {e}', file=sys.stderr)
             raise SystemExit(2)
+        for name, why in protocol.skipped.items():  # optional OOD sets: the run goes on without them
+            print(f'ssod eval: skipping OOD set {name}: {why}', file=sys.stderr)
     elif not args.val_dir or not args.ood_dirs:
         p.error('give --protocol NAME, or --val-dir and --ood-dirs')
     for d in [] if protocol else [args.val_dir, *args.ood_dirs, *([args.fit_dir] if args.fit_dir else [])]:
@@ -317,13 +319,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
                                    'crop_pct': args.crop_pct}.items() if v}
     transform = timm.data.create_transform(**timm.data.resolve_data_config(data_args, model=model))
 
-    def loader(path, limit=0, labelled=False):
+    def loader(path, limit=0, labelled=False, per_class=False):
         if isinstance(path, Dataset):
             ds = Transformed(path, transform)
         else:  # ID sets need their class folders; an OOD set is every image under its folder
             ds = class_folder(path, transform) if labelled else ImageFiles(path, transform)
-        if limit and len(ds) > limit:
-            ds = torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:limit])
+        ds = limited(ds, limit, _targets(ds) if per_class else None)
         return DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
 
     try:
@@ -335,13 +336,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 f'{len(val.dataset.classes)}')
     try:
         oods = {Path(d).name: loader(d) for d in args.ood_dirs}
-        fit = loader(args.fit_dir, args.fit_limit, labelled=True) if args.fit_dir else None
+        fit = loader(args.fit_dir, args.fit_limit, labelled=True, per_class=True) if args.fit_dir else None
     except ImageError as e:
         fail(e)
     if protocol:
         val = loader(protocol.test, args.limit) if args.limit else val
         oods = {k: loader(v, args.limit) for k, v in protocol.ood.items()}
-        fit = loader(protocol.fit, args.fit_limit) if protocol.fit is not None and not args.fit_dir else fit
+        if protocol.fit is not None and not args.fit_dir:
+            fit = loader(protocol.fit, args.fit_limit, per_class=True)
     try:
         results = add_fpr95_openood(evaluate(model, val, oods, baseline, fit, device, knn_k=args.knn_k))
     except ImageError as e:  # a corrupt file, read in a DataLoader worker
@@ -387,9 +389,15 @@ def _paths(ds) -> List[str]:
 
 
 def _targets(ds) -> List[int]:
-    if hasattr(ds, 'targets'):
-        return list(ds.targets)
-    return _targets(ds.dataset) if hasattr(ds, 'dataset') and not isinstance(ds, torch.utils.data.Subset) else []
+    """The labels of ``ds`` in its order, from its own ``targets`` or those of the dataset it wraps; [] if unknown."""
+    if isinstance(ds, torch.utils.data.Subset):
+        inner = _targets(ds.dataset)
+        found = [inner[int(i)] for i in ds.indices] if inner else []
+    elif hasattr(ds, 'targets'):
+        found = [int(t) for t in ds.targets]
+    else:
+        found = _targets(ds.dataset) if hasattr(ds, 'dataset') else []
+    return found if len(found) == len(ds) else []  # a wrapper that selects rows without saying which
 
 
 if __name__ == '__main__':

@@ -87,12 +87,28 @@ class _Classes(Dataset):
         image, label = self.dataset[self.indices[index]]
         return image.convert('RGB'), self.label_map.get(int(label), -1)
 
+    @property
+    def targets(self) -> List[int]:
+        """The mapped labels, without reading an image (AttributeError when the dataset has no ``targets``)."""
+        inner = self.dataset.targets
+        return [self.label_map.get(int(inner[i]), -1) for i in self.indices]
 
-def _limit(ds: Dataset, n: int, seed: int = 0) -> Dataset:
-    """A fixed random subset of at most n items (the same on every machine)."""
-    if n <= 0 or len(ds) <= n:
+
+def limited(ds: Dataset, limit: int, targets: Optional[Sequence[int]] = None) -> Dataset:
+    """At most ``limit`` images of ``ds`` (0: all), drawn at random with seed 0, the same on every machine. With
+    ``targets``, class by class in turn, so every class gets ``limit // M`` images or one more (or all it has):
+    KNN, Mahalanobis and ViM fit per class."""
+    if limit <= 0 or len(ds) <= limit:
         return ds
-    return Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist())
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+    if targets:
+        labels = torch.as_tensor(targets)[order]
+        rank = torch.empty_like(labels)  # an image's place among its class's images in the random order
+        for c in labels.unique():
+            members = labels == c
+            rank[members] = torch.arange(int(members.sum()))
+        order = order[torch.sort(rank, stable=True).indices]
+    return Subset(ds, order[:limit].tolist())
 
 
 # --------------------------------------------------------------------------------------------- Fashion-MNIST
@@ -243,7 +259,7 @@ def _torchvision(what: str, make: Callable[[bool], Dataset], where: Path, downlo
 def _optional(data: ProtocolData, name: str, make: Callable[[], Dataset], limit: int = 0) -> None:
     """Adds OOD set ``name``; a missing one is listed in ``data.skipped`` with the reason instead."""
     try:
-        data.ood[name] = _limit(make(), limit)
+        data.ood[name] = limited(make(), limit)
     except DataMissing as e:
         data.skipped[name] = str(e)
 
