@@ -4,7 +4,8 @@ The ``--ood-detach`` ablation (``study.py --grid ablate``) asks whether SSOD's e
 gradient into the backbone. Its premise can be checked on the weights alone: with the gradient cut, the backbone
 sees the same loss as the CE twin (same init, data order and seed), so it should end where the twin ends, and
 with it, it should end measurably elsewhere. For each (SSOD run, CE twin) pair this measures, per backbone stage
-and over the whole backbone (classifier and OOD head left out), the relative distances
+and over the whole backbone (learned parameters; classifier, OOD head and BatchNorm running statistics left
+out), the relative distances
 
 - ``ssod~ce``: ||w_ssod - w_ce|| / ||w_ce - w_init||, the SSOD backbone's distance from the twin's, in units of how
   far the twin itself moved in training (0: the same weights; 1: as far apart as training moves them);
@@ -39,9 +40,10 @@ WHOLE = 'backbone'
 
 
 def backbone(model) -> Dict[str, torch.Tensor]:
-    """The floating-point weights and buffers outside the classifier and the OOD head, by name."""
+    """The learned parameters outside the classifier and the OOD head, by name. BatchNorm's running statistics are
+    left out: they are buffers, larger in norm than the weights, and would dominate every distance."""
     heads = (model.pretrained_cfg['classifier'] + '.', 'ood_head.')
-    return {k: v.double() for k, v in model.state_dict().items() if v.is_floating_point() and not k.startswith(heads)}
+    return {k: v.detach().double() for k, v in model.named_parameters() if not k.startswith(heads)}
 
 
 def group(name: str) -> str:
@@ -59,18 +61,20 @@ def norms(delta: Dict[str, torch.Tensor]) -> Dict[str, float]:
 
 def measure(run: str, ce_run: str) -> dict:
     ssod, ckpt = load_checkpoint(CACHE / 'runs' / run / 'last.pt')
-    ce, _ = load_checkpoint(CACHE / 'runs' / ce_run / 'last.pt')
+    ce, ce_ckpt = load_checkpoint(CACHE / 'runs' / ce_run / 'last.pt')
     w_ssod, w_ce = backbone(ssod), backbone(ce)
-    init_path = ckpt['config'].get('init')
-    if not init_path or Path(init_path).name != SHIPPED_INIT.name:  # the path where the run was trained
-        raise SystemExit(f'{run} does not start from {SHIPPED_INIT.name} (its init: {init_path!r}): no shared init '
-                         'to measure distances from')
+    for name, config in ((run, ckpt['config']), (ce_run, ce_ckpt['config'])):
+        init_path = config.get('init')
+        if not init_path or Path(init_path).name != SHIPPED_INIT.name:  # the path where the run was trained
+            raise SystemExit(f'{name} does not start from {SHIPPED_INIT.name} (its init: {init_path!r}): no shared '
+                             'init to measure distances from')
     init = load_file(SHIPPED_INIT)
     w_init = {k: init[k].double() for k in w_ce}
     ce_moved = norms({k: w_ce[k] - w_init[k] for k in w_ce})
     ssod_moved = norms({k: w_ssod[k] - w_init[k] for k in w_ce})
     apart, size = norms({k: w_ssod[k] - w_ce[k] for k in w_ce}), norms(w_init)
-    return {'run': run, 'ce_run': ce_run, 'ood_detach': bool(ckpt['config'].get('ood_detach')), 'init': SHIPPED_INIT.name,
+    return {'run': run, 'ce_run': ce_run, 'ood_detach': bool(ckpt['config'].get('ood_detach')),
+            'init': SHIPPED_INIT.name,
             'groups': {g: {'ssod~ce': apart[g] / ce_moved[g], 'ssod~init': ssod_moved[g] / size[g],
                            'ce~init': ce_moved[g] / size[g]} for g in apart}}
 
@@ -88,10 +92,12 @@ def write(results: List[dict], path: Path) -> None:
     groups = list(results[0]['groups'])
     lines = ['# How far SSOD training moves the backbone from its CE twin', '',
              'Written by `python benchmarks/weight_drift.py` (see its docstring). Relative L2 distances of the '
-             'backbone weights (classifier and OOD head left out), mean ± sd over the runs of each configuration. '
+             'backbone\'s learned parameters (classifier, OOD head and BatchNorm running statistics left out), '
+             'mean ± sd over the runs of each configuration. '
              '`SSOD~CE`: ||w_ssod - w_ce|| / ||w_ce - w_init|| (0: the CE twin\'s weights; 1: as far apart as '
              'training moves the twin). `moved`: ||w - w_init|| / ||w_init||, in %.', '',
-             '| configuration | runs | module | SSOD~CE | SSOD moved (%) | CE moved (%) |', '|---|---|---|---:|---:|---:|']
+             '| configuration | runs | module | SSOD~CE | SSOD moved (%) | CE moved (%) |',
+             '|---|---|---|---:|---:|---:|']
     for name, rs in configs.items():
         for g in groups:
             cells = [mean_sd([r['groups'][g][key] * 100 for r in rs]) for key in ('ssod~ce', 'ssod~init', 'ce~init')]

@@ -350,7 +350,7 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
     if not isinstance(model, SSODModel):
         model = wrap(model)
     labels = model.pretrained_cfg.get('label_names')
-    if labels and len(labels) != model.num_classes:  # a wrapped timm model; SSOD models did this in registry._create
+    if labels and model.num_classes not in (0, len(labels)):  # a wrapped timm model; SSOD ones: registry._create
         _forget_calibration(model, spec, len(labels))
     return model.eval()
 

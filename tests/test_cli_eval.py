@@ -3,6 +3,7 @@ bootstrap intervals, per-image scores, every method's histogram, detectors sized
 folders, and one line for a corrupt image."""
 import csv
 import json
+from pathlib import Path
 
 import matplotlib.axes
 import pytest
@@ -122,7 +123,7 @@ def test_targets_follow_the_rows_a_protocol_wrapper_selects():
     from torch.utils.data import Dataset, Subset
 
     from ssod_zoo.app.evaluate import _targets
-    from ssod_zoo.app.protocols import Transformed, _Classes
+    from ssod_zoo.app.protocols import ImageList, Transformed, _Classes
 
     class Source(Dataset):
         targets = [5, 7, 5, 9, 7]
@@ -136,3 +137,5 @@ def test_targets_follow_the_rows_a_protocol_wrapper_selects():
     ds = Transformed(_Classes(Source(), [3, 1, 4], {7: 0, 9: 1}, ['seven', 'nine']), None)
     assert _targets(ds) == [ds[i][1] for i in range(len(ds))] == [1, 0, 0]
     assert _targets(Subset(ds, [2, 0])) == [0, 1]
+    listed = Transformed(ImageList(Path('.'), [Path(f'{i}.png') for i in range(3)], [2, 0, 1]), None)  # OpenOOD's
+    assert _targets(listed) == [2, 0, 1]

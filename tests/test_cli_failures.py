@@ -101,6 +101,9 @@ def test_loading_with_another_class_count_drops_label_names_and_threshold(load):
     assert model.ood_threshold is None and 'label_names' not in model.pretrained_cfg
     kept = load('ssod_test_resnet.synthetic')  # the weights' own class count: calibration kept
     assert kept.ood_threshold is not None and len(kept.pretrained_cfg['label_names']) == kept.num_classes
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no classifier (num_classes=0): the OOD factor and its threshold still hold
+        assert load('ssod_test_resnet.synthetic', num_classes=0).ood_threshold == kept.ood_threshold
 
 
 @pytest.mark.parametrize('command, argv, message', [

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .._pretrained import _weights_dir
 from ..hub import load_checkpoint, load_model, save_pretrained
-from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded
+from .cli import AT_LEAST_0, AT_LEAST_1, bounded
 from .evaluate import evaluate, results_markdown, write_results
 from .plots import plot_histograms, plot_roc, plot_sampler
 from .synthetic import GENERATOR_VERSION, BenchmarkConfig, SyntheticBenchmark
@@ -61,25 +61,25 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument('--init', default=str(SHIPPED_INIT) if SHIPPED_INIT.exists() else '',
                    help='training: cross-entropy classifier to fine-tune from (default: the shipped one); '
                         '\'\' = from scratch')
-    p.add_argument('--warmup-epochs', type=bounded(int, *AT_LEAST_0), default=8,
+    p.add_argument('--warmup-epochs', type=bounded(int, *AT_LEAST_1), default=8,
                    help='training, without --init: cross-entropy epochs from scratch')
-    p.add_argument('--ssod-epochs', type=bounded(int, *AT_LEAST_1), default=16,
+    p.add_argument('--ssod-epochs', type=bounded(int, *RANGES['epochs']), default=16,
                    help='training: epochs of each of the two runs')
-    p.add_argument('--batch-size', type=bounded(int, *AT_LEAST_1), default=64, help='training')
-    p.add_argument('--lr', type=bounded(float, *POSITIVE), default=5e-4,
+    p.add_argument('--batch-size', type=bounded(int, *RANGES['batch_size']), default=64, help='training')
+    p.add_argument('--lr', type=bounded(float, *RANGES['lr']), default=5e-4,
                    help='training: fine-tuning a small network on a small set')
     p.add_argument('--lr-step', type=bounded(int, *AT_LEAST_0), default=4,
                    help='training: halve the learning rate every N epochs (0: never)')
     p.add_argument('--gamma', type=bounded(float, *RANGES['gamma']), default=0.95,
                    help='training: the sampler\'s threshold (Eq. 12)')
-    p.add_argument('--alpha', type=bounded(float, *AT_LEAST_0), default=1.0,
+    p.add_argument('--alpha', type=bounded(float, *RANGES['alpha']), default=1.0,
                    help='training: the OOD loss weight (Eq. 14)')
     p.add_argument('--train-per-class', type=bounded(int, *AT_LEAST_1), default=400,
                    help='benchmark training images per class: the training split, and the detectors\' fit set')
     p.add_argument('--val-per-class', type=bounded(int, *AT_LEAST_1), default=100)
     p.add_argument('--ood-per-set', type=bounded(int, *AT_LEAST_1), default=1000)
     p.add_argument('--seed', type=int, default=0, help='training: the training seed and the benchmark\'s')
-    p.add_argument('--workers', type=bounded(int, *AT_LEAST_0), default=2)
+    p.add_argument('--workers', type=bounded(int, *RANGES['workers']), default=2)
     p.add_argument('--bench-root', default='', help='benchmark cache (default: DIR/benchmark)')
     p.add_argument('--quick', action='store_true', help='a tiny run to check the pipeline, not for numbers')
     p.add_argument('--no-progress', dest='progress', action='store_false')

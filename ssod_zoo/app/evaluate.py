@@ -292,8 +292,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         except DataMissing as e:
             print(f'ssod eval: error: {e}', file=sys.stderr)
             raise SystemExit(2)
-        for name, why in protocol.skipped.items():  # optional OOD sets: the run goes on without them
-            print(f'ssod eval: skipping OOD set {name}: {why}', file=sys.stderr)
+        for name, why in protocol.skipped.items():  # optional parts: the run goes on without them
+            print(f'ssod eval: skipping {name}: {why}', file=sys.stderr)
     elif not args.val_dir or not args.ood_dirs:
         p.error('give --protocol NAME, or --val-dir and --ood-dirs')
     for d in [] if protocol else [args.val_dir, *args.ood_dirs, *([args.fit_dir] if args.fit_dir else [])]:
@@ -363,8 +363,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
                'bootstrap': {'resamples': args.bootstrap, 'seed': 0, 'level': 95}, 'ci': ci},
         sections=[*sections, deployment])
     loaders = {'id': val, **oods}
+    id_targets = _targets(val.dataset)
     write_scores_csv(results['scores'], {k: _paths(v.dataset) for k, v in loaders.items()}, out / 'scores.csv',
-                     targets={'id': torch.as_tensor(_targets(val.dataset))} if _targets(val.dataset) else None)
+                     targets={'id': torch.as_tensor(id_targets)} if id_targets else None)
     if not args.no_plots:
         from .plots import plot_histograms, plot_roc
         plot_roc(results['scores'], out / 'roc.png')

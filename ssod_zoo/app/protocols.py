@@ -101,7 +101,7 @@ def limited(ds: Dataset, limit: int, targets: Optional[Sequence[int]] = None) ->
     if limit <= 0 or len(ds) <= limit:
         return ds
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
-    if targets:
+    if targets is not None and len(targets):
         labels = torch.as_tensor(targets)[order]
         rank = torch.empty_like(labels)  # an image's place among its class's images in the random order
         for c in labels.unique():
@@ -225,6 +225,10 @@ class ImageList(Dataset):
 
     def __getitem__(self, index: int):
         return read_image(self.paths[index]), self.labels[index]
+
+    @property
+    def targets(self) -> List[int]:  # the name torchvision's data sets use, which evaluation reads
+        return self.labels
 
 
 def _ood_folder(root: Path, name: str, how: str) -> Dataset:

@@ -97,10 +97,11 @@ CHOICES = {'data': ('folder', 'synthetic', *PROTOCOLS), 'balance': BALANCE_SCHEM
            'amp': ('none', 'bf16', 'fp16')}
 
 RANGES = {  # the numeric fields' valid values: checked when the flags are parsed, and by train() for API callers
-    'img_size': AT_LEAST_1, 'scale_min': (lambda v: 0 < v <= 1, 'in (0, 1]'), 'workers': AT_LEAST_0,
+    'img_size': AT_LEAST_1, 'crop_pct': (lambda v: v is None or v > 0, '> 0'),
+    'scale_min': (lambda v: 0 < v <= 1, 'in (0, 1]'), 'workers': AT_LEAST_0,
     'gamma': (lambda v: 0.5 < v <= 1, 'in (0.5, 1]'),
     'alpha': AT_LEAST_0, 'background_weight': AT_LEAST_0, 'label_smoothing': (lambda v: 0 <= v < 1, 'in [0, 1)'),
-    'warmup_epochs': AT_LEAST_0, 'epochs': AT_LEAST_1, 'batch_size': AT_LEAST_1, 'lr': POSITIVE,
+    'warmup_epochs': AT_LEAST_0, 'epochs': AT_LEAST_1, 'batch_size': AT_LEAST_1, 'lr': AT_LEAST_0,
     'weight_decay': AT_LEAST_0, 'lr_step': AT_LEAST_1, 'lr_gamma': POSITIVE, 'max_steps_per_epoch': AT_LEAST_0,
     'eval_every': AT_LEAST_0,
 }
