@@ -103,7 +103,37 @@ def write(results: List[dict], path: Path) -> None:
             cells = [mean_sd([r['groups'][g][key] * 100 for r in rs]) for key in ('ssod~ce', 'ssod~init', 'ce~init')]
             lines.append(f'| {name} | {len(rs)} | {g} | {cells[0]} % | {cells[1]} | {cells[2]} |')
     lines += ['', 'Runs: ' + ', '.join(f'`{r["run"]}` (CE twin `{r["ce_run"]}`)' for r in results), '']
+    figure = path.with_suffix('.png')
+    plot(configs, groups, figure)
+    lines[3:3] = ['', f'![how far each backbone stage moved from the init]({figure.name})']
     path.write_text('\n'.join(lines))
+
+
+def plot(configs: Dict[str, List[dict]], groups: List[str], path: Path) -> None:
+    """Per backbone stage: how far each configuration's runs moved from the init (mean, sd bars), the CE twins
+    once (the same twins serve every configuration)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    bars = {f'{name.strip("`")} (SSOD)': [[r['groups'][g]['ssod~init'] * 100 for r in rs] for g in groups]
+            for name, rs in configs.items() if not name.startswith('CE')}
+    twins = {r['ce_run']: r for rs in configs.values() for r in rs if not r['run'].startswith('ce-')}
+    bars['CE twins'] = [[r['groups'][g]['ce~init'] * 100 for r in twins.values()] for g in groups]
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    width = 0.8 / len(bars)
+    for i, (label, per_group) in enumerate(bars.items()):
+        values = torch.tensor(per_group, dtype=torch.float64)
+        sd = values.std(1) if values.shape[1] > 1 else torch.zeros(len(groups))
+        ax.bar([j + (i - (len(bars) - 1) / 2) * width for j in range(len(groups))], values.mean(1), width, yerr=sd,
+               capsize=2, label=label)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel('||w - w_init|| / ||w_init|| (%)')
+    ax.set_title('How far training moved each backbone stage from the shipped CE init (learned parameters)')
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
