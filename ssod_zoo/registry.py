@@ -32,6 +32,8 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
     tag = kwargs.get('pretrained_cfg') if isinstance(kwargs.get('pretrained_cfg'), str) else None
     # a registered weight brings the model arguments it was saved with (ood_threshold, output_stride, ...)
     saved_args = hub._shipped_model_args(variant, tag)
+    if not pretrained:  # the architecture the weights need, not the threshold calibrated on them: no weights here
+        saved_args.pop('ood_threshold', None)
     for k, v in saved_args.items():
         kwargs.setdefault(k, v)
     if saved_args:

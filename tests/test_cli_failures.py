@@ -106,6 +106,15 @@ def test_loading_with_another_class_count_drops_label_names_and_threshold(load):
         assert load('ssod_test_resnet.synthetic', num_classes=0).ood_threshold == kept.ood_threshold
 
 
+
+def test_a_tag_without_its_weights_has_their_architecture_but_not_their_threshold():
+    random = timm.create_model('ssod_test_resnet.synthetic', pretrained=False)
+    shipped = timm.create_model('ssod_test_resnet.synthetic', pretrained=True)
+    assert random.ood_threshold is None and shipped.ood_threshold is not None
+    x = torch.randn(1, 3, 96, 96)
+    assert random.forward_features(x).shape == shipped.forward_features(x).shape  # output_stride=16 kept
+
+
 @pytest.mark.parametrize('command, argv, message', [
     ('train', ['--gamma', '1.5'], 'argument --gamma: must be in (0.5, 1], got 1.5'),
     ('train', ['--batch-size', '0'], 'argument --batch-size: must be >= 1, got 0'),
