@@ -71,7 +71,7 @@ CONFIGS: Dict[str, dict] = {
     'detach-e8': {'ood_detach': True},
     # resolution (the issue: at output stride 16 on 96 px each of the 6x6 cells sees most of the image, so cells next
     # to the object are sampled as ID): output stride 8, a 12x12 map from the same weights (dilation adds no
-    # parameter); its CE twin is built the same way
+    # parameter); its CE twin is built the same way. A config's model_kwargs replace BASE's list: give them all
     'os8-e8': {'model_kwargs': ['output_stride=8']},
     # learning rate (the issue's list; the recipe's 5e-4 was set for fine-tuning a small network): the paper's 1e-4
     # (A.4, for batch 256 on ImageNet) and 4x the recipe's; each CE twin at the same rate
