@@ -295,8 +295,9 @@ def run(grid: str, names: List[str], seeds: List[int], which: str, rescore: bool
             t0 = time.time()
             print(f'[study] {name} seed {seed}: training SSOD and its CE twin ({ce_name})', flush=True)
             ssod_dir = train_run(name, overrides, seed, bench, ce=False)
-            ce_dir = train_run(ce_name, {k: v for k, v in overrides.items()
-                                         if (k in ce_key or k == 'model_kwargs') and k != 'classes'}, seed, bench, ce=True)
+            ce_overrides = {k: v for k, v in overrides.items()
+                            if (k in ce_key or k == 'model_kwargs') and k != 'classes'}
+            ce_dir = train_run(ce_name, ce_overrides, seed, bench, ce=True)
             t1 = time.time()
             model, _ = load_checkpoint(ssod_dir / 'last.pt')
             tf = train_mod._transforms(model, train_mod.TrainConfig(img_size=BASE['img_size'], crop_pct=1.0))[1]
@@ -342,9 +343,10 @@ def summarise() -> None:
     lines = ['# SSOD study', '', 'Written by `python benchmarks/study.py`; one JSON per run beside this file.',
              'FPR95 (ID positive, the paper\'s convention) averaged over the OOD sets of each table; lower is better.',
              '']
-    plot_rows, focus_rows = [], []
+    plot_rows, focus_rows, every_run = [], [], []
     for grid_dir in sorted(p for p in OUT.iterdir() if p.is_dir()) if OUT.exists() else []:
         records = [json.loads(p.read_text()) for p in sorted(grid_dir.glob('*.json'))]
+        every_run += records if grid_dir.name != 'fewclass' else []  # 3 classes: another benchmark
         if not records:
             continue
         sets = [s for s in records[0]['ood'] if s != 'average']
@@ -393,6 +395,7 @@ def summarise() -> None:
                                   '{ood_off_object:.1f}; {object_cells_sampled_id:.1f}'.format(**r['sampler'])
                                   if 'sampler' in r else ''))
         lines.append('')
+    lines += paired_lines(every_run)
     if (OUT / 'choice.json').exists():
         c = json.loads((OUT / 'choice.json').read_text())
         lines += ['## Choice', '', f'Rule: {c["rule"]}', '',
@@ -404,6 +407,30 @@ def summarise() -> None:
         _plot(plot_rows, OUT / 'study.png')
         _plot_focus(focus_rows, OUT / 'study_focus.png')
     print(f'[study] wrote {OUT / "summary.md"}', flush=True)
+
+
+PAIRED = (('pos_top3_maxlogit', 'ce_pos_top3_maxlogit'), ('pos_max_energy', 'ce_pos_max_energy'),
+          ('ssod_energy', 'energy'))  # an SSOD-model readout and the same readout on its CE twin
+
+
+def paired_lines(records: List[dict]) -> List[str]:
+    """Does SSOD training help a readout? CE twin minus SSOD model, same readout, average FPR95, over every distinct
+    run of the 10-class grids (a run in two grids counts once), apart for the ``--ood-detach`` control."""
+    runs = {(r['name'], r['seed'], r['sets']): r for r in records}
+    lines = ['## SSOD against its CE twin, paired over every run', '',
+             'CE twin minus SSOD model, the same readout, average FPR95 of each distinct 10-class run (validation and '
+             'test); positive: SSOD training helped.', '',
+             '| runs | readout (SSOD / CE twin) | n | mean | min | max | SSOD better in |',
+             '|---|---|---:|---:|---:|---:|---:|']
+    for detach in (False, True):
+        group = [r for r in runs.values() if bool(r['config'].get('ood_detach')) == detach]
+        for ours, twin in PAIRED:
+            gaps = [_fpr(r, twin) - _fpr(r, ours) for r in group if _fpr(r, ours) is not None and _fpr(r, twin)]
+            if gaps:
+                lines.append(f'| {"--ood-detach (control)" if detach else "SSOD"} | {ours} / {twin} | {len(gaps)} | '
+                             f'{sum(gaps) / len(gaps):+.2f} | {min(gaps):+.2f} | {max(gaps):+.2f} | '
+                             f'{sum(g > 0 for g in gaps)} of {len(gaps)} |')
+    return lines + ['']
 
 
 def table_over_seeds(records: List[dict]) -> str:
@@ -532,7 +559,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--grid', choices=['select', 'test', 'auto', 'fewclass', 'ablate'],
                    help='select: all candidates on validation sets; test: --config over seeds 0-2 on the test '
-                   'sets; auto: select, choose (choice.json), then test; fewclass, ablate: side studies on validation sets')
+                   'sets; auto: select, choose (choice.json), then test; fewclass, ablate: side studies on '
+                   'validation sets')
     p.add_argument('--config', choices=list(CONFIGS), help='with --grid test: the configuration chosen on validation')
     p.add_argument('--configs', nargs='*', choices=list(CONFIGS), help='with --grid select: a subset of candidates')
     p.add_argument('--seeds', nargs='*', type=int, help='override the grid\'s seeds')
