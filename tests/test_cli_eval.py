@@ -122,7 +122,7 @@ def test_targets_follow_the_rows_a_protocol_wrapper_selects():
     from PIL import Image
     from torch.utils.data import Dataset, Subset
 
-    from ssod_zoo.app.evaluate import _targets
+    from ssod_zoo.app.evaluate import _paths, _targets
     from ssod_zoo.app.protocols import ImageList, Transformed, _Classes
 
     class Source(Dataset):
@@ -139,3 +139,5 @@ def test_targets_follow_the_rows_a_protocol_wrapper_selects():
     assert _targets(Subset(ds, [2, 0])) == [0, 1]
     listed = Transformed(ImageList(Path('.'), [Path(f'{i}.png') for i in range(3)], [2, 0, 1]), None)  # OpenOOD's
     assert _targets(listed) == [2, 0, 1]
+    assert _paths(Subset(listed, [2, 1])) == ['2.png', '1.png'] and _targets(Subset(listed, [2, 1])) == [1, 0]
+    assert _paths(_Classes(listed, [0, 2], {2: 0, 1: 1}, ['a', 'b'])) == []  # rows it selects, paths it lacks

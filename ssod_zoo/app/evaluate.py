@@ -17,7 +17,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -378,27 +378,27 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 
 def _paths(ds) -> List[str]:
-    """The image file of each item, in loader order, where the dataset says ('' where it does not)."""
-    if hasattr(ds, 'paths'):
-        return [str(p) for p in ds.paths]
-    if hasattr(ds, 'samples'):
-        return [str(p) for p, _ in ds.samples]
-    if isinstance(ds, torch.utils.data.Subset):
-        inner = _paths(ds.dataset)
-        return [inner[i] for i in ds.indices] if inner else []
-    return _paths(ds.dataset) if hasattr(ds, 'dataset') else []
+    """The image file of each item, in loader order, where the dataset says ([] where it does not)."""
+    return _column(ds, lambda d: [str(p) for p in d.paths] if hasattr(d, 'paths') else
+                   [str(p) for p, _ in d.samples] if hasattr(d, 'samples') else None)
 
 
 def _targets(ds) -> List[int]:
-    """The labels of ``ds`` in its order, from its own ``targets`` or those of the dataset it wraps; [] if unknown."""
+    """The label of each item, in loader order, where the dataset says ([] where it does not)."""
+    return _column(ds, lambda d: [int(t) for t in d.targets] if hasattr(d, 'targets') else None)
+
+
+def _column(ds, own: Callable[[Dataset], Optional[list]]) -> list:
+    """A per-item column of ``ds``: ``own(ds)``, else that of the dataset it wraps, through a ``Subset``'s indices.
+    [] if no layer has it, or if a wrapper selects rows without saying which (the lengths differ)."""
     if isinstance(ds, torch.utils.data.Subset):
-        inner = _targets(ds.dataset)
+        inner = _column(ds.dataset, own)
         found = [inner[int(i)] for i in ds.indices] if inner else []
-    elif hasattr(ds, 'targets'):
-        found = [int(t) for t in ds.targets]
     else:
-        found = _targets(ds.dataset) if hasattr(ds, 'dataset') else []
-    return found if len(found) == len(ds) else []  # a wrapper that selects rows without saying which
+        found = own(ds)
+        if found is None:
+            found = _column(ds.dataset, own) if hasattr(ds, 'dataset') else []
+    return found if len(found) == len(ds) else []
 
 
 if __name__ == '__main__':
