@@ -324,7 +324,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             ds = Transformed(path, transform)
         else:  # ID sets need their class folders; an OOD set is every image under its folder
             ds = class_folder(path, transform) if labelled else ImageFiles(path, transform)
-        ds = limited(ds, limit, _targets(ds) if per_class else None)
+        ds = limited(ds, limit, _targets(ds) if per_class and limit else None)
         return DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
 
     try:
