@@ -46,7 +46,8 @@ from ssod_zoo.output import posterior_score, spatial_maxlogit_score, spatial_pos
 
 OUT = RESULTS / 'study'
 CACHE = Path(os.environ.get('SSOD_STUDY_CACHE', Path.home() / '.cache' / 'ssod_zoo' / 'study'))
-FMNIST_DIR = Path('/usr/share/datasets/fashion-mnist')
+FMNIST_DIR = Path(os.environ.get('SSOD_FMNIST_DIR', '/usr/share/datasets/fashion-mnist'))  # Debian's package
+DEVICE = torch.device('cpu')  # where evaluation runs: --device
 
 # the demo's recipe (ssod_zoo.app.demo): test_resnet at output stride 16, 96 px, fine-tuned from the shipped CE model
 BASE = dict(model='ssod_test_resnet', model_kwargs=['output_stride=16'], img_size=96, crop_pct=1.0, scale_min=0.5,
@@ -77,7 +78,14 @@ CONFIGS: Dict[str, dict] = {
     # (A.4, for batch 256 on ImageNet) and 4x the recipe's; each CE twin at the same rate
     'lr1e-4-e8': {'lr': 1e-4},
     'lr2e-3-e8': {'lr': 2e-3},
+    # capacity and resolution at the paper's scale (its CIFAR-10 setting: ResNet-18 trained from scratch on images
+    # upsampled to 224 px, output stride 32, a 7x7 map), with scratch-e34's schedule; needs a GPU (estimated at
+    # about 2 hours per model on 2 CPU cores; benchmarks/gpu_session.sh). amp, channels_last and workers are system
+    # settings: the CE twin gets the same ones. Not run to the end yet (results/gpu_h100/README.md)
+    'r18-224-scratch': {'model': 'ssod_resnet18', 'model_kwargs': [], 'img_size': 224, 'init': '', 'epochs': 34,
+                        'lr': 2e-3, 'lr_step': 12, 'amp': 'bf16', 'channels_last': True, 'workers': 12},
 }
+SYSTEM = ('amp', 'channels_last', 'workers')  # settings a CE twin shares with its SSOD run without naming them
 # Few classes (issue: the paper's sampler starves the OOD head when M is small). A 3-class benchmark (the first 3
 # ID shapes), the classifier re-initialised for 3 classes and trained 2 epochs with cross-entropy before the OOD
 # loss switches on; the paper's OOD rule (below 1 - gamma) against the 'chance' rule (below max(1-gamma, 0.5/M)).
@@ -86,7 +94,9 @@ FEW = {'classes': 3, 'warmup_epochs': 2}
 CONFIGS.update({'m3-paper': {**FEW, 'ood_rule': 'paper'}, 'm3-chance': {**FEW, 'ood_rule': 'chance'}})
 # The select grid that was run (2026-11-27, 2 CPU cores): the three 8-epoch candidates in the second session,
 # lrdecay-e16 added in the third, paper-e16, scratch-e34, lw-e8, dr-e8 and detach-e8 in the fourth, os8-e8 and the
-# two learning rates in the fifth (the selection rule and validation sets unchanged each time).
+# two learning rates in the fifth (the selection rule and validation sets unchanged each time). r18-224-scratch
+# needs a GPU: benchmarks/gpu_session.sh enters it with --configs, so that --grid select/auto never trains it on CPU;
+# choose() reads every record in select/, so it competes once its record exists.
 GRIDS = {'select': {'configs': ['paper-e8', 'gamma0.8-e8', 'alpha0.3-e8', 'lrdecay-e16', 'paper-e16', 'scratch-e34',
                                 'lw-e8', 'dr-e8', 'detach-e8', 'os8-e8', 'lr1e-4-e8', 'lr2e-3-e8'],
                     'seeds': [0],
@@ -94,7 +104,9 @@ GRIDS = {'select': {'configs': ['paper-e8', 'gamma0.8-e8', 'alpha0.3-e8', 'lrdec
          'fewclass': {'configs': ['m3-paper', 'm3-chance'], 'seeds': [0, 1], 'sets': 'val'},
          # the --ood-detach ablation over three seeds (fifth session), on validation sets: its own folder, so that
          # the extra seeds never enter the select grid's choice
-         'ablate': {'configs': ['paper-e8', 'detach-e8'], 'seeds': [0, 1, 2], 'sets': 'val'}}
+         'ablate': {'configs': ['paper-e8', 'detach-e8'], 'seeds': [0, 1, 2], 'sets': 'val'},
+         # the paper's scale over three seeds (sixth session, on a lent GPU), on validation sets, its own folder
+         'paper224': {'configs': ['r18-224-scratch'], 'seeds': [0, 1, 2], 'sets': 'val'}}
 SEEDS_TEST = [0, 1, 2]
 
 
@@ -107,7 +119,7 @@ def benchmarks(classes: int = 10) -> Dict[str, SyntheticBenchmark]:
     val = SyntheticBenchmark(CACHE / f'bench_seed1{tag}', BenchmarkConfig(
         num_classes=classes, seed=1, train_per_class=1, val_per_class=50 * 10 // classes, ood_per_set=500))
     for b in (test, val):
-        b.prepare(workers=2, progress=False)
+        b.prepare(workers=min(8, os.cpu_count() or 1), progress=False)
     return {'test': test, 'val': val}
 
 
@@ -168,7 +180,7 @@ def spatial_readouts(model, loader) -> Dict[str, torch.Tensor]:
     out = {'pos_mean_pid': [], 'pos_max_pid': [], 'pos_top3_maxlogit': [], 'pos_max_posterior': [],
            'pos_max_energy': []}
     for x, _ in loader:
-        s = model.forward_spatial(x)
+        s = model.forward_spatial(x.to(DEVICE))
         p_id = s.ood_map.float().log_softmax(1)[:, ID_INDEX].flatten(1).exp()  # (B, h*w)
         out['pos_mean_pid'].append(p_id.mean(1))
         out['pos_max_pid'].append(p_id.amax(1))
@@ -176,7 +188,7 @@ def spatial_readouts(model, loader) -> Dict[str, torch.Tensor]:
         out['pos_top3_maxlogit'].append(spatial_maxlogit_score(s.cls_map, k=3))
         out['pos_max_posterior'].append(spatial_posterior_score(s.cls_map, s.ood_map))
         out['pos_max_energy'].append(spatial_posterior_score(s.cls_map))  # the same without the OOD factor
-    return {k: torch.cat(v) for k, v in out.items()}
+    return {k: torch.cat(v).cpu() for k, v in out.items()}
 
 
 @torch.no_grad()
@@ -197,7 +209,7 @@ def sampler_cleanliness(model, bench: SyntheticBenchmark, transform, gamma: floa
     for start in range(0, n, 100):
         chunk = samples[start:start + 100]
         x = torch.stack([transform(smp.image) for smp in chunk])
-        cls_map = model.forward_spatial(x).cls_map
+        cls_map = model.forward_spatial(x.to(DEVICE)).cls_map.float().cpu()
         labels = sample_patches(cls_map, torch.tensor([smp.label for smp in chunk]), gamma, ood_rule)  # (B, h, w)
         masks = torch.stack([torch.from_numpy(smp.mask).float() for smp in chunk])[:, None]
         on = torch.nn.functional.adaptive_avg_pool2d(masks, labels.shape[1:])[:, 0] > touch
@@ -219,10 +231,11 @@ def evaluate_pair(ssod_dir: Path, ce_dir: Path, sets: Dict[str, Dataset], fit: D
     on ``bench``'s ID validation images (whose masks are known)."""
     ssod_model, ckpt = load_checkpoint(ssod_dir / 'last.pt')
     ce_model, _ = load_checkpoint(ce_dir / 'last.pt')
+    ssod_model.to(DEVICE), ce_model.to(DEVICE)
     loader = lambda ds: DataLoader(ds, batch_size=128, num_workers=2)  # noqa: E731
     loaders = {k: loader(v) for k, v in sets.items()}
     res = evaluate(ssod_model, loaders['id'], {k: v for k, v in loaders.items() if k != 'id'},
-                   baseline_model=ce_model, fit_loader=loader(fit), progress=False)
+                   baseline_model=ce_model, fit_loader=loader(fit), device=DEVICE, progress=False)
     # readouts beyond evaluate()'s: per-position aggregations and the MSP form of the full posterior
     extra = {k: spatial_readouts(ssod_model, v) for k, v in loaders.items()}
     # the classifier-only position readouts are post-hoc readouts any CNN has: score the CE twin with them too, as
@@ -259,8 +272,8 @@ def evaluate_pair(ssod_dir: Path, ce_dir: Path, sets: Dict[str, Dataset], fit: D
 def _posterior_msp(model, loader) -> torch.Tensor:
     out = []
     for x, _ in loader:
-        o = model.forward_ssod(x)
-        out.append(posterior_score(o.logits, o.ood_factor, 'msp'))
+        o = model.forward_ssod(x.to(DEVICE))
+        out.append(posterior_score(o.logits, o.ood_factor, 'msp').cpu())
     return torch.cat(out)
 
 
@@ -288,19 +301,22 @@ def run(grid: str, names: List[str], seeds: List[int], which: str, rescore: bool
                       if k in ('epochs', 'lr', 'lr_step', 'batch_size', 'warmup_epochs', 'init')}
             if bench.config.num_classes != 10:
                 ce_key['classes'] = bench.config.num_classes
-            if 'model_kwargs' in overrides:  # another architecture: its own twin (names of the others unchanged)
+            # another architecture or resolution: its own twin (the names of the others unchanged)
+            if overrides.get('model_kwargs'):
                 ce_key['kw'] = '+'.join(overrides['model_kwargs'])
+            ce_key.update({k: overrides[k] for k in ('model', 'img_size') if k in overrides})
             ce_name = 'ce-' + '-'.join(f'{k}{v}' if k != 'init' else 'scratch' if not v else f'init-{Path(v).stem}'
                                        for k, v in sorted(ce_key.items()))
             t0 = time.time()
             print(f'[study] {name} seed {seed}: training SSOD and its CE twin ({ce_name})', flush=True)
             ssod_dir = train_run(name, overrides, seed, bench, ce=False)
             ce_overrides = {k: v for k, v in overrides.items()
-                            if (k in ce_key or k == 'model_kwargs') and k != 'classes'}
+                            if (k in ce_key or k in ('model_kwargs', *SYSTEM)) and k != 'classes'}
             ce_dir = train_run(ce_name, ce_overrides, seed, bench, ce=True)
             t1 = time.time()
             model, _ = load_checkpoint(ssod_dir / 'last.pt')
-            tf = train_mod._transforms(model, train_mod.TrainConfig(img_size=BASE['img_size'], crop_pct=1.0))[1]
+            img_size = {**BASE, **overrides}['img_size']
+            tf = train_mod._transforms(model, train_mod.TrainConfig(img_size=img_size, crop_pct=1.0))[1]
             result = evaluate_pair(ssod_dir, ce_dir, eval_sets(benches, which, tf), bench.train_dataset(tf),
                                    benches[which], tf)
             wall = {'this_invocation_train': round(t1 - t0, 1), 'eval': round(time.time() - t1, 1),
@@ -557,9 +573,9 @@ def choose() -> dict:
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--grid', choices=['select', 'test', 'auto', 'fewclass', 'ablate'],
+    p.add_argument('--grid', choices=['select', 'test', 'auto', 'fewclass', 'ablate', 'paper224'],
                    help='select: all candidates on validation sets; test: --config over seeds 0-2 on the test '
-                   'sets; auto: select, choose (choice.json), then test; fewclass, ablate: side studies on '
+                   'sets; auto: select, choose (choice.json), then test; fewclass, ablate, paper224: side studies on '
                    'validation sets')
     p.add_argument('--config', choices=list(CONFIGS), help='with --grid test: the configuration chosen on validation')
     p.add_argument('--configs', nargs='*', choices=list(CONFIGS), help='with --grid select: a subset of candidates')
@@ -567,7 +583,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--summarise', action='store_true', help='only rewrite summary.md and study.png')
     p.add_argument('--rescore', action='store_true', help='re-evaluate the grid\'s finished runs from their cached '
                    'checkpoints (readouts added after they ran); trains nothing')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='where evaluation runs (training: each config\'s device, CUDA when available)')
     args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.summarise or not args.grid:
         summarise()
@@ -575,7 +595,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.grid == 'auto':
         run('select', args.configs or GRIDS['select']['configs'], GRIDS['select']['seeds'], 'val')
         run('test', [choose()['config']], args.seeds or SEEDS_TEST, 'test')
-    elif args.grid in ('fewclass', 'select', 'ablate'):
+    elif args.grid in ('fewclass', 'select', 'ablate', 'paper224'):
         grid = GRIDS[args.grid]
         run(args.grid, args.configs or grid['configs'], args.seeds or grid['seeds'], 'val', args.rescore)
     else:

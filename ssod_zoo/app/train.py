@@ -86,6 +86,7 @@ class TrainConfig:
     amp: str = 'none'
     channels_last: bool = False
     compile: bool = False
+    deterministic: bool = False
     seed: int = 0
     out_dir: str = 'runs/ssod'
     resume: str = ''
@@ -145,6 +146,8 @@ HELP = {  # one line per TrainConfig field: `ssod train --help` shows it with th
     'amp': "mixed precision: 'none', 'bf16', or 'fp16' (with a grad scaler)",
     'channels_last': 'channels-last memory format (faster convolutions on recent GPUs)',
     'compile': 'torch.compile the training step',
+    'deterministic': 'deterministic kernels (torch.use_deterministic_algorithms, warning where an op has none): '
+                     'on CUDA, a resumed run then repeats an uninterrupted one; slower',
     'seed': 'seed of data order, augmentation and initialisation',
     'out_dir': 'where checkpoints, config.json and log.jsonl go',
     'resume': "a checkpoint to continue from, or 'auto' for <out-dir>/last.pt if it exists",
@@ -198,22 +201,36 @@ def main(argv: Optional[List[str]] = None) -> dict:
         raise SystemExit(2)
 
 
-def _restores_signal_handlers(fn):
-    """The SIGTERM/SIGINT handlers ``_StopFlag`` installs are the run's, not the caller's: put the caller's
-    back on any exit, so Ctrl-C interrupts a notebook or sweep again after an in-process run."""
+def _restores_process_state(fn):
+    """The SIGTERM/SIGINT handlers ``_StopFlag`` installs and ``--deterministic``'s kernel settings are the run's,
+    not the caller's: put the caller's back on any exit, so Ctrl-C interrupts a notebook or sweep again after an
+    in-process run, and its later work runs with its own kernels."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        kernels = (torch.are_deterministic_algorithms_enabled(),
+                   torch.is_deterministic_algorithms_warn_only_enabled(),
+                   torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
         try:
             return fn(*args, **kwargs)
         finally:
             for s, handler in saved.items():
                 if handler is not None:  # None: installed outside Python, cannot be put back from here
                     signal.signal(s, handler)
+            torch.use_deterministic_algorithms(kernels[0], warn_only=kernels[1])
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = kernels[2:]
     return wrapper
 
 
-@_restores_signal_handlers
+def _use_deterministic_kernels() -> None:
+    """``--deterministic``: the kernels that have a deterministic variant use it (cuDNN's convolution backward
+    passes among them), and the ones that have none warn. cuBLAS needs its workspace fixed before it starts."""
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+
+
+@_restores_process_state
 def train(cfg: TrainConfig) -> dict:
     # ---------------------------------------------------------------------------------------------- setup
     for name, (accepts, what) in RANGES.items():
@@ -222,6 +239,8 @@ def train(cfg: TrainConfig) -> dict:
     cfg = _resumed_config(cfg)
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    if cfg.deterministic:
+        _use_deterministic_kernels()
     device = _device(cfg.device, local_rank)
     ddp = world > 1
     if ddp:
@@ -808,7 +827,7 @@ def _evaluate(model, eval_sets, cfg, device, amp_dtype, rank, world) -> dict:
 # were made with them), so a resumed run uses, and records, the checkpoint's values
 RESUME_MAY_CHANGE = ('epochs', 'resume', 'out_dir', 'workers', 'device', 'progress', 'eval_every', 'export_dir',
                      'compile', 'channels_last', 'train_dir', 'val_dir', 'ood_dirs', 'data_root', 'download',
-                     'synthetic_root')
+                     'synthetic_root', 'deterministic')
 
 
 def _resumed_config(cfg: TrainConfig) -> TrainConfig:
