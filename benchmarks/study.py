@@ -79,8 +79,8 @@ CONFIGS: Dict[str, dict] = {
     'lr1e-4-e8': {'lr': 1e-4},
     'lr2e-3-e8': {'lr': 2e-3},
     # capacity and resolution at the paper's scale (its CIFAR-10 setting: ResNet-18 trained from scratch on images
-    # upsampled to 224 px, output stride 32, a 7x7 map), with scratch-e34's schedule; needs a GPU (estimated at
-    # about 2 hours per model on 2 CPU cores; benchmarks/gpu_session.sh). amp, channels_last and workers are system
+    # upsampled to 224 px, output stride 32, a 7x7 map), with scratch-e34's schedule; needs a GPU (a training step of 64
+    # images took 5.9 s on 2 CPU cores: about 3.5 hours per model; benchmarks/gpu_session.sh). amp, channels_last and workers are system
     # settings: the CE twin gets the same ones. Not run to the end yet (results/gpu_h100/README.md)
     'r18-224-scratch': {'model': 'ssod_resnet18', 'model_kwargs': [], 'img_size': 224, 'init': '', 'epochs': 34,
                         'lr': 2e-3, 'lr_step': 12, 'amp': 'bf16', 'channels_last': True, 'workers': 12},
