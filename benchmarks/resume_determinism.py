@@ -3,11 +3,14 @@
 On CPU the recipe's tests say yes (tests/test_train.py). On CUDA, cuDNN's default convolution backward kernels
 are not deterministic, so two runs of the same command can already differ. Per setting (the recipe's defaults,
 then ``--deterministic``), three runs of the recipe on a tiny synthetic benchmark: two uninterrupted 2-epoch runs
-and one stopped after epoch 1 and resumed. Reported: the largest absolute weight difference of each pair.
+and one stopped after epoch 1 and resumed. Reported: the largest absolute weight difference of each pair. Each
+run is its own ``python -m ssod_zoo.app.train`` process, as a user runs it, so that cuBLAS starts after
+``--deterministic`` has fixed its workspace.
 
     python benchmarks/resume_determinism.py --device cuda
 """
 import argparse
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from ssod_zoo.app.synthetic import BenchmarkConfig, SyntheticBenchmark  # noqa: E402
-from ssod_zoo.app.train import main as train_main  # noqa: E402
 
 
 def _max_diff(a: Path, b: Path) -> float:
@@ -39,11 +41,12 @@ def main(argv=None) -> dict:
         bench = SyntheticBenchmark(tmp / 'bench', config).prepare(workers=1, progress=False).root
 
         def run(out: Path, *extra: str) -> None:
-            train_main(['--model', 'ssod_test_resnet', '--model-kwargs', 'output_stride=16', '--data', 'folder',
-                        '--train-dir', str(bench / 'id' / 'train'), '--val-dir', str(bench / 'id' / 'val'),
-                        '--img-size', '64', '--crop-pct', '1.0', '--batch-size', '8', '--lr', '1e-3',
-                        '--workers', '0', '--eval-every', '0', '--device', args.device, '--no-progress',
-                        '--out-dir', str(out), *extra])
+            subprocess.run([sys.executable, '-m', 'ssod_zoo.app.train', '--model', 'ssod_test_resnet',
+                            '--model-kwargs', 'output_stride=16', '--data', 'folder',
+                            '--train-dir', str(bench / 'id' / 'train'), '--val-dir', str(bench / 'id' / 'val'),
+                            '--img-size', '64', '--crop-pct', '1.0', '--batch-size', '8', '--lr', '1e-3',
+                            '--workers', '0', '--eval-every', '0', '--device', args.device, '--no-progress',
+                            '--out-dir', str(out), *extra], check=True)
 
         for flags in ([], ['--deterministic']):
             name = ' '.join(flags) or 'defaults'

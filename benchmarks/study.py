@@ -79,13 +79,16 @@ CONFIGS: Dict[str, dict] = {
     'lr1e-4-e8': {'lr': 1e-4},
     'lr2e-3-e8': {'lr': 2e-3},
     # capacity and resolution at the paper's scale (its CIFAR-10 setting: ResNet-18 trained from scratch on images
-    # upsampled to 224 px, output stride 32, a 7x7 map), with scratch-e34's schedule; needs a GPU (a training step of 64
-    # images took 5.9 s on 2 CPU cores: about 3.5 hours per model; benchmarks/gpu_session.sh). amp, channels_last and workers are system
-    # settings: the CE twin gets the same ones. Not run to the end yet (results/gpu_h100/README.md)
+    # upsampled to 224 px, output stride 32, a 7x7 map), with scratch-e34's schedule. It needs a GPU: a training
+    # step of 64 images took 5.9 s on 2 CPU cores, about 3.5 hours per model (benchmarks/gpu_session.sh). amp,
+    # channels_last, workers and deterministic are system settings: the CE twin gets the same ones. Not run to the
+    # end yet (results/gpu_h100/README.md)
     'r18-224-scratch': {'model': 'ssod_resnet18', 'model_kwargs': [], 'img_size': 224, 'init': '', 'epochs': 34,
-                        'lr': 2e-3, 'lr_step': 12, 'amp': 'bf16', 'channels_last': True, 'workers': 12},
+                        'lr': 2e-3, 'lr_step': 12, 'amp': 'bf16', 'channels_last': True, 'workers': 12,
+                        'deterministic': True},
 }
-SYSTEM = ('amp', 'channels_last', 'workers')  # settings a CE twin shares with its SSOD run without naming them
+# settings a CE twin shares with its SSOD run without naming them
+SYSTEM = ('amp', 'channels_last', 'workers', 'deterministic')
 # Few classes (issue: the paper's sampler starves the OOD head when M is small). A 3-class benchmark (the first 3
 # ID shapes), the classifier re-initialised for 3 classes and trained 2 epochs with cross-entropy before the OOD
 # loss switches on; the paper's OOD rule (below 1 - gamma) against the 'chance' rule (below max(1-gamma, 0.5/M)).
@@ -326,7 +329,7 @@ def run(grid: str, names: List[str], seeds: List[int], which: str, rescore: bool
                 wall['this_invocation_train'] = previous['wall_seconds']['this_invocation_train']
             record = {'name': name, 'seed': seed, 'sets': which, 'config': {**BASE, **overrides},
                       'ce_twin': ce_name, 'train_log_ssod': _last_log(ssod_dir), **result,
-                      'wall_seconds': wall, 'environment': environment()}
+                      'wall_seconds': wall, 'eval_device': str(DEVICE), 'environment': environment()}
             result_file.write_text(json.dumps(record, indent=1))
             avg = record['ood']['average']
             print(f'[study] {name} seed {seed} on {which}: ' + ', '.join(

@@ -204,13 +204,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
 def _restores_process_state(fn):
     """The SIGTERM/SIGINT handlers ``_StopFlag`` installs and ``--deterministic``'s kernel settings are the run's,
     not the caller's: put the caller's back on any exit, so Ctrl-C interrupts a notebook or sweep again after an
-    in-process run, and its later work runs with its own kernels."""
+    in-process run, and its later work runs with its own kernels (and its own ``CUBLAS_WORKSPACE_CONFIG``)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         kernels = (torch.are_deterministic_algorithms_enabled(),
                    torch.is_deterministic_algorithms_warn_only_enabled(),
                    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+        workspace = os.environ.get(CUBLAS_WORKSPACE)
         try:
             return fn(*args, **kwargs)
         finally:
@@ -219,13 +220,26 @@ def _restores_process_state(fn):
                     signal.signal(s, handler)
             torch.use_deterministic_algorithms(kernels[0], warn_only=kernels[1])
             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = kernels[2:]
+            if workspace is None:
+                os.environ.pop(CUBLAS_WORKSPACE, None)
+            else:
+                os.environ[CUBLAS_WORKSPACE] = workspace
     return wrapper
+
+
+CUBLAS_WORKSPACE = 'CUBLAS_WORKSPACE_CONFIG'
 
 
 def _use_deterministic_kernels() -> None:
     """``--deterministic``: the kernels that have a deterministic variant use it (cuDNN's convolution backward
-    passes among them), and the ones that have none warn. cuBLAS needs its workspace fixed before it starts."""
-    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    passes among them), and the ones that have none warn. cuBLAS reads its workspace setting once per process,
+    when it starts: set here, it holds only if nothing in the process used CUDA before the run."""
+    if CUBLAS_WORKSPACE not in os.environ:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            print(f'warning: --deterministic in a process that already used CUDA: cuBLAS may have started with its '
+                  f'default workspace. For deterministic matrix products start the process with '
+                  f'{CUBLAS_WORKSPACE}=:4096:8 set', file=sys.stderr)
+        os.environ[CUBLAS_WORKSPACE] = ':4096:8'
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
 
