@@ -147,7 +147,7 @@ HELP = {  # one line per TrainConfig field: `ssod train --help` shows it with th
     'channels_last': 'channels-last memory format (faster convolutions on recent GPUs)',
     'compile': 'torch.compile the training step',
     'deterministic': 'deterministic kernels (torch.use_deterministic_algorithms, warning where an op has none): '
-                     'on CUDA, a resumed run then repeats an uninterrupted one; slower',
+                     'on CUDA, a resumed run then repeats an uninterrupted one (its speed cost is not measured)',
     'seed': 'seed of data order, augmentation and initialisation',
     'out_dir': 'where checkpoints, config.json and log.jsonl go',
     'resume': "a checkpoint to continue from, or 'auto' for <out-dir>/last.pt if it exists",
