@@ -86,9 +86,9 @@ CONFIGS: Dict[str, dict] = {
     'r18-224-scratch': {'model': 'ssod_resnet18', 'model_kwargs': [], 'img_size': 224, 'init': '', 'epochs': 34,
                         'lr': 2e-3, 'lr_step': 12, 'amp': 'bf16', 'channels_last': True, 'workers': 12,
                         'deterministic': True},
-    # its CPU-sized proxy: the paper's backbone (ResNet-18, 11.2M parameters against test_resnet's 0.37M at 10 classes) from
-    # scratch, at the study's 96 px and output stride 16 (a 6x6 map, as every other candidate), 16 epochs of
-    # scratch-e34's rate halved every 6; it trained in 20 (SSOD) and 19.5 (CE) minutes on 2 CPU cores
+    # its CPU-sized proxy: the paper's backbone (ResNet-18, 11.2M parameters against test_resnet's 0.37M at 10
+    # classes) from scratch, at the study's 96 px and output stride 16 (a 6x6 map, as every other candidate), 16
+    # epochs of scratch-e34's rate halved every 6; it trained in 20 (SSOD) and 19.5 (CE) minutes on 2 CPU cores
     'r18-96-scratch-e16': {'model': 'ssod_resnet18', 'init': '', 'epochs': 16, 'lr': 2e-3, 'lr_step': 6},
 }
 # settings a CE twin shares with its SSOD run without naming them
@@ -450,7 +450,8 @@ def paired_lines(records: List[dict]) -> List[str]:
     for detach in (False, True):
         group = [r for r in runs.values() if bool(r['config'].get('ood_detach')) == detach]
         for ours, twin in PAIRED:
-            gaps = [_fpr(r, twin) - _fpr(r, ours) for r in group if _fpr(r, ours) is not None and _fpr(r, twin)]
+            gaps = [_fpr(r, twin) - _fpr(r, ours) for r in group
+                    if _fpr(r, ours) is not None and _fpr(r, twin) is not None]
             if gaps:
                 lines.append(f'| {"--ood-detach (control)" if detach else "SSOD"} | {ours} / {twin} | {len(gaps)} | '
                              f'{sum(gaps) / len(gaps):+.2f} | {min(gaps):+.2f} | {max(gaps):+.2f} | '
@@ -582,10 +583,10 @@ def choose() -> dict:
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--grid', choices=['select', 'test', 'auto', 'fewclass', 'ablate', 'paper224', 'capacity'],
+    side = [g for g in GRIDS if g != 'select']
+    p.add_argument('--grid', choices=['select', 'test', 'auto', *side],
                    help='select: all candidates on validation sets; test: --config over seeds 0-2 on the test '
-                   'sets; auto: select, choose (choice.json), then test; fewclass, ablate, paper224, capacity: side '
-                   'studies on '
+                   f'sets; auto: select, choose (choice.json), then test; {", ".join(side)}: side studies on '
                    'validation sets')
     p.add_argument('--config', choices=list(CONFIGS), help='with --grid test: the configuration chosen on validation')
     p.add_argument('--configs', nargs='*', choices=list(CONFIGS), help='with --grid select: a subset of candidates')
@@ -605,7 +606,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.grid == 'auto':
         run('select', args.configs or GRIDS['select']['configs'], GRIDS['select']['seeds'], 'val')
         run('test', [choose()['config']], args.seeds or SEEDS_TEST, 'test')
-    elif args.grid in ('fewclass', 'select', 'ablate', 'paper224', 'capacity'):
+    elif args.grid in GRIDS:
         grid = GRIDS[args.grid]
         run(args.grid, args.configs or grid['configs'], args.seeds or grid['seeds'], 'val', args.rescore)
     else:

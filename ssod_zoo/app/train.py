@@ -201,6 +201,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         raise SystemExit(2)
 
 
+CUBLAS_WORKSPACE = 'CUBLAS_WORKSPACE_CONFIG'  # cuBLAS's workspace setting, read once per process
+
+
 def _restores_process_state(fn):
     """The SIGTERM/SIGINT handlers ``_StopFlag`` installs and ``--deterministic``'s kernel settings are the run's,
     not the caller's: put the caller's back on any exit, so Ctrl-C interrupts a notebook or sweep again after an
@@ -226,8 +229,6 @@ def _restores_process_state(fn):
                 os.environ[CUBLAS_WORKSPACE] = workspace
     return wrapper
 
-
-CUBLAS_WORKSPACE = 'CUBLAS_WORKSPACE_CONFIG'
 
 
 def _use_deterministic_kernels() -> None:
