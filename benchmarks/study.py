@@ -80,9 +80,9 @@ CONFIGS: Dict[str, dict] = {
     'lr2e-3-e8': {'lr': 2e-3},
     # capacity and resolution at the paper's scale (its CIFAR-10 setting: ResNet-18 trained from scratch on images
     # upsampled to 224 px, output stride 32, a 7x7 map), with scratch-e34's schedule. It needs a GPU: a training
-    # step of 64 images took 5.9 s on 2 CPU cores, about 3.5 hours per model (benchmarks/gpu_session.sh). amp,
-    # channels_last, workers and deterministic are system settings: the CE twin gets the same ones. Not run to the
-    # end yet (results/gpu_h100/README.md)
+    # step of 64 images takes 5.1 s on 2 CPU cores (results/train_step_cpu_r18_224_b64.md), about 3 hours per model
+    # (benchmarks/gpu_session.sh). amp, channels_last, workers and deterministic are system settings: the CE twin
+    # gets the same ones. Not run to the end yet (results/gpu_h100/README.md)
     'r18-224-scratch': {'model': 'ssod_resnet18', 'model_kwargs': [], 'img_size': 224, 'init': '', 'epochs': 34,
                         'lr': 2e-3, 'lr_step': 12, 'amp': 'bf16', 'channels_last': True, 'workers': 12,
                         'deterministic': True},
