@@ -262,7 +262,7 @@ class SSODModel(nn.Module):
         # a full pass over the input (and a device sync): skipped inside torch.compile/export, where a data-dependent
         # branch would break the graph, and when the user opts out for throughput (model.check_finite = False)
         if getattr(self, 'check_finite', True) and x.device.type != 'meta' and not torch.compiler.is_compiling():
-            peak = float(x.abs().amax()) if x.numel() else 0.0  # NaN and Inf propagate: one reduction for both
+            peak = float(x.detach().abs().amax()) if x.numel() else 0.0  # NaN and Inf propagate: one reduction for both
             if not math.isfinite(peak):
                 raise ValueError(f'{name} got an input with NaN or Inf values; the outputs would be NaN. Check the '
                                  'image loading and normalisation (set model.check_finite = False to skip this check)')

@@ -34,6 +34,17 @@ def test_unnormalised_pixels_warn_once():
     assert len(hits) == 1 and 'normalise' in str(hits[0].message)
 
 
+def test_input_gradients_pass_without_warnings():
+    # ODIN, saliency maps and adversarial checks differentiate with respect to the input: the input check must
+    # not read a graph-attached tensor as a Python float (torch warns on every call then)
+    model = timm.create_model('ssod_test_resnet', num_classes=3).eval()
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        model(x)[0].max(1).values.sum().backward()
+    assert x.grad is not None and not [str(w.message) for w in caught]
+
+
 def test_nan_input_is_still_rejected():
     model = timm.create_model('ssod_test_resnet', num_classes=3).eval()
     x = torch.randn(1, 3, 64, 64)
