@@ -49,6 +49,11 @@ def ood_cutoff(gamma: float, num_classes: int, rule: str = 'paper') -> float:
 
 
 @torch.no_grad()
+def _check_gamma(gamma: float) -> None:
+    if not 0.5 < gamma <= 1.0:
+        raise ValueError(f'gamma must be in (0.5, 1], got {gamma}: below 0.5 a patch could be both ID and OOD')
+
+
 def sample_patches(cls_map: torch.Tensor, target: torch.Tensor, gamma: float = 0.95,
                    ood_rule: str = 'paper') -> torch.Tensor:
     """Self-supervised OOD labels for every feature-map position (Eq. 12).
@@ -64,8 +69,7 @@ def sample_patches(cls_map: torch.Tensor, target: torch.Tensor, gamma: float = 0
         (B, H, W) int64: 1 (ID) where softmax confidence on the label >= gamma, 0 (OOD) where below the
         :func:`ood_cutoff`, -1 (ignored) otherwise. Computed without gradient.
     """
-    if not 0.5 < gamma <= 1.0:
-        raise ValueError(f'gamma must be in (0.5, 1], got {gamma}: below 0.5 a patch could be both ID and OOD')
+    _check_gamma(gamma)
     if cls_map.ndim != 4 or target.shape != cls_map.shape[:1]:
         raise ValueError(f'expected cls_map (B, M, H, W) and target (B,), got {tuple(cls_map.shape)} and '
                          f'{tuple(target.shape)}')
@@ -129,8 +133,7 @@ class SSODLoss(nn.Module):
         super().__init__()
         if balance not in BALANCE_SCHEMES:
             raise ValueError(f'balance must be one of {BALANCE_SCHEMES}, got {balance!r}')
-        if not 0.5 < gamma <= 1.0:
-            raise ValueError(f'gamma must be in (0.5, 1], got {gamma}')
+        _check_gamma(gamma)
         if alpha < 0 or background_weight < 0:
             raise ValueError(f'alpha and background_weight must be >= 0, got {alpha} and {background_weight}')
         self.gamma, self.alpha, self.balance = gamma, alpha, balance
