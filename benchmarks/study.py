@@ -90,6 +90,13 @@ CONFIGS: Dict[str, dict] = {
     # classes) from scratch, at the study's 96 px and output stride 16 (a 6x6 map, as every other candidate), 16
     # epochs of scratch-e34's rate halved every 6; it trained in 20 (SSOD) and 19.5 (CE) minutes on 2 CPU cores
     'r18-96-scratch-e16': {'model': 'ssod_resnet18', 'init': '', 'epochs': 16, 'lr': 2e-3, 'lr_step': 6},
+    # The sampler's drift (seventh session). Trained from scratch, the SSOD model's share of positions sampled OOD
+    # falls from 18% to 10% over scratch-e34's epochs while its CE twin's rises from 17% to 21% (the twin is read
+    # out with the same sampler, never trained on it), and its classifier keeps more confidence on the label away
+    # from the object (results/sampler_spread/). Prediction, written before the run: if the OOD loss's gradient into
+    # the backbone causes the drift, scratch-e34 with --ood-detach follows the CE twin's curve; the run says what
+    # that does to Eq. 15 from scratch. Validation sets, seed 0, its own folder: a diagnostic, not a candidate
+    'scratch-detach-e34': {'init': '', 'epochs': 34, 'lr': 2e-3, 'lr_step': 12, 'ood_detach': True},
 }
 # settings a CE twin shares with its SSOD run without naming them
 SYSTEM = ('amp', 'channels_last', 'workers', 'deterministic')
@@ -115,7 +122,9 @@ GRIDS = {'select': {'configs': ['paper-e8', 'gamma0.8-e8', 'alpha0.3-e8', 'lrdec
          # the paper's scale over three seeds (sixth session, on a lent GPU), on validation sets, its own folder
          'paper224': {'configs': ['r18-224-scratch'], 'seeds': [0, 1, 2], 'sets': 'val'},
          # the CPU-sized proxy (sixth session), seed 0, validation sets, its own folder
-         'capacity': {'configs': ['r18-96-scratch-e16'], 'seeds': [0], 'sets': 'val'}}
+         'capacity': {'configs': ['r18-96-scratch-e16'], 'seeds': [0], 'sets': 'val'},
+         # the sampler's drift from scratch without the OOD gradient into the backbone (seventh session)
+         'drift': {'configs': ['scratch-detach-e34'], 'seeds': [0], 'sets': 'val'}}
 SEEDS_TEST = [0, 1, 2]
 
 
