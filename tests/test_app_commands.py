@@ -4,6 +4,7 @@ Each checks the files the command promises (images that PIL can read back as PNG
 reported metrics directly from the model, so a table that merely has the right shape cannot pass.
 """
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from ssod_zoo import load_model, scores
-from ssod_zoo.app.cli import main as ssod
+from ssod_zoo.app.cli import COMMANDS, main as ssod
 from ssod_zoo.app.evaluate import collect
 from ssod_zoo.hub import CHECKPOINT_FORMAT
 from ssod_zoo.metrics import ood_metrics
@@ -180,3 +181,26 @@ def test_demo_refuses_training_options_without_retrain(capsys):
     with pytest.raises(SystemExit):
         ssod(['demo', '--out', 'unused', '--ssod-epochs', '8'])
     assert '--ssod-epochs only apply to training: add --retrain' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('command', list(COMMANDS))
+def test_help_examples_keep_their_line_continuations(command, capsys):
+    # a backslash-newline in a non-raw docstring joins the lines: the example would print as one line with a run
+    # of spaces in it, and the shell continuation the user copies is gone
+    with pytest.raises(SystemExit) as stop:
+        ssod([command, '--help'])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert not re.search(r'\S {5,}--', out), out
+
+
+def test_report_without_bootstrap_has_no_empty_interval_table():
+    from ssod_zoo.app.report import report_markdown
+    accept = {'id': {'n': 10, 'accepted': 95.0}, 'near': {'n': 10, 'accepted': 40.0}}
+    ood = {'near': {'ssod': {'fpr95': 40.0, 'auroc': 80.0}}}
+    without = report_markdown(accept, 0.5, {}, ood, n_boot=0)
+    assert '## FPR95 and AUROC' not in without and '| Method |' not in without
+    assert '--bootstrap 0' in without and '| near | 10 | 40.0 |' in without
+    ci = {'near': {'ssod': {'fpr95': [30.0, 50.0], 'auroc': [75.0, 85.0]}}}
+    with_ci = report_markdown(accept, 0.5, ci, ood, n_boot=100)
+    assert '(100 resamples, seed 0)' in with_ci and '| ssod | 40.0 [30.0, 50.0] | 80.0 [75.0, 85.0] |' in with_ci

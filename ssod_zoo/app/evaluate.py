@@ -1,4 +1,4 @@
-"""OOD evaluation: SSOD's OOD factor against the post-hoc detectors, on the same backbone, in one table.
+r"""OOD evaluation: SSOD's OOD factor against the post-hoc detectors, on the same backbone, in one table.
 
     ssod eval --model runs/ssod/best.pt --val-dir imagenet/val --ood-dirs inat sun places textures \
         --fit-dir imagenet/train --out eval_out

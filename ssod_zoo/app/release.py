@@ -1,4 +1,4 @@
-"""From a finished training run to an evaluated, calibrated, carded, hub-ready folder (pushed when asked).
+r"""From a finished training run to an evaluated, calibrated, carded, hub-ready folder (pushed when asked).
 
     ssod release runs/fmnist_ssod releases/ssod_resnet18.fmnist --protocol fashion-mnist \
         --data-root /usr/share/datasets/fashion-mnist --baseline-run runs/fmnist_ce \

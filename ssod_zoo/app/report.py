@@ -168,6 +168,8 @@ def report_markdown(accept: Mapping[str, dict], threshold: Optional[float], ci: 
                   'threshold was calibrated on data like this; OOD rows are what gets through in deployment.', '',
                   '| Set | Images | Accepted % |', '|---|---:|---:|',
                   *[f'| {k} | {v["n"]} | {v["accepted"]:.1f} |' for k, v in accept.items()]]
+    if not n_boot or not ci:
+        return '\n'.join(lines + ['', 'No bootstrap intervals (`--bootstrap 0`).'])
     lines += ['', f'## FPR95 and AUROC with 95% bootstrap intervals ({n_boot} resamples, seed 0)', '']
     sets = list(ci)
     lines += ['| Method | ' + ' | '.join(f'{s} FPR95 [95% CI] | {s} AUROC [95% CI]' for s in sets) + ' |',

@@ -1,4 +1,4 @@
-"""Fine-tune a timm classifier into an SSOD model (paper Sec. 2.3 and Appendix A.4).
+r"""Fine-tune a timm classifier into an SSOD model (paper Sec. 2.3 and Appendix A.4).
 
 One process on CPU or GPU:
     python -m ssod_zoo.app.train --model ssod_resnet50 --init resnet50.tv_in1k --data folder \
