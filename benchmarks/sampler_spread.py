@@ -9,6 +9,10 @@ and rule) labels ID and OOD, for the SSOD model and for its CE twin read out the
 from the object to its neighbours, distance 1 carries it and far cells do not; if the network reads the whole image
 at every cell, far cells carry it too. The CE twin separates what capacity does from what SSOD's objective does.
 
+It also plots, from the two runs' training logs, the share of positions the sampler labelled OOD and ID in each
+epoch (the CE twin's is computed with the same sampler on its own classifier, which never trains on it):
+``drift.png``, one panel per pair.
+
 Usage::
 
     python benchmarks/sampler_spread.py \
@@ -16,6 +20,7 @@ Usage::
         --ce-runs ce-batch_size64-epochs16-scratch-lr0.002-lr_step6-modelssod_resnet18-s0 \
                   ce-batch_size64-epochs34-scratch-lr0.002-lr_step12-s0 ce-batch_size64-epochs16-lr0.0005-lr_step4-s0
 """
+import json
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -77,7 +82,14 @@ def measure(run: str, ce_run: str) -> dict:
     dist = cell_distance(F.adaptive_avg_pool2d(masks, grid)[:, 0] > TOUCH)
     return {'run': run, 'ce_run': ce_run, 'model': cfg['model'], 'grid': list(grid), 'images': n, 'gamma': gamma,
             'ood_cutoff': cutoff, 'ssod': profile(ssod, x, labels, dist, gamma, cutoff),
-            'ce': profile(ce, x, labels, dist, gamma, cutoff)}
+            'ce': profile(ce, x, labels, dist, gamma, cutoff),
+            'per_epoch': {'ssod': per_epoch(CACHE / 'runs' / run), 'ce': per_epoch(CACHE / 'runs' / ce_run)}}
+
+
+def per_epoch(run_dir: Path) -> Dict[str, List[float]]:
+    """The sampler's shares of positions (%) in each training epoch, from the run's ``log.jsonl``."""
+    rows = [json.loads(line) for line in (run_dir / 'log.jsonl').read_text().splitlines() if line.strip()]
+    return {k: [100 * r['train'][k] for r in rows] for k in ('frac_ood', 'frac_id')}
 
 
 def write(records: List[dict], path: Path) -> None:
@@ -102,7 +114,37 @@ def write(records: List[dict], path: Path) -> None:
                 for d in range(len(BINS))]
         lines += [markdown_table(['distance (cells)', 'cells %', 'confidence on the label, SSOD / CE',
                                   'sampled ID, SSOD / CE', 'sampled OOD, SSOD / CE'], rows), '']
-    path.write_text('\n'.join(lines))
+    lines += ['## The sampler over training', '', '![share of positions sampled OOD and ID per epoch](drift.png)', '',
+              'Positions sampled OOD (%): first epoch, the peak (its epoch), last epoch:', '']
+
+    def course(series: List[float]) -> str:
+        peak = max(range(len(series)), key=series.__getitem__)
+        return f'{series[0]:.1f}, {series[peak]:.1f} (epoch {peak + 1}), {series[-1]:.1f}'
+    lines += [f"- `{r['run']}`: SSOD {course(r['per_epoch']['ssod']['frac_ood'])}; CE twin "
+              f"{course(r['per_epoch']['ce']['frac_ood'])}" for r in records]
+    path.write_text('\n'.join(lines) + '\n')
+    plot_drift(records, path.parent / 'drift.png')
+
+
+def plot_drift(records: List[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(records), figsize=(4 * len(records), 3.2), squeeze=False, sharey=True)
+    for ax, r in zip(axes[0], records):
+        for model, style in (('ssod', '-'), ('ce', '--')):
+            series = r['per_epoch'][model]
+            epochs = range(1, len(series['frac_ood']) + 1)
+            who = 'SSOD' if model == 'ssod' else 'CE twin'
+            ax.plot(epochs, series['frac_ood'], style, color='tab:blue', label=f'{who}: sampled OOD')
+            ax.plot(epochs, series['frac_id'], style, color='tab:orange', label=f'{who}: sampled ID')
+        ax.set_title(f"{r['run']} ({r['model'].replace('ssod_', '')})", fontsize=9)
+        ax.set_xlabel('epoch')
+    axes[0][0].set_ylabel('positions (%)')
+    axes[0][-1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    plt.close(fig)
 
 
 def _describe(r: dict) -> str:
