@@ -48,12 +48,12 @@ def ood_cutoff(gamma: float, num_classes: int, rule: str = 'paper') -> float:
     raise ValueError(f'rule must be one of {OOD_RULES}, got {rule!r}')
 
 
-@torch.no_grad()
 def _check_gamma(gamma: float) -> None:
     if not 0.5 < gamma <= 1.0:
         raise ValueError(f'gamma must be in (0.5, 1], got {gamma}: below 0.5 a patch could be both ID and OOD')
 
 
+@torch.no_grad()
 def sample_patches(cls_map: torch.Tensor, target: torch.Tensor, gamma: float = 0.95,
                    ood_rule: str = 'paper') -> torch.Tensor:
     """Self-supervised OOD labels for every feature-map position (Eq. 12).

@@ -37,7 +37,10 @@ def test_sampler_thresholds():
 
 def test_sampler_is_gradient_free_and_validates():
     cls_map = torch.randn(2, 3, 4, 4, requires_grad=True)
-    assert not sample_patches(cls_map, torch.tensor([0, 2])).requires_grad
+    saved = []  # autograd saves tensors for backward only when it records a graph
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        labels = sample_patches(cls_map, torch.tensor([0, 2]))
+    assert not labels.requires_grad and not saved
     with pytest.raises(ValueError, match='gamma must be in'):
         sample_patches(cls_map, torch.tensor([0, 2]), gamma=0.4)
     with pytest.raises(TypeError, match='hard labels'):

@@ -169,7 +169,8 @@ def report_markdown(accept: Mapping[str, dict], threshold: Optional[float], ci: 
                   '| Set | Images | Accepted % |', '|---|---:|---:|',
                   *[f'| {k} | {v["n"]} | {v["accepted"]:.1f} |' for k, v in accept.items()]]
     if not n_boot or not ci:
-        return '\n'.join(lines + ['', 'No bootstrap intervals (`--bootstrap 0`).'])
+        why = '`--bootstrap 0`' if not n_boot else 'no OOD set was scored'
+        return '\n'.join(lines + ['', f'No bootstrap intervals ({why}).'])
     lines += ['', f'## FPR95 and AUROC with 95% bootstrap intervals ({n_boot} resamples, seed 0)', '']
     sets = list(ci)
     lines += ['| Method | ' + ' | '.join(f'{s} FPR95 [95% CI] | {s} AUROC [95% CI]' for s in sets) + ' |',
