@@ -16,9 +16,10 @@ epoch (the CE twin's is computed with the same sampler on its own classifier, wh
 Usage::
 
     python benchmarks/sampler_spread.py \
-        --runs r18-96-scratch-e16-s0 scratch-e34-s0 lrdecay-e16-s0 \
+        --runs r18-96-scratch-e16-s0 scratch-e34-s0 lrdecay-e16-s0 scratch-detach-e34-s{0,1,2} \
         --ce-runs ce-batch_size64-epochs16-scratch-lr0.002-lr_step6-modelssod_resnet18-s0 \
-                  ce-batch_size64-epochs34-scratch-lr0.002-lr_step12-s0 ce-batch_size64-epochs16-lr0.0005-lr_step4-s0
+                  ce-batch_size64-epochs34-scratch-lr0.002-lr_step12-s0 ce-batch_size64-epochs16-lr0.0005-lr_step4-s0 \
+                  ce-batch_size64-epochs34-scratch-lr0.002-lr_step12-s{0,1,2}
 """
 import json
 import sys
@@ -83,7 +84,10 @@ def measure(run: str, ce_run: str) -> dict:
     return {'run': run, 'ce_run': ce_run, 'model': cfg['model'], 'grid': list(grid), 'images': n, 'gamma': gamma,
             'ood_cutoff': cutoff, 'ssod': profile(ssod, x, labels, dist, gamma, cutoff),
             'ce': profile(ce, x, labels, dist, gamma, cutoff),
-            'per_epoch': {'ssod': per_epoch(CACHE / 'runs' / run), 'ce': per_epoch(CACHE / 'runs' / ce_run)}}
+            'per_epoch': {'ssod': per_epoch(CACHE / 'runs' / run), 'ce': per_epoch(CACHE / 'runs' / ce_run)},
+            # --ood-detach leaves the backbone and classifier to the CE loss alone: are they the twin's, bit for bit?
+            'differs_from_ce_twin': [k for k, v in ssod.state_dict().items()
+                                     if k not in ce.state_dict() or not torch.equal(v, ce.state_dict()[k])]}
 
 
 def per_epoch(run_dir: Path) -> Dict[str, List[float]]:
@@ -104,7 +108,8 @@ def write(records: List[dict], path: Path) -> None:
         lines += [f"## `{r['run']}` ({r['model']}, {r['grid'][0]}x{r['grid'][1]} map, {r['images']} images; "
                   f"CE twin `{r['ce_run']}`)", '',
                   f"Positions sampled OOD: SSOD {r['ssod']['sampled_ood_all']:.1f}%, CE twin "
-                  f"{r['ce']['sampled_ood_all']:.1f}%.", '']
+                  f"{r['ce']['sampled_ood_all']:.1f}%. Parameters and buffers that differ from the CE twin's: "
+                  f"{', '.join(r['differs_from_ce_twin']) if len(r['differs_from_ce_twin']) <= 4 else len(r['differs_from_ce_twin'])}.", '']
 
         def pair(d: int, key: str) -> str:
             a, b = r['ssod']['by_distance'][d][key], r['ce']['by_distance'][d][key]
@@ -130,8 +135,12 @@ def plot_drift(records: List[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(records), figsize=(4 * len(records), 3.2), squeeze=False, sharey=True)
-    for ax, r in zip(axes[0], records):
+    cols = min(3, len(records))
+    rows = -(-len(records) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(records):]:
+        ax.set_visible(False)
+    for ax, r in zip(axes.flat, records):
         for model, style in (('ssod', '-'), ('ce', '--')):
             series = r['per_epoch'][model]
             epochs = range(1, len(series['frac_ood']) + 1)
@@ -140,7 +149,8 @@ def plot_drift(records: List[dict], path: Path) -> None:
             ax.plot(epochs, series['frac_id'], style, color='tab:orange', label=f'{who}: sampled ID')
         ax.set_title(f"{r['run']} ({r['model'].replace('ssod_', '')})", fontsize=9)
         ax.set_xlabel('epoch')
-    axes[0][0].set_ylabel('positions (%)')
+    for row in axes:
+        row[0].set_ylabel('positions (%)')
     axes[0][-1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches='tight')
