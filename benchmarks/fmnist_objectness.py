@@ -74,7 +74,8 @@ def measure(data_root: Path) -> dict:
     is_id, is_ood = labels == ID_INDEX, labels == OOD_INDEX
     conf = ids['cls_map'].softmax(1).gather(1, ids['labels'].view(-1, 1, 1, 1).expand(-1, 1, *on.shape[1:]))[:, 0]
     sampler = {'confidence_black_cells': 100 * float(conf[~on].mean()),
-               'confidence_cloth_cells': 100 * float(conf[on].mean()),'sampled_id': 100 * float(is_id.float().mean()), 'sampled_ood': 100 * float(is_ood.float().mean()),
+               'confidence_cloth_cells': 100 * float(conf[on].mean()),
+               'sampled_id': 100 * float(is_id.float().mean()), 'sampled_ood': 100 * float(is_ood.float().mean()),
                'ood_samples_black': 100 * float((is_ood & ~on).sum() / is_ood.sum().clamp(min=1)),
                'id_samples_cloth': 100 * float((is_id & on).sum() / is_id.sum().clamp(min=1)),
                'cells_black': 100 * float((~on).float().mean()),
@@ -133,7 +134,8 @@ def write(r: dict, path: Path) -> None:
         f"- Sampler on the ID images: {s['sampled_id']:.1f}% of positions sampled ID, {s['sampled_ood']:.1f}% OOD; "
         f"{s['ood_samples_black']:.1f}% of the OOD samples are black cells, {s['id_samples_cloth']:.1f}% of the ID "
         f"samples carry cloth ({s['cells_black']:.1f}% of all cells are black). Mean softmax on the label: "
-        f"{s['confidence_black_cells']:.1f}% at black cells, {s['confidence_cloth_cells']:.1f}% at cloth cells. Black cells are sampled ID / OOD at "
+        f"{s['confidence_black_cells']:.1f}% at black cells, {s['confidence_cloth_cells']:.1f}% at cloth cells. "
+        f"Black cells are sampled ID / OOD at "
         f"{s['black_cells_sampled_id']:.1f}% / {s['black_cells_sampled_ood']:.1f}%, cloth cells at "
         f"{s['cloth_cells_sampled_id']:.1f}% / {s['cloth_cells_sampled_ood']:.1f}%.",
         f"- The OOD head's per-cell P_ID separates cloth cells from black cells with AUROC "

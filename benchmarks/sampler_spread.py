@@ -109,7 +109,7 @@ def write(records: List[dict], path: Path) -> None:
                   f"CE twin `{r['ce_run']}`)", '',
                   f"Positions sampled OOD: SSOD {r['ssod']['sampled_ood_all']:.1f}%, CE twin "
                   f"{r['ce']['sampled_ood_all']:.1f}%. Parameters and buffers that differ from the CE twin's: "
-                  f"{', '.join(r['differs_from_ce_twin']) if len(r['differs_from_ce_twin']) <= 4 else len(r['differs_from_ce_twin'])}.", '']
+                  f"{_names_or_count(r['differs_from_ce_twin'])}.", '']
 
         def pair(d: int, key: str) -> str:
             a, b = r['ssod']['by_distance'][d][key], r['ce']['by_distance'][d][key]
@@ -155,6 +155,10 @@ def plot_drift(records: List[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches='tight')
     plt.close(fig)
+
+
+def _names_or_count(keys: List[str]) -> str:
+    return ', '.join(keys) if len(keys) <= 4 else str(len(keys))
 
 
 def _describe(r: dict) -> str:

@@ -91,11 +91,12 @@ CONFIGS: Dict[str, dict] = {
     # epochs of scratch-e34's rate halved every 6; it trained in 20 (SSOD) and 19.5 (CE) minutes on 2 CPU cores
     'r18-96-scratch-e16': {'model': 'ssod_resnet18', 'init': '', 'epochs': 16, 'lr': 2e-3, 'lr_step': 6},
     # The sampler's drift (seventh session). Trained from scratch, the SSOD model's share of positions sampled OOD
-    # falls from its 18% peak (epoch 4) to 10% over scratch-e34's epochs while its CE twin's rises from 12% to 21% (the twin is read
-    # out with the same sampler, never trained on it), and its classifier keeps more confidence on the label away
-    # from the object (results/sampler_spread/). Prediction, written before the run: if the OOD loss's gradient into
-    # the backbone causes the drift, scratch-e34 with --ood-detach follows the CE twin's curve; the run says what
-    # that does to Eq. 15 from scratch. Validation sets, seed 0, its own folder: a diagnostic, not a candidate
+    # falls from its 18% peak (epoch 4) to 10% over scratch-e34's epochs while its CE twin's rises from 12% to 21%
+    # (the twin is read out with the same sampler, never trained on it), and its classifier keeps more confidence on
+    # the label away from the object (results/sampler_spread/). Prediction, written before the run: if the OOD
+    # loss's gradient into the backbone causes the drift, scratch-e34 with --ood-detach follows the CE twin's curve;
+    # the run says what that does to Eq. 15 from scratch. Validation sets, its own folder: a diagnostic, not a
+    # candidate
     'scratch-detach-e34': {'init': '', 'epochs': 34, 'lr': 2e-3, 'lr_step': 12, 'ood_detach': True},
 }
 # settings a CE twin shares with its SSOD run without naming them

@@ -15,7 +15,8 @@ import sys
 from typing import Callable, List, Optional
 
 COMMANDS = {
-    'demo': ('ssod_zoo.app.demo', 'the embedded benchmark end to end: data, the shipped SSOD and CE models (--retrain trains both), every baseline, plots'),
+    'demo': ('ssod_zoo.app.demo', 'the embedded benchmark end to end: the shipped SSOD and CE models (--retrain '
+                                  'trains both), every baseline, plots'),
     'train': ('ssod_zoo.app.train', 'fine-tune a timm classifier into an SSOD model (single process or torchrun)'),
     'eval': ('ssod_zoo.app.evaluate', 'SSOD against MSP/Energy/ODIN/ReAct/KNN/Mahalanobis/ViM on your data'),
     'predict': ('ssod_zoo.app.predict', 'class or "unknown" for each image of files, folders or globs (CSV/JSONL)'),
