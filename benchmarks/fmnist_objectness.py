@@ -40,23 +40,27 @@ OUT = RESULTS / 'fmnist_objectness'
 INK, TOUCH = 0.1, 0.05  # a pixel is cloth above 10% intensity; a cell is cloth if more than 5% of it is
 
 
-@torch.no_grad()
-def collect(model, ds, tf, batch: int = 200) -> Dict[str, torch.Tensor]:
+def load(ds, tf) -> Dict[str, torch.Tensor]:
+    """The model inputs, labels and cloth masks (pixels above INK) of every image of ``ds``, read once."""
     xs, cloth, labels = [], [], []
     for i in range(len(ds)):
         img, y = ds[i]
-        gray = torch.from_numpy(np.asarray(img.convert('L'), dtype=np.float32) / 255.0)
-        cloth.append(gray > INK)
+        cloth.append(torch.from_numpy(np.asarray(img.convert('L'), dtype=np.float32) / 255.0) > INK)
         xs.append(tf(img))
         labels.append(y)
-    x, cloth, labels = torch.stack(xs), torch.stack(cloth).float(), torch.tensor(labels)
-    outs = [model.forward_spatial(xb) for xb in x.split(batch)]
+    return {'x': torch.stack(xs), 'cloth': torch.stack(cloth).float(), 'labels': torch.tensor(labels)}
+
+
+@torch.no_grad()
+def collect(model, data: Dict[str, torch.Tensor], batch: int = 200) -> Dict[str, torch.Tensor]:
+    outs = [model.forward_spatial(xb) for xb in data['x'].split(batch)]
     cls_map = torch.cat([o.cls_map.float() for o in outs])
     ood_map = torch.cat([o.ood_map.float() for o in outs])
     logits = torch.cat([o.logits.float() for o in outs])
     ood_logits = torch.cat([o.ood_logits.float() for o in outs])
+    cloth = data['cloth']
     cell_cloth = F.adaptive_avg_pool2d(cloth[:, None], cls_map.shape[-2:])[:, 0]  # (B, h, w) cloth share
-    return {'cls_map': cls_map, 'p_id_map': ood_map.softmax(1)[:, ID_INDEX], 'labels': labels,
+    return {'cls_map': cls_map, 'p_id_map': ood_map.softmax(1)[:, ID_INDEX], 'labels': data['labels'],
             'eq15': torch.sigmoid(ood_logits[:, ID_INDEX] - ood_logits[:, OOD_INDEX]),
             'maxlogit': logits.amax(1), 'area': cloth.flatten(1).mean(1), 'cell_cloth': cell_cloth}
 
@@ -66,8 +70,9 @@ def measure(data_root: Path) -> dict:
     ce = timm.create_model(f'local-dir:{REPO / "weights/init/resnet18_fmnist_ce"}', pretrained=True).eval()
     tf = create_transform(**resolve_data_config(model=ssod))
     data = fashion_mnist(data_root)
-    ids, oods = collect(ssod, data.val, tf), collect(ssod, data.ood_val['fmnist_heldout'], tf)
-    ce_id, ce_ood = collect(ce, data.val, tf), collect(ce, data.ood_val['fmnist_heldout'], tf)
+    id_data, ood_data = load(data.val, tf), load(data.ood_val['fmnist_heldout'], tf)
+    ids, oods = collect(ssod, id_data), collect(ssod, ood_data)
+    ce_id, ce_ood = collect(ce, id_data), collect(ce, ood_data)
 
     labels = sample_patches(ids['cls_map'], ids['labels'], 0.95)
     on = ids['cell_cloth'] > TOUCH

@@ -81,13 +81,14 @@ def measure(run: str, ce_run: str) -> dict:
     grid = ssod.forward_features(x[:1]).shape[-2:]
     masks = torch.stack([torch.from_numpy(s.mask).float() for s in samples])[:, None]
     dist = cell_distance(F.adaptive_avg_pool2d(masks, grid)[:, 0] > TOUCH)
+    twin = ce.state_dict()
     return {'run': run, 'ce_run': ce_run, 'model': cfg['model'], 'grid': list(grid), 'images': n, 'gamma': gamma,
             'ood_cutoff': cutoff, 'ssod': profile(ssod, x, labels, dist, gamma, cutoff),
             'ce': profile(ce, x, labels, dist, gamma, cutoff),
             'per_epoch': {'ssod': per_epoch(CACHE / 'runs' / run), 'ce': per_epoch(CACHE / 'runs' / ce_run)},
             # --ood-detach leaves the backbone and classifier to the CE loss alone: are they the twin's, bit for bit?
             'differs_from_ce_twin': [k for k, v in ssod.state_dict().items()
-                                     if k not in ce.state_dict() or not torch.equal(v, ce.state_dict()[k])]}
+                                     if k not in twin or not torch.equal(v, twin[k])]}
 
 
 def per_epoch(run_dir: Path) -> Dict[str, List[float]]:

@@ -230,7 +230,6 @@ def _restores_process_state(fn):
     return wrapper
 
 
-
 def _use_deterministic_kernels() -> None:
     """``--deterministic``: the kernels that have a deterministic variant use it (cuDNN's convolution backward
     passes among them), and the ones that have none warn. cuBLAS reads its workspace setting once per process,
