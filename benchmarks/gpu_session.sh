@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
-# The study at the paper's scale on a lent GPU machine: grid paper224 (ResNet-18 from scratch at 224 px, SSOD and
-# its CE twin, validation sets), then seed 0 entered as a `select` candidate and the study's fixed rule applied
-# (`--grid auto`: test sets are scored only if the rule chooses it), all inside one call's time:
+# The study at the paper's scale on a lent GPU machine (ResNet-18 from scratch at 224 px, SSOD and its CE twin),
+# seeds 0-2, inside one call's time:
 #
-#     bash benchmarks/gpu_session.sh OUTDIR [SECONDS]
+#     bash benchmarks/gpu_session.sh OUTDIR test [SECONDS]      # the configuration in choice.json, TEST sets
+#     bash benchmarks/gpu_session.sh OUTDIR paper224 [SECONDS]  # grid paper224, validation sets (eighth session)
 #
-# SECONDS (default 540) is this script's own deadline: every step is stopped at it, and OUTDIR/results.tgz (the
-# study's JSON files, each run's log.jsonl with its images per second, every step's log) is packed after each step
-# and on any exit, so whatever finished comes back; checkpoints do not (too large), so an unfinished seed is lost.
-# Each SSOD run and its CE twin train side by side (`study.py --train ssod|ce`), seed 0 first, then seeds 1 and 2
-# together while seed 0 is evaluated. Sixth session (one H100): three seeds in parallel, 4 loader workers each, ran
-# at 560-770 img/s per process and a 330 s limit stopped all of them (benchmarks/results/gpu_h100/README.md).
+# Each SSOD run and its CE twin train side by side (`study.py --train ssod|ce`): seed 0 first, then seeds 1 and 2
+# together while seed 0 is evaluated, then seeds 1 and 2 are evaluated. SECONDS (default 545) is the script's own
+# deadline: every step is stopped at it, and OUTDIR/results.tgz (the study's JSON files, each run's log.jsonl with
+# its images per second, every step's log) is packed after each evaluation and on any exit, so whatever finished
+# comes back. Checkpoints do not (too large), so a seed whose evaluation did not finish is lost.
 #
-# On the device machine the command carries .whl (timm 1.0.31) and .devdata (Fashion-MNIST's t10k files, for the
-# validation set of real images); see benchmarks/results/gpu_h100/README.md for the exact call.
+# Eighth session (one H200, paper224): seed 0's pair trained in 124 s side by side (about 1200 img/s each), seeds 1
+# and 2 in 274 s four at a time (about 600 img/s each), loader-bound on 16 cores; an evaluation took 42-44 s alone
+# with 2 loader workers (now up to 8) and 244 s beside the four trainings (benchmarks/results/gpu_h200/README.md).
+#
+# The device call carries .whl (timm 1.0.31) and .devdata (Fashion-MNIST's t10k files, for the validation set of
+# real images); the exact call is in benchmarks/results/gpu_h200/README.md.
 set -u
-[ $# -ge 1 ] || { echo 'usage: gpu_session.sh OUTDIR [SECONDS]' >&2; exit 2; }
+[ $# -ge 2 ] || { echo 'usage: gpu_session.sh OUTDIR test|paper224 [SECONDS]' >&2; exit 2; }
 out=$(realpath -m "$1")
-limit=${2:-540}
+case $2 in
+  test) grid=(--grid test --config "$(python3 -c 'import json; print(json.load(open(
+        "benchmarks/results/study/choice.json"))["config"])')") ;;
+  paper224) grid=(--grid paper224) ;;
+  *) echo "unknown grid $2: test or paper224" >&2; exit 2 ;;
+esac
+limit=${3:-545}
 logs=/tmp/gpu_session_logs
 mkdir -p "$out" "$logs"
 cd "$(dirname "$0")/.."
@@ -30,21 +39,22 @@ pack() {
   say "packed $out/results.tgz (tar exit $?: 2 when some training log does not exist yet)"
 }
 trap pack EXIT
-study() { timeout "$(left)" python3 benchmarks/study.py "$@"; }
+study() { timeout "$(left)" python3 benchmarks/study.py "${grid[@]}" "$@"; }
 train_pair() {  # the SSOD run of seed $1 and its CE twin, side by side, in the background
   for side in ssod ce; do
-    study --grid paper224 --seeds "$1" --train "$side" > "$logs/train_s$1_$side.log" 2>&1 &
+    study --seeds "$1" --train "$side" > "$logs/train_s$1_$side.log" 2>&1 &
   done
 }
 evaluate() {
-  say "evaluate seed $1 on the validation sets"
-  study --grid paper224 --seeds "$1" 2>&1 | tee "$logs/eval_s$1.log" | grep --line-buffered '^\[study\]'
+  say "evaluate seed $1: ${grid[*]}"
+  study --seeds "$1" 2>&1 | tee "$logs/eval_s$1.log" | grep --line-buffered '^\[study\]'
   pack
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/env.txt"
 python3 -c 'import torch, torchvision, timm, ssod_zoo; print("torch", torch.__version__, "torchvision",
 torchvision.__version__, "timm", timm.__version__, torch.cuda.get_device_name())' | tee -a "$out/env.txt"
+say "${grid[*]}"
 
 say 'benchmark data'
 python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import study; study.benchmarks()'
@@ -60,7 +70,4 @@ wait
 tail -n 2 "$logs"/train_s[12]_*.log
 evaluate 1
 evaluate 2
-say 'seed 0 as a select candidate; the fixed rule'
-study --grid select --configs r18-224-scratch 2>&1 | tee "$logs/select.log" | grep --line-buffered '^\[study\]'
-study --grid auto 2>&1 | tee "$logs/auto.log" | grep --line-buffered '^\[study\]'
 say done

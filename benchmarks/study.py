@@ -82,7 +82,8 @@ CONFIGS: Dict[str, dict] = {
     # upsampled to 224 px, output stride 32, a 7x7 map), with scratch-e34's schedule. It needs a GPU: a training
     # step of 64 images takes 5.1 s on 2 CPU cores (results/train_step_cpu_r18_224_b64.md), about 3 hours per model
     # (benchmarks/gpu_session.sh). amp, channels_last, workers and deterministic are system settings: the CE twin
-    # gets the same ones. Not run to the end yet (results/gpu_h100/README.md)
+    # gets the same ones. Run on validation sets on an H200 in the eighth session (results/gpu_h200/README.md): the
+    # rule chose it; its test grid did not finish in that session's device time
     'r18-224-scratch': {'model': 'ssod_resnet18', 'model_kwargs': [], 'img_size': 224, 'init': '', 'epochs': 34,
                         'lr': 2e-3, 'lr_step': 12, 'amp': 'bf16', 'channels_last': True, 'workers': 12,
                         'deterministic': True},
@@ -110,8 +111,8 @@ CONFIGS.update({'m3-paper': {**FEW, 'ood_rule': 'paper'}, 'm3-chance': {**FEW, '
 # The select grid that was run (2026-11-27, 2 CPU cores): the three 8-epoch candidates in the second session,
 # lrdecay-e16 added in the third, paper-e16, scratch-e34, lw-e8, dr-e8 and detach-e8 in the fourth, os8-e8 and the
 # two learning rates in the fifth (the selection rule and validation sets unchanged each time). r18-224-scratch
-# needs a GPU: benchmarks/gpu_session.sh enters it with --configs, so that --grid select/auto never trains it on CPU;
-# choose() reads every record in select/, so it competes once its record exists.
+# needs a GPU: it was entered with --configs on one (eighth session), so that --grid select/auto never trains it on
+# CPU; choose() reads every record in select/, so it competes since its record exists.
 GRIDS = {'select': {'configs': ['paper-e8', 'gamma0.8-e8', 'alpha0.3-e8', 'lrdecay-e16', 'paper-e16', 'scratch-e34',
                                 'lw-e8', 'dr-e8', 'detach-e8', 'os8-e8', 'lr1e-4-e8', 'lr2e-3-e8'],
                     'seeds': [0],
@@ -259,7 +260,10 @@ def evaluate_pair(ssod_dir: Path, ce_dir: Path, sets: Dict[str, Dataset], fit: D
     ssod_model, ckpt = load_checkpoint(ssod_dir / 'last.pt')
     ce_model, _ = load_checkpoint(ce_dir / 'last.pt')
     ssod_model.to(DEVICE), ce_model.to(DEVICE)
-    loader = lambda ds: DataLoader(ds, batch_size=128, num_workers=2)  # noqa: E731
+    # the loaders keep the order, so the scores do not depend on the worker count: 2 on the 2-core CPU machines, up
+    # to 8 on a GPU machine, where 2 workers feeding 224 px images held one evaluation to about 45 s
+    workers = min(8, os.cpu_count() or 1)
+    loader = lambda ds: DataLoader(ds, batch_size=128, num_workers=workers)  # noqa: E731
     loaders = {k: loader(v) for k, v in sets.items()}
     res = evaluate(ssod_model, loaders['id'], {k: v for k, v in loaders.items() if k != 'id'},
                    baseline_model=ce_model, fit_loader=loader(fit), device=DEVICE, progress=False)
@@ -624,9 +628,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--config', choices=list(CONFIGS), help='with --grid test: the configuration chosen on validation')
     p.add_argument('--configs', nargs='*', choices=list(CONFIGS), help='with --grid select: a subset of candidates')
     p.add_argument('--seeds', nargs='*', type=int, help='override the grid\'s seeds')
-    p.add_argument('--train', choices=['ssod', 'ce'], help='with select or a side grid: only train that side of each '
-                   'unfinished run, evaluating nothing, so that one GPU trains an SSOD run and its CE twin side by '
-                   'side (benchmarks/gpu_session.sh); the same command without --train then evaluates them')
+    p.add_argument('--train', choices=['ssod', 'ce'],
+                   help='with test, select or a side grid: only train that side of each unfinished run, evaluating '
+                   'nothing, so that one GPU trains an SSOD run and its CE twin side by side '
+                   '(benchmarks/gpu_session.sh); the same command without --train then evaluates them')
     p.add_argument('--summarise', action='store_true', help='only rewrite summary.md and study.png')
     p.add_argument('--rescore', action='store_true', help='re-evaluate the grid\'s finished runs from their cached '
                    'checkpoints (readouts added after they ran); trains nothing')
@@ -649,7 +654,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     else:
         if not args.config:
             p.error('--grid test needs --config, the configuration chosen on the validation sets')
-        run('test', [args.config], args.seeds or SEEDS_TEST, 'test', args.rescore)
+        run('test', [args.config], args.seeds or SEEDS_TEST, 'test', args.rescore, args.train)
 
 
 if __name__ == '__main__':

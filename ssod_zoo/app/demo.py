@@ -2,12 +2,12 @@
 
 1. Generates the embedded benchmark (:mod:`ssod_zoo.app.synthetic`; cached).
 2. Takes the two models to compare: by default the shipped ones (``weights/demo/``: an SSOD model and its
-   cross-entropy twin, trained by the study's chosen recipe, seed 0; ``weights/demo/README.md`` has the command and
-   its wall time). With ``--retrain`` it trains them here instead (about 12 minutes on 2 CPU cores): from a
-   classifier that already works, as the paper does (it fine-tunes an ImageNet classifier; the sampler needs
-   confident patches), the cross-entropy ``test_resnet`` in ``weights/init/`` (``--init ''``: from scratch for
-   ``--warmup-epochs``), two fine-tuning runs with the same budget (``--ssod-epochs``), data order and learning
-   rate: one with the SSOD objective, one with cross-entropy only (the baseline model).
+   cross-entropy twin, trained by the study's CPU recipe ``lrdecay-e16``, seed 0; ``weights/demo/README.md`` has the
+   command and its wall time). With ``--retrain`` it trains them here instead (about 12 minutes on 2 CPU cores): from a
+   classifier that already works, as the paper does (it fine-tunes an ImageNet classifier; the sampler needs confident
+   patches), the cross-entropy ``test_resnet`` in ``weights/init/`` (``--init ''``: from scratch for
+   ``--warmup-epochs``), two fine-tuning runs with the same budget (``--ssod-epochs``), data order and learning rate:
+   one with the SSOD objective, one with cross-entropy only (the baseline model).
 3. Scores the ID validation set and every OOD set with every SSOD readout (the study's choice, the paper's Eq. 15,
    ...) and with MSP, MaxLogit, Energy, ODIN, ReAct, KNN, Mahalanobis, ViM and the position readouts on the
    cross-entropy model (fitted on training features), and writes ``results.json``, ``results.md``, ``roc.png``,
@@ -54,7 +54,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument('--out', default='demo_out', help='output directory')
     p.add_argument('--retrain', action='store_true', help='train both models here (the options below marked '
                    '"training") instead of evaluating the shipped ones; about 12 minutes on 2 CPU cores')
-    # the study's chosen recipe (benchmarks/study.py, 'lrdecay-e16'): the shipped models were trained with it
+    # the study's CPU recipe (benchmarks/study.py, 'lrdecay-e16'): the shipped models were trained with it
     p.add_argument('--model', default='ssod_test_resnet', help='training: the architecture')
     p.add_argument('--model-kwargs', nargs='*', default=['output_stride=16'],
                    help='training: output_stride=16 gives a 6x6 feature map at 96 px, patches to sample')
