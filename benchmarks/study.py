@@ -102,6 +102,9 @@ CONFIGS: Dict[str, dict] = {
 }
 # settings a CE twin shares with its SSOD run without naming them
 SYSTEM = ('amp', 'channels_last', 'workers', 'deterministic')
+# configurations that train only on a GPU (benchmarks/gpu_session.sh); on a CPU the study evaluates them only if
+# their checkpoints are in the cache, and otherwise stops with what to run
+GPU_ONLY = frozenset({'r18-224-scratch'})
 # Few classes (issue: the paper's sampler starves the OOD head when M is small). A 3-class benchmark (the first 3
 # ID shapes), the classifier re-initialised for 3 classes and trained 2 epochs with cross-entropy before the OOD
 # loss switches on; the paper's OOD rule (below 1 - gamma) against the 'chance' rule (below max(1-gamma, 0.5/M)).
@@ -111,8 +114,9 @@ CONFIGS.update({'m3-paper': {**FEW, 'ood_rule': 'paper'}, 'm3-chance': {**FEW, '
 # The select grid that was run (2026-11-27, 2 CPU cores): the three 8-epoch candidates in the second session,
 # lrdecay-e16 added in the third, paper-e16, scratch-e34, lw-e8, dr-e8 and detach-e8 in the fourth, os8-e8 and the
 # two learning rates in the fifth (the selection rule and validation sets unchanged each time). r18-224-scratch
-# needs a GPU: it was entered with --configs on one (eighth session), so that --grid select/auto never trains it on
-# CPU; choose() reads every record in select/, so it competes since its record exists.
+# needs a GPU (GPU_ONLY): it was entered with --configs on one in the eighth session, and choose() reads every record
+# in select/, so it competes since its record exists. Since then the rule chooses it, so --grid auto's test step
+# needs a GPU too: on a CPU it stops there and says what to run.
 GRIDS = {'select': {'configs': ['paper-e8', 'gamma0.8-e8', 'alpha0.3-e8', 'lrdecay-e16', 'paper-e16', 'scratch-e34',
                                 'lw-e8', 'dr-e8', 'detach-e8', 'os8-e8', 'lr1e-4-e8', 'lr2e-3-e8'],
                     'seeds': [0],
@@ -183,13 +187,20 @@ def eval_sets(benches: Dict[str, SyntheticBenchmark], which: str, transform) -> 
 
 # ------------------------------------------------------------------------------------------------------ train
 
-def train_run(name: str, overrides: dict, seed: int, bench: SyntheticBenchmark, ce: bool) -> Path:
+def train_run(name: str, overrides: dict, seed: int, bench: SyntheticBenchmark, ce: bool,
+              gpu_only: bool = False) -> Path:
+    """Train (or resume) one run into the cache and return its folder; a finished run is returned as it is.
+    ``gpu_only``: refuse to start training without CUDA (a configuration of :data:`GPU_ONLY`)."""
     out = CACHE / 'runs' / f'{name}-s{seed}'
     cfg = {**BASE, **overrides}
     cfg.setdefault('lr_step', cfg['epochs'] + 1)  # no decay unless the candidate asks
     done = out / 'last.pt'
     if done.exists() and torch.load(done, map_location='cpu', weights_only=True)['epoch'] >= cfg['epochs']:
         return out
+    if gpu_only and not torch.cuda.is_available():
+        raise SystemExit(f'{out.name} is not trained here, and its configuration needs a GPU (about 3 hours per model '
+                         'on 2 CPU cores): run `bash benchmarks/gpu_session.sh OUTDIR test` (or `paper224`) on a GPU '
+                         'machine, as benchmarks/results/gpu_h200/README.md shows')
     tc = train_mod.TrainConfig(
         **{'init': str(SHIPPED_INIT), **cfg}, data='folder', train_dir=str(bench.root / 'id' / 'train'),
         val_dir=str(bench.root / 'id' / 'val'), ood_dirs=[], seed=seed, out_dir=str(out), resume='auto',
@@ -349,15 +360,18 @@ def run(grid: str, names: List[str], seeds: List[int], which: str, rescore: bool
             overrides, ce_name, ce_overrides = twin(name)
             benches = benchmarks(overrides.pop('classes', 10))
             bench = benches['test']  # training data: the embedded benchmark's training split, for every run
+            gpu_only = name in GPU_ONLY
             if train_only:
                 print(f'[study] {name} seed {seed}: training its {train_only} side only', flush=True)
-                train_run(*((name, overrides) if train_only == 'ssod' else (ce_name, ce_overrides)), seed, bench,
-                          ce=train_only == 'ce')
+                if train_only == 'ssod':
+                    train_run(name, overrides, seed, bench, ce=False, gpu_only=gpu_only)
+                else:
+                    train_run(ce_name, ce_overrides, seed, bench, ce=True, gpu_only=gpu_only)
                 continue
             t0 = time.time()
             print(f'[study] {name} seed {seed}: training SSOD and its CE twin ({ce_name})', flush=True)
-            ssod_dir = train_run(name, overrides, seed, bench, ce=False)
-            ce_dir = train_run(ce_name, ce_overrides, seed, bench, ce=True)
+            ssod_dir = train_run(name, overrides, seed, bench, ce=False, gpu_only=gpu_only)
+            ce_dir = train_run(ce_name, ce_overrides, seed, bench, ce=True, gpu_only=gpu_only)
             t1 = time.time()
             model, _ = load_checkpoint(ssod_dir / 'last.pt')
             img_size = {**BASE, **overrides}['img_size']
@@ -644,6 +658,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.summarise or not args.grid:
         summarise()
         return
+    if args.train and (args.grid == 'auto' or args.rescore):
+        p.error('--train trains one side of a grid\'s runs: give it with test, select or a side grid, without '
+                '--rescore')
     if args.grid == 'auto':
         run('select', args.configs or GRIDS['select']['configs'], GRIDS['select']['seeds'], 'val')
         run('test', [choose()['config']], args.seeds or SEEDS_TEST, 'test')
