@@ -40,8 +40,8 @@ def test_every_record_names_the_twin_that_twin_derives(study, path):
 @pytest.mark.parametrize('name', ['r18-224-scratch', 'scratch-detach-e34'])
 def test_train_only_trains_that_side(study, monkeypatch, side, name):
     calls = []
-    monkeypatch.setattr(study, 'train_run', lambda name, overrides, seed, bench, ce, gpu_only: calls.append(
-        (name, overrides, seed, ce, gpu_only)))
+    monkeypatch.setattr(study, 'train_run', lambda run, overrides, seed, bench, ce, gpu_only: calls.append(
+        (run, overrides, seed, ce, gpu_only)))
     monkeypatch.setattr(study, 'benchmarks', lambda classes: {'test': SimpleNamespace(), 'val': SimpleNamespace()})
     study.run('drift', [name], [2], 'val', train_only=side)
     overrides, ce_name, ce_overrides = study.twin(name)
