@@ -1,0 +1,171 @@
+"""Can the readout that detects best keep what SSOD training adds? The 3 best positions plus the pooled Energy.
+
+The study's paired table (``study.py``, ``summary.md``) found SSOD training improving its model's own pooled
+Energy, log sum_i exp(z_i) of the pooled logits, over its cross-entropy twin's in 23 of 25 runs (+2.77 FPR95 on
+average), but the readout that detects best, the mean MaxLogit of the 3 best feature-map positions, by only
++0.91. The pooled score is strongest on ``near`` (a held-out object in the same scenes), the position readout on
+``textures`` and ``domain`` (no ID object). This asks whether one score gets both, and whether SSOD's gain on the
+pooled part survives in it. Two readouts, fixed before any of their numbers existed (ninth session):
+
+- ``fused``: top3(x) + E(x), the mean MaxLogit of the 3 best positions plus the pooled Energy. Both are in logit
+  units (the classifier is linear, so the pooled logits are the mean of the position logits), so the sum has no
+  fitted weight. A classifier-only readout: scored on the CE twin too.
+- ``fused_pid``: fused + log P_ID(x), the pooled OOD factor of Eq. 15 added as in ``posterior_score``: does the
+  OOD head add anything to a strong readout? SSOD model only.
+
+Prediction, written before the run: on the validation sets, ``fused`` is better than the 3 best positions on
+``near`` and worse on ``textures`` and ``domain``, and its average is within 2 points of the 3 best positions';
+SSOD's paired gain over its twin on ``fused`` lies between its gains on the two parts; ``fused_pid`` is no better
+than ``fused``. Validation sets only, every 10-class study run whose checkpoints are in the cache: this is a
+diagnostic, not a candidate of the selection rule. The parts (the 3 best positions and the pooled Energy) are
+recomputed and checked against the study's records of the same runs.
+
+Usage::
+
+    python benchmarks/fused_readout.py   # every 10-class validation run of the study with checkpoints
+    python benchmarks/fused_readout.py --runs lrdecay-e16-s0 --ce-runs ce-batch_size64-epochs16-lr0.0005-lr_step4-s0
+"""
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, mean_sd  # noqa: E402
+from study import CACHE, DEVICE, OUT as STUDY, benchmarks, eval_sets, run_pairs  # noqa: E402
+
+from ssod_zoo.app import train as train_mod  # noqa: E402
+from ssod_zoo.hub import load_checkpoint  # noqa: E402
+from ssod_zoo.metrics import ood_metrics  # noqa: E402
+from ssod_zoo.output import spatial_maxlogit_score  # noqa: E402
+
+OUT = RESULTS / 'fused_readout'
+READOUTS = ('top3', 'energy', 'fused', 'fused_pid')
+# the study's names of the parts, to check the recomputation against its records
+STUDY_NAMES = {('ssod', 'top3'): 'pos_top3_maxlogit', ('ssod', 'energy'): 'ssod_energy',
+               ('ce', 'top3'): 'ce_pos_top3_maxlogit', ('ce', 'energy'): 'energy'}
+
+
+@torch.no_grad()
+def scores(model, loader: DataLoader) -> Dict[str, torch.Tensor]:
+    out = {m: [] for m in READOUTS}
+    for x, _ in loader:
+        s = model.forward_spatial(x.to(DEVICE))
+        top3 = spatial_maxlogit_score(s.cls_map, k=3)
+        energy = s.logits.float().logsumexp(dim=1)
+        log_pid = s.ood_logits.float().log_softmax(dim=1)[:, 1]  # index 1: in-distribution (adapter.ID_INDEX)
+        for m, v in zip(READOUTS, (top3, energy, top3 + energy, top3 + energy + log_pid)):
+            out[m].append(v.cpu())
+    return {m: torch.cat(v) for m, v in out.items()}
+
+
+def study_record(run: str) -> Optional[dict]:
+    """The study's validation record of ``run`` (``name-sN``), from any grid folder."""
+    for path in sorted(STUDY.glob(f'*/{run}.json')):
+        r = json.loads(path.read_text())
+        if r['sets'] == 'val':
+            return r
+    return None
+
+
+def measure(run: str, ce_run: str) -> dict:
+    benches = benchmarks()
+    ssod, ckpt = load_checkpoint(CACHE / 'runs' / run / 'last.pt')
+    ce, _ = load_checkpoint(CACHE / 'runs' / ce_run / 'last.pt')
+    ssod.to(DEVICE).eval(), ce.to(DEVICE).eval()
+    tf = train_mod._transforms(ssod, train_mod.TrainConfig(img_size=ckpt['config']['img_size'], crop_pct=1.0))[1]
+    sets = eval_sets(benches, 'val', tf)
+    loaders = {k: DataLoader(v, batch_size=128, num_workers=2) for k, v in sets.items()}
+    per_model = {name: {k: scores(m, ld) for k, ld in loaders.items()} for name, m in (('ssod', ssod), ('ce', ce))}
+    ood_sets = [k for k in loaders if k != 'id']
+    out = {'run': run, 'ce_run': ce_run, 'sets': ood_sets, 'fpr95': {}, 'auroc': {}, 'check': {}}
+    for name, by_set in per_model.items():
+        readouts = READOUTS if name == 'ssod' else READOUTS[:3]  # the CE twin has no trained OOD head
+        for key in ('fpr95', 'auroc'):
+            out[key][name] = {m: {} for m in readouts}
+        for m in readouts:
+            for s in ood_sets:
+                met = ood_metrics(by_set['id'][m], by_set[s][m])
+                out['fpr95'][name][m][s] = 100 * float(met['fpr95'])
+                out['auroc'][name][m][s] = 100 * float(met['auroc'])
+            for key in ('fpr95', 'auroc'):
+                out[key][name][m]['average'] = sum(out[key][name][m][s] for s in ood_sets) / len(ood_sets)
+    record = study_record(run)
+    if record:  # the parts, recomputed, against the study's own numbers for the same checkpoints
+        out['check'] = {f'{name}/{m}': round(abs(out['fpr95'][name][m]['average']
+                                                 - record['ood']['average'][study]['fpr95']), 4)
+                        for (name, m), study in STUDY_NAMES.items()}
+    return out
+
+
+def write(results: List[dict], path: Path) -> None:
+    sets = results[0]['sets']
+    rows = [('ssod', m) for m in READOUTS] + [('ce', m) for m in READOUTS[:3]]
+    label = {'ssod': 'SSOD', 'ce': 'CE twin'}
+    lines = ['# The 3 best positions plus the pooled Energy (validation)', '',
+             'Written by `python benchmarks/fused_readout.py` (see its docstring for the readouts and the prediction '
+             f'written before the run). FPR95 (%) on the validation OOD sets, mean ± sd over {len(results)} runs '
+             '(each an SSOD run and its CE twin of the study).', '',
+             f'| readout | model | {" | ".join(sets)} | average FPR95↓ | average AUROC↑ |',
+             '|---|---|' + '---:|' * (len(sets) + 2)]
+    for name, m in rows:
+        cells = [mean_sd([r['fpr95'][name][m][s] for r in results]) for s in (*sets, 'average')]
+        lines.append(f'| {m} | {label[name]} | {" | ".join(cells)} | '
+                     f'{mean_sd([r["auroc"][name][m]["average"] for r in results])} |')
+    lines += ['', '**SSOD against its twin, paired** (twin minus SSOD, average FPR95; positive: SSOD training '
+              'helped):', '', '| readout | mean | SSOD better in | range |', '|---|---:|---:|---|']
+    for m in READOUTS[:3]:
+        gaps = [r['fpr95']['ce'][m]['average'] - r['fpr95']['ssod'][m]['average'] for r in results]
+        lines.append(f'| {m} | {sum(gaps) / len(gaps):+.2f} | {sum(g > 0 for g in gaps)} of {len(gaps)} | '
+                     f'{min(gaps):+.2f} to {max(gaps):+.2f} |')
+    lines += ['', '**Within the SSOD model** (the 3 best positions minus the other readout, average FPR95; '
+              'positive: the other readout is better):', '', '| readout | mean | better in | range |',
+              '|---|---:|---:|---|']
+    for m in ('fused', 'fused_pid'):
+        gaps = [r['fpr95']['ssod']['top3']['average'] - r['fpr95']['ssod'][m]['average'] for r in results]
+        lines.append(f'| {m} | {sum(gaps) / len(gaps):+.2f} | {sum(g > 0 for g in gaps)} of {len(gaps)} | '
+                     f'{min(gaps):+.2f} to {max(gaps):+.2f} |')
+    checks = [v for r in results for v in r['check'].values()]
+    lines += ['', f'The parts recomputed here against the study\'s records of the same checkpoints: {len(checks)} '
+              f'averages, largest difference {max(checks, default=float("nan")):.4f} FPR95 points.', '',
+              'Per run (average FPR95; SSOD top3 / energy / fused / fused_pid, then CE twin top3 / energy / '
+              'fused):', '']
+    for r in results:
+        f = r['fpr95']
+        lines.append(f'- `{r["run"]}`: ' + ' / '.join(f'{f["ssod"][m]["average"]:.2f}' for m in READOUTS) + '; '
+                     + ' / '.join(f'{f["ce"][m]["average"]:.2f}' for m in READOUTS[:3]))
+    path.write_text('\n'.join(lines) + '\n')
+
+
+def _describe(r: dict) -> str:
+    f = r['fpr95']
+    return ', '.join(f'{m} {f["ssod"][m]["average"]:.1f}' + (f'/{f["ce"][m]["average"]:.1f}' if m in f['ce'] else '')
+                     for m in READOUTS)
+
+
+def all_pairs() -> List[str]:
+    """``--runs ... --ce-runs ...`` for every 10-class validation run of the study whose checkpoints are cached."""
+    runs, ce_runs = [], []
+    for path in sorted(STUDY.glob('*/*.json')):
+        if path.parent.name == 'test' or path.name == 'choice.json':
+            continue
+        r = json.loads(path.read_text())
+        run, ce_run = f'{r["name"]}-s{r["seed"]}', f'{r["ce_twin"]}-s{r["seed"]}'
+        if (r['sets'] != 'val' or r['config'].get('classes', 10) != 10 or run in runs
+                or not all((CACHE / 'runs' / n / 'last.pt').exists() for n in (run, ce_run))):
+            continue
+        runs.append(run)
+        ce_runs.append(ce_run)
+    return ['--runs', *runs, '--ce-runs', *ce_runs]
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run_pairs(argv if '--runs' in argv else all_pairs() + argv, __doc__, OUT, measure, write, _describe)
+
+
+if __name__ == '__main__':
+    main()
