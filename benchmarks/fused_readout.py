@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, mean_sd  # noqa: E402
-from study import CACHE, DEVICE, OUT as STUDY, benchmarks, eval_sets, run_pairs  # noqa: E402
+from study import CACHE, CONFIGS, DEVICE, OUT as STUDY, benchmarks, eval_sets, run_pairs  # noqa: E402
 
 from ssod_zoo.app import train as train_mod  # noqa: E402
 from ssod_zoo.hub import load_checkpoint  # noqa: E402
@@ -116,11 +116,14 @@ def write(results: List[dict], path: Path) -> None:
         lines.append(f'| {m} | {label[name]} | {" | ".join(cells)} | '
                      f'{mean_sd([r["auroc"][name][m]["average"] for r in results])} |')
     lines += ['', '**SSOD against its twin, paired** (twin minus SSOD, average FPR95; positive: SSOD training '
-              'helped):', '', '| readout | mean | SSOD better in | range |', '|---|---:|---:|---|']
-    for m in READOUTS[:3]:
-        gaps = [r['fpr95']['ce'][m]['average'] - r['fpr95']['ssod'][m]['average'] for r in results]
-        lines.append(f'| {m} | {sum(gaps) / len(gaps):+.2f} | {sum(g > 0 for g in gaps)} of {len(gaps)} | '
-                     f'{min(gaps):+.2f} to {max(gaps):+.2f} |')
+              'helped). The `--ood-detach` runs apart, as in the study: their classifier gets no OOD gradient.', '',
+              '| readout | runs | mean | SSOD better in | range |', '|---|---|---:|---:|---|']
+    for detach in (False, True):
+        group = [r for r in results if bool(CONFIGS[r['run'].rsplit('-s', 1)[0]].get('ood_detach')) == detach]
+        for m in READOUTS[:3] if group else ():
+            gaps = [r['fpr95']['ce'][m]['average'] - r['fpr95']['ssod'][m]['average'] for r in group]
+            lines.append(f'| {m} | {"--ood-detach (control)" if detach else "SSOD"} | {sum(gaps) / len(gaps):+.2f} | '
+                         f'{sum(g > 0 for g in gaps)} of {len(gaps)} | {min(gaps):+.2f} to {max(gaps):+.2f} |')
     lines += ['', '**Within the SSOD model** (the 3 best positions minus the other readout, average FPR95; '
               'positive: the other readout is better):', '', '| readout | mean | better in | range |',
               '|---|---:|---:|---|']
@@ -147,14 +150,15 @@ def _describe(r: dict) -> str:
 
 
 def all_pairs() -> List[str]:
-    """``--runs ... --ce-runs ...`` for every 10-class validation run of the study whose checkpoints are cached."""
+    """``--runs ... --ce-runs ...`` for every 10-class run of the study whose checkpoints are cached (those of the
+    ``test`` grid too: here they are scored on the validation sets)."""
     runs, ce_runs = [], []
     for path in sorted(STUDY.glob('*/*.json')):
-        if path.parent.name == 'test' or path.name == 'choice.json':
+        if path.name == 'choice.json':
             continue
         r = json.loads(path.read_text())
         run, ce_run = f'{r["name"]}-s{r["seed"]}', f'{r["ce_twin"]}-s{r["seed"]}'
-        if (r['sets'] != 'val' or r['config'].get('classes', 10) != 10 or run in runs
+        if (CONFIGS[r['name']].get('classes', 10) != 10 or run in runs
                 or not all((CACHE / 'runs' / n / 'last.pt').exists() for n in (run, ce_run))):
             continue
         runs.append(run)
