@@ -130,8 +130,13 @@ GRIDS = {'select': {'configs': ['paper-e8', 'gamma0.8-e8', 'alpha0.3-e8', 'lrdec
          # of the 8 on the CE twin in every seed; the SSOD model's own Energy beats its twin's in at least 2 of 3
          # seeds; the 3 best positions sit within 2 points of the same readout on the twin
          'paper224': {'configs': ['r18-224-scratch'], 'seeds': [0, 1, 2], 'sets': 'val'},
-         # the CPU-sized proxy (sixth session), seed 0, validation sets, its own folder
-         'capacity': {'configs': ['r18-96-scratch-e16'], 'seeds': [0], 'sets': 'val'},
+         # the CPU-sized proxy (sixth session), seed 0, validation sets, its own folder. Seeds 1 and 2 added in the
+         # ninth session, before they ran: does SSOD training's gain on the 3 best positions over the CE twin grow
+         # with capacity (test_resnet from scratch, scratch-e34: +0.98 over 3 seeds; this config's seed 0: +1.80;
+         # ResNet-18 at 224 px: +2.45)? Prediction: positive in both new seeds, a 3-seed mean of at least 1.0;
+         # Eq. 15 trails ODIN on the twin in every seed; the SSOD model's pooled Energy is worse than its twin's in
+         # at least one new seed (seed 0: 41.1 against 38.75)
+         'capacity': {'configs': ['r18-96-scratch-e16'], 'seeds': [0, 1, 2], 'sets': 'val'},
          # the sampler's drift from scratch without the OOD gradient into the backbone (seventh session). Seed 0 ran
          # first: the detached run's classifier is its CE twin's to the last digit (the OOD head trains on the side),
          # its sampler labelled 18.2% of positions OOD against 8.5% with the gradient, and Eq. 15 read 45.3 against
