@@ -1,0 +1,50 @@
+"""The fused readouts of benchmarks/fused_readout.py, against the model's own outputs, and the runs it picks."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fused(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
+    spec = importlib.util.spec_from_file_location('fused_readout', ROOT / 'benchmarks' / 'fused_readout.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, 'CACHE', tmp_path / 'cache')
+    yield module
+    sys.modules.pop('study', None)
+
+
+def test_the_readouts_are_their_parts_summed(fused):
+    torch.manual_seed(0)
+    model = timm.create_model('ssod_test_resnet', num_classes=4).eval()
+    x = torch.randn(6, 3, 64, 64)
+    got = fused.scores(model, [(x[:4], None), (x[4:], None)])  # two batches, as a loader gives them
+    with torch.no_grad():
+        logits, p_id = model(x)  # the Eq. 15 OOD factor, by the model's own forward
+        cls_map = model.forward_spatial(x).cls_map
+    top3 = cls_map.amax(dim=1).flatten(1).topk(3, dim=1).values.mean(dim=1)
+    energy = logits.logsumexp(dim=1)
+    torch.testing.assert_close(got['top3'], top3)
+    torch.testing.assert_close(got['energy'], energy)
+    torch.testing.assert_close(got['fused'], top3 + energy)
+    torch.testing.assert_close(got['fused_pid'], top3 + energy + p_id.log())
+
+
+def test_all_pairs_takes_the_10_class_runs_with_both_checkpoints(fused):
+    def cache(run):
+        (fused.CACHE / 'runs' / run).mkdir(parents=True)
+        (fused.CACHE / 'runs' / run / 'last.pt').touch()
+
+    ce_8 = 'ce-batch_size64-epochs8-lr0.0005'
+    for run in ('paper-e8-s0', f'{ce_8}-s0',  # a pair: taken
+                'paper-e8-s1',  # its twin missing: skipped
+                'm3-paper-s0', 'ce-batch_size64-classes3-epochs8-lr0.0005-warmup_epochs2-s0'):  # 3 classes: skipped
+        cache(run)
+    assert fused.all_pairs() == ['--runs', 'paper-e8-s0', '--ce-runs', f'{ce_8}-s0']
