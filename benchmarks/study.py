@@ -512,6 +512,30 @@ def paired_lines(records: List[dict]) -> List[str]:
                 lines.append(f'| {"--ood-detach (control)" if detach else "SSOD"} | {ours} / {twin} | {len(gaps)} | '
                              f'{sum(gaps) / len(gaps):+.2f} | {min(gaps):+.2f} | {max(gaps):+.2f} | '
                              f'{sum(g > 0 for g in gaps)} of {len(gaps)} |')
+    return lines + [''] + _paired_by_set(runs)
+
+
+def _family(record: dict) -> str:
+    cfg = record['config']
+    return f'{cfg["model"].removeprefix("ssod_")}, {cfg["img_size"]} px'
+
+
+def _paired_by_set(runs: Dict[tuple, dict]) -> List[str]:
+    """The first readout of :data:`PAIRED` per OOD set, by backbone and resolution (ninth session: the gain
+    sits on ``near``)."""
+    ours, twin = PAIRED[0]
+    group = [r for r in runs.values() if not r['config'].get('ood_detach') and _fpr(r, ours) is not None]
+    families = sorted({_family(r) for r in group})
+    sets = ['near', 'textures', 'domain', 'fmnist', 'average']
+    lines = [f'Per OOD set, {ours} / {twin}, by backbone (mean gap; SSOD better in; fmnist is in the validation '
+             'runs only):', '', f'| backbone | n | {" | ".join(sets)} |', '|---|---:|' + '---|' * len(sets)]
+    for fam in families:
+        cells = []
+        for s in sets:
+            gaps = [r['ood'][s][twin]['fpr95'] - r['ood'][s][ours]['fpr95'] for r in group
+                    if _family(r) == fam and s in r['ood']]
+            cells.append(f'{sum(gaps) / len(gaps):+.2f} ({sum(g > 0 for g in gaps)} of {len(gaps)})' if gaps else '')
+        lines.append(f'| {fam} | {sum(_family(r) == fam for r in group)} | {" | ".join(cells)} |')
     return lines + ['']
 
 
