@@ -2,8 +2,8 @@
 
 The study's paired table (``study.py``, ``summary.md``) found SSOD training improving its model's own pooled
 Energy, log sum_i exp(z_i) of the pooled logits, over its cross-entropy twin's in 23 of 25 runs (+2.77 FPR95 on
-average), but the readout that detects best, the mean MaxLogit of the 3 best feature-map positions, by only
-+0.91. The pooled score is strongest on ``near`` (a held-out object in the same scenes), the position readout on
+average, as the table stood when this was written), but the readout that detects best, the mean MaxLogit of the 3
+best feature-map positions, by only +0.91. The pooled score is strongest on ``near`` (a held-out object in the same scenes), the position readout on
 ``textures`` and ``domain`` (no ID object). This asks whether one score gets both, and whether SSOD's gain on the
 pooled part survives in it. Two readouts, fixed before any of their numbers existed (ninth session):
 
@@ -22,7 +22,7 @@ recomputed and checked against the study's records of the same runs.
 
 Usage::
 
-    python benchmarks/fused_readout.py   # every 10-class validation run of the study with checkpoints
+    python benchmarks/fused_readout.py   # every cached 10-class run of the study, scored on the validation sets
     python benchmarks/fused_readout.py --runs lrdecay-e16-s0 --ce-runs ce-batch_size64-epochs16-lr0.0005-lr_step4-s0
 """
 import json
