@@ -99,6 +99,10 @@ CONFIGS: Dict[str, dict] = {
     # the run says what that does to Eq. 15 from scratch. Validation sets, its own folder: a diagnostic, not a
     # candidate
     'scratch-detach-e34': {'init': '', 'epochs': 34, 'lr': 2e-3, 'lr_step': 12, 'ood_detach': True},
+    # The OOD loss's weight (Eq. 14's alpha; the paper's 1.0) on lrdecay-e16's recipe (tenth session): its CE twin
+    # is lrdecay-e16's, since alpha does not touch a CE run. The 'alpha' grid below says why
+    'alpha0.3-e16': {'epochs': 16, 'lr_step': 4, 'alpha': 0.3},
+    'alpha3-e16': {'epochs': 16, 'lr_step': 4, 'alpha': 3.0},
 }
 # settings a CE twin shares with its SSOD run without naming them
 SYSTEM = ('amp', 'channels_last', 'workers', 'deterministic')
@@ -143,7 +147,18 @@ GRIDS = {'select': {'configs': ['paper-e8', 'gamma0.8-e8', 'alpha0.3-e8', 'lrdec
          # 53.4. Eq. 15 moves 11-13 points between seeds, so seeds 1 and 2 were added before running them, with
          # scratch-e34 beside it. Prediction: without the gradient, more OOD supervision and a better Eq. 15 in
          # each seed; the position readouts unchanged
-         'drift': {'configs': ['scratch-e34', 'scratch-detach-e34'], 'seeds': [0, 1, 2], 'sets': 'val'}}
+         'drift': {'configs': ['scratch-e34', 'scratch-detach-e34'], 'seeds': [0, 1, 2], 'sets': 'val'},
+         # A dose-response test of what SSOD's objective adds (tenth session; validation sets, its own folder: a
+         # diagnostic, not a candidate). The study found SSOD training's effects on its own model, its better pooled
+         # Energy and its gain on the 3 best positions (mostly on `near`), only with the OOD loss's gradient in the
+         # backbone (--ood-detach removes them). If that gradient causes them, they should grow with its weight.
+         # lrdecay-e16 (alpha 1) on validation, seeds 0/1/2, twin minus SSOD: 3 best positions +2.00 / +3.25 /
+         # +1.25, pooled Energy +2.30 / +7.45 / +5.35 (results/fused_readout/). Prediction, written before the
+         # alpha runs: (1) on the 3 best positions the 3-seed mean gain orders alpha 0.3 < 1 < 3, on average
+         # and (2) on `near`; (3) the pooled Energy's gain orders the same way; (4) Eq. 15 trails ODIN on the twin
+         # at every alpha in every seed; (5) at alpha 3 the SSOD model's ID accuracy stays within 1 point of the
+         # twin's (3-seed mean); (6) alpha 3's 3 best positions beat alpha 1's by less than 2 points (3-seed mean)
+         'alpha': {'configs': ['lrdecay-e16', 'alpha3-e16', 'alpha0.3-e16'], 'seeds': [0, 1, 2], 'sets': 'val'}}
 SEEDS_TEST = [0, 1, 2]
 
 
