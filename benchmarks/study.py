@@ -490,7 +490,10 @@ def summarise() -> None:
                                   'sampled ID): {sampled_id:.1f} / {sampled_ood:.1f}; {id_on_object:.1f}; '
                                   '{ood_off_object:.1f}; {object_cells_sampled_id:.1f}'.format(**r['sampler'])
                                   if 'sampler' in r else ''))
-        lines.append('')
+        lines += ['', 'CE twin minus SSOD model per config (positive: SSOD training helped), '
+                  f'{PAIRED[0][0]} per OOD set:', '', *paired_per_set(records, lambda r: r['name'], 'config'), '']
+        if grid_dir.name == 'alpha':
+            _plot_dose(records, OUT / 'alpha.png')
     lines += paired_lines(every_run)
     if (OUT / 'choice.json').exists():
         c = json.loads((OUT / 'choice.json').read_text())
@@ -538,20 +541,68 @@ def _family(record: dict) -> str:
 def _paired_by_set(runs: Dict[tuple, dict]) -> List[str]:
     """The first readout of :data:`PAIRED` per OOD set, by backbone and resolution (ninth session: the gain
     sits on ``near``)."""
+    group = [r for r in runs.values() if not r['config'].get('ood_detach')]
+    return [f'Per OOD set, {PAIRED[0][0]} / {PAIRED[0][1]}, by backbone (mean gap; SSOD better in; fmnist is in the '
+            'validation runs only):', '', *paired_per_set(group, _family, 'backbone'), '']
+
+
+PER_SET = ('near', 'textures', 'domain', 'fmnist', 'average')
+
+
+def paired_per_set(records: List[dict], key, label: str) -> List[str]:
+    """A table of CE twin minus SSOD model for the first readout of :data:`PAIRED`, per OOD set, one row per
+    ``key(record)`` (mean gap over the row's records and in how many SSOD was better), then the pooled Energy's
+    average gap and the ID accuracy's (SSOD minus CE)."""
     ours, twin = PAIRED[0]
-    group = [r for r in runs.values() if not r['config'].get('ood_detach') and _fpr(r, ours) is not None]
-    families = sorted({_family(r) for r in group})
-    sets = ['near', 'textures', 'domain', 'fmnist', 'average']
-    lines = [f'Per OOD set, {ours} / {twin}, by backbone (mean gap; SSOD better in; fmnist is in the validation '
-             'runs only):', '', f'| backbone | n | {" | ".join(sets)} |', '|---|---:|' + '---|' * len(sets)]
-    for fam in families:
-        cells = []
-        for s in sets:
-            gaps = [r['ood'][s][twin]['fpr95'] - r['ood'][s][ours]['fpr95'] for r in group
-                    if _family(r) == fam and s in r['ood']]
-            cells.append(f'{sum(gaps) / len(gaps):+.2f} ({sum(g > 0 for g in gaps)} of {len(gaps)})' if gaps else '')
-        lines.append(f'| {fam} | {sum(_family(r) == fam for r in group)} | {" | ".join(cells)} |')
-    return lines + ['']
+    group = [r for r in records if _fpr(r, ours) is not None]
+    head = f'| {label} | n | {" | ".join(PER_SET)} | pooled Energy, average | ID accuracy, SSOD - CE |'
+    lines = [head, '|---|---:|' + '---|' * (len(PER_SET) + 2)]
+
+    def cell(gaps):
+        return f'{round(sum(gaps) / len(gaps), 2) + 0.0:+.2f} ({sum(g > 0 for g in gaps)} of {len(gaps)})' \
+            if gaps else ''  # (+ 0.0: no -0.00)
+    for row in sorted({key(r) for r in group}):
+        rs = [r for r in group if key(r) == row]
+        cells = [cell([r['ood'][s][twin]['fpr95'] - r['ood'][s][ours]['fpr95'] for r in rs if s in r['ood']])
+                 for s in PER_SET]
+        cells.append(cell([_fpr(r, 'energy') - _fpr(r, 'ssod_energy') for r in rs]))
+        acc = [r['id_accuracy']['ssod'] - r['id_accuracy']['ce'] for r in rs]
+        cells.append(f'{round(sum(acc) / len(acc), 2) + 0.0:+.2f}')
+        lines.append(f'| {row} | {len(rs)} | {" | ".join(cells)} |')
+    return lines
+
+
+def _plot_dose(records: List[dict], path: Path) -> None:
+    """The ``alpha`` grid: SSOD training's gain over its CE twin against the OOD loss's weight, per seed and mean."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    ours, twin = PAIRED[0]
+    panels = (('3 best positions, near', lambda r: r['ood']['near'][twin]['fpr95'] - r['ood']['near'][ours]['fpr95']),
+              ('3 best positions, average', lambda r: _fpr(r, twin) - _fpr(r, ours)),
+              ('pooled Energy, average', lambda r: _fpr(r, 'energy') - _fpr(r, 'ssod_energy')),
+              ('ID accuracy, SSOD - CE (points)', lambda r: r['id_accuracy']['ssod'] - r['id_accuracy']['ce']))
+    alphas = sorted({r['config']['alpha'] for r in records})
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
+    for ax, (title, gap) in zip(axes, panels):
+        for seed in sorted({r['seed'] for r in records}):
+            pts = sorted((r['config']['alpha'], gap(r)) for r in records if r['seed'] == seed)
+            ax.plot(*zip(*pts), 'o-', color='tab:gray', alpha=0.5, lw=0.8, ms=3,
+                    label='one seed' if seed == 0 else None)
+        means = [sum(gap(r) for r in records if r['config']['alpha'] == a) /
+                 sum(r['config']['alpha'] == a for r in records) for a in alphas]
+        ax.plot(alphas, means, 's-', color='tab:red', label='mean')
+        ax.axhline(0, color='black', lw=0.6)
+        ax.set_xscale('log')
+        ax.set_xticks(alphas, [f'{a:g}' for a in alphas])
+        ax.set_xlabel('alpha (weight of the OOD loss)')
+        ax.set_title(title, fontsize=9)
+    axes[0].set_ylabel('CE twin minus SSOD, FPR95 points\n(positive: SSOD training helped)')
+    axes[0].legend(fontsize=7)
+    fig.suptitle('Does SSOD\'s gain over its CE twin grow with the OOD loss\'s weight? (validation sets)', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def table_over_seeds(records: List[dict]) -> str:

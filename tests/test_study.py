@@ -64,3 +64,24 @@ def test_train_is_refused_with_auto(study, capsys):
     with pytest.raises(SystemExit):
         study.main(['--grid', 'auto', '--train', 'ce'])
     assert '--train trains one side' in capsys.readouterr().err
+
+
+def _record(name, seed, near, avg, energy, acc):
+    """A study record with only what paired_per_set reads: (SSOD, CE twin) pairs of FPR95 and ID accuracy."""
+    def pair(ssod, ce):
+        return {'pos_top3_maxlogit': {'fpr95': ssod}, 'ce_pos_top3_maxlogit': {'fpr95': ce}}
+    average = {**pair(*avg), 'ssod_energy': {'fpr95': energy[0]}, 'energy': {'fpr95': energy[1]}}
+    return {'name': name, 'seed': seed, 'ood': {'near': pair(*near), 'average': average},
+            'id_accuracy': {'ssod': acc[0], 'ce': acc[1]}}
+
+
+def test_paired_per_set_gives_twin_minus_ssod_per_row(study):
+    records = [_record('a', 0, near=(60.0, 65.0), avg=(30.0, 31.0), energy=(40.0, 44.0), acc=(96.0, 97.0)),
+               _record('a', 1, near=(70.0, 69.0), avg=(33.0, 32.0), energy=(41.0, 43.0), acc=(97.0, 97.0)),
+               _record('b', 0, near=(50.0, 50.0), avg=(20.0, 20.0), energy=(30.0, 30.0), acc=(95.0, 95.5))]
+    lines = study.paired_per_set(records, lambda r: r['name'], 'config')
+    assert lines[0].startswith('| config | n | near | textures |')
+    # near: (65-60 + 69-70) / 2 = +2.00, SSOD better in 1 of 2; average: (1 - 1) / 2; Energy (4 + 2) / 2;
+    # accuracy (-1 + 0) / 2. textures, domain and fmnist are in no record: empty cells
+    assert lines[2] == '| a | 2 | +2.00 (1 of 2) |  |  |  | +0.00 (1 of 2) | +3.00 (2 of 2) | -0.50 |'
+    assert lines[3] == '| b | 1 | +0.00 (0 of 1) |  |  |  | +0.00 (0 of 1) | +0.00 (0 of 1) | -0.50 |'
