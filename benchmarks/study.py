@@ -103,6 +103,7 @@ CONFIGS: Dict[str, dict] = {
     # is lrdecay-e16's, since alpha does not touch a CE run. The 'alpha' grid below says why
     'alpha0.3-e16': {'epochs': 16, 'lr_step': 4, 'alpha': 0.3},
     'alpha3-e16': {'epochs': 16, 'lr_step': 4, 'alpha': 3.0},
+    'alpha10-e16': {'epochs': 16, 'lr_step': 4, 'alpha': 10.0},
 }
 # settings a CE twin shares with its SSOD run without naming them
 SYSTEM = ('amp', 'channels_last', 'workers', 'deterministic')
@@ -157,8 +158,15 @@ GRIDS = {'select': {'configs': ['paper-e8', 'gamma0.8-e8', 'alpha0.3-e8', 'lrdec
          # alpha runs: (1) on the 3 best positions the 3-seed mean gain orders alpha 0.3 < 1 < 3, on average
          # and (2) on `near`; (3) the pooled Energy's gain orders the same way; (4) Eq. 15 trails ODIN on the twin
          # at every alpha in every seed; (5) at alpha 3 the SSOD model's ID accuracy stays within 1 point of the
-         # twin's (3-seed mean); (6) alpha 3's 3 best positions beat alpha 1's by less than 2 points (3-seed mean)
-         'alpha': {'configs': ['lrdecay-e16', 'alpha3-e16', 'alpha0.3-e16'], 'seeds': [0, 1, 2], 'sets': 'val'}}
+         # twin's (3-seed mean); (6) alpha 3's 3 best positions beat alpha 1's by less than 2 points (3-seed mean).
+         # alpha10-e16 added after seeing alpha 0.3 and 3 in seeds 0 and 1 (the pooled Energy, SSOD model, 41.5 /
+         # 39.4 / 36.9 and 40.0 / 33.9 / 30.2 for alpha 0.3 / 1 / 3; ODIN on the twin 33.1 and 30.8). Prediction,
+         # before it runs: (7) its pooled Energy's gain over the twin is at least alpha 3's (3-seed mean) and (8) it
+         # beats ODIN on the twin in at least 2 of 3 seeds; (9) its 3 best positions are no better than alpha 1's
+         # by more than 1 point; (10) its ID accuracy is at least 0.5 below the twin's (3-seed mean); (11) Eq. 15
+         # still trails ODIN in every seed
+         'alpha': {'configs': ['lrdecay-e16', 'alpha3-e16', 'alpha0.3-e16', 'alpha10-e16'], 'seeds': [0, 1, 2],
+                   'sets': 'val'}}
 SEEDS_TEST = [0, 1, 2]
 
 
