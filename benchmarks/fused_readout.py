@@ -20,10 +20,20 @@ than ``fused``. Validation sets only, every 10-class study run whose checkpoints
 diagnostic, not a candidate of the selection rule. The parts (the 3 best positions and the pooled Energy) are
 recomputed and checked against the study's records of the same runs.
 
+Tenth session: the study's ``alpha`` grid (alpha 0.3, 1, 3 and 10 on lrdecay-e16's recipe, 3 seeds) found that
+SSOD's gain on the pooled Energy grows with the OOD loss's weight (+1.35, +5.03, +5.75, +7.20 over the twin) while
+its gain on the 3 best positions does not (+1.13, +2.17, +2.40, +1.57). Does the fused score carry the pooled gain
+into a readout that detects well? Prediction, written before its runs: (1) SSOD's paired gain on ``fused`` orders
+alpha 0.3 < 1 < 10 (3-seed means), and at alpha 10 it is larger than its gain on the 3 best positions; (2) at alpha
+10, ``fused`` on the SSOD model beats its 3 best positions (23.27); (3) no readout here reaches the goal on
+validation: the best 3-seed mean of ``top3`` and ``fused`` over the four weights stays above 21.62, ODIN's 31.62
+less 10.
+
 Usage::
 
     python benchmarks/fused_readout.py   # every cached 10-class run of the study, scored on the validation sets
     python benchmarks/fused_readout.py --runs lrdecay-e16-s0 --ce-runs ce-batch_size64-epochs16-lr0.0005-lr_step4-s0
+    python benchmarks/fused_readout.py --grid alpha   # the runs of one study grid: summary_alpha.md
 """
 import json
 import sys
@@ -131,6 +141,21 @@ def write(results: List[dict], path: Path) -> None:
         gaps = [r['fpr95']['ssod']['top3']['average'] - r['fpr95']['ssod'][m]['average'] for r in results]
         lines.append(f'| {m} | {sum(gaps) / len(gaps):+.2f} | {sum(g > 0 for g in gaps)} of {len(gaps)} | '
                      f'{min(gaps):+.2f} to {max(gaps):+.2f} |')
+    configs = sorted({r['run'].rsplit('-s', 1)[0] for r in results})
+    if len(configs) < len(results):  # several seeds of a config: its means
+        lines += ['', '**Per config** (mean over its runs, average FPR95; gain: twin minus SSOD):', '',
+                  '| config | runs | top3, SSOD | fused, SSOD | fused, CE twin | gain on top3 | gain on energy | '
+                  'gain on fused |', '|---|---:|---:|---:|---:|---:|---:|---:|']
+        for c in configs:
+            rs = [r for r in results if r['run'].rsplit('-s', 1)[0] == c]
+
+            def mean(f):
+                return sum(f(r) for r in rs) / len(rs)
+            avg = {(name, m): mean(lambda r: r['fpr95'][name][m]['average']) for name in ('ssod', 'ce')
+                   for m in READOUTS[:3]}
+            lines.append(f'| {c} | {len(rs)} | {avg["ssod", "top3"]:.2f} | {avg["ssod", "fused"]:.2f} | '
+                         f'{avg["ce", "fused"]:.2f} | ' + ' | '.join(
+                             f'{avg["ce", m] - avg["ssod", m]:+.2f}' for m in ('top3', 'energy', 'fused')) + ' |')
     checks = [v for r in results for v in r['check'].values()]
     lines += ['', f'The parts recomputed here against the study\'s records of the same checkpoints: {len(checks)} '
               f'averages, largest difference {max(checks, default=float("nan")):.4f} FPR95 points.', '',
@@ -149,11 +174,11 @@ def _describe(r: dict) -> str:
                      for m in READOUTS)
 
 
-def all_pairs() -> List[str]:
-    """``--runs ... --ce-runs ...`` for every 10-class run of the study whose checkpoints are cached (those of the
-    ``test`` grid too: here they are scored on the validation sets)."""
+def all_pairs(grid: str = '*') -> List[str]:
+    """``--runs ... --ce-runs ...`` for every 10-class run of the study (or of its ``grid``) whose checkpoints are
+    cached (those of the ``test`` grid too: here they are scored on the validation sets)."""
     runs, ce_runs = [], []
-    for path in sorted(STUDY.glob('*/*.json')):
+    for path in sorted(STUDY.glob(f'{grid}/*.json')):
         if path.name == 'choice.json':
             continue
         r = json.loads(path.read_text())
@@ -168,6 +193,13 @@ def all_pairs() -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if '--grid' in argv:  # --grid NAME: that grid's runs, into summary_NAME.md
+        i = argv.index('--grid')
+        grid = argv[i + 1] if i + 1 < len(argv) else ''
+        if not (STUDY / grid).is_dir() or not grid:
+            raise SystemExit(f'--grid wants a study grid with records, one of: '
+                             f'{", ".join(sorted(p.name for p in STUDY.iterdir() if p.is_dir()))}')
+        argv = all_pairs(grid) + ['--summary', f'summary_{grid}.md'] + argv[:i] + argv[i + 2:]
     run_pairs(argv if '--runs' in argv else all_pairs() + argv, __doc__, OUT, measure, write, _describe)
 
 

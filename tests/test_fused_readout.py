@@ -48,3 +48,15 @@ def test_all_pairs_takes_the_10_class_runs_with_both_checkpoints(fused):
                 'm3-paper-s0', 'ce-batch_size64-classes3-epochs8-lr0.0005-warmup_epochs2-s0'):  # 3 classes: skipped
         cache(run)
     assert fused.all_pairs() == ['--runs', 'paper-e8-s0', '--ce-runs', f'{ce_8}-s0']
+
+
+def test_grid_takes_that_grids_runs_only(fused):
+    ce_8, ce_16 = 'ce-batch_size64-epochs8-lr0.0005', 'ce-batch_size64-epochs16-lr0.0005-lr_step4'
+    for run in ('paper-e8-s1', f'{ce_8}-s1', 'lrdecay-e16-s1', f'{ce_16}-s1'):
+        (fused.CACHE / 'runs' / run).mkdir(parents=True)
+        (fused.CACHE / 'runs' / run / 'last.pt').touch()
+    # paper-e8-s1 is in the ablate grid, lrdecay-e16-s1 in the alpha and test grids
+    assert fused.all_pairs('ablate') == ['--runs', 'paper-e8-s1', '--ce-runs', f'{ce_8}-s1']
+    assert fused.all_pairs('alpha') == ['--runs', 'lrdecay-e16-s1', '--ce-runs', f'{ce_16}-s1']
+    with pytest.raises(SystemExit, match='--grid wants a study grid.*ablate'):
+        fused.main(['--grid', 'no-such-grid'])
