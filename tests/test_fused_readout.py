@@ -60,3 +60,18 @@ def test_grid_takes_that_grids_runs_only(fused):
     assert fused.all_pairs('alpha') == ['--runs', 'lrdecay-e16-s1', '--ce-runs', f'{ce_16}-s1']
     with pytest.raises(SystemExit, match='--grid wants a study grid.*ablate'):
         fused.main(['--grid', 'no-such-grid'])
+
+
+def test_write_gives_each_configs_means(fused, tmp_path):
+    def record(run, ssod_top3, ce_top3):
+        def fpr(top3):
+            return {m: {'near': top3, 'average': top3 + k} for k, m in enumerate(fused.READOUTS)}
+        return {'run': run, 'sets': ['near'], 'fpr95': {'ssod': fpr(ssod_top3), 'ce': fpr(ce_top3)},
+                'auroc': {'ssod': fpr(90.0), 'ce': fpr(90.0)}, 'check': {}}
+    results = [record('lrdecay-e16-s0', 20.0, 23.0), record('lrdecay-e16-s1', 22.0, 23.0),
+               record('alpha3-e16-s0', 21.0, 21.0)]
+    fused.write(results, tmp_path / 'summary.md')
+    text = (tmp_path / 'summary.md').read_text()
+    # lrdecay-e16: SSOD top3 (20 + 22) / 2 = 21, fused 2 more (its offset here), the twin's fused 25; gains 23 - 21
+    assert '| lrdecay-e16 | 2 | 21.00 | 23.00 | 25.00 | +2.00 | +2.00 | +2.00 |' in text
+    assert '| alpha3-e16 | 1 | 21.00 | 23.00 | 23.00 | +0.00 | +0.00 | +0.00 |' in text
