@@ -551,8 +551,10 @@ def paired_lines(records: List[dict]) -> List[str]:
 
 
 def _family(record: dict) -> str:
+    """Backbone and resolution, and the OOD loss's weight where it is not the paper's 1 (the alpha grids)."""
     cfg = record['config']
-    return f'{cfg["model"].removeprefix("ssod_")}, {cfg["img_size"]} px'
+    alpha = f', alpha {cfg["alpha"]:g}' if cfg.get('alpha', 1.0) != 1.0 else ''
+    return f'{cfg["model"].removeprefix("ssod_")}, {cfg["img_size"]} px{alpha}'
 
 
 def _paired_by_set(runs: Dict[tuple, dict]) -> List[str]:
