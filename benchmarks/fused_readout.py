@@ -3,8 +3,8 @@
 The study's paired table (``study.py``, ``summary.md``) found SSOD training improving its model's own pooled
 Energy, log sum_i exp(z_i) of the pooled logits, over its cross-entropy twin's in 23 of 25 runs (+2.77 FPR95 on
 average, as the table stood when this was written), but the readout that detects best, the mean MaxLogit of the 3
-best feature-map positions, by only +0.91. The pooled score is strongest on ``near`` (a held-out object in the same scenes), the position readout on
-``textures`` and ``domain`` (no ID object). This asks whether one score gets both, and whether SSOD's gain on the
+best feature-map positions, by only +0.91. The pooled score is strongest on ``near`` (a held-out object in the same
+scenes), the position readout on ``textures`` and ``domain`` (no ID object). This asks whether one score gets both, and whether SSOD's gain on the
 pooled part survives in it. Two readouts, fixed before any of their numbers existed (ninth session):
 
 - ``fused``: top3(x) + E(x), the mean MaxLogit of the 3 best positions plus the pooled Energy. Both are in logit
@@ -129,7 +129,7 @@ def write(results: List[dict], path: Path) -> None:
               'helped). The `--ood-detach` runs apart, as in the study: their classifier gets no OOD gradient.', '',
               '| readout | runs | mean | SSOD better in | range |', '|---|---|---:|---:|---|']
     for detach in (False, True):
-        group = [r for r in results if bool(CONFIGS[r['run'].rsplit('-s', 1)[0]].get('ood_detach')) == detach]
+        group = [r for r in results if bool(CONFIGS[_config(r)].get('ood_detach')) == detach]
         for m in READOUTS[:3] if group else ():
             gaps = [r['fpr95']['ce'][m]['average'] - r['fpr95']['ssod'][m]['average'] for r in group]
             lines.append(f'| {m} | {"--ood-detach (control)" if detach else "SSOD"} | {sum(gaps) / len(gaps):+.2f} | '
@@ -141,17 +141,14 @@ def write(results: List[dict], path: Path) -> None:
         gaps = [r['fpr95']['ssod']['top3']['average'] - r['fpr95']['ssod'][m]['average'] for r in results]
         lines.append(f'| {m} | {sum(gaps) / len(gaps):+.2f} | {sum(g > 0 for g in gaps)} of {len(gaps)} | '
                      f'{min(gaps):+.2f} to {max(gaps):+.2f} |')
-    configs = sorted({r['run'].rsplit('-s', 1)[0] for r in results})
+    configs = sorted({_config(r) for r in results})
     if len(configs) < len(results):  # several seeds of a config: its means
         lines += ['', '**Per config** (mean over its runs, average FPR95; gain: twin minus SSOD):', '',
                   '| config | runs | top3, SSOD | fused, SSOD | fused, CE twin | gain on top3 | gain on energy | '
                   'gain on fused |', '|---|---:|---:|---:|---:|---:|---:|---:|']
         for c in configs:
-            rs = [r for r in results if r['run'].rsplit('-s', 1)[0] == c]
-
-            def mean(f):
-                return sum(f(r) for r in rs) / len(rs)
-            avg = {(name, m): mean(lambda r: r['fpr95'][name][m]['average']) for name in ('ssod', 'ce')
+            rs = [r for r in results if _config(r) == c]
+            avg = {(name, m): sum(r['fpr95'][name][m]['average'] for r in rs) / len(rs) for name in ('ssod', 'ce')
                    for m in READOUTS[:3]}
             lines.append(f'| {c} | {len(rs)} | {avg["ssod", "top3"]:.2f} | {avg["ssod", "fused"]:.2f} | '
                          f'{avg["ce", "fused"]:.2f} | ' + ' | '.join(
@@ -166,6 +163,10 @@ def write(results: List[dict], path: Path) -> None:
         lines.append(f'- `{r["run"]}`: ' + ' / '.join(f'{f["ssod"][m]["average"]:.2f}' for m in READOUTS) + '; '
                      + ' / '.join(f'{f["ce"][m]["average"]:.2f}' for m in READOUTS[:3]))
     path.write_text('\n'.join(lines) + '\n')
+
+
+def _config(r: dict) -> str:
+    return r['run'].rsplit('-s', 1)[0]  # the study's config name: the run less its seed
 
 
 def _describe(r: dict) -> str:

@@ -568,12 +568,21 @@ def _paired_by_set(runs: Dict[tuple, dict]) -> List[str]:
 PER_SET = ('near', 'textures', 'domain', 'fmnist', 'average')
 
 
+def _gap(r: dict, pair: tuple = PAIRED[0], s: str = 'average') -> float:
+    """CE twin minus SSOD model on OOD set ``s`` for a readout ``pair`` of :data:`PAIRED` (positive: SSOD helped)."""
+    ours, twin = pair
+    return r['ood'][s][twin]['fpr95'] - r['ood'][s][ours]['fpr95']
+
+
+def _acc_gap(r: dict) -> float:
+    return r['id_accuracy']['ssod'] - r['id_accuracy']['ce']
+
+
 def paired_per_set(records: List[dict], key, label: str) -> List[str]:
     """A table of CE twin minus SSOD model for the first readout of :data:`PAIRED`, per OOD set, one row per
     ``key(record)`` (mean gap over the row's records and in how many SSOD was better), then the pooled Energy's
     average gap and the ID accuracy's (SSOD minus CE)."""
-    ours, twin = PAIRED[0]
-    group = [r for r in records if _fpr(r, ours) is not None]
+    group = [r for r in records if _fpr(r, PAIRED[0][0]) is not None]
     head = f'| {label} | n | {" | ".join(PER_SET)} | pooled Energy, average | ID accuracy, SSOD - CE |'
     lines = [head, '|---|---:|' + '---|' * (len(PER_SET) + 2)]
 
@@ -582,11 +591,9 @@ def paired_per_set(records: List[dict], key, label: str) -> List[str]:
             if gaps else ''  # (+ 0.0: no -0.00)
     for row in sorted({key(r) for r in group}):
         rs = [r for r in group if key(r) == row]
-        cells = [cell([r['ood'][s][twin]['fpr95'] - r['ood'][s][ours]['fpr95'] for r in rs if s in r['ood']])
-                 for s in PER_SET]
-        cells.append(cell([_fpr(r, 'energy') - _fpr(r, 'ssod_energy') for r in rs]))
-        acc = [r['id_accuracy']['ssod'] - r['id_accuracy']['ce'] for r in rs]
-        cells.append(f'{round(sum(acc) / len(acc), 2) + 0.0:+.2f}')
+        cells = [cell([_gap(r, s=s) for r in rs if s in r['ood']]) for s in PER_SET]
+        cells.append(cell([_gap(r, PAIRED[2]) for r in rs]))
+        cells.append(f'{round(sum(map(_acc_gap, rs)) / len(rs), 2) + 0.0:+.2f}')
         lines.append(f'| {row} | {len(rs)} | {" | ".join(cells)} |')
     return lines
 
@@ -596,11 +603,8 @@ def _plot_dose(records: List[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    ours, twin = PAIRED[0]
-    panels = (('3 best positions, near', lambda r: r['ood']['near'][twin]['fpr95'] - r['ood']['near'][ours]['fpr95']),
-              ('3 best positions, average', lambda r: _fpr(r, twin) - _fpr(r, ours)),
-              ('pooled Energy, average', lambda r: _fpr(r, 'energy') - _fpr(r, 'ssod_energy')),
-              ('ID accuracy, SSOD - CE (points)', lambda r: r['id_accuracy']['ssod'] - r['id_accuracy']['ce']))
+    panels = (('3 best positions, near', lambda r: _gap(r, s='near')), ('3 best positions, average', _gap),
+              ('pooled Energy, average', lambda r: _gap(r, PAIRED[2])), ('ID accuracy, SSOD - CE (points)', _acc_gap))
     alphas = sorted({r['config']['alpha'] for r in records})
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
     for ax, (title, gap) in zip(axes, panels):
