@@ -85,3 +85,12 @@ def test_paired_per_set_gives_twin_minus_ssod_per_row(study):
     # accuracy (-1 + 0) / 2. textures, domain and fmnist are in no record: empty cells
     assert lines[2] == '| a | 2 | +2.00 (1 of 2) |  |  |  | +0.00 (1 of 2) | +3.00 (2 of 2) | -0.50 |'
     assert lines[3] == '| b | 1 | +0.00 (0 of 1) |  |  |  | +0.00 (0 of 1) | +0.00 (0 of 1) | -0.50 |'
+
+
+def test_family_names_backbone_resolution_initialisation_and_a_non_paper_alpha(study):
+    def family(**overrides):
+        return study._family({'config': {**study.BASE, **overrides}})
+    assert family() == 'test_resnet, 96 px'  # paper-e8: fine-tuned from the shipped CE classifier, alpha 1
+    assert family(**study.CONFIGS['alpha3-e16']) == 'test_resnet, 96 px, alpha 3'
+    assert family(**study.CONFIGS['scratch-alpha3-e34']) == 'test_resnet, 96 px, from scratch, alpha 3'
+    assert family(**study.CONFIGS['r18-96-scratch-e16']) == 'resnet18, 96 px, from scratch'
