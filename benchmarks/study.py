@@ -390,7 +390,7 @@ def twin(name: str) -> Tuple[dict, str, dict]:
     overrides = dict(CONFIGS[name])
     classes = overrides.get('classes', 10)
     # what a --ce-only run uses: not alpha, gamma, the balance or warmup_epochs (it never switches the OOD loss on;
-    # the fewclass records, written before the eleventh session, name their twins with warmup_epochs2)
+    # the fewclass twins, trained before the eleventh session as ...-warmup_epochs2, were renamed)
     ce_key = {k: v for k, v in {**BASE, **overrides}.items() if k in ('epochs', 'lr', 'lr_step', 'batch_size', 'init')}
     if classes != 10:
         ce_key['classes'] = classes
