@@ -586,12 +586,13 @@ def paired_lines(records: List[dict]) -> List[str]:
 
 
 def _family(record: dict) -> str:
-    """Backbone, resolution and initialisation, and the OOD loss's weight where it is not the paper's 1 (the alpha
-    grids)."""
+    """Backbone, resolution, initialisation and warmup, and the OOD loss's weight where it is not the paper's 1 (the
+    alpha grids)."""
     cfg = record['config']
     alpha = f', alpha {cfg["alpha"]:g}' if cfg.get('alpha', 1.0) != 1.0 else ''
     init = ', from scratch' if cfg.get('init') == '' else ''  # else fine-tuned from the shipped CE classifier
-    return f'{cfg["model"].removeprefix("ssod_")}, {cfg["img_size"]} px{init}{alpha}'
+    warm = f', warmup {cfg["warmup_epochs"]}' if cfg.get('warmup_epochs') else ''
+    return f'{cfg["model"].removeprefix("ssod_")}, {cfg["img_size"]} px{init}{warm}{alpha}'
 
 
 def _paired_by_set(runs: Dict[tuple, dict]) -> List[str]:

@@ -94,3 +94,4 @@ def test_family_names_backbone_resolution_initialisation_and_a_non_paper_alpha(s
     assert family(**study.CONFIGS['alpha3-e16']) == 'test_resnet, 96 px, alpha 3'
     assert family(**study.CONFIGS['scratch-alpha3-e34']) == 'test_resnet, 96 px, from scratch, alpha 3'
     assert family(**study.CONFIGS['r18-96-scratch-e16']) == 'resnet18, 96 px, from scratch'
+    assert family(**study.CONFIGS['scratch-alpha3-warm6-e34']) == 'test_resnet, 96 px, from scratch, warmup 6, alpha 3'
