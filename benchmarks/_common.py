@@ -80,6 +80,14 @@ def mean_sd(values: Sequence[float]) -> str:
     return f'{m:.1f} ± {(sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5:.1f}'
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write (120 dpi, trimmed to what is drawn, a legend outside the axes included) and close ``fig``."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches='tight')
+    plt.close(fig)
+
+
 def write_json(path: Path, data: Dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + '\n')

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment, mean_sd  # noqa: E402
+from _common import RESULTS, environment, mean_sd, save_figure  # noqa: E402
 from study import CACHE, benchmarks, eval_sets  # noqa: E402
 
 from ssod_zoo.adapter import ID_INDEX  # noqa: E402
@@ -227,9 +227,7 @@ def plot(results: List[dict], path: Path) -> None:
     ax.set_title(f'Fitting the sampled patches is not detecting OOD images ({len(results)} runs, validation)',
                  fontsize=9)
     ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches='tight')
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_markdown(results: List[dict], path: Path) -> None:

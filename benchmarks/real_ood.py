@@ -41,7 +41,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, mean_sd  # noqa: E402
+from _common import RESULTS, mean_sd, save_figure  # noqa: E402
 from study import CACHE, EIGHT, benchmarks, evaluate_pair, run_pairs  # noqa: E402
 
 from ssod_zoo.app import train as train_mod  # noqa: E402
@@ -135,12 +135,8 @@ def write(results: List[dict], path: Path) -> None:
              f'{results[0]["counts"]["id"]} ID images; ' + ', '.join(
                  f'{results[0]["counts"][s]} {s}' for s in SETS) + '.', '',
              f'| readout | {" | ".join(cols)} | average AUROC |', '|---|' + '---:|' * (len(cols) + 1)]
-    for m, label in READOUTS.items():
+    for m, label in {**READOUTS, **{m: f'{m} (CE twin)' for m in EIGHT}}.items():
         lines.append(f'| {label} | ' + ' | '.join(mean_sd([r['ood'][s][m]['fpr95'] for r in results]) for s in cols)
-                     + f' | {mean_sd([r["ood"]["average"][m]["auroc"] for r in results])} |')
-    for m in EIGHT:
-        lines.append(f'| {m} (CE twin) | ' + ' | '.join(mean_sd([r['ood'][s][m]['fpr95'] for r in results])
-                                                        for s in cols)
                      + f' | {mean_sd([r["ood"]["average"][m]["auroc"] for r in results])} |')
     lines.append('| best of the 8 (CE twin), per run | ' + ' | '.join(
         mean_sd([best_of_eight(r, s)[1] for r in results]) for s in cols) + ' | |')
@@ -181,9 +177,7 @@ def plot(results: List[dict], path: Path) -> None:
     ax.set_ylabel('FPR95 (%), lower is better')
     ax.set_title('Real photographs and textures as OOD data (dots: runs)', fontsize=10)
     ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches='tight')
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _describe(r: dict) -> str:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, markdown_table  # noqa: E402
+from _common import RESULTS, markdown_table, save_figure  # noqa: E402
 from study import CACHE, benchmarks, run_pairs  # noqa: E402
 
 from ssod_zoo.app import train as train_mod  # noqa: E402
@@ -153,9 +153,7 @@ def plot_drift(records: List[dict], path: Path) -> None:
     for row in axes:
         row[0].set_ylabel('positions (%)')
     axes[0][-1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches='tight')
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _names_or_count(keys: List[str]) -> str:

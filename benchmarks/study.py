@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment, mean_sd  # noqa: E402
+from _common import RESULTS, environment, mean_sd, save_figure  # noqa: E402
 
 from ssod_zoo.adapter import ID_INDEX  # noqa: E402
 from ssod_zoo.app import train as train_mod  # noqa: E402
@@ -714,9 +714,7 @@ def _plot_focus(rows, path: Path) -> None:
     ax.set_ylabel('average FPR95 (%), lower is better')
     ax.set_title('SSOD training against the same readout on its CE twin (validation grids, then TEST)', fontsize=10)
     ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches='tight')
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot(rows, path: Path) -> None:
@@ -735,9 +733,7 @@ def _plot(rows, path: Path) -> None:
     ax.set_ylabel('average FPR95 (%) , lower is better')
     ax.set_title('SSOD readouts (outlined) vs baselines on the CE twin', fontsize=10)
     ax.legend(fontsize=6, ncol=2, loc='upper left', bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches='tight')
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # the diagnostics of the chosen recipe (benchmarks/object_size.py, posthoc_on_ssod.py): its three seeds' runs
