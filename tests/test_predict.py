@@ -1,6 +1,7 @@
 """`ssod predict`: class or unknown per image, from any model spec, with the model's own preprocessing."""
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import ssod_zoo
 from ssod_zoo.app import cli
 from ssod_zoo.app.predict import COLUMNS, find_images, predict
 
-from cli_helpers import NAMES, make_checkpoint
+from cli_helpers import DECISIVE, NAMES, make_checkpoint, make_decisive_checkpoint
 
 
 def make_images(folder, n=5, corrupt=False):
@@ -46,36 +47,39 @@ def test_find_images_takes_files_folders_recursively_and_globs(tmp_path):
     assert len(both) == 5 and both[0].name == '0.png'  # no duplicates, given files first
 
 
-def test_cli_rows_follow_the_threshold_rule_and_robust_posterior(calibrated, tmp_path, capsys):
-    images = make_images(tmp_path / 'images', corrupt=True)
+def _by_hand(rule, threshold=0.2):
+    """Each DECISIVE image's expected row, worked out from the logits the checkpoint was fitted to."""
+    rows = {}
+    for name, (logits, diff) in DECISIVE.items():
+        z = np.array(logits)
+        p = np.exp(z) / np.exp(z).sum()
+        f = 1 / (1 + np.exp(-diff))
+        unknown = f < threshold if rule == 'factor' else 1 - f > f * p.max()  # Eq. 7: unknown is the argmax
+        rows[name] = dict(cls=NAMES[int(p.argmax())], prob=p.max(), f=f, unknown=unknown)
+    return rows
+
+
+@pytest.mark.parametrize('rule', ['factor', 'posterior'])
+def test_cli_rows_follow_each_rule(rule, tmp_path, capsys):
+    ckpt = make_decisive_checkpoint(tmp_path / 'c.pt', tmp_path / 'images', threshold=0.2)
+    (tmp_path / 'images' / 'broken.jpg').write_bytes(b'not a jpeg')
     out = tmp_path / 'pred.csv'
-    cli.main(['predict', str(calibrated), str(images), '--out', str(out), '--batch-size', '2'])
-    rows = read_csv(out)
-    assert list(rows[0]) == list(COLUMNS) and len(rows) == 5
-    for r in rows:
-        f, p_unknown = float(r['ood_factor']), float(r['p_unknown'])
-        assert p_unknown == pytest.approx(1 - f, abs=1e-5)  # Eq. 7's unknown column
-        assert r['class'] in NAMES  # label names come from the checkpoint's class_names
-        assert r['label'] == ('unknown' if f < 0.5 else r['class'])
+    cli.main(['predict', str(ckpt), str(tmp_path / 'images'), '--rule', rule, '--out', str(out), '--batch-size', '2'])
+    rows = {Path(r['path']).name: r for r in read_csv(out)}
+    assert list(next(iter(rows.values()))) == list(COLUMNS) and set(rows) == set(DECISIVE)
+    expected = _by_hand(rule)
+    for name, r in rows.items():
+        e = expected[name]
+        assert r['class'] == e['cls'] and float(r['class_prob']) == pytest.approx(e['prob'], abs=1e-3)
+        assert float(r['ood_factor']) == pytest.approx(e['f'], abs=1e-3)
+        assert float(r['p_unknown']) == pytest.approx(1 - e['f'], abs=1e-3)  # Eq. 7's unknown column
+        assert r['label'] == ('unknown' if e['unknown'] else e['cls'])
+    # the two rules differ on odd_a alone (ood_factor 0.40: above the threshold 0.2, below 1 / (1 + 0.58))
+    assert rows['odd_a.png']['label'] == ('cat' if rule == 'factor' else 'unknown')
     err = capsys.readouterr().err
     assert 'broken.jpg' in err and 'skipped' in err  # one line naming the file, not a traceback
-    assert '5 images' in err and 'would decide' in err
-
-
-def test_posterior_rule_is_the_argmax_of_eq7(calibrated, tmp_path):
-    images = make_images(tmp_path / 'images')
-    model = ssod_zoo.load_model(calibrated)
-    paths = find_images([str(images)])
-    rows = list(predict(model, paths, rule='posterior', progress=False))
-    x = torch.stack([timm.data.create_transform(**timm.data.resolve_data_config(model=model))(
-        Image.open(p).convert('RGB')) for p in paths])
-    with torch.no_grad():
-        out = model.forward_ssod(x)
-    posterior = ssod_zoo.robust_posterior(out.logits, out.ood_factor)
-    unknown = posterior.argmax(1) == posterior.shape[1] - 1
-    assert [r['label'] == 'unknown' for r in rows] == unknown.tolist()
-    by_factor = (out.ood_factor < model.ood_threshold).tolist()
-    assert [r['_disagree'] for r in rows] == [a != b for a, b in zip(by_factor, unknown.tolist())]
+    n_unknown = sum(e['unknown'] for e in expected.values())
+    assert f'5 images, {n_unknown} unknown' in err and 'would decide 1 differently' in err
 
 
 def test_preprocessing_comes_from_the_model(tmp_path):
@@ -105,9 +109,10 @@ def test_uncalibrated_model_without_threshold_is_one_line(tmp_path, capsys):
 
 
 def test_missing_input_is_one_line(calibrated, tmp_path, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         cli.main(['predict', str(calibrated), str(tmp_path / 'nothing_here')])
-    assert capsys.readouterr().err.count('\n') == 1
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and 'nothing_here: no such file or folder' in err
 
 
 def test_shipped_tag_and_hub_folder_load(tmp_path):

@@ -91,6 +91,26 @@ def test_protocol_end_to_end_with_the_shipped_weights(tmp_path, capsys):
     assert all(f'ssod eval: skipping {name}: ' in err for name in payload['config']['skipped'])
 
 
+def test_openood_fpr95_is_ood_positive_per_set_and_averaged():
+    """``fpr95_openood`` is OpenOOD's point, fpr[argmax(tpr >= 0.95)] on roc_curve(is_ood, -score) (scikit-learn
+    as the oracle), per set and as the mean over the sets; the paper's ``fpr95`` is left as it was."""
+    from sklearn.metrics import roc_curve
+    rng = np.random.default_rng(0)
+    scores = {'id': rng.normal(1.0, 1.0, 300), 'near': rng.normal(0.3, 1.0, 200), 'far': rng.normal(-1.0, 0.7, 250)}
+    results = {'ood': {s: {'ssod': {'fpr95': 12.3}} for s in ('near', 'far', 'average')},
+               'scores': {'ssod': {k: torch.tensor(v, dtype=torch.float32) for k, v in scores.items()}}}
+    protocols.add_fpr95_openood(results)
+    expected = {}
+    for s in ('near', 'far'):
+        y = np.r_[np.zeros(300), np.ones(len(scores[s]))]
+        fpr, tpr, _ = roc_curve(y, -np.r_[scores['id'], scores[s]].astype(np.float32))
+        expected[s] = 100 * fpr[np.argmax(tpr >= 0.95)]
+        assert results['ood'][s]['ssod']['fpr95_openood'] == pytest.approx(expected[s], abs=1e-6)
+        assert results['ood'][s]['ssod']['fpr95'] == 12.3
+    assert expected['near'] != pytest.approx(expected['far'])  # the sets differ, so a mix-up of sets shows
+    assert results['ood']['average']['ssod']['fpr95_openood'] == pytest.approx((expected['near'] + expected['far']) / 2)
+
+
 # ------------------------------------------------------------------------------------- missing-data messages
 def _one_line(message: str) -> None:
     assert '\n' not in message and 'Traceback' not in message
@@ -253,6 +273,9 @@ def test_release_evaluates_calibrates_cards_and_pushes(tmp_path, fmnist):
     """A tiny Fashion-MNIST run through `ssod release`: float16 file, threshold calibrated on the validation
     split, test numbers in the card's model-index, the folder pushed as written, release.pt for add_weight."""
     from safetensors.torch import load_file
+    from torch.utils.data import DataLoader
+    from ssod_zoo.app.evaluate import collect
+    from ssod_zoo.app.protocols import Transformed
     from ssod_zoo.app.release import release
     run = tmp_path / 'run'
     with warnings.catch_warnings():
@@ -269,10 +292,30 @@ def test_release_evaluates_calibrates_cards_and_pushes(tmp_path, fmnist):
         {torch.float16}
     config = json.loads((out / 'config.json').read_text())
     assert config['model_args']['ood_threshold'] == pytest.approx(done['threshold'])
-    card = (out / 'README.md').read_text()
-    assert 'model-index' in card and 'fmnist_heldout' in card
+    # the threshold keeps 95% of the ID *validation* images of the released (float16-rounded) weights
+    import timm
+    from huggingface_hub import ModelCard
+    from ssod_zoo import calibrate_threshold, load_model
+    released = load_model(str(out))
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=released))
+    data = load_protocol('fashion-mnist', str(FMNIST_ROOT), split='train')
+
+    def threshold_on(split):
+        return calibrate_threshold(collect(released, DataLoader(Transformed(split, transform), batch_size=64),
+                                           torch.device('cpu'))['ood_factor'])
+    assert done['threshold'] == pytest.approx(threshold_on(data.val), abs=1e-6)
+    assert done['threshold'] != pytest.approx(threshold_on(data.test), abs=1e-6)  # so the split shows
+    # the card's model-index carries the test numbers of eval/results.json
     results = json.loads((out / 'eval' / 'results.json').read_text())
     assert results['id_accuracy']['ssod'] == pytest.approx(done['metrics']['id_accuracy'])
+    carded = {(r.dataset_name, r.metric_type): r.metric_value for r in ModelCard.load(out / 'README.md').data.eval_results}
+    assert {r.dataset_split for r in ModelCard.load(out / 'README.md').data.eval_results if r.dataset_split} == {'test'}
+    assert any(name.startswith('fmnist_heldout') for name, _ in carded)
+    for (name, metric), value in carded.items():
+        if metric == 'accuracy':
+            assert value == pytest.approx(results['id_accuracy']['ssod'], abs=1e-3)
+        else:
+            assert value == pytest.approx(results['ood'][name.split(' (OOD)')[0]]['ssod'][metric], abs=1e-3)
     assert (run / 'release.pt').is_file()
     assert hub.calls[0] == ('create_repo', 'me/ssod-fmnist')
     assert hub.calls[1][1] == ['README.md', 'config.json', 'eval', 'model.safetensors']
