@@ -23,27 +23,51 @@ TEMPLATE = """---
 {{ card_data }}
 ---
 
+{% if ce_only -%}
+# {{ name }}: cross-entropy baseline ({{ arch }}), not an SSOD detector
+
+A timm `{{ trunk }}` classifier for {{ num_classes }} classes, trained with cross-entropy alone: the SSOD twin's \
+recipe with the OOD loss never on, kept as the baseline it is compared with. It has the architecture's OOD head, \
+but that head was **never trained**, so its `ood_factor` carries no information. Score OOD images with a post-hoc \
+detector on its logits or features instead (`ssod_zoo.detectors`: MSP, Energy, ODIN, ReAct, KNN, Mahalanobis, \
+ViM; `ssod eval --baseline-model`), or with `ssod_zoo.spatial_maxlogit_score` on its per-position logits.
+{%- else -%}
 # {{ name }}: SSOD out-of-distribution detector ({{ arch }})
 
 A timm `{{ trunk }}` classifier for {{ num_classes }} classes with the binary OOD head of SSOD (Pei, ICLR 2024). \
 Besides the class logits it gives `ood_factor`, the probability that the image belongs to the training \
 distribution (paper Eq. 15): the OOD head is trained on image-background patches that the classifier itself \
 rejects, used as stand-ins for OOD data.
+{%- endif %}
 
 ## How to use
 
 ```python
 import timm, torch
 from PIL import Image
+{%- if ce_only %}
+import ssod_zoo
+{%- endif %}
 
 model = timm.create_model('hf-hub:<org>/<this-repo>', pretrained=True).eval()  # or 'local-dir:<folder>'
 config = timm.data.resolve_data_config(model=model)
 transform = timm.data.create_transform(**config)
 image = Image.open('photo.png').convert('RGB')  # 3 channels, also for grayscale files
 with torch.no_grad():
+{%- if ce_only %}
+    x = transform(image).unsqueeze(0)
+    logits = model(x).logits
+    cls_map, _ = model.forward_positions(model.forward_features(x))  # the classifier at every position
+score = ssod_zoo.spatial_maxlogit_score(cls_map)  # higher = more in-distribution; calibrate a cut on ID images
+{%- else %}
     logits, ood_factor = model(transform(image).unsqueeze(0))
 reject = ood_factor < model.ood_threshold  # not one of the known classes
+{%- endif %}
 ```
+
+`{{ arch }}` is registered with timm by the ssod_zoo package: installed with pip, it does so on `import timm`; \
+from a source checkout (`pip install -e`), `import ssod_zoo` first.
+{% if not ce_only %}
 
 ## Rejection threshold
 
@@ -55,6 +79,7 @@ in-distribution validation images with `ssod_zoo.hub.calibrate_threshold(ood_fac
 validation images ({{ id_dataset }}), at {{ input_size }} px. Images below it are rejected as out-of-distribution. \
 It holds for the ID distribution and the preprocessing it was calibrated with; recalibrate after any change of \
 data, preprocessing or input size.
+{%- endif %}
 {%- endif %}
 
 ## Results
@@ -153,7 +178,7 @@ def model_card(config: Dict[str, Any], *, train_config: Optional[Mapping[str, An
         num_classes=config['num_classes'], threshold=config.get('model_args', {}).get('ood_threshold'),
         input_size=f'{size[1]}x{size[2]}' if size else 'the configured input size',
         id_dataset=id_dataset, id_accuracy=metrics.get('id_accuracy'), ood_rows=ood_rows,
-        has_metrics=bool(metrics), classes=classes, citation=PAPER_CITATION,
+        has_metrics=bool(metrics), classes=classes, citation=PAPER_CITATION, ce_only=bool(train_config.get('ce_only')),
         train_config=json.dumps(train_config, indent=2, sort_keys=True, default=str) if train_config else '')
 
 

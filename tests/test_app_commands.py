@@ -3,6 +3,7 @@
 Each checks the files the command promises (images that PIL can read back as PNG) and recomputes one of the
 reported metrics directly from the model, so a table that merely has the right shape cannot pass.
 """
+import csv
 import json
 import re
 from pathlib import Path
@@ -175,6 +176,21 @@ def test_demo_evaluates_the_shipped_models_by_default(tmp_path):
             assert torch.equal(published.state_dict()[k], v), (name, k)
     recipe = json.loads((SHIPPED_MODELS / 'recipe.json').read_text())
     assert results['config']['train'] == recipe['models']['ssod']['config']
+    # what README promises beside the table: per-image scores, accept rates at the threshold, intervals
+    with open(out / 'scores.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 10 * 6 + 3 * 10 and {'ssod', 'ssod_spatial_top3', 'odin'} <= set(rows[0])
+    id_rows = [r for r in rows if r['set'] == 'id']
+    threshold = results['config']['ood_threshold']
+    assert results['accept_rates']['id']['accepted'] == pytest.approx(
+        100 * sum(float(r['ssod']) >= threshold for r in id_rows) / len(id_rows))
+    assert set(results['ci']) == set(results['ood']) - {'average'}
+    lo, hi = results['ci']['near']['ssod']['fpr95']
+    assert lo <= results['ood']['near']['ssod']['fpr95'] <= hi
+    md = (out / 'results.md').read_text()
+    assert 'Accepted %' in md and '95% CI' in md
+    card = (out / 'models' / 'ce' / 'README.md').read_text()
+    assert 'never trained' in card and '## Rejection threshold' not in card
 
 
 def test_demo_refuses_training_options_without_retrain(capsys):

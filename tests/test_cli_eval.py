@@ -66,6 +66,24 @@ def test_corrupt_image_is_one_line_naming_the_file(data, tmp_path, capsys):
     assert len(err) == 1 and 'broken.png' in err[0] and 'Traceback' not in err[0]
 
 
+def test_a_baseline_with_other_classes_is_refused(data, tmp_path, capsys):
+    other = make_checkpoint(tmp_path / 'ce.pt', num_classes=2)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(['--model', str(data['ckpt']), '--baseline-model', str(other), '--val-dir', str(data['val']),
+                       '--ood-dirs', str(data['flat']), '--out', str(tmp_path / 'out'), '--no-plots'])
+    assert e.value.code == 2
+    assert f'--baseline-model {other} has 2 classes, {data["val"]} has 3' in capsys.readouterr().err
+
+
+def test_without_a_baseline_no_row_claims_a_ce_model(data, tmp_path):
+    payload = evaluate.main(['--model', str(data['ckpt']), '--val-dir', str(data['val']), '--ood-dirs',
+                             str(data['flat']), '--out', str(tmp_path), '--workers', '0', '--no-plots',
+                             '--bootstrap', '0', '--fit-dir', str(data['fit']), '--knn-k', '2'])
+    md = (tmp_path / 'results.md').read_text()
+    assert 'CE model' not in md and 'mean MaxLogit of the 3 best positions (same model)' in md
+    assert set(payload['id_accuracy']) == {'ssod'}
+
+
 def test_knn_k_is_capped_below_the_smallest_class_and_small_fits_are_flagged():
     g = torch.Generator().manual_seed(0)
     f, y = torch.randn(12, 40, generator=g), torch.arange(3).repeat_interleave(4)

@@ -21,7 +21,11 @@ def test_readme_use_runs_as_pasted():
     scope = {'x': torch.randn(2, 3, 64, 64)}  # the one name the snippet leaves to the reader
     exec(python_block(ROOT / 'README.md', '## Use'), scope)
     assert scope['out'].logits.shape == (2, 10) and scope['keep'].shape == (2,)
-    assert scope['posterior'].shape == (2, 11) and scope['score_full'].shape == (2,)
+    assert scope['posterior'].shape == (2, 11) and scope['energy_full'].shape == (2,)
+    # the snippet's readouts are the ones its comments name
+    cls_map = scope['cls_map']
+    torch.testing.assert_close(scope['score'], cls_map.amax(1).flatten(1).topk(3, dim=1).values.mean(1))
+    torch.testing.assert_close(scope['energy'], cls_map.logsumexp(1).flatten(1).amax(1))
 
 
 @pytest.mark.parametrize('mode', ['L', 'RGB'])
@@ -34,14 +38,24 @@ def test_model_card_snippet_runs_on_grayscale_and_colour_files(mode, tmp_path, m
     assert scope['label'] == 'unknown' or scope['label'] in scope['model'].pretrained_cfg['label_names']
 
 
-def test_generated_card_snippet_runs(tmp_path, monkeypatch):
+@pytest.mark.parametrize('ce_only', [False, True])
+def test_generated_card_snippet_runs(ce_only, tmp_path, monkeypatch):
+    """The card's snippet runs as pasted; a cross-entropy baseline's card (``ce_only`` in its training config)
+    says its OOD head is untrained and reads it out without ``ood_factor``, where an SSOD model's applies its
+    threshold."""
     import ssod_zoo
 
-    folder = ssod_zoo.save_pretrained(ssod_zoo.load_model('ssod_test_resnet.synthetic'), tmp_path / 'hub')
+    folder = ssod_zoo.save_pretrained(ssod_zoo.load_model('ssod_test_resnet.synthetic'), tmp_path / 'hub',
+                                      train_config={'ce_only': ce_only, 'epochs': 1})
     Image.new('L', (40, 30), color=128).save(tmp_path / 'photo.png')
     monkeypatch.chdir(tmp_path)
     code = python_block(folder / 'README.md', '## How to use')
     code = code.replace('hf-hub:<org>/<this-repo>', f'local-dir:{folder}')
     scope = {}
     exec(code, scope)
-    assert scope['reject'].shape == (1,)
+    card = (folder / 'README.md').read_text()
+    if ce_only:
+        assert scope['score'].shape == (1,) and 'reject' not in scope and 'ood_factor' not in code
+        assert 'cross-entropy baseline' in card and 'never trained' in card and 'Rejection threshold' not in card
+    else:
+        assert scope['reject'].shape == (1,) and 'never trained' not in card and '## Rejection threshold' in card

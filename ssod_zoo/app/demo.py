@@ -34,6 +34,7 @@ from ..hub import load_checkpoint, load_model, save_pretrained
 from .cli import AT_LEAST_0, AT_LEAST_1, bounded
 from .evaluate import evaluate, results_markdown, write_results
 from .plots import plot_histograms, plot_roc, plot_sampler
+from .report import accept_rates, confidence_intervals, report_markdown, write_scores_csv
 from .synthetic import GENERATOR_VERSION, BenchmarkConfig, SyntheticBenchmark
 from .train import RANGES, TrainConfig, train
 
@@ -43,6 +44,7 @@ __all__ = ['main']
 _WEIGHTS = _weights_dir() or Path(__file__).resolve().parents[2] / 'weights'
 SHIPPED_INIT = _WEIGHTS / 'init' / 'test_resnet_synthetic_ce.safetensors'
 SHIPPED_MODELS = _WEIGHTS / 'demo'  # ssod/, ce/ (hub-ready folders) and recipe.json
+BOOTSTRAP = 1000  # resamples for the FPR95 / AUROC intervals, as `ssod eval`'s default
 # the options that only a training run uses: given without --retrain they would silently do nothing
 TRAINING_OPTIONS = ('model', 'model_kwargs', 'init', 'warmup_epochs', 'ssod_epochs', 'batch_size', 'lr', 'lr_step',
                     'gamma', 'alpha', 'seed')
@@ -121,10 +123,15 @@ def main(argv: Optional[List[str]] = None) -> dict:
     # the models carry the preprocessing they were trained with (96 px, crop 1.0)
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=ssod_model))
     loader = lambda ds: DataLoader(ds, batch_size=128, num_workers=args.workers)  # noqa: E731
-    results = evaluate(ssod_model.eval(), loader(bench.val_dataset(transform)),
-                       {k: loader(v) for k, v in bench.ood_datasets(transform).items()},
+    sets = {'id': bench.val_dataset(transform), **bench.ood_datasets(transform)}
+    results = evaluate(ssod_model.eval(), loader(sets['id']), {k: loader(v) for k, v in sets.items() if k != 'id'},
                        baseline_model=ce_model.eval(), fit_loader=loader(bench.train_dataset(transform)),
                        progress=args.progress)
+    # what a deployment decides with, as `ssod eval` reports it: accept rates at the SSOD model's threshold and
+    # bootstrap intervals (`ssod eval --bootstrap`'s default resamples and seed)
+    ci = confidence_intervals(results['scores'], BOOTSTRAP)
+    rates = accept_rates(results['scores']['ssod'], ssod_model.ood_threshold)
+    deployment = report_markdown(rates, ssod_model.ood_threshold, ci, results['ood'], BOOTSTRAP)
     config = {'benchmark': dataclasses.asdict(bench_cfg),
               'demo': {k: v for k, v in vars(args).items() if k not in ('out', 'bench_root')},
               'models': 'trained here (--retrain)' if args.retrain else f'shipped ({SHIPPED_MODELS})',
@@ -134,14 +141,20 @@ def main(argv: Optional[List[str]] = None) -> dict:
     for name, model, train_config in (('ssod', ssod_model, ssod_config), ('ce', ce_model, ce_config)):
         save_pretrained(model, out / 'models' / name, train_config=train_config,
                         class_names=model.pretrained_cfg['label_names'], ood_threshold=model.ood_threshold,
+                        # the embedded benchmark's sets, the ones README's headline calls the test sets
                         metrics={'id_accuracy': results['id_accuracy'][name], 'id_dataset': 'ssod_zoo synthetic',
+                                 'split': 'test',
                                  'ood': {k: v['ssod'] for k, v in results['ood'].items() if k != 'average'}}
                         if name == 'ssod' else None)
 
     stage('plots')
-    write_results(results, out, config)
+    write_results(results, out, config, sections=[deployment], extra={
+        'accept_rates': rates, 'ood_threshold': ssod_model.ood_threshold, 'ci': ci,
+        'bootstrap': {'resamples': BOOTSTRAP, 'seed': 0, 'level': 95}})
+    write_scores_csv(results['scores'], {k: [str(p) for p, _ in v.samples] for k, v in sets.items()},
+                     out / 'scores.csv', targets={'id': torch.as_tensor(sets['id'].targets)})
     plot_roc(results['scores'], out / 'roc.png')
-    plot_histograms(results['scores'], out / 'histograms.png')
+    plot_histograms(results['scores'], out / 'histograms.png', thresholds={'ssod': ssod_model.ood_threshold})
     train_set = bench.train_dataset(transform)
     picks = Subset(train_set, torch.linspace(0, len(train_set) - 1, 8).long().tolist())
     images, targets = map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in picks]))
@@ -150,7 +163,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                  ssod_config['gamma'])
 
     print('\n' + results_markdown(results))
-    stage(f'done: {out}/results.json, results.md, roc.png, histograms.png, sampler.png; '
+    stage(f'done: {out}/results.json, results.md, scores.csv, roc.png, histograms.png, sampler.png; '
           f'models in {out}/models/ssod and {out}/models/ce (timm.create_model("local-dir:{out}/models/ssod", '
           'pretrained=True))')
     (out / 'timing.json').write_text(json.dumps({'wall_seconds': round(time.time() - t0, 1)}))

@@ -56,8 +56,8 @@ LABELS = {'ssod_spatial_top3': 'SSOD model, mean MaxLogit of the 3 best position
           'ssod_spatial_energy': 'SSOD model, best-position energy',
           'ssod_spatial': 'SSOD best-position posterior: max_p logsumexp(z(p)) + log P_ID(p)',
           'ssod': 'SSOD OOD factor, Eq. 15 (paper)', 'ssod_posterior': 'SSOD pooled posterior: logsumexp(z) + log P_ID',
-          'ssod_energy': 'Energy of the SSOD model', 'energy_spatial': 'best-position energy (CE model)',
-          'maxlogit_spatial_top3': 'mean MaxLogit of the 3 best positions (CE model)'}
+          'ssod_energy': 'Energy of the SSOD model', 'energy_spatial': 'best-position energy',
+          'maxlogit_spatial_top3': 'mean MaxLogit of the 3 best positions'}
 # the study's classifier-only readouts on any baseline model: not pooled-feature detectors, so not in DETECTORS
 SPATIAL_BASELINES = {'maxlogit_spatial_top3': lambda o: o['spatial_top3'],
                      'energy_spatial': lambda o: o['spatial_energy']}
@@ -212,7 +212,9 @@ def results_markdown(results: dict) -> str:
             r = results['ood'][s][m]
             fpr = f'{r["fpr95"]:.2f}'
             cells += [f'**{fpr}**' if r['fpr95'] == best[s] else fpr, f'{r["auroc"]:.2f}']
-        label = LABELS.get(m) or f'{m} ({"CE model" if "ce" in results["id_accuracy"] else "same model"})'
+        label = LABELS.get(m, m)
+        if not m.startswith('ssod'):  # a baseline: on the CE model, or on the SSOD model when there is none
+            label += f' ({"CE model" if "ce" in results["id_accuracy"] else "same model"})'
         rows.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     acc = ', '.join(f'{k.upper()} model {v:.2f}%' for k, v in results['id_accuracy'].items())
     return '\n'.join([f'ID accuracy: {acc}', '', head, rule, *rows, '',
@@ -331,9 +333,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
         val = loader(protocol.test if protocol else args.val_dir, labelled=True)
     except ImageError as e:
         fail(e)
-    if model.num_classes != len(val.dataset.classes):
-        p.error(f'the model has {model.num_classes} classes, {args.val_dir or args.protocol} has '
-                f'{len(val.dataset.classes)}')
+    for flag, m in (('--model', model), ('--baseline-model', baseline)):
+        if m is not None and m.num_classes != len(val.dataset.classes):
+            p.error(f'{flag} {getattr(args, flag[2:].replace("-", "_"))} has {m.num_classes} classes, '
+                    f'{args.val_dir or args.protocol} has {len(val.dataset.classes)}')
     try:
         oods = {Path(d).name: loader(d) for d in args.ood_dirs}
         fit = loader(args.fit_dir, args.fit_limit, labelled=True, per_class=True) if args.fit_dir else None
