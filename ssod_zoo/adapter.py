@@ -40,6 +40,15 @@ _MAX_NORMALISED: Final[float] = 20.0
 _SPATIAL_OK: Dict[type, bool] = {}  # model classes already probed for a (B, C, H, W) feature map
 
 
+def check_threshold(threshold: float) -> float:
+    """``threshold`` as a float, if it is one ``ood_factor`` can be compared with: in [0, 1]."""
+    value = float(threshold)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f'ood_threshold must be in [0, 1], as ood_factor is, got {threshold}: outside it every image '
+                         'is kept or every one rejected; calibrate one with ssod_zoo.calibrate_threshold(ood_factors)')
+    return value
+
+
 class SSODModel(nn.Module):
     """Mixin that makes a timm CNN classifier an SSOD model. Build one with :func:`wrap` or ``timm.create_model``.
 
@@ -79,7 +88,7 @@ class SSODModel(nn.Module):
             raise ValueError('this model has no calibrated ood_threshold: pass threshold=..., or calibrate one on '
                              'ID validation images with ssod_zoo.calibrate_threshold(ood_factors) and set '
                              'model.ood_threshold')
-        return ood_factor >= threshold
+        return ood_factor >= check_threshold(threshold)
 
     @torch.jit.export  # scripted models keep it: forward() reaches only _forward_ssod
     def forward_ssod(self, x: torch.Tensor) -> SSODOutput:
@@ -411,6 +420,6 @@ def wrap(
     # shallow copy: same parameters and submodules, but own containers, so adding ood_head leaves `model` as it was
     ssod.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in model.__dict__.items()})
     ssod.return_ood = return_ood
-    ssod.ood_threshold = ood_threshold if ood_threshold is None else float(ood_threshold)
+    ssod.ood_threshold = ood_threshold if ood_threshold is None else check_threshold(ood_threshold)
     ssod._fit_ood_head()
     return ssod

@@ -267,14 +267,19 @@ def _build_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int
     if checkpoint is None and (pretrained or tagged or Path(spec).exists()
                                or spec.startswith(('hf-hub:', 'local-dir:'))):
         try:
-            return hub.load_model(spec)
+            model = hub.load_model(spec)
         except (RuntimeError, FileNotFoundError) as e:  # WeightsError, or a tag without weights
             raise SystemExit(f'error: {e}') from e
+        _check_classes(num_classes, model.num_classes, spec)
+        return model
     if not timm.is_model(spec.split('.')[0]):
         raise SystemExit(f'error: unknown model {spec!r}; SSOD models: {", ".join(timm.list_models("ssod_*"))}')
     kwargs: Dict[str, Any] = {}
-    if num_classes is None and checkpoint is not None:
-        num_classes = _num_classes_in(checkpoint, spec)
+    if checkpoint is not None:
+        found = _num_classes_in(checkpoint, spec)
+        if found is not None:
+            _check_classes(num_classes, found, checkpoint)
+            num_classes = found
     if num_classes is not None:
         kwargs['num_classes'] = num_classes
     model = timm.create_model(spec, checkpoint_path=checkpoint or '', **kwargs)
@@ -282,6 +287,12 @@ def _build_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int
         raise SystemExit(f'error: {spec} is not an SSOD model; use one of {", ".join(timm.list_models("ssod_*"))} '
                          'or wrap your own with ssod_zoo.wrap() and call ssod_zoo.export.export_onnx()')
     return model
+
+
+def _check_classes(asked: Optional[int], found: int, source: str) -> None:
+    if asked is not None and asked != found:
+        raise SystemExit(f'error: {source} has {found} classes, not --num-classes {asked}; the weights fix the class '
+                         'count, so leave --num-classes out')
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -49,7 +49,7 @@ from ._pretrained import (  # noqa: F401
     CONFIG_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MAX_SHIPPED_BYTES, WEIGHTS_NAME, WeightsError, _check_state_dict,
     _clear_errors, _manifest_cfgs, _prepare_pretrained, _repo_model_args, _sha256, _shipped_model_args,
     _state_dict_mismatch, _weights_dir)
-from .adapter import SSODModel, wrap
+from .adapter import SSODModel, check_threshold, wrap
 
 __all__ = ['WeightsError', 'calibrate_threshold', 'load_checkpoint', 'load_model', 'push_folder', 'push_to_hub',
            'save_pretrained', 'write_card']
@@ -128,6 +128,7 @@ def save_pretrained(
                         'create one with timm.create_model("ssod_<arch>") or ssod_zoo.wrap(model)')
     architecture = _ssod_architecture(model)
     threshold = model.ood_threshold if ood_threshold is None else ood_threshold
+    threshold = None if threshold is None else check_threshold(threshold)
     threshold = None if threshold is None else float(threshold)
     if class_names is not None:
         class_names = [str(c) for c in class_names]

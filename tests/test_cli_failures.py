@@ -1,4 +1,5 @@
 """Failures a user meets are one line that says what failed and what to do (issue 13, item 4)."""
+import sys
 import warnings
 from functools import partial
 
@@ -131,6 +132,8 @@ def test_a_tag_without_its_weights_has_their_architecture_but_not_their_threshol
     ('train', ['--batch-size', '0'], 'argument --batch-size: must be >= 1, got 0'),
     ('eval', ['--model', 'm', '--val-dir', '.', '--ood-dirs', '.', '--knn-k', '0'], 'argument --knn-k: must be >= 1'),
     ('predict', ['m', 'x.png', '--threshold', '2'], 'argument --threshold: must be in [0, 1]'),
+    ('save', ['c.pt', 'out', '--ood-threshold', '3'], 'argument --ood-threshold: must be in [0, 1], as ood_factor is'),
+    ('push', ['c.pt', 'me/r', '--ood-threshold', '-0.1'], 'argument --ood-threshold: must be in [0, 1]'),
     ('demo', ['--retrain', '--ood-per-set', '0'], 'argument --ood-per-set: must be >= 1, got 0'),
 ])
 def test_out_of_range_values_stop_at_parsing_in_one_line(command, argv, message, capsys):
@@ -143,6 +146,22 @@ def test_out_of_range_values_stop_at_parsing_in_one_line(command, argv, message,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f'ssod {command}: error: {message}'), err
     assert not any('Traceback' in line for line in err)
+
+
+def test_an_ood_threshold_outside_0_1_is_refused_from_python_too(tmp_path):
+    """Set at creation, at save, or as an attribute and then used: ood_factor is in [0, 1], so is the cut."""
+    from ssod_zoo import save_pretrained
+
+    with pytest.raises(ValueError, match='ood_threshold must be in \\[0, 1\\], as ood_factor is, got 3'):
+        timm.create_model('ssod_test_resnet', ood_threshold=3)
+    model = timm.create_model('ssod_test_resnet', ood_threshold=0.5)
+    with pytest.raises(ValueError, match='got -1'):
+        save_pretrained(model, tmp_path / 'hub', ood_threshold=-1)
+    assert not (tmp_path / 'hub').exists()
+    model.ood_threshold = 1.5
+    with pytest.raises(ValueError, match='got 1.5'):
+        model.accepts(torch.rand(4))
+    assert model.accepts(torch.tensor([0.2, 0.9]), threshold=0.5).tolist() == [False, True]
 
 
 def test_train_checks_ranges_for_api_callers_too():
@@ -162,3 +181,22 @@ def test_eval_with_a_missing_model_is_one_line(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('ssod eval: error: ') and 'bestt.pt' in err[0], err
+
+
+def test_warnings_of_a_command_are_one_line_each(monkeypatch):
+    """`ssod eval` on a small fit set warns about KNN, Mahalanobis and ViM: one line each, named by the command,
+    without Python's file:line and the echoed source line; Python's format is back afterwards."""
+    import types
+    from ssod_zoo.app import cli
+
+    shown = []
+    fake = types.ModuleType('fake_command')
+    fake.main = lambda argv: shown.append(warnings.formatwarning(UserWarning('KNN: k=50 ...'), UserWarning,
+                                                                 '/x/evaluate.py', 173, 'detectors.update(...)'))
+    monkeypatch.setitem(sys.modules, 'fake_command', fake)
+    monkeypatch.setitem(cli.COMMANDS, 'eval', ('fake_command', 'help'))
+    monkeypatch.setattr(cli, '_require_extra', lambda *a: None)
+    before = warnings.formatwarning
+    cli.main(['eval'])
+    assert shown == ['ssod eval: warning: KNN: k=50 ...\n']
+    assert warnings.formatwarning is before

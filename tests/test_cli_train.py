@@ -84,6 +84,14 @@ def test_init_offline_fails_at_once_in_one_line(monkeypatch):
     assert '\n' not in str(e.value) and 'local weights file' in str(e.value)
 
 
+@pytest.mark.parametrize('name', ['nope.pth', 'weights/nope'])
+def test_init_naming_a_missing_file_says_so(name, tmp_path):
+    model = timm.create_model('ssod_test_resnet', num_classes=2)
+    with pytest.raises(TrainError, match=r'--init .*nope.*: no such file or folder') as e:
+        train_mod._load_init(model, str(tmp_path / name), num_classes=2)
+    assert 'hf-hub:' in str(e.value) and 'Use' not in str(e.value)  # not timm's "Use 'hf-hub:...'" hint
+
+
 def test_resume_of_a_finished_run_and_with_changed_flags(tiny, tmp_path, capsys):
     main(_args(tiny, tmp_path, '--lr', '1e-3'))
     capsys.readouterr()

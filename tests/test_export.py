@@ -213,6 +213,22 @@ def test_onnx_cli_with_training_checkpoint(tmp_path):
     _assert_same(_session(out).run(None, {INPUT_NAME: x.numpy()}), _reference(model, x), atol=ONNX_ATOL)
 
 
+@pytest.mark.parametrize('form', ['timm .pth', 'training checkpoint'])
+def test_onnx_cli_refuses_a_class_count_the_weights_contradict(form, tmp_path):
+    from ssod_zoo.hub import CHECKPOINT_FORMAT
+    model = timm.create_model('ssod_test_resnet', num_classes=3)
+    if form == 'timm .pth':
+        torch.save(model.state_dict(), tmp_path / 'w.pth')
+        argv = ['ssod_test_resnet', '--checkpoint', str(tmp_path / 'w.pth')]
+    else:
+        torch.save({'format': CHECKPOINT_FORMAT, 'architecture': 'ssod_test_resnet', 'model_args': {'num_classes': 3},
+                    'model': model.state_dict()}, tmp_path / 'best.pt')
+        argv = [str(tmp_path / 'best.pt')]
+    with pytest.raises(SystemExit, match='has 3 classes, not --num-classes 5; .*leave --num-classes out'):
+        main([*argv, '--num-classes', '5', '--out', str(tmp_path / 'x.onnx')])
+    assert not (tmp_path / 'x.onnx').exists()
+
+
 def test_onnx_cli_rejects_unknown_and_plain_models(tmp_path):
     with pytest.raises(SystemExit, match='unknown model'):
         main(['no_such_model', '--out', str(tmp_path / 'x.onnx')])

@@ -97,8 +97,10 @@ def test_uncalibrated_model_without_threshold_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(['predict', str(ckpt), str(images)])
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
     assert len(err) == 1 and '--threshold' in err[0] and 'calibrat' in err[0]
+    assert captured.out == ''  # no CSV header on stdout before the error
     # either remedy works
     out = tmp_path / 'p.jsonl'
     cli.main(['predict', str(ckpt), str(images), '--threshold', '0.3', '--out', str(out)])

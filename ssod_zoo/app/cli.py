@@ -12,6 +12,7 @@
 import argparse
 import importlib
 import sys
+import warnings
 from typing import Callable, List, Optional
 
 COMMANDS = {
@@ -39,6 +40,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f'ssod: unknown command {command!r}; one of: {", ".join(COMMANDS)}', file=sys.stderr)
         raise SystemExit(2)
     _require_extra(command, rest)
+    # warnings as one line each, like the errors, without Python's file:line and echoed source line
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *_, **__: f'ssod {command}: warning: {message}\n'
     try:
         module = importlib.import_module(COMMANDS[command][0])
         # the hub module takes its sub-command as the first argument (save / push)
@@ -48,6 +52,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         if top not in _EXTRA_OF:
             raise
         _missing_extra(command, top)
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 def bounded(kind: type, accepts: Callable[[float], bool], what: str) -> Callable[[str], float]:

@@ -84,8 +84,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument('--workers', type=bounded(int, *RANGES['workers']), default=2)
     p.add_argument('--bench-root', default='', help='benchmark cache (default: DIR/benchmark)')
     p.add_argument('--quick', action='store_true', help='a tiny run to check the pipeline, not for numbers')
-    p.add_argument('--no-progress', dest='progress', action='store_false')
+    p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None,
+                   help='progress bars on stderr (default: only on a terminal; the stage lines are always there)')
     args = p.parse_args(argv)
+    if args.progress is None:
+        args.progress = sys.stderr.isatty()
     if args.quick:
         args.retrain, args.init, args.warmup_epochs, args.ssod_epochs, args.batch_size = True, '', 1, 1, 16
         args.train_per_class, args.val_per_class, args.ood_per_set = 8, 4, 12

@@ -4,11 +4,14 @@ r"""OOD evaluation: SSOD's OOD factor against the post-hoc detectors, on the sam
         --fit-dir imagenet/train --out eval_out
 
 ``--model`` is a training checkpoint, a hub-ready folder, ``hf-hub:org/repo`` or a registered name with weights.
-The SSOD row uses the model's OOD factor; the baselines (MSP, MaxLogit, Energy, ODIN, ReAct, KNN, Mahalanobis,
-ViM) use ``--baseline-model`` if given (e.g. the plain cross-entropy model), else the same model. KNN,
-Mahalanobis, ViM and ReAct are fitted on features of ``--fit-dir`` (ID training images); without it they are
-left out. Writes ``results.json``, ``results.md`` and the plots to ``--out``. Metrics are percentages, with
-the convention of :mod:`ssod_zoo.metrics` (ID positive; FPR95 = OOD accepted at 95% ID accepted).
+The SSOD rows read the SSOD model six ways: the OOD factor of Eq. 15 (the paper's readout), the pooled
+full posterior (Energy + log P_ID), its own Energy, and three per-position readouts (the mean MaxLogit of the
+3 best positions, the study's choice; the best-position energy; and that plus log P_ID). The baselines (MSP,
+MaxLogit, Energy, the two per-position classifier readouts, ODIN, ReAct, KNN, Mahalanobis, ViM) use
+``--baseline-model`` if given (e.g. the plain cross-entropy model), else the same model. KNN, Mahalanobis, ViM
+and ReAct are fitted on features of ``--fit-dir`` (ID training images); without it they are left out. Writes
+``results.json``, ``results.md``, ``scores.csv`` and the plots to ``--out``. Metrics are percentages, with the
+convention of :mod:`ssod_zoo.metrics` (ID positive; FPR95 = OOD accepted at 95% ID accepted).
 """
 import argparse
 import warnings

@@ -45,6 +45,8 @@ __all__ = ['find_images', 'predict', 'main', 'IMAGE_EXTENSIONS', 'COLUMNS']
 
 COLUMNS = ('path', 'label', 'class', 'class_prob', 'ood_factor', 'p_unknown')
 UNKNOWN = 'unknown'
+UNCALIBRATED = ('the model has no calibrated ood_threshold: pass --threshold T (e.g. from '
+                'ssod_zoo.calibrate_threshold on your ID validation images), or use --rule posterior')
 
 
 class PredictError(Exception):
@@ -134,8 +136,7 @@ def predict(
         raise ValueError(f"rule is 'factor' or 'posterior', got {rule!r}")
     threshold = model.ood_threshold if threshold is None else float(threshold)
     if rule == 'factor' and threshold is None:
-        raise PredictError('the model has no calibrated ood_threshold: pass --threshold T (e.g. from '
-                           'ssod_zoo.calibrate_threshold on your ID validation images), or use --rule posterior')
+        raise PredictError(UNCALIBRATED)
     names = _label_names(model)
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
     loader = DataLoader(_Images(paths, transform), batch_size=batch_size, num_workers=workers,
@@ -232,6 +233,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     except (PredictError, WeightsError, FileNotFoundError, RuntimeError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
+    if args.rule == 'factor' and args.threshold is None and model.ood_threshold is None:
+        fail(UNCALIBRATED)  # before the writer starts the output
     skipped = []
     counts = {'images': 0, 'unknown': 0, 'disagree': 0}
     writer = _Writer(args.out)

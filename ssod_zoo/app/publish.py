@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..hub import WeightsError, load_checkpoint, push_to_hub, save_pretrained
+from .cli import bounded
 
 __all__ = ['main']
 
@@ -25,7 +26,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     push.add_argument('--token', help='Hub token (default: the logged-in one or HF_TOKEN)')
     push.add_argument('--commit-message', default='Add SSOD weights (ssod_zoo)')
     for p in (save, push):
-        p.add_argument('--ood-threshold', type=float,
+        p.add_argument('--ood-threshold', type=bounded(float, lambda v: 0 <= v <= 1, 'in [0, 1], as ood_factor is'),
                        help="rejection threshold to publish instead of the checkpoint's calibrated one")
         p.add_argument('--no-card', action='store_true', help='do not write README.md')
     args = parser.parse_args(argv)

@@ -644,6 +644,10 @@ def _load_init(model: nn.Module, init: str, num_classes: int) -> None:
     from ..hub import CHECKPOINT_FORMAT as _FORMAT, WeightsError, load_model
     path = Path(init)
     source = None
+    if not path.exists() and (path.suffix in ('.pth', '.pt', '.bin', '.safetensors', '.ckpt') or os.sep in init
+                              and not init.startswith(('hf-hub:', 'local-dir:'))):
+        raise TrainError(f'--init {init}: no such file or folder (a timm tag such as resnet50.tv_in1k, a hub '
+                         'folder, hf-hub:ORG/REPO or a weights file)')
     try:
         if path.is_file():
             head = torch.load(path, map_location='cpu', weights_only=True) if path.suffix != '.safetensors' else None
