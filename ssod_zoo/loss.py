@@ -67,7 +67,7 @@ def sample_patches(cls_map: torch.Tensor, target: torch.Tensor, gamma: float = 0
 
     Returns:
         (B, H, W) int64: 1 (ID) where softmax confidence on the label >= gamma, 0 (OOD) where below the
-        :func:`ood_cutoff`, -1 (ignored) otherwise. Computed without gradient.
+        :func:`ood_cutoff`, -1 (ignored) otherwise, NaN confidences included. Computed without gradient.
     """
     _check_gamma(gamma)
     if cls_map.ndim != 4 or target.shape != cls_map.shape[:1]:

@@ -388,7 +388,8 @@ def test_push_to_hub_then_offline_hf_hub_round_trip(hf_home, model, images):
     assert api.calls[-1] == ('upload_folder', 'ssod-org/ssod-test', None, 'v0')
     assert sorted(api.uploaded) == ['README.md', 'config.json', 'model.safetensors']
     assert ModelCard(api.uploaded['README.md'].decode()).data.model_name == 'ssod-test'  # named after the repo
-    assert info.oid
+    # what push_to_hub returns is the upload's commit: the revision the Hub (here its cache) now serves
+    assert info.oid == (api.cache / 'models--ssod-org--ssod-test' / 'refs' / 'main').read_text()
     loaded = timm.create_model('hf-hub:ssod-org/ssod-test', pretrained=True)
     assert_same_model(loaded, model, images)
     assert loaded.pretrained_cfg['hf_hub_id'] == 'ssod-org/ssod-test'
@@ -693,7 +694,6 @@ def test_registered_tags_are_exactly_the_manifest():
     folder = hub._weights_dir()
     assert folder is not None, 'the weights manifest is not found where ssod_zoo looks for it'
     manifest = json.loads((folder / 'manifest.json').read_text())
-    assert manifest == json.loads((REPO_ROOT / 'weights' / 'manifest.json').read_text())
     assert set(timm.list_pretrained('ssod_*')) == {e['name'] for e in manifest['weights']}
     for arch in timm.list_models('ssod_*'):  # untagged architectures carry no weights and stay the default
         assert not timm.models.get_pretrained_cfg(arch).has_weights
@@ -840,3 +840,42 @@ def test_shipped_weight_loads_offline_from_a_clone_and_from_a_wheel(tmp_path, mo
     assert f'{ARCH}.tiny' in got['tags']
     assert got['same'] and got['threshold'] == THRESHOLD and got['labels'] == CLASS_NAMES
     assert 'sha256' in got['corrupt']
+
+
+# ------------------------------------------------------------------------ training checkpoints: the less common forms
+def test_a_ddp_checkpoint_with_module_prefixes_loads(model, images, tmp_path):
+    """torchrun saves the DDP wrapper's state dict: every key starts with ``module.``."""
+    ddp = {f'module.{k}': v for k, v in model.state_dict().items()}
+    path = make_checkpoint(tmp_path / 'ddp.pt', model)
+    torch.save({**torch.load(path, weights_only=False), 'model': ddp}, path)
+    loaded, _ = hub.load_checkpoint(path)
+    assert_same_model(loaded, model, images)
+
+
+def test_an_older_checkpoint_without_data_config_keeps_its_preprocessing(model, tmp_path):
+    """Checkpoints older than ``data_config`` hold the input size and crop only in their training config."""
+    path = make_checkpoint(tmp_path / 'old.pt', model, config={'img_size': 72, 'crop_pct': 0.9})
+    loaded = ssod_zoo.load_model(path)
+    data = timm.data.resolve_data_config(model=loaded)
+    assert data['input_size'] == (3, 72, 72) and data['crop_pct'] == 0.9
+
+
+def test_training_checkpoint_errors_say_what_is_wrong(model, tmp_path):
+    with pytest.raises(TypeError, match='a training checkpoint takes no model arguments'):
+        ssod_zoo.load_model(make_checkpoint(tmp_path / 'c.pt', model), num_classes=3)
+    with pytest.raises(hub.WeightsError, match='is neither a file, a folder'):
+        ssod_zoo.load_model(str(tmp_path / 'nothing-here'))
+    ckpt = torch.load(make_checkpoint(tmp_path / 'c.pt', model), weights_only=False)
+    del ckpt['model_args']
+    torch.save(ckpt, tmp_path / 'incomplete.pt')
+    with pytest.raises(hub.WeightsError, match='lacks model_args; it is incomplete'):
+        hub.load_checkpoint(tmp_path / 'incomplete.pt')
+    with pytest.raises(hub.WeightsError, match="'ssod_nonexistent', which is not a registered model here"):
+        hub.load_checkpoint(make_checkpoint(tmp_path / 'other.pt', model, architecture='ssod_nonexistent'))
+
+
+def test_posterior_score_is_finite_where_the_ood_factor_is_zero():
+    """log P_ID at P_ID = 0 would be -inf: a model certain that an image is OOD still gives a finite, lowest score."""
+    logits = torch.tensor([[3.0, 0.0], [0.0, 0.0]])
+    score = ssod_zoo.posterior_score(logits, torch.tensor([0.0, 0.5]))
+    assert torch.isfinite(score).all() and score[0] < score[1]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ssod_zoo import SpatialOutput
-from ssod_zoo.loss import IGNORE, SSODLoss, sample_patches
+from ssod_zoo.loss import IGNORE, SSODLoss, _resample_equal, sample_patches
 
 
 def _logit(p: float) -> float:
@@ -85,6 +85,20 @@ def test_lw_background_weight():
     assert parts.loss.item() - parts.cls_loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_dr_keeps_min_of_id_and_ood_in_each_image_separately():
+    """Image 0: 3 ID, 1 OOD -> 1 + 1 kept; image 1: 1 ID, 3 OOD -> 1 + 1 (a batch-wide min would keep 2 + 2)."""
+    cls_map = torch.cat([_two_class_map([[0.99, 0.99], [0.99, 0.01]]),
+                         _two_class_map([[0.99, 0.01], [0.01, 0.01]])])
+    ood_map = torch.randn(2, 2, 2, 2, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    parts = SSODLoss(balance='dr')(_spatial(cls_map, ood_map), torch.tensor([0, 0]),
+                                   generator=torch.Generator().manual_seed(0))
+    parts.loss.backward()
+    touched = ood_map.grad.abs().sum(1) > 0  # (2, 2, 2)
+    labels = sample_patches(cls_map, torch.tensor([0, 0]))
+    for b in range(2):
+        assert (touched[b] & (labels[b] == 1)).sum() == 1 and (touched[b] & (labels[b] == 0)).sum() == 1
+
+
 def test_dr_takes_equal_numbers_per_image():
     out, y = _known_case(ce_id=(0.7, 0.7))  # equal ID costs: whichever ID patch is drawn, the loss is known
     parts = SSODLoss(balance='dr')(out, y, generator=torch.Generator().manual_seed(0))
@@ -140,26 +154,37 @@ def test_lwb_matches_a_loop_reference_in_value_and_gradient():
     ood_b = ood_a.detach().clone().requires_grad_(True)
     parts = SSODLoss(alpha=1.0)(_spatial(cls_map, ood_a), y)
     (parts.loss - parts.cls_loss).backward()
-    _reference_lwb(cls_map, ood_b, y).backward()
+    reference = _reference_lwb(cls_map, ood_b, y)
+    reference.backward()
+    assert (parts.loss - parts.cls_loss).item() == pytest.approx(reference.item(), rel=1e-5)
     torch.testing.assert_close(ood_a.grad, ood_b.grad)
 
 
-def test_count_reducer_makes_two_ranks_equal_one_process():
-    """Two half-batches with globally reduced patch counts give the full batch's mean gradient (DDP)."""
+@pytest.mark.parametrize('balance', ['lwb', 'lw', 'dr'])
+def test_count_reducer_makes_two_ranks_equal_one_process(balance):
+    """Two half-batches with globally reduced patch counts give the full batch's mean gradient (DDP), for every
+    balance scheme (DR's per-image draws line up: the halves read the same generator stream as the full batch)."""
     g = torch.Generator().manual_seed(1)
     cls_map = torch.randn(4, 3, 4, 4, generator=g) * 6
     y = torch.tensor([0, 1, 2, 0])
     ood = torch.randn(4, 2, 4, 4, generator=g)
     full = ood.clone().requires_grad_(True)
-    SSODLoss()(_spatial(cls_map, full), y).loss.backward()
+    loss = SSODLoss(balance=balance, background_weight=2.0)
+    loss(_spatial(cls_map, full), y, generator=torch.Generator().manual_seed(0)).loss.backward()
 
     halves = [ood[:2].clone().requires_grad_(True), ood[2:].clone().requires_grad_(True)]
-    counts = [torch.stack([(sample_patches(cls_map[s], y[s]) == k).sum() for k in (1, 0)]).float()
-              for s in (slice(0, 2), slice(2, 4))]
-    total = counts[0] + counts[1]
+    draws = torch.Generator().manual_seed(0)
+    kept = []
+    for s in (slice(0, 2), slice(2, 4)):  # the patch counts each rank contributes, after DR's draw
+        is_id, is_ood = sample_patches(cls_map[s], y[s]) == 1, sample_patches(cls_map[s], y[s]) == 0
+        if balance == 'dr':
+            is_id, is_ood = _resample_equal(is_id, is_ood, draws)
+        kept.append(torch.stack([is_id.sum(), is_ood.sum()]).float())
+    total = kept[0] + kept[1]
+    draws = torch.Generator().manual_seed(0)
     for s, half in zip((slice(0, 2), slice(2, 4)), halves):
-        loss = SSODLoss(count_reducer=lambda c: total.clone(), world_size=2)
-        parts = loss(_spatial(cls_map[s], half), y[s])
+        loss = SSODLoss(balance=balance, background_weight=2.0, count_reducer=lambda c: total.clone(), world_size=2)
+        parts = loss(_spatial(cls_map[s], half), y[s], generator=draws)
         (parts.loss - parts.cls_loss).backward()
     ddp_grad = torch.cat([h.grad for h in halves]) / 2  # DDP averages over ranks
     torch.testing.assert_close(ddp_grad, full.grad)
@@ -178,6 +203,40 @@ def test_bad_configuration():
         SSODLoss(balance='focal')
     with pytest.raises(ValueError, match='gamma must be in'):
         SSODLoss(gamma=1.5)
+    with pytest.raises(ValueError, match='alpha and background_weight must be >= 0'):
+        SSODLoss(alpha=-0.1)
+    with pytest.raises(ValueError, match='world_size must be >= 1, got 0'):
+        SSODLoss(world_size=0)
+    with pytest.raises(ValueError, match="ood_rule must be one of .*'median'"):
+        SSODLoss(ood_rule='median')
+
+
+def test_label_smoothing_reaches_the_classification_loss():
+    out, y = _known_case()
+    parts = SSODLoss(label_smoothing=0.2)(out, y)
+    # logits (2, 0), label 0, 2 classes: (1 - 0.2 + 0.1) * CE(label 0) + 0.1 * CE(label 1)
+    log_p = torch.tensor([2.0, 0.0]).log_softmax(0)
+    assert parts.cls_loss.item() == pytest.approx(-(0.9 * log_p[0] + 0.1 * log_p[1]).item(), rel=1e-6)
+
+
+def test_the_chance_rule_reaches_the_sampler_through_the_loss():
+    """3 classes, 10% on the label: ignored by the paper's rule (cutoff 0.05), OOD by 'chance' (0.5 / 3)."""
+    p = torch.tensor([0.1, 0.45, 0.45]).log()
+    cls_map = p.view(1, 3, 1, 1).expand(1, 3, 2, 2).clone()
+    cls_map[0, :, 0, 0] = torch.tensor([0.98, 0.01, 0.01]).log()  # one ID patch in both
+    ood_map = torch.zeros(1, 2, 2, 2)
+    y = torch.tensor([0])
+    paper = SSODLoss()(_spatial(cls_map, ood_map), y)
+    chance = SSODLoss(ood_rule='chance')(_spatial(cls_map, ood_map), y)
+    assert [paper.frac_id.item(), paper.frac_ood.item()] == [0.25, 0.0]
+    assert [chance.frac_id.item(), chance.frac_ood.item()] == [0.25, 0.75]
+
+
+def test_a_patch_exactly_at_gamma_is_id():
+    """Eq. 12's ID patches are those with confidence >= gamma: logits (100, 0) give softmax exactly 1.0."""
+    cls_map = torch.tensor([100.0, 0.0]).view(1, 2, 1, 1)
+    assert cls_map.softmax(1)[0, 0].item() == 1.0
+    assert sample_patches(cls_map, torch.tensor([0]), gamma=1.0).item() == 1
 
 
 def test_several_ranks_without_a_count_reducer_are_refused():

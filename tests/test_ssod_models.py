@@ -164,22 +164,6 @@ def test_ssod_checkpoint_round_trip_is_exact_and_silent():
         torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize('return_ood', [True, False])
-@pytest.mark.parametrize('name', ['ssod_test_resnet', 'ssod_resnet18', 'ssod_mobilenetv3_large_100'])
-def test_torchscript_both_modes(name, return_ood):
-    m = timm.create_model(name, num_classes=4, return_ood=return_ood, scriptable=True).eval()
-    scripted = torch.jit.script(m)
-    x = _input(m)
-    with torch.no_grad():
-        expected, got = m(x), scripted(x)
-    if return_ood:
-        assert tuple(got._fields) == ('logits', 'ood_factor')
-        torch.testing.assert_close(tuple(got), tuple(expected))
-    else:
-        assert isinstance(got, torch.Tensor)
-        torch.testing.assert_close(got, expected)
-
-
 @pytest.mark.parametrize('name', SSOD_MODELS)
 def test_meta_device_creation(name):
     m = timm.create_model(name, device='meta')
