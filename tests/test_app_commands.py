@@ -115,6 +115,23 @@ def test_ssod_eval_on_a_folder_with_two_checkpoints(folders, tmp_path, capsys):
         assert results['ood']['purple']['msp'][key] == pytest.approx(100 * expected_msp[key], abs=1e-6), key
     accuracy = 100 * (id_ce['logits'].argmax(1) == id_ce['targets']).float().mean().item()
     assert results['id_accuracy']['ce'] == pytest.approx(accuracy)
+    # ODIN, the one baseline that needs the images and a gradient, written out here (Liang et al.: T = 1000,
+    # eps = 0.0014) on --baseline-model
+    odin = {name: _odin_by_hand(ce_ckpt, folders / sub, labelled) for name, sub, labelled in
+            (('id', 'val', True), ('purple', 'ood/purple', False))}
+    expected_odin = ood_metrics(odin['id'], odin['purple'])
+    assert results['ood']['purple']['odin']['auroc'] == pytest.approx(100 * expected_odin['auroc'], abs=1e-4)
+
+
+def _odin_by_hand(spec, folder: Path, labelled: bool, temperature=1000.0, eps=0.0014):
+    model = load_model(spec).float()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    files = sorted(folder.rglob('*.png')) if not labelled else [p for p, _ in ImageFolder(folder).samples]
+    x = torch.stack([transform(Image.open(f).convert('RGB')) for f in files]).requires_grad_(True)
+    log_msp = (model(x).logits / temperature).log_softmax(1).max(1).values
+    log_msp.sum().backward()
+    with torch.no_grad():
+        return (model(x + eps * x.grad.sign()).logits / temperature).softmax(1).max(1).values
 
 
 def test_ssod_eval_without_fit_dir_leaves_the_fitted_baselines_out(folders, tmp_path):

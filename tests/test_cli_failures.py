@@ -200,3 +200,24 @@ def test_warnings_of_a_command_are_one_line_each(monkeypatch):
     cli.main(['eval'])
     assert shown == ['ssod eval: warning: KNN: k=50 ...\n']
     assert warnings.formatwarning is before
+
+
+def test_bare_ssod_lists_the_commands_and_exits_2(capsys):
+    from ssod_zoo.app import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([])
+    assert e.value.code == 2
+    listed = capsys.readouterr().out
+    assert all(f'  {name} ' in listed for name in cli.COMMANDS)
+
+
+def test_release_without_its_run_is_one_line(tmp_path, capsys):
+    from ssod_zoo.app import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(['release', str(tmp_path / 'no-run'), str(tmp_path / 'out'), '--protocol', 'fashion-mnist'])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()  # about the run, checked before the data is looked for
+    assert err == [f'ssod release: error: {tmp_path / "no-run"} has no best.pt or last.pt; give the --out-dir of a '
+                   'finished `ssod train` run'], err

@@ -219,10 +219,12 @@ def test_interrupted_generation_leaves_no_accepted_cache(tmp_path, monkeypatch):
     # interrupting a regeneration keeps the previous, complete benchmark for its own config only
     monkeypatch.setattr(synthetic, '_render_chunk', real)
     SyntheticBenchmark(root, TINY).prepare(workers=1, progress=False)
+    done.clear()  # so the regeneration, too, stops after its first chunk, part-way
     monkeypatch.setattr(synthetic, '_render_chunk', flaky)
     changed = dataclasses.replace(TINY, seed=5)
     with pytest.raises(KeyboardInterrupt):
         SyntheticBenchmark(root, changed).prepare(workers=1, progress=False)
+    assert len(done) == 1
     assert not SyntheticBenchmark(root, changed).is_prepared()
     assert SyntheticBenchmark(root, TINY).is_prepared()
     assert [p.name for p in tmp_path.iterdir()] == ['bench']

@@ -95,6 +95,7 @@ TIMM_SCRIPTS = os.environ.get('TIMM_SCRIPTS_DIR')
 
 @pytest.mark.skipif(not TIMM_SCRIPTS, reason='set TIMM_SCRIPTS_DIR to a timm repository checkout (validate.py and '
                                              'inference.py are not in the timm sdist or wheel)')
+@needs_pth  # the scripts run in a fresh interpreter that knows ssod_* only through the .pth
 @pytest.mark.parametrize('script', ['validate.py', 'inference.py'])
 def test_timm_scripts_run_unchanged(tmp_path, script):
     import torch

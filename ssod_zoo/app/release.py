@@ -90,10 +90,10 @@ def release(run_dir: str, out: str, protocol: str, data_root: Optional[str] = No
     run, out_dir, torch_dtype = Path(run_dir), Path(out), DTYPES[dtype]
     if baseline_run and not baseline_out:
         raise ReleaseError('--baseline-run needs --baseline-out: `ssod eval` reproduces the numbers from that folder')
+    source = _checkpoint(run)  # the user's own run first: a typo there should not wait for the data
     data = load_protocol(protocol, data_root, download, split='train', openood_root=openood_root)
     if data.val is None:
         raise ReleaseError(f'the {protocol} protocol has no ID validation split to calibrate the threshold on')
-    source = _checkpoint(run)
     model, ckpt = load_checkpoint(source)
     round_weights(model, torch_dtype)
     if len(data.classes) != model.num_classes:
