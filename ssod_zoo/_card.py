@@ -178,7 +178,8 @@ def model_card(config: Dict[str, Any], *, train_config: Optional[Mapping[str, An
         num_classes=config['num_classes'], threshold=config.get('model_args', {}).get('ood_threshold'),
         input_size=f'{size[1]}x{size[2]}' if size else 'the configured input size',
         id_dataset=id_dataset, id_accuracy=metrics.get('id_accuracy'), ood_rows=ood_rows,
-        has_metrics=bool(metrics), classes=classes, citation=PAPER_CITATION, ce_only=bool(train_config.get('ce_only')),
+        has_metrics=bool(metrics), classes=classes, citation=PAPER_CITATION,
+        ce_only=bool(train_config.get('ce_only')),
         train_config=json.dumps(train_config, indent=2, sort_keys=True, default=str) if train_config else '')
 
 

@@ -308,8 +308,9 @@ def test_release_evaluates_calibrates_cards_and_pushes(tmp_path, fmnist):
     # the card's model-index carries the test numbers of eval/results.json
     results = json.loads((out / 'eval' / 'results.json').read_text())
     assert results['id_accuracy']['ssod'] == pytest.approx(done['metrics']['id_accuracy'])
-    carded = {(r.dataset_name, r.metric_type): r.metric_value for r in ModelCard.load(out / 'README.md').data.eval_results}
-    assert {r.dataset_split for r in ModelCard.load(out / 'README.md').data.eval_results if r.dataset_split} == {'test'}
+    eval_results = ModelCard.load(out / 'README.md').data.eval_results
+    carded = {(r.dataset_name, r.metric_type): r.metric_value for r in eval_results}
+    assert {r.dataset_split for r in eval_results if r.dataset_split} == {'test'}
     assert any(name.startswith('fmnist_heldout') for name, _ in carded)
     for (name, metric), value in carded.items():
         if metric == 'accuracy':
