@@ -237,6 +237,13 @@ GRIDS = {'select': {'configs': ['paper-e8', 'gamma0.8-e8', 'alpha0.3-e8', 'lrdec
          'init': {'configs': ['scratch-e34', 'scratch-alpha3-e34', 'scratch-alpha3-warm6-e34', 'scratch-warm6-e34'],
                   'seeds': [0, 1, 2], 'sets': 'val'}}
 SEEDS_TEST = [0, 1, 2]
+# Thirteenth session: seeds 3 and 4 of the chosen lrdecay-e16 added to the test grid (`--grid test --config
+# lrdecay-e16 --seeds 3 4`), decided before they ran, because three seeds pin the headline down loosely: the
+# per-seed margins over ODIN (8.4 / 8.8 / 4.6) give a 95% t-interval of 1.5 to 13.1 points. Nothing is chosen on
+# them; the headline reports all five seeds, with the registered three beside them. Prediction, before they run:
+# (1) the five-seed mean margin of the 3 best positions over ODIN on the CE twin lies between 5 and 9, below the
+# goal's 10; (2) the five-seed mean of SSOD minus its twin on that readout lies within 2 points of 0; (3) Eq. 15
+# is the worst SSOD readout and trails ODIN in both new seeds.
 
 
 # ------------------------------------------------------------------------------------------------------- data
