@@ -92,6 +92,18 @@ def test_init_naming_a_missing_file_says_so(name, tmp_path):
     assert 'hf-hub:' in str(e.value) and 'Use' not in str(e.value)  # not timm's "Use 'hf-hub:...'" hint
 
 
+def test_a_second_run_into_the_same_out_dir_needs_resume(tiny, tmp_path, capsys):
+    """Without --resume it would append to log.jsonl and replace best.pt with another run's."""
+    main(_args(tiny, tmp_path))
+    log, best = (tmp_path / 'log.jsonl').read_text(), (tmp_path / 'best.pt').read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(_args(tiny, tmp_path, '--seed', '5'))
+    assert e.value.code == 2
+    assert 'already holds a run (last.pt): continue it with --resume auto, or give a new --out-dir' in \
+        capsys.readouterr().err
+    assert (tmp_path / 'log.jsonl').read_text() == log and (tmp_path / 'best.pt').read_bytes() == best
+
+
 def test_resume_of_a_finished_run_and_with_changed_flags(tiny, tmp_path, capsys):
     main(_args(tiny, tmp_path, '--lr', '1e-3'))
     capsys.readouterr()

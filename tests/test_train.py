@@ -134,13 +134,20 @@ def test_resume_continues_exactly(bench, two_epochs, tmp_path):
     _assert_same_weights(_weights(two_epochs[0] / 'last.pt'), _weights(tmp_path / 'split' / 'last.pt'))
 
 
-def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(bench, two_epochs, tmp_path, monkeypatch):
+@pytest.mark.parametrize('at', ['second step', 'last step'])
+def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(bench, two_epochs, tmp_path, monkeypatch, capsys,
+                                                                   at):
+    """Also at an epoch's last step, where the resumed epoch has no step left to train (under DDP the common case:
+    ranks vote on the stop every READ_EVERY steps and at the last one)."""
+    steps = torch.load(two_epochs[0] / 'last.pt', weights_only=True)['config']['max_steps_per_epoch'] or \
+        len(list((bench / 'id' / 'train').rglob('*.png'))) // 8
+    stop_at = 2 if at == 'second step' else steps
     calls = {'n': 0}
     forward = SSODLoss.forward
 
     def interrupted(self, *args, **kwargs):
         calls['n'] += 1
-        if calls['n'] == 2:  # second step of the first epoch
+        if calls['n'] == stop_at:  # in the first epoch
             os.kill(os.getpid(), signal.SIGTERM)
         return forward(self, *args, **kwargs)
 
@@ -149,10 +156,13 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(bench, two_ep
         main(_args(bench, tmp_path / 'killed'))
     assert exit_info.value.code == 128 + signal.SIGTERM
     ckpt = torch.load(tmp_path / 'killed' / 'last.pt', weights_only=True)
-    assert (ckpt['epoch'], ckpt['step']) == (0, 2)
+    assert (ckpt['epoch'], ckpt['step']) == (0, stop_at)
     monkeypatch.setattr(SSODLoss, 'forward', forward)
+    capsys.readouterr()
     main(_args(bench, tmp_path / 'killed', '--resume', 'auto'))
     _assert_same_weights(_weights(two_epochs[0] / 'last.pt'), _weights(tmp_path / 'killed' / 'last.pt'))
+    if at == 'last step':
+        assert 'epoch 1: resumed after its last step' in capsys.readouterr().out
 
 
 def test_a_kill_mid_checkpoint_write_leaves_the_previous_checkpoint(bench, tmp_path, monkeypatch):

@@ -304,6 +304,9 @@ def train(cfg: TrainConfig) -> dict:
 
     start_epoch, start_step, best = 0, 0, {'fpr95': math.inf, 'epoch': -1}
     resume = _resume_path(cfg, out_dir)
+    if not resume and (out_dir / 'last.pt').exists():  # a second run would append to its log and replace best.pt
+        raise TrainError(f'{out_dir} already holds a run (last.pt): continue it with --resume auto, or give a new '
+                         '--out-dir')
     if resume:
         ckpt = _load_resume(resume, cfg, class_names, model)
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -926,14 +929,16 @@ def _warn_starved_sampler(train_log: dict, cfg: TrainConfig, num_classes: int, f
 
 
 def _summary(record: dict) -> str:
-    v = record['val']
-    line = f'epoch {record["epoch"]}: loss {record["train"]["loss"]:.3f}'
+    v, train = record['val'], record['train']
+    # an epoch resumed after its last step trained nothing here: no loss to report, its sums were not saved
+    line = f'epoch {record["epoch"]}: ' + (f'loss {train["loss"]:.3f}' if 'loss' in train else
+                                           'resumed after its last step')
     if 'id_accuracy' in v:
         line += f', ID acc {v["id_accuracy"]:.2f}%'
     if 'ood_average' in v and record.get('ood_loss_on', True):  # --ce-only / warm-up: the OOD head is untrained
         a = v['ood_average']
         line += f', FPR95 {a["fpr95"]:.2f}%, AUROC {a["auroc"]:.2f}% (OOD factor, mean over {len(v["ood"])} sets)'
-    return line + f', {record["train"]["img_s"]:.0f} img/s'
+    return line + (f', {train["img_s"]:.0f} img/s' if 'loss' in train else '')
 
 
 def _cleanup(ddp: bool) -> None:
