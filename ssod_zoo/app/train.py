@@ -25,7 +25,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import timm
 import torch
@@ -443,7 +443,7 @@ def _train_epoch(run: _Run, epoch: int, start_step: int, ood_on: bool) -> dict:
         n = step - start_step + 1
         read = n % READ_EVERY == 0 or step + 1 == run.steps_per_epoch
         if read:
-            sums = dict(zip(parts._fields, device_sums.tolist()))
+            sums = dict(zip(parts._fields, _over_ranks(device_sums, parts._fields, world).tolist()))
             if not math.isfinite(sums['loss']):
                 raise TrainError(f'the loss became {sums["loss"]} at epoch {epoch + 1} by step {step + 1}; lower '
                                  '--lr, or with --amp fp16 try --amp bf16. The last good state is '
@@ -464,6 +464,17 @@ def _train_epoch(run: _Run, epoch: int, start_step: int, ood_on: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _over_ranks(sums: torch.Tensor, fields: Sequence[str], world: int) -> torch.Tensor:
+    """The logged loss parts of the whole global batch, not rank 0's share. Each rank's loss, classification loss
+    and patch fractions are its own means (averaged over ranks); its OOD-loss parts are its patch sums over the
+    global patch counts (summed over ranks). One all-reduce, only when the sums are read."""
+    if world == 1:
+        return sums
+    sums = _all_reduce_sum(sums.clone())
+    summed = torch.tensor([f.startswith('ood_loss') for f in fields], device=sums.device)
+    return torch.where(summed, sums, sums / world)
+
+
 class _SpatialForward(nn.Module):
     """DDP and torch.compile wrap ``forward``; training needs ``forward_spatial``. With ``detach_ood`` the OOD map
     is recomputed from the detached feature map, so the OOD loss reaches the heads but not the backbone."""
