@@ -189,7 +189,7 @@ def all_pairs(grid: str = '*') -> List[str]:
             continue
         runs.append(run)
         ce_runs.append(ce_run)
-    return ['--runs', *runs, '--ce-runs', *ce_runs]
+    return ['--runs', *runs, '--ce-runs', *ce_runs] if runs else []  # none cached: run_pairs says what to train
 
 
 def main(argv: Optional[List[str]] = None) -> None:

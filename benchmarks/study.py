@@ -786,6 +786,10 @@ def run_pairs(argv: Optional[List[str]], doc: str, out: Path, measure, write, de
     args = p.parse_args(argv)
     if len(args.runs) != len(args.ce_runs):
         p.error('give one --ce-runs entry per --runs entry')
+    missing = [r for r in (*args.runs, *args.ce_runs) if not (CACHE / 'runs' / r / 'last.pt').exists()]
+    if missing:
+        p.error(f'no checkpoint of {", ".join(missing)} under {CACHE / "runs"} (the study cache, $SSOD_STUDY_CACHE): '
+                'train them first with benchmarks/study.py (the default runs: --grid test --config lrdecay-e16)')
     torch.set_num_threads(2)
     out.mkdir(parents=True, exist_ok=True)
     records = []

@@ -117,7 +117,7 @@ def _one_line(message: str) -> None:
 
 
 @pytest.mark.parametrize('name, expect', [
-    ('fashion-mnist', ('FashionMNIST', 'apt-get install dataset-fashion-mnist', '--download')),
+    ('fashion-mnist', ('FashionMNIST', 'dataset-fashion-mnist')),
     ('cifar10', ('CIFAR-10', 'cifar-10-batches-py', '--download')),
     ('imagenet', ('ImageNet val', 'imagenet/val', 'image-net.org')),
 ])
@@ -129,6 +129,20 @@ def test_missing_data_is_one_line_naming_the_set_the_path_and_the_remedy(name, e
     assert str(tmp_path / 'empty') in message
     for text in expect:
         assert text in message
+
+
+@pytest.mark.parametrize('installed', [True, False])
+def test_missing_fashion_mnist_points_at_debians_copy_where_it_is_installed(installed, tmp_path, monkeypatch):
+    debian = tmp_path / 'debian'
+    if installed:
+        debian.mkdir()
+        (debian / 'train-images-idx3-ubyte.gz').write_bytes(b'')
+    monkeypatch.setattr(protocols, 'DEBIAN_FMNIST', debian)
+    with pytest.raises(DataMissing) as e:
+        load_protocol('fashion-mnist', str(tmp_path / 'empty'))
+    expected = (f"dataset-fashion-mnist is installed: pass --data-root {debian}" if installed else
+                'apt-get install dataset-fashion-mnist')
+    assert expected in str(e.value)
 
 
 def test_missing_openood_lists_name_the_download_script(tmp_path):

@@ -119,8 +119,14 @@ FMNIST_OOD = (4, 5, 6, 9)  # Coat~Pullover, Sandal~Sneaker, Shirt~T-shirt, Ankle
 FMNIST_VAL_PER_CLASS = 100  # from the training split: validation chooses, the test split reports
 _IDX_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
               't10k-labels-idx1-ubyte')
-_GET_FMNIST = ('apt-get install dataset-fashion-mnist (files in /usr/share/datasets/fashion-mnist) or add '
-               '--download')
+DEBIAN_FMNIST = Path('/usr/share/datasets/fashion-mnist')  # Debian's dataset-fashion-mnist
+
+
+def _get_fmnist() -> str:
+    """What to do when Fashion-MNIST is not under the data root: point at Debian's copy where it is installed."""
+    if (DEBIAN_FMNIST / 'train-images-idx3-ubyte.gz').is_file():
+        return f'Debian\'s dataset-fashion-mnist is installed: pass --data-root {DEBIAN_FMNIST}'
+    return f'apt-get install dataset-fashion-mnist (files in {DEBIAN_FMNIST}) or add --download'
 
 
 def default_cache() -> Path:
@@ -170,8 +176,8 @@ def _by_class(targets: torch.Tensor, classes: Sequence[int]) -> List[int]:
 
 def fashion_mnist(root: Path, download: bool = False, cache: Optional[Path] = None) -> ProtocolData:
     cache = cache or default_cache() / 'fashion-mnist'
-    train = _mnist_split('FashionMNIST', root, cache, download, _GET_FMNIST, True)
-    test = _mnist_split('FashionMNIST', root, cache, download, _GET_FMNIST, False)
+    train = _mnist_split('FashionMNIST', root, cache, download, _get_fmnist(), True)
+    test = _mnist_split('FashionMNIST', root, cache, download, _get_fmnist(), False)
     id_map = {c: i for i, c in enumerate(FMNIST_ID)}
     classes = [FMNIST_CLASSES[c] for c in FMNIST_ID]
     # validation: the first FMNIST_VAL_PER_CLASS training images of each class (ID and held-out), never trained on

@@ -7,10 +7,15 @@ Data-parallel, one node or several (DDP; NCCL on GPU, gloo on CPU):
     torchrun --nproc_per_node=8 -m ssod_zoo.app.train ...
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 -m ssod_zoo.app.train ...
 
-Defaults are the paper's: AdamW, lr 1e-4 halved every 30 epochs, global batch 256, 224 px, gamma 0.95,
-alpha 1.0, loss-wise balance. Every epoch: ID accuracy and FPR95/AUROC of the OOD factor on the OOD validation
-set(s); ``best.pt`` keeps the best mean FPR95, ``last.pt`` the latest state. Checkpoints are written atomically
-and hold everything ``--resume`` needs to continue exactly; SIGTERM/SIGINT writes one before exiting.
+The SSOD settings default to the paper's (gamma 0.95, alpha 1.0, loss-wise balance), and so does the optimiser
+(AdamW, lr 1e-4, global batch 256, 224 px); the paper states no epoch count or schedule, so ``--epochs`` and
+``--lr-step`` are this project's, and ``--init`` is empty (from scratch) until you name the classifier to
+fine-tune, as the paper does. Every evaluated epoch: ID accuracy and FPR95/AUROC of the OOD factor (Eq. 15) on the
+OOD validation set(s); ``best.pt`` keeps the epoch with the best mean FPR95 *of that factor* (not of the position
+readout the study recommends: choose your own on validation data), ``last.pt`` the latest state; without
+``--ood-dirs``, or with ``--ce-only``, there is no ``best.pt``. Checkpoints are written atomically and hold
+everything ``--resume`` needs to continue exactly; SIGTERM/SIGINT writes one after the current step (under DDP,
+at the next of the steps where the ranks vote, every 10) and exits, but not during an evaluation.
 """
 import argparse
 import dataclasses
@@ -113,7 +118,8 @@ HELP = {  # one line per TrainConfig field: `ssod train --help` shows it with th
     'init': "start from timm weights: a hub tag ('resnet50.tv_in1k') or a local file; '' = from scratch",
     'model_kwargs': 'extra timm.create_model arguments, key=value (e.g. output_stride=16)',
     'data': "'folder' (--train-dir/--val-dir/--ood-dirs), 'synthetic' (the embedded benchmark) or a protocol",
-    'data_root': 'with --data <protocol>: where its data sets live (see ssod_zoo.app.protocols)',
+    'data_root': "with --data <protocol>: where its data sets live (see ssod_zoo.app.protocols); '' = $SSOD_ZOO_DATA "
+                 'or ./data',
     'download': 'with --data <protocol>: fetch what torchvision can download',
     'train_dir': 'ID training images, one sub-folder per class',
     'val_dir': 'ID validation images, same class sub-folders; calibrates the threshold',
@@ -122,7 +128,7 @@ HELP = {  # one line per TrainConfig field: `ssod train --help` shows it with th
     'img_size': 'training and evaluation input size, pixels',
     'crop_pct': "evaluation centre-crop fraction (None = the model's pretrained_cfg)",
     'scale_min': 'RandomResizedCrop lower scale bound for training',
-    'workers': 'data-loading processes per rank (default at most the CPU count)',
+    'workers': 'data-loading processes per rank (default min(4, CPU count))',
     'gamma': 'patch-sampler confidence: ID patches above gamma, OOD below 1 - gamma (Eq. 12)',
     'alpha': 'weight of the OOD loss against classification (Eq. 14)',
     'balance': 'ID/OOD balance of the OOD loss: lwb (loss-wise), lw, dr (Table 5)',
