@@ -290,6 +290,10 @@ def train(cfg: TrainConfig) -> dict:
                          f'{cfg.batch_size}: pass --batch-size {fits} (or less)')
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    if master:  # what is about to run, before the first epoch's minutes of silence in a log file
+        print(f'training {cfg.model} on {device}' + (f' x {world} ranks ({dist.get_backend()})' if ddp else '') +
+              f': {len(train_set)} images of {len(class_names)} classes, {steps_per_epoch} steps of '
+              f'{cfg.batch_size} per epoch, {cfg.epochs} epochs, into {out_dir}', flush=True)
 
     # ---------------------------------------------------------------------------------------------- model
     model.to(device)
