@@ -436,3 +436,20 @@ def test_ood_detach_keeps_the_ood_loss_out_of_the_backbone(detach):
     backbone = [k for k in with_ood if not k.startswith(('ood_head.', 'fc.'))]
     moved = max((with_ood[k] - without[k]).abs().max().item() for k in backbone)
     assert (moved == 0) if detach else (moved > 1e-6), moved
+
+
+def test_a_second_signal_stops_at_once(capsys):
+    """The first SIGINT/SIGTERM asks for a checkpoint at the next step and says so; a second one does not wait."""
+    from ssod_zoo.app.train import _StopFlag
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for signum, stops in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)):
+            flag = _StopFlag()
+            flag._handle(signum, None)
+            assert flag.requested(ddp=False) and 'send it again to stop at once' in capsys.readouterr().err
+            with pytest.raises(stops):
+                flag._handle(signum, None)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

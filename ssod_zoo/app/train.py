@@ -15,7 +15,8 @@ OOD validation set(s); ``best.pt`` keeps the epoch with the best mean FPR95 *of 
 readout the study recommends: choose your own on validation data), ``last.pt`` the latest state; without
 ``--ood-dirs``, or with ``--ce-only``, there is no ``best.pt``. Checkpoints are written atomically and hold
 everything ``--resume`` needs to continue exactly; SIGTERM/SIGINT writes one after the current step (under DDP,
-at the next of the steps where the ranks vote, every 10) and exits, but not during an evaluation.
+at the next of the steps where the ranks vote, every 10; after an evaluation in progress) and exits; a second
+signal stops at once, without one.
 """
 import argparse
 import dataclasses
@@ -550,7 +551,8 @@ class _GlobalBatches:
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT ask the loop to stop after the current step (all ranks agree under DDP)."""
+    """SIGTERM/SIGINT ask the loop to stop after the current step (all ranks agree under DDP); a second one stops at
+    once, without a checkpoint (an evaluation, say, is not interrupted by the first)."""
 
     def __init__(self):
         self.signum = None
@@ -558,7 +560,12 @@ class _StopFlag:
             signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
+        if self.signum is not None:  # the second: the user does not want to wait
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
         self.signum = signum
+        print(f'{signal.Signals(signum).name}: stopping with a resumable checkpoint after the current step (under '
+              'DDP the next step where the ranks vote; after an evaluation in progress); send it again to stop at '
+              'once without one', file=sys.stderr, flush=True)
 
     def requested(self, ddp: bool) -> bool:
         flag = self.signum is not None
