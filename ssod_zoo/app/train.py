@@ -44,7 +44,7 @@ from .. import wrap
 from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded
 from .evaluate import collect, ssod_report
 from ..hub import CHECKPOINT_FORMAT
-from ..loss import BALANCE_SCHEMES, OOD_RULES, SSODLoss
+from ..loss import BALANCE_SCHEMES, OOD_RULES, SSODLoss, SSODLossParts
 from .protocols import PROTOCOLS
 
 
@@ -313,7 +313,7 @@ def train(cfg: TrainConfig) -> dict:
     criterion = SSODLoss(cfg.gamma, cfg.alpha, cfg.balance, cfg.background_weight, cfg.label_smoothing,
                          count_reducer=_all_reduce_sum if ddp else None, world_size=world, ood_rule=cfg.ood_rule)
 
-    start_epoch, start_step, best = 0, 0, {'fpr95': math.inf, 'epoch': -1}
+    start_epoch, start_step, best, epoch_sums = 0, 0, {'fpr95': math.inf, 'epoch': -1}, None
     resume = _resume_path(cfg, out_dir)
     if not resume and (out_dir / 'last.pt').exists():  # a second run would append to its log and replace best.pt
         raise TrainError(f'{out_dir} already holds a run (last.pt): continue it with --resume auto, or give a new '
@@ -324,6 +324,7 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.load_state_dict(ckpt['scheduler'])
         scaler.load_state_dict(ckpt['scaler'])
         start_epoch, start_step, best = ckpt['epoch'], ckpt['step'], ckpt['best']
+        epoch_sums = ckpt.get('epoch_sums')  # the interrupted epoch's loss sums so far, so its log covers all of it
         if start_epoch >= cfg.epochs:
             if master:
                 print(f'{resume} has already finished all {start_epoch} epochs; nothing to train (raise --epochs to '
@@ -353,8 +354,8 @@ def train(cfg: TrainConfig) -> dict:
     # ---------------------------------------------------------------------------------------------- train
     for epoch in range(start_epoch, cfg.epochs):
         ood_on = not cfg.ce_only and epoch >= cfg.warmup_epochs
-        train_log = _train_epoch(run, epoch, start_step, ood_on)
-        start_step = 0
+        train_log = _train_epoch(run, epoch, start_step, ood_on, epoch_sums)
+        start_step, epoch_sums = 0, None
         scheduler.step()
         if master and ood_on:
             _warn_starved_sampler(train_log, cfg, len(class_names))
@@ -414,9 +415,11 @@ class _Run:
     checkpoint: Callable[..., dict]  # (epoch, step, metrics=None) -> the resumable state
 
 
-def _train_epoch(run: _Run, epoch: int, start_step: int, ood_on: bool) -> dict:
+def _train_epoch(run: _Run, epoch: int, start_step: int, ood_on: bool,
+                 epoch_sums: Optional[List[float]] = None) -> dict:
     """One epoch from ``start_step``: forward_spatial, the SSOD loss (classification only when not ``ood_on``),
-    backward, optimizer step. SIGTERM/SIGINT save a resumable ``last.pt`` and exit.
+    backward, optimizer step. SIGTERM/SIGINT save a resumable ``last.pt``, with the loss sums of the steps done
+    (``epoch_sums``, given back here on resume), and exit.
 
     Returns:
         The epoch's mean loss parts (``loss``, ``cls_loss``, ``frac_id``, ...) and ``img_s``.
@@ -432,6 +435,9 @@ def _train_epoch(run: _Run, epoch: int, start_step: int, ood_on: bool) -> dict:
     if cfg.freeze_bn:
         _freeze_bn(model)
     sums, device_sums, seen, n, t0 = {}, None, 0, 0, time.perf_counter()
+    # the global sums of the steps an interrupted run did before this one resumed it (0 when it started the epoch)
+    done = torch.tensor(epoch_sums, device=device) if epoch_sums is not None else 0.0
+    done_steps = start_step if epoch_sums is not None else 0
     bar = _progress(loader, cfg.progress and master, f'epoch {epoch + 1}/{cfg.epochs}', start_step,
                     run.steps_per_epoch)
     for step, (x, y) in enumerate(bar, start=start_step):
@@ -451,10 +457,10 @@ def _train_epoch(run: _Run, epoch: int, start_step: int, ood_on: bool) -> dict:
         # a float() per loss part, a NaN check and the stop flag's all-reduce each step stall a GPU
         step_parts = torch.stack([v.detach().float() for v in parts])
         device_sums = step_parts if device_sums is None else device_sums + step_parts
-        n = step - start_step + 1
-        read = n % READ_EVERY == 0 or step + 1 == run.steps_per_epoch
+        n = done_steps + step - start_step + 1  # steps in the sums
+        read = (step - start_step + 1) % READ_EVERY == 0 or step + 1 == run.steps_per_epoch
         if read:
-            sums = dict(zip(parts._fields, _over_ranks(device_sums, parts._fields, world).tolist()))
+            sums = dict(zip(parts._fields, (_over_ranks(device_sums, parts._fields, world) + done).tolist()))
             if not math.isfinite(sums['loss']):
                 raise TrainError(f'the loss became {sums["loss"]} at epoch {epoch + 1} by step {step + 1}; lower '
                                  '--lr, or with --amp fp16 try --amp bf16. The last good state is '
@@ -464,11 +470,15 @@ def _train_epoch(run: _Run, epoch: int, start_step: int, ood_on: bool) -> dict:
                                 id=f'{sums["frac_id"] / n:.0%}', ood=f'{sums["frac_ood"] / n:.0%}',
                                 img_s=f'{seen / (time.perf_counter() - t0):.0f}')
         if (read or not ddp) and run.stop.requested(ddp):  # free in one process, an all-reduce under DDP
+            # the epoch's global sums so far (under DDP every rank is here, at a read step, for the all-reduce)
+            so_far = (_over_ranks(device_sums, parts._fields, world) + done).tolist()
             if master:
-                _save_atomic(run.checkpoint(epoch, step + 1), run.out_dir / 'last.pt')
+                _save_atomic({**run.checkpoint(epoch, step + 1), 'epoch_sums': so_far}, run.out_dir / 'last.pt')
                 print(f'interrupted: resumable checkpoint at {run.out_dir / "last.pt"}; continue with --resume auto')
             _cleanup(ddp)
             raise SystemExit(128 + (run.stop.signum or signal.SIGTERM))
+    if not sums and epoch_sums is not None:  # resumed after the epoch's last step: its sums are all in the checkpoint
+        sums, n = dict(zip(SSODLossParts._fields, epoch_sums)), done_steps
     train_log = {k: v / max(n, 1) for k, v in sums.items()}
     train_log['img_s'] = seen / (time.perf_counter() - t0)
     return train_log
