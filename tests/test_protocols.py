@@ -271,15 +271,26 @@ def test_fpr95_openood_equals_openoods_formula():
 
 # ------------------------------------------------------------------------------------------------ release
 class _FakeHub:
+    """Records the calls; each is bound to the real ``huggingface_hub.HfApi`` method's signature first, so a wrong
+    or misspelt argument fails here as it would against the Hub."""
+
     def __init__(self):
         self.calls = []
 
-    def create_repo(self, repo_id, **kw):
+    @staticmethod
+    def _bind(method, *args, **kw):
+        import inspect
+        import huggingface_hub
+        return inspect.signature(getattr(huggingface_hub.HfApi, method)).bind(None, *args, **kw).arguments
+
+    def create_repo(self, *args, **kw):
+        repo_id = self._bind('create_repo', *args, **kw)['repo_id']
         self.calls.append(('create_repo', repo_id))
         return type('Url', (), {'repo_id': repo_id})()
 
-    def upload_folder(self, **kw):
-        self.calls.append(('upload_folder', sorted(p.name for p in Path(kw['folder_path']).iterdir())))
+    def upload_folder(self, *args, **kw):
+        folder = self._bind('upload_folder', *args, **kw)['folder_path']
+        self.calls.append(('upload_folder', sorted(p.name for p in Path(folder).iterdir())))
 
 
 @needs_fmnist
