@@ -1,4 +1,8 @@
-"""Tiny models and image folders for the command-line tests (test_predict.py, test_cli_*.py)."""
+"""Tiny models and image folders for the command-line tests (test_predict.py, test_cli_*.py), and the Hub API
+check of the tests' stand-ins for HfApi (test_hub.py, test_protocols.py)."""
+import inspect
+
+import huggingface_hub
 import numpy as np
 import timm
 import torch
@@ -7,6 +11,13 @@ from PIL import Image
 from ssod_zoo.hub import CHECKPOINT_FORMAT
 
 NAMES = ('cat', 'dog', 'fox')
+
+
+def bind_hfapi(method: str, *args, **kwargs) -> inspect.BoundArguments:
+    """The call as the real ``huggingface_hub.HfApi`` would take it: a wrong or misspelt argument fails here."""
+    bound = inspect.signature(getattr(huggingface_hub.HfApi, method)).bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    return bound
 
 
 def make_checkpoint(path, threshold=None, size=64, num_classes=3, seed=0):

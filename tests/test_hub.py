@@ -5,7 +5,6 @@ written by a stand-in for HfApi (then read with HF_HUB_OFFLINE=1) or a small HTT
 import hashlib
 import http.server
 import importlib.util
-import inspect
 import json
 import os
 import shutil
@@ -26,6 +25,8 @@ import ssod_zoo
 from ssod_zoo import _pretrained, hub, registry
 from ssod_zoo.app import publish
 from ssod_zoo.hub import WeightsError
+
+from cli_helpers import bind_hfapi
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARCH = 'ssod_test_resnet'
@@ -95,34 +96,27 @@ def hf_home(tmp_path, monkeypatch):
     return cache
 
 
-def _bind(method: str, *args, **kwargs) -> inspect.BoundArguments:
-    """The call as the real ``huggingface_hub.HfApi`` would take it: a wrong or misspelt argument fails here."""
-    bound = inspect.signature(getattr(huggingface_hub.HfApi, method)).bind(None, *args, **kwargs)
-    bound.apply_defaults()
-    return bound
-
-
 class CacheWriterApi:
     """Stands in for HfApi: an upload writes the HF cache layout (blobs/, snapshots/<commit>/, refs/<branch>).
     Every call is first bound to the real HfApi method's signature."""
 
     def __init__(self, cache: Path, **hf_api_kwargs):
-        _bind('__init__', **hf_api_kwargs)
+        bind_hfapi('__init__', **hf_api_kwargs)
         self.cache = Path(cache)
         self.calls = []
         self.uploaded = {}
 
     def create_repo(self, *args, **kwargs):
-        a = _bind('create_repo', *args, **kwargs).arguments
+        a = bind_hfapi('create_repo', *args, **kwargs).arguments
         self.calls.append(('create_repo', a['repo_id'], a['private'], a['exist_ok']))
         return SimpleNamespace(repo_id=a['repo_id'])
 
     def create_branch(self, *args, **kwargs):
-        a = _bind('create_branch', *args, **kwargs).arguments
+        a = bind_hfapi('create_branch', *args, **kwargs).arguments
         self.calls.append(('create_branch', a['repo_id'], a['branch']))
 
     def upload_folder(self, *args, **kwargs):
-        a = _bind('upload_folder', *args, **kwargs).arguments
+        a = bind_hfapi('upload_folder', *args, **kwargs).arguments
         repo_id, folder_path, revision = a['repo_id'], a['folder_path'], a['revision']
         assert a['repo_type'] in (None, 'model')
         self.calls.append(('upload_folder', repo_id, revision, a['commit_message']))

@@ -17,6 +17,8 @@ from ssod_zoo.app import evaluate, protocols, train
 from ssod_zoo.app.protocols import DataMissing, load_protocol
 from ssod_zoo.metrics import fpr95_ood_positive, fpr_at_tpr
 
+from cli_helpers import bind_hfapi
+
 FMNIST_ROOT = Path('/usr/share/datasets/fashion-mnist')
 MANIFEST = json.loads((Path(__file__).resolve().parent.parent / 'weights' / 'manifest.json').read_text())
 FMNIST_WEIGHT = next((e['name'] for e in MANIFEST['weights'] if e['metrics'].get('protocol') == 'fashion-mnist'),
@@ -277,19 +279,13 @@ class _FakeHub:
     def __init__(self):
         self.calls = []
 
-    @staticmethod
-    def _bind(method, *args, **kw):
-        import inspect
-        import huggingface_hub
-        return inspect.signature(getattr(huggingface_hub.HfApi, method)).bind(None, *args, **kw).arguments
-
     def create_repo(self, *args, **kw):
-        repo_id = self._bind('create_repo', *args, **kw)['repo_id']
+        repo_id = bind_hfapi('create_repo', *args, **kw).arguments['repo_id']
         self.calls.append(('create_repo', repo_id))
         return type('Url', (), {'repo_id': repo_id})()
 
     def upload_folder(self, *args, **kw):
-        folder = self._bind('upload_folder', *args, **kw)['folder_path']
+        folder = bind_hfapi('upload_folder', *args, **kw).arguments['folder_path']
         self.calls.append(('upload_folder', sorted(p.name for p in Path(folder).iterdir())))
 
 

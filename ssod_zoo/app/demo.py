@@ -34,7 +34,7 @@ from ..hub import load_checkpoint, load_model, save_pretrained
 from .cli import AT_LEAST_0, AT_LEAST_1, bounded
 from .evaluate import evaluate, results_markdown, write_results
 from .plots import plot_histograms, plot_roc, plot_sampler
-from .report import accept_rates, confidence_intervals, report_markdown, write_scores_csv
+from .report import deployment_report, write_scores_csv
 from .synthetic import GENERATOR_VERSION, BenchmarkConfig, SyntheticBenchmark
 from .train import RANGES, TrainConfig, train
 
@@ -132,9 +132,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
                        progress=args.progress)
     # what a deployment decides with, as `ssod eval` reports it: accept rates at the SSOD model's threshold and
     # bootstrap intervals (`ssod eval --bootstrap`'s default resamples and seed)
-    ci = confidence_intervals(results['scores'], BOOTSTRAP)
-    rates = accept_rates(results['scores']['ssod'], ssod_model.ood_threshold)
-    deployment = report_markdown(rates, ssod_model.ood_threshold, ci, results['ood'], BOOTSTRAP)
+    deployment, deployment_keys = deployment_report(results['scores'], results['ood'], ssod_model.ood_threshold,
+                                                    BOOTSTRAP)
     config = {'benchmark': dataclasses.asdict(bench_cfg),
               'demo': {k: v for k, v in vars(args).items() if k not in ('out', 'bench_root')},
               'models': 'trained here (--retrain)' if args.retrain else f'shipped ({SHIPPED_MODELS})',
@@ -151,9 +150,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                         if name == 'ssod' else None)
 
     stage('plots')
-    write_results(results, out, config, sections=[deployment], extra={
-        'accept_rates': rates, 'ood_threshold': ssod_model.ood_threshold, 'ci': ci,
-        'bootstrap': {'resamples': BOOTSTRAP, 'seed': 0, 'level': 95}})
+    write_results(results, out, config, sections=[deployment], extra=deployment_keys)
     write_scores_csv(results['scores'], {k: [str(p) for p, _ in v.samples] for k, v in sets.items()},
                      out / 'scores.csv', targets={'id': torch.as_tensor(sets['id'].targets)})
     plot_roc(results['scores'], out / 'roc.png')

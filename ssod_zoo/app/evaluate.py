@@ -35,7 +35,7 @@ from .protocols import PROTOCOLS, DataMissing, Transformed, add_fpr95_openood, f
 from ..output import posterior_score, spatial_maxlogit_score, spatial_posterior_score
 from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded
 from .images import ImageError, ImageFiles, class_folder, one_line
-from .report import accept_rates, confidence_intervals, fit_detectors, report_markdown, write_scores_csv
+from .report import deployment_report, fit_detectors, write_scores_csv
 
 __all__ = ['collect', 'ssod_report', 'evaluate', 'METHODS', 'results_markdown', 'main']
 
@@ -356,17 +356,15 @@ def main(argv: Optional[List[str]] = None) -> dict:
         fail(e)
     out = Path(args.out)
     # what a deployment decides with: sample counts, accept rates at the model's own threshold, intervals
-    ci = confidence_intervals(results['scores'], args.bootstrap) if args.bootstrap else {}
-    rates = accept_rates(results['scores'].get('ssod') or {}, model.ood_threshold)
-    deployment = report_markdown(rates, model.ood_threshold, ci, results['ood'], args.bootstrap)
+    deployment, deployment_keys = deployment_report(results['scores'], results['ood'], model.ood_threshold,
+                                                    args.bootstrap)
     extra = {'skipped': protocol.skipped, 'groups': protocol.groups} if protocol else {}
     sections = [fpr95_markdown(results)]  # both FPR95 conventions, and what the protocol could not run
     if protocol and protocol.skipped:
         sections.append(skipped_markdown(protocol.skipped))
     payload = write_results(
         results, out, {'model': args.model, 'baseline_model': args.baseline_model, **vars(args), **extra},
-        extra={'accept_rates': rates, 'ood_threshold': model.ood_threshold,
-               'bootstrap': {'resamples': args.bootstrap, 'seed': 0, 'level': 95}, 'ci': ci},
+        extra=deployment_keys,
         sections=[*sections, deployment])
     loaders = {'id': val, **oods}
     id_targets = _targets(val.dataset)

@@ -45,8 +45,6 @@ __all__ = ['find_images', 'predict', 'main', 'IMAGE_EXTENSIONS', 'COLUMNS']
 
 COLUMNS = ('path', 'label', 'class', 'class_prob', 'ood_factor', 'p_unknown')
 UNKNOWN = 'unknown'
-UNCALIBRATED = ('the model has no calibrated ood_threshold: pass --threshold T (e.g. from '
-                'ssod_zoo.calibrate_threshold on your ID validation images), or use --rule posterior')
 
 
 class PredictError(Exception):
@@ -104,7 +102,6 @@ def _collate(items):
     return index, images, bad
 
 
-@torch.no_grad()
 def predict(
         model: torch.nn.Module,
         paths: Sequence[Path],
@@ -116,7 +113,8 @@ def predict(
         progress: Optional[bool] = None,
         on_error=None,
 ) -> Iterator[dict]:
-    """Yield one row per readable image (see :data:`COLUMNS`), in the order of ``paths``.
+    """One row per readable image (see :data:`COLUMNS`), in the order of ``paths``, as an iterator; a bad ``rule``
+    or a missing threshold raises at the call, before any image is read.
 
     Args:
         model: an SSOD model in eval mode; its ``pretrained_cfg`` gives the preprocessing.
@@ -130,17 +128,25 @@ def predict(
     False without one).
     """
     import timm
-    from tqdm.auto import tqdm
 
     if rule not in ('factor', 'posterior'):
         raise ValueError(f"rule is 'factor' or 'posterior', got {rule!r}")
     threshold = model.ood_threshold if threshold is None else float(threshold)
     if rule == 'factor' and threshold is None:
-        raise PredictError(UNCALIBRATED)
+        raise PredictError('the model has no calibrated ood_threshold: pass --threshold T (e.g. from '
+                           'ssod_zoo.calibrate_threshold on your ID validation images), or use --rule posterior')
     names = _label_names(model)
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
     loader = DataLoader(_Images(paths, transform), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate, pin_memory=device.type == 'cuda')
+    # the checks above run at the call, before anything is written; the rows come as they are scored
+    return _rows(model, paths, loader, names, threshold, rule, device, progress, on_error)
+
+
+@torch.no_grad()
+def _rows(model, paths, loader, names, threshold, rule, device, progress, on_error) -> Iterator[dict]:
+    from tqdm.auto import tqdm
+
     bar = tqdm(total=len(paths), unit='img', desc='predict', mininterval=1.0,
                disable=(not sys.stderr.isatty()) if progress is None else not progress)
     model.eval()
@@ -233,15 +239,16 @@ def main(argv: Optional[List[str]] = None) -> dict:
     except (PredictError, WeightsError, FileNotFoundError, RuntimeError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
-    if args.rule == 'factor' and args.threshold is None and model.ood_threshold is None:
-        fail(UNCALIBRATED)  # before the writer starts the output
     skipped = []
     counts = {'images': 0, 'unknown': 0, 'disagree': 0}
-    writer = _Writer(args.out)
-    try:
+    try:  # checks the threshold before the writer starts the output
         rows = predict(model, paths, args.threshold, args.rule, args.batch_size, device, args.workers,
                        args.progress, on_error=lambda path, err: (skipped.append(str(path)), print(
                            f'ssod predict: skipped {path}: not a readable image ({err})', file=sys.stderr)))
+    except PredictError as e:
+        fail(str(e))
+    writer = _Writer(args.out)
+    try:
         for row in rows:
             writer.write(row)
             counts['images'] += 1

@@ -8,7 +8,7 @@ import csv
 import math
 import warnings
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -16,8 +16,8 @@ from torch import nn
 from .. import scores as _scores
 from ..detectors import Detector, create_detector
 
-__all__ = ['accept_rates', 'bootstrap_metrics', 'bootstrap_ci', 'confidence_intervals', 'fit_detectors',
-           'report_markdown', 'write_scores_csv']
+__all__ = ['accept_rates', 'bootstrap_metrics', 'bootstrap_ci', 'confidence_intervals', 'deployment_report',
+           'fit_detectors', 'report_markdown', 'write_scores_csv']
 
 
 def accept_rates(ood_factor: Mapping[str, torch.Tensor], threshold: Optional[float]) -> Dict[str, dict]:
@@ -154,6 +154,18 @@ def write_scores_csv(all_scores: Mapping[str, Mapping[str, torch.Tensor]], paths
                 w.writerow([name, i, str(files[i]) if i < len(files) else '',
                             int(target[i]) if target is not None else '', *(f'{v:.6g}' for v in row)])
     return path
+
+
+def deployment_report(all_scores: Mapping[str, Mapping[str, torch.Tensor]], ood: Mapping[str, Mapping[str, dict]],
+                      threshold: Optional[float], n_boot: int) -> Tuple[str, Dict[str, Any]]:
+    """What a deployment decides with, as ``ssod eval`` and ``ssod demo`` report it: accept rates of the SSOD factor
+    at ``threshold`` and bootstrap intervals (seed 0; none when ``n_boot`` is 0). Returns the markdown section and
+    the keys it adds to ``results.json``."""
+    ci = confidence_intervals(all_scores, n_boot) if n_boot else {}
+    rates = accept_rates(all_scores.get('ssod') or {}, threshold)
+    keys = {'accept_rates': rates, 'ood_threshold': threshold,
+            'bootstrap': {'resamples': n_boot, 'seed': 0, 'level': 95}, 'ci': ci}
+    return report_markdown(rates, threshold, ci, ood, n_boot), keys
 
 
 def report_markdown(accept: Mapping[str, dict], threshold: Optional[float], ci: Mapping[str, Mapping[str, dict]],
