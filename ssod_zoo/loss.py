@@ -11,6 +11,11 @@ are ignored (Eq. 12). The OOD head is trained on those labels jointly with class
   ``background_weight`` (1.0 = no weighting);
 - ``'dr'`` data resampling: per image, an equal number of ID and OOD patches drawn at random, then one mean.
 
+Beyond the paper, ``exposure`` > 0 also trains the *classification* head on the sampled OOD patches: at each
+one, the cross-entropy of its class softmax against the uniform distribution (Outlier Exposure's loss, Hendrycks
+et al. 2019, with the sampler's background patches as the outliers; no outlier data). The total is then
+``CE + alpha * L_ood + exposure * L_exposure``, L_exposure a mean over the OOD patches (0 = the paper's objective).
+
 A batch with no ID patches, no OOD patches, or none at all gives a finite loss whose gradient is that of the
 terms that exist (an empty term is exactly zero, still connected to the graph, so DDP sees every parameter).
 """
@@ -23,7 +28,8 @@ from torch import nn
 from .adapter import ID_INDEX
 from .output import SpatialOutput
 
-__all__ = ['sample_patches', 'ood_cutoff', 'SSODLoss', 'SSODLossParts', 'BALANCE_SCHEMES', 'OOD_RULES', 'IGNORE']
+__all__ = ['sample_patches', 'ood_cutoff', 'SSODLoss', 'SSODLossParts', 'BALANCE_SCHEMES', 'OOD_RULES', 'IGNORE',
+           'PATCH_MEANS']
 
 BALANCE_SCHEMES = ('lwb', 'lw', 'dr')
 IGNORE = -1  # patch label: neither confidently ID nor confidently OOD
@@ -94,6 +100,8 @@ class SSODLossParts(NamedTuple):
         ood_loss_id: () mean OOD-head CE over ID patches (0 if there are none).
         ood_loss_ood: () mean OOD-head CE over OOD patches (0 if there are none).
         frac_id, frac_ood, frac_ignored: () fractions of all positions sampled as ID / OOD / ignored.
+        exposure_loss: () mean CE of the class softmax against uniform over OOD patches (0 if there are none);
+            computed whatever ``exposure`` is, so a paper-faithful run logs how far its background is from it.
     """
     loss: torch.Tensor
     cls_loss: torch.Tensor
@@ -102,6 +110,11 @@ class SSODLossParts(NamedTuple):
     frac_id: torch.Tensor
     frac_ood: torch.Tensor
     frac_ignored: torch.Tensor
+    exposure_loss: torch.Tensor
+
+
+# the parts that are patch sums over the global patch counts (the rest are per-rank means)
+PATCH_MEANS = ('ood_loss_id', 'ood_loss_ood', 'exposure_loss')
 
 
 class SSODLoss(nn.Module):
@@ -114,6 +127,8 @@ class SSODLoss(nn.Module):
         background_weight: weight of OOD patches under 'lw'.
         label_smoothing: for the classification CE.
         ood_rule: which patches are OOD: 'paper' (below 1 - gamma) or 'chance' (see :func:`ood_cutoff`).
+        exposure: weight of the classifier's Outlier Exposure loss on the OOD patches (module docstring); 0, the
+            default, is the paper's objective.
         count_reducer: sums a tensor of patch counts over data-parallel ranks (e.g. an all-reduce), so that
             per-patch means are over the global batch and a run on N ranks matches one process with the same
             global batch. ``world_size`` must then be the number of ranks (DDP averages gradients over them).
@@ -129,13 +144,15 @@ class SSODLoss(nn.Module):
             count_reducer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
             world_size: int = 1,
             ood_rule: str = 'paper',
+            exposure: float = 0.0,
     ):
         super().__init__()
         if balance not in BALANCE_SCHEMES:
             raise ValueError(f'balance must be one of {BALANCE_SCHEMES}, got {balance!r}')
         _check_gamma(gamma)
-        if alpha < 0 or background_weight < 0:
-            raise ValueError(f'alpha and background_weight must be >= 0, got {alpha} and {background_weight}')
+        if alpha < 0 or background_weight < 0 or exposure < 0:
+            raise ValueError(f'alpha, background_weight and exposure must be >= 0, got {alpha}, {background_weight} '
+                             f'and {exposure}')
         self.gamma, self.alpha, self.balance = gamma, alpha, balance
         self.background_weight, self.label_smoothing = background_weight, label_smoothing
         if world_size > 1 and count_reducer is None:
@@ -148,6 +165,7 @@ class SSODLoss(nn.Module):
         if ood_rule not in OOD_RULES:
             raise ValueError(f'ood_rule must be one of {OOD_RULES}, got {ood_rule!r}')
         self.ood_rule = ood_rule
+        self.exposure = exposure
 
     def forward(self, out: SpatialOutput, target: torch.Tensor, ood: bool = True,
                 generator: Optional[torch.Generator] = None) -> SSODLossParts:
@@ -169,13 +187,20 @@ class SSODLoss(nn.Module):
         if self.balance == 'dr':
             is_id, is_ood = _resample_equal(is_id, is_ood, generator)
         sum_id, sum_ood = (patch_ce * is_id).sum(), (patch_ce * is_ood).sum()
-        counts = torch.stack([is_id.sum(), is_ood.sum()]).to(patch_ce.dtype)
+        # Outlier Exposure on the sampled background: CE of each OOD patch's class softmax against uniform. Its
+        # patches are the sampler's, before 'dr' resamples them for the OOD head
+        cls_map = out.cls_map.float()
+        to_uniform = cls_map.logsumexp(1) - cls_map.mean(1)  # (B, H, W)
+        is_bg = labels == OOD_INDEX
+        sum_bg = (to_uniform * is_bg).sum()
+        counts = torch.stack([is_id.sum(), is_ood.sum(), is_bg.sum()]).to(patch_ce.dtype)
         if self.count_reducer is not None:
             counts = self.count_reducer(counts.clone())
-        n_id, n_ood = counts[0], counts[1]
+        n_id, n_ood, n_bg = counts[0], counts[1], counts[2]
         scale = float(self.world_size)
         loss_id = sum_id * scale / n_id.clamp(min=1)
         loss_ood = sum_ood * scale / n_ood.clamp(min=1)
+        loss_bg = sum_bg * scale / n_bg.clamp(min=1)
 
         if self.balance == 'lwb':
             terms = (n_id > 0).to(patch_ce.dtype) + (n_ood > 0).to(patch_ce.dtype)
@@ -188,8 +213,10 @@ class SSODLoss(nn.Module):
 
         ood_loss = ood_loss + connect
         loss = cls_loss + (self.alpha * ood_loss if ood else 0.0 * ood_loss)
+        if self.exposure and ood:
+            loss = loss + self.exposure * loss_bg
         return SSODLossParts(loss, cls_loss.detach(), loss_id.detach() / scale, loss_ood.detach() / scale,
-                             *(f.detach() for f in fractions))
+                             *(f.detach() for f in fractions), loss_bg.detach() / scale)
 
 
 def _resample_equal(is_id: torch.Tensor, is_ood: torch.Tensor, generator: Optional[torch.Generator]):

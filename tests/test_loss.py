@@ -78,6 +78,28 @@ def test_known_values(balance, expected_ood):
     assert [parts.frac_id.item(), parts.frac_ood.item(), parts.frac_ignored.item()] == [0.5, 0.25, 0.25]
 
 
+def test_exposure_is_outlier_exposure_on_the_sampled_background():
+    """The classifier's loss on the OOD patches is CE of its class softmax against uniform (torch's soft-target CE
+    as the oracle). It is logged at any weight, enters the total only with exposure > 0 and the OOD loss on, and
+    its gradient reaches the sampled OOD patch's class logits alone."""
+    out, y = _known_case()
+    cls_map = out.cls_map.clone().requires_grad_(True)
+    out = out._replace(cls_map=cls_map)
+    at_ood = cls_map[:, :, 1, 0]  # the one OOD patch: softmax 0.01 / 0.99
+    expected = F.cross_entropy(at_ood, torch.full_like(at_ood, 0.5)).item()
+    assert expected == pytest.approx(-(math.log(0.01) + math.log(0.99)) / 2, rel=1e-4)
+    paper = SSODLoss()(out, y)
+    assert paper.exposure_loss.item() == pytest.approx(expected, rel=1e-5)
+    parts = SSODLoss(exposure=0.5)(out, y)
+    assert parts.loss.item() == pytest.approx(paper.loss.item() + 0.5 * expected, rel=1e-5)
+    assert parts.exposure_loss.item() == pytest.approx(expected, rel=1e-5)
+    parts.loss.backward()
+    touched = cls_map.grad.abs().sum(1)[0] > 0
+    assert touched.tolist() == [[False, False], [True, False]]
+    warmup = SSODLoss(exposure=0.5)(out, y, ood=False)
+    assert warmup.loss.item() == pytest.approx(warmup.cls_loss.item())
+
+
 def test_lw_background_weight():
     out, y = _known_case()
     parts = SSODLoss(balance='lw', background_weight=4.0, alpha=1.0)(out, y)
@@ -163,31 +185,37 @@ def test_lwb_matches_a_loop_reference_in_value_and_gradient():
 @pytest.mark.parametrize('balance', ['lwb', 'lw', 'dr'])
 def test_count_reducer_makes_two_ranks_equal_one_process(balance):
     """Two half-batches with globally reduced patch counts give the full batch's mean gradient (DDP), for every
-    balance scheme (DR's per-image draws line up: the halves read the same generator stream as the full batch)."""
+    balance scheme (DR's per-image draws line up: the halves read the same generator stream as the full batch),
+    in the OOD head and, through the exposure term, in the classifier's map."""
     g = torch.Generator().manual_seed(1)
     cls_map = torch.randn(4, 3, 4, 4, generator=g) * 6
     y = torch.tensor([0, 1, 2, 0])
     ood = torch.randn(4, 2, 4, 4, generator=g)
-    full = ood.clone().requires_grad_(True)
-    loss = SSODLoss(balance=balance, background_weight=2.0)
-    loss(_spatial(cls_map, full), y, generator=torch.Generator().manual_seed(0)).loss.backward()
+    full, full_cls = ood.clone().requires_grad_(True), cls_map.clone().requires_grad_(True)
+    loss = SSODLoss(balance=balance, background_weight=2.0, exposure=0.5)
+    parts = loss(_spatial(full_cls, full), y, generator=torch.Generator().manual_seed(0))
+    (parts.loss - parts.cls_loss).backward()
+    assert full_cls.grad.any()  # the exposure term reaches the classifier
 
     halves = [ood[:2].clone().requires_grad_(True), ood[2:].clone().requires_grad_(True)]
+    cls_halves = [cls_map[:2].clone().requires_grad_(True), cls_map[2:].clone().requires_grad_(True)]
     draws = torch.Generator().manual_seed(0)
     kept = []
-    for s in (slice(0, 2), slice(2, 4)):  # the patch counts each rank contributes, after DR's draw
+    for s in (slice(0, 2), slice(2, 4)):  # the patch counts each rank contributes, after DR's draw, and before it
         is_id, is_ood = sample_patches(cls_map[s], y[s]) == 1, sample_patches(cls_map[s], y[s]) == 0
+        background = is_ood.sum()
         if balance == 'dr':
             is_id, is_ood = _resample_equal(is_id, is_ood, draws)
-        kept.append(torch.stack([is_id.sum(), is_ood.sum()]).float())
+        kept.append(torch.stack([is_id.sum(), is_ood.sum(), background]).float())
     total = kept[0] + kept[1]
     draws = torch.Generator().manual_seed(0)
-    for s, half in zip((slice(0, 2), slice(2, 4)), halves):
-        loss = SSODLoss(balance=balance, background_weight=2.0, count_reducer=lambda c: total.clone(), world_size=2)
-        parts = loss(_spatial(cls_map[s], half), y[s], generator=draws)
+    for s, half, cls_half in zip((slice(0, 2), slice(2, 4)), halves, cls_halves):
+        loss = SSODLoss(balance=balance, background_weight=2.0, exposure=0.5, count_reducer=lambda c: total.clone(),
+                        world_size=2)
+        parts = loss(_spatial(cls_half, half), y[s], generator=draws)
         (parts.loss - parts.cls_loss).backward()
-    ddp_grad = torch.cat([h.grad for h in halves]) / 2  # DDP averages over ranks
-    torch.testing.assert_close(ddp_grad, full.grad)
+    torch.testing.assert_close(torch.cat([h.grad for h in halves]) / 2, full.grad)  # DDP averages over ranks
+    torch.testing.assert_close(torch.cat([h.grad for h in cls_halves]) / 2, full_cls.grad)
 
 
 def test_warmup_trains_classification_only_but_keeps_the_head_in_the_graph():
@@ -203,8 +231,10 @@ def test_bad_configuration():
         SSODLoss(balance='focal')
     with pytest.raises(ValueError, match='gamma must be in'):
         SSODLoss(gamma=1.5)
-    with pytest.raises(ValueError, match='alpha and background_weight must be >= 0'):
+    with pytest.raises(ValueError, match='alpha, background_weight and exposure must be >= 0'):
         SSODLoss(alpha=-0.1)
+    with pytest.raises(ValueError, match='exposure must be >= 0, got 0.0, 1.0 and -1'):
+        SSODLoss(alpha=0.0, exposure=-1)
     with pytest.raises(ValueError, match='world_size must be >= 1, got 0'):
         SSODLoss(world_size=0)
     with pytest.raises(ValueError, match="ood_rule must be one of .*'median'"):

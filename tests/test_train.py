@@ -200,7 +200,7 @@ def test_two_ranks_under_torchrun_match_one_process(bench, tmp_path):
         "torch.save(r['model'].state_dict(), os.path.join(r['out_dir'], f\"rank{os.environ.get('RANK', 0)}.pt\"))\n")
     # --freeze-bn: BatchNorm statistics are per-rank otherwise; a lenient sampler, so that the OOD loss has patches
     # to train on in this short run (at gamma 0.95 it samples none yet) and its logged parts are not 0
-    flags = ('--freeze-bn', '--gamma', '0.51', '--ood-rule', 'chance')
+    flags = ('--freeze-bn', '--gamma', '0.51', '--ood-rule', 'chance', '--exposure', '0.5')
     args = _args(bench, tmp_path / 'ddp', *flags)
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
@@ -215,9 +215,10 @@ def test_two_ranks_under_torchrun_match_one_process(bench, tmp_path):
     # the logged loss parts describe the whole global batch, as one process logs them, not rank 0's share
     logged = [json.loads(line)['train'] for line in (tmp_path / 'ddp' / 'log.jsonl').read_text().splitlines()]
     for ddp_log, one in zip(logged, (r['train'] for r in single['history'])):
-        for key in ('loss', 'cls_loss', 'ood_loss_id', 'ood_loss_ood', 'frac_id', 'frac_ood', 'frac_ignored'):
+        for key in ('loss', 'cls_loss', 'ood_loss_id', 'ood_loss_ood', 'frac_id', 'frac_ood', 'frac_ignored',
+                    'exposure_loss'):
             assert ddp_log[key] == pytest.approx(one[key], rel=1e-2, abs=1e-4), (key, ddp_log, one)
-    assert all(r['frac_ood'] > 0.05 and r['ood_loss_ood'] > 0 for r in logged)
+    assert all(r['frac_ood'] > 0.05 and r['ood_loss_ood'] > 0 and r['exposure_loss'] > 0 for r in logged)
     deltas = torch.cat([(rank0[k].float() - single_state[k].float()).abs().flatten() for k in rank0]).sort().values
     median, q99, worst = (deltas[int(q * (deltas.numel() - 1))].item() for q in (0.5, 0.99, 1.0))
     print(f'|DDP - single process| over all weights: median {median:.1e}, 99% {q99:.1e}, max {worst:.1e}')

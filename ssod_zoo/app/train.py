@@ -44,7 +44,7 @@ from .. import wrap
 from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded
 from .evaluate import collect, ssod_report
 from ..hub import CHECKPOINT_FORMAT
-from ..loss import BALANCE_SCHEMES, OOD_RULES, SSODLoss, SSODLossParts
+from ..loss import BALANCE_SCHEMES, OOD_RULES, PATCH_MEANS, SSODLoss, SSODLossParts
 from .protocols import PROTOCOLS
 
 
@@ -74,6 +74,7 @@ class TrainConfig:
     background_weight: float = 1.0
     label_smoothing: float = 0.0
     ood_rule: str = 'paper'
+    exposure: float = 0.0
     warmup_epochs: int = 0
     ce_only: bool = False
     ood_detach: bool = False
@@ -107,7 +108,7 @@ RANGES = {  # the numeric fields' valid values: checked when the flags are parse
     'img_size': AT_LEAST_1, 'crop_pct': (lambda v: v is None or v > 0, '> 0'),
     'scale_min': (lambda v: 0 < v <= 1, 'in (0, 1]'), 'workers': AT_LEAST_0,
     'gamma': (lambda v: 0.5 < v <= 1, 'in (0.5, 1]'),
-    'alpha': AT_LEAST_0, 'background_weight': AT_LEAST_0, 'label_smoothing': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'alpha': AT_LEAST_0, 'background_weight': AT_LEAST_0, 'exposure': AT_LEAST_0, 'label_smoothing': (lambda v: 0 <= v < 1, 'in [0, 1)'),
     'warmup_epochs': AT_LEAST_0, 'epochs': AT_LEAST_1, 'batch_size': AT_LEAST_1, 'lr': AT_LEAST_0,
     'weight_decay': AT_LEAST_0, 'lr_step': AT_LEAST_1, 'lr_gamma': POSITIVE, 'max_steps_per_epoch': AT_LEAST_0,
     'eval_every': AT_LEAST_0,
@@ -136,6 +137,8 @@ HELP = {  # one line per TrainConfig field: `ssod train --help` shows it with th
     'background_weight': 'weight of the background (OOD) patches in the OOD loss',
     'label_smoothing': 'label smoothing of the classification loss',
     'ood_rule': "OOD patches below 1 - gamma ('paper') or below max(1 - gamma, 0.5 / M) ('chance')",
+    'exposure': "beyond the paper: weight of Outlier Exposure's loss (class softmax against uniform) on the "
+                'patches the sampler labels OOD; 0 = the paper\'s objective',
     'warmup_epochs': 'epochs of classification only before the OOD loss switches on',
     'ce_only': 'the plain cross-entropy baseline: same recipe, OOD loss never on',
     'ood_detach': 'the OOD loss trains the heads only: the OOD head reads a detached feature map, so no OOD '
@@ -311,7 +314,8 @@ def train(cfg: TrainConfig) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == 'fp16')
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     criterion = SSODLoss(cfg.gamma, cfg.alpha, cfg.balance, cfg.background_weight, cfg.label_smoothing,
-                         count_reducer=_all_reduce_sum if ddp else None, world_size=world, ood_rule=cfg.ood_rule)
+                         count_reducer=_all_reduce_sum if ddp else None, world_size=world, ood_rule=cfg.ood_rule,
+                         exposure=cfg.exposure)
 
     start_epoch, start_step, best, epoch_sums = 0, 0, {'fpr95': math.inf, 'epoch': -1}, None
     resume = _resume_path(cfg, out_dir)
@@ -325,6 +329,8 @@ def train(cfg: TrainConfig) -> dict:
         scaler.load_state_dict(ckpt['scaler'])
         start_epoch, start_step, best = ckpt['epoch'], ckpt['step'], ckpt['best']
         epoch_sums = ckpt.get('epoch_sums')  # the interrupted epoch's loss sums so far, so its log covers all of it
+        if epoch_sums is not None and len(epoch_sums) != len(SSODLossParts._fields):  # saved with fewer parts
+            epoch_sums = None  # (before exposure_loss): the resumed epoch's log then covers its remaining steps
         if start_epoch >= cfg.epochs:
             if master:
                 print(f'{resume} has already finished all {start_epoch} epochs; nothing to train (raise --epochs to '
@@ -487,12 +493,12 @@ def _train_epoch(run: _Run, epoch: int, start_step: int, ood_on: bool,
 # ------------------------------------------------------------------------------------------------ helpers
 def _over_ranks(sums: torch.Tensor, fields: Sequence[str], world: int) -> torch.Tensor:
     """The logged loss parts of the whole global batch, not rank 0's share. Each rank's loss, classification loss
-    and patch fractions are its own means (averaged over ranks); its OOD-loss parts are its patch sums over the
-    global patch counts (summed over ranks). One all-reduce, only when the sums are read."""
+    and patch fractions are its own means (averaged over ranks); its patch-loss parts (:data:`PATCH_MEANS`) are its
+    patch sums over the global patch counts (summed over ranks). One all-reduce, only when the sums are read."""
     if world == 1:
         return sums
     sums = _all_reduce_sum(sums.clone())
-    summed = torch.tensor([f.startswith('ood_loss') for f in fields], device=sums.device)
+    summed = torch.tensor([f in PATCH_MEANS for f in fields], device=sums.device)
     return torch.where(summed, sums, sums / world)
 
 
