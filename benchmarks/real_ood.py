@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, mean_sd, save_figure  # noqa: E402
-from study import CACHE, EIGHT, benchmarks, evaluate_pair, run_pairs  # noqa: E402
+from study import CACHE, CHOICE_RUNS, EIGHT, benchmarks, evaluate_pair, run_pairs  # noqa: E402
 
 from ssod_zoo.app import train as train_mod  # noqa: E402
 from ssod_zoo.hub import load_checkpoint  # noqa: E402
@@ -52,7 +52,7 @@ PHOTOS = Path('/usr/share/backgrounds/mate/nature')  # Debian: mate-backgrounds
 PATTERNS = Path('/usr/share/gimp/2.0/patterns')  # Debian: gimp-data
 SETS = ('photos', 'patterns')
 # the readouts the summary reports (the study's names), beside the 8 baselines on the CE twin
-READOUTS = {'pos_top3_maxlogit': 'the 3 best positions (SSOD; the chosen readout)',
+READOUTS = {'pos_top3_maxlogit': 'the 3 best positions (SSOD; the study\'s chosen readout)',
             'ce_pos_top3_maxlogit': 'the 3 best positions (CE twin)',
             'pos_max_energy': 'best-position energy (SSOD)', 'ce_pos_max_energy': 'best-position energy (CE twin)',
             'ssod': 'Eq. 15, pooled OOD factor (SSOD)', 'ssod_posterior': 'full posterior, pooled (SSOD)',
@@ -128,7 +128,9 @@ def best_of_eight(r: dict, s: str) -> Tuple[str, float]:
 
 def write(results: List[dict], path: Path) -> None:
     cols = (*SETS, 'average')
-    lines = ['# Real photographs and textures as OOD data (a report on the chosen configuration)', '',
+    chosen = [r['run'] for r in results] == CHOICE_RUNS
+    lines = ['# Real photographs and textures as OOD data (a report on the '
+             + ('chosen configuration)' if chosen else 'runs below, not the chosen configuration)'), '',
              'Written by `python benchmarks/real_ood.py` (its docstring gives the sets and the prediction written '
              f'before the first run). FPR95 (%), ID positive; mean ± sd over {len(results)} runs: '
              + ', '.join(f'`{r["run"]}`' for r in results) + ', each against its CE twin. '
@@ -149,7 +151,8 @@ def write(results: List[dict], path: Path) -> None:
                      f'; {best:.2f} ({name}); {a["ssod"]["fpr95"]:.2f}; {a["ssod_energy"]["fpr95"]:.2f} / '
                      f'{a["energy"]["fpr95"]:.2f}; {r["id_accuracy"]["ssod"]:.1f} / {r["id_accuracy"]["ce"]:.1f}')
     path.write_text('\n'.join(lines) + '\n')
-    plot(results, path.with_name('real_ood.png'))
+    # the chosen runs' plot is real_ood.png (README shows it); other runs' go beside their summary
+    plot(results, path.with_name('real_ood.png') if chosen else path.with_suffix('.png'))
 
 
 PLOTTED = {'pos_top3_maxlogit': ('3 best positions (SSOD)', 'tab:red'),

@@ -27,3 +27,8 @@ def test_training_warns_when_the_sampler_finds_no_background(capsys):
     assert 'only 0.2% of feature-map positions were sampled as OOD' in err and '--ood-rule chance' in err
     _warn_starved_sampler({'frac_ood': 0.2, 'frac_id': 0.4}, TrainConfig(), num_classes=3)
     assert capsys.readouterr().err == ''
+    # with Outlier Exposure on, what empties the OOD set is the exposure itself (the study's bx runs: 0.8% and 0.2%)
+    _warn_starved_sampler({'frac_ood': 0.008, 'frac_id': 0.2}, TrainConfig(exposure=0.5), num_classes=10)
+    err = capsys.readouterr().err
+    assert 'only 0.8% of feature-map positions' in err and '1/M = 0.10 on the label, above the cutoff of 0.05' in err
+    assert 'lower --exposure' in err

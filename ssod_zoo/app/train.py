@@ -964,6 +964,10 @@ def _warn_starved_sampler(train_log: dict, cfg: TrainConfig, num_classes: int, f
         hint = (f'with {num_classes} classes a background patch rarely puts under {cut:.2f} on its own label; '
                 f'try --ood-rule chance (OOD below max(1-gamma, 0.5/M) = {ood_cutoff(cfg.gamma, num_classes, "chance"):.2f})'
                 if cfg.ood_rule == 'paper' and num_classes < 10 else 'try a lower --gamma')
+        if cfg.exposure:  # Outlier Exposure flattens the background it trains on out of the OOD set
+            hint = (f'--exposure {cfg.exposure:g} flattens the class softmax of the background it trains on to about '
+                    f'1/M = {1 / num_classes:.2f} on the label, above the cutoff of {cut:.2f}, so those patches '
+                    'leave the OOD set; lower --exposure or set it to 0 (the paper\'s objective)')
         print(f'warning: only {train_log["frac_ood"]:.1%} of feature-map positions were sampled as OOD this epoch, '
               f'so the OOD head gets almost no background supervision: {hint}', file=sys.stderr)
     if train_log.get('frac_id', 1.0) < floor:
