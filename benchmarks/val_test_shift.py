@@ -13,6 +13,14 @@ Prediction, written before the first run: the ID side carries the shift. Read ag
 the test ID images give the readout at least 2/3 of its test-minus-validation gap (average over the three sets),
 and ODIN moves by under 1.5 points between any two pairings.
 
+Outcome (seeds 3 and 4; ``results/val_test_shift/summary.md``): both parts failed. The readout's average reads 30.2
+(validation ID and OOD), 32.0 (test ID, validation OOD), 31.8 (validation ID, test OOD) and 33.5 (test, test): each
+side carries about half of its 3.3-point gap, 1.8 and 1.6. ODIN moves more, and the two sides pull it in opposite
+directions: 41.5, 37.4, 44.7 and 40.5. The test ID images make ODIN's FPR95 4.1 points lower and the test OOD sets
+3.2 higher, so they cancel; for the readout both raise it. The margin over ODIN is 11.3 with the validation draw and
+7.0 with the test draw. Both draws are finite (500 and 1000 ID images: FPR95's threshold rests on the lowest 25 and
+50 of them), so part of this may be sampling, shared by both seeds since the images are the same.
+
     python benchmarks/val_test_shift.py   # lrdecay-e16 seeds 3 and 4 and their CE twins, from the study's cache
 """
 import sys
