@@ -19,6 +19,7 @@ et al. 2019, with the sampler's background patches as the outliers; no outlier d
 A batch with no ID patches, no OOD patches, or none at all gives a finite loss whose gradient is that of the
 terms that exist (an empty term is exactly zero, still connected to the graph, so DDP sees every parameter).
 """
+import math
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -150,9 +151,9 @@ class SSODLoss(nn.Module):
         if balance not in BALANCE_SCHEMES:
             raise ValueError(f'balance must be one of {BALANCE_SCHEMES}, got {balance!r}')
         _check_gamma(gamma)
-        if alpha < 0 or background_weight < 0 or exposure < 0:
-            raise ValueError(f'alpha, background_weight and exposure must be >= 0, got {alpha}, {background_weight} '
-                             f'and {exposure}')
+        if not all(math.isfinite(v) and v >= 0 for v in (alpha, background_weight, exposure)):
+            raise ValueError(f'alpha, background_weight and exposure must be finite and >= 0, got {alpha}, '
+                             f'{background_weight} and {exposure}')
         self.gamma, self.alpha, self.balance = gamma, alpha, balance
         self.background_weight, self.label_smoothing = background_weight, label_smoothing
         if world_size > 1 and count_reducer is None:

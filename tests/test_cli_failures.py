@@ -135,6 +135,10 @@ def test_a_tag_without_its_weights_has_their_architecture_but_not_their_threshol
     ('save', ['c.pt', 'out', '--ood-threshold', '3'], 'argument --ood-threshold: must be in [0, 1], as ood_factor is'),
     ('push', ['c.pt', 'me/r', '--ood-threshold', '-0.1'], 'argument --ood-threshold: must be in [0, 1]'),
     ('demo', ['--retrain', '--ood-per-set', '0'], 'argument --ood-per-set: must be >= 1, got 0'),
+    # 'inf' and 'nan' parse as floats and pass a bare '>= 0' (--exposure=inf trained on, with a loss of inf)
+    ('train', ['--exposure', 'inf'], 'argument --exposure: must be a finite number, got inf'),
+    ('train', ['--alpha', 'nan'], 'argument --alpha: must be a finite number, got nan'),
+    ('demo', ['--retrain', '--lr', 'inf'], 'argument --lr: must be a finite number, got inf'),
 ])
 def test_out_of_range_values_stop_at_parsing_in_one_line(command, argv, message, capsys):
     """Before any model loads or feature is extracted (a bad --knn-k used to fail after scoring every set)."""
@@ -171,6 +175,8 @@ def test_train_checks_ranges_for_api_callers_too():
     assert all(accepts(getattr(defaults, name)) for name, (accepts, _) in RANGES.items())  # names exist, defaults pass
     with pytest.raises(TrainError, match=r'--lr-step must be >= 1, got 0'):
         train(TrainConfig(lr_step=0))
+    with pytest.raises(TrainError, match=r'--exposure must be a finite number, got inf'):
+        train(TrainConfig(exposure=float('inf')))
 
 
 def test_eval_with_a_missing_model_is_one_line(tmp_path, capsys):

@@ -231,10 +231,13 @@ def test_bad_configuration():
         SSODLoss(balance='focal')
     with pytest.raises(ValueError, match='gamma must be in'):
         SSODLoss(gamma=1.5)
-    with pytest.raises(ValueError, match='alpha, background_weight and exposure must be >= 0'):
+    with pytest.raises(ValueError, match='alpha, background_weight and exposure must be finite and >= 0'):
         SSODLoss(alpha=-0.1)
-    with pytest.raises(ValueError, match='exposure must be >= 0, got 0.0, 1.0 and -1'):
+    with pytest.raises(ValueError, match='exposure must be finite and >= 0, got 0.0, 1.0 and -1'):
         SSODLoss(alpha=0.0, exposure=-1)
+    for weight in (math.inf, math.nan):
+        with pytest.raises(ValueError, match=f'must be finite and >= 0, got 1.0, 1.0 and {weight}'):
+            SSODLoss(exposure=weight)
     with pytest.raises(ValueError, match='world_size must be >= 1, got 0'):
         SSODLoss(world_size=0)
     with pytest.raises(ValueError, match="ood_rule must be one of .*'median'"):

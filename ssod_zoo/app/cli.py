@@ -11,6 +11,7 @@
 """
 import argparse
 import importlib
+import math
 import sys
 import warnings
 from typing import Callable, List, Optional
@@ -61,6 +62,8 @@ def bounded(kind: type, accepts: Callable[[float], bool], what: str) -> Callable
     unless ``accepts`` it, so that a bad value costs one line before any work, not a traceback after it."""
     def convert(text: str):
         value = kind(text)
+        if isinstance(value, float) and not math.isfinite(value):  # 'inf' and 'nan' parse as floats
+            raise argparse.ArgumentTypeError(f'must be a finite number, got {text}')
         if not accepts(value):
             raise argparse.ArgumentTypeError(f'must be {what}, got {text}')
         return value

@@ -259,6 +259,9 @@ def _use_deterministic_kernels() -> None:
 def train(cfg: TrainConfig) -> dict:
     # ---------------------------------------------------------------------------------------------- setup
     for name, (accepts, what) in RANGES.items():
+        value = getattr(cfg, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TrainError(f'--{name.replace("_", "-")} must be a finite number, got {value}')
         if not accepts(getattr(cfg, name)):
             raise TrainError(f'--{name.replace("_", "-")} must be {what}, got {getattr(cfg, name)}')
     cfg = _resumed_config(cfg)
