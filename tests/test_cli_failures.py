@@ -177,6 +177,8 @@ def test_train_checks_ranges_for_api_callers_too():
         train(TrainConfig(lr_step=0))
     with pytest.raises(TrainError, match=r'--exposure must be a finite number, got inf'):
         train(TrainConfig(exposure=float('inf')))
+    with pytest.raises(TrainError, match=r'--exposure 2 acts with the OOD loss, which --ce-only never switches on'):
+        train(TrainConfig(exposure=2.0, ce_only=True))
 
 
 def test_eval_with_a_missing_model_is_one_line(tmp_path, capsys):

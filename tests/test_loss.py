@@ -100,6 +100,25 @@ def test_exposure_is_outlier_exposure_on_the_sampled_background():
     assert warmup.loss.item() == pytest.approx(warmup.cls_loss.item())
 
 
+@pytest.mark.parametrize('balance', ['lwb', 'dr'])
+def test_exposure_value_with_more_classes_and_another_alpha(balance):
+    """Four classes (the mean of the logits is not their midrange), alpha 0.5, and 'dr', which resamples the OOD
+    head's patches but not the exposure's: the total is CE + 0.5 * OOD loss + 0.3 * the mean over *all* sampled OOD
+    patches of torch's soft-target CE against uniform."""
+    g = torch.Generator().manual_seed(3)
+    cls_map = torch.randn(3, 4, 3, 3, generator=g) * 5
+    y = torch.tensor([0, 2, 3])
+    out = _spatial(cls_map, torch.randn(3, 2, 3, 3, generator=g))
+    bg = sample_patches(cls_map, y) == 0
+    assert 2 <= bg.sum() < bg.numel()
+    at_bg = cls_map.permute(0, 2, 3, 1)[bg]  # (n, 4)
+    expected = F.cross_entropy(at_bg, torch.full_like(at_bg, 0.25)).item()
+    paper = SSODLoss(alpha=0.5, balance=balance)(out, y, generator=torch.Generator().manual_seed(0))
+    parts = SSODLoss(alpha=0.5, balance=balance, exposure=0.3)(out, y, generator=torch.Generator().manual_seed(0))
+    assert parts.exposure_loss.item() == pytest.approx(expected, rel=1e-5)
+    assert parts.loss.item() == pytest.approx(paper.loss.item() + 0.3 * expected, rel=1e-5)
+
+
 def test_lw_background_weight():
     out, y = _known_case()
     parts = SSODLoss(balance='lw', background_weight=4.0, alpha=1.0)(out, y)
@@ -210,8 +229,10 @@ def test_count_reducer_makes_two_ranks_equal_one_process(balance):
     total = kept[0] + kept[1]
     draws = torch.Generator().manual_seed(0)
     for s, half, cls_half in zip((slice(0, 2), slice(2, 4)), halves, cls_halves):
-        loss = SSODLoss(balance=balance, background_weight=2.0, exposure=0.5, count_reducer=lambda c: total.clone(),
-                        world_size=2)
+        def reducer(counts, local=kept[s.start // 2]):  # what this rank sends is its own counts
+            torch.testing.assert_close(counts, local)
+            return total.clone()
+        loss = SSODLoss(balance=balance, background_weight=2.0, exposure=0.5, count_reducer=reducer, world_size=2)
         parts = loss(_spatial(cls_half, half), y[s], generator=draws)
         (parts.loss - parts.cls_loss).backward()
     torch.testing.assert_close(torch.cat([h.grad for h in halves]) / 2, full.grad)  # DDP averages over ranks

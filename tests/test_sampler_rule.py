@@ -31,4 +31,10 @@ def test_training_warns_when_the_sampler_finds_no_background(capsys):
     _warn_starved_sampler({'frac_ood': 0.008, 'frac_id': 0.2}, TrainConfig(exposure=0.5), num_classes=10)
     err = capsys.readouterr().err
     assert 'only 0.8% of feature-map positions' in err and '1/M = 0.10 on the label, above the cutoff of 0.05' in err
-    assert 'lower --exposure' in err
+    assert 'lower --exposure' in err and 'else try a lower --gamma' in err
+    # with 3 classes the other hint stays; with 100 classes a flattened patch (0.01) is under the cutoff: no claim
+    _warn_starved_sampler({'frac_ood': 0.008, 'frac_id': 0.2}, TrainConfig(exposure=0.5), num_classes=3)
+    assert 'lower --exposure' in (err := capsys.readouterr().err) and '--ood-rule chance' in err
+    _warn_starved_sampler({'frac_ood': 0.008, 'frac_id': 0.2}, TrainConfig(exposure=0.5), num_classes=100)
+    err = capsys.readouterr().err
+    assert 'only 0.8% of feature-map positions' in err and 'exposure' not in err

@@ -139,7 +139,9 @@ HELP = {  # one line per TrainConfig field: `ssod train --help` shows it with th
     'label_smoothing': 'label smoothing of the classification loss',
     'ood_rule': "OOD patches below 1 - gamma ('paper') or below max(1 - gamma, 0.5 / M) ('chance')",
     'exposure': "beyond the paper: weight of Outlier Exposure's loss (class softmax against uniform) on the "
-                'patches the sampler labels OOD; 0 = the paper\'s objective',
+                'patches the sampler labels OOD, on with the OOD loss (not in warm-up epochs, refused with '
+                '--ce-only); with fewer than 1/(1-gamma) classes the uniform target lies above the OOD cutoff, so '
+                'the patches it flattens leave the OOD set; 0 = the paper\'s objective',
     'warmup_epochs': 'epochs of classification only before the OOD loss switches on',
     'ce_only': 'the plain cross-entropy baseline: same recipe, OOD loss never on',
     'ood_detach': 'the OOD loss trains the heads only: the OOD head reads a detached feature map, so no OOD '
@@ -264,6 +266,9 @@ def train(cfg: TrainConfig) -> dict:
             raise TrainError(f'--{name.replace("_", "-")} must be a finite number, got {value}')
         if not accepts(getattr(cfg, name)):
             raise TrainError(f'--{name.replace("_", "-")} must be {what}, got {getattr(cfg, name)}')
+    if cfg.ce_only and cfg.exposure:  # the exposure trains on the OOD patches of the SSOD objective, never on here
+        raise TrainError(f'--exposure {cfg.exposure:g} acts with the OOD loss, which --ce-only never switches on: '
+                         'drop one of them (a cross-entropy model with Outlier Exposure is not a recipe here)')
     cfg = _resumed_config(cfg)
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
@@ -472,9 +477,11 @@ def _train_epoch(run: _Run, epoch: int, start_step: int, ood_on: bool,
         if read:
             sums = dict(zip(parts._fields, (_over_ranks(device_sums, parts._fields, world) + done).tolist()))
             if not math.isfinite(sums['loss']):
+                last = run.out_dir / 'last.pt'
                 raise TrainError(f'the loss became {sums["loss"]} at epoch {epoch + 1} by step {step + 1}; lower '
-                                 '--lr, or with --amp fp16 try --amp bf16. The last good state is '
-                                 f'{run.out_dir / "last.pt"} (--resume auto)')
+                                 '--lr, or with --amp fp16 try --amp bf16. ' +
+                                 (f'The last good state is {last} (--resume auto)' if last.exists() else
+                                  'No checkpoint was written before it.'))
             if hasattr(bar, 'set_postfix'):
                 bar.set_postfix(loss=f'{sums["loss"] / n:.3f}', ce=f'{sums["cls_loss"] / n:.3f}',
                                 id=f'{sums["frac_id"] / n:.0%}', ood=f'{sums["frac_ood"] / n:.0%}',
@@ -968,10 +975,10 @@ def _warn_starved_sampler(train_log: dict, cfg: TrainConfig, num_classes: int, f
         hint = (f'with {num_classes} classes a background patch rarely puts under {cut:.2f} on its own label; '
                 f'try --ood-rule chance (OOD below max(1-gamma, 0.5/M) = {ood_cutoff(cfg.gamma, num_classes, "chance"):.2f})'
                 if cfg.ood_rule == 'paper' and num_classes < 10 else 'try a lower --gamma')
-        if cfg.exposure:  # Outlier Exposure flattens the background it trains on out of the OOD set
+        if cfg.exposure and 1 / num_classes >= cut:  # Outlier Exposure flattens its background out of the OOD set
             hint = (f'--exposure {cfg.exposure:g} flattens the class softmax of the background it trains on to about '
                     f'1/M = {1 / num_classes:.2f} on the label, above the cutoff of {cut:.2f}, so those patches '
-                    'leave the OOD set; lower --exposure or set it to 0 (the paper\'s objective)')
+                    f'leave the OOD set; lower --exposure or set it to 0 (the paper\'s objective); else {hint}')
         print(f'warning: only {train_log["frac_ood"]:.1%} of feature-map positions were sampled as OOD this epoch, '
               f'so the OOD head gets almost no background supervision: {hint}', file=sys.stderr)
     if train_log.get('frac_id', 1.0) < floor:
