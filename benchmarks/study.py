@@ -424,12 +424,14 @@ def evaluate_pair(ssod_dir: Path, ce_dir: Path, sets: Dict[str, Dataset], fit: D
                 continue
             res['ood'][name][method] = {m: 100 * float(v) for m, v in
                                         ood_metrics(extra['id'][method], extra[name][method]).items()}
-    # MSP x P_ID needs softmax of the logits: recompute from the SSOD model's collected outputs
-    msp_post = {k: _posterior_msp(ssod_model, v) for k, v in loaders.items()}
+    # MSP x P_ID needs softmax of the logits, and the SSOD model's own MSP and MaxLogit (the scores an Outlier
+    # Exposure model is read with; fourteenth session) its logits: one more pass of the SSOD model
+    pooled = {k: _pooled_scores(ssod_model, v) for k, v in loaders.items()}
     for name in loaders:
         if name != 'id':
-            res['ood'][name]['ssod_posterior_msp'] = {m: 100 * float(v) for m, v in
-                                                      ood_metrics(msp_post['id'], msp_post[name]).items()}
+            for method in pooled['id']:
+                res['ood'][name][method] = {m: 100 * float(v) for m, v in
+                                            ood_metrics(pooled['id'][method], pooled[name][method]).items()}
     sets_ = [k for k in loaders if k != 'id']
     methods = list(res['ood'][sets_[0]])
     res['ood']['average'] = {m: {k: sum(res['ood'][s][m][k] for s in sets_) / len(sets_)
@@ -443,12 +445,15 @@ def evaluate_pair(ssod_dir: Path, ce_dir: Path, sets: Dict[str, Dataset], fit: D
 
 
 @torch.no_grad()
-def _posterior_msp(model, loader) -> torch.Tensor:
-    out = []
+def _pooled_scores(model, loader) -> Dict[str, torch.Tensor]:
+    """MSP x P_ID, and the model's own pooled MSP and MaxLogit (the CE twin's are among the 8 baselines)."""
+    out = {'ssod_posterior_msp': [], 'ssod_msp': [], 'ssod_maxlogit': []}
     for x, _ in loader:
         o = model.forward_ssod(x.to(DEVICE))
-        out.append(posterior_score(o.logits, o.ood_factor, 'msp').cpu())
-    return torch.cat(out)
+        out['ssod_posterior_msp'].append(posterior_score(o.logits, o.ood_factor, 'msp').cpu())
+        out['ssod_msp'].append(o.logits.float().softmax(1).amax(1).cpu())
+        out['ssod_maxlogit'].append(o.logits.float().amax(1).cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 # ------------------------------------------------------------------------------------------------------- runs
