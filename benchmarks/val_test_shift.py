@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import mean_sd  # noqa: E402
-from study import benchmarks, run_pairs, OUT as STUDY  # noqa: E402
+from study import CACHE, benchmarks, run_pairs, OUT as STUDY  # noqa: E402
 
 from ssod_zoo.app import train as train_mod  # noqa: E402
 from ssod_zoo.app.evaluate import evaluate  # noqa: E402
@@ -46,7 +46,6 @@ PAIRINGS = (('val', 'val'), ('test', 'val'), ('val', 'test'), ('test', 'test')) 
 
 
 def measure(run: str, ce_run: str) -> dict:
-    from study import CACHE
     ssod, _ = load_checkpoint(CACHE / 'runs' / run / 'last.pt')
     ce, _ = load_checkpoint(CACHE / 'runs' / ce_run / 'last.pt')
     tf = train_mod._transforms(ssod, train_mod.TrainConfig(img_size=96, crop_pct=1.0))[1]

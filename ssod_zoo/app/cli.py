@@ -57,15 +57,23 @@ def main(argv: Optional[List[str]] = None) -> None:
         warnings.formatwarning = formatwarning
 
 
+def range_error(value, accepts: Callable[[float], bool], what: str) -> Optional[str]:
+    """Why ``value`` is refused ('must be a finite number', 'must be >= 1'), or None: the check shared by the flags
+    (:func:`bounded`) and API callers (``ssod_zoo.app.train.train``). 'inf' and 'nan' parse as floats, and inf
+    passes a bare '>= 0'."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return 'must be a finite number'
+    return None if accepts(value) else f'must be {what}'
+
+
 def bounded(kind: type, accepts: Callable[[float], bool], what: str) -> Callable[[str], float]:
     """An argparse ``type``: ``kind(text)``, refused at parsing ("argument --gamma: must be in (0.5, 1], got 1.5")
     unless ``accepts`` it, so that a bad value costs one line before any work, not a traceback after it."""
     def convert(text: str):
         value = kind(text)
-        if isinstance(value, float) and not math.isfinite(value):  # 'inf' and 'nan' parse as floats
-            raise argparse.ArgumentTypeError(f'must be a finite number, got {text}')
-        if not accepts(value):
-            raise argparse.ArgumentTypeError(f'must be {what}, got {text}')
+        error = range_error(value, accepts, what)
+        if error:
+            raise argparse.ArgumentTypeError(f'{error}, got {text}')
         return value
     convert.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
     return convert

@@ -176,8 +176,9 @@ def _by_class(targets: torch.Tensor, classes: Sequence[int]) -> List[int]:
 
 def fashion_mnist(root: Path, download: bool = False, cache: Optional[Path] = None) -> ProtocolData:
     cache = cache or default_cache() / 'fashion-mnist'
-    train = _mnist_split('FashionMNIST', root, cache, download, _get_fmnist(), True)
-    test = _mnist_split('FashionMNIST', root, cache, download, _get_fmnist(), False)
+    remedy = _get_fmnist()
+    train = _mnist_split('FashionMNIST', root, cache, download, remedy, True)
+    test = _mnist_split('FashionMNIST', root, cache, download, remedy, False)
     id_map = {c: i for i, c in enumerate(FMNIST_ID)}
     classes = [FMNIST_CLASSES[c] for c in FMNIST_ID]
     # validation: the first FMNIST_VAL_PER_CLASS training images of each class (ID and held-out), never trained on

@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import wrap
-from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded
+from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded, range_error
 from .evaluate import collect, ssod_report
 from ..hub import CHECKPOINT_FORMAT
 from ..loss import BALANCE_SCHEMES, OOD_RULES, PATCH_MEANS, SSODLoss, SSODLossParts
@@ -261,11 +261,9 @@ def _use_deterministic_kernels() -> None:
 def train(cfg: TrainConfig) -> dict:
     # ---------------------------------------------------------------------------------------------- setup
     for name, (accepts, what) in RANGES.items():
-        value = getattr(cfg, name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise TrainError(f'--{name.replace("_", "-")} must be a finite number, got {value}')
-        if not accepts(getattr(cfg, name)):
-            raise TrainError(f'--{name.replace("_", "-")} must be {what}, got {getattr(cfg, name)}')
+        error = range_error(getattr(cfg, name), accepts, what)
+        if error:
+            raise TrainError(f'--{name.replace("_", "-")} {error}, got {getattr(cfg, name)}')
     if cfg.ce_only and cfg.exposure:  # the exposure trains on the OOD patches of the SSOD objective, never on here
         raise TrainError(f'--exposure {cfg.exposure:g} acts with the OOD loss, which --ce-only never switches on: '
                          'drop one of them (a cross-entropy model with Outlier Exposure is not a recipe here)')
@@ -989,7 +987,8 @@ def _warn_starved_sampler(train_log: dict, cfg: TrainConfig, num_classes: int, f
 
 def _summary(record: dict) -> str:
     v, train = record['val'], record['train']
-    # an epoch resumed after its last step trained nothing here: no loss to report, its sums were not saved
+    # an epoch resumed after its last step from a checkpoint without its loss sums (written before they were
+    # saved, or with other loss parts) trained nothing here: no loss to report
     line = f'epoch {record["epoch"]}: ' + (f'loss {train["loss"]:.3f}' if 'loss' in train else
                                            'resumed after its last step')
     if 'id_accuracy' in v:
