@@ -132,9 +132,9 @@ def _check(result: dict) -> str:
     if not result['run'].startswith('lrdecay-e16-') or not record.exists():
         return 'no study record of this run to check against'
     ood = json.loads(record.read_text())['ood']
-    bad = [(side, s, v['fpr95'], 100 * ood[s][STUDY_NAME[side]]['fpr95'])
+    bad = [(side, s, v['fpr95'], ood[s][STUDY_NAME[side]]['fpr95'])  # both in percent
            for side, m in result['models'].items() for s, v in m['image']['top3_maxlogit'].items()
-           if s != 'average' and abs(v['fpr95'] - 100 * ood[s][STUDY_NAME[side]]['fpr95']) > 1e-6]
+           if s != 'average' and abs(v['fpr95'] - ood[s][STUDY_NAME[side]]['fpr95']) > 1e-6]
     if bad:
         raise RuntimeError(f'the recomputed 3 best positions differ from the study record {record}: {bad}')
     return f'top3_maxlogit equals {record.relative_to(RESULTS.parent.parent)} on every set, both models'
