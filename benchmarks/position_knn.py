@@ -29,6 +29,16 @@ Prediction, written and committed before any of these readouts was computed on a
 3. SSOD's paired gain over its twin on the best KNN variant is under 1.0 point: the sampler, not SSOD's features,
    is what these readouts use.
 
+Outcome (fifteenth session, after the run; ``results/position_knn/summary.md``): part 1 held, parts 2 and 3 failed.
+No variant meets the rule: the best, ``knn_k50``, reads 25.93 against the 3 best positions' 22.67 and is worse in
+every seed. The KNN readouts are worse on ``textures`` (22.1 and 29.1 against 16.4), not better; on ``near`` k = 1
+is 1.0 better and k = 50 1.4 worse. SSOD's paired gain is +2.57 on ``knn_k50`` and +8.67 / +14.72 on the contrasts:
+the sampled ID patches and the sampled background lie far further apart in the SSOD model's features than in the
+twin's, so SSOD's features, not only its sampler, carry these readouts. ``contrast_k50`` (26.85) is the best
+readout of the OOD head's own task yet, 8 points better than the trained head read out the same way
+(``probe_ood_head.py``: 35.0 on the same seeds), and still 4.2 behind the classifier's MaxLogit; it fails on
+``near`` (74.7 against 67.7), where a held-out object lies as far from the background as a known one.
+
 Adoption rule, fixed with the prediction: a variant replaces the chosen readout only if its 3-seed mean validation
 average FPR95 (near, textures, domain, fmnist) on the SSOD model is at least 2.0 points below the 3 best positions'
 and lower in each of the 3 seeds. Then, and only then, the test table is computed once, for that variant, on the
@@ -149,8 +159,8 @@ def verdict(results: List[dict]) -> List[str]:
         gain = sum(a - b for a, b in zip(ref, v)) / len(v)
         every = all(b < a for a, b in zip(ref, v))
         ok = len(results) >= 3 and gain >= 2.0 and every
-        lines.append(f'- `{name}`: {gain:+.2f} against the 3 best positions, lower in '
-                     f'{sum(b < a for a, b in zip(ref, v))} of {len(v)} seeds: '
+        lines.append(f'- `{name}`: {sum(v) / len(v):.2f} against the 3 best positions\' {sum(ref) / len(ref):.2f} '
+                     f'(3-seed means), lower in {sum(b < a for a, b in zip(ref, v))} of {len(v)} seeds: '
                      + ('**meets the adoption rule**' if ok else 'does not meet the adoption rule'))
     return lines
 
