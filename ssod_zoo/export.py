@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .adapter import SSODModel
+from .app.cli import AT_LEAST_1, bounded
 
 __all__ = ['export_onnx', 'main', 'INPUT_NAME', 'OUTPUT_NAMES']
 
@@ -166,6 +167,7 @@ def export_onnx(
     was_training = model.training  # before the wrapper's eval(), which reaches the model too
     ref = next(model.parameters())
     example = torch.randn(int(batch_size), *size, device=ref.device, dtype=ref.dtype)
+    model._check_input(example)  # a size the network cannot take fails here with its reason, not deep in the exporter
     dynamic_shapes = {INPUT_NAME: {0: torch.export.Dim('batch')}} if dynamic_batch else None
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > _EXTERNAL_DATA_BYTES
 
@@ -286,6 +288,14 @@ def _build_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int
     if not isinstance(model, SSODModel):
         raise SystemExit(f'error: {spec} is not an SSOD model; use one of {", ".join(timm.list_models("ssod_*"))} '
                          'or wrap your own with ssod_zoo.wrap() and call ssod_zoo.export.export_onnx()')
+    if checkpoint is None:
+        print(f'note: {spec} has fresh, untrained weights; give a training checkpoint, a hub folder, --checkpoint '
+              f'FILE or --pretrained with a tag ({", ".join(timm.list_pretrained("ssod_*")) or "none published"}) '
+              'to export trained ones', file=sys.stderr)
+    elif (Path(checkpoint).parent / 'config.json').is_file():
+        print(f'note: {checkpoint} lies in a hub folder; `ssod export {Path(checkpoint).parent}` also takes the input '
+              'size, preprocessing and threshold it was saved with (here: the architecture\'s defaults, or '
+              '--input-size)', file=sys.stderr)
     return model
 
 
@@ -310,22 +320,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--pretrained', action='store_true',
                    help='load the published SSOD weights of MODEL (e.g. ssod_resnet50.<tag>; see '
                         'timm.list_pretrained("ssod_*"))')
-    p.add_argument('--input-size', nargs=3, type=int, default=None, metavar=('C', 'H', 'W'),
+    p.add_argument('--input-size', nargs=3, type=bounded(int, *AT_LEAST_1), default=None, metavar=('C', 'H', 'W'),
                    help="input size fixed in the graph (default: the model's pretrained_cfg input_size)")
-    p.add_argument('--num-classes', type=int, default=None,
+    p.add_argument('--num-classes', type=bounded(int, *AT_LEAST_1), default=None,
                    help='class count (default: read from --checkpoint, else the model default)')
-    p.add_argument('--batch-size', type=int, default=1, help='batch size of the example input (default: 1)')
+    p.add_argument('--batch-size', type=bounded(int, *AT_LEAST_1), default=1, help='batch size of the example input (default: 1)')
     p.add_argument('--static-batch', action='store_true', help='fix the batch axis to --batch-size')
-    p.add_argument('--opset', type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument('--opset', type=bounded(int, *AT_LEAST_1), default=None, help="ONNX opset (default: the exporter's)")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``ssod export``: parse ``argv`` (default ``sys.argv[1:]``), write the ONNX file, print where it went."""
-    args = _parser().parse_args(argv)
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.pretrained and args.checkpoint:
+        p.error('--pretrained loads published weights and --checkpoint loads a file: give one of them')
     model = _build_model(args.model, args.checkpoint, args.num_classes, args.pretrained)
-    path = export_onnx(model, args.out, input_size=args.input_size, batch_size=args.batch_size,
-                       opset=args.opset, dynamic_batch=not args.static_batch)
+    try:
+        path = export_onnx(model, args.out, input_size=args.input_size, batch_size=args.batch_size,
+                           opset=args.opset, dynamic_batch=not args.static_batch)
+    except ValueError as e:  # an input size the model cannot take
+        raise SystemExit(f'error: {e}') from e
     size = _resolve_input_size(model, args.input_size)
     batch = str(args.batch_size) if args.static_batch else 'batch'
     print(f'wrote {path}: {INPUT_NAME} ({batch}, {", ".join(map(str, size))}) -> '

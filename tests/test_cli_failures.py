@@ -139,6 +139,12 @@ def test_a_tag_without_its_weights_has_their_architecture_but_not_their_threshol
     ('train', ['--exposure', 'inf'], 'argument --exposure: must be a finite number, got inf'),
     ('train', ['--alpha', 'nan'], 'argument --alpha: must be a finite number, got nan'),
     ('demo', ['--retrain', '--lr', 'inf'], 'argument --lr: must be a finite number, got inf'),
+    ('export', ['ssod_test_resnet', '--out', 'x.onnx', '--batch-size', '0'], 'argument --batch-size: must be >= 1'),
+    ('export', ['ssod_test_resnet', '--out', 'x.onnx', '--input-size', '3', '0', '96'],
+     'argument --input-size: must be >= 1, got 0'),
+    ('export', ['ssod_test_resnet', '--out', 'x.onnx', '--pretrained', '--checkpoint', 'c.pt'],
+     '--pretrained loads published weights and --checkpoint loads a file: give one of them'),
+    ('predict', ['m', 'x.png', '--out', 'p.txt'], '--out p.txt: name a .csv or .jsonl file'),
 ])
 def test_out_of_range_values_stop_at_parsing_in_one_line(command, argv, message, capsys):
     """Before any model loads or feature is extracted (a bad --knn-k used to fail after scoring every set)."""
@@ -229,3 +235,127 @@ def test_release_without_its_run_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()  # about the run, checked before the data is looked for
     assert err == [f'ssod release: error: {tmp_path / "no-run"} has no best.pt or last.pt; give the --out-dir of a '
                    'finished `ssod train` run'], err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
+@pytest.mark.parametrize('command, argv', [
+    ('eval', ['--model', 'm', '--val-dir', '.', '--ood-dirs', '.']),
+    ('predict', ['m', 'x.png']),
+])
+def test_device_cuda_without_cuda_stops_at_parsing(command, argv, capsys):
+    from ssod_zoo.app import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, *argv, '--device', 'cuda'])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f'ssod {command}: error: argument --device: cuda: torch sees no CUDA device on this machine; '
+                       'use --device cpu'), err
+
+
+@pytest.mark.parametrize('size, message', [
+    (['3', '8', '8'], 'total stride of 32, so a 8x8 input leaves no feature-map position of its own; use at least '
+                      '32x32'),
+    (['1', '96', '96'], 'input_size (1, 96, 96) has 1 channels but the model takes 3'),
+])
+def test_export_refuses_an_input_size_the_model_cannot_take_before_exporting(tmp_path, capsys, size, message):
+    pytest.importorskip('onnx')
+    from ssod_zoo import export
+
+    with pytest.raises(SystemExit) as e:
+        export.main(['ssod_test_resnet', '--out', str(tmp_path / 'x.onnx'), '--input-size', *size])
+    assert str(e.value) == f'error: {message}' if size[0] == '1' else message in str(e.value)
+    assert not (tmp_path / 'x.onnx').exists()
+    # a bare architecture name exports fresh weights: said once, with what to give instead
+    assert 'ssod_test_resnet has fresh, untrained weights' in capsys.readouterr().err
+
+
+class _Labelled:
+    num_classes = 3
+    pretrained_cfg = {'label_names': ('cat', 'dog', 'emu')}
+
+
+@pytest.mark.parametrize('folders, outcome', [
+    (['cat', 'dog', 'emu'], None),
+    (['0_cat', '1_dog', '2_emu'], 'warning'),
+    (['cat', 'dog'], 'needs one sub-folder per class of the model (its classes, in order: cat, dog, emu)'),
+])
+def test_eval_checks_the_class_folders_against_the_models_labels(folders, outcome, capsys):
+    import argparse
+
+    from ssod_zoo.app.evaluate import _check_class_folders
+
+    parser = argparse.ArgumentParser(prog='ssod eval')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        if outcome not in (None, 'warning'):
+            with pytest.raises(SystemExit):
+                _check_class_folders(parser, '--model m', _Labelled(), folders, 'val', None)
+            assert outcome in capsys.readouterr().err
+        else:
+            _check_class_folders(parser, '--model m', _Labelled(), folders, 'val', None)
+    messages = [str(w.message) for w in caught]
+    assert messages == ([] if outcome != 'warning' else [
+        'the class folders of val (0_cat, 1_dog, 2_emu) are not the label names of --model m (its classes, in '
+        'order: cat, dog, emu); ID accuracy and the per-class fits take folder i, in sorted order, as class i'])
+    # the same names in another order than the model's: folder i would be scored as the wrong class
+    other = type('Other', (_Labelled,), {'pretrained_cfg': {'label_names': ('dog', 'cat', 'emu')}})()
+    with pytest.raises(SystemExit):
+        _check_class_folders(parser, '--model m', other, ['cat', 'dog', 'emu'], 'val', None)
+    assert 'rename the folders so that they sort in the model\'s order' in capsys.readouterr().err
+
+
+def test_eval_limit_caps_folder_sets_too(tmp_path):
+    """--limit used to act with --protocol only, and on folders scored everything without a word."""
+    import json
+
+    from PIL import Image
+
+    from ssod_zoo import save_pretrained
+    from ssod_zoo.app import evaluate
+
+    for folder, n in (('val/a', 4), ('val/b', 4), ('ood', 6)):
+        (tmp_path / folder).mkdir(parents=True)
+        for i in range(n):
+            Image.new('RGB', (64, 64), (40 * i, 20, 200)).save(tmp_path / folder / f'{i}.png')
+    save_pretrained(timm.create_model('ssod_test_resnet', num_classes=2, pretrained_cfg_overlay={
+        'input_size': (3, 64, 64)}), tmp_path / 'hub', ood_threshold=0.5, class_names=['a', 'b'])
+    evaluate.main(['--model', f'local-dir:{tmp_path / "hub"}', '--val-dir', str(tmp_path / 'val'), '--ood-dirs',
+                   str(tmp_path / 'ood'), '--limit', '3', '--no-plots', '--bootstrap', '0', '--workers', '0',
+                   '--out', str(tmp_path / 'out')])
+    rates = json.loads((tmp_path / 'out' / 'results.json').read_text())['accept_rates']
+    assert {k: v['n'] for k, v in rates.items()} == {'id': 3, 'ood': 3}, rates
+
+
+def test_predict_creates_the_output_folder_and_warns_on_an_empty_pattern(tmp_path, capsys):
+    from PIL import Image
+
+    from ssod_zoo.app import predict
+
+    Image.new('RGB', (96, 96), (200, 30, 30)).save(tmp_path / 'a.png')
+    out = tmp_path / 'new' / 'deeper' / 'p.csv'
+    with pytest.warns(UserWarning, match=r"'nomatch/\*.jpg' matches no image files"):
+        predict.main(['ssod_test_resnet.synthetic', str(tmp_path / 'a.png'), 'nomatch/*.jpg', '--out', str(out),
+                      '--workers', '0'])
+    assert out.read_text().splitlines()[0].startswith('path,label,class')
+
+
+def test_save_on_a_hub_folder_says_it_is_one(tmp_path, capsys):
+    from ssod_zoo import save_pretrained
+    from ssod_zoo.app import publish
+
+    save_pretrained(timm.create_model('ssod_test_resnet', num_classes=2), tmp_path / 'hub')
+    with pytest.raises(SystemExit) as e:
+        publish.main(['save', str(tmp_path / 'hub'), str(tmp_path / 'out')])
+    assert e.value.code == 2
+    assert 'is already a hub-ready folder; load it with timm.create_model("local-dir:' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_one_line_drops_the_module_path_a_worker_puts_before_the_error():
+    from ssod_zoo.app.images import ImageError, one_line
+
+    wrapped = ImageError('Caught ImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call '
+                         'last):\n  File "x.py", line 1\nssod_zoo.app.images.ImageError: cannot read image v/b.png: '
+                         'UnidentifiedImageError: nope')
+    assert one_line(wrapped) == 'cannot read image v/b.png: UnidentifiedImageError: nope'

@@ -243,7 +243,8 @@ def test_bad_input_gets_a_clear_error(x, error, match, method):
 
 
 def test_pretrained_without_weights_says_what_to_do():
-    with pytest.raises(RuntimeError, match='has no SSOD weights'):
+    with pytest.raises(RuntimeError, match=r'ssod_resnet50 has no SSOD weights; none are published for '
+                                           r'ssod_resnet50 \(timm.list_pretrained.*--init resnet50.<tag>'):
         timm.create_model('ssod_resnet50', pretrained=True)
 
 

@@ -79,6 +79,19 @@ def bounded(kind: type, accepts: Callable[[float], bool], what: str) -> Callable
     return convert
 
 
+def device(text: str) -> str:
+    """An argparse ``type`` for ``--device``: the name of a torch device this machine has (kept as text, as the
+    commands record their arguments in JSON), refused at parsing otherwise."""
+    import torch
+    try:
+        dev = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f'{e}; e.g. cpu, cuda or cuda:1') from e
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f'{text}: torch sees no CUDA device on this machine; use --device cpu')
+    return text
+
+
 AT_LEAST_1 = (lambda v: v >= 1, '>= 1')
 AT_LEAST_0 = (lambda v: v >= 0, '>= 0')
 POSITIVE = (lambda v: v > 0, '> 0')

@@ -33,7 +33,7 @@ from ..metrics import accuracy, ood_metrics
 from .protocols import PROTOCOLS, DataMissing, Transformed, add_fpr95_openood, fpr95_markdown, limited, load_protocol, \
     skipped_markdown
 from ..output import posterior_score, spatial_maxlogit_score, spatial_posterior_score
-from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded
+from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded, device as device_arg
 from .images import ImageError, ImageFiles, class_folder, one_line
 from .report import deployment_report, fit_detectors, write_scores_csv
 
@@ -259,6 +259,25 @@ def _bar(loader, desc: Optional[str]):
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
+def _check_class_folders(p: argparse.ArgumentParser, which: str, model, classes: List[str],
+                         val_dir: Optional[str], protocol: Optional[str]) -> None:
+    """Stop when the ID set cannot be the model's classes; warn when its folder names are not the model's labels.
+    ImageFolder numbers the class folders in sorted order, and ID accuracy takes folder i for the model's class i."""
+    names = [str(c) for c in (model.pretrained_cfg.get('label_names') or ())]
+    expected = f' (its classes, in order: {", ".join(names)})' if names else ''
+    if model.num_classes != len(classes):
+        p.error(f'{which} has {model.num_classes} classes, {val_dir or protocol} has {len(classes)}: the ID set needs '
+                f'one sub-folder per class of the model{expected}, each holding that class\'s images')
+    if val_dir is None or not names or names == list(classes):
+        return
+    if sorted(names) == sorted(classes):
+        p.error(f'{val_dir} has the model\'s class folders, but ImageFolder numbers them in sorted order '
+                f'({", ".join(classes)}) and the model\'s classes are in another{expected}; rename the folders so '
+                'that they sort in the model\'s order, e.g. with a 00_, 01_, ... prefix')
+    warnings.warn(f'the class folders of {val_dir} ({", ".join(classes)}) are not the label names of {which}'
+                  f'{expected}; ID accuracy and the per-class fits take folder i, in sorted order, as class i')
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     import timm
     p = argparse.ArgumentParser(prog='ssod eval', description=__doc__,
@@ -273,7 +292,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument('--download', action='store_true', help='with --protocol: fetch what torchvision can download')
     p.add_argument('--openood-root', help="OpenOOD v1.5's data/ folder: --protocol on OpenOOD's image lists")
     p.add_argument('--limit', type=bounded(int, *AT_LEAST_0), default=0,
-                   help='with --protocol: at most this many images per test set')
+                   help='at most this many images per test set (the ID set and each OOD set), drawn at random with '
+                        'seed 0; 0 = all')
     p.add_argument('--fit-dir', help='ID training images to fit KNN, Mahalanobis, ViM and ReAct on')
     p.add_argument('--fit-limit', type=bounded(int, *AT_LEAST_0), default=0,
                    help='use at most this many fit images, the same number from each class (0 = all)')
@@ -283,7 +303,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument('--crop-pct', type=bounded(float, *POSITIVE), default=None)
     p.add_argument('--batch-size', type=bounded(int, *AT_LEAST_1), default=64)
     p.add_argument('--workers', type=bounded(int, *AT_LEAST_0), default=2)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', type=device_arg, default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--no-plots', action='store_true')
     p.add_argument('--knn-k', type=bounded(int, *AT_LEAST_1), default=50,
                    help='KNN neighbour; capped below the smallest fit class, with a warning (default: %(default)s)')
@@ -305,16 +325,19 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if not Path(d).is_dir():
             p.error(f'{d} is not a directory')
 
-    def fail(e: BaseException):
-        print(f'ssod eval: error: {one_line(e)}', file=sys.stderr)
+    def fail(e: BaseException, hint: str = ''):
+        print(f'ssod eval: error: {one_line(e)}{hint}', file=sys.stderr)
         raise SystemExit(2)
+
+    unreadable = ('; fix or remove that file (ssod eval scores every image it finds; ssod predict skips unreadable '
+                  'ones)')
 
     t0 = time.time()
     device = torch.device(args.device)
     try:
         model = load_model(args.model).to(device).eval()
         baseline = load_model(args.baseline_model).to(device).eval() if args.baseline_model else None
-    except (WeightsError, FileNotFoundError) as e:
+    except (WeightsError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: no weights for a tag, no CUDA
         fail(e)
     trained = tuple(model.pretrained_cfg.get('input_size') or ())
     if args.img_size and trained and trained[-1] != args.img_size and model.ood_threshold is not None:
@@ -335,16 +358,18 @@ def main(argv: Optional[List[str]] = None) -> dict:
     try:
         val = loader(protocol.test if protocol else args.val_dir, labelled=True)
     except ImageError as e:
-        fail(e)
+        fail(e, unreadable)
     for flag, m in (('--model', model), ('--baseline-model', baseline)):
-        if m is not None and m.num_classes != len(val.dataset.classes):
-            p.error(f'{flag} {getattr(args, flag[2:].replace("-", "_"))} has {m.num_classes} classes, '
-                    f'{args.val_dir or args.protocol} has {len(val.dataset.classes)}')
+        if m is not None:
+            _check_class_folders(p, f'{flag} {getattr(args, flag[2:].replace("-", "_"))}', m, val.dataset.classes,
+                                 None if protocol else args.val_dir, args.protocol)
     try:
-        oods = {Path(d).name: loader(d) for d in args.ood_dirs}
+        oods = {Path(d).name: loader(d, args.limit) for d in args.ood_dirs}
         fit = loader(args.fit_dir, args.fit_limit, labelled=True, per_class=True) if args.fit_dir else None
     except ImageError as e:
-        fail(e)
+        fail(e, unreadable)
+    if args.limit and not protocol:  # after the class check, which needs the whole ImageFolder
+        val = loader(args.val_dir, args.limit, labelled=True)
     if protocol:
         val = loader(protocol.test, args.limit) if args.limit else val
         oods = {k: loader(v, args.limit) for k, v in protocol.ood.items()}
@@ -353,7 +378,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     try:
         results = add_fpr95_openood(evaluate(model, val, oods, baseline, fit, device, knn_k=args.knn_k))
     except ImageError as e:  # a corrupt file, read in a DataLoader worker
-        fail(e)
+        fail(e, unreadable)
     out = Path(args.out)
     # what a deployment decides with: sample counts, accept rates at the model's own threshold, intervals
     deployment, deployment_keys = deployment_report(results['scores'], results['ood'], model.ood_threshold,

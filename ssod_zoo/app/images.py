@@ -5,6 +5,7 @@ or the ``<set>/<dummy class>/`` layout ImageFolder needs), with target -1. Both 
 :func:`read_image`, which turns a corrupt file into :class:`ImageError` naming it, and :func:`one_line` gets that
 line back out of a DataLoader worker's wrapped traceback.
 """
+import re
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -75,7 +76,9 @@ def one_line(error: BaseException) -> str:
     if not lines:
         return type(error).__name__
     last = lines[-1]
-    for prefix in (f'{type(error).__name__}: ', 'ImageError: '):
-        if len(lines) > 1 and last.startswith(prefix):
-            return last[len(prefix):]
+    # the worker's re-raised line names the error class, with its module path when it is not a builtin
+    for name in (type(error).__name__, 'ImageError'):
+        match = re.match(rf'(?:[\w.]+\.)?{name}: ', last)
+        if len(lines) > 1 and match:
+            return last[match.end():]
     return last if len(lines) > 1 and 'Traceback' in str(error) else lines[0]

@@ -31,6 +31,7 @@ import csv
 import glob
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -38,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..output import robust_posterior
-from .cli import AT_LEAST_0, AT_LEAST_1, bounded
+from .cli import AT_LEAST_0, AT_LEAST_1, bounded, device as device_arg
 from .images import IMAGE_EXTENSIONS, list_images
 
 __all__ = ['find_images', 'predict', 'main', 'IMAGE_EXTENSIONS', 'COLUMNS']
@@ -69,6 +70,8 @@ def find_images(inputs: Sequence[str]) -> List[Path]:
                              if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
             if not matches and not glob.has_magic(item):
                 raise PredictError(f'{item}: no such file or folder')
+            if not matches:
+                warnings.warn(f'{item!r} matches no image files ({", ".join(IMAGE_EXTENSIONS)})', stacklevel=2)
         found.update(dict.fromkeys(matches))
     if not found:
         raise PredictError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) found in {" ".join(inputs)}')
@@ -184,9 +187,14 @@ def _label_names(model: torch.nn.Module) -> List[str]:
 class _Writer:
     """CSV (default, also to stdout) or JSON lines, chosen by the file's suffix."""
 
+    JSONL = ('.jsonl', '.json', '.ndjson')
+    SUFFIXES = ('.csv', *JSONL)
+
     def __init__(self, out: Optional[str]):
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
         self.file = open(out, 'w', newline='') if out else sys.stdout
-        self.jsonl = bool(out) and Path(out).suffix.lower() in ('.jsonl', '.json', '.ndjson')
+        self.jsonl = bool(out) and Path(out).suffix.lower() in self.JSONL
         if not self.jsonl:
             self.csv = csv.DictWriter(self.file, fieldnames=COLUMNS, extrasaction='ignore')
             self.csv.writeheader()
@@ -220,11 +228,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
                    help='images per forward pass (default: %(default)s)')
     p.add_argument('--workers', type=bounded(int, *AT_LEAST_0), default=0,
                    help='image-loading processes (default: %(default)s)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+    p.add_argument('--device', type=device_arg, default='cuda' if torch.cuda.is_available() else 'cpu',
                    help='cpu, cuda, cuda:1, ... (default: %(default)s)')
     p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None,
                    help='progress bar on stderr (default: only on a terminal)')
     args = p.parse_args(argv)
+    if args.out and Path(args.out).suffix.lower() not in _Writer.SUFFIXES:
+        p.error(f'--out {args.out}: name a .csv or .jsonl file (or omit --out for CSV on stdout)')
 
     from ..hub import WeightsError, load_model
 

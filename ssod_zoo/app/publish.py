@@ -15,10 +15,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``ssod save <checkpoint> <dir>`` and ``ssod push <checkpoint> <repo_id>``."""
     parser = argparse.ArgumentParser(prog='ssod', description='Publish SSOD weights from a training checkpoint.')
     sub = parser.add_subparsers(dest='command', required=True)
-    save = sub.add_parser('save', help='write a hub-ready folder (config.json, model.safetensors, README.md)')
+    about = {'save': 'write a hub-ready folder (config.json, model.safetensors, README.md) from a training checkpoint',
+             'push': 'upload a training checkpoint, as that folder, to a Hugging Face Hub model repo'}
+    save = sub.add_parser('save', help=about['save'], description=about['save'])
     save.add_argument('checkpoint', type=Path, help='training checkpoint (ssod_zoo.train/1)')
     save.add_argument('save_dir', type=Path, help='folder to write')
-    push = sub.add_parser('push', help='upload that folder to a Hugging Face Hub model repo')
+    push = sub.add_parser('push', help=about['push'], description=about['push'])
     push.add_argument('checkpoint', type=Path, help='training checkpoint (ssod_zoo.train/1)')
     push.add_argument('repo_id', help='<org>/<name>; created if missing')
     push.add_argument('--revision', help='branch to commit to (default: main)')
@@ -30,6 +32,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        help="rejection threshold to publish instead of the checkpoint's calibrated one")
         p.add_argument('--no-card', action='store_true', help='do not write README.md')
     args = parser.parse_args(argv)
+    if (args.checkpoint / 'config.json').is_file():
+        parser.exit(2, f'ssod {args.command}: error: {args.checkpoint} is already a hub-ready folder; load it with '
+                       f'timm.create_model("local-dir:{args.checkpoint}", pretrained=True), or upload it as it is '
+                       f'(`hf upload REPO_ID {args.checkpoint}`). ssod {args.command} takes a training checkpoint '
+                       '(runs/NAME/last.pt or best.pt)\n')
 
     try:
         model, ckpt = load_checkpoint(args.checkpoint)
