@@ -117,8 +117,8 @@ def measure(run: str, ce_run: str, which: str) -> dict:
         scored = {}
         for name, ds in sets.items():
             d = collect(m, loader(ds))
-            scored[name] = {r: readouts(s)['top3'] for r, s in position_scores(d['pre'], d['cls'], id_knn,
-                                                                                  ood_knn).items()}
+            per_position = position_scores(d['pre'], d['cls'], id_knn, ood_knn)
+            scored[name] = {r: readouts(s)['top3'] for r, s in per_position.items()}
         image: dict = {}
         for r in READOUTS:
             row = {name: {mm: 100 * float(v) for mm, v in ood_metrics(scored['id'][r], scored[name][r]).items()

@@ -324,9 +324,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="input size fixed in the graph (default: the model's pretrained_cfg input_size)")
     p.add_argument('--num-classes', type=bounded(int, *AT_LEAST_1), default=None,
                    help='class count (default: read from --checkpoint, else the model default)')
-    p.add_argument('--batch-size', type=bounded(int, *AT_LEAST_1), default=1, help='batch size of the example input (default: 1)')
+    p.add_argument('--batch-size', type=bounded(int, *AT_LEAST_1), default=1,
+                   help='batch size of the example input (default: 1)')
     p.add_argument('--static-batch', action='store_true', help='fix the batch axis to --batch-size')
-    p.add_argument('--opset', type=bounded(int, *AT_LEAST_1), default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument('--opset', type=bounded(int, *AT_LEAST_1), default=None,
+                   help="ONNX opset (default: the exporter's)")
     return p
 
 

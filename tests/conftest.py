@@ -1,6 +1,9 @@
 """Suite-wide options and fixtures: tests marked ``slow`` are skipped, and listed as skipped, unless ``--runslow``
 is given; ``small_bench`` is one tiny synthetic benchmark shared by the files that only need some images."""
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +29,24 @@ def small_bench(tmp_path_factory):
     from ssod_zoo.app.synthetic import BenchmarkConfig, SyntheticBenchmark
     config = BenchmarkConfig(num_classes=3, image_size=64, train_per_class=8, val_per_class=4, ood_per_set=6)
     return SyntheticBenchmark(tmp_path_factory.mktemp('small_bench'), config).prepare(workers=1, progress=False).root
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
+
+
+@pytest.fixture
+def benchmark_script(monkeypatch):
+    """``benchmark_script('real_ood')``: a script of ``benchmarks/`` imported as a module, with that folder on the
+    path for the siblings it imports (``study``, ``probe_ood_head``, ...), which are dropped again afterwards."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    before = set(sys.modules)
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f'{name}.py')
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    yield load
+    for name in set(sys.modules) - before:
+        if Path(getattr(sys.modules[name], '__file__', None) or '').parent == BENCHMARKS:
+            sys.modules.pop(name)

@@ -1,24 +1,15 @@
 """The fused readouts of benchmarks/fused_readout.py, against the model's own outputs, and the runs it picks."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def fused(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
-    spec = importlib.util.spec_from_file_location('fused_readout', ROOT / 'benchmarks' / 'fused_readout.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def fused(benchmark_script, tmp_path, monkeypatch):
+    module = benchmark_script('fused_readout')
     monkeypatch.setattr(module, 'CACHE', tmp_path / 'cache')
-    yield module
-    sys.modules.pop('study', None)
+    return module
 
 
 def test_the_readouts_are_their_parts_summed(fused):

@@ -1,26 +1,15 @@
 """benchmarks/position_knn.py: the per-position scores, the adoption rule and the check against the study's records."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from ssod_zoo.scores import KNN
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def pknn(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
-    spec = importlib.util.spec_from_file_location('position_knn', ROOT / 'benchmarks' / 'position_knn.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    for name in ('study', 'probe_ood_head'):
-        sys.modules.pop(name, None)
+def pknn(benchmark_script):
+    return benchmark_script('position_knn')
 
 
 def test_scores_are_knn_per_position_and_the_contrast_is_their_difference(pknn):
@@ -44,8 +33,8 @@ def test_scores_are_knn_per_position_and_the_contrast_is_their_difference(pknn):
 
 
 def _result(run, ref, variant):
-    image = {name: {'average': {'fpr95': ref if name == 'top3_maxlogit' else variant}} for name in ('top3_maxlogit',
-                                                                                                  'knn_k1')}
+    image = {name: {'average': {'fpr95': ref if name == 'top3_maxlogit' else variant}}
+             for name in ('top3_maxlogit', 'knn_k1')}
     return {'run': run, 'models': {'ssod': {'image': image}}}
 
 

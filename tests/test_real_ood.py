@@ -1,24 +1,15 @@
 """benchmarks/real_ood.py's real-image OOD sets: GIMP's pattern format, the crops, what a missing package says."""
-import importlib.util
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def real(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
-    spec = importlib.util.spec_from_file_location('real_ood', ROOT / 'benchmarks' / 'real_ood.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop('study', None)
+def real(benchmark_script):
+    return benchmark_script('real_ood')
 
 
 def write_pattern(path: Path, img: Image.Image, name: bytes = b'test pattern') -> None:
