@@ -21,10 +21,12 @@ What is guaranteed for SSOD models (every ``ssod_*`` entrypoint goes through ``r
   a repo / revision / file that does not exist, a truncated or corrupted safetensors file, a checkpoint for
   another architecture, for another class count, or without an OOD head (a plain timm classifier).
 
-Not covered: for ``hf-hub:`` names timm downloads ``config.json`` before any ssod_zoo code runs, so if that
-first request fails the error is huggingface_hub's own (``LocalEntryNotFoundError`` "...check your connection",
-chained to ``OfflineModeIsEnabled`` "...unset HF_HUB_OFFLINE"; ``RepositoryNotFoundError``;
-``RevisionNotFoundError``). Everything after that, including the weights download, is checked here.
+For ``hf-hub:`` names timm downloads ``config.json`` before any ssod_zoo code runs: ``hub.load_model`` (and so
+every ``ssod`` command) turns that request's "not cached and unreachable" into the same :class:`WeightsError`;
+``timm.create_model`` called directly gives huggingface_hub's own errors there (``LocalEntryNotFoundError``
+"...check your connection", chained to ``OfflineModeIsEnabled`` "...unset HF_HUB_OFFLINE";
+``RepositoryNotFoundError``; ``RevisionNotFoundError``). Everything after that, including the weights download,
+is checked here.
 
 Shipped weights
     ``weights/`` at the repository root holds ``manifest.json`` and one hub folder ``<arch>.<tag>/`` per
@@ -128,16 +130,7 @@ def _download(repo: str, filename: str, cache_dir: Optional[Union[str, Path]]) -
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
                                     library_name='ssod_zoo'))
     except LocalEntryNotFoundError as e:
-        offline = hf_constants.is_offline_mode()
-        cache = cache_dir or hf_constants.HF_HUB_CACHE
-        why = ('offline mode is on (HF_HUB_OFFLINE=1)' if offline else
-               'the Hub cannot be reached (no network, proxy, or HF_ENDPOINT down)')
-        raise WeightsError(
-            f'{at}: {filename} is not in the Hugging Face cache ({cache}) and {why}. Remedy: '
-            f'{"unset HF_HUB_OFFLINE and " if offline else ""}download it once with network access '
-            f'(`hf download {repo_id}{" --revision " + revision if revision else ""}`), copy a cache that holds it '
-            f'and point HF_HUB_CACHE at it, or load a saved folder with timm.create_model("local-dir:<folder>", '
-            'pretrained=True)') from e
+        raise not_cached(repo, filename, cache_dir) from e
     except GatedRepoError as e:
         raise WeightsError(f'{at} is gated: accept its terms on the Hub and log in (`hf auth login`)') from e
     except RepositoryNotFoundError as e:
@@ -155,6 +148,22 @@ def _download(repo: str, filename: str, cache_dir: Optional[Union[str, Path]]) -
     except (HfHubHTTPError, OfflineModeIsEnabled) as e:
         raise WeightsError(f'{at}: the Hub request for {filename} failed ({e}). Retry later, check the network '
                            'and HF_ENDPOINT, or load a saved folder with "local-dir:<folder>"') from e
+
+
+def not_cached(repo: str, filename: str, cache_dir: Optional[Union[str, Path]] = None) -> WeightsError:
+    """The error for a Hub file that is neither cached nor reachable, with what to do."""
+    repo_id, revision = hf_split(repo)
+    at = f'{repo_id}@{revision}' if revision else repo_id
+    offline = hf_constants.is_offline_mode()
+    cache = cache_dir or hf_constants.HF_HUB_CACHE
+    why = ('offline mode is on (HF_HUB_OFFLINE=1)' if offline else
+           'the Hub cannot be reached (no network, proxy, or HF_ENDPOINT down)')
+    return WeightsError(
+        f'{at}: {filename} is not in the Hugging Face cache ({cache}) and {why}. Remedy: '
+        f'{"unset HF_HUB_OFFLINE and " if offline else ""}download it once with network access '
+        f'(`hf download {repo_id}{" --revision " + revision if revision else ""}`), copy a cache that holds it '
+        f'and point HF_HUB_CACHE at it, or load a saved folder with timm.create_model("local-dir:<folder>", '
+        'pretrained=True)')
 
 
 def _check_safetensors(path: Path, what: str, remedy: str) -> None:

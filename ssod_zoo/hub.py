@@ -40,6 +40,7 @@ import safetensors.torch
 import timm
 import torch
 from huggingface_hub import HfApi
+from huggingface_hub.errors import LocalEntryNotFoundError
 from timm.models._hub import save_config_for_hf
 from torch import nn
 
@@ -48,7 +49,7 @@ from . import _card
 from ._pretrained import (  # noqa: F401
     CONFIG_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MAX_SHIPPED_BYTES, WEIGHTS_NAME, WeightsError, _check_state_dict,
     _clear_errors, _manifest_cfgs, _prepare_pretrained, _repo_model_args, _sha256, _shipped_model_args,
-    _state_dict_mismatch, _weights_dir)
+    _state_dict_mismatch, _weights_dir, not_cached)
 from .adapter import SSODModel, check_threshold, wrap
 
 __all__ = ['WeightsError', 'calibrate_threshold', 'load_checkpoint', 'load_model', 'push_folder', 'push_to_hub',
@@ -347,7 +348,12 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
     elif not (spec.startswith(('hf-hub:', 'local-dir:')) or timm.is_model(spec.split('.')[0])):
         raise WeightsError(f'{spec!r} is neither a file, a folder, an hf-hub:/local-dir: spec nor a registered model; '
                            f'SSOD models: {", ".join(timm.list_models("ssod_*"))}')
-    model = timm.create_model(spec, pretrained=True, **kwargs)
+    try:
+        model = timm.create_model(spec, pretrained=True, **kwargs)
+    except LocalEntryNotFoundError as e:  # timm fetches an hf-hub: repo's config.json before ssod_zoo's code runs
+        if not spec.startswith('hf-hub:'):
+            raise
+        raise not_cached(spec[len('hf-hub:'):], 'config.json', kwargs.get('cache_dir')) from e
     if not isinstance(model, SSODModel):
         model = wrap(model)
     labels = model.pretrained_cfg.get('label_names')

@@ -488,6 +488,11 @@ def test_hf_hub_name_offline_and_not_cached_fails_in_timm_with_huggingface_hubs_
     with pytest.raises(huggingface_hub.errors.LocalEntryNotFoundError) as e:
         timm.create_model('hf-hub:ssod-org/absent', pretrained=True)
     assert 'HF_HUB_OFFLINE' in str(e.value.__cause__)
+    # through load_model, as every ssod command loads, it is the same error as for the weights, with the remedy
+    with pytest.raises(WeightsError, match=r'ssod-org/absent@v2: config.json is not in the Hugging Face cache .*'
+                                           r'offline mode is on \(HF_HUB_OFFLINE=1\).*hf download ssod-org/absent '
+                                           r'--revision v2'):
+        hub.load_model('hf-hub:ssod-org/absent@v2')
 
 
 def test_config_cached_but_weights_not(hf_home, saved):
