@@ -358,7 +358,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     try:
         val = loader(protocol.test if protocol else args.val_dir, labelled=True)
     except ImageError as e:
-        fail(e, unreadable)
+        fail(e)
     for flag, m in (('--model', model), ('--baseline-model', baseline)):
         if m is not None:
             _check_class_folders(p, f'{flag} {getattr(args, flag[2:].replace("-", "_"))}', m, val.dataset.classes,
@@ -367,7 +367,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         oods = {Path(d).name: loader(d, args.limit) for d in args.ood_dirs}
         fit = loader(args.fit_dir, args.fit_limit, labelled=True, per_class=True) if args.fit_dir else None
     except ImageError as e:
-        fail(e, unreadable)
+        fail(e)
     if args.limit and not protocol:  # after the class check, which needs the whole ImageFolder
         val = loader(args.val_dir, args.limit, labelled=True)
     if protocol:
