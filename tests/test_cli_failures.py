@@ -359,3 +359,22 @@ def test_one_line_drops_the_module_path_a_worker_puts_before_the_error():
                          'last):\n  File "x.py", line 1\nssod_zoo.app.images.ImageError: cannot read image v/b.png: '
                          'UnidentifiedImageError: nope')
     assert one_line(wrapped) == 'cannot read image v/b.png: UnidentifiedImageError: nope'
+
+
+def test_a_folder_scan_names_the_files_it_does_not_read(tmp_path):
+    """A .gif or .txt among the images used to be skipped without a word (hidden files stay unmentioned)."""
+    from PIL import Image
+
+    from ssod_zoo.app.images import ImageFiles
+    from ssod_zoo.app.predict import find_images
+
+    Image.new('RGB', (8, 8)).save(tmp_path / 'a.png')
+    Image.new('RGB', (8, 8)).save(tmp_path / 'pal.gif')
+    (tmp_path / 'notes.txt').write_text('x')
+    (tmp_path / '.DS_Store').write_text('x')
+    for scan in (lambda: find_images([str(tmp_path)]), lambda: ImageFiles(tmp_path).paths):
+        with pytest.warns(UserWarning) as caught:
+            assert scan() == [tmp_path / 'a.png']
+        assert [str(w.message) for w in caught] == [
+            f'{tmp_path}: skipped 2 files without an image suffix (notes.txt, pal.gif); only these suffixes are '
+            'read: .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp']

@@ -6,6 +6,7 @@ or the ``<set>/<dummy class>/`` layout ImageFolder needs), with target -1. Both 
 line back out of a DataLoader worker's wrapped traceback.
 """
 import re
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -30,9 +31,19 @@ def read_image(path):
         raise ImageError(f'cannot read image {path}: {type(e).__name__}: {e}') from None
 
 
-def list_images(folder) -> List[Path]:
-    """Every image file under ``folder`` (recursively), sorted."""
-    return sorted(p for p in Path(folder).rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def list_images(folder, warn_skipped: bool = False) -> List[Path]:
+    """Every image file under ``folder`` (recursively), sorted: files with an :data:`IMAGE_EXTENSIONS` suffix, as
+    torchvision's ImageFolder takes them. ``warn_skipped``: one warning naming the other files (hidden ones aside),
+    which a user may have expected to be read."""
+    files = [p for p in Path(folder).rglob('*') if p.is_file()]
+    images = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if warn_skipped:
+        other = sorted(p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS and not p.name.startswith('.'))
+        if other:
+            examples = ', '.join(p.name for p in other[:3]) + (', ...' if len(other) > 3 else '')
+            warnings.warn(f'{folder}: skipped {len(other)} file{"s" * (len(other) > 1)} without an image suffix '
+                          f'({examples}); only these suffixes are read: {", ".join(IMAGE_EXTENSIONS)}', stacklevel=2)
+    return images
 
 
 class ImageFiles(Dataset):
@@ -45,7 +56,7 @@ class ImageFiles(Dataset):
     def __init__(self, folder, transform: Optional[Callable] = None, loader: Callable = read_image):
         if not Path(folder).is_dir():
             raise ImageError(f'{folder} is not a directory')
-        self.paths = list_images(folder)
+        self.paths = list_images(folder, warn_skipped=True)
         if not self.paths:
             raise ImageError(f'{folder} holds no images ({", ".join(IMAGE_EXTENSIONS)})')
         self.transform, self.loader = transform, loader

@@ -64,7 +64,7 @@ def find_images(inputs: Sequence[str]) -> List[Path]:
         if path.is_file():
             matches = [path]
         elif path.is_dir():
-            matches = list_images(path)
+            matches = list_images(path, warn_skipped=True)
         else:
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True)
                              if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
