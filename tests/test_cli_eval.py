@@ -64,6 +64,15 @@ def test_corrupt_image_is_one_line_naming_the_file(data, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'broken.png' in err[0] and 'Traceback' not in err[0]
+    assert err[0].endswith('; fix or remove that file (ssod eval scores every image it finds; ssod predict skips '
+                           'unreadable ones)'), err
+    # a missing folder is not an unreadable file: no such hint there
+    (bad / 'broken.png').unlink()
+    with pytest.raises(SystemExit):
+        evaluate.main(['--model', str(data['ckpt']), '--val-dir', str(data['val']), '--ood-dirs', str(bad),
+                       '--fit-dir', str(bad), '--out', str(tmp_path / 'out'), '--no-plots'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'fix or remove' not in err[0], err
 
 
 def test_a_baseline_with_other_classes_is_refused(data, tmp_path, capsys):

@@ -255,7 +255,7 @@ def test_device_cuda_without_cuda_stops_at_parsing(command, argv, capsys):
 
 @pytest.mark.parametrize('size, message', [
     (['3', '8', '8'], 'total stride of 32, so a 8x8 input leaves no feature-map position of its own; use at least '
-                      '32x32'),
+                      '32x32'),  # checked as 'SSODResNet has a <message> (the model is configured for 160x160)'
     (['1', '96', '96'], 'input_size (1, 96, 96) has 1 channels but the model takes 3'),
 ])
 def test_export_refuses_an_input_size_the_model_cannot_take_before_exporting(tmp_path, capsys, size, message):
@@ -264,7 +264,9 @@ def test_export_refuses_an_input_size_the_model_cannot_take_before_exporting(tmp
 
     with pytest.raises(SystemExit) as e:
         export.main(['ssod_test_resnet', '--out', str(tmp_path / 'x.onnx'), '--input-size', *size])
-    assert str(e.value) == f'error: {message}' if size[0] == '1' else message in str(e.value)
+    # exactly export's own check: the same error raised inside torch.export would come wrapped in its report
+    assert str(e.value) == (f'error: {message}' if size[0] == '1' else f'error: SSODResNet has a {message} (the model '
+                                                                       'is configured for 160x160)')
     assert not (tmp_path / 'x.onnx').exists()
     # a bare architecture name exports fresh weights: said once, with what to give instead
     assert 'ssod_test_resnet has fresh, untrained weights' in capsys.readouterr().err
@@ -298,33 +300,60 @@ def test_eval_checks_the_class_folders_against_the_models_labels(folders, outcom
     assert messages == ([] if outcome != 'warning' else [
         'the class folders of val (0_cat, 1_dog, 2_emu) are not the label names of --model m (its classes, in '
         'order: cat, dog, emu); ID accuracy and the per-class fits take folder i, in sorted order, as class i'])
-    # the same names in another order than the model's: folder i would be scored as the wrong class
-    other = type('Other', (_Labelled,), {'pretrained_cfg': {'label_names': ('dog', 'cat', 'emu')}})()
-    with pytest.raises(SystemExit):
-        _check_class_folders(parser, '--model m', other, ['cat', 'dog', 'emu'], 'val', None)
-    assert 'rename the folders so that they sort in the model\'s order' in capsys.readouterr().err
 
 
-def test_eval_limit_caps_folder_sets_too(tmp_path):
-    """--limit used to act with --protocol only, and on folders scored everything without a word."""
-    import json
-
+@pytest.fixture
+def two_class_folders(tmp_path):
+    """ID folders a/ and b/, an OOD folder, and a 2-class hub model saved with class_names ['a', 'b']."""
     from PIL import Image
 
     from ssod_zoo import save_pretrained
-    from ssod_zoo.app import evaluate
 
     for folder, n in (('val/a', 4), ('val/b', 4), ('ood', 6)):
         (tmp_path / folder).mkdir(parents=True)
         for i in range(n):
             Image.new('RGB', (64, 64), (40 * i, 20, 200)).save(tmp_path / folder / f'{i}.png')
-    save_pretrained(timm.create_model('ssod_test_resnet', num_classes=2, pretrained_cfg_overlay={
-        'input_size': (3, 64, 64)}), tmp_path / 'hub', ood_threshold=0.5, class_names=['a', 'b'])
-    evaluate.main(['--model', f'local-dir:{tmp_path / "hub"}', '--val-dir', str(tmp_path / 'val'), '--ood-dirs',
-                   str(tmp_path / 'ood'), '--limit', '3', '--no-plots', '--bootstrap', '0', '--workers', '0',
-                   '--out', str(tmp_path / 'out')])
+    model = timm.create_model('ssod_test_resnet', num_classes=2, pretrained_cfg_overlay={'input_size': (3, 64, 64)})
+    save_pretrained(model, tmp_path / 'hub', ood_threshold=0.5, class_names=['a', 'b'])
+    save_pretrained(model, tmp_path / 'hub_ba', ood_threshold=0.5, class_names=['b', 'a'])
+
+    def run(hub='hub', *extra):
+        from ssod_zoo.app import evaluate
+        return evaluate.main(['--model', f'local-dir:{tmp_path / hub}', '--val-dir', str(tmp_path / 'val'),
+                              '--ood-dirs', str(tmp_path / 'ood'), '--no-plots', '--bootstrap', '0', '--workers', '0',
+                              '--out', str(tmp_path / 'out'), *extra])
+    return run
+
+
+def test_eval_limit_caps_folder_sets_too(two_class_folders, tmp_path):
+    """--limit used to act with --protocol only, and on folders scored everything without a word."""
+    import json
+
+    two_class_folders('hub', '--limit', '3')
     rates = json.loads((tmp_path / 'out' / 'results.json').read_text())['accept_rates']
     assert {k: v['n'] for k, v in rates.items()} == {'id': 3, 'ood': 3}, rates
+
+
+def test_eval_checks_its_class_folders_end_to_end(two_class_folders, tmp_path, capsys):
+    # the same names in another order than the model's: folder i would be scored as the wrong class
+    with pytest.raises(SystemExit) as e:
+        two_class_folders('hub_ba')
+    assert e.value.code == 2
+    assert "rename the folders so that they sort in the model's order" in capsys.readouterr().err
+    # other names: scored, with a warning
+    (tmp_path / 'val' / 'a').rename(tmp_path / 'val' / '0_a')
+    with pytest.warns(UserWarning, match=r'the class folders of .*val \(0_a, b\) are not the label names'):
+        two_class_folders('hub')
+
+
+def test_eval_of_a_tag_without_default_weights_is_one_line(tmp_path, capsys):
+    from ssod_zoo.app import evaluate
+
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(['--model', 'ssod_test_resnet', '--val-dir', str(tmp_path), '--ood-dirs', str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('ssod eval: error: ssod_test_resnet has no default SSOD weights'), err
 
 
 def test_predict_creates_the_output_folder_and_warns_on_an_empty_pattern(tmp_path, capsys):

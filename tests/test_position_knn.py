@@ -42,6 +42,8 @@ def _result(run, ref, variant):
     ((20.0, 19.0, 18.0), True),  # 2.33 below the reference's 22.0 on average and lower in every seed
     ((20.5, 20.0, 19.9), False),  # lower in every seed, but 1.87 below on average
     ((15.0, 15.0, 22.5), False),  # 4.83 below on average, but higher in one seed
+    ((20.0, 20.0, 20.0), True),  # exactly 2.0 below: the rule says "at least"
+    ((15.0, 15.0, 22.0), False),  # 4.67 below on average, but level with the reference in one seed: not lower
 ])
 def test_the_adoption_rule(pknn, monkeypatch, variants, meets):
     monkeypatch.setattr(pknn, 'READOUTS', ('top3_maxlogit', 'knn_k1'))

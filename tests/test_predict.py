@@ -108,6 +108,9 @@ def test_uncalibrated_model_without_threshold_is_one_line(tmp_path, capsys):
     assert len(rows) == 5 and all(r['label'] == ('unknown' if r['ood_factor'] < 0.3 else r['class']) for r in rows)
     cli.main(['predict', str(ckpt), str(images), '--rule', 'posterior', '--out', str(out)])
     assert len(out.read_text().splitlines()) == 5
+    for suffix in ('.json', '.ndjson'):  # JSON lines under either name too
+        cli.main(['predict', str(ckpt), str(images), '--threshold', '0.3', '--out', str(out.with_suffix(suffix))])
+        assert [json.loads(line) for line in out.with_suffix(suffix).read_text().splitlines()] == rows
 
 
 def test_missing_input_is_one_line(calibrated, tmp_path, capsys):
