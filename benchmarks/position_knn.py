@@ -42,14 +42,14 @@ readout of the OOD head's own task yet, 8 points better than the trained head re
 Adoption rule, fixed with the prediction: a variant replaces the chosen readout only if its 3-seed mean validation
 average FPR95 (near, textures, domain, fmnist) on the SSOD model is at least 2.0 points below the 3 best positions'
 and lower in each of the 3 seeds. Then, and only then, the test table is computed once, for that variant, on the
-headline's seeds 0-4, with ``--sets test``; otherwise no test number is computed.
+headline's seeds 0-4 (a test mode added for it then); otherwise no test number is computed. None was adopted,
+so this script reads the validation sets only.
 
 Usage::
 
     python benchmarks/position_knn.py                       # seeds 0-2 of lrdecay-e16 and their twins, validation
     python benchmarks/position_knn.py --runs lrdecay-e16-s0 --ce-runs ce-batch_size64-epochs16-lr0.0005-lr_step4-s0
 """
-import argparse
 import json
 import sys
 import time
@@ -60,9 +60,9 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment, mean_sd, save_figure  # noqa: E402
+from _common import RESULTS, mean_sd, save_figure  # noqa: E402
 from probe_ood_head import collect, readouts  # noqa: E402
-from study import CACHE, OUT as STUDY, benchmarks, eval_sets  # noqa: E402
+from study import CACHE, OUT as STUDY, benchmarks, eval_sets, run_pairs  # noqa: E402
 
 from ssod_zoo.app import train as train_mod  # noqa: E402
 from ssod_zoo.hub import load_checkpoint  # noqa: E402
@@ -93,15 +93,15 @@ def position_scores(pre: torch.Tensor, cls: torch.Tensor, id_knn: Dict[int, KNN]
     return out
 
 
-def measure(run: str, ce_run: str, which: str) -> dict:
+def measure(run: str, ce_run: str) -> dict:
     benches = benchmarks()
     model, ckpt = load_checkpoint(CACHE / 'runs' / run / 'last.pt')
     cfg = ckpt['config']
     tf = train_mod._transforms(model, train_mod.TrainConfig(img_size=cfg['img_size'], crop_pct=1.0))[1]
     loader = lambda ds: DataLoader(ds, batch_size=128, num_workers=2)  # noqa: E731
     train = benches['test'].train_dataset(tf)  # the split both models were trained on
-    sets = eval_sets(benches, which, tf)
-    result: dict = {'run': run, 'ce_run': ce_run, 'sets': which, 'gamma': cfg['gamma'], 'models': {}}
+    sets = eval_sets(benches, 'val', tf)
+    result: dict = {'run': run, 'ce_run': ce_run, 'sets': 'val', 'gamma': cfg['gamma'], 'models': {}}
     for side, m in (('ssod', model), ('ce', load_checkpoint(CACHE / 'runs' / ce_run / 'last.pt')[0])):
         t0 = time.time()
         m.eval()
@@ -127,18 +127,14 @@ def measure(run: str, ce_run: str, which: str) -> dict:
             image[r] = row
         result['models'][side] = {'image': image, 'bank_id': len(banks[ID_INDEX]), 'bank_ood': len(banks[OOD_INDEX]),
                                   'positions': n * p, 'seconds': round(time.time() - t0, 1)}
-        print(f'[position_knn] {run if side == "ssod" else ce_run}: average FPR95 ' +
-              ', '.join(f'{r} {image[r]["average"]["fpr95"]:.2f}' for r in READOUTS), flush=True)
     result['reference_check'] = _check(result)
-    result['environment'] = environment()
     return result
 
 
 def _check(result: dict) -> str:
-    """The recomputed 3 best positions against the study's record of the same run on the same sets."""
-    grid = 'test' if result['sets'] == 'test' else 'alpha'
+    """The recomputed 3 best positions against the study's record of the same run on the validation sets."""
     seed = result['run'].rsplit('-s', 1)[1]
-    record = STUDY / grid / f'lrdecay-e16-s{seed}.json'
+    record = STUDY / 'alpha' / f'lrdecay-e16-s{seed}.json'
     if not result['run'].startswith('lrdecay-e16-') or not record.exists():
         return 'no study record of this run to check against'
     ood = json.loads(record.read_text())['ood']
@@ -165,13 +161,16 @@ def verdict(results: List[dict]) -> List[str]:
     return lines
 
 
-def write_markdown(results: List[dict], path: Path, figure: str) -> None:
+def write(results: List[dict], path: Path) -> None:
+    """The summary table at ``path`` and its plot beside it (``summary.md``, ``summary.png``)."""
+    figure = path.with_suffix('.png')
+    plot(results, figure)
     sets = [s for s in results[0]['models']['ssod']['image']['top3_maxlogit'] if s != 'average']
     lines = ['# Per-position KNN to the sampler\'s patches', '',
              'Written by `python benchmarks/position_knn.py` (see its docstring: the readouts, the prediction and the '
-             f'adoption rule). Sets: {results[0]["sets"]}. FPR95 (%), mean ± sd over the runs '
+             'adoption rule). Validation sets. FPR95 (%), mean ± sd over the runs '
              f'({", ".join(r["run"] for r in results)}; CE twins {", ".join(r["ce_run"] for r in results)}).', '',
-             f'![FPR95 per set and readout]({figure})', '',
+             f'![FPR95 per set and readout]({figure.name})', '',
              '| model | readout | ' + ' | '.join(sets) + ' | average | per run |',
              '|---|---|' + '---:|' * (len(sets) + 2)]
     for side in ('ssod', 'ce'):
@@ -185,8 +184,7 @@ def write_markdown(results: List[dict], path: Path, figure: str) -> None:
         g = [r['models']['ce']['image'][name]['average']['fpr95'] - r['models']['ssod']['image'][name]['average'][
             'fpr95'] for r in results]
         lines.append(f'- `{name}`: {sum(g) / len(g):+.2f} (' + ' / '.join(f'{x:+.2f}' for x in g) + ')')
-    if results[0]['sets'] == 'val':
-        lines += ['', '## The adoption rule (SSOD model, validation)', '', *verdict(results)]
+    lines += ['', '## The adoption rule (SSOD model, validation)', '', *verdict(results)]
     lines += ['', '## Banks and checks', '']
     for r in results:
         lines.append(f'- `{r["run"]}`: ' + '; '.join(
@@ -210,37 +208,20 @@ def plot(results: List[dict], path: Path) -> None:
                label=f'{name} ({"SSOD" if side == "ssod" else "CE twin"})')
     ax.set_xticks(range(len(sets)), sets)
     ax.set_ylabel('FPR95 (%), lower is better')
-    ax.set_title(f'Mean of the 3 best positions, per-position score ({len(results)} runs, {results[0]["sets"]} sets)',
+    ax.set_title(f'Mean of the 3 best positions, per-position score ({len(results)} runs, validation sets)',
                  fontsize=9)
     ax.legend(fontsize=6.5, ncol=2, loc='upper right')
     save_figure(fig, path)
 
 
+def _describe(record: dict) -> str:
+    return '; '.join(f'{side}: ' + ', '.join(f'{r} {m["image"][r]["average"]["fpr95"]:.2f}' for r in READOUTS)
+                     for side, m in record['models'].items())
+
+
 def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--runs', nargs='+', default=RUNS, help='SSOD runs under the study cache')
-    p.add_argument('--ce-runs', nargs='+', default=CE_RUNS, help='their CE twins, in the same order')
-    p.add_argument('--sets', choices=['val', 'test'], default='val',
-                   help='test only for a variant that met the adoption rule on validation (see the docstring)')
-    args = p.parse_args(argv)
-    if len(args.runs) != len(args.ce_runs):
-        p.error(f'--runs and --ce-runs pair up: got {len(args.runs)} and {len(args.ce_runs)}')
-    torch.set_num_threads(2)
-    OUT.mkdir(parents=True, exist_ok=True)
-    results = []
-    for run, ce_run in zip(args.runs, args.ce_runs):
-        file = OUT / f'{run}-{args.sets}.json'
-        if file.exists():
-            print(f'[position_knn] {file.name}: done, skipped', flush=True)
-            results.append(json.loads(file.read_text()))
-            continue
-        results.append(measure(run, ce_run, args.sets))
-        file.write_text(json.dumps(results[-1], indent=1))
-    name, figure = ('summary', 'position_knn.png') if args.sets == 'val' else ('summary_test', 'position_knn_test.png')
-    write_markdown(results, OUT / f'{name}.md', figure)
-    plot(results, OUT / figure)
-    print(f'[position_knn] wrote {OUT / name}.md', flush=True)
+    run_pairs(argv or ['--runs', *RUNS, '--ce-runs', *CE_RUNS], __doc__, OUT, measure, write, _describe)
 
 
 if __name__ == '__main__':
-    main()
+    main(sys.argv[1:])
