@@ -272,6 +272,13 @@ SEEDS_TEST = [0, 1, 2]
 # Outcome: all three held. Five-seed margin 7.17 (per seed 8.43 / 8.83 / 4.60 / 6.27 / 7.70; 95% t-interval 5.0 to
 # 9.3); SSOD minus twin +0.10 (-2.0 to 2.2); Eq. 15 63.33 and 59.70, the worst SSOD readout, against ODIN's 40.30
 # and 40.67.
+# Sixteenth session, before the test grid of r18-224-scratch (the rule's choice since the eighth session) ran on
+# a lent H200 (`bash benchmarks/gpu_session.sh OUT test`, seeds 0-2). Its validation average counts Fashion-MNIST,
+# which read 0 for every detector at 224 px, so the 3 synthetic sets alone would read about 4/3 of it (SSOD 30,
+# ODIN 37); lrdecay-e16 read 11 points worse on the test sets than on validation. Prediction: (1) the 3-seed mean
+# margin of the 3 best positions over the best of the 8 on the CE twin is below the goal's 10; (2) that readout is
+# lower on the SSOD model than on its twin in at least 2 of 3 seeds, most on `near`; (3) Eq. 15 trails the best
+# of the 8 in every seed; (4) ID accuracy of the two models within 1 point on average.
 
 
 # ------------------------------------------------------------------------------------------------------- data
