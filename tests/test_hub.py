@@ -655,6 +655,33 @@ def test_cli_save(tmp_path, model, images, capsys):
     assert {r.metric_type for r in card.data.eval_results} == {'accuracy', 'fpr95', 'auroc', 'aupr_in', 'aupr_out'}
 
 
+def test_cli_save_refuses_to_replace_weights_unless_asked(tmp_path, model, images, capsys):
+    ckpt = make_checkpoint(tmp_path / 'last.pt', model)
+    other = make_checkpoint(tmp_path / 'other.pt', timm.create_model('ssod_test_resnet', num_classes=3))
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'notes.txt').write_text('mine')  # a folder with other files is no hub folder yet: written into
+    publish.main(['save', str(ckpt), str(out)])
+    capsys.readouterr()
+    before = (out / 'model.safetensors').read_bytes()
+    with pytest.raises(SystemExit) as e:
+        publish.main(['save', str(other), str(out)])
+    assert e.value.code == 2
+    assert f'{out} already holds config.json and model.safetensors; pass --overwrite' in capsys.readouterr().err
+    assert (out / 'model.safetensors').read_bytes() == before
+    (out / 'config.json').unlink()  # either file is enough to refuse
+    with pytest.raises(SystemExit):
+        publish.main(['save', str(other), str(out)])
+    assert f'{out} already holds model.safetensors; pass' in capsys.readouterr().err
+    publish.main(['save', str(other), str(out), '--overwrite', '--no-card'])
+    assert 'README.md is left as it was and may describe the weights it replaced' in capsys.readouterr().err
+    assert (out / 'model.safetensors').read_bytes() != before
+    assert (out / 'notes.txt').read_text() == 'mine'
+    publish.main(['save', str(ckpt), str(out), '--overwrite'])  # with a card: no warning, the first model back
+    assert 'warning' not in capsys.readouterr().err
+    assert_same_model(timm.create_model(f'local-dir:{out}', pretrained=True), model, images)
+
+
 def test_cli_push(hf_home, tmp_path, model, images, monkeypatch, capsys):
     from ssod_zoo.app.cli import main as ssod
     apis = []

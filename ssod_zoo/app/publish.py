@@ -20,6 +20,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     save = sub.add_parser('save', help=about['save'], description=about['save'])
     save.add_argument('checkpoint', type=Path, help='training checkpoint (ssod_zoo.train/1)')
     save.add_argument('save_dir', type=Path, help='folder to write')
+    save.add_argument('--overwrite', action='store_true', help='replace the weights of a hub folder already there')
     push = sub.add_parser('push', help=about['push'], description=about['push'])
     push.add_argument('checkpoint', type=Path, help='training checkpoint (ssod_zoo.train/1)')
     push.add_argument('repo_id', help='<org>/<name>; created if missing')
@@ -37,6 +38,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        f'timm.create_model("local-dir:{args.checkpoint}", pretrained=True), or upload it as it is '
                        f'(`hf upload REPO_ID {args.checkpoint}`). ssod {args.command} takes a training checkpoint '
                        '(runs/NAME/last.pt or best.pt)\n')
+    written = [f for f in ('config.json', 'model.safetensors') if args.command == 'save' and
+               (args.save_dir / f).exists()]
+    if written and not args.overwrite:
+        parser.exit(2, f'ssod save: error: {args.save_dir} already holds {" and ".join(written)}; pass --overwrite to '
+                       'replace them, or give a new folder\n')
 
     try:
         model, ckpt = load_checkpoint(args.checkpoint)
@@ -51,6 +57,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        class_names=ckpt.get('class_names'), ood_threshold=threshold, model_card=not args.no_card)
     if args.command == 'save':
         out = save_pretrained(model, args.save_dir, **save_kwargs)
+        if written and args.no_card and (out / 'README.md').exists():
+            print(f'ssod save: warning: {out / "README.md"} is left as it was and may describe the weights it '
+                  'replaced (--no-card)', file=sys.stderr)
         print(f'wrote {out} (load it with timm.create_model("local-dir:{out}", pretrained=True))')
     else:
         try:
