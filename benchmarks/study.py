@@ -494,14 +494,16 @@ def run(grid: str, names: List[str], seeds: List[int], which: str, rescore: bool
         train_only: Optional[str] = None) -> None:
     """Train (or resume) and evaluate every (config, seed) of a grid; finished runs are skipped. ``rescore``
     re-evaluates finished runs from their cached checkpoints (a readout added later), never retraining one.
-    ``train_only`` ('ssod' or 'ce') trains that side of each unfinished run and evaluates nothing."""
+    ``train_only`` ('ssod' or 'ce') trains that side of each run whose checkpoint is not in the cache, finished
+    runs included (their records are kept: on CPU the retrained checkpoint is the one they were scored on), and
+    evaluates nothing."""
     out_dir = OUT / grid
     out_dir.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         for name in names:
             result_file = out_dir / f'{name}-s{seed}.json'
             previous = json.loads(result_file.read_text()) if result_file.exists() else None
-            if previous and not rescore:
+            if previous and not rescore and not train_only:
                 print(f'[study] {result_file.name}: done, skipped', flush=True)
                 continue
             if rescore and not (previous and (CACHE / 'runs' / f'{name}-s{seed}' / 'last.pt').exists()):
@@ -866,7 +868,8 @@ def run_pairs(argv: Optional[List[str]], doc: str, out: Path, measure, write, de
     missing = [r for r in (*args.runs, *args.ce_runs) if not (CACHE / 'runs' / r / 'last.pt').exists()]
     if missing:
         p.error(f'no checkpoint of {", ".join(missing)} under {CACHE / "runs"} (the study cache, $SSOD_STUDY_CACHE): '
-                'train them first with benchmarks/study.py (the default runs: --grid test --config lrdecay-e16)')
+                'train them first with benchmarks/study.py --train ssod and --train ce (the default runs: --grid test '
+                '--config lrdecay-e16 --seeds 0 1 2 --train ssod, then the same with --train ce)')
     torch.set_num_threads(2)
     out.mkdir(parents=True, exist_ok=True)
     records = []
@@ -909,9 +912,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--configs', nargs='*', choices=list(CONFIGS), help='with --grid select: a subset of candidates')
     p.add_argument('--seeds', nargs='*', type=int, help='override the grid\'s seeds')
     p.add_argument('--train', choices=['ssod', 'ce'],
-                   help='with test, select or a side grid: only train that side of each unfinished run, evaluating '
-                   'nothing, so that one GPU trains an SSOD run and its CE twin side by side '
-                   '(benchmarks/gpu_session.sh); the same command without --train then evaluates them')
+                   help='with test, select or a side grid: only train that side of each run whose checkpoint is not '
+                   'in the cache (finished runs too, their records kept), evaluating nothing: so that one GPU trains '
+                   'an SSOD run and its CE twin side by side (benchmarks/gpu_session.sh), or to rebuild the cache '
+                   'that a diagnostic reads; the same command without --train then evaluates unfinished runs')
     p.add_argument('--summarise', action='store_true', help='only rewrite summary.md and study.png')
     p.add_argument('--rescore', action='store_true', help='re-evaluate the grid\'s finished runs from their cached '
                    'checkpoints (readouts added after they ran); trains nothing')

@@ -52,6 +52,24 @@ def test_train_only_trains_that_side(study, monkeypatch, side, name):
     assert {k: v for k, v in overrides.items() if k != 'ood_detach'} == ce_overrides
 
 
+def test_train_only_rebuilds_the_checkpoints_of_a_finished_run_and_keeps_its_record(study, monkeypatch):
+    """The diagnostics read checkpoints from the study cache, which a new machine lacks: ``--train`` is how they are
+    rebuilt for runs whose records exist, so it must not skip those runs as the evaluation does."""
+    calls = []
+    monkeypatch.setattr(study, 'train_run', lambda run, overrides, seed, bench, ce, gpu_only: calls.append((run, ce)))
+    monkeypatch.setattr(study, 'benchmarks', lambda classes: {'test': SimpleNamespace(), 'val': SimpleNamespace()})
+    record = study.OUT / 'test' / 'lrdecay-e16-s0.json'
+    record.parent.mkdir(parents=True)
+    record.write_text('{"kept": true}')
+    study.run('test', ['lrdecay-e16'], [0], 'test', train_only='ce')
+    assert calls == [(study.twin('lrdecay-e16')[1], True)]
+    assert json.loads(record.read_text()) == {'kept': True}
+    calls.clear()
+    monkeypatch.setattr(study, 'summarise', lambda: None)  # it would read the stand-in record
+    study.run('test', ['lrdecay-e16'], [0], 'test')  # evaluating still skips the finished run
+    assert calls == []
+
+
 def test_a_gpu_configuration_is_not_trained_on_a_cpu(study, monkeypatch):
     monkeypatch.setattr(study.torch.cuda, 'is_available', lambda: False)
     overrides, _, _ = study.twin('r18-224-scratch')
