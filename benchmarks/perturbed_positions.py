@@ -38,7 +38,6 @@ Usage::
     python benchmarks/perturbed_positions.py --runs lrdecay-e16-s0 \
         --ce-runs ce-batch_size64-epochs16-lr0.0005-lr_step4-s0
 """
-import json
 import sys
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, mean_sd, save_figure  # noqa: E402
-from study import CACHE, OUT as STUDY, benchmarks, eval_sets, run_pairs  # noqa: E402
+from study import CACHE, OUT as STUDY, benchmarks, check_against_record, eval_sets, run_pairs  # noqa: E402
 
 from ssod_zoo import spatial_maxlogit_score  # noqa: E402
 from ssod_zoo.app import train as train_mod  # noqa: E402
@@ -120,19 +119,8 @@ def measure(run: str, ce_run: str, which: str = 'val') -> dict:
 
 def _check(result: dict) -> str:
     """The recomputed references against the study's record of the same run on the same sets."""
-    seed = result['run'].rsplit('-s', 1)[1]
-    grid = 'alpha' if result['sets'] == 'val' else 'test'
-    record = STUDY / grid / f'lrdecay-e16-s{seed}.json'
-    if not result['run'].startswith('lrdecay-e16-') or not record.exists():
-        return 'no study record of this run to check against'
-    ood = json.loads(record.read_text())['ood']
-    bad = [(side, r, s, v['fpr95'], ood[s][method]['fpr95'])  # both in percent
-           for (side, r), method in STUDY_NAME.items()
-           for s, v in result['models'][side]['image'][r].items()
-           if s != 'average' and abs(v['fpr95'] - ood[s][method]['fpr95']) > 1e-6]
-    if bad:
-        raise RuntimeError(f'the recomputed references differ from the study record {record}: {bad}')
-    return (f'top3 (both models) and ODIN (CE) equal {record.relative_to(RESULTS.parent.parent)} on every set')
+    grid, seed = 'alpha' if result['sets'] == 'val' else 'test', result['run'].rsplit('-s', 1)[1]
+    return check_against_record(result, STUDY_NAME, STUDY / grid / f'lrdecay-e16-s{seed}.json')
 
 
 def best_step(results: List[dict]) -> tuple:

@@ -50,7 +50,6 @@ Usage::
     python benchmarks/position_knn.py                       # seeds 0-2 of lrdecay-e16 and their twins, validation
     python benchmarks/position_knn.py --runs lrdecay-e16-s0 --ce-runs ce-batch_size64-epochs16-lr0.0005-lr_step4-s0
 """
-import json
 import sys
 import time
 from pathlib import Path
@@ -62,7 +61,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, mean_sd, save_figure  # noqa: E402
 from probe_ood_head import collect, readouts  # noqa: E402
-from study import CACHE, OUT as STUDY, benchmarks, eval_sets, run_pairs  # noqa: E402
+from study import CACHE, OUT as STUDY, benchmarks, check_against_record, eval_sets, run_pairs  # noqa: E402
 
 from ssod_zoo.app import train as train_mod  # noqa: E402
 from ssod_zoo.hub import load_checkpoint  # noqa: E402
@@ -77,7 +76,7 @@ SEEDS = (0, 1, 2)
 RUNS = [f'lrdecay-e16-s{s}' for s in SEEDS]
 CE_RUNS = [f'ce-batch_size64-epochs16-lr0.0005-lr_step4-s{s}' for s in SEEDS]
 # where the study recorded the reference readout of these runs on each set
-STUDY_NAME = {'ssod': 'pos_top3_maxlogit', 'ce': 'ce_pos_top3_maxlogit'}
+STUDY_NAME = {('ssod', 'top3_maxlogit'): 'pos_top3_maxlogit', ('ce', 'top3_maxlogit'): 'ce_pos_top3_maxlogit'}
 
 
 def position_scores(pre: torch.Tensor, cls: torch.Tensor, id_knn: Dict[int, KNN], ood_knn: Dict[int, KNN]
@@ -134,16 +133,7 @@ def measure(run: str, ce_run: str) -> dict:
 def _check(result: dict) -> str:
     """The recomputed 3 best positions against the study's record of the same run on the validation sets."""
     seed = result['run'].rsplit('-s', 1)[1]
-    record = STUDY / 'alpha' / f'lrdecay-e16-s{seed}.json'
-    if not result['run'].startswith('lrdecay-e16-') or not record.exists():
-        return 'no study record of this run to check against'
-    ood = json.loads(record.read_text())['ood']
-    bad = [(side, s, v['fpr95'], ood[s][STUDY_NAME[side]]['fpr95'])  # both in percent
-           for side, m in result['models'].items() for s, v in m['image']['top3_maxlogit'].items()
-           if s != 'average' and abs(v['fpr95'] - ood[s][STUDY_NAME[side]]['fpr95']) > 1e-6]
-    if bad:
-        raise RuntimeError(f'the recomputed 3 best positions differ from the study record {record}: {bad}')
-    return f'top3_maxlogit equals {record.relative_to(RESULTS.parent.parent)} on every set, both models'
+    return check_against_record(result, STUDY_NAME, STUDY / 'alpha' / f'lrdecay-e16-s{seed}.json')
 
 
 def verdict(results: List[dict]) -> List[str]:

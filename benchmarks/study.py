@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment, mean_sd, save_figure  # noqa: E402
+from _common import RESULTS, cpu_model, environment, mean_sd, save_figure  # noqa: E402
 
 from ssod_zoo.adapter import ID_INDEX  # noqa: E402
 from ssod_zoo.app import train as train_mod  # noqa: E402
@@ -881,6 +881,33 @@ def run_pairs(argv: Optional[List[str]], doc: str, out: Path, measure, write, de
     write(records, out / args.summary)
     print(f'[{out.name}] wrote {out / args.summary}', flush=True)
     return records
+
+
+def check_against_record(result: dict, names: Dict[tuple, str], record: Path, tolerance: float = 2.0) -> str:
+    """A diagnostic's recomputed references against the study's record of the same run on the same sets.
+
+    ``result['models'][side]['image'][readout][set]['fpr95']`` is compared with the record's
+    ``ood[set][names[side, readout]]['fpr95']`` (both in percent). On the CPU model the record was made on (an AMD
+    EPYC for every CPU record) they agree to the last digit. On another CPU model oneDNN's kernels round differently,
+    so the checkpoints that ``--train`` rebuilds differ slightly and an image or two may cross the threshold: such
+    differences are reported in the returned line; one above ``tolerance`` points means another model or other sets,
+    and raises."""
+    if not record.exists() or not result['run'].startswith(json.loads(record.read_text())['name'] + '-s'):
+        return 'no study record of this run to check against'
+    recorded = json.loads(record.read_text())
+    diff = {(side, r, s): round(v['fpr95'] - recorded['ood'][s][method]['fpr95'], 6)
+            for (side, r), method in names.items()
+            for s, v in result['models'][side]['image'][r].items() if s != 'average'}
+    where = (f'the study record {record.parent.name}/{record.name} (made on {recorded["environment"]["cpu_model"]}, '
+             f'recomputed on {cpu_model()})')
+    if any(abs(d) > tolerance for d in diff.values()):
+        raise RuntimeError(f'the recomputed references differ from {where} by more than {tolerance} points: {diff}')
+    off = {k: d for k, d in diff.items() if d}
+    checked = ', '.join(f'{r} ({side})' for side, r in names)
+    if not off:
+        return f'{checked} equal {where} on every set'
+    return (f'{checked} against {where}: equal on {len(diff) - len(off)} of {len(diff)} sets, off by '
+            + ', '.join(f'{d:+.1f} ({side} {r}, {s})' for (side, r, s), d in off.items()))
 
 
 def choose() -> dict:
