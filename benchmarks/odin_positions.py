@@ -1,4 +1,4 @@
-"""ODIN's input step on the chosen readout: does it move the 3 best positions as it moves the pooled MSP?
+"""ODIN's two parts, the input step and the temperature, on the chosen readout: the 3 best positions.
 
 ODIN (Liang et al. 2018) is the best of the 8 pooled post-hoc baselines in every seed of the study. It has two parts:
 a temperature (T = 1000) on the softmax, and one signed-gradient step on the input that raises the score, which
@@ -27,7 +27,7 @@ Prediction, written and committed before any of these readouts was computed on a
 5. most of ODIN's lead over the pooled MSP on the CE twin comes from the temperature: ``odin_eps0`` is closer to
    ``odin`` than to MSP (MSP from the study's records).
 
-Outcome (seventeenth session, after the run; ``results/perturbed_positions/summary.md``): all five parts held. No
+Outcome (seventeenth session, after the run; ``results/odin_positions/summary.md``): all five parts held. No
 step helps: on both models every step size makes the readout worse in every seed, the more the larger the step
 (SSOD 22.77 unperturbed, 22.88 at 0.0005, 24.92 at 0.008; the twin 24.83 to 26.53). ``near`` moves by +0.1 at the
 smallest step and +2.2 at the largest. SSOD's paired gain stays +2.07 at the smallest step and falls to +1.60 at the
@@ -41,12 +41,31 @@ SSOD model replaces the unperturbed readout only if that mean is at least 2.0 po
 each of the 3 seeds. Then, and only then, ``--test`` scores it once on the test sets over the headline's seeds 0-4;
 otherwise it refuses and no test number is computed.
 
+**The temperature** (added in the same session, after the outcome above, which found ODIN's lead to be its
+temperature alone). With large T, max_i softmax(z / T)_i ranks images nearly as max_i z_i - mean_i z_i does, not as
+max_i z_i: it discounts logits that are high for every class, as on ``textures`` and ``domain``, where pooled ODIN
+leads pooled MaxLogit by 8-20 points in the study's records of these seeds (``near``: no lead). Readouts, fixed
+before any of their numbers existed:
+
+- ``top3_msp_T{T}`` for T in :data:`TEMPERATURES`: the mean over the 3 best positions of the per-position
+  max_i softmax(z(p) / T)_i, the positions chosen by that score (as ``top3`` chooses by MaxLogit); no input step.
+
+Prediction, committed before any of these readouts was computed on any run:
+
+6. no temperature meets the adoption rule (the same rule, over :data:`TEMPERATURES` instead of the step sizes);
+7. on the SSOD model T = 1000 lowers ``textures`` and ``domain`` below ``top3`` (3-seed means) and moves ``near`` by
+   less than 1.5 points either way;
+8. T = 1 (per-position MSP) is worse than ``top3`` on the SSOD model's average, as the pooled MSP is worse than the
+   pooled MaxLogit in the study's records of these seeds (48.7 against 41.0);
+9. SSOD's paired gain over its twin at the best temperature lies within 1 point of its gain on ``top3``.
+
 Usage::
 
-    python benchmarks/perturbed_positions.py         # seeds 0-2 of lrdecay-e16 and their twins, validation sets
-    python benchmarks/perturbed_positions.py --runs lrdecay-e16-s0 \
+    python benchmarks/odin_positions.py         # seeds 0-2 of lrdecay-e16 and their twins, validation sets
+    python benchmarks/odin_positions.py --runs lrdecay-e16-s0 \
         --ce-runs ce-batch_size64-epochs16-lr0.0005-lr_step4-s0
 """
+import json
 import sys
 import time
 from pathlib import Path
@@ -66,9 +85,13 @@ from ssod_zoo.hub import load_checkpoint  # noqa: E402
 from ssod_zoo.metrics import ood_metrics  # noqa: E402
 from ssod_zoo.scores import odin  # noqa: E402
 
-OUT = RESULTS / 'perturbed_positions'
+OUT = RESULTS / 'odin_positions'
 EPSILONS = (0.0005, 0.001, 0.002, 0.004, 0.008)
-READOUTS = ('top3', *(f'top3_eps{e:g}' for e in EPSILONS))
+TEMPERATURES = (1, 10, 1000)
+FAMILIES = {'step': tuple(f'top3_eps{e:g}' for e in EPSILONS),
+            'temperature': tuple(f'top3_msp_T{t}' for t in TEMPERATURES)}
+AXIS = {'step': ('input step', EPSILONS), 'temperature': ('temperature T', TEMPERATURES)}
+READOUTS = ('top3', *FAMILIES['step'], *FAMILIES['temperature'])
 CE_REFERENCES = ('odin', 'odin_eps0')
 SEEDS = (0, 1, 2)
 RUNS = [f'lrdecay-e16-s{s}' for s in SEEDS]
@@ -77,21 +100,31 @@ CE_RUNS = [f'ce-batch_size64-epochs16-lr0.0005-lr_step4-s{s}' for s in SEEDS]
 STUDY_NAME = {('ssod', 'top3'): 'pos_top3_maxlogit', ('ce', 'top3'): 'ce_pos_top3_maxlogit', ('ce', 'odin'): 'odin'}
 
 
-def top3(model, x: torch.Tensor) -> torch.Tensor:
-    """The chosen readout of a batch, differentiable with respect to ``x``."""
-    return spatial_maxlogit_score(model.forward_positions(model.forward_features(x))[0], k=3)
+def cls_map(model, x: torch.Tensor) -> torch.Tensor:
+    """(B, M, h, w): the classifier at every position, differentiable with respect to ``x``."""
+    return model.forward_positions(model.forward_features(x))[0]
+
+
+def tempered_top3(cls: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B,) the mean of the 3 largest per-position max_i softmax(z(p) / T)_i (in float64: at T = 1000 the
+    probabilities differ from 1 / M in the fourth digit)."""
+    p = (cls.double() / temperature).softmax(1).amax(1).flatten(1)
+    return p.topk(min(3, p.shape[1]), dim=1).values.mean(1)
 
 
 def score_batch(model, x: torch.Tensor, ce: bool) -> Dict[str, torch.Tensor]:
     """(B,) scores of every readout of one batch, higher = more in-distribution."""
     x = x.clone().requires_grad_(True)
     with torch.enable_grad():
-        s = top3(model, x)
+        cls = cls_map(model, x)
+        s = spatial_maxlogit_score(cls, k=3)
         step = torch.autograd.grad(s.sum(), x)[0].sign()
     out = {'top3': s.detach()}
     with torch.no_grad():
         for e in EPSILONS:
-            out[f'top3_eps{e:g}'] = top3(model, x.detach() + e * step)
+            out[f'top3_eps{e:g}'] = spatial_maxlogit_score(cls_map(model, x.detach() + e * step), k=3)
+        for t in TEMPERATURES:
+            out[f'top3_msp_T{t}'] = tempered_top3(cls.detach(), t)
     if ce:
         logits = _logits_fn(model)  # what `ssod eval` and the study give ODIN
         out['odin'] = odin(logits, x.detach())
@@ -99,7 +132,8 @@ def score_batch(model, x: torch.Tensor, ce: bool) -> Dict[str, torch.Tensor]:
     return out
 
 
-def measure(run: str, ce_run: str, which: str = 'val') -> dict:
+def measure(run: str, ce_run: str, which: str = 'val', keep: Optional[List[str]] = None) -> dict:
+    """One (SSOD run, CE twin) pair on the validation or test sets; ``keep``: the only readouts to record."""
     benches = benchmarks()
     model, ckpt = load_checkpoint(CACHE / 'runs' / run / 'last.pt')
     tf = train_mod._transforms(model, train_mod.TrainConfig(img_size=ckpt['config']['img_size'], crop_pct=1.0))[1]
@@ -116,7 +150,7 @@ def measure(run: str, ce_run: str, which: str = 'val') -> dict:
                     parts.setdefault(r, []).append(v)
             scored[name] = {r: torch.cat(v) for r, v in parts.items()}
         image: dict = {}
-        for r in scored['id']:
+        for r in [r for r in scored['id'] if keep is None or r in keep]:
             row = {name: {mm: 100 * float(v) for mm, v in ood_metrics(scored['id'][r], scored[name][r]).items()
                           if mm in ('fpr95', 'auroc')} for name in scored if name != 'id'}
             row['average'] = {mm: sum(x[mm] for x in row.values()) / len(row) for mm in ('fpr95', 'auroc')}
@@ -132,35 +166,51 @@ def _check(result: dict) -> str:
     return check_against_record(result, STUDY_NAME, STUDY / grid / f'lrdecay-e16-s{seed}.json')
 
 
-def best_step(results: List[dict]) -> tuple:
-    """(readout, 3-seed mean, per-seed averages) of the step size with the lowest mean on the SSOD model."""
-    avg = {r: [x['models']['ssod']['image'][r]['average']['fpr95'] for x in results] for r in READOUTS[1:]}
+def best_of(results: List[dict], family: str) -> tuple:
+    """(readout, 3-seed mean, per-seed averages) of the family's readout with the lowest mean on the SSOD model."""
+    avg = {r: [x['models']['ssod']['image'][r]['average']['fpr95'] for x in results] for r in FAMILIES[family]}
     name = min(avg, key=lambda r: sum(avg[r]))
     return name, sum(avg[name]) / len(avg[name]), avg[name]
 
 
-def verdict(results: List[dict]) -> List[str]:
-    """The adoption rule of the docstring, applied to the SSOD model's validation averages."""
+def held(results: List[dict]) -> List[str]:
+    """The families these results hold (records made before the temperature family hold only the step)."""
+    return [f for f in FAMILIES if all(r in results[0]['models']['ssod']['image'] for r in FAMILIES[f])]
+
+
+def meets(results: List[dict], family: str) -> bool:
+    """The adoption rule of the docstring: the family's best readout at least 2.0 points below ``top3`` on the SSOD
+    model's 3-seed mean validation average FPR95, and lower in each seed."""
     ref = [r['models']['ssod']['image']['top3']['average']['fpr95'] for r in results]
-    name, mean, per = best_step(results)
-    every = all(b < a for a, b in zip(ref, per))
-    ok = len(results) >= 3 and sum(ref) / len(ref) - mean >= 2.0 and every
-    return [f'- best step size `{name}`: {mean:.2f} against the unperturbed readout\'s {sum(ref) / len(ref):.2f} '
-            f'(3-seed means), lower in {sum(b < a for a, b in zip(ref, per))} of {len(per)} seeds: '
-            + ('**meets the adoption rule**' if ok else 'does not meet the adoption rule')]
+    _, mean, per = best_of(results, family)
+    return len(results) >= 3 and sum(ref) / len(ref) - mean >= 2.0 and all(b < a for a, b in zip(ref, per))
+
+
+def verdict(results: List[dict]) -> List[str]:
+    """One line per family: its best readout against ``top3`` and whether it meets the adoption rule."""
+    ref = [r['models']['ssod']['image']['top3']['average']['fpr95'] for r in results]
+    lines = []
+    for family in held(results):
+        name, mean, per = best_of(results, family)
+        lines.append(f'- best {family} `{name}`: {mean:.2f} against `top3`\'s {sum(ref) / len(ref):.2f} (3-seed '
+                     f'means), lower in {sum(b < a for a, b in zip(ref, per))} of {len(per)} seeds: '
+                     + ('**meets the adoption rule**' if meets(results, family) else 'does not meet the adoption rule'))
+    return lines
 
 
 def write(results: List[dict], path: Path) -> None:
     """The summary table at ``path`` and its plot beside it."""
     figure = path.with_suffix('.png')
-    plot(results, figure)
+    if held(results):  # the test sets' records hold only the chosen readouts: no curve to draw
+        plot(results, figure)
     sets = [s for s in results[0]['models']['ssod']['image']['top3'] if s != 'average']
-    lines = ['# ODIN\'s input step on the 3 best positions', '',
-             'Written by `python benchmarks/perturbed_positions.py` (see its docstring: the readouts, the prediction '
-             f'and the adoption rule). {"Validation" if results[0]["sets"] == "val" else "Test"} sets. FPR95 (%), '
+    names = [r for r in READOUTS if r in results[0]['models']['ssod']['image']]
+    lines = ['# ODIN\'s input step and temperature on the 3 best positions', '',
+             'Written by `python benchmarks/odin_positions.py` (see its docstring: the readouts, the predictions and '
+             f'the adoption rule). {"Validation" if results[0]["sets"] == "val" else "Test"} sets. FPR95 (%), '
              f'mean ± sd over the runs ({", ".join(r["run"] for r in results)}; CE twins '
              f'{", ".join(r["ce_run"] for r in results)}).', '',
-             f'![FPR95 against the step size]({figure.name})', '',
+             *([f'![FPR95 against the step size and the temperature]({figure.name})', ''] if held(results) else []),
              '| model | readout | ' + ' | '.join(sets) + ' | average | per run |',
              '|---|---|' + '---:|' * (len(sets) + 2)]
     for side in ('ssod', 'ce'):
@@ -170,11 +220,12 @@ def write(results: List[dict], path: Path) -> None:
             per = ' / '.join(f'{r["models"][side]["image"][name]["average"]["fpr95"]:.2f}' for r in results)
             lines.append(f'| {side} | {name} | ' + ' | '.join(cells) + f' | {per} |')
     lines += ['', '## SSOD against its CE twin (twin minus SSOD, average FPR95; positive = SSOD better)', '']
-    for name in READOUTS:
+    for name in names:
         g = [r['models']['ce']['image'][name]['average']['fpr95'] - r['models']['ssod']['image'][name]['average'][
             'fpr95'] for r in results]
         lines.append(f'- `{name}`: {sum(g) / len(g):+.2f} (' + ' / '.join(f'{x:+.2f}' for x in g) + ')')
-    lines += ['', '## The adoption rule (SSOD model)', '', *verdict(results)]
+    if results[0]['sets'] == 'val':
+        lines += ['', '## The adoption rule (SSOD model)', '', *verdict(results)]
     lines += ['', '## Checks and time', '']
     for r in results:
         lines.append(f'- `{r["run"]}`: ' + '; '.join(f'{side} {m["seconds"]} s' for side, m in r['models'].items())
@@ -187,22 +238,28 @@ def plot(results: List[dict], path: Path) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     sets = [*[s for s in results[0]['models']['ssod']['image']['top3'] if s != 'average'], 'average']
-    steps = range(len(READOUTS))  # evenly spaced: no step, then each step size
-    fig, axes = plt.subplots(1, len(sets), figsize=(2.6 * len(sets), 3.0), sharex=True)
-    for ax, s in zip(axes, sets):
-        for side, style in (('ssod', '-'), ('ce', '--')):
-            vals = torch.tensor([[r['models'][side]['image'][name][s]['fpr95'] for name in READOUTS]
-                                 for r in results])
-            ax.errorbar(steps, vals.mean(0).tolist(), yerr=vals.std(0).tolist() if len(results) > 1 else None,
-                        fmt='o' + style, ms=3, capsize=2, color='C0' if side == 'ssod' else 'C1',
-                        label='SSOD' if side == 'ssod' else 'CE twin')
-        ax.set_xticks(steps, ['0', *(f'{e:g}' for e in EPSILONS)], fontsize=7, rotation=45)
-        ax.set_title(s, fontsize=9)
-        ax.set_xlabel('input step', fontsize=8)
-    axes[0].set_ylabel('FPR95 (%), 3 best positions')
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f'ODIN\'s input step on the chosen readout ({len(results)} runs, {results[0]["sets"]} sets)',
-                 fontsize=9)
+    families = held(results)
+    fig, axes = plt.subplots(len(families), len(sets), figsize=(2.6 * len(sets), 3.0 * len(families)),
+                             squeeze=False)
+    for row, family in zip(axes, families):
+        label, values = AXIS[family]
+        names = ['top3', *FAMILIES[family]]
+        for ax, s in zip(row, sets):
+            for side, style in (('ssod', '-'), ('ce', '--')):
+                vals = torch.tensor([[r['models'][side]['image'][name][s]['fpr95'] for name in names]
+                                     for r in results])
+                ax.errorbar(range(len(names)), vals.mean(0).tolist(),
+                            yerr=vals.std(0).tolist() if len(results) > 1 else None, fmt='o' + style, ms=3,
+                            capsize=2, color='C0' if side == 'ssod' else 'C1',
+                            label='SSOD' if side == 'ssod' else 'CE twin')
+            # evenly spaced: the chosen readout (MaxLogit, no step), then each value of the family
+            ax.set_xticks(range(len(names)), ['top3', *(f'{v:g}' for v in values)], fontsize=7, rotation=45)
+            ax.set_title(s, fontsize=9)
+            ax.set_xlabel(label, fontsize=8)
+        row[0].set_ylabel('FPR95 (%), 3 best positions')
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f'ODIN\'s input step and temperature on the chosen readout ({len(results)} runs, '
+                 f'{results[0]["sets"]} sets)', fontsize=9)
     save_figure(fig, path)
 
 
@@ -211,18 +268,28 @@ def _describe(record: dict) -> str:
                      for side, m in record['models'].items())
 
 
+def chosen_readouts() -> List[str]:
+    """The best readout of each family that met the adoption rule on the validation records of :data:`RUNS`."""
+    paths = [OUT / f'{run}.json' for run in RUNS]
+    if not all(p.exists() for p in paths):
+        return []
+    results = [json.loads(p.read_text()) for p in paths]
+    return [best_of(results, f)[0] for f in held(results) if meets(results, f)]
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(argv or [])
     if '--test' in argv:
-        summary = OUT / 'summary.md'
-        if not summary.exists() or '**meets the adoption rule**' not in summary.read_text():
-            raise SystemExit(f'--test scores the test sets only for a step size that met the adoption rule on the '
-                             f'validation sets; {summary} does not say so (run without --test first)')
         argv.remove('--test')
+        chosen = chosen_readouts()
+        if not chosen:
+            raise SystemExit(f'--test scores the test sets only for a readout that met the adoption rule on the '
+                             f'validation sets; the records under {OUT} hold none (run without --test first)')
         seeds = range(5)
         argv = argv or ['--runs', *[f'lrdecay-e16-s{s}' for s in seeds], '--ce-runs',
                         *[f'ce-batch_size64-epochs16-lr0.0005-lr_step4-s{s}' for s in seeds], '--summary', 'test.md']
-        run_pairs(argv, __doc__, OUT / 'test', lambda r, c: measure(r, c, 'test'), write, _describe)
+        keep = ['top3', *chosen, 'odin']
+        run_pairs(argv, __doc__, OUT / 'test', lambda r, c: measure(r, c, 'test', keep), write, _describe)
         return
     run_pairs(argv or ['--runs', *RUNS, '--ce-runs', *CE_RUNS], __doc__, OUT, measure, write, _describe)
 
