@@ -59,6 +59,13 @@ Prediction, committed before any of these readouts was computed on any run:
    pooled MaxLogit in the study's records of these seeds (48.7 against 41.0);
 9. SSOD's paired gain over its twin at the best temperature lies within 1 point of its gain on ``top3``.
 
+Outcome (seventeenth session, after the run; ``results/odin_positions/summary.md``): all four parts held. The
+temperature helps, in every seed, by less than the rule asks: T = 1000 reads 21.58 against ``top3``'s 22.77 (by
+0.30, 0.55 and 2.70 per seed), T = 10 21.67. Not adopted; no test number. It lowers ``textures`` (16.5 -> 13.6) and
+``domain`` (6.6 -> 5.0) and leaves ``near`` (67.9 -> 67.7). T = 1 does the opposite: ``near`` 65.1, the best of any
+readout here, but ``textures`` 22.3 and ``domain`` 10.1, 24.4 on average. SSOD's paired gain is +2.37 at T = 1000
+(+2.07 on ``top3``) and +0.13 at T = 1.
+
 Usage::
 
     python benchmarks/odin_positions.py         # seeds 0-2 of lrdecay-e16 and their twins, validation sets
