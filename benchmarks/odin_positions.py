@@ -44,7 +44,7 @@ otherwise it refuses and no test number is computed.
 **The temperature** (added in the same session, after the outcome above, which found ODIN's lead to be its
 temperature alone). With large T, max_i softmax(z / T)_i ranks images nearly as max_i z_i - mean_i z_i does, not as
 max_i z_i: it discounts logits that are high for every class, as on ``textures`` and ``domain``, where pooled ODIN
-leads pooled MaxLogit by 8-20 points in the study's records of these seeds (``near``: no lead). Readouts, fixed
+leads pooled MaxLogit by 8-21 points in the study's records of these seeds (``near``: no lead). Readouts, fixed
 before any of their numbers existed:
 
 - ``top3_msp_T{T}`` for T in :data:`TEMPERATURES`: the mean over the 3 best positions of the per-position
