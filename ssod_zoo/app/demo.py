@@ -3,7 +3,7 @@
 1. Generates the embedded benchmark (:mod:`ssod_zoo.app.synthetic`; cached).
 2. Takes the two models to compare: by default the shipped ones (``weights/demo/``: an SSOD model and its
    cross-entropy twin, trained by the study's CPU recipe ``lrdecay-e16``, seed 0; ``weights/demo/README.md`` has the
-   command and its wall time). With ``--retrain`` it trains them here instead (about 12 minutes on 2 CPU cores): from a
+   command and its wall time). With ``--retrain`` it trains them here instead (12-16 minutes on 2 CPU cores): from a
    classifier that already works, as the paper does (it fine-tunes an ImageNet classifier; the sampler needs confident
    patches), the cross-entropy ``test_resnet`` in ``weights/init/`` (``--init ''``: from scratch for
    ``--warmup-epochs``), two fine-tuning runs with the same budget (``--ssod-epochs``), data order and learning rate:
@@ -55,7 +55,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default='demo_out', help='output directory')
     p.add_argument('--retrain', action='store_true', help='train both models here (the options below marked '
-                   '"training") instead of evaluating the shipped ones; about 12 minutes on 2 CPU cores')
+                   '"training") instead of evaluating the shipped ones; 12-16 minutes on 2 CPU cores')
     # the study's CPU recipe (benchmarks/study.py, 'lrdecay-e16'): the shipped models were trained with it
     p.add_argument('--model', default='ssod_test_resnet', help='training: the architecture')
     p.add_argument('--model-kwargs', nargs='*', default=['output_stride=16'],
