@@ -82,8 +82,9 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, mean_sd, save_figure  # noqa: E402
-from study import CACHE, OUT as STUDY, benchmarks, check_against_record, eval_sets, run_pairs  # noqa: E402
+from _common import RESULTS, save_figure  # noqa: E402
+from study import (CACHE, OUT as STUDY, benchmarks, check_against_record, eval_sets, pair_tables,  # noqa: E402
+                   run_pairs)
 
 from ssod_zoo import spatial_maxlogit_score  # noqa: E402
 from ssod_zoo.app import train as train_mod  # noqa: E402
@@ -218,19 +219,8 @@ def write(results: List[dict], path: Path) -> None:
              f'mean ± sd over the runs ({", ".join(r["run"] for r in results)}; CE twins '
              f'{", ".join(r["ce_run"] for r in results)}).', '',
              *([f'![FPR95 against the step size and the temperature]({figure.name})', ''] if held(results) else []),
-             '| model | readout | ' + ' | '.join(sets) + ' | average | per run |',
-             '|---|---|' + '---:|' * (len(sets) + 2)]
-    for side in ('ssod', 'ce'):
-        for name in results[0]['models'][side]['image']:
-            cells = [mean_sd([r['models'][side]['image'][name][s]['fpr95'] for r in results])
-                     for s in [*sets, 'average']]
-            per = ' / '.join(f'{r["models"][side]["image"][name]["average"]["fpr95"]:.2f}' for r in results)
-            lines.append(f'| {side} | {name} | ' + ' | '.join(cells) + f' | {per} |')
-    lines += ['', '## SSOD against its CE twin (twin minus SSOD, average FPR95; positive = SSOD better)', '']
-    for name in names:
-        g = [r['models']['ce']['image'][name]['average']['fpr95'] - r['models']['ssod']['image'][name]['average'][
-            'fpr95'] for r in results]
-        lines.append(f'- `{name}`: {sum(g) / len(g):+.2f} (' + ' / '.join(f'{x:+.2f}' for x in g) + ')')
+             *pair_tables(results, sets, {side: list(results[0]['models'][side]['image']) for side in ('ssod', 'ce')},
+                          names)]
     if results[0]['sets'] == 'val':
         lines += ['', '## The adoption rule (SSOD model)', '', *verdict(results)]
     lines += ['', '## Checks and time', '']

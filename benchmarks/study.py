@@ -883,6 +883,27 @@ def run_pairs(argv: Optional[List[str]], doc: str, out: Path, measure, write, de
     return records
 
 
+def pair_tables(results: List[dict], sets: List[str], rows: Dict[str, List[str]], gains: List[str]) -> List[str]:
+    """Markdown lines of a diagnostic over (SSOD run, CE twin) pairs: FPR95 per set and on average, mean ± sd over
+    the runs, for each side's ``rows`` (``{'ssod': [readout, ...], 'ce': [...]}``), then SSOD's paired gain over its
+    twin (twin minus SSOD, average FPR95) on each readout of ``gains``. Reads
+    ``result['models'][side]['image'][readout][set]['fpr95']``."""
+    lines = ['| model | readout | ' + ' | '.join(sets) + ' | average | per run |',
+             '|---|---|' + '---:|' * (len(sets) + 2)]
+    for side, names in rows.items():
+        for name in names:
+            cells = [mean_sd([r['models'][side]['image'][name][s]['fpr95'] for r in results])
+                     for s in [*sets, 'average']]
+            per = ' / '.join(f'{r["models"][side]["image"][name]["average"]["fpr95"]:.2f}' for r in results)
+            lines.append(f'| {side} | {name} | ' + ' | '.join(cells) + f' | {per} |')
+    lines += ['', '## SSOD against its CE twin (twin minus SSOD, average FPR95; positive = SSOD better)', '']
+    for name in gains:
+        g = [r['models']['ce']['image'][name]['average']['fpr95'] - r['models']['ssod']['image'][name]['average'][
+            'fpr95'] for r in results]
+        lines.append(f'- `{name}`: {sum(g) / len(g):+.2f} (' + ' / '.join(f'{x:+.2f}' for x in g) + ')')
+    return lines
+
+
 def check_against_record(result: dict, names: Dict[tuple, str], record: Path, tolerance: float = 2.0) -> str:
     """A diagnostic's recomputed references against the study's record of the same run on the same sets.
 
