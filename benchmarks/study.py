@@ -495,8 +495,9 @@ def run(grid: str, names: List[str], seeds: List[int], which: str, rescore: bool
     """Train (or resume) and evaluate every (config, seed) of a grid; finished runs are skipped. ``rescore``
     re-evaluates finished runs from their cached checkpoints (a readout added later), never retraining one.
     ``train_only`` ('ssod' or 'ce') trains that side of each run whose checkpoint is not in the cache, finished
-    runs included (their records are kept: on CPU the retrained checkpoint is the one they were scored on), and
-    evaluates nothing."""
+    runs included (their records are kept: on the CPU model a record was made on, the retrained checkpoint is the
+    one it was scored on; elsewhere it differs by float rounding, see :func:`check_against_record`), and evaluates
+    nothing."""
     out_dir = OUT / grid
     out_dir.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
