@@ -100,7 +100,6 @@ FAMILIES = {'step': tuple(f'top3_eps{e:g}' for e in EPSILONS),
             'temperature': tuple(f'top3_msp_T{t}' for t in TEMPERATURES)}
 AXIS = {'step': ('input step', EPSILONS), 'temperature': ('temperature T', TEMPERATURES)}
 READOUTS = ('top3', *FAMILIES['step'], *FAMILIES['temperature'])
-CE_REFERENCES = ('odin', 'odin_eps0')
 SEEDS = (0, 1, 2)
 RUNS = [f'lrdecay-e16-s{s}' for s in SEEDS]
 CE_RUNS = [f'ce-batch_size64-epochs16-lr0.0005-lr_step4-s{s}' for s in SEEDS]
