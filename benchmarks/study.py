@@ -914,9 +914,9 @@ def check_against_record(result: dict, names: Dict[tuple, str], record: Path, to
     so the checkpoints that ``--train`` rebuilds differ slightly and an image or two may cross the threshold: such
     differences are reported in the returned line; one above ``tolerance`` points means another model or other sets,
     and raises."""
-    if not record.exists() or not result['run'].startswith(json.loads(record.read_text())['name'] + '-s'):
+    recorded = json.loads(record.read_text()) if record.exists() else None
+    if not recorded or not result['run'].startswith(recorded['name'] + '-s'):
         return 'no study record of this run to check against'
-    recorded = json.loads(record.read_text())
     diff = {(side, r, s): round(v['fpr95'] - recorded['ood'][s][method]['fpr95'], 6)
             for (side, r), method in names.items()
             for s, v in result['models'][side]['image'][r].items() if s != 'average'}
