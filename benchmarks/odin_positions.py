@@ -72,25 +72,19 @@ Usage::
     python benchmarks/odin_positions.py --runs lrdecay-e16-s0 \
         --ce-runs ce-batch_size64-epochs16-lr0.0005-lr_step4-s0
 """
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, save_figure  # noqa: E402
-from study import (CACHE, OUT as STUDY, benchmarks, check_against_record, eval_sets, pair_tables,  # noqa: E402
-                   run_pairs)
+from study import (OUT as STUDY, adopted_readouts, check_against_record, check_lines, describe_pair,  # noqa: E402
+                   pair_tables, rule_best, rule_met, rule_verdict, run_pairs, score_pair, test_argv)
 
 from ssod_zoo import spatial_maxlogit_score  # noqa: E402
-from ssod_zoo.app import train as train_mod  # noqa: E402
 from ssod_zoo.app.evaluate import _logits_fn  # noqa: E402
-from ssod_zoo.hub import load_checkpoint  # noqa: E402
-from ssod_zoo.metrics import ood_metrics  # noqa: E402
 from ssod_zoo.scores import odin  # noqa: E402
 
 OUT = RESULTS / 'odin_positions'
@@ -141,28 +135,7 @@ def score_batch(model, x: torch.Tensor, ce: bool) -> Dict[str, torch.Tensor]:
 
 def measure(run: str, ce_run: str, which: str = 'val', keep: Optional[List[str]] = None) -> dict:
     """One (SSOD run, CE twin) pair on the validation or test sets; ``keep``: the only readouts to record."""
-    benches = benchmarks()
-    model, ckpt = load_checkpoint(CACHE / 'runs' / run / 'last.pt')
-    tf = train_mod._transforms(model, train_mod.TrainConfig(img_size=ckpt['config']['img_size'], crop_pct=1.0))[1]
-    sets = eval_sets(benches, which, tf)
-    result: dict = {'run': run, 'ce_run': ce_run, 'sets': which, 'epsilons': list(EPSILONS), 'models': {}}
-    for side, m in (('ssod', model), ('ce', load_checkpoint(CACHE / 'runs' / ce_run / 'last.pt')[0])):
-        t0 = time.time()
-        m.eval()
-        scored = {}
-        for name, ds in sets.items():
-            parts: Dict[str, List[torch.Tensor]] = {}
-            for x, _ in DataLoader(ds, batch_size=128, num_workers=2):
-                for r, v in score_batch(m, x, side == 'ce').items():
-                    parts.setdefault(r, []).append(v)
-            scored[name] = {r: torch.cat(v) for r, v in parts.items()}
-        image: dict = {}
-        for r in [r for r in scored['id'] if keep is None or r in keep]:
-            row = {name: {mm: 100 * float(v) for mm, v in ood_metrics(scored['id'][r], scored[name][r]).items()
-                          if mm in ('fpr95', 'auroc')} for name in scored if name != 'id'}
-            row['average'] = {mm: sum(x[mm] for x in row.values()) / len(row) for mm in ('fpr95', 'auroc')}
-            image[r] = row
-        result['models'][side] = {'image': image, 'seconds': round(time.time() - t0, 1)}
+    result = {**score_pair(run, ce_run, which, score_batch, keep), 'epsilons': list(EPSILONS)}
     result['reference_check'] = _check(result)
     return result
 
@@ -175,9 +148,7 @@ def _check(result: dict) -> str:
 
 def best_of(results: List[dict], family: str) -> tuple:
     """(readout, 3-seed mean, per-seed averages) of the family's readout with the lowest mean on the SSOD model."""
-    avg = {r: [x['models']['ssod']['image'][r]['average']['fpr95'] for x in results] for r in FAMILIES[family]}
-    name = min(avg, key=lambda r: sum(avg[r]))
-    return name, sum(avg[name]) / len(avg[name]), avg[name]
+    return rule_best(results, FAMILIES[family])
 
 
 def held(results: List[dict]) -> List[str]:
@@ -186,23 +157,13 @@ def held(results: List[dict]) -> List[str]:
 
 
 def meets(results: List[dict], family: str) -> bool:
-    """The adoption rule of the docstring: the family's best readout at least 2.0 points below ``top3`` on the SSOD
-    model's 3-seed mean validation average FPR95, and lower in each seed."""
-    ref = [r['models']['ssod']['image']['top3']['average']['fpr95'] for r in results]
-    _, mean, per = best_of(results, family)
-    return len(results) >= 3 and sum(ref) / len(ref) - mean >= 2.0 and all(b < a for a, b in zip(ref, per))
+    """The adoption rule of the docstring (``study.rule_met``) for one family."""
+    return rule_met(results, FAMILIES[family])
 
 
 def verdict(results: List[dict]) -> List[str]:
     """One line per family: its best readout against ``top3`` and whether it meets the adoption rule."""
-    ref = [r['models']['ssod']['image']['top3']['average']['fpr95'] for r in results]
-    lines = []
-    for family in held(results):
-        name, mean, per = best_of(results, family)
-        lines.append(f'- best {family} `{name}`: {mean:.2f} against `top3`\'s {sum(ref) / len(ref):.2f} (3-seed '
-                     f'means), lower in {sum(b < a for a, b in zip(ref, per))} of {len(per)} seeds: '
-                     + ('**meets the adoption rule**' if meets(results, family) else 'does not meet the adoption rule'))
-    return lines
+    return rule_verdict(results, {f: FAMILIES[f] for f in held(results)})
 
 
 def write(results: List[dict], path: Path) -> None:
@@ -222,11 +183,7 @@ def write(results: List[dict], path: Path) -> None:
                           names)]
     if results[0]['sets'] == 'val':
         lines += ['', '## The adoption rule (SSOD model)', '', *verdict(results)]
-    lines += ['', '## Checks and time', '']
-    for r in results:
-        lines.append(f'- `{r["run"]}`: ' + '; '.join(f'{side} {m["seconds"]} s' for side, m in r['models'].items())
-                     + f'. {r["reference_check"]}.')
-    path.write_text('\n'.join(lines) + '\n')
+    path.write_text('\n'.join([*lines, *check_lines(results)]) + '\n')
 
 
 def plot(results: List[dict], path: Path) -> None:
@@ -259,18 +216,9 @@ def plot(results: List[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def _describe(record: dict) -> str:
-    return '; '.join(f'{side}: ' + ', '.join(f'{r} {v["average"]["fpr95"]:.2f}' for r, v in m['image'].items())
-                     for side, m in record['models'].items())
-
-
 def chosen_readouts() -> List[str]:
     """The best readout of each family that met the adoption rule on the validation records of :data:`RUNS`."""
-    paths = [OUT / f'{run}.json' for run in RUNS]
-    if not all(p.exists() for p in paths):
-        return []
-    results = [json.loads(p.read_text()) for p in paths]
-    return [best_of(results, f)[0] for f in held(results) if meets(results, f)]
+    return adopted_readouts(OUT, RUNS, FAMILIES)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -281,13 +229,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         if not chosen:
             raise SystemExit(f'--test scores the test sets only for a readout that met the adoption rule on the '
                              f'validation sets; the records under {OUT} hold none (run without --test first)')
-        seeds = range(5)
-        argv = argv or ['--runs', *[f'lrdecay-e16-s{s}' for s in seeds], '--ce-runs',
-                        *[f'ce-batch_size64-epochs16-lr0.0005-lr_step4-s{s}' for s in seeds], '--summary', 'test.md']
         keep = ['top3', *chosen, 'odin']
-        run_pairs(argv, __doc__, OUT / 'test', lambda r, c: measure(r, c, 'test', keep), write, _describe)
+        run_pairs(argv or test_argv(), __doc__, OUT / 'test', lambda r, c: measure(r, c, 'test', keep), write,
+                  describe_pair)
         return
-    run_pairs(argv or ['--runs', *RUNS, '--ce-runs', *CE_RUNS], __doc__, OUT, measure, write, _describe)
+    run_pairs(argv or ['--runs', *RUNS, '--ce-runs', *CE_RUNS], __doc__, OUT, measure, write, describe_pair)
 
 
 if __name__ == '__main__':

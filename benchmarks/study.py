@@ -905,6 +905,19 @@ def pair_tables(results: List[dict], sets: List[str], rows: Dict[str, List[str]]
     return lines
 
 
+def check_lines(results: List[dict]) -> List[str]:
+    """Markdown lines of a diagnostic's closing section: each pair's scoring time and its reference check."""
+    return ['', '## Checks and time', '', *(
+        f'- `{r["run"]}`: ' + '; '.join(f'{side} {m["seconds"]} s' for side, m in r['models'].items())
+        + f'. {r["reference_check"]}.' for r in results)]
+
+
+def describe_pair(record: dict) -> str:
+    """One line per (SSOD run, CE twin) record for the console: each readout's average FPR95, per side."""
+    return '; '.join(f'{side}: ' + ', '.join(f'{r} {v["average"]["fpr95"]:.2f}' for r, v in m['image'].items())
+                     for side, m in record['models'].items())
+
+
 def check_against_record(result: dict, names: Dict[tuple, str], record: Path, tolerance: float = 2.0) -> str:
     """A diagnostic's recomputed references against the study's record of the same run on the same sets.
 
@@ -930,6 +943,90 @@ def check_against_record(result: dict, names: Dict[tuple, str], record: Path, to
         return f'{checked} equal {where} on every set'
     return (f'{checked} against {where}: equal on {len(diff) - len(off)} of {len(diff)} sets, off by '
             + ', '.join(f'{d:+.1f} ({side} {r}, {s})' for (side, r, s), d in off.items()))
+
+
+def score_pair(run: str, ce_run: str, which: str, score_batch, keep: Optional[List[str]] = None) -> dict:
+    """A cached SSOD run and its CE twin scored image by image on the validation or test sets (``which``).
+
+    ``score_batch(model, x, ce)`` returns ``{readout: (B,) scores}``, higher = more in-distribution; ``keep``: the
+    only readouts to record. FPR95 and AUROC (%) per OOD set and on average, in ``record['models'][side]['image']
+    [readout][set]``, with each side's scoring time."""
+    benches = benchmarks()
+    model, ckpt = load_checkpoint(CACHE / 'runs' / run / 'last.pt')
+    tf = train_mod._transforms(model, train_mod.TrainConfig(img_size=ckpt['config']['img_size'], crop_pct=1.0))[1]
+    sets = eval_sets(benches, which, tf)
+    result: dict = {'run': run, 'ce_run': ce_run, 'sets': which, 'models': {}}
+    for side, m in (('ssod', model), ('ce', load_checkpoint(CACHE / 'runs' / ce_run / 'last.pt')[0])):
+        t0 = time.time()
+        m.eval()
+        scored = {}
+        for name, ds in sets.items():
+            parts: Dict[str, List[torch.Tensor]] = {}
+            for x, _ in DataLoader(ds, batch_size=128, num_workers=2):
+                for r, v in score_batch(m, x, side == 'ce').items():
+                    parts.setdefault(r, []).append(v)
+            scored[name] = {r: torch.cat(v) for r, v in parts.items()}
+        image: dict = {}
+        for r in [r for r in scored['id'] if keep is None or r in keep]:
+            row = {name: {mm: 100 * float(v) for mm, v in ood_metrics(scored['id'][r], scored[name][r]).items()
+                          if mm in ('fpr95', 'auroc')} for name in scored if name != 'id'}
+            row['average'] = {mm: sum(x[mm] for x in row.values()) / len(row) for mm in ('fpr95', 'auroc')}
+            image[r] = row
+        result['models'][side] = {'image': image, 'seconds': round(time.time() - t0, 1)}
+    return result
+
+
+# The adoption rule of the readout diagnostics (odin_positions.py, located_positions.py): a family's best readout
+# replaces the chosen one, ``top3``, only if its 3-seed mean validation average FPR95 on the SSOD model is at least
+# RULE_MARGIN points below and it is lower in each seed.
+RULE_MARGIN = 2.0
+
+
+def rule_best(results: List[dict], names) -> tuple:
+    """(readout, mean, per-run averages) of the readout among ``names`` with the lowest mean on the SSOD model."""
+    avg = {r: [x['models']['ssod']['image'][r]['average']['fpr95'] for x in results] for r in names}
+    name = min(avg, key=lambda r: sum(avg[r]))
+    return name, sum(avg[name]) / len(avg[name]), avg[name]
+
+
+def rule_met(results: List[dict], names) -> bool:
+    """Whether the best of ``names`` meets the adoption rule against ``top3`` (never on fewer than 3 runs)."""
+    ref = [r['models']['ssod']['image']['top3']['average']['fpr95'] for r in results]
+    _, mean, per = rule_best(results, names)
+    return (len(results) >= 3 and sum(ref) / len(ref) - mean >= RULE_MARGIN
+            and all(b < a for a, b in zip(ref, per)))
+
+
+def rule_verdict(results: List[dict], families: Dict[str, tuple]) -> List[str]:
+    """One line per family: its best readout against ``top3`` and whether it meets the adoption rule."""
+    ref = [r['models']['ssod']['image']['top3']['average']['fpr95'] for r in results]
+    lines = []
+    for family, names in families.items():
+        name, mean, per = rule_best(results, names)
+        lines.append(f'- best {family} `{name}`: {mean:.2f} against `top3`\'s {sum(ref) / len(ref):.2f} (3-seed '
+                     f'means), lower in {sum(b < a for a, b in zip(ref, per))} of {len(per)} seeds: '
+                     + ('**meets the adoption rule**' if rule_met(results, names)
+                        else 'does not meet the adoption rule'))
+    return lines
+
+
+def adopted_readouts(out: Path, runs: List[str], families: Dict[str, tuple]) -> List[str]:
+    """The best readout of each family that met the adoption rule on the validation records ``out/<run>.json`` of
+    ``runs``; a family the records do not hold is skipped."""
+    paths = [out / f'{run}.json' for run in runs]
+    if not all(p.exists() for p in paths):
+        return []
+    results = [json.loads(p.read_text()) for p in paths]
+    have = results[0]['models']['ssod']['image']
+    return [rule_best(results, names)[0] for names in families.values()
+            if all(r in have for r in names) and rule_met(results, names)]
+
+
+def test_argv() -> List[str]:
+    """The readout diagnostics' ``--test`` runs: the headline's five seeds of the choice and their twins."""
+    seeds = range(5)
+    return ['--runs', *[f'lrdecay-e16-s{s}' for s in seeds], '--ce-runs',
+            *[f'ce-batch_size64-epochs16-lr0.0005-lr_step4-s{s}' for s in seeds], '--summary', 'test.md']
 
 
 def choose() -> dict:
