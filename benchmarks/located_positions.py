@@ -33,6 +33,17 @@ Prediction, written and committed before any of these readouts was computed on a
    zero, and objects cover only 8-30% of the image;
 5. ``loc9`` is worse than ``loc3`` on average: 9 of 36 cells is more than a small object covers.
 
+Outcome (eighteenth session, after the run; ``results/located_positions/summary.md``): nothing is adopted, and
+locating by the OOD head makes the readout worse. ``top3`` reads 22.77, ``loc1`` 31.0, ``loc3`` 26.2, ``loc9`` 23.8,
+``pid_weighted`` 24.2 (3-seed means); the best, ``loc9``, is lower than ``top3`` in 1 of 3 seeds. Parts 1 and 3
+held (``near`` 67.9 -> 68.3 for ``loc3``); parts 2, 4 and 5 failed: ``loc3`` is 3.4 points worse, and the more
+positions the locator reads or weighs, the less it loses. The loss is on ``textures`` (16.5 -> 21.7) and ``domain``
+(6.6 -> 14.4), the sets the locator was meant to help.
+
+Why, measured after that outcome on the same runs (the records' ``mean`` field, SSOD model): ``agree``, the share of
+images whose best position by P_ID is also their best by MaxLogit, and ``drop3``, ``top3`` minus ``loc3`` (how much
+the score falls when the OOD head picks the positions), per set, ID images included.
+
 Adoption rule, fixed with the prediction (``study.rule_met``, the rule of ``odin_positions.py``): the located
 readout with the lowest 3-seed mean validation average FPR95 on the SSOD model replaces ``top3`` only if that mean
 is at least 2.0 points below ``top3``'s and lower in each of the 3 seeds. Then, and only then, ``--test`` scores it
@@ -52,7 +63,7 @@ from typing import Dict, List, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, save_figure  # noqa: E402
+from _common import RESULTS, mean_sd, save_figure  # noqa: E402
 from study import (OUT as STUDY, adopted_readouts, check_against_record, check_lines, describe_pair,  # noqa: E402
                    pair_tables, rule_verdict, run_pairs, score_pair, test_argv)
 
@@ -63,6 +74,7 @@ OUT = RESULTS / 'located_positions'
 KS = (1, 3, 9)
 FAMILIES = {'located': (*(f'loc{k}' for k in KS), 'pid_weighted')}
 READOUTS = ('top3', *FAMILIES['located'])
+MEANS = ('agree', 'drop3')  # recorded as their mean per set, not scored as detectors
 RUNS = [f'lrdecay-e16-s{s}' for s in (0, 1, 2)]
 CE_RUNS = [f'ce-batch_size64-epochs16-lr0.0005-lr_step4-s{s}' for s in (0, 1, 2)]
 # where the study recorded each recomputed reference: (model side, readout) -> the study's method name
@@ -86,12 +98,15 @@ def score_batch(model, x: torch.Tensor, ce: bool) -> Dict[str, torch.Tensor]:
     p_id = s.ood_map.float().softmax(1)[:, ID_INDEX].flatten(1)
     out.update({f'loc{k}': located(best, p_id, k) for k in KS})
     out['pid_weighted'] = (p_id * best).sum(1) / p_id.sum(1)
+    # the explanation's two quantities, not detectors (study.score_pair's ``means``)
+    out['agree'] = (p_id.argmax(1) == best.argmax(1)).float()
+    out['drop3'] = out['top3'] - out['loc3']
     return out
 
 
 def measure(run: str, ce_run: str, which: str = 'val', keep: Optional[List[str]] = None) -> dict:
     """One (SSOD run, CE twin) pair on the validation or test sets; ``keep``: the only readouts to record."""
-    result = score_pair(run, ce_run, which, score_batch, keep)
+    result = score_pair(run, ce_run, which, score_batch, keep, means=MEANS)
     grid, seed = 'alpha' if which == 'val' else 'test', run.rsplit('-s', 1)[1]
     result['reference_check'] = check_against_record(result, STUDY_NAME, STUDY / grid / f'lrdecay-e16-s{seed}.json')
     return result
@@ -113,6 +128,15 @@ def write(results: List[dict], path: Path) -> None:
                           ['top3'])]
     if val:
         lines += ['', '## The adoption rule (SSOD model)', '', *rule_verdict(results, FAMILIES)]
+    if all('mean' in r['models']['ssod'] for r in results):
+        names = ['id', *sets]
+        lines += ['', '## Why (SSOD model; measured after the outcome)', '',
+                  '`agree`: share of images (%) whose best position by P_ID is also their best by MaxLogit. `drop3`: '
+                  '`top3` minus `loc3`, how far the score falls when the OOD head picks the positions. Mean ± sd over '
+                  'the runs.', '', '| quantity | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
+        for q, scale in (('agree', 100), ('drop3', 1)):
+            lines.append(f'| {q} | ' + ' | '.join(
+                mean_sd([scale * r['models']['ssod']['mean'][q][n] for r in results]) for n in names) + ' |')
     path.write_text('\n'.join([*lines, *check_lines(results)]) + '\n')
 
 

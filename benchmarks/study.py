@@ -945,12 +945,14 @@ def check_against_record(result: dict, names: Dict[tuple, str], record: Path, to
             + ', '.join(f'{d:+.1f} ({side} {r}, {s})' for (side, r, s), d in off.items()))
 
 
-def score_pair(run: str, ce_run: str, which: str, score_batch, keep: Optional[List[str]] = None) -> dict:
+def score_pair(run: str, ce_run: str, which: str, score_batch, keep: Optional[List[str]] = None,
+               means: tuple = ()) -> dict:
     """A cached SSOD run and its CE twin scored image by image on the validation or test sets (``which``).
 
     ``score_batch(model, x, ce)`` returns ``{readout: (B,) scores}``, higher = more in-distribution; ``keep``: the
     only readouts to record. FPR95 and AUROC (%) per OOD set and on average, in ``record['models'][side]['image']
-    [readout][set]``, with each side's scoring time."""
+    [readout][set]``, with each side's scoring time. The quantities named in ``means`` are not detectors: their mean
+    per set, ID images included, goes to ``record['models'][side]['mean'][name][set]``."""
     benches = benchmarks()
     model, ckpt = load_checkpoint(CACHE / 'runs' / run / 'last.pt')
     tf = train_mod._transforms(model, train_mod.TrainConfig(img_size=ckpt['config']['img_size'], crop_pct=1.0))[1]
@@ -967,12 +969,15 @@ def score_pair(run: str, ce_run: str, which: str, score_batch, keep: Optional[Li
                     parts.setdefault(r, []).append(v)
             scored[name] = {r: torch.cat(v) for r, v in parts.items()}
         image: dict = {}
-        for r in [r for r in scored['id'] if keep is None or r in keep]:
+        for r in [r for r in scored['id'] if (keep is None or r in keep) and r not in means]:
             row = {name: {mm: 100 * float(v) for mm, v in ood_metrics(scored['id'][r], scored[name][r]).items()
                           if mm in ('fpr95', 'auroc')} for name in scored if name != 'id'}
             row['average'] = {mm: sum(x[mm] for x in row.values()) / len(row) for mm in ('fpr95', 'auroc')}
             image[r] = row
         result['models'][side] = {'image': image, 'seconds': round(time.time() - t0, 1)}
+        mean = {r: {name: float(v[r].float().mean()) for name, v in scored.items()} for r in means if r in scored['id']}
+        if mean:
+            result['models'][side]['mean'] = mean
     return result
 
 

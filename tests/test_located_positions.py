@@ -28,7 +28,7 @@ def test_each_readout_of_a_batch_against_the_model_by_hand(lp):
     model = timm.create_model('ssod_test_resnet', num_classes=4, output_stride=16).eval()
     x = torch.randn(3, 3, 64, 64)
     got = lp.score_batch(model, x, ce=False)
-    assert set(got) == set(lp.READOUTS)
+    assert set(got) == {*lp.READOUTS, *lp.MEANS}
     with torch.no_grad():
         s = model.forward_spatial(x)
     torch.testing.assert_close(got['top3'], ssod_zoo.spatial_maxlogit_score(s.cls_map))
@@ -38,6 +38,8 @@ def test_each_readout_of_a_batch_against_the_model_by_hand(lp):
         order = p_id.argsort(1, descending=True)[:, :k]
         torch.testing.assert_close(got[f'loc{k}'], torch.stack([b[o].mean() for b, o in zip(best, order)]))
     torch.testing.assert_close(got['pid_weighted'], (p_id * best).sum(1) / p_id.sum(1))
+    torch.testing.assert_close(got['agree'], (p_id.argmax(1) == best.argmax(1)).float())
+    torch.testing.assert_close(got['drop3'], got['top3'] - got['loc3'])
     # reading the classifier somewhere other than its own best positions can only lower the score
     assert (got['loc3'] <= got['top3'] + 1e-6).all()
     assert set(lp.score_batch(model, x, ce=True)) == {'top3'}  # the twin has no OOD head
