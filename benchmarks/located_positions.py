@@ -42,7 +42,8 @@ positions the locator reads or weighs, the less it loses. The loss is on ``textu
 
 Why, measured after that outcome on the same runs (the records' ``mean`` field, SSOD model): ``agree``, the share of
 images whose best position by P_ID is also their best by MaxLogit, and ``drop3``, ``top3`` minus ``loc3`` (how much
-the score falls when the OOD head picks the positions), per set, ID images included.
+the score falls when the OOD head picks the positions), and ``confident``, how many of the 36 positions have
+P_ID >= 0.9, per set, ID images included.
 
 Adoption rule, fixed with the prediction (``study.rule_met``, the rule of ``odin_positions.py``): the located
 readout with the lowest 3-seed mean validation average FPR95 on the SSOD model replaces ``top3`` only if that mean
@@ -74,7 +75,7 @@ OUT = RESULTS / 'located_positions'
 KS = (1, 3, 9)
 FAMILIES = {'located': (*(f'loc{k}' for k in KS), 'pid_weighted')}
 READOUTS = ('top3', *FAMILIES['located'])
-MEANS = ('agree', 'drop3')  # recorded as their mean per set, not scored as detectors
+MEANS = ('agree', 'drop3', 'confident')  # recorded as their mean per set, not scored as detectors
 RUNS = [f'lrdecay-e16-s{s}' for s in (0, 1, 2)]
 CE_RUNS = [f'ce-batch_size64-epochs16-lr0.0005-lr_step4-s{s}' for s in (0, 1, 2)]
 # where the study recorded each recomputed reference: (model side, readout) -> the study's method name
@@ -101,6 +102,7 @@ def score_batch(model, x: torch.Tensor, ce: bool) -> Dict[str, torch.Tensor]:
     # the explanation's two quantities, not detectors (study.score_pair's ``means``)
     out['agree'] = (p_id.argmax(1) == best.argmax(1)).float()
     out['drop3'] = out['top3'] - out['loc3']
+    out['confident'] = (p_id >= 0.9).sum(1).float()
     return out
 
 
@@ -133,8 +135,8 @@ def write(results: List[dict], path: Path) -> None:
         lines += ['', '## Why (SSOD model; measured after the outcome)', '',
                   '`agree`: share of images (%) whose best position by P_ID is also their best by MaxLogit. `drop3`: '
                   '`top3` minus `loc3`, how far the score falls when the OOD head picks the positions. Mean ± sd over '
-                  'the runs.', '', '| quantity | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
-        for q, scale in (('agree', 100), ('drop3', 1)):
+                  'the runs. `confident`: how many of the 36 positions have P_ID >= 0.9.', '', '| quantity | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
+        for q, scale in (('agree', 100), ('drop3', 1), ('confident', 1)):
             lines.append(f'| {q} | ' + ' | '.join(
                 mean_sd([scale * r['models']['ssod']['mean'][q][n] for r in results]) for n in names) + ' |')
     path.write_text('\n'.join([*lines, *check_lines(results)]) + '\n')

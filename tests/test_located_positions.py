@@ -40,6 +40,7 @@ def test_each_readout_of_a_batch_against_the_model_by_hand(lp):
     torch.testing.assert_close(got['pid_weighted'], (p_id * best).sum(1) / p_id.sum(1))
     torch.testing.assert_close(got['agree'], (p_id.argmax(1) == best.argmax(1)).float())
     torch.testing.assert_close(got['drop3'], got['top3'] - got['loc3'])
+    torch.testing.assert_close(got['confident'], (p_id >= 0.9).sum(1).float())
     # reading the classifier somewhere other than its own best positions can only lower the score
     assert (got['loc3'] <= got['top3'] + 1e-6).all()
     assert set(lp.score_batch(model, x, ce=True)) == {'top3'}  # the twin has no OOD head
