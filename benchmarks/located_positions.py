@@ -134,8 +134,9 @@ def write(results: List[dict], path: Path) -> None:
         names = ['id', *sets]
         lines += ['', '## Why (SSOD model; measured after the outcome)', '',
                   '`agree`: share of images (%) whose best position by P_ID is also their best by MaxLogit. `drop3`: '
-                  '`top3` minus `loc3`, how far the score falls when the OOD head picks the positions. Mean ± sd over '
-                  'the runs. `confident`: how many of the 36 positions have P_ID >= 0.9.', '', '| quantity | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
+                  '`top3` minus `loc3`, how far the score falls when the OOD head picks the positions (logits). '
+                  '`confident`: how many of the 36 positions have P_ID >= 0.9. Mean ± sd over the runs.', '',
+                  '| quantity | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
         for q, scale in (('agree', 100), ('drop3', 1), ('confident', 1)):
             lines.append(f'| {q} | ' + ' | '.join(
                 mean_sd([scale * r['models']['ssod']['mean'][q][n] for r in results]) for n in names) + ' |')
