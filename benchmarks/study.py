@@ -947,12 +947,8 @@ def check_against_record(result: dict, names: Dict[tuple, str], record: Path, to
 
 def score_pair(run: str, ce_run: str, which: str, score_batch, keep: Optional[List[str]] = None,
                means: tuple = ()) -> dict:
-    """A cached SSOD run and its CE twin scored image by image on the validation or test sets (``which``).
-
-    ``score_batch(model, x, ce)`` returns ``{readout: (B,) scores}``, higher = more in-distribution; ``keep``: the
-    only readouts to record. FPR95 and AUROC (%) per OOD set and on average, in ``record['models'][side]['image']
-    [readout][set]``, with each side's scoring time. The quantities named in ``means`` are not detectors: their mean
-    per set, ID images included, goes to ``record['models'][side]['mean'][name][set]``."""
+    """A cached SSOD run and its CE twin scored image by image on the validation or test sets (``which``), each
+    side by :func:`score_sets`, with each side's scoring time."""
     benches = benchmarks()
     model, ckpt = load_checkpoint(CACHE / 'runs' / run / 'last.pt')
     tf = train_mod._transforms(model, train_mod.TrainConfig(img_size=ckpt['config']['img_size'], crop_pct=1.0))[1]
@@ -960,25 +956,38 @@ def score_pair(run: str, ce_run: str, which: str, score_batch, keep: Optional[Li
     result: dict = {'run': run, 'ce_run': ce_run, 'sets': which, 'models': {}}
     for side, m in (('ssod', model), ('ce', load_checkpoint(CACHE / 'runs' / ce_run / 'last.pt')[0])):
         t0 = time.time()
-        m.eval()
-        scored = {}
-        for name, ds in sets.items():
-            parts: Dict[str, List[torch.Tensor]] = {}
-            for x, _ in DataLoader(ds, batch_size=128, num_workers=2):
-                for r, v in score_batch(m, x, side == 'ce').items():
-                    parts.setdefault(r, []).append(v)
-            scored[name] = {r: torch.cat(v) for r, v in parts.items()}
-        image: dict = {}
-        for r in [r for r in scored['id'] if (keep is None or r in keep) and r not in means]:
-            row = {name: {mm: 100 * float(v) for mm, v in ood_metrics(scored['id'][r], scored[name][r]).items()
-                          if mm in ('fpr95', 'auroc')} for name in scored if name != 'id'}
-            row['average'] = {mm: sum(x[mm] for x in row.values()) / len(row) for mm in ('fpr95', 'auroc')}
-            image[r] = row
-        result['models'][side] = {'image': image, 'seconds': round(time.time() - t0, 1)}
-        mean = {r: {name: float(v[r].float().mean()) for name, v in scored.items()} for r in means if r in scored['id']}
-        if mean:
-            result['models'][side]['mean'] = mean
+        result['models'][side] = {**score_sets(m, sets, score_batch, side == 'ce', keep, means),
+                                  'seconds': round(time.time() - t0, 1)}
     return result
+
+
+def score_sets(model, sets: Dict[str, Dataset], score_batch, ce: bool, keep: Optional[List[str]] = None,
+               means: tuple = ()) -> dict:
+    """One model's readouts on ``sets`` (``'id'`` and the OOD sets), image by image.
+
+    ``score_batch(model, x, ce)`` returns ``{readout: (B,) scores}``, higher = more in-distribution; ``keep``: the
+    only readouts to record. FPR95 and AUROC (%) per OOD set and on average go to ``['image'][readout][set]``. The
+    quantities named in ``means`` are not detectors: their mean per set, ID images included, goes to
+    ``['mean'][name][set]``."""
+    model.eval()
+    scored = {}
+    for name, ds in sets.items():
+        parts: Dict[str, List[torch.Tensor]] = {}
+        for x, _ in DataLoader(ds, batch_size=128, num_workers=2):
+            for r, v in score_batch(model, x, ce).items():
+                parts.setdefault(r, []).append(v)
+        scored[name] = {r: torch.cat(v) for r, v in parts.items()}
+    image: dict = {}
+    for r in [r for r in scored['id'] if (keep is None or r in keep) and r not in means]:
+        row = {name: {mm: 100 * float(v) for mm, v in ood_metrics(scored['id'][r], scored[name][r]).items()
+                      if mm in ('fpr95', 'auroc')} for name in scored if name != 'id'}
+        row['average'] = {mm: sum(x[mm] for x in row.values()) / len(row) for mm in ('fpr95', 'auroc')}
+        image[r] = row
+    out: dict = {'image': image}
+    mean = {r: {name: float(v[r].float().mean()) for name, v in scored.items()} for r in means if r in scored['id']}
+    if mean:
+        out['mean'] = mean
+    return out
 
 
 # The adoption rule of the readout diagnostics (odin_positions.py, located_positions.py): a family's best readout

@@ -113,3 +113,42 @@ def test_family_names_backbone_resolution_initialisation_and_a_non_paper_alpha(s
     assert family(**study.CONFIGS['scratch-alpha3-e34']) == 'test_resnet, 96 px, from scratch, alpha 3'
     assert family(**study.CONFIGS['r18-96-scratch-e16']) == 'resnet18, 96 px, from scratch'
     assert family(**study.CONFIGS['scratch-alpha3-warm6-e34']) == 'test_resnet, 96 px, from scratch, warmup 6, alpha 3'
+
+
+def test_score_sets_scores_each_readout_against_the_id_images_and_averages_only_the_quantities_in_means(study):
+    import torch
+    from torch.utils.data import TensorDataset
+    from ssod_zoo.metrics import ood_metrics
+
+    torch.manual_seed(0)
+    x = {'id': torch.randn(40) + 2, 'near': torch.randn(30) + 1, 'far': torch.randn(30) - 1}
+    sets = {name: TensorDataset(v[:, None], torch.zeros(len(v))) for name, v in x.items()}
+
+    def score_batch(model, batch, ce):
+        return {'s': batch[:, 0], 'flipped': -batch[:, 0], 'q': 10 * batch[:, 0]} if not ce else {'s': batch[:, 0]}
+    got = study.score_sets(torch.nn.Identity(), sets, score_batch, False, means=('q',))
+    assert set(got['image']) == {'s', 'flipped'} and set(got['mean']) == {'q'}
+    for r, sign in (('s', 1), ('flipped', -1)):
+        for name in ('near', 'far'):
+            want = ood_metrics(sign * x['id'], sign * x[name])
+            assert got['image'][r][name] == pytest.approx({m: 100 * float(want[m]) for m in ('fpr95', 'auroc')})
+        assert got['image'][r]['average']['fpr95'] == pytest.approx(
+            (got['image'][r]['near']['fpr95'] + got['image'][r]['far']['fpr95']) / 2)
+    assert got['image']['s']['far']['auroc'] > got['image']['s']['near']['auroc'] > 50 > got['image']['flipped'][
+        'near']['auroc']
+    assert got['mean']['q'] == pytest.approx({name: 10 * float(v.mean()) for name, v in x.items()}, rel=1e-5)
+    kept = study.score_sets(torch.nn.Identity(), sets, score_batch, True, keep=['s', 'flipped'], means=('q',))
+    assert set(kept) == {'image'} and set(kept['image']) == {'s'}  # the CE side: only what its batch gives
+
+
+def test_adopted_readouts_needs_every_run_and_skips_a_family_the_records_lack(study, tmp_path):
+    def record(ref, a, b):
+        image = {'top3': ref, 'a': a, 'b': b}
+        return {'models': {'ssod': {'image': {k: {'average': {'fpr95': v}} for k, v in image.items()}}}}
+    runs = ['r0', 'r1', 'r2']
+    for run, values in zip(runs, [(22.0, 19.0, 30.0), (22.0, 19.5, 30.0), (22.0, 20.0, 30.0)]):
+        (tmp_path / f'{run}.json').write_text(json.dumps(record(*values)))
+    assert study.adopted_readouts(tmp_path, runs, {'one': ('a', 'b')}) == ['a']  # 2.5 below, lower in each run
+    assert study.adopted_readouts(tmp_path, runs, {'one': ('a', 'b'), 'later': ('c',)}) == ['a']
+    assert study.adopted_readouts(tmp_path, runs, {'one': ('b',)}) == []
+    assert study.adopted_readouts(tmp_path, [*runs, 'r3'], {'one': ('a', 'b')}) == []  # r3 not measured yet
