@@ -99,7 +99,7 @@ def score_batch(model, x: torch.Tensor, ce: bool) -> Dict[str, torch.Tensor]:
     p_id = s.ood_map.float().softmax(1)[:, ID_INDEX].flatten(1)
     out.update({f'loc{k}': located(best, p_id, k) for k in KS})
     out['pid_weighted'] = (p_id * best).sum(1) / p_id.sum(1)
-    # the explanation's two quantities, not detectors (study.score_pair's ``means``)
+    # the explanation's three quantities, not detectors (study.score_sets' ``means``)
     out['agree'] = (p_id.argmax(1) == best.argmax(1)).float()
     out['drop3'] = out['top3'] - out['loc3']
     out['confident'] = (p_id >= 0.9).sum(1).float()
@@ -171,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         if not chosen:
             raise SystemExit(f'--test scores the test sets only for a readout that met the adoption rule on the '
                              f'validation sets; the records under {OUT} hold none (run without --test first)')
-        run_pairs(argv or test_argv(), __doc__, OUT / 'test', lambda r, c: measure(r, c, 'test', ['top3', *chosen]),
+        run_pairs(test_argv(argv), __doc__, OUT / 'test', lambda r, c: measure(r, c, 'test', ['top3', *chosen]),
                   write, describe_pair)
         return
     run_pairs(argv or ['--runs', *RUNS, '--ce-runs', *CE_RUNS], __doc__, OUT, measure, write, describe_pair)

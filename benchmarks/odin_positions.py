@@ -27,14 +27,14 @@ Prediction, written and committed before any of these readouts was computed on a
 5. most of ODIN's lead over the pooled MSP on the CE twin comes from the temperature: ``odin_eps0`` is closer to
    ``odin`` than to MSP (MSP from the study's records).
 
-Outcome (seventeenth session, after the run; ``results/odin_positions/summary.md``): all five parts held. No
-step helps: on both models every step size makes the readout worse in every seed, the more the larger the step
-(SSOD 22.77 unperturbed, 22.88 at 0.0005, 24.92 at 0.008; the twin 24.83 to 26.53). ``near`` moves by +0.1 at the
-smallest step and +2.2 at the largest. SSOD's paired gain stays +2.07 at the smallest step and falls to +1.60 at the
-largest. On the CE twin ODIN's lead over MSP is all temperature: ``odin_eps0`` 31.2 and ``odin`` 31.6 against MSP's
-48.7 (the study's records of these seeds), so the input step costs ODIN 0.4 here as well. The models were rebuilt
-on an Intel Xeon from records made on an AMD EPYC; the references agree within one to three images per set (the
-summary's checks).
+Outcome (seventeenth session, after the run; ``results/odin_positions/summary.md``): all five parts held. No step
+helps: on both models every step size makes the readout worse than no step in every seed, and the larger the step,
+the worse on the 3-seed means (SSOD 22.77 unperturbed, 22.88 at 0.0005, 24.93 at 0.008; the twin 24.83 to 26.53).
+``near`` moves by +0.1 at the smallest step and +2.2 at the largest. SSOD's paired gain stays +2.07 at the smallest
+step and falls to +1.60 at the largest. On the CE twin ODIN's lead over MSP is all temperature: ``odin_eps0`` 31.2
+and ``odin`` 31.6 against MSP's 48.7 (the study's records of these seeds), so the input step costs ODIN 0.4 here as
+well. The models were rebuilt on an Intel Xeon from records made on an AMD EPYC; the references agree within one to
+three images per set (the summary's checks).
 
 Adoption rule, fixed with the prediction: the step size with the lowest 3-seed mean validation average FPR95 on the
 SSOD model replaces the unperturbed readout only if that mean is at least 2.0 points below ``top3``'s and lower in
@@ -81,7 +81,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, save_figure  # noqa: E402
 from study import (OUT as STUDY, adopted_readouts, check_against_record, check_lines, describe_pair,  # noqa: E402
-                   pair_tables, rule_best, rule_met, rule_verdict, run_pairs, score_pair, test_argv)
+                   pair_tables, rule_best, rule_verdict, run_pairs, score_pair, test_argv)
 
 from ssod_zoo import spatial_maxlogit_score  # noqa: E402
 from ssod_zoo.app.evaluate import _logits_fn  # noqa: E402
@@ -156,11 +156,6 @@ def held(results: List[dict]) -> List[str]:
     return [f for f in FAMILIES if all(r in results[0]['models']['ssod']['image'] for r in FAMILIES[f])]
 
 
-def meets(results: List[dict], family: str) -> bool:
-    """The adoption rule of the docstring (``study.rule_met``) for one family."""
-    return rule_met(results, FAMILIES[family])
-
-
 def verdict(results: List[dict]) -> List[str]:
     """One line per family: its best readout against ``top3`` and whether it meets the adoption rule."""
     return rule_verdict(results, {f: FAMILIES[f] for f in held(results)})
@@ -230,7 +225,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise SystemExit(f'--test scores the test sets only for a readout that met the adoption rule on the '
                              f'validation sets; the records under {OUT} hold none (run without --test first)')
         keep = ['top3', *chosen, 'odin']
-        run_pairs(argv or test_argv(), __doc__, OUT / 'test', lambda r, c: measure(r, c, 'test', keep), write,
+        run_pairs(test_argv(argv), __doc__, OUT / 'test', lambda r, c: measure(r, c, 'test', keep), write,
                   describe_pair)
         return
     run_pairs(argv or ['--runs', *RUNS, '--ce-runs', *CE_RUNS], __doc__, OUT, measure, write, describe_pair)

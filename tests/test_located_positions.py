@@ -67,10 +67,15 @@ def test_the_test_sets_take_only_a_readout_validation_adopted(lp, monkeypatch, t
     monkeypatch.setattr(lp, 'run_pairs', lambda argv, doc, out, measure, *a: calls.append((argv, out, measure)))
     monkeypatch.setattr(lp, 'measure', lambda run, ce_run, which, keep: (which, keep))
     lp.main(['--test'])
-    (argv, out, measure), = calls
+    (argv, out, measure), = calls[:1]
     assert out == tmp_path / 'test' and argv[argv.index('--runs') + 1:argv.index('--ce-runs')] == [
         f'lrdecay-e16-s{s}' for s in range(5)]
     assert measure('r', 'c') == ('test', ['top3', 'b'])
+    lp.main(['--test', '--summary', 'again.md'])  # the seeds stay the headline's; only the summary is renamed
+    assert calls[-1][0][calls[-1][0].index('--runs') + 1] == 'lrdecay-e16-s0' and calls[-1][0][-2:] == [
+        '--summary', 'again.md']
+    with pytest.raises(SystemExit, match='leave out --runs and --ce-runs'):
+        lp.main(['--test', '--runs', 'lrdecay-e16-s0', '--ce-runs', 'x'])  # no scoring a chosen subset
     save([_result(s, 22.0, (23.0, 18.0 if s else 23.0)) for s in range(3)])  # 2.33 below, higher in seed 0
     with pytest.raises(SystemExit, match='only for a readout that met the adoption rule'):
         lp.main(['--test'])

@@ -152,3 +152,16 @@ def test_adopted_readouts_needs_every_run_and_skips_a_family_the_records_lack(st
     assert study.adopted_readouts(tmp_path, runs, {'one': ('a', 'b'), 'later': ('c',)}) == ['a']
     assert study.adopted_readouts(tmp_path, runs, {'one': ('b',)}) == []
     assert study.adopted_readouts(tmp_path, [*runs, 'r3'], {'one': ('a', 'b')}) == []  # r3 not measured yet
+    partial = record(22.0, 19.5, 30.0)
+    del partial['models']['ssod']['image']['b']
+    (tmp_path / 'r3.json').write_text(json.dumps(partial))  # a later record without the whole family
+    assert study.adopted_readouts(tmp_path, [*runs, 'r3'], {'one': ('a', 'b')}) == []
+    assert study.adopted_readouts(tmp_path, [*runs, 'r3'], {'one': ('a',)}) == ['a']
+
+
+def test_the_rule_takes_exactly_2_points_as_2_points_in_floating_point(study):
+    def result(ref, best):
+        return {'models': {'ssod': {'image': {'top3': {'average': {'fpr95': ref}}, 'a': {'average': {'fpr95': best}}}}}}
+    assert sum([23.15] * 3) / 3 - sum([21.15] * 3) / 3 < 2.0  # 1.9999999999999964, as the rule computes it
+    assert study.rule_met([result(23.15, 21.15)] * 3, ('a',))
+    assert not study.rule_met([result(23.15, 21.16)] * 3, ('a',))
