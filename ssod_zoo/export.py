@@ -60,9 +60,9 @@ def _require_onnx():
     try:
         import onnx
         import onnxscript  # noqa: F401  (the dynamo exporter translates through it)
-    except ImportError as e:
-        raise ImportError(f'ONNX export needs the onnx and onnxscript packages ({e.name} is missing); '
-                          "install them with: pip install 'ssod_zoo[export]'") from e
+    except ImportError as e:  # ModuleNotFoundError, with the module's name: `ssod export` makes it one line
+        raise ModuleNotFoundError(f'ONNX export needs the onnx and onnxscript packages ({e.name} is missing); '
+                                  "install them with: pip install 'ssod_zoo[export]'", name=e.name) from e
     return onnx
 
 

@@ -136,12 +136,15 @@ def _odin_by_hand(spec, folder: Path, labelled: bool, temperature=1000.0, eps=0.
 
 def test_ssod_eval_without_fit_dir_leaves_the_fitted_baselines_out(folders, tmp_path):
     ckpt = _checkpoint(tmp_path / 'ssod.pt', seed=0)
-    ssod(['eval', '--model', str(ckpt), '--val-dir', str(folders / 'val'), '--ood-dirs', str(folders / 'ood' / 'grey'),
-          '--out', str(tmp_path / 'out'), '--batch-size', '8', '--workers', '0', '--device', 'cpu', '--no-plots',
-          '--bootstrap', '0'])
+    with pytest.warns(UserWarning, match='no --fit-dir, so .*knn.* are left out .*pass --fit-dir'):
+        ssod(['eval', '--model', str(ckpt), '--val-dir', str(folders / 'val'), '--ood-dirs',
+              str(folders / 'ood' / 'grey'), '--out', str(tmp_path / 'out'), '--batch-size', '8', '--workers', '0',
+              '--device', 'cpu', '--no-plots', '--bootstrap', '0'])
     results = json.loads((tmp_path / 'out' / 'results.json').read_text())
     methods = set(results['ood']['average'])
     assert 'msp' in methods and not methods & {'knn', 'mahalanobis', 'vim', 'react'}
+    left_out = [line for line in (tmp_path / 'out' / 'results.md').read_text().splitlines() if 'Left out' in line]
+    assert len(left_out) == 1 and all(m in left_out[0] for m in ('react', 'knn', 'mahalanobis', 'vim'))
     assert set(results['id_accuracy']) == {'ssod'}  # no --baseline-model: one model
     assert not (tmp_path / 'out' / 'roc.png').exists()
 

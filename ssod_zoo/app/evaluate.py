@@ -375,6 +375,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         oods = {k: loader(v, args.limit) for k, v in protocol.ood.items()}
         if protocol.fit is not None and not args.fit_dir:
             fit = loader(protocol.fit, args.fit_limit, per_class=True)
+    if fit is None:
+        warnings.warn(f'no --fit-dir, so {", ".join(FITTED)} are left out (each is fitted on ID training '
+                      'features): pass --fit-dir with ID training images, one sub-folder per class, to score them')
     try:
         results = add_fpr95_openood(evaluate(model, val, oods, baseline, fit, device, knn_k=args.knn_k))
     except ImageError as e:  # a corrupt file, read in a DataLoader worker
@@ -387,6 +390,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     sections = [fpr95_markdown(results)]  # both FPR95 conventions, and what the protocol could not run
     if protocol and protocol.skipped:
         sections.append(skipped_markdown(protocol.skipped))
+    if fit is None:
+        sections.append(f'Left out: {", ".join(FITTED)}, which are fitted on ID training images (no `--fit-dir`).')
     payload = write_results(
         results, out, {'model': args.model, 'baseline_model': args.baseline_model, **vars(args), **extra},
         extra=deployment_keys,

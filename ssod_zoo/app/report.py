@@ -177,7 +177,9 @@ def report_markdown(accept: Mapping[str, dict], threshold: Optional[float], ci: 
                   '| Set | Images |', '|---|---:|', *[f'| {k} | {v["n"]} |' for k, v in accept.items()]]
     else:
         lines += [f'Kept: `ood_factor >= {threshold:.6g}` (`model.ood_threshold`). ID should be near 95% if the '
-                  'threshold was calibrated on data like this; OOD rows are what gets through in deployment.', '',
+                  'threshold was calibrated on data like this. If it was calibrated on these very ID images, ID is '
+                  '95% by construction and each OOD row equals the factor\'s FPR95; only on images it was not '
+                  'calibrated on are the OOD rows an estimate of what gets through in deployment.', '',
                   '| Set | Images | Accepted % |', '|---|---:|---:|',
                   *[f'| {k} | {v["n"]} | {v["accepted"]:.1f} |' for k, v in accept.items()]]
     if not n_boot or not ci:
@@ -194,5 +196,7 @@ def report_markdown(accept: Mapping[str, dict], threshold: Optional[float], ci: 
             cells += [f'{r["fpr95"]:.1f} [{c["fpr95"][0]:.1f}, {c["fpr95"][1]:.1f}]',
                       f'{r["auroc"]:.1f} [{c["auroc"][0]:.1f}, {c["auroc"][1]:.1f}]']
         lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
-    lines += ['', 'Where two methods\' intervals overlap, these sets are too small to rank them.']
+    lines += ['', 'Each interval is one method\'s alone. All methods are scored on the same images, so two '
+              'overlapping intervals do not by themselves make two methods a tie: to rank a pair, bootstrap the '
+              'difference of their metrics over the same resamples (the per-image scores are in `scores.csv`).']
     return '\n'.join(lines)

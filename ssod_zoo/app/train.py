@@ -8,12 +8,12 @@ Data-parallel, one node or several (DDP; NCCL on GPU, gloo on CPU):
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=8 -m ssod_zoo.app.train ...
 
 The SSOD settings default to the paper's (gamma 0.95, alpha 1.0, loss-wise balance), and so does the optimiser
-(AdamW, lr 1e-4, global batch 256, 224 px); the paper states no epoch count or schedule, so ``--epochs`` and
-``--lr-step`` are this project's, and ``--init`` is empty (from scratch) until you name the classifier to
-fine-tune, as the paper does. Every evaluated epoch: ID accuracy and FPR95/AUROC of the OOD factor (Eq. 15) on the
-OOD validation set(s); ``best.pt`` keeps the epoch with the best mean FPR95 *of that factor* (not of the position
-readout the study recommends: choose your own on validation data), ``last.pt`` the latest state; without
-``--ood-dirs``, or with ``--ce-only``, there is no ``best.pt``. Checkpoints are written atomically and hold
+(AdamW, lr 1e-4 halved every 30 epochs, ``--lr-step 30``, global batch 256, 224 px; Appendix A.4); the paper states
+no epoch count, so ``--epochs`` is this project's, and ``--init`` is empty (from scratch) until you name the
+classifier to fine-tune, as the paper does. Every evaluated epoch: ID accuracy and FPR95/AUROC of the OOD factor
+(Eq. 15) on the OOD validation set(s); ``best.pt`` keeps the epoch with the best mean FPR95 *of that factor* (not
+of the position readout the study recommends: choose your own on validation data), ``last.pt`` the latest state;
+without ``--ood-dirs``, or with ``--ce-only``, there is no ``best.pt``. Checkpoints are written atomically and hold
 everything ``--resume`` needs to continue exactly; SIGTERM/SIGINT writes one after the current step (under DDP,
 at the next of the steps where the ranks vote, every 10; after an evaluation in progress) and exits; a second
 signal stops at once, without one.
@@ -131,7 +131,7 @@ HELP = {  # one line per TrainConfig field: `ssod train --help` shows it with th
     'img_size': 'training and evaluation input size, pixels',
     'crop_pct': "evaluation centre-crop fraction (None = the model's pretrained_cfg)",
     'scale_min': 'RandomResizedCrop lower scale bound for training',
-    'workers': 'data-loading processes per rank (default min(4, CPU count))',
+    'workers': 'data-loading processes per rank; unless given, min(4, CPU count) on this machine',
     'gamma': 'patch-sampler confidence: ID patches above gamma, OOD below 1 - gamma (Eq. 12)',
     'alpha': 'weight of the OOD loss against classification (Eq. 14)',
     'balance': 'ID/OOD balance of the OOD loss: lwb (loss-wise), lw, dr (Table 5)',
