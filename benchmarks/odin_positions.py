@@ -81,7 +81,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, save_figure  # noqa: E402
 from study import (OUT as STUDY, adopted_readouts, check_against_record, check_lines, describe_pair,  # noqa: E402
-                   pair_tables, rule_best, rule_verdict, run_pairs, score_pair, test_argv)
+                   pair_tables, rule_best, rule_verdict, run_pairs, score_pair, headline_argv)
 
 from ssod_zoo import spatial_maxlogit_score  # noqa: E402
 from ssod_zoo.app.evaluate import _logits_fn  # noqa: E402
@@ -225,7 +225,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise SystemExit(f'--test scores the test sets only for a readout that met the adoption rule on the '
                              f'validation sets; the records under {OUT} hold none (run without --test first)')
         keep = ['top3', *chosen, 'odin']
-        run_pairs(test_argv(argv), __doc__, OUT / 'test', lambda r, c: measure(r, c, 'test', keep), write,
+        run_pairs(headline_argv(argv), __doc__, OUT / 'test', lambda r, c: measure(r, c, 'test', keep), write,
                   describe_pair)
         return
     run_pairs(argv or ['--runs', *RUNS, '--ce-runs', *CE_RUNS], __doc__, OUT, measure, write, describe_pair)

@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, save_figure  # noqa: E402
 from probe_ood_head import collect, readouts  # noqa: E402
 from study import (CACHE, OUT as STUDY, benchmarks, check_against_record, eval_sets, pair_tables,  # noqa: E402
-                   run_pairs)
+                   rule_met, run_pairs)
 
 from ssod_zoo.app import train as train_mod  # noqa: E402
 from ssod_zoo.hub import load_checkpoint  # noqa: E402
@@ -143,9 +143,7 @@ def verdict(results: List[dict]) -> List[str]:
     lines = []
     for name in READOUTS[1:]:
         v = [r['models']['ssod']['image'][name]['average']['fpr95'] for r in results]
-        gain = sum(a - b for a, b in zip(ref, v)) / len(v)
-        every = all(b < a for a, b in zip(ref, v))
-        ok = len(results) >= 3 and gain >= 2.0 and every
+        ok = rule_met(results, (name,), ref='top3_maxlogit')
         lines.append(f'- `{name}`: {sum(v) / len(v):.2f} against the 3 best positions\' {sum(ref) / len(ref):.2f} '
                      f'(3-seed means), lower in {sum(b < a for a, b in zip(ref, v))} of {len(v)} seeds: '
                      + ('**meets the adoption rule**' if ok else 'does not meet the adoption rule'))

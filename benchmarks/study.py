@@ -1003,9 +1003,10 @@ def rule_best(results: List[dict], names) -> tuple:
     return name, sum(avg[name]) / len(avg[name]), avg[name]
 
 
-def rule_met(results: List[dict], names) -> bool:
-    """Whether the best of ``names`` meets the adoption rule against ``top3`` (never on fewer than 3 runs)."""
-    ref = [r['models']['ssod']['image']['top3']['average']['fpr95'] for r in results]
+def rule_met(results: List[dict], names, ref: str = 'top3') -> bool:
+    """Whether the best of ``names`` meets the adoption rule against the readout ``ref`` (never on fewer than 3
+    runs)."""
+    ref = [r['models']['ssod']['image'][ref]['average']['fpr95'] for r in results]
     _, mean, per = rule_best(results, names)
     # 1e-9: a margin of exactly RULE_MARGIN in decimal may come out a hair under it in floating point
     return (len(results) >= 3 and sum(ref) / len(ref) - mean >= RULE_MARGIN - 1e-9
@@ -1036,7 +1037,7 @@ def adopted_readouts(out: Path, runs: List[str], families: Dict[str, tuple]) -> 
             if all(r in x['models']['ssod']['image'] for x in results for r in names) and rule_met(results, names)]
 
 
-def test_argv(argv: List[str]) -> List[str]:
+def headline_argv(argv: List[str]) -> List[str]:
     """The readout diagnostics' ``--test`` runs, always the headline's five seeds of the choice and their twins;
     ``argv`` may only rename the summary (``--summary``)."""
     if '--runs' in argv or '--ce-runs' in argv:
