@@ -5,13 +5,13 @@ interpreter does not even need the import: ``timm.create_model('ssod_resnet18')`
 (set ``SSOD_ZOO_AUTOLOAD=0`` to switch that off).
 """
 from .adapter import SSODModel, wrap
-from .output import (SpatialOutput, SSODOutput, posterior_score, robust_posterior, spatial_maxlogit_score,
+from .output import (SpatialOutput, SSODOutput, SSODScores, posterior_score, robust_posterior, spatial_maxlogit_score,
                      spatial_posterior_score)
 from .hub import calibrate_threshold, load_checkpoint, load_model, push_to_hub, save_pretrained
 from . import registry as _registry  # noqa: F401  (registers the models with timm)
 
 __version__ = '0.1.0'
 
-__all__ = ['SSODModel', 'SSODOutput', 'SpatialOutput', 'calibrate_threshold', 'load_checkpoint', 'load_model',
-           'push_to_hub', 'posterior_score', 'robust_posterior', 'spatial_maxlogit_score', 'spatial_posterior_score',
-           'save_pretrained', 'wrap']
+__all__ = ['SSODModel', 'SSODOutput', 'SSODScores', 'SpatialOutput', 'calibrate_threshold', 'load_checkpoint',
+           'load_model', 'push_to_hub', 'posterior_score', 'robust_posterior', 'spatial_maxlogit_score',
+           'spatial_posterior_score', 'save_pretrained', 'wrap']

@@ -19,6 +19,20 @@ PAPER_CITATION = """@inproceedings{pei2024ssod,
 
 METRICS = (('fpr95', 'FPR95 (%)'), ('auroc', 'AUROC (%)'), ('aupr_in', 'AUPR-In (%)'), ('aupr_out', 'AUPR-Out (%)'))
 
+THRESHOLD_SECTION = """## Rejection thresholds
+
+{% for attribute, score, value in thresholds -%}
+{% if value is none -%}
+- `model.{{ attribute }}`: none saved with these weights.
+{% else -%}
+- `model.{{ attribute }} = {{ '%.6g' | format(value) }}`: the `{{ score }}` that keeps 95% of the \
+in-distribution validation images ({{ calibration_data }}), at {{ input_size }} px.
+{% endif -%}
+{% endfor %}
+Images below a threshold are rejected as out-of-distribution. A threshold holds for the ID distribution and the \
+preprocessing it was calibrated with: after any change of data, preprocessing or input size, recalibrate on your \
+own in-distribution validation images with `ssod calibrate <this folder> --val-dir DIR`."""
+
 TEMPLATE = """---
 {{ card_data }}
 ---
@@ -30,14 +44,17 @@ A timm `{{ trunk }}` classifier for {{ num_classes }} classes, trained with cros
 recipe with the OOD loss never on, kept as the baseline it is compared with. It has the architecture's OOD head, \
 but that head was **never trained**, so its `ood_factor` carries no information. Score OOD images with a post-hoc \
 detector on its logits or features instead (`ssod_zoo.detectors`: MSP, Energy, ODIN, ReAct, KNN, Mahalanobis, \
-ViM; `ssod eval --baseline-model`), or with `ssod_zoo.spatial_maxlogit_score` on its per-position logits.
+ViM; `ssod eval --baseline-model`), or with `model.spatial_score(x)`, the mean MaxLogit of its 3 best \
+feature-map positions.
 {%- else -%}
 # {{ name }}: SSOD out-of-distribution detector ({{ arch }})
 
 A timm `{{ trunk }}` classifier for {{ num_classes }} classes with the binary OOD head of SSOD (Pei, ICLR 2024). \
 Besides the class logits it gives `ood_factor`, the probability that the image belongs to the training \
 distribution (paper Eq. 15): the OOD head is trained on image-background patches that the classifier itself \
-rejects, used as stand-ins for OOD data.
+rejects, used as stand-ins for OOD data. It also gives `spatial_score`, the classifier read where the object \
+is (the mean MaxLogit of the 3 best feature-map positions): the readout that detected OOD images best in \
+ssod_zoo's study (see the ssod_zoo README), and the one `ssod predict` decides with by default.
 {%- endif %}
 
 ## How to use
@@ -45,42 +62,25 @@ rejects, used as stand-ins for OOD data.
 ```python
 import timm, torch
 from PIL import Image
-{%- if ce_only %}
-import ssod_zoo
-{%- endif %}
 
 model = timm.create_model('hf-hub:<org>/<this-repo>', pretrained=True).eval()  # or 'local-dir:<folder>'
 config = timm.data.resolve_data_config(model=model)
 transform = timm.data.create_transform(**config)
 image = Image.open('photo.png').convert('RGB')  # 3 channels, also for grayscale files
+x = transform(image).unsqueeze(0)
 with torch.no_grad():
-{%- if ce_only %}
-    x = transform(image).unsqueeze(0)
-    logits = model(x).logits
-    cls_map, _ = model.forward_positions(model.forward_features(x))  # the classifier at every position
-score = ssod_zoo.spatial_maxlogit_score(cls_map)  # higher = more in-distribution; calibrate a cut on ID images
-{%- else %}
-    logits, ood_factor = model(transform(image).unsqueeze(0))
-reject = ood_factor < model.ood_threshold  # not one of the known classes
+    logits, ood_factor = model(x)
+    score = model.spatial_score(x)  # higher = more in-distribution
+keep = model.accepts(score, readout='spatial')  # score >= model.spatial_threshold: one of the known classes
+{%- if not ce_only %}
+keep_eq15 = model.accepts(ood_factor)  # the paper's readout: ood_factor >= model.ood_threshold
 {%- endif %}
 ```
 
 `{{ arch }}` is registered with timm by the ssod_zoo package: installed with pip, it does so on `import timm`; \
 from a source checkout (`pip install -e`), `import ssod_zoo` first.
-{% if not ce_only %}
 
-## Rejection threshold
-
-{% if threshold is none -%}
-No calibrated threshold was saved with these weights (`model.ood_threshold` is None). Calibrate one on your own \
-in-distribution validation images with `ssod_zoo.hub.calibrate_threshold(ood_factors, tpr=0.95)`.
-{%- else -%}
-`model.ood_threshold = {{ '%.6g' | format(threshold) }}`: the `ood_factor` that keeps 95% of the in-distribution \
-validation images ({{ id_dataset }}), at {{ input_size }} px. Images below it are rejected as out-of-distribution. \
-It holds for the ID distribution and the preprocessing it was calibrated with; recalibrate after any change of \
-data, preprocessing or input size.
-{%- endif %}
-{%- endif %}
+""" + THRESHOLD_SECTION + """
 
 ## Results
 
@@ -172,15 +172,56 @@ def model_card(config: Dict[str, Any], *, train_config: Optional[Mapping[str, An
     labels = cfg.get('label_names') or []
     classes = (f'Classes ({len(labels)}): ' + ', '.join(f'`{c}`' for c in labels[:20]) +
                (', ...' if len(labels) > 20 else '')) if labels else ''
-    size = cfg.get('input_size')
     return ModelCard.from_template(
         card_data, template_str=TEMPLATE, name=name, arch=arch, trunk=arch.removeprefix('ssod_'),
-        num_classes=config['num_classes'], threshold=config.get('model_args', {}).get('ood_threshold'),
-        input_size=f'{size[1]}x{size[2]}' if size else 'the configured input size',
+        num_classes=config['num_classes'], thresholds=_thresholds(config, train_config),
+        calibration_data=calibration_data(config, id_dataset),
+        input_size=_input_size(config),
         id_dataset=id_dataset, id_accuracy=metrics.get('id_accuracy'), ood_rows=ood_rows,
         has_metrics=bool(metrics), classes=classes, citation=PAPER_CITATION,
         ce_only=bool(train_config.get('ce_only')),
         train_config=json.dumps(train_config, indent=2, sort_keys=True, default=str) if train_config else '')
+
+
+def ood_head_trained(config: Mapping[str, Any], train_config: Optional[Mapping[str, Any]] = None) -> bool:
+    """Whether the folder's OOD head was trained: a cross-entropy twin (``ce_only``) has one that never was, and
+    no ``ood_factor`` threshold means anything for it. Read from ``train_config`` when given, else from the
+    ``ood_head_trained`` that :func:`ssod_zoo.save_pretrained` records in ``config.json`` (True when absent)."""
+    if train_config:
+        return not train_config.get('ce_only')
+    return bool(config.get('ood_head_trained', True))
+
+
+def _thresholds(config: Mapping[str, Any], train_config: Optional[Mapping[str, Any]] = None) -> List[tuple]:
+    """(attribute, score it applies to, value) per threshold the card lists; only the spatial one for a model
+    whose OOD head was never trained."""
+    model_args = config.get('model_args') or {}
+    rows = [('spatial_threshold', 'spatial_score', model_args.get('spatial_threshold'))]
+    if ood_head_trained(config, train_config):
+        rows.append(('ood_threshold', 'ood_factor', model_args.get('ood_threshold')))
+    return rows
+
+
+def _input_size(config: Mapping[str, Any]) -> str:
+    size = config['pretrained_cfg'].get('input_size')
+    return f'{size[1]}x{size[2]}' if size else 'the configured input size'
+
+
+def calibration_data(config: Mapping[str, Any], id_dataset: str) -> str:
+    """What the thresholds were calibrated on: the ``calibration`` that ``ssod calibrate`` records in
+    ``config.json``, else the ID validation data of training (``id_dataset``)."""
+    calibration = config.get('calibration') or {}
+    if not calibration.get('data'):
+        return id_dataset
+    return calibration['data'] + (f', {calibration["images"]} images' if calibration.get('images') else '')
+
+
+def threshold_section(config: Mapping[str, Any]) -> str:
+    """:data:`THRESHOLD_SECTION` alone, as :func:`model_card` renders it, for a folder recalibrated in place."""
+    import jinja2
+    return jinja2.Template(THRESHOLD_SECTION).render(
+        thresholds=_thresholds(config), calibration_data=calibration_data(config, 'in-distribution validation set'),
+        input_size=_input_size(config))
 
 
 def id_dataset_name(metrics: Mapping[str, Any], train_config: Mapping[str, Any]) -> str:

@@ -19,7 +19,7 @@ import copy
 import math
 import sys
 import warnings
-from typing import Dict, Final, Optional, Tuple, Union
+from typing import Callable, Dict, Final, Optional, Tuple, Union
 
 import timm
 import torch
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from timm.models import MobileNetV3
 from torch import nn
 
-from .output import SpatialOutput, SSODOutput
+from .output import SpatialOutput, SSODOutput, SSODScores, spatial_maxlogit_score
 
 __all__ = ['SSODModel', 'wrap']
 
@@ -49,6 +49,22 @@ def check_threshold(threshold: float) -> float:
     return value
 
 
+def check_spatial_threshold(threshold: float) -> float:
+    """``threshold`` as a float, if it is one a :meth:`SSODModel.spatial_score` can be compared with: finite."""
+    value = float(threshold)
+    if not math.isfinite(value):
+        raise ValueError(f'spatial_threshold must be a finite logit value, got {threshold}; calibrate one with '
+                         'ssod_zoo.calibrate_threshold(model.spatial_score(id_validation_images))')
+    return value
+
+
+# what accepts() compares for each readout: the model attribute holding its calibrated threshold, and its check
+READOUTS: Dict[str, Tuple[str, Callable[[float], float]]] = {
+    'spatial': ('spatial_threshold', check_spatial_threshold),
+    'factor': ('ood_threshold', check_threshold),
+}
+
+
 class SSODModel(nn.Module):
     """Mixin that makes a timm CNN classifier an SSOD model. Build one with :func:`wrap` or ``timm.create_model``.
 
@@ -60,6 +76,9 @@ class SSODModel(nn.Module):
         return_ood: whether ``forward`` returns :class:`SSODOutput` (True) or the logits tensor (False).
         ood_threshold: the calibrated rejection threshold on ``ood_factor`` (keeps 95% of ID validation images),
             or None if the model was never calibrated. Decide with :meth:`accepts`.
+        spatial_threshold: the same for :meth:`spatial_score`, the readout this project's study found to detect
+            best (the mean MaxLogit of the 3 best feature-map positions), or None. Decide with
+            ``accepts(score, readout='spatial')``.
         check_finite: (default True) eager forwards reject inputs with NaN/Inf values, and warn once about values
             far outside a normalised image's range (0-255 pixels); set False to skip that pass over the input (and
             its device sync) for throughput. Skipped anyway under torch.compile/export.
@@ -73,22 +92,65 @@ class SSODModel(nn.Module):
             return self._forward_ssod(x)  # checked once, above
         return self.forward_head(self.forward_features(x))
 
-    def accepts(self, ood_factor: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
-        """Which images count as one of the known classes: ``ood_factor >= threshold``.
+    def accepts(self, score: torch.Tensor, threshold: Optional[float] = None, readout: str = 'factor') -> torch.Tensor:
+        """Which images count as one of the known classes: ``score >= threshold``.
 
         Args:
-            ood_factor: (B,) from :meth:`forward_ssod` (or ``model(x).ood_factor``).
-            threshold: default ``model.ood_threshold``, calibrated to keep 95% of ID validation images.
+            score: (B,) ``ood_factor`` from :meth:`forward_ssod` (``readout='factor'``, the paper's Eq. 15), or
+                :meth:`spatial_score` (``readout='spatial'``, the readout the study found to detect best).
+            threshold: default the readout's calibrated threshold, ``model.ood_threshold`` or
+                ``model.spatial_threshold``, each set to keep 95% of ID validation images.
+            readout: ``'factor'`` or ``'spatial'``: which score ``score`` is.
 
         Returns:
             (B,) bool, True = in-distribution (keep), False = unknown.
         """
-        threshold = self.ood_threshold if threshold is None else threshold
+        if readout not in READOUTS:
+            raise ValueError(f"readout is one of {', '.join(map(repr, READOUTS))}, got {readout!r}")
+        attribute, check = READOUTS[readout]
+        threshold = getattr(self, attribute, None) if threshold is None else threshold
         if threshold is None:
-            raise ValueError('this model has no calibrated ood_threshold: pass threshold=..., or calibrate one on '
-                             'ID validation images with ssod_zoo.calibrate_threshold(ood_factors) and set '
-                             'model.ood_threshold')
-        return ood_factor >= check_threshold(threshold)
+            scores = 'ood_factors' if readout == 'factor' else 'model.spatial_score(images)'
+            raise ValueError(f'this model has no calibrated {attribute}: pass threshold=..., or calibrate one on '
+                             f'ID validation images with ssod_zoo.calibrate_threshold({scores}) and set '
+                             f'model.{attribute} (or run `ssod calibrate MODEL --val-dir DIR`)')
+        return score >= check(threshold)
+
+    @torch.jit.unused
+    def spatial_score(self, x: torch.Tensor, k: int = 3) -> torch.Tensor:
+        """The readout this project's study found to detect best: the classifier read where the object is, the
+        mean MaxLogit of the ``k`` best feature-map positions (:func:`ssod_zoo.spatial_maxlogit_score`).
+
+        Args:
+            x: (B, C, H, W) float image batch, normalised with the model's mean/std.
+            k: positions averaged; ``model.spatial_threshold`` was calibrated with 3.
+
+        Returns:
+            (B,) float32, higher = more in-distribution; keep where ``score >= model.spatial_threshold``
+            (:meth:`accepts` with ``readout='spatial'``).
+        """
+        self._check_input(x)
+        self._require_classifier('spatial_score')
+        cls_map, _ = self.forward_positions(self.forward_features(x))
+        return spatial_maxlogit_score(cls_map, k=k)
+
+    @torch.jit.unused
+    def forward_scores(self, x: torch.Tensor) -> SSODScores:
+        """Class logits, ``ood_factor`` and :meth:`spatial_score` from one pass of the backbone: what
+        ``ssod predict`` and the ONNX export decide with.
+
+        Args:
+            x: (B, C, H, W) float image batch, normalised with the model's mean/std.
+
+        Returns:
+            SSODScores ``(logits, ood_factor, spatial_score)``.
+        """
+        self._check_input(x)
+        self._require_classifier('forward_scores')
+        features = self.forward_features(x)
+        pooled = self.forward_head(features, pre_logits=True)
+        cls_map, _ = self.forward_positions(features)
+        return SSODScores(self._classify(pooled), self.forward_ood(pooled), spatial_maxlogit_score(cls_map, k=3))
 
     @torch.jit.export  # scripted models keep it: forward() reaches only _forward_ssod
     def forward_ssod(self, x: torch.Tensor) -> SSODOutput:
@@ -155,9 +217,7 @@ class SSODModel(nn.Module):
             raise RuntimeError(
                 f'{type(self).__name__} gives a {features.ndim}-D feature map {tuple(features.shape)}; '
                 'SSOD samples patches from a (B, C, H, W) map, so it needs a CNN')
-        if self.num_classes == 0:
-            raise RuntimeError('SSOD samples patches with the classification head, but this model has none '
-                               '(num_classes=0); create it with num_classes > 0')
+        self._require_classifier('SSOD training, which samples patches with the classification head,')
         pooled = self.forward_head(features, pre_logits=True)
         logits = self._classify(pooled)  # one pass of the pooled head for both heads
         cls_map, ood_map = self.forward_positions(features)
@@ -231,6 +291,12 @@ class SSODModel(nn.Module):
                 '(python -m ssod_zoo.app.train) before ood_factor means anything', stacklevel=3)
             state_dict.update({k: v for k, v in zip(head_keys, (self.ood_head.weight, self.ood_head.bias))})
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.jit.unused
+    def _require_classifier(self, what: str) -> None:
+        if self.num_classes == 0:
+            raise RuntimeError(f'{what} needs the classification head, but this model has none (num_classes=0); '
+                               'create it with num_classes > 0')
 
     @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
@@ -382,6 +448,7 @@ def wrap(
         *,
         return_ood: bool = True,
         ood_threshold: Optional[float] = None,
+        spatial_threshold: Optional[float] = None,
         **kwargs,
 ) -> SSODModel:
     """Turn a timm CNN classifier into an SSOD model.
@@ -391,6 +458,8 @@ def wrap(
             was) or a model name for ``timm.create_model``, e.g. ``'efficientnet_b0'`` or ``'resnet50.tv_in1k'``.
         return_ood: ``forward`` returns ``SSODOutput(logits, ood_factor)`` if True, else the plain logits tensor.
         ood_threshold: calibrated rejection threshold on ``ood_factor``, kept as ``model.ood_threshold``.
+        spatial_threshold: calibrated rejection threshold on :meth:`SSODModel.spatial_score`, kept as
+            ``model.spatial_threshold``.
         **kwargs: passed to ``timm.create_model`` when ``model`` is a name (``pretrained``, ``num_classes``, ...).
 
     Returns:
@@ -421,5 +490,7 @@ def wrap(
     ssod.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in model.__dict__.items()})
     ssod.return_ood = return_ood
     ssod.ood_threshold = ood_threshold if ood_threshold is None else check_threshold(ood_threshold)
+    ssod.spatial_threshold = spatial_threshold if spatial_threshold is None else check_spatial_threshold(
+        spatial_threshold)
     ssod._fit_ood_head()
     return ssod

@@ -1,9 +1,12 @@
-"""ONNX export of SSOD models: one file with two named outputs, ``logits`` and ``ood_factor``.
+"""ONNX export of SSOD models: one file with three named outputs, ``logits``, ``ood_factor`` and ``spatial_score``.
 
-The graph is the model's :meth:`~ssod_zoo.SSODModel.forward_ssod`, so the file carries both outputs whatever the
+The graph is the model's :meth:`~ssod_zoo.SSODModel.forward_scores`, so the file carries every output whatever the
 model's ``return_ood`` says, and it is traced in eval mode (BatchNorm running statistics, no dropout)::
 
-    image: (batch, C, H, W) float  ->  logits: (batch, M),  ood_factor: (batch,) in [0, 1]
+    image: (batch, C, H, W) float  ->  logits: (batch, M),  ood_factor: (batch,) in [0, 1],  spatial_score: (batch,)
+
+``spatial_score`` is the readout this project's study found to detect best; the metadata carry both calibrated
+thresholds (``ssod_zoo.spatial_threshold``, ``ssod_zoo.ood_threshold``) where the model has them.
 
 Exporter: the ``torch.export``-based one (``torch.onnx.export(..., dynamo=True)``, the default since torch 2.9).
 The legacy TorchScript exporter gives the same numbers for every registered architecture, but it is deprecated
@@ -18,7 +21,7 @@ the TorchScript exporter.
 Command line (``ssod export``)::
 
     ssod export ssod_resnet50 --out ssod_resnet50.onnx [--checkpoint model.safetensors] [--input-size 3 224 224]
-    ssod export runs/exp/best.pt --out model.onnx         # a training checkpoint: arch, weights, ood_threshold, size
+    ssod export runs/exp/best.pt --out model.onnx         # a training checkpoint: arch, weights, thresholds, size
     ssod export my_folder --out model.onnx                # a hub folder (ssod save), local-dir: or hf-hub: the same
 """
 import argparse
@@ -36,7 +39,7 @@ from .app.cli import AT_LEAST_1, bounded
 __all__ = ['export_onnx', 'main', 'INPUT_NAME', 'OUTPUT_NAMES']
 
 INPUT_NAME = 'image'
-OUTPUT_NAMES = ('logits', 'ood_factor')
+OUTPUT_NAMES = ('logits', 'ood_factor', 'spatial_score')
 
 # the dynamo exporter's lowest opset; below it, the TorchScript exporter writes the requested opset natively
 _DYNAMO_MIN_OPSET = 18
@@ -45,15 +48,14 @@ _EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 class _SSODGraph(nn.Module):
-    """``forward_ssod`` as a plain tuple: what the exporter traces. The argument name becomes the input's name."""
+    """``forward_scores`` as a plain tuple: what the exporter traces. The argument name becomes the input's name."""
 
     def __init__(self, model: SSODModel):
         super().__init__()
         self.model = model
 
-    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        logits, ood_factor = self.model.forward_ssod(image)
-        return logits, ood_factor
+    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self.model.forward_scores(image))
 
 
 def _require_onnx():
@@ -97,7 +99,7 @@ def _export_torchscript(graph: nn.Module, example: torch.Tensor, path: Path, ops
 
 
 def _metadata(model: SSODModel, input_size: Tuple[int, int, int]) -> Dict[str, str]:
-    """What a deployment needs beside the graph: preprocessing, class count and the calibrated threshold."""
+    """What a deployment needs beside the graph: preprocessing, class count and the calibrated thresholds."""
     from . import __version__
 
     cfg = getattr(model, 'pretrained_cfg', None) or {}
@@ -106,14 +108,16 @@ def _metadata(model: SSODModel, input_size: Tuple[int, int, int]) -> Dict[str, s
         'ssod_zoo.architecture': str(cfg.get('architecture', type(model).__name__)),
         'ssod_zoo.num_classes': str(model.num_classes),
         'ssod_zoo.input_size': json.dumps(list(input_size)),
-        'ssod_zoo.outputs': 'logits: (batch, num_classes); ood_factor: (batch,) in [0, 1], higher = more '
-                            'in-distribution; reject where ood_factor < ood_threshold',
+        'ssod_zoo.outputs': 'logits: (batch, num_classes); ood_factor: (batch,) in [0, 1] and spatial_score: '
+                            '(batch,), higher = more in-distribution; reject where ood_factor < ood_threshold, or '
+                            'spatial_score < spatial_threshold (the readout that detected best in ssod_zoo\'s study)',
     }
     for key in ('mean', 'std', 'interpolation', 'crop_pct'):
         if cfg.get(key) is not None:
             meta[f'ssod_zoo.{key}'] = json.dumps(cfg[key])
-    if getattr(model, 'ood_threshold', None) is not None:
-        meta['ssod_zoo.ood_threshold'] = repr(float(model.ood_threshold))
+    for key in ('ood_threshold', 'spatial_threshold'):
+        if getattr(model, key, None) is not None:
+            meta[f'ssod_zoo.{key}'] = repr(float(getattr(model, key)))
     labels = cfg.get('label_names')
     if labels and len(labels) == model.num_classes:  # logits column i is label_names[i]
         meta['ssod_zoo.label_names'] = json.dumps([str(c) for c in labels])
@@ -129,11 +133,11 @@ def export_onnx(
         opset: Optional[int] = None,
         dynamic_batch: bool = True,
 ) -> Path:
-    """Write an SSOD model as ONNX with input ``image`` and outputs ``logits`` and ``ood_factor``.
+    """Write an SSOD model as ONNX with input ``image`` and outputs ``logits``, ``ood_factor`` and ``spatial_score``.
 
-    The graph is ``forward_ssod`` in eval mode, whatever the model's ``return_ood`` and training mode are; the
+    The graph is ``forward_scores`` in eval mode, whatever the model's ``return_ood`` and training mode are; the
     model's own mode is restored afterwards. The file is checked with ``onnx.checker`` (full check, with shape
-    inference) before this returns, and carries the model's mean/std, input size and ``ood_threshold`` as
+    inference) before this returns, and carries the model's mean/std, input size and thresholds as
     ``ssod_zoo.*`` metadata properties.
 
     Args:
@@ -144,7 +148,7 @@ def export_onnx(
         batch_size: batch size of the example input (and of the graph if ``dynamic_batch`` is False).
         opset: ONNX opset; default: the dynamo exporter's (20 with torch 2.14). Opsets below 18, for older
             runtimes, are written by the TorchScript exporter, which emits them natively.
-        dynamic_batch: make axis 0 of ``image``, ``logits`` and ``ood_factor`` the symbolic dimension ``batch``.
+        dynamic_batch: make axis 0 of the input and of every output the symbolic dimension ``batch``.
 
     Returns:
         The path written.
@@ -309,10 +313,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='ssod export',
         description='Export an SSOD model to ONNX: input "image" (batch, C, H, W), outputs "logits" '
-                    '(batch, num_classes) and "ood_factor" (batch,).')
+                    '(batch, num_classes), "ood_factor" (batch,) and "spatial_score" (batch,).')
     p.add_argument('model', metavar='MODEL',
                    help='a checkpoint written by `ssod train`, a hub folder (`ssod save`) or local-dir:/hf-hub: spec '
-                        '(architecture, weights, ood_threshold and input size come from it), or an architecture '
+                        '(architecture, weights, thresholds and input size come from it), or an architecture '
                         'name, e.g. ssod_resnet50')
     p.add_argument('--out', required=True, type=Path, help='the .onnx file to write')
     p.add_argument('--checkpoint', default=None,
@@ -347,7 +351,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     size = _resolve_input_size(model, args.input_size)
     batch = str(args.batch_size) if args.static_batch else 'batch'
     print(f'wrote {path}: {INPUT_NAME} ({batch}, {", ".join(map(str, size))}) -> '
-          f'logits ({batch}, {model.num_classes}), ood_factor ({batch},)')
+          f'logits ({batch}, {model.num_classes}), ood_factor ({batch},), spatial_score ({batch},)')
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Publishing
     :func:`save_pretrained` writes a hub-ready folder: ``config.json`` (timm's format: ``architecture``,
-    ``model_args`` with every SSOD setting including ``ood_threshold`` and ``return_ood``, a timm
+    ``model_args`` with every SSOD setting including both thresholds and ``return_ood``, a timm
     ``pretrained_cfg`` with ``label_names``), ``model.safetensors`` and ``README.md`` (a model card with HF
     ``model-index`` metadata). :func:`push_to_hub` uploads that folder through ``huggingface_hub``.
     ``ssod save <checkpoint> <dir>`` and ``ssod push <checkpoint> <repo_id>`` (:mod:`ssod_zoo.app.publish`) do
@@ -13,8 +13,9 @@ Loading (plain timm, nothing from ssod_zoo to call)::
     model = timm.create_model('hf-hub:<org>/<repo>', pretrained=True)       # or '...@<revision>'
     model = timm.create_model('local-dir:/path/to/folder', pretrained=True)
     model = timm.create_model('ssod_test_resnet.<tag>', pretrained=True)    # a tag from timm.list_pretrained('ssod_*')
+    keep = model.accepts(model.spatial_score(x), readout='spatial')       # keeps 95% of ID validation images
     logits, ood_factor = model(x)
-    reject = ood_factor < model.ood_threshold                              # keeps 95% of ID validation images
+    keep_eq15 = model.accepts(ood_factor)                                  # the paper's readout, Eq. 15
 
 A registered architecture can be pointed at one's own repo (or file) without registering anything::
 
@@ -22,7 +23,7 @@ A registered architecture can be pointed at one's own repo (or file) without reg
                       pretrained_cfg_overlay=dict(hf_hub_id='me/my-ssod-resnet50', num_classes=10))
 
 ``num_classes`` must be given twice there (the model's and the weights'), as for any timm overlay. The other
-model arguments the weights were saved with (``output_stride=16``, ...) and ``ood_threshold`` are read from the
+model arguments the weights were saved with (``output_stride=16``, ...) and the thresholds are read from the
 repo's ``config.json``, as the ``hf-hub:`` form reads them; arguments given explicitly win. A repo without
 ``config.json`` is refused with a clear error.
 
@@ -31,6 +32,7 @@ remedy: see :mod:`ssod_zoo._pretrained`, which also holds the weights shipped in
 """
 import json
 import math
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -50,13 +52,15 @@ from ._pretrained import (  # noqa: F401
     CONFIG_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MAX_SHIPPED_BYTES, WEIGHTS_NAME, WeightsError, _check_state_dict,
     _clear_errors, _manifest_cfgs, _prepare_pretrained, _repo_model_args, _sha256, _shipped_model_args,
     _state_dict_mismatch, _weights_dir, not_cached)
-from .adapter import SSODModel, check_threshold, wrap
+from .adapter import READOUTS, SSODModel, check_spatial_threshold, check_threshold, wrap
 
 __all__ = ['WeightsError', 'calibrate_threshold', 'load_checkpoint', 'load_model', 'push_folder', 'push_to_hub',
            'save_pretrained', 'write_card']
 
 CARD_NAME = 'README.md'
 CHECKPOINT_FORMAT = 'ssod_zoo.train/1'
+# the calibrated thresholds a model, a checkpoint and a hub folder's model_args carry, one per readout
+THRESHOLDS = tuple(attribute for attribute, _ in READOUTS.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -64,17 +68,18 @@ CHECKPOINT_FORMAT = 'ssod_zoo.train/1'
 
 
 def calibrate_threshold(id_ood_factors: Union[torch.Tensor, Sequence[float]], tpr: float = 0.95) -> float:
-    """The rejection threshold on ``ood_factor`` that keeps a fraction ``tpr`` of in-distribution images.
+    """The rejection threshold on a score that keeps a fraction ``tpr`` of in-distribution images.
 
-    A pipeline keeps an image when ``ood_factor >= threshold`` and rejects it when ``ood_factor < threshold``
-    (higher ``ood_factor`` = more in-distribution, paper Eq. 15). The threshold is the ``ceil(tpr * N)``-th
-    largest ID value, i.e. the largest threshold that keeps at least ``tpr`` of the ID images. Ties: every ID
-    value equal to the threshold is kept, so when several images share it the kept fraction can exceed
-    ``tpr``; it is never below. The threshold is one of the input values (exact in the input's dtype), so the
+    A pipeline keeps an image when ``score >= threshold`` and rejects it when ``score < threshold`` (higher =
+    more in-distribution: ``ood_factor``, paper Eq. 15, or ``model.spatial_score``). The threshold is the
+    ``ceil(tpr * N)``-th largest ID value, i.e. the largest threshold that keeps at least ``tpr`` of the ID images.
+    Ties: every ID value equal to the threshold is kept, so when several images share it the kept fraction can
+    exceed ``tpr``; it is never below. The threshold is one of the input values (exact in the input's dtype), so the
     ``<`` comparison in that dtype reproduces the calibration exactly.
 
     Args:
-        id_ood_factors: (N,) ``ood_factor`` of ID validation images, N >= 1, all finite.
+        id_ood_factors: (N,) scores of ID validation images (``ood_factor`` or ``model.spatial_score``), N >= 1,
+            all finite.
         tpr: fraction of ID images to keep, in (0, 1]; 0.95 is the operating point of FPR95.
 
     Returns:
@@ -106,6 +111,8 @@ def save_pretrained(
         metrics: Optional[Mapping[str, Any]] = None,
         class_names: Optional[Sequence[str]] = None,
         ood_threshold: Optional[float] = None,
+        spatial_threshold: Optional[float] = None,
+        calibration: Optional[Mapping[str, Any]] = None,
         model_card: bool = True,
 ) -> Path:
     """Write a folder that ``timm.create_model('hf-hub:...'/'local-dir:...', pretrained=True)`` loads.
@@ -118,7 +125,11 @@ def save_pretrained(
         metrics: ``{'id_accuracy': float, 'ood': {set_name: {'fpr95', 'auroc', 'aupr_in', 'aupr_out'}}}``, in
             percent, measured for these weights; an optional ``'id_dataset'`` names the ID data in the card.
         class_names: (M,) names of the classes, in classifier order; saved as ``label_names``.
-        ood_threshold: rejection threshold to save; default ``model.ood_threshold``.
+        ood_threshold: rejection threshold on ``ood_factor`` to save; default ``model.ood_threshold``.
+        spatial_threshold: rejection threshold on ``model.spatial_score`` to save; default
+            ``model.spatial_threshold``.
+        calibration: what the thresholds were calibrated on, ``{'data': name, 'images': N}``, when not the
+            training run's ID validation data (``ssod calibrate`` records it; the card shows it).
         model_card: write ``README.md``.
 
     Returns:
@@ -130,7 +141,8 @@ def save_pretrained(
     architecture = _ssod_architecture(model)
     threshold = model.ood_threshold if ood_threshold is None else ood_threshold
     threshold = None if threshold is None else check_threshold(threshold)
-    threshold = None if threshold is None else float(threshold)
+    spatial = getattr(model, 'spatial_threshold', None) if spatial_threshold is None else spatial_threshold
+    spatial = None if spatial is None else check_spatial_threshold(spatial)
     if class_names is not None:
         class_names = [str(c) for c in class_names]
         if len(class_names) != model.num_classes:
@@ -149,9 +161,14 @@ def save_pretrained(
     }
     if class_names:
         model_config['label_names'] = class_names
+    if train_config:  # a cross-entropy twin's OOD head was never trained: ssod calibrate and the card skip it
+        model_config['ood_head_trained'] = _card.ood_head_trained({}, train_config)
+    if calibration:
+        model_config['calibration'] = dict(calibration)
     config_path = save_dir / CONFIG_NAME
     save_config_for_hf(model, str(config_path), model_config=model_config,
-                       model_args={'return_ood': bool(model.return_ood), 'ood_threshold': threshold})
+                       model_args={'return_ood': bool(model.return_ood), 'ood_threshold': threshold,
+                                   'spatial_threshold': spatial})
     config = json.loads(config_path.read_text())
     config['pretrained_cfg']['architecture'] = architecture
     _record_input_size(config['pretrained_cfg'], model, train_config)
@@ -174,6 +191,41 @@ def write_card(save_dir: Union[str, Path], *, train_config: Optional[Mapping[str
     path = save_dir / CARD_NAME
     _card.model_card(config, train_config=train_config, metrics=metrics, name=save_dir.resolve().name).save(path)
     return path
+
+
+def set_thresholds(save_dir: Union[str, Path], thresholds: Mapping[str, Optional[float]], id_dataset: str,
+                   images: Optional[int] = None) -> Path:
+    """Write recalibrated thresholds into a folder :func:`save_pretrained` wrote: ``config.json``'s model arguments
+    and ``calibration`` (what they were calibrated on), and the card's threshold section. The weights are not
+    touched (``ssod calibrate``). Returns the config's path.
+
+    Args:
+        thresholds: ``{'ood_threshold': ..., 'spatial_threshold': ...}``, either may be left out.
+        id_dataset: what they were calibrated on, as the card names it.
+        images: how many images that was.
+    """
+    unknown = set(thresholds) - set(THRESHOLDS)
+    if unknown:
+        raise ValueError(f'unknown thresholds {sorted(unknown)}; one of {THRESHOLDS}')
+    checks = {attribute: check for attribute, check in READOUTS.values()}
+    save_dir = Path(save_dir)
+    config_path = save_dir / CONFIG_NAME
+    config = json.loads(config_path.read_text())
+    config.setdefault('model_args', {}).update(
+        {k: None if v is None else checks[k](v) for k, v in thresholds.items()})
+    config['calibration'] = {'data': id_dataset, 'images': images, 'keep': 0.95}
+    config_path.write_text(json.dumps(config, indent=2) + '\n')
+    card = save_dir / CARD_NAME
+    if card.is_file():
+        text, section = card.read_text(), _card.threshold_section(config)
+        # the section runs to the next heading; cards from before it existed have an older one, or none
+        found = re.search(r'^## Rejection thresholds?\n.*?(?=^## )', text, flags=re.M | re.S)
+        if found:
+            text = text[:found.start()] + section + '\n\n' + text[found.end():]
+        elif '\n## Results\n' in text:
+            text = text.replace('\n## Results\n', '\n' + section + '\n\n## Results\n', 1)
+        card.write_text(text)
+    return config_path
 
 
 def _record_input_size(cfg: Dict[str, Any], model: nn.Module, train_config: Optional[Mapping[str, Any]]) -> None:
@@ -271,7 +323,7 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[SSODModel, Dict[str, Any]]:
         path: the checkpoint file the training CLI wrote.
 
     Returns:
-        ``(model, checkpoint)``: the model in eval mode with the checkpoint's weights and ``ood_threshold``,
+        ``(model, checkpoint)``: the model in eval mode with the checkpoint's weights and thresholds,
         and the checkpoint dict (``config``, ``metrics``, ``class_names``, ...).
     """
     path = Path(path)
@@ -305,7 +357,8 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[SSODModel, Dict[str, Any]]:
         raise WeightsError(f'{path}: the weights do not fit {arch} built with {ckpt["model_args"]}: {problem}. '
                            'The checkpoint is inconsistent; re-export it from training')
     model.load_state_dict(state_dict)
-    model.ood_threshold = None if ckpt.get('ood_threshold') is None else float(ckpt['ood_threshold'])
+    for key in THRESHOLDS:
+        setattr(model, key, None if ckpt.get(key) is None else float(ckpt[key]))
     model.pretrained_cfg = {**model.pretrained_cfg, **_checkpoint_data_config(ckpt)}
     if ckpt.get('class_names') and len(ckpt['class_names']) == model.num_classes:
         model.pretrained_cfg['label_names'] = tuple(str(c) for c in ckpt['class_names'])
@@ -366,7 +419,7 @@ def _forget_calibration(model: SSODModel, name: str, weights_classes: int) -> No
     """timm reset the classifier for another class count than the weights': their label names and the threshold
     calibrated with them no longer apply."""
     warnings.warn(f'{name}: built with num_classes={model.num_classes}, the weights have {weights_classes} classes; '
-                  'the classifier is new, so their label_names and ood_threshold are dropped (train it, then '
-                  'calibrate a threshold)', stacklevel=3)
+                  'the classifier is new, so their label_names and thresholds are dropped (train it, then '
+                  'calibrate them: ssod calibrate)', stacklevel=3)
     model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != 'label_names'}
-    model.ood_threshold = None
+    model.ood_threshold = model.spatial_threshold = None

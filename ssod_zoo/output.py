@@ -3,7 +3,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ['posterior_score', 'spatial_posterior_score', 'spatial_maxlogit_score', 'SSODOutput', 'SpatialOutput',
+__all__ = ['posterior_score', 'spatial_posterior_score', 'spatial_maxlogit_score', 'SSODOutput', 'SSODScores',
+           'SpatialOutput',
            'robust_posterior']
 
 
@@ -19,6 +20,20 @@ class SSODOutput(NamedTuple):
     """
     logits: torch.Tensor
     ood_factor: torch.Tensor
+
+
+class SSODScores(NamedTuple):
+    """Everything a deployment decides with, from one forward pass (``model.forward_scores(x)``).
+
+    Attributes:
+        logits: (B, M) class logits, as in :class:`SSODOutput`.
+        ood_factor: (B,) in [0, 1], the OOD factor of Eq. 15; keep where ``>= model.ood_threshold``.
+        spatial_score: (B,) the mean MaxLogit of the 3 best feature-map positions (:func:`spatial_maxlogit_score`),
+            the readout this project's study found to detect best; keep where ``>= model.spatial_threshold``.
+    """
+    logits: torch.Tensor
+    ood_factor: torch.Tensor
+    spatial_score: torch.Tensor
 
 
 class SpatialOutput(NamedTuple):

@@ -23,17 +23,19 @@ PAPER_ID = 'arXiv:2307.00519'
 PAPER_NAME = 'Image Background Serves as Good Proxy for Out-of-distribution Data'
 
 
-def _build(trunk: str, return_ood: bool = True, ood_threshold: Optional[float] = None, **kwargs: Any) -> SSODModel:
+def _build(trunk: str, return_ood: bool = True, ood_threshold: Optional[float] = None,
+           spatial_threshold: Optional[float] = None, **kwargs: Any) -> SSODModel:
     trunk = timm.create_model(trunk, pretrained=False, **kwargs)
-    return wrap(trunk, return_ood=return_ood, ood_threshold=ood_threshold)
+    return wrap(trunk, return_ood=return_ood, ood_threshold=ood_threshold, spatial_threshold=spatial_threshold)
 
 
 def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -> SSODModel:
     tag = kwargs.get('pretrained_cfg') if isinstance(kwargs.get('pretrained_cfg'), str) else None
     # a registered weight brings the model arguments it was saved with (ood_threshold, output_stride, ...)
     saved_args = hub._shipped_model_args(variant, tag)
-    if not pretrained:  # the architecture the weights need, not the threshold calibrated on them: no weights here
-        saved_args.pop('ood_threshold', None)
+    if not pretrained:  # the architecture the weights need, not the thresholds calibrated on them: no weights here
+        for key in hub.THRESHOLDS:
+            saved_args.pop(key, None)
     for k, v in saved_args.items():
         kwargs.setdefault(k, v)
     if saved_args:
@@ -78,7 +80,9 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
         model._model_args = {**saved_args, **getattr(model, '_model_args', {})}
     weights_classes = cfg.num_classes  # features_only gives a feature extractor, not an SSODModel
     if pretrained and isinstance(model, SSODModel) and model.num_classes not in (0, weights_classes):
-        hub._forget_calibration(model, name, weights_classes)  # 0: no classifier, the calibration still holds
+        hub._forget_calibration(model, name, weights_classes)  # 0: no classifier, the OOD factor's still holds
+    if pretrained and isinstance(model, SSODModel) and model.num_classes == 0:
+        model.spatial_threshold = None  # no classifier, so no spatial score to compare it with
     return model
 
 

@@ -20,13 +20,14 @@ def bind_hfapi(method: str, *args, **kwargs) -> inspect.BoundArguments:
     return bound
 
 
-def make_checkpoint(path, threshold=None, size=64, num_classes=3, seed=0):
+def make_checkpoint(path, threshold=None, size=64, num_classes=3, seed=0, spatial_threshold=None):
     """A ssod_test_resnet training checkpoint as `ssod train` writes it (untrained weights, 64 px)."""
     torch.manual_seed(seed)
     model = timm.create_model('ssod_test_resnet', num_classes=num_classes)
     torch.save({'format': CHECKPOINT_FORMAT, 'architecture': 'ssod_test_resnet',
                 'model_args': {'num_classes': num_classes}, 'model': model.state_dict(),
-                'ood_threshold': threshold, 'class_names': list(NAMES[:num_classes]),
+                'ood_threshold': threshold, 'spatial_threshold': spatial_threshold,
+                'class_names': list(NAMES[:num_classes]),
                 'data_config': {'input_size': (3, size, size), 'crop_pct': 1.0, 'interpolation': 'bilinear',
                                 'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5)}}, path)
     return path

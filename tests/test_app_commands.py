@@ -163,7 +163,8 @@ def test_demo_quick_end_to_end(tmp_path):
 
     # the published SSOD model is the one scored: its threshold and one metric, recomputed from its outputs
     model = load_model(out / 'models' / 'ssod')
-    assert model.ood_threshold == pytest.approx(results['config']['ood_threshold'])
+    assert model.ood_threshold == pytest.approx(results['config']['thresholds']['ssod'])
+    assert model.spatial_threshold == pytest.approx(results['config']['thresholds']['ssod_spatial_top3'])
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
     folder = lambda *parts: DataLoader(ImageFolder(out.joinpath('benchmark', *parts), transform=transform),  # noqa
                                        batch_size=128)
@@ -191,7 +192,11 @@ def test_demo_evaluates_the_shipped_models_by_default(tmp_path):
     assert {'ssod_spatial_top3', 'maxlogit_spatial_top3', 'ssod'} <= set(results['ood']['average'])
     for name in ('ssod', 'ce'):
         shipped, published = load_model(SHIPPED_MODELS / name), load_model(out / 'models' / name)
-        assert published.ood_threshold == shipped.ood_threshold
+        assert (published.ood_threshold, published.spatial_threshold) == (shipped.ood_threshold,
+                                                                          shipped.spatial_threshold)
+        # and says what the thresholds were calibrated on: the shipped folder's calibration set, not id/val
+        assert json.loads((out / 'models' / name / 'config.json').read_text())['calibration'] == json.loads(
+            (SHIPPED_MODELS / name / 'config.json').read_text())['calibration']
         for k, v in shipped.state_dict().items():
             assert torch.equal(published.state_dict()[k], v), (name, k)
     recipe = json.loads((SHIPPED_MODELS / 'recipe.json').read_text())
@@ -201,16 +206,18 @@ def test_demo_evaluates_the_shipped_models_by_default(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 * 6 + 3 * 10 and {'ssod', 'ssod_spatial_top3', 'odin'} <= set(rows[0])
     id_rows = [r for r in rows if r['set'] == 'id']
-    threshold = results['config']['ood_threshold']
-    assert results['accept_rates']['id']['accepted'] == pytest.approx(
-        100 * sum(float(r['ssod']) >= threshold for r in id_rows) / len(id_rows))
+    thresholds = results['thresholds']
+    assert thresholds == results['config']['thresholds'] and None not in thresholds.values()
+    for method in ('ssod', 'ssod_spatial_top3'):  # both deployed readouts, each at its own threshold
+        assert results['accept_rates'][method]['id']['accepted'] == pytest.approx(
+            100 * sum(float(r[method]) >= thresholds[method] for r in id_rows) / len(id_rows))
     assert set(results['ci']) == set(results['ood']) - {'average'}
     lo, hi = results['ci']['near']['ssod']['fpr95']
     assert lo <= results['ood']['near']['ssod']['fpr95'] <= hi
     md = (out / 'results.md').read_text()
     assert 'Accepted %' in md and '95% CI' in md
     card = (out / 'models' / 'ce' / 'README.md').read_text()
-    assert 'never trained' in card and '## Rejection threshold' not in card
+    assert 'never trained' in card and 'model.spatial_threshold = ' in card and 'model.ood_threshold' not in card
 
 
 def test_demo_refuses_training_options_without_retrain(capsys):
@@ -232,11 +239,18 @@ def test_help_examples_keep_their_line_continuations(command, capsys):
 
 def test_report_without_bootstrap_has_no_empty_interval_table():
     from ssod_zoo.app.report import report_markdown
-    accept = {'id': {'n': 10, 'accepted': 95.0}, 'near': {'n': 10, 'accepted': 40.0}}
+    accept = {'ssod_spatial_top3': {'id': {'n': 10, 'accepted': 96.0}, 'near': {'n': 10, 'accepted': 20.0}},
+              'ssod': {'id': {'n': 10, 'accepted': 95.0}, 'near': {'n': 10, 'accepted': 40.0}}}
+    thresholds = {'ssod_spatial_top3': 9.5, 'ssod': 0.5}
     ood = {'near': {'ssod': {'fpr95': 40.0, 'auroc': 80.0}}}
-    without = report_markdown(accept, 0.5, {}, ood, n_boot=0)
+    without = report_markdown(accept, thresholds, {}, ood, n_boot=0)
     assert '## FPR95 and AUROC' not in without and '| Method |' not in without
-    assert '--bootstrap 0' in without and '| near | 10 | 40.0 |' in without
+    assert '--bootstrap 0' in without and '| near | 10 | 20.0 | 40.0 |' in without
+    assert '| Set | Images | Accepted %, `spatial_score` | Accepted %, `ood_factor` |' in without
+    assert '`spatial_score >= 9.5` (`model.spatial_threshold`); `ood_factor >= 0.5`' in without
+    # a readout without a threshold: its column goes, and the report says how to get one
+    missing = report_markdown(accept, {**thresholds, 'ssod_spatial_top3': None}, {}, ood, n_boot=0)
+    assert '| near | 10 | 40.0 |' in missing and 'no calibrated `spatial_threshold` (`ssod calibrate`' in missing
     ci = {'near': {'ssod': {'fpr95': [30.0, 50.0], 'auroc': [75.0, 85.0]}}}
-    with_ci = report_markdown(accept, 0.5, ci, ood, n_boot=100)
+    with_ci = report_markdown(accept, thresholds, ci, ood, n_boot=100)
     assert '(100 resamples, seed 0)' in with_ci and '| ssod | 40.0 [30.0, 50.0] | 80.0 [75.0, 85.0] |' in with_ci

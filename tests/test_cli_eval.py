@@ -33,8 +33,11 @@ def test_eval_reports_counts_accept_rates_intervals_and_per_image_scores(data, t
                                  str(data['flat']), str(data['nested']), '--fit-dir', str(data['fit']),
                                  '--out', str(tmp_path), '--workers', '0', '--batch-size', '8',
                                  '--bootstrap', '200'])
-    rates = payload['accept_rates']
+    rates = payload['accept_rates']['ssod']
     assert {k: v['n'] for k, v in rates.items()} == {'id': 12, 'flat_ood': 5, 'nested_ood': 3}
+    # the checkpoint has no spatial_threshold: counts for that readout, no rates, and results.md says how to get one
+    assert payload['thresholds'] == {'ssod_spatial_top3': None, 'ssod': 0.5}
+    assert all(v['accepted'] is None for v in payload['accept_rates']['ssod_spatial_top3'].values())
     with open(tmp_path / 'scores.csv', newline='') as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 20 and all(r['path'].endswith('.png') for r in rows)
@@ -47,12 +50,13 @@ def test_eval_reports_counts_accept_rates_intervals_and_per_image_scores(data, t
         for c in by_method.values():
             assert 0 <= c['fpr95'][0] <= c['fpr95'][1] <= 100 and 0 <= c['auroc'][0] <= c['auroc'][1] <= 100
     md = (tmp_path / 'results.md').read_text()
-    assert 'Accepted %' in md and '95% CI' in md
+    assert 'Accepted %, `ood_factor`' in md and '95% CI' in md
+    assert 'no calibrated `spatial_threshold` (`ssod calibrate` sets it' in md
     # every method gets a histogram row, and the SSOD rows carry the model's threshold
     titles = {t.split(':')[0] for t, _ in lines}
     assert titles == {'ssod'} and {x for _, x in lines} == {0.5}
     assert (tmp_path / 'histograms.png').is_file()
-    assert json.loads((tmp_path / 'results.json').read_text())['accept_rates'] == rates
+    assert json.loads((tmp_path / 'results.json').read_text())['accept_rates']['ssod'] == rates
 
 
 def test_corrupt_image_is_one_line_naming_the_file(data, tmp_path, capsys):

@@ -65,7 +65,7 @@ def test_push_offline_is_one_line_with_what_to_do(tmp_path, monkeypatch, capsys)
         raise OfflineModeIsEnabled('Cannot reach https://huggingface.co/api/repos/create: offline mode is enabled.')
 
     monkeypatch.setattr(HfApi, 'create_repo', offline)
-    ckpt = make_checkpoint(tmp_path / 'best.pt', threshold=0.5)
+    ckpt = make_checkpoint(tmp_path / 'best.pt', threshold=0.5, spatial_threshold=3.0)
     with pytest.raises(SystemExit) as e:
         publish.main(['push', str(ckpt), 'me/my-ssod'])
     assert e.value.code == 2
@@ -82,7 +82,7 @@ def test_push_without_a_reachable_hub_is_one_line(tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(constants, 'ENDPOINT', 'http://127.0.0.1:9')  # the discard port: nothing listens
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
-    ckpt = make_checkpoint(tmp_path / 'best.pt', threshold=0.5)
+    ckpt = make_checkpoint(tmp_path / 'best.pt', threshold=0.5, spatial_threshold=3.0)
     with pytest.raises(SystemExit) as e:
         publish.main(['push', str(ckpt), 'me/my-ssod', '--token', 'hf_test'])
     assert e.value.code == 2
@@ -108,15 +108,17 @@ def test_export_takes_tags_and_writes_label_names(tmp_path):
 @pytest.mark.parametrize('load', [ssod_zoo.load_model, partial(timm.create_model, pretrained=True)],
                          ids=['load_model', 'timm.create_model'])
 def test_loading_with_another_class_count_drops_label_names_and_threshold(load):
-    with pytest.warns(UserWarning, match='label_names and ood_threshold are dropped'):
+    with pytest.warns(UserWarning, match='label_names and thresholds are dropped'):
         model = load('ssod_test_resnet.synthetic', num_classes=3)
-    assert model.ood_threshold is None and 'label_names' not in model.pretrained_cfg
+    assert model.ood_threshold is None and model.spatial_threshold is None and 'label_names' not in model.pretrained_cfg
     kept = load('ssod_test_resnet.synthetic')  # the weights' own class count: calibration kept
     assert kept.ood_threshold is not None and len(kept.pretrained_cfg['label_names']) == kept.num_classes
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # no classifier (num_classes=0): the OOD factor and its threshold still hold
-        assert load('ssod_test_resnet.synthetic', num_classes=0).ood_threshold == kept.ood_threshold
-
+        headless = load('ssod_test_resnet.synthetic', num_classes=0)
+    assert headless.ood_threshold == kept.ood_threshold and headless.spatial_threshold is None  # no classifier
+    with pytest.raises(RuntimeError, match='spatial_score needs the classification head'):
+        headless.spatial_score(torch.randn(1, 3, 96, 96))
 
 
 def test_a_tag_without_its_weights_has_their_architecture_but_not_their_threshold():
@@ -131,7 +133,8 @@ def test_a_tag_without_its_weights_has_their_architecture_but_not_their_threshol
     ('train', ['--gamma', '1.5'], 'argument --gamma: must be in (0.5, 1], got 1.5'),
     ('train', ['--batch-size', '0'], 'argument --batch-size: must be >= 1, got 0'),
     ('eval', ['--model', 'm', '--val-dir', '.', '--ood-dirs', '.', '--knn-k', '0'], 'argument --knn-k: must be >= 1'),
-    ('predict', ['m', 'x.png', '--threshold', '2'], 'argument --threshold: must be in [0, 1]'),
+    ('predict', ['m', 'x.png', '--rule', 'factor', '--threshold', '2'],
+     'argument --threshold: must be in [0, 1] for --rule factor'),
     ('save', ['c.pt', 'out', '--ood-threshold', '3'], 'argument --ood-threshold: must be in [0, 1], as ood_factor is'),
     ('push', ['c.pt', 'me/r', '--ood-threshold', '-0.1'], 'argument --ood-threshold: must be in [0, 1]'),
     ('demo', ['--retrain', '--ood-per-set', '0'], 'argument --ood-per-set: must be >= 1, got 0'),
@@ -330,7 +333,7 @@ def test_eval_limit_caps_folder_sets_too(two_class_folders, tmp_path):
     import json
 
     two_class_folders('hub', '--limit', '3')
-    rates = json.loads((tmp_path / 'out' / 'results.json').read_text())['accept_rates']
+    rates = json.loads((tmp_path / 'out' / 'results.json').read_text())['accept_rates']['ssod']
     assert {k: v['n'] for k, v in rates.items()} == {'id': 3, 'ood': 3}, rates
 
 

@@ -41,8 +41,8 @@ def test_model_card_snippet_runs_on_grayscale_and_colour_files(mode, tmp_path, m
 @pytest.mark.parametrize('ce_only', [False, True])
 def test_generated_card_snippet_runs(ce_only, tmp_path, monkeypatch):
     """The card's snippet runs as pasted; a cross-entropy baseline's card (``ce_only`` in its training config)
-    says its OOD head is untrained and reads it out without ``ood_factor``, where an SSOD model's applies its
-    threshold."""
+    says its OOD head is untrained and decides with the spatial score alone, where an SSOD model's also applies
+    the threshold on ``ood_factor``."""
     import ssod_zoo
 
     folder = ssod_zoo.save_pretrained(ssod_zoo.load_model('ssod_test_resnet.synthetic'), tmp_path / 'hub',
@@ -55,7 +55,8 @@ def test_generated_card_snippet_runs(ce_only, tmp_path, monkeypatch):
     exec(code, scope)
     card = (folder / 'README.md').read_text()
     if ce_only:
-        assert scope['score'].shape == (1,) and 'reject' not in scope and 'ood_factor' not in code
-        assert 'cross-entropy baseline' in card and 'never trained' in card and 'Rejection threshold' not in card
+        assert scope['keep'].shape == (1,) and 'keep_eq15' not in scope and 'accepts(ood_factor)' not in code
+        assert 'cross-entropy baseline' in card and 'never trained' in card and 'model.ood_threshold' not in card
     else:
-        assert scope['reject'].shape == (1,) and 'never trained' not in card and '## Rejection threshold' in card
+        assert scope['keep'].shape == scope['keep_eq15'].shape == (1,) and 'never trained' not in card
+        assert 'model.ood_threshold = ' in card and 'model.spatial_threshold = ' in card

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import ssod_zoo
-from ssod_zoo import SSODOutput
+from ssod_zoo import SSODOutput, SSODScores
 from ssod_zoo.export import INPUT_NAME, OUTPUT_NAMES, export_onnx, main
 
 # resnet34 and resnet101 export through resnet18's and resnet50's graphs (same block types, more of them)
@@ -113,9 +113,11 @@ def _images(batch: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, *SIZE, generator=torch.Generator().manual_seed(seed))
 
 
-def _reference(model: nn.Module, x: torch.Tensor) -> SSODOutput:
+def _reference(model: nn.Module, x: torch.Tensor) -> SSODScores:
+    """What the exported graph computes, eagerly: ``forward_scores``, whose first two fields are ``forward_ssod``'s
+    (compared separately in test_ssod_models); a comparison with the 2 outputs of ``forward_ssod`` checks those."""
     with torch.no_grad():
-        return model.forward_ssod(x)
+        return model.forward_scores(x)
 
 
 def _assert_same(out, ref, atol: float, rtol: float = 0.0) -> None:
@@ -141,7 +143,7 @@ def test_onnx_matches_pytorch_with_dynamic_batch(name, tmp_path):
     path = export_onnx(model, tmp_path / f'{name}.onnx', input_size=SIZE)  # traced at batch 1
     sess = _session(path)
     assert [i.name for i in sess.get_inputs()] == [INPUT_NAME]
-    assert [o.name for o in sess.get_outputs()] == ['logits', 'ood_factor']
+    assert [o.name for o in sess.get_outputs()] == ['logits', 'ood_factor', 'spatial_score']
     assert isinstance(sess.get_inputs()[0].shape[0], str), 'batch axis is not symbolic'
     for batch in (2, 3):
         x = _varied_images(batch, seed=batch)
@@ -156,7 +158,8 @@ def test_onnx_matches_pytorch_with_dynamic_batch(name, tmp_path):
 
 def test_onnx_export_is_eval_mode_whatever_the_model_mode(tmp_path):
     """A training-mode, return_ood=False model exports forward_ssod in eval mode and is left as it was."""
-    model = _randomize(timm.create_model('ssod_test_resnet', return_ood=False, ood_threshold=0.25)).train()
+    model = _randomize(timm.create_model('ssod_test_resnet', return_ood=False, ood_threshold=0.25,
+                                         spatial_threshold=-1.5)).train()
     bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     stats = bn.running_mean.clone()
     path = export_onnx(model, tmp_path / 'm.onnx', input_size=SIZE)
@@ -168,7 +171,7 @@ def test_onnx_export_is_eval_mode_whatever_the_model_mode(tmp_path):
 
     import onnx
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    assert float(meta['ssod_zoo.ood_threshold']) == 0.25
+    assert float(meta['ssod_zoo.ood_threshold']) == 0.25 and float(meta['ssod_zoo.spatial_threshold']) == -1.5
     assert meta['ssod_zoo.input_size'] == '[3, 64, 64]'
     assert meta['ssod_zoo.mean'] == '[0.485, 0.456, 0.406]'
 
@@ -204,11 +207,12 @@ def test_onnx_cli_with_training_checkpoint(tmp_path):
 
     model = _randomize(timm.create_model('ssod_test_resnet', num_classes=5), seed=4).eval()
     torch.save({'format': CHECKPOINT_FORMAT, 'architecture': 'ssod_test_resnet', 'model_args': {'num_classes': 5},
-                'model': model.state_dict(), 'ood_threshold': 0.375}, tmp_path / 'best.pt')
+                'model': model.state_dict(), 'ood_threshold': 0.375, 'spatial_threshold': 7.25}, tmp_path / 'best.pt')
     out = tmp_path / 'ckpt.onnx'
     assert main([str(tmp_path / 'best.pt'), '--out', str(out), '--input-size', *map(str, SIZE)]) == 0
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert float(meta['ssod_zoo.ood_threshold']) == 0.375 and meta['ssod_zoo.num_classes'] == '5'
+    assert float(meta['ssod_zoo.spatial_threshold']) == 7.25
     x = _images(3)
     _assert_same(_session(out).run(None, {INPUT_NAME: x.numpy()}), _reference(model, x), atol=ONNX_ATOL)
 

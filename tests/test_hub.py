@@ -34,6 +34,7 @@ NUM_CLASSES = 3
 CLASS_NAMES = ['cat', 'dog', 'fox']
 MODEL_KWARGS = {'output_stride': 16}
 THRESHOLD = 0.4375
+SPATIAL_THRESHOLD = 6.125
 METRICS = {'id_accuracy': 87.5, 'id_dataset': 'synthetic shapes',
            'ood': {'noise': {'fpr95': 12.5, 'auroc': 96.25, 'aupr_in': 95.0, 'aupr_out': 97.0},
                    'textures': {'fpr95': 40.0, 'auroc': 88.0, 'aupr_in': 86.5, 'aupr_out': 89.25}},
@@ -49,7 +50,8 @@ TRAIN_CONFIG = {'model': ARCH, 'epochs': 2, 'gamma': 0.95, 'alpha': 1.0, 'lr': 1
 def model():
     torch.manual_seed(0)
     # output_stride changes the outputs but no tensor shape: only restoring the model args gets it right
-    m = timm.create_model(ARCH, num_classes=NUM_CLASSES, ood_threshold=THRESHOLD, **MODEL_KWARGS).eval()
+    m = timm.create_model(ARCH, num_classes=NUM_CLASSES, ood_threshold=THRESHOLD, spatial_threshold=SPATIAL_THRESHOLD,
+                          **MODEL_KWARGS).eval()
     with torch.no_grad():  # a head far from its init, so a load that silently kept the fresh head shows
         m.ood_head.weight.normal_(0, 1.0)
         m.ood_head.bias.copy_(torch.tensor([-0.3, 0.7]))
@@ -64,6 +66,7 @@ def images():
 def assert_same_model(loaded, original, images, threshold=THRESHOLD):
     assert type(loaded) is type(original)
     assert loaded.ood_threshold == threshold
+    assert loaded.spatial_threshold == SPATIAL_THRESHOLD  # every route (folder, Hub, checkpoint) keeps both
     assert loaded.return_ood == original.return_ood
     with torch.no_grad():
         a, b = original.forward_ssod(images), loaded.eval().forward_ssod(images)
@@ -71,13 +74,14 @@ def assert_same_model(loaded, original, images, threshold=THRESHOLD):
     assert torch.equal(a.ood_factor, b.ood_factor)
 
 
-def make_checkpoint(path, model, ood_threshold=THRESHOLD, **changes):
+def make_checkpoint(path, model, ood_threshold=THRESHOLD, spatial_threshold=SPATIAL_THRESHOLD, **changes):
     """A checkpoint in the training CLI's format (ssod_zoo.train/1)."""
     ckpt = {
         'format': 'ssod_zoo.train/1', 'architecture': ARCH, 'model_args': {'num_classes': NUM_CLASSES, **MODEL_KWARGS},
         'model': model.state_dict(), 'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-4}]},
         'scheduler': {'last_epoch': 2}, 'scaler': {}, 'epoch': 2, 'rng': {'torch': torch.get_rng_state()},
-        'config': TRAIN_CONFIG, 'metrics': METRICS, 'ood_threshold': ood_threshold, 'class_names': CLASS_NAMES,
+        'config': TRAIN_CONFIG, 'metrics': METRICS, 'ood_threshold': ood_threshold,
+        'spatial_threshold': spatial_threshold, 'class_names': CLASS_NAMES,
     }
     ckpt.update(changes)
     torch.save(ckpt, path)
@@ -303,7 +307,9 @@ def test_model_card_has_model_index_metrics_config_and_citation(saved):
     text = card.text
     assert '"gamma": 0.95' in text and '"epochs": 2' in text  # the training config
     assert f'model.ood_threshold = {THRESHOLD:.6g}' in text
-    assert 'ood_factor < model.ood_threshold' in text  # how a pipeline rejects
+    assert f'model.spatial_threshold = {SPATIAL_THRESHOLD:.6g}' in text
+    assert "keep = model.accepts(score, readout='spatial')" in text  # how a pipeline decides
+    assert 'keep_eq15 = model.accepts(ood_factor)' in text
     assert 'Texture' in text and 'A.5' in text and 'gamma' in text  # limitations
     assert '2307.00519' in text and 'Pei, Sen' in text  # citation
     assert '| noise | 12.50 | 96.25 | 95.00 | 97.00 |' in text
@@ -314,11 +320,12 @@ def test_save_pretrained_without_metrics_or_threshold(tmp_path):
     m = timm.create_model(ARCH, num_classes=2)
     out = hub.save_pretrained(m, tmp_path / 'bare')
     config = json.loads((out / 'config.json').read_text())
-    assert config['model_args']['ood_threshold'] is None
+    assert config['model_args']['ood_threshold'] is None and config['model_args']['spatial_threshold'] is None
     assert 'label_names' not in config
     card = ModelCard.load(out / 'README.md')
     assert not card.data.eval_results
-    assert 'No calibrated threshold' in card.text
+    assert '`model.spatial_threshold`: none saved with these weights' in card.text
+    assert '`model.ood_threshold`: none saved with these weights' in card.text
     # the ID data's name is read off ssod_zoo.app.train's config when the metrics do not give it
     synthetic = hub.save_pretrained(m, tmp_path / 'synthetic', metrics={'id_accuracy': 50.0},
                                     train_config={'data': 'synthetic', 'val_dir': ''})
@@ -428,9 +435,9 @@ def test_registered_architecture_pointed_at_a_repo_without_config_fails_clearly(
 
 
 def test_explicit_local_file_overlay(saved, model, images):
+    overlay = dict(file=str(saved / 'model.safetensors'), num_classes=NUM_CLASSES)
     loaded = timm.create_model(ARCH, pretrained=True, num_classes=NUM_CLASSES, ood_threshold=THRESHOLD,
-                               **MODEL_KWARGS, pretrained_cfg_overlay=dict(file=str(saved / 'model.safetensors'),
-                                                           num_classes=NUM_CLASSES))
+                               spatial_threshold=SPATIAL_THRESHOLD, **MODEL_KWARGS, pretrained_cfg_overlay=overlay)
     assert_same_model(loaded, model, images)
 
 
@@ -699,7 +706,10 @@ def test_cli_push(hf_home, tmp_path, model, images, monkeypatch, capsys):
 def test_cli_warns_without_threshold_and_fails_cleanly(tmp_path, model, capsys):
     ckpt = make_checkpoint(tmp_path / 'last.pt', model, ood_threshold=None)
     publish.main(['save', str(ckpt), str(tmp_path / 'out')])
-    assert 'no calibrated ood_threshold' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert 'no calibrated ood_threshold;' in err and 'ssod calibrate FOLDER' in err
+    publish.main(['save', str(make_checkpoint(tmp_path / 'bare.pt', model, None, None)), str(tmp_path / 'bare')])
+    assert 'no calibrated spatial_threshold or ood_threshold;' in capsys.readouterr().err
     assert json.loads((tmp_path / 'out' / 'config.json').read_text())['model_args']['ood_threshold'] is None
     with pytest.raises(SystemExit) as e:
         publish.main(['save', str(tmp_path / 'missing.pt'), str(tmp_path / 'x')])

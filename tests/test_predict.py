@@ -1,6 +1,7 @@
 """`ssod predict`: class or unknown per image, from any model spec, with the model's own preprocessing."""
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ def make_images(folder, n=5, corrupt=False):
 
 @pytest.fixture(scope='module')
 def calibrated(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp('ckpt') / 'best.pt', threshold=0.5)
+    return make_checkpoint(tmp_path_factory.mktemp('ckpt') / 'best.pt', threshold=0.5, spatial_threshold=0.0)
 
 
 def read_csv(path):
@@ -47,46 +48,111 @@ def test_find_images_takes_files_folders_recursively_and_globs(tmp_path):
     assert len(both) == 5 and both[0].name == '0.png'  # no duplicates, given files first
 
 
-def _by_hand(rule, threshold=0.2):
+def _spatial_by_hand(ckpt):
+    """Each DECISIVE image's spatial score, worked out without the adapter: for test_resnet the per-position
+    pre-logits are the feature map itself, so the classifier at each position is an einsum with its weights."""
+    model = ssod_zoo.load_model(ckpt)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    folder = Path(ckpt).parent / 'images'
+    x = torch.stack([transform(Image.open(folder / name).convert('RGB')) for name in DECISIVE])
+    fc = model.get_classifier()
+    with torch.no_grad():
+        cls_map = torch.einsum('bchw,mc->bmhw', model.forward_features(x), fc.weight) + fc.bias[:, None, None]
+    best = cls_map.amax(dim=1).flatten(1).topk(3, dim=1).values.mean(dim=1)
+    return dict(zip(DECISIVE, best.tolist()))
+
+
+def _by_hand(rule, spatial, threshold=0.2, spatial_threshold=None):
     """Each DECISIVE image's expected row, worked out from the logits the checkpoint was fitted to."""
     rows = {}
     for name, (logits, diff) in DECISIVE.items():
         z = np.array(logits)
         p = np.exp(z) / np.exp(z).sum()
         f = 1 / (1 + np.exp(-diff))
-        unknown = f < threshold if rule == 'factor' else 1 - f > f * p.max()  # Eq. 7: unknown is the argmax
-        rows[name] = dict(cls=NAMES[int(p.argmax())], prob=p.max(), f=f, unknown=unknown)
+        unknown = {'factor': f < threshold, 'posterior': 1 - f > f * p.max(),  # Eq. 7: unknown is the argmax
+                   'spatial': spatial[name] < spatial_threshold}
+        rows[name] = dict(cls=NAMES[int(p.argmax())], prob=p.max(), f=f, s=spatial[name], unknown=unknown[rule],
+                          all=unknown)
     return rows
 
 
-@pytest.mark.parametrize('rule', ['factor', 'posterior'])
-def test_cli_rows_follow_each_rule(rule, tmp_path, capsys):
-    ckpt = make_decisive_checkpoint(tmp_path / 'c.pt', tmp_path / 'images', threshold=0.2)
-    (tmp_path / 'images' / 'broken.jpg').write_bytes(b'not a jpeg')
+@pytest.fixture(scope='module')
+def decisive(tmp_path_factory):
+    """The decisive checkpoint, with a spatial threshold between its images' spatial scores: the 3rd largest,
+    so the spatial rule keeps 3 of the 5."""
+    folder = tmp_path_factory.mktemp('decisive')
+    ckpt = make_decisive_checkpoint(folder / 'c.pt', folder / 'images', threshold=0.2)
+    spatial = _spatial_by_hand(ckpt)
+    state = torch.load(ckpt, weights_only=False)
+    state['spatial_threshold'] = sorted(spatial.values())[-3]
+    torch.save(state, ckpt)
+    return ckpt, spatial, state['spatial_threshold']
+
+
+@pytest.mark.parametrize('rule', ['spatial', 'factor', 'posterior'])
+def test_cli_rows_follow_each_rule(rule, decisive, tmp_path, capsys):
+    ckpt, spatial, cut = decisive
+    images = tmp_path / 'images'
+    shutil.copytree(Path(ckpt).parent / 'images', images)
+    (images / 'broken.jpg').write_bytes(b'not a jpeg')
     out = tmp_path / 'pred.csv'
-    cli.main(['predict', str(ckpt), str(tmp_path / 'images'), '--rule', rule, '--out', str(out), '--batch-size', '2'])
+    argv = ['predict', str(ckpt), str(images), '--out', str(out), '--batch-size', '2']
+    cli.main(argv + (['--rule', rule] if rule != 'spatial' else []))  # spatial is the default
     rows = {Path(r['path']).name: r for r in read_csv(out)}
     assert list(next(iter(rows.values()))) == list(COLUMNS) and set(rows) == set(DECISIVE)
-    expected = _by_hand(rule)
+    expected = _by_hand(rule, spatial, spatial_threshold=cut)
     for name, r in rows.items():
         e = expected[name]
         assert r['class'] == e['cls'] and float(r['class_prob']) == pytest.approx(e['prob'], abs=1e-3)
         assert float(r['ood_factor']) == pytest.approx(e['f'], abs=1e-3)
+        assert float(r['spatial_score']) == pytest.approx(e['s'], abs=1e-4)
         assert float(r['p_unknown']) == pytest.approx(1 - e['f'], abs=1e-3)  # Eq. 7's unknown column
         assert r['label'] == ('unknown' if e['unknown'] else e['cls'])
-    # the two rules differ on odd_a alone (ood_factor 0.40: above the threshold 0.2, below 1 / (1 + 0.58))
-    assert rows['odd_a.png']['label'] == ('cat' if rule == 'factor' else 'unknown')
+    # the factor and posterior rules differ on odd_a alone (ood_factor 0.40: above the threshold 0.2, below
+    # 1 / (1 + 0.58))
+    if rule != 'spatial':
+        assert rows['odd_a.png']['label'] == ('cat' if rule == 'factor' else 'unknown')
+    assert sum(r['label'] == 'unknown' for r in rows.values()) == (2 if rule == 'spatial' else
+                                                                   1 if rule == 'factor' else 2)
     err = capsys.readouterr().err
     assert 'broken.jpg' in err and 'skipped' in err  # one line naming the file, not a traceback
-    n_unknown = sum(e['unknown'] for e in expected.values())
-    assert f'5 images, {n_unknown} unknown' in err and 'would decide 1 differently' in err
+    counts = {r: sum(e['all'][r] for e in expected.values()) for r in ('spatial', 'factor', 'posterior')}
+    others = ', '.join(f'{r} {n}' for r, n in counts.items() if r != rule)
+    assert f'5 images, {counts[rule]} unknown' in err and f'the other rules would say unknown for: {others}' in err
+
+
+def test_rules_a_model_cannot_run_are_left_out_of_the_summary(decisive, tmp_path, capsys):
+    """A cross-entropy twin has a spatial threshold and no ood_threshold: the summary counts only what can run."""
+    ckpt, _, _ = decisive
+    state = torch.load(ckpt, weights_only=False)
+    state['ood_threshold'] = None
+    torch.save(state, tmp_path / 'ce.pt')
+    cli.main(['predict', str(tmp_path / 'ce.pt'), str(Path(ckpt).parent / 'images'), '--out', str(tmp_path / 'p.csv')])
+    err = capsys.readouterr().err
+    assert 'the other rules would say unknown for: posterior' in err and 'factor' not in err
+    with pytest.raises(SystemExit):
+        cli.main(['predict', str(tmp_path / 'ce.pt'), str(Path(ckpt).parent / 'images'), '--rule', 'factor'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'no calibrated ood_threshold' in err[0] and '--rule spatial or --rule posterior' in err[0]
+
+
+def test_threshold_ranges_depend_on_the_rule(calibrated, tmp_path, capsys):
+    images = str(make_images(tmp_path / 'i', n=1))
+    for argv, says in ((['--rule', 'factor', '--threshold', '2'], 'in [0, 1] for --rule factor'),
+                       (['--rule', 'posterior', '--threshold', '0.5'], 'takes no threshold'),
+                       (['--threshold', 'nan'], 'a finite number')):
+        with pytest.raises(SystemExit) as e:
+            cli.main(['predict', str(calibrated), images, *argv])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    cli.main(['predict', str(calibrated), images, '--threshold', '25', '--out', str(tmp_path / 'p.csv')])  # logits
+    assert [r['label'] for r in read_csv(tmp_path / 'p.csv')] == ['unknown']
 
 
 def test_preprocessing_comes_from_the_model(tmp_path):
-    model = ssod_zoo.load_model(make_checkpoint(tmp_path / 'c.pt', threshold=0.5, size=48))
+    model = ssod_zoo.load_model(make_checkpoint(tmp_path / 'c.pt', threshold=0.5, size=48, spatial_threshold=0.0))
     seen = []
-    forward = model.forward_ssod
-    model.forward_ssod = lambda x: (seen.append(tuple(x.shape[-2:])), forward(x))[1]
+    forward = model.forward_scores
+    model.forward_scores = lambda x: (seen.append(tuple(x.shape[-2:])), forward(x))[1]
     list(predict(model, find_images([str(make_images(tmp_path / 'i'))]), progress=False))
     assert seen and set(seen) == {(48, 48)}
 
@@ -99,17 +165,22 @@ def test_uncalibrated_model_without_threshold_is_one_line(tmp_path, capsys):
     assert e.value.code == 2
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
-    assert len(err) == 1 and '--threshold' in err[0] and 'calibrat' in err[0]
+    assert len(err) == 1 and '--threshold' in err[0] and 'ssod calibrate' in err[0] and 'spatial_threshold' in err[0]
+    assert '--rule posterior' in err[0] and '--rule factor' not in err[0]  # no ood_threshold either
     assert captured.out == ''  # no CSV header on stdout before the error
-    # either remedy works
+    # each remedy works
     out = tmp_path / 'p.jsonl'
     cli.main(['predict', str(ckpt), str(images), '--threshold', '0.3', '--out', str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 and all(r['label'] == ('unknown' if r['spatial_score'] < 0.3 else r['class']) for r in rows)
+    cli.main(['predict', str(ckpt), str(images), '--rule', 'factor', '--threshold', '0.3', '--out', str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 and all(r['label'] == ('unknown' if r['ood_factor'] < 0.3 else r['class']) for r in rows)
     cli.main(['predict', str(ckpt), str(images), '--rule', 'posterior', '--out', str(out)])
     assert len(out.read_text().splitlines()) == 5
     for suffix in ('.json', '.ndjson'):  # JSON lines under either name too
-        cli.main(['predict', str(ckpt), str(images), '--threshold', '0.3', '--out', str(out.with_suffix(suffix))])
+        cli.main(['predict', str(ckpt), str(images), '--rule', 'factor', '--threshold', '0.3',
+                  '--out', str(out.with_suffix(suffix))])
         assert [json.loads(line) for line in out.with_suffix(suffix).read_text().splitlines()] == rows
 
 
@@ -122,7 +193,8 @@ def test_missing_input_is_one_line(calibrated, tmp_path, capsys):
 
 def test_shipped_tag_and_hub_folder_load(tmp_path):
     images = make_images(tmp_path / 'i', n=2)
-    folder = ssod_zoo.save_pretrained(ssod_zoo.load_model(make_checkpoint(tmp_path / 'c.pt', threshold=0.4)),
+    folder = ssod_zoo.save_pretrained(ssod_zoo.load_model(make_checkpoint(tmp_path / 'c.pt', threshold=0.4,
+                                                                          spatial_threshold=0.0)),
                                       tmp_path / 'hub', class_names=NAMES, model_card=False)
     for spec in (str(folder), f'local-dir:{folder}'):
         cli.main(['predict', spec, str(images), '--out', str(tmp_path / 'p.csv')])
@@ -139,3 +211,27 @@ def test_accepts_says_what_to_do_when_uncalibrated():
     assert model.accepts(f, threshold=0.5).tolist() == [False, True]
     model.ood_threshold = 0.1
     assert model.accepts(f).tolist() == [True, True]
+    # the spatial readout: its own threshold, in logits (no [0, 1] range), and its own message
+    s = torch.tensor([3.0, 12.0])
+    with pytest.raises(ValueError, match='no calibrated spatial_threshold.*ssod calibrate'):
+        model.accepts(s, readout='spatial')
+    model.spatial_threshold = 5.0
+    assert model.accepts(s, readout='spatial').tolist() == [False, True]
+    assert model.accepts(s, threshold=2.0, readout='spatial').tolist() == [True, True]
+    with pytest.raises(ValueError, match='must be in \\[0, 1\\]'):
+        model.accepts(s, threshold=5.0)  # read as an ood_factor threshold
+    with pytest.raises(ValueError, match="readout is one of 'spatial', 'factor'"):
+        model.accepts(s, readout='maxlogit')
+
+
+def test_spatial_score_and_forward_scores_agree_with_the_readout_they_name():
+    torch.manual_seed(0)
+    model = timm.create_model('ssod_test_resnet', num_classes=4).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        cls_map, _ = model.forward_positions(model.forward_features(x))
+        scores = model.forward_scores(x)
+        logits, ood_factor = model.forward_ssod(x)
+        assert torch.equal(model.spatial_score(x), ssod_zoo.spatial_maxlogit_score(cls_map, k=3))
+    assert torch.equal(scores.spatial_score, model.spatial_score(x).detach())
+    assert torch.equal(scores.logits, logits) and torch.equal(scores.ood_factor, ood_factor)

@@ -68,7 +68,7 @@ def _score(model, bench, batch_size=8):
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
     loader = lambda d: DataLoader(ImageFolder(d, transform=transform), batch_size=batch_size)  # noqa: E731
     cpu = torch.device('cpu')
-    val = collect(model, loader(bench / 'id' / 'val'), cpu)
+    val = collect(model, loader(bench / 'id' / 'val'), cpu, spatial=True)
     return val, {k: collect(model, loader(bench / 'ood' / k), cpu) for k in OOD_SETS}
 
 
@@ -106,6 +106,11 @@ def test_two_epochs_write_checkpoints_log_and_metrics(bench, two_epochs):
     assert model.ood_threshold == threshold
     assert (factors >= threshold).float().mean() >= 0.95 > (factors > threshold).float().mean(), \
         'the threshold is not the largest one that keeps 95% of the validation images'
+    # the same for the spatial readout's threshold, which best.pt carries beside it
+    threshold, scores = best['spatial_threshold'], val['spatial_top3']
+    assert model.spatial_threshold == threshold
+    assert (scores >= threshold).float().mean() >= 0.95 > (scores > threshold).float().mean(), \
+        'the spatial threshold is not the largest one that keeps 95% of the validation images'
 
 
 @pytest.mark.parametrize('fprs, best_epochs', [([40.0, 70.0, 55.0], [1, 1, 1]), ([55.0, 40.0, 40.0], [1, 2, 2])])
@@ -233,6 +238,7 @@ def test_two_ranks_under_torchrun_match_one_process(bench, tmp_path):
     val, oods = _score(model, bench)
     _assert_same_metrics(ssod_report(val, oods), ckpt['metrics'])
     assert ckpt['ood_threshold'] == pytest.approx(calibrate_threshold(val['ood_factor']), abs=1e-6)
+    assert ckpt['spatial_threshold'] == pytest.approx(calibrate_threshold(val['spatial_top3']), abs=1e-5)
 
 
 def _error(capsys, argv):

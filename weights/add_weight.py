@@ -2,12 +2,16 @@
 
     python weights/add_weight.py runs/synth/last.pt --tag synth_r160 [--hf-hub-id ORG/REPO]
     python weights/add_weight.py runs/fmnist_ssod/release.pt --tag fmnist --dtype float16   (after ssod release)
+    python weights/add_weight.py --recalibrate ssod_resnet18.fmnist -- --protocol fashion-mnist --data-root ROOT
 
 writes ``weights/<arch>.<tag>/`` (config.json, model.safetensors, README.md: what ``ssod save`` writes, i.e.
 exactly what gets pushed to the Hub) and records the weight in ``weights/manifest.json`` with its sha256, size,
 model arguments, timm pretrained_cfg, training config and measured metrics. From the next import on,
 ``timm.create_model('<arch>.<tag>', pretrained=True)`` loads it offline, sha256-checked. Weights over 25 MB are
 not kept in the repository: publish them with ``ssod push`` and add them with ``--hub-only --hf-hub-id``.
+
+``--recalibrate NAME -- ARGS`` sets a shipped weight's thresholds again with ``ssod calibrate FOLDER ARGS`` (its
+folder in place, the weights untouched: their sha256 is checked) and records them in its manifest entry.
 """
 import argparse
 import json
@@ -83,6 +87,7 @@ def add_weight(
             'size': size,
             'num_classes': config['num_classes'],
             'ood_threshold': config['model_args'].get('ood_threshold'),
+            'spatial_threshold': config['model_args'].get('spatial_threshold'),
             'model_args': config['model_args'],
             'pretrained_cfg': config['pretrained_cfg'],
             'metrics': ckpt.get('metrics') or {},
@@ -96,13 +101,48 @@ def add_weight(
             shutil.copytree(out, folder)
 
     manifest['weights'] = [e for e in manifest['weights'] if e['name'] != name] + [entry]
-    tmp_manifest = manifest_path.with_suffix('.json.tmp')
-    tmp_manifest.write_text(json.dumps(manifest, indent=2) + '\n')
-    tmp_manifest.replace(manifest_path)
+    _write_manifest(manifest, manifest_path)
+    return entry
+
+
+def _write_manifest(manifest: Dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix('.json.tmp')
+    tmp.write_text(json.dumps(manifest, indent=2) + '\n')
+    tmp.replace(path)
+
+
+def recalibrate(name: str, calibrate_args: Sequence[str], *, weights_dir: Path = WEIGHTS_DIR) -> Dict[str, Any]:
+    """``ssod calibrate`` on the shipped folder of ``name`` (in place), then its manifest entry updated to the
+    thresholds written; the weights file must keep the sha256 the manifest records. Returns the entry."""
+    from ssod_zoo.app import calibrate
+    manifest_path = weights_dir / hub.MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    entry = next((e for e in manifest['weights'] if e['name'] == name), None)
+    if entry is None or entry.get('file') is None:
+        raise ValueError(f'{name} is not a weight shipped in {weights_dir}: '
+                         f'{", ".join(e["name"] for e in manifest["weights"] if e.get("file"))}')
+    folder = weights_dir / name
+    calibrate.main([str(folder), *calibrate_args])
+    if hub._sha256(folder / hub.WEIGHTS_NAME) != entry['sha256']:
+        raise RuntimeError(f'{folder / hub.WEIGHTS_NAME} no longer matches the manifest; restore it from git')
+    model_args = json.loads((folder / hub.CONFIG_NAME).read_text())['model_args']
+    entry['model_args'] = model_args
+    entry.update({k: model_args.get(k) for k in hub.THRESHOLDS})
+    # the whole card again, as add_weight wrote it, now with the thresholds and what they were calibrated on
+    hub.write_card(folder, train_config=entry['recipe']['config'], metrics=entry['metrics'])
+    _write_manifest(manifest, manifest_path)
     return entry
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ['--recalibrate']:
+        if len(argv) < 3 or argv[2] != '--':
+            raise SystemExit('usage: add_weight.py --recalibrate NAME -- '
+                             '(--val-dir DIR | --protocol P [--data-root R])')
+        entry = recalibrate(argv[1], argv[3:])
+        print(f'recalibrated {entry["name"]}: ' + ', '.join(f'{k} = {entry[k]}' for k in hub.THRESHOLDS))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('checkpoint', type=Path, help='training checkpoint (ssod_zoo.train/1)')
     parser.add_argument('--tag', required=True, help='weight tag: the model loads as <arch>.<tag>')

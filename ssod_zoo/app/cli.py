@@ -4,7 +4,8 @@
     ssod train  ...                  fine-tune a timm classifier into an SSOD model (ssod_zoo.app.train)
     ssod eval   ...                  SSOD vs post-hoc baselines on your ImageFolder data (ssod_zoo.app.evaluate)
     ssod predict MODEL INPUTS...     class or "unknown" for each image, as CSV/JSON lines (ssod_zoo.app.predict)
-    ssod export MODEL --out F.onnx   ONNX with named outputs logits and ood_factor (ssod_zoo.export)
+    ssod calibrate MODEL --val-dir D the rejection thresholds, set on your own ID images (ssod_zoo.app.calibrate)
+    ssod export MODEL --out F.onnx   ONNX: outputs logits, ood_factor, spatial_score (ssod_zoo.export)
     ssod save   CHECKPOINT DIR       a hub-ready folder from a training checkpoint (ssod_zoo.app.publish)
     ssod push   CHECKPOINT REPO_ID   the same, uploaded to the Hugging Face Hub (ssod_zoo.app.publish)
     ssod release RUN_DIR OUT ...     evaluate, calibrate, card and (--repo-id) push a run (ssod_zoo.app.release)
@@ -22,7 +23,8 @@ COMMANDS = {
     'train': ('ssod_zoo.app.train', 'fine-tune a timm classifier into an SSOD model (single process or torchrun)'),
     'eval': ('ssod_zoo.app.evaluate', 'SSOD against MSP/Energy/ODIN/ReAct/KNN/Mahalanobis/ViM on your data'),
     'predict': ('ssod_zoo.app.predict', 'class or "unknown" for each image of files, folders or globs (CSV/JSONL)'),
-    'export': ('ssod_zoo.export', 'export to ONNX with outputs logits and ood_factor'),
+    'calibrate': ('ssod_zoo.app.calibrate', 'set the rejection thresholds on your own in-distribution images'),
+    'export': ('ssod_zoo.export', 'export to ONNX with outputs logits, ood_factor and spatial_score'),
     'save': ('ssod_zoo.app.publish', 'write a hub-ready folder (safetensors, config.json, model card)'),
     'push': ('ssod_zoo.app.publish', 'upload a checkpoint to the Hugging Face Hub'),
     'release': ('ssod_zoo.app.release', 'a training run to an evaluated, calibrated, carded hub folder (and push)'),

@@ -34,7 +34,7 @@ from ..hub import load_checkpoint, load_model, save_pretrained
 from .cli import AT_LEAST_0, AT_LEAST_1, bounded
 from .evaluate import evaluate, results_markdown, write_results
 from .plots import plot_histograms, plot_roc, plot_sampler
-from .report import deployment_report, write_scores_csv
+from .report import deployed_thresholds, deployment_report, write_scores_csv
 from .synthetic import GENERATOR_VERSION, BenchmarkConfig, SyntheticBenchmark
 from .train import RANGES, TrainConfig, train
 
@@ -130,19 +130,21 @@ def main(argv: Optional[List[str]] = None) -> dict:
     results = evaluate(ssod_model.eval(), loader(sets['id']), {k: loader(v) for k, v in sets.items() if k != 'id'},
                        baseline_model=ce_model.eval(), fit_loader=loader(bench.train_dataset(transform)),
                        progress=args.progress)
-    # what a deployment decides with, as `ssod eval` reports it: accept rates at the SSOD model's threshold and
+    # what a deployment decides with, as `ssod eval` reports it: accept rates at the SSOD model's thresholds and
     # bootstrap intervals (`ssod eval --bootstrap`'s default resamples and seed)
-    deployment, deployment_keys = deployment_report(results['scores'], results['ood'], ssod_model.ood_threshold,
-                                                    BOOTSTRAP)
+    deployment, deployment_keys = deployment_report(results['scores'], results['ood'], ssod_model, BOOTSTRAP)
     config = {'benchmark': dataclasses.asdict(bench_cfg),
               'demo': {k: v for k, v in vars(args).items() if k not in ('out', 'bench_root')},
               'models': 'trained here (--retrain)' if args.retrain else f'shipped ({SHIPPED_MODELS})',
-              'train': ssod_config, 'model': ssod_config['model'], 'ood_threshold': ssod_model.ood_threshold}
+              'train': ssod_config, 'model': ssod_config['model'], 'thresholds': deployed_thresholds(ssod_model)}
 
     stage('hub-ready folders of both models')
     for name, model, train_config in (('ssod', ssod_model, ssod_config), ('ce', ce_model, ce_config)):
-        save_pretrained(model, out / 'models' / name, train_config=train_config,
-                        class_names=model.pretrained_cfg['label_names'], ood_threshold=model.ood_threshold,
+        # the shipped folders' thresholds were calibrated on the study's validation draw, which their card names
+        calibration = None if args.retrain else json.loads(
+            (SHIPPED_MODELS / name / 'config.json').read_text()).get('calibration')
+        save_pretrained(model, out / 'models' / name, train_config=train_config, calibration=calibration,
+                        class_names=model.pretrained_cfg['label_names'],
                         # the embedded benchmark's sets, the ones README's headline calls the test sets
                         metrics={'id_accuracy': results['id_accuracy'][name], 'id_dataset': 'ssod_zoo synthetic',
                                  'split': 'test',
@@ -154,7 +156,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     write_scores_csv(results['scores'], {k: [str(p) for p, _ in v.samples] for k, v in sets.items()},
                      out / 'scores.csv', targets={'id': torch.as_tensor(sets['id'].targets)})
     plot_roc(results['scores'], out / 'roc.png')
-    plot_histograms(results['scores'], out / 'histograms.png', thresholds={'ssod': ssod_model.ood_threshold})
+    plot_histograms(results['scores'], out / 'histograms.png',
+                    thresholds={**deployed_thresholds(ssod_model), 'maxlogit_spatial_top3': ce_model.spatial_threshold})
     train_set = bench.train_dataset(transform)
     picks = Subset(train_set, torch.linspace(0, len(train_set) - 1, 8).long().tolist())
     images, targets = map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in picks]))

@@ -35,9 +35,9 @@ from .protocols import PROTOCOLS, DataMissing, Transformed, add_fpr95_openood, f
 from ..output import posterior_score, spatial_maxlogit_score, spatial_posterior_score
 from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded, device as device_arg
 from .images import ImageError, ImageFiles, class_folder, one_line
-from .report import deployment_report, fit_detectors, write_scores_csv
+from .report import deployed_thresholds, deployment_report, fit_detectors, write_scores_csv
 
-__all__ = ['collect', 'ssod_report', 'evaluate', 'METHODS', 'results_markdown', 'main']
+__all__ = ['calibrate', 'collect', 'ssod_report', 'evaluate', 'METHODS', 'results_markdown', 'main']
 
 # Readouts of the SSOD model (scored on its own outputs), then the post-hoc baselines (on the baseline model).
 # 'ssod_spatial_top3' (chosen with its recipe on the synthetic OOD validation sets by benchmarks/study.py): the mean
@@ -110,6 +110,17 @@ def collect(
         for k, v in zip(out, (logits, ood_factor, pre_logits, y, *(extra if spatial else ()))):
             out[k].append(v.float().cpu() if v.is_floating_point() else v.cpu())
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def calibrate(model: nn.Module, loader: Iterable, device: torch.device, ood_head: bool = True,
+              progress: Optional[str] = None) -> Dict[str, Optional[float]]:
+    """The model's rejection thresholds, each keeping 95% of the ID validation images in ``loader``:
+    ``spatial_threshold`` on ``model.spatial_score`` and, when ``ood_head`` (its OOD head was trained),
+    ``ood_threshold`` on ``ood_factor``; None for an untrained head."""
+    from ..hub import calibrate_threshold
+    out = collect(model, loader, device, spatial=True, progress=progress)
+    return {'spatial_threshold': calibrate_threshold(out['spatial_top3']),
+            'ood_threshold': calibrate_threshold(out['ood_factor']) if ood_head else None}
 
 
 def ssod_report(id_out: Dict[str, torch.Tensor], ood_outs: Dict[str, Dict[str, torch.Tensor]]) -> dict:
@@ -340,9 +351,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     except (WeightsError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: no weights for a tag, no CUDA
         fail(e)
     trained = tuple(model.pretrained_cfg.get('input_size') or ())
-    if args.img_size and trained and trained[-1] != args.img_size and model.ood_threshold is not None:
-        warnings.warn(f'{args.model} was trained and its threshold calibrated at {trained[-1]} px; scoring at '
-                      f'{args.img_size} px shifts the OOD factor, so accept rates at its threshold will differ')
+    if args.img_size and trained and trained[-1] != args.img_size and any(deployed_thresholds(model).values()):
+        warnings.warn(f'{args.model} was trained and its thresholds calibrated at {trained[-1]} px; scoring at '
+                      f'{args.img_size} px shifts its scores, so accept rates at its thresholds will differ')
     data_args = {k: v for k, v in {'input_size': args.img_size and (3, args.img_size, args.img_size),
                                    'crop_pct': args.crop_pct}.items() if v}
     transform = timm.data.create_transform(**timm.data.resolve_data_config(data_args, model=model))
@@ -384,7 +395,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         fail(e, unreadable)
     out = Path(args.out)
     # what a deployment decides with: sample counts, accept rates at the model's own threshold, intervals
-    deployment, deployment_keys = deployment_report(results['scores'], results['ood'], model.ood_threshold,
+    deployment, deployment_keys = deployment_report(results['scores'], results['ood'], model,
                                                     args.bootstrap)
     extra = {'skipped': protocol.skipped, 'groups': protocol.groups} if protocol else {}
     sections = [fpr95_markdown(results)]  # both FPR95 conventions, and what the protocol could not run
@@ -403,7 +414,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if not args.no_plots:
         from .plots import plot_histograms, plot_roc
         plot_roc(results['scores'], out / 'roc.png')
-        plot_histograms(results['scores'], out / 'histograms.png', thresholds={'ssod': model.ood_threshold})
+        plot_histograms(results['scores'], out / 'histograms.png', thresholds=deployed_thresholds(model))
     print(results_markdown(results))
     print('\n' + deployment)
     print(f'\nwrote {out}/results.json, results.md, scores.csv{"" if args.no_plots else ", roc.png, histograms.png"} '

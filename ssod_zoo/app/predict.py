@@ -1,6 +1,6 @@
 """``ssod predict``: for each image, one of the model's classes or ``unknown``.
 
-    ssod predict MODEL INPUTS... [--threshold T] [--rule factor|posterior] [--out predictions.csv|.jsonl]
+    ssod predict MODEL INPUTS... [--rule spatial|factor|posterior] [--threshold T] [--out predictions.csv|.jsonl]
 
 MODEL is any spec :func:`ssod_zoo.load_model` takes: a training checkpoint, a hub folder or ``local-dir:``,
 ``hf-hub:org/repo``, or a registered ``ssod_<arch>.<tag>``. INPUTS are image files, folders (searched
@@ -8,28 +8,33 @@ recursively) and glob patterns. Images are preprocessed as the model was trained
 (``timm.data.resolve_data_config(model=model)``: its input size, crop, mean and std; never a default size).
 
 One row per image: ``path``, ``label`` (the class name, or ``unknown``), ``class`` (the most probable class,
-whatever the decision), ``class_prob`` (its softmax probability, the ID factor of Eq. 7), ``ood_factor``
+whatever the decision), ``class_prob`` (its softmax probability, the ID factor of Eq. 7), ``spatial_score``
+(``model.spatial_score``: the mean MaxLogit of the 3 best feature-map positions), ``ood_factor``
 (P(in-distribution | x), Eq. 15) and ``p_unknown`` (the last column of the robust posterior of Eq. 7,
 ``ssod_zoo.robust_posterior``; it equals ``1 - ood_factor``).
 
 Which rule says "unknown":
 
-* ``--rule factor`` (default): ``ood_factor < threshold``, with the threshold the model was calibrated with
-  (``model.ood_threshold``: it keeps 95% of the in-distribution validation images) or ``--threshold``. This is
-  the operating point that FPR95 and ``ssod eval``'s accept rates describe; use it when you want a known
-  fraction of your own classes kept.
+* ``--rule spatial`` (default): ``spatial_score < threshold``, with the model's calibrated
+  ``model.spatial_threshold`` (it keeps 95% of the in-distribution validation images) or ``--threshold``. This is
+  the readout that detected OOD images best in this project's study (README, Results), on the SSOD model and on a
+  plain cross-entropy classifier alike.
+* ``--rule factor``: ``ood_factor < threshold``, with ``model.ood_threshold`` (calibrated the same way) or
+  ``--threshold``: the paper's readout (Eq. 15). Both threshold rules work at the operating point that FPR95 and
+  ``ssod eval``'s accept rates describe; use one when you want a known fraction of your own classes kept.
 * ``--rule posterior``: ``unknown`` when it is the argmax of Eq. 7's posterior over the M classes plus
   unknown, i.e. ``1 - ood_factor > ood_factor * max softmax``. It needs no calibration, but it is another
   operating point: it calls an image unknown whenever ``ood_factor < 1 / (1 + class_prob)`` (between 0.5 and
-  1/(1 + 1/M)), which is usually far above a calibrated threshold, so it rejects more ID images. Use it for an
-  uncalibrated model, or where the paper's posterior is the decision you want.
+  1/(1 + 1/M)), which is usually far above a calibrated threshold, so it rejects more ID images.
 
-The summary line says how many images the two rules decided differently.
+A model without the threshold its rule needs is refused with what to do: ``ssod calibrate MODEL --val-dir DIR``
+sets both on your own ID images. The summary line counts the images each rule that can run calls unknown.
 """
 import argparse
 import csv
 import glob
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -38,14 +43,18 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..adapter import READOUTS
 from ..output import robust_posterior
 from .cli import AT_LEAST_0, AT_LEAST_1, bounded, device as device_arg
 from .images import IMAGE_EXTENSIONS, list_images
 
-__all__ = ['find_images', 'predict', 'main', 'IMAGE_EXTENSIONS', 'COLUMNS']
+__all__ = ['find_images', 'predict', 'rule_thresholds', 'main', 'IMAGE_EXTENSIONS', 'COLUMNS', 'RULES']
 
-COLUMNS = ('path', 'label', 'class', 'class_prob', 'ood_factor', 'p_unknown')
+COLUMNS = ('path', 'label', 'class', 'class_prob', 'spatial_score', 'ood_factor', 'p_unknown')
 UNKNOWN = 'unknown'
+# the rules, in the order the summary line gives them; a threshold rule's threshold is the model attribute
+# READOUTS names (ssod_zoo.adapter), the posterior rule needs none
+RULES = ('spatial', 'factor', 'posterior')
 
 
 class PredictError(Exception):
@@ -109,7 +118,7 @@ def predict(
         model: torch.nn.Module,
         paths: Sequence[Path],
         threshold: Optional[float] = None,
-        rule: str = 'factor',
+        rule: str = 'spatial',
         batch_size: int = 32,
         device: torch.device = torch.device('cpu'),
         workers: int = 0,
@@ -122,32 +131,47 @@ def predict(
     Args:
         model: an SSOD model in eval mode; its ``pretrained_cfg`` gives the preprocessing.
         paths: image files.
-        threshold: ``ood_factor`` below this is unknown (rule ``factor``); default ``model.ood_threshold``.
-        rule: ``'factor'`` (threshold on ``ood_factor``) or ``'posterior'`` (argmax of Eq. 7).
+        threshold: the rule's score below this is unknown; default the model's calibrated threshold for it
+            (``spatial_threshold`` for ``'spatial'``, ``ood_threshold`` for ``'factor'``).
+        rule: one of :data:`RULES` (see the module docstring).
         progress: tqdm bar on stderr; None = only when stderr is a terminal.
         on_error: called with ``(path, message)`` for an unreadable image; default: raise :class:`PredictError`.
 
-    Each row also carries ``_disagree``: whether the other rule would have decided otherwise (needs a threshold;
-    False without one).
+    Each row also carries ``_unknown``: ``{rule: bool}`` for every rule that can run (a threshold rule needs a
+    threshold), so a caller can count what the other rules would have decided.
     """
     import timm
 
-    if rule not in ('factor', 'posterior'):
-        raise ValueError(f"rule is 'factor' or 'posterior', got {rule!r}")
-    threshold = model.ood_threshold if threshold is None else float(threshold)
-    if rule == 'factor' and threshold is None:
-        raise PredictError('the model has no calibrated ood_threshold: pass --threshold T (e.g. from '
-                           'ssod_zoo.calibrate_threshold on your ID validation images), or use --rule posterior')
+    thresholds = rule_thresholds(model, rule, threshold)
+    if thresholds[rule] is None and rule != 'posterior':
+        attribute = READOUTS[rule][0]
+        others = [r for r in RULES if r != rule and (r == 'posterior' or thresholds[r] is not None)]
+        raise PredictError(f'the model has no calibrated {attribute}: set it on your ID validation images with '
+                           f'`ssod calibrate MODEL --val-dir DIR`, or pass --threshold T'
+                           f'{", or use --rule " + " or --rule ".join(others) if others else ""}')
     names = _label_names(model)
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
     loader = DataLoader(_Images(paths, transform), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate, pin_memory=device.type == 'cuda')
     # the checks above run at the call, before anything is written; the rows come as they are scored
-    return _rows(model, paths, loader, names, threshold, rule, device, progress, on_error)
+    return _rows(model, paths, loader, names, thresholds, rule, device, progress, on_error)
+
+
+def rule_thresholds(model: torch.nn.Module, rule: str, threshold: Optional[float] = None) -> Dict[str, Optional[float]]:
+    """``{rule: threshold}`` for the threshold rules: the model's calibrated ones, ``threshold`` for ``rule``;
+    ``posterior`` maps to None (it needs none)."""
+    if rule not in RULES:
+        raise ValueError(f"rule is one of {', '.join(map(repr, RULES))}, got {rule!r}")
+    found = {r: getattr(model, READOUTS[r][0], None) for r in RULES if r in READOUTS}
+    if threshold is not None:
+        if rule == 'posterior':
+            raise PredictError('--threshold sets a threshold rule\'s cut; the posterior rule takes none')
+        found[rule] = READOUTS[rule][1](threshold)
+    return {**found, 'posterior': None}
 
 
 @torch.no_grad()
-def _rows(model, paths, loader, names, threshold, rule, device, progress, on_error) -> Iterator[dict]:
+def _rows(model, paths, loader, names, thresholds, rule, device, progress, on_error) -> Iterator[dict]:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(paths), unit='img', desc='predict', mininterval=1.0,
@@ -160,18 +184,19 @@ def _rows(model, paths, loader, names, threshold, rule, device, progress, on_err
                     raise PredictError(f'cannot read image {paths[i]}: {err}')
                 on_error(paths[i], err)
             if images is not None:
-                logits, ood_factor = model.forward_ssod(images.to(device, non_blocking=True))
-                posterior = robust_posterior(logits.float(), ood_factor).cpu()
-                prob, cls = logits.float().softmax(dim=1).max(dim=1)
-                by_factor = (ood_factor < threshold).cpu() if threshold is not None else None
-                by_posterior = posterior.argmax(dim=1) == posterior.shape[1] - 1
-                unknown = by_factor if rule == 'factor' else by_posterior
+                logits, ood_factor, spatial = (t.float().cpu() for t in
+                                               model.forward_scores(images.to(device, non_blocking=True)))
+                posterior = robust_posterior(logits, ood_factor)
+                prob, cls = logits.softmax(dim=1).max(dim=1)
+                unknown = {'spatial': None if thresholds['spatial'] is None else spatial < thresholds['spatial'],
+                           'factor': None if thresholds['factor'] is None else ood_factor < thresholds['factor'],
+                           'posterior': posterior.argmax(dim=1) == posterior.shape[1] - 1}
                 for j, i in enumerate(index.tolist()):
                     c = int(cls[j])
-                    yield {'path': str(paths[i]), 'label': UNKNOWN if unknown[j] else names[c], 'class': names[c],
-                           'class_prob': float(prob[j]), 'ood_factor': float(ood_factor[j]),
-                           'p_unknown': float(posterior[j, -1]),
-                           '_disagree': by_factor is not None and bool(by_factor[j] != by_posterior[j])}
+                    yield {'path': str(paths[i]), 'label': UNKNOWN if unknown[rule][j] else names[c],
+                           'class': names[c], 'class_prob': float(prob[j]), 'spatial_score': float(spatial[j]),
+                           'ood_factor': float(ood_factor[j]), 'p_unknown': float(posterior[j, -1]),
+                           '_unknown': {r: bool(u[j]) for r, u in unknown.items() if u is not None}}
             bar.update(len(index) + len(bad))
     finally:
         bar.close()
@@ -217,12 +242,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument('model', metavar='MODEL', help='checkpoint, hub folder, local-dir:, hf-hub:org/repo or a '
                                                   'registered ssod_<arch>.<tag>')
     p.add_argument('inputs', nargs='+', metavar='INPUTS', help='image files, folders (recursive) or glob patterns')
-    p.add_argument('--threshold', type=bounded(float, lambda v: 0 <= v <= 1, 'in [0, 1], as ood_factor is'),
-                   default=None,
-                   help="ood_factor below this is unknown (default: the model's calibrated ood_threshold)")
-    p.add_argument('--rule', choices=('factor', 'posterior'), default='factor',
-                   help='factor: ood_factor < threshold; posterior: argmax of the Eq. 7 posterior is unknown '
-                        '(default: %(default)s)')
+    p.add_argument('--rule', choices=RULES, default='spatial',
+                   help='spatial: spatial_score < threshold; factor: ood_factor < threshold; posterior: argmax of '
+                        'the Eq. 7 posterior is unknown (default: %(default)s)')
+    p.add_argument('--threshold', type=bounded(float, math.isfinite, 'a finite number'), default=None,
+                   help="the rule's score below this is unknown (default: the model's calibrated threshold for the "
+                        "rule: spatial_threshold or ood_threshold); in [0, 1] for --rule factor")
     p.add_argument('--out', default=None, help='FILE.csv or FILE.jsonl (default: CSV to stdout)')
     p.add_argument('--batch-size', type=bounded(int, *AT_LEAST_1), default=32,
                    help='images per forward pass (default: %(default)s)')
@@ -233,6 +258,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None,
                    help='progress bar on stderr (default: only on a terminal)')
     args = p.parse_args(argv)
+    if args.threshold is not None and args.rule == 'factor' and not 0 <= args.threshold <= 1:
+        p.error(f'argument --threshold: must be in [0, 1] for --rule factor, as ood_factor is, got {args.threshold}')
+    if args.threshold is not None and args.rule == 'posterior':
+        p.error('argument --threshold: the posterior rule takes no threshold (use --rule spatial or factor)')
     if args.out and Path(args.out).suffix.lower() not in _Writer.SUFFIXES:
         p.error(f'--out {args.out}: name a .csv or .jsonl file (or omit --out for CSV on stdout)')
 
@@ -250,7 +279,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
     skipped = []
-    counts = {'images': 0, 'unknown': 0, 'disagree': 0}
+    counts = {'images': 0, 'unknown': 0}
+    by_rule: Dict[str, int] = {}
     try:  # checks the threshold before the writer starts the output
         rows = predict(model, paths, args.threshold, args.rule, args.batch_size, device, args.workers,
                        args.progress, on_error=lambda path, err: (skipped.append(str(path)), print(
@@ -263,19 +293,22 @@ def main(argv: Optional[List[str]] = None) -> dict:
             writer.write(row)
             counts['images'] += 1
             counts['unknown'] += row['label'] == UNKNOWN
-            counts['disagree'] += row['_disagree']
+            for r, u in row['_unknown'].items():
+                by_rule[r] = by_rule.get(r, 0) + u
     except PredictError as e:
         fail(str(e))
     finally:
         writer.close()
-    threshold = model.ood_threshold if args.threshold is None else args.threshold
-    rule = f'ood_factor < {threshold:.4g}' if args.rule == 'factor' else 'posterior argmax'
-    other = (f'; the {"posterior" if args.rule == "factor" else "threshold"} rule would decide '
-             f'{counts["disagree"]} differently' if threshold is not None else '')
-    print(f'{counts["images"]} images, {counts["unknown"]} unknown ({rule}){other}'
+    thresholds = rule_thresholds(model, args.rule, args.threshold)
+    threshold = thresholds[args.rule]
+    what = {'spatial': 'spatial_score', 'factor': 'ood_factor'}
+    rule = f'{what[args.rule]} < {threshold:.4g}' if args.rule in what else 'posterior argmax'
+    others = [f'{r} {by_rule[r]}' for r in RULES if r != args.rule and r in by_rule]
+    print(f'{counts["images"]} images, {counts["unknown"]} unknown ({rule})'
+          f'{"; the other rules would say unknown for: " + ", ".join(others) if others else ""}'
           f'{f"; {len(skipped)} unreadable skipped" if skipped else ""}'
           f'{f"; wrote {args.out}" if args.out else ""}', file=sys.stderr)
-    return {**counts, 'skipped': skipped, 'threshold': threshold, 'rule': args.rule}
+    return {**counts, 'by_rule': by_rule, 'skipped': skipped, 'threshold': threshold, 'rule': args.rule}
 
 
 if __name__ == '__main__':

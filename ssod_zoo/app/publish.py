@@ -49,12 +49,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (WeightsError, FileNotFoundError) as e:
         parser.exit(2, f'ssod {args.command}: error: {e}\n')
     threshold = args.ood_threshold if args.ood_threshold is not None else ckpt.get('ood_threshold')
-    if threshold is None:
-        print(f'ssod {args.command}: warning: {args.checkpoint} has no calibrated ood_threshold; the published '
-              'model will have none. Pass --ood-threshold, or calibrate with ssod_zoo.hub.calibrate_threshold',
-              file=sys.stderr)
+    missing = [name for name, value in (('spatial_threshold', ckpt.get('spatial_threshold')),
+                                        ('ood_threshold', threshold)) if value is None]
+    if missing:
+        print(f'ssod {args.command}: warning: {args.checkpoint} has no calibrated {" or ".join(missing)}; the '
+              'published model will have none. Calibrate the written folder on ID validation images with '
+              '`ssod calibrate FOLDER --val-dir DIR`', file=sys.stderr)
     save_kwargs = dict(train_config=ckpt.get('config'), metrics=ckpt.get('metrics'),
-                       class_names=ckpt.get('class_names'), ood_threshold=threshold, model_card=not args.no_card)
+                       class_names=ckpt.get('class_names'), ood_threshold=threshold,
+                       spatial_threshold=ckpt.get('spatial_threshold'), model_card=not args.no_card)
     if args.command == 'save':
         out = save_pretrained(model, args.save_dir, **save_kwargs)
         if written and args.no_card and (out / 'README.md').exists():

@@ -6,13 +6,14 @@ r"""From a finished training run to an evaluated, calibrated, carded, hub-ready 
 
 1. Loads the run's ``best.pt`` (``last.pt`` if there is none) and, with ``--dtype float16``, rounds every weight
    to float16 first, so that every number below is measured on exactly the tensors that are shipped.
-2. Calibrates ``ood_threshold`` on the protocol's ID *validation* split (95% of ID images kept).
-3. Writes the hub-ready folder (``config.json`` with the threshold, ``model.safetensors``, ``README.md``).
+2. Calibrates both thresholds (``spatial_threshold``, ``ood_threshold``) on the protocol's ID *validation* split
+   (95% of ID images kept), and ``spatial_threshold`` of ``--baseline-run``'s model too.
+3. Writes the hub-ready folder (``config.json`` with the thresholds, ``model.safetensors``, ``README.md``).
 4. Evaluates that folder on the protocol's *test* sets with ``ssod eval`` (SSOD, and the 8 post-hoc baselines on
    ``--baseline-run``'s model, itself written to ``--baseline-out``): ``OUT/eval/results.{json,md}`` and plots.
    So ``ssod eval --protocol P --model OUT --baseline-model BASELINE_OUT`` reproduces them.
 5. Rewrites the model card with those numbers in its ``model-index``, and writes ``RUN_DIR/release.pt`` (the
-   checkpoint with the rounded weights, threshold and test metrics) for ``weights/add_weight.py``.
+   checkpoint with the rounded weights, thresholds and test metrics) for ``weights/add_weight.py``.
 6. With ``--repo-id``, uploads the folder to the Hugging Face Hub (``--token`` or the logged-in token).
 """
 import argparse
@@ -25,8 +26,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..hub import WEIGHTS_NAME, calibrate_threshold, load_checkpoint, push_folder, save_pretrained, write_card
-from .evaluate import collect
+from .._card import ood_head_trained
+from ..hub import WEIGHTS_NAME, load_checkpoint, push_folder, save_pretrained, write_card
+from .evaluate import calibrate
 from .protocols import PROTOCOLS, DataMissing, Transformed, load_protocol
 
 __all__ = ['release', 'main']
@@ -72,8 +74,7 @@ def _checkpoint(run: Path) -> Path:
 
 
 def _write(model: nn.Module, ckpt: dict, out: Path, dtype: torch.dtype) -> None:
-    save_pretrained(model, out, train_config=ckpt.get('config'), metrics={},
-                    class_names=ckpt.get('class_names'), ood_threshold=model.ood_threshold)
+    save_pretrained(model, out, train_config=ckpt.get('config'), metrics={}, class_names=ckpt.get('class_names'))
     if dtype != torch.float32:
         store_as(out, dtype)
 
@@ -83,7 +84,8 @@ def release(run_dir: str, out: str, protocol: str, data_root: Optional[str] = No
             dtype: str = 'float32', fit_limit: int = 0, limit: int = 0, batch_size: int = 64, workers: int = 2,
             device: str = 'cpu', repo_id: Optional[str] = None, token: Optional[str] = None, private: bool = False,
             api: Any = None) -> Dict[str, Any]:
-    """Steps 1-6 of the module docstring. Returns ``{'threshold', 'metrics', 'results', 'out', 'seconds'}``."""
+    """Steps 1-6 of the module docstring. Returns ``{'threshold', 'spatial_threshold', 'metrics', 'results', 'out',
+    'seconds'}``."""
     import timm
     from . import evaluate as ev
     t0 = time.time()
@@ -102,11 +104,15 @@ def release(run_dir: str, out: str, protocol: str, data_root: Optional[str] = No
     # calibration: the ID validation split (never the test split the card reports)
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
     val = DataLoader(Transformed(data.val, transform), batch_size=batch_size, num_workers=workers)
-    model.ood_threshold = calibrate_threshold(collect(model, val, torch.device(device))['ood_factor'])
+    for k, v in calibrate(model, val, torch.device(device), ood_head_trained({}, ckpt.get('config'))).items():
+        setattr(model, k, v)
     _write(model, ckpt, out_dir, torch_dtype)
     if baseline_run:
         base, base_ckpt = load_checkpoint(_checkpoint(Path(baseline_run)))
-        _write(round_weights(base, torch_dtype), base_ckpt, Path(baseline_out), torch_dtype)
+        round_weights(base, torch_dtype)
+        for k, v in calibrate(base, val, torch.device(device), ood_head_trained({}, base_ckpt.get('config'))).items():
+            setattr(base, k, v)
+        _write(base, base_ckpt, Path(baseline_out), torch_dtype)
 
     # evaluation of the written folders, through the same command a user runs
     argv = ['--model', str(out_dir), '--protocol', protocol, '--out', str(out_dir / 'eval'),
@@ -122,14 +128,16 @@ def release(run_dir: str, out: str, protocol: str, data_root: Optional[str] = No
                'id_dataset': f'the {protocol} protocol\'s ID classes', 'protocol': protocol, 'split': 'test'}
     write_card(out_dir, train_config=ckpt.get('config'), metrics=metrics)  # the card now carries the test numbers
 
-    release_ckpt = {**ckpt, 'model': model.state_dict(), 'ood_threshold': model.ood_threshold, 'metrics': metrics,
+    release_ckpt = {**ckpt, 'model': model.state_dict(), 'ood_threshold': model.ood_threshold,
+                    'spatial_threshold': model.spatial_threshold, 'metrics': metrics,
                     'release': {'protocol': protocol, 'dtype': dtype, 'source': str(source), 'fit_limit': fit_limit,
                                 'limit': limit}}
     torch.save(release_ckpt, run / 'release.pt')
     if repo_id:
         push_folder(out_dir, repo_id, token=token, private=private, api=api,
                     commit_message='SSOD weights, evaluated and calibrated by `ssod release`')
-    return {'threshold': model.ood_threshold, 'metrics': metrics, 'results': results, 'out': str(out_dir),
+    return {'threshold': model.ood_threshold, 'spatial_threshold': model.spatial_threshold, 'metrics': metrics,
+            'results': results, 'out': str(out_dir),
             'seconds': time.time() - t0}
 
 
@@ -159,8 +167,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     except (ReleaseError, DataMissing) as e:
         print(f'ssod release: error: {e}', file=sys.stderr)
         raise SystemExit(2)
-    print(f'released {args["run_dir"]} to {done["out"]} (threshold {done["threshold"]:.6g}) in {done["seconds"]:.0f} s'
-          + (f'; pushed to {args["repo_id"]}' if args['repo_id'] else ''), file=sys.stderr)
+    print(f'released {args["run_dir"]} to {done["out"]} (spatial_threshold {done["spatial_threshold"]:.6g}, '
+          f'ood_threshold {done["threshold"] if done["threshold"] is None else format(done["threshold"], ".6g")}) '
+          f'in {done["seconds"]:.0f} s' + (f'; pushed to {args["repo_id"]}' if args['repo_id'] else ''),
+          file=sys.stderr)
     return done
 
 

@@ -1,4 +1,4 @@
-"""What a user decides with, beside FPR95 and AUROC: accept rates at the model's own threshold, sample counts,
+"""What a user decides with, beside FPR95 and AUROC: accept rates at the model's own thresholds, sample counts,
 bootstrap confidence intervals, per-image scores, and fitted detectors sized to the fit set.
 
 Conventions are :mod:`ssod_zoo.metrics`' (higher score = more ID, ID positive, FPR95 = fraction of OOD accepted at
@@ -16,20 +16,25 @@ from torch import nn
 from .. import scores as _scores
 from ..detectors import Detector, create_detector
 
-__all__ = ['accept_rates', 'bootstrap_metrics', 'bootstrap_ci', 'confidence_intervals', 'deployment_report',
-           'fit_detectors', 'report_markdown', 'write_scores_csv']
+__all__ = ['DEPLOYED', 'accept_rates', 'deployed_thresholds', 'bootstrap_metrics', 'bootstrap_ci',
+           'confidence_intervals', 'deployment_report', 'fit_detectors', 'report_markdown', 'write_scores_csv']
 
 
-def accept_rates(ood_factor: Mapping[str, torch.Tensor], threshold: Optional[float]) -> Dict[str, dict]:
-    """Per set: images, and the percentage kept by ``ood_factor >= threshold`` (what a deployment sees).
+# the SSOD model's readouts a deployment thresholds (ssod_zoo.app.evaluate's method names), with the model
+# attribute that holds each one's calibrated threshold and the score it compares, in the order reports give them
+DEPLOYED = {'ssod_spatial_top3': ('spatial_threshold', 'spatial_score'), 'ssod': ('ood_threshold', 'ood_factor')}
+
+
+def accept_rates(scores: Mapping[str, torch.Tensor], threshold: Optional[float]) -> Dict[str, dict]:
+    """Per set: images, and the percentage kept by ``score >= threshold`` (what a deployment sees).
 
     Args:
-        ood_factor: set name -> (N,) OOD factors ('id' included).
-        threshold: the model's calibrated ``ood_threshold``; None gives counts only.
+        scores: set name -> (N,) scores of one readout ('id' included), higher = more in-distribution.
+        threshold: the model's calibrated threshold for that readout; None gives counts only.
     """
     return {k: {'n': int(v.numel()),
                 'accepted': None if threshold is None else 100 * float((v >= threshold).double().mean())}
-            for k, v in ood_factor.items()}
+            for k, v in scores.items()}
 
 
 def _counts(n: int, n_boot: int, generator: torch.Generator) -> torch.Tensor:
@@ -156,32 +161,47 @@ def write_scores_csv(all_scores: Mapping[str, Mapping[str, torch.Tensor]], paths
     return path
 
 
+def deployed_thresholds(model: Any) -> Dict[str, Optional[float]]:
+    """Method name (:data:`DEPLOYED`) -> the SSOD model's calibrated threshold for that readout, or None."""
+    return {m: getattr(model, attribute, None) for m, (attribute, _) in DEPLOYED.items()}
+
+
 def deployment_report(all_scores: Mapping[str, Mapping[str, torch.Tensor]], ood: Mapping[str, Mapping[str, dict]],
-                      threshold: Optional[float], n_boot: int) -> Tuple[str, Dict[str, Any]]:
-    """What a deployment decides with, as ``ssod eval`` and ``ssod demo`` report it: accept rates of the SSOD factor
-    at ``threshold`` and bootstrap intervals (seed 0; none when ``n_boot`` is 0). Returns the markdown section and
-    the keys it adds to ``results.json``."""
+                      model: Any, n_boot: int) -> Tuple[str, Dict[str, Any]]:
+    """What a deployment decides with, as ``ssod eval`` and ``ssod demo`` report it: accept rates of each readout
+    in :data:`DEPLOYED` at the SSOD ``model``'s calibrated threshold for it, and bootstrap intervals (seed 0; none
+    when ``n_boot`` is 0). Returns the markdown section and the keys it adds to ``results.json``:
+    ``accept_rates`` and ``thresholds`` by method, ``bootstrap`` and ``ci``."""
     ci = confidence_intervals(all_scores, n_boot) if n_boot else {}
-    rates = accept_rates(all_scores.get('ssod') or {}, threshold)
-    keys = {'accept_rates': rates, 'ood_threshold': threshold,
+    thresholds = {m: t for m, t in deployed_thresholds(model).items() if m in all_scores}
+    rates = {m: accept_rates(all_scores[m], t) for m, t in thresholds.items()}
+    keys = {'accept_rates': rates, 'thresholds': thresholds,
             'bootstrap': {'resamples': n_boot, 'seed': 0, 'level': 95}, 'ci': ci}
-    return report_markdown(rates, threshold, ci, ood, n_boot), keys
+    return report_markdown(rates, thresholds, ci, ood, n_boot), keys
 
 
-def report_markdown(accept: Mapping[str, dict], threshold: Optional[float], ci: Mapping[str, Mapping[str, dict]],
-                    ood: Mapping[str, Mapping[str, dict]], n_boot: int) -> str:
-    """Counts, accept rates at the model's threshold, and FPR95 / AUROC with bootstrap intervals."""
-    lines = ['## At the model\'s own threshold', '']
-    if threshold is None:
-        lines += ['The model has no calibrated `ood_threshold`, so no accept rates; counts only.', '',
-                  '| Set | Images |', '|---|---:|', *[f'| {k} | {v["n"]} |' for k, v in accept.items()]]
-    else:
-        lines += [f'Kept: `ood_factor >= {threshold:.6g}` (`model.ood_threshold`). ID should be near 95% if the '
-                  'threshold was calibrated on data like this. If it was calibrated on these very ID images, ID is '
-                  '95% by construction and each OOD row equals the factor\'s FPR95; only on images it was not '
-                  'calibrated on are the OOD rows an estimate of what gets through in deployment.', '',
-                  '| Set | Images | Accepted % |', '|---|---:|---:|',
-                  *[f'| {k} | {v["n"]} | {v["accepted"]:.1f} |' for k, v in accept.items()]]
+def report_markdown(accept: Mapping[str, Mapping[str, dict]], thresholds: Mapping[str, Optional[float]],
+                    ci: Mapping[str, Mapping[str, dict]], ood: Mapping[str, Mapping[str, dict]], n_boot: int) -> str:
+    """Counts, accept rates at the model's thresholds, and FPR95 / AUROC with bootstrap intervals."""
+    lines = ['## At the model\'s own thresholds', '']
+    calibrated = [m for m, t in thresholds.items() if t is not None]
+    missing = [DEPLOYED[m][0] for m, t in thresholds.items() if t is None]
+    sets = next(iter(accept.values()), {})
+    if missing:
+        lines += [f'The model has no calibrated `{"` or `".join(missing)}` (`ssod calibrate` sets '
+                  f'{"them" if len(missing) > 1 else "it"} on ID validation images), so no accept rates for '
+                  f'{"those readouts" if len(missing) > 1 else "that readout"}.', '']
+    if calibrated:
+        lines += ['Kept: ' + '; '.join(f'`{DEPLOYED[m][1]} >= {thresholds[m]:.6g}` (`model.{DEPLOYED[m][0]}`)'
+                                       for m in calibrated) +
+                  '. ID should be near 95% if a threshold was calibrated on data like this. If it was calibrated on '
+                  'these very ID images, ID is 95% by construction and each OOD row equals that readout\'s FPR95; '
+                  'only on images it was not calibrated on are the OOD rows an estimate of what gets through in '
+                  'deployment.', '']
+    lines += ['| Set | Images |' + ''.join(f' Accepted %, `{DEPLOYED[m][1]}` |' for m in calibrated),
+              '|---|---:|' + '---:|' * len(calibrated),
+              *[f'| {k} | {v["n"]} |' + ''.join(f' {accept[m][k]["accepted"]:.1f} |' for m in calibrated)
+                for k, v in sets.items()]]
     if not n_boot or not ci:
         why = '`--bootstrap 0`' if not n_boot else 'no OOD set was scored'
         return '\n'.join(lines + ['', f'No bootstrap intervals ({why}).'])

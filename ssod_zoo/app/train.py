@@ -357,7 +357,8 @@ def train(cfg: TrainConfig) -> dict:
             'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
             'scaler': scaler.state_dict(), 'epoch': epoch, 'step': step, 'best': best,
             'rng': _rng_state(), 'config': dataclasses.asdict(cfg), 'metrics': metrics or {},
-            'ood_threshold': model.ood_threshold, 'class_names': class_names,
+            'ood_threshold': model.ood_threshold, 'spatial_threshold': model.spatial_threshold,
+            'class_names': class_names,
             'data_config': eval_data_config(model, cfg),
         }
 
@@ -378,6 +379,7 @@ def train(cfg: TrainConfig) -> dict:
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
             metrics = _evaluate(model, eval_sets, cfg, device, amp_dtype, rank, world)
             model.ood_threshold = metrics.pop('ood_threshold')
+            model.spatial_threshold = metrics.pop('spatial_threshold')
         else:
             metrics = {}
         mean_fpr = metrics.get('ood_average', {}).get('fpr95', math.nan)
@@ -401,7 +403,8 @@ def train(cfg: TrainConfig) -> dict:
         source = out_dir / ('best.pt' if (out_dir / 'best.pt').exists() else 'last.pt')
         best_model, ckpt = load_checkpoint(source)
         save_pretrained(best_model, cfg.export_dir, train_config=ckpt['config'], metrics=ckpt['metrics'],
-                        class_names=ckpt['class_names'], ood_threshold=ckpt['ood_threshold'])
+                        class_names=ckpt['class_names'], ood_threshold=ckpt['ood_threshold'],
+                        spatial_threshold=ckpt.get('spatial_threshold'))
         print(f'hub-ready folder of {source.name} written to {cfg.export_dir}')
     _cleanup(ddp)
     return {'history': history, 'best': best, 'out_dir': str(out_dir), 'model': model}
@@ -886,7 +889,7 @@ def _evaluate(model, eval_sets, cfg, device, amp_dtype, rank, world) -> dict:
         shard = Subset(ds, range(rank, len(ds), world))
         loader = DataLoader(shard, batch_size=max(1, cfg.batch_size // world), num_workers=cfg.workers)
         part = collect(model, loader, device, amp_dtype, cfg.channels_last,
-                       progress=f'eval {name}' if cfg.progress and rank == 0 else None)
+                       progress=f'eval {name}' if cfg.progress and rank == 0 else None, spatial=name == 'val')
         if world > 1:
             parts = [None] * world
             dist.all_gather_object(parts, part)
@@ -894,6 +897,7 @@ def _evaluate(model, eval_sets, cfg, device, amp_dtype, rank, world) -> dict:
         outs[name] = part
     report = ssod_report(outs['val'], {k[4:]: v for k, v in outs.items() if k.startswith('ood/')})
     report['ood_threshold'] = calibrate_threshold(outs['val']['ood_factor'])
+    report['spatial_threshold'] = calibrate_threshold(outs['val']['spatial_top3'])
     return report
 
 
@@ -949,6 +953,7 @@ def _load_resume(path: Path, cfg: TrainConfig, class_names: List[str], model: nn
                          f'{len(class_names)} (or other names): resume with the same data')
     model.load_state_dict(ckpt['model'])
     model.ood_threshold = ckpt['ood_threshold']
+    model.spatial_threshold = ckpt.get('spatial_threshold')  # None in checkpoints from before it existed
     return ckpt
 
 

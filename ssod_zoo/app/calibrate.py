@@ -1,0 +1,119 @@
+"""``ssod calibrate``: set a model's rejection thresholds on your own in-distribution validation images.
+
+    ssod calibrate MODEL --val-dir DIR [--out FOLDER]
+    ssod calibrate MODEL --protocol fashion-mnist --data-root ROOT     # a named protocol's ID validation split
+
+A threshold keeps 95% of the ID images it was calibrated on (the FPR95 operating point); it holds only for that
+kind of data and the model's preprocessing. This command calibrates both of the model's thresholds on the images
+under ``--val-dir`` (any folder of images, searched recursively; class sub-folders are not needed), or on a named
+protocol's ID validation split (``ssod eval --protocol``'s data):
+
+* ``spatial_threshold`` on ``model.spatial_score`` (the mean MaxLogit of the 3 best feature-map positions), the
+  readout ``ssod predict`` decides with by default;
+* ``ood_threshold`` on ``ood_factor`` (the paper's Eq. 15), unless the model's OOD head was never trained (a
+  cross-entropy twin).
+
+MODEL is a hub folder (``ssod save``, ``save_pretrained``): its ``config.json`` and model card are updated in place,
+the weights are not touched. With ``--out``, or for any other MODEL (a training checkpoint, ``hf-hub:org/repo``,
+a registered ``ssod_<arch>.<tag>``), a new hub folder is written there instead.
+"""
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from .cli import AT_LEAST_0, AT_LEAST_1, bounded, device as device_arg
+from .protocols import PROTOCOLS
+
+__all__ = ['main']
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    p = argparse.ArgumentParser(prog='ssod calibrate', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('model', metavar='MODEL', help='hub folder, training checkpoint, local-dir:, hf-hub:org/repo or '
+                                                  'a registered ssod_<arch>.<tag>')
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument('--val-dir', help='in-distribution validation images (searched recursively)')
+    source.add_argument('--protocol', choices=PROTOCOLS, help="a named protocol's ID validation split (ssod eval's)")
+    p.add_argument('--data-root', default=None, help='where the --protocol data sets are')
+    p.add_argument('--download', action='store_true', help='download a missing --protocol data set')
+    p.add_argument('--data-name', default=None,
+                   help="what the model card calls the calibration images (default: the --val-dir path's last two "
+                        "parts, or the protocol's split)")
+    p.add_argument('--out', default=None, help='write a new hub folder here (default: update MODEL, a hub folder, '
+                                               'in place)')
+    p.add_argument('--batch-size', type=bounded(int, *AT_LEAST_1), default=64, help='(default: %(default)s)')
+    p.add_argument('--workers', type=bounded(int, *AT_LEAST_0), default=0, help='(default: %(default)s)')
+    p.add_argument('--device', type=device_arg, default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='(default: %(default)s)')
+    p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None,
+                   help='progress bar on stderr (default: only on a terminal)')
+    args = p.parse_args(argv)
+    folder = Path(args.model.removeprefix('local-dir:'))
+    in_place = args.out is None
+    if in_place and not (folder / 'config.json').is_file():
+        p.error(f'{args.model} is not a hub folder to update in place: give --out FOLDER for the new hub folder')
+    if args.val_dir and not Path(args.val_dir).is_dir():
+        p.error(f'--val-dir {args.val_dir} is not a directory')
+
+    import timm
+    from .._card import id_dataset_name, ood_head_trained
+    from ..hub import CONFIG_NAME, WeightsError, load_checkpoint, load_model, save_pretrained, set_thresholds
+    from .evaluate import calibrate
+    from .images import ImageError, ImageFiles, one_line
+    from .protocols import DataMissing, Transformed, load_protocol
+
+    def fail(e: BaseException):
+        print(f'ssod calibrate: error: {one_line(e)}', file=sys.stderr)
+        raise SystemExit(2)
+
+    device = torch.device(args.device)
+    ckpt = {}
+    try:
+        if Path(args.model).is_file():
+            model, ckpt = load_checkpoint(args.model)
+        else:
+            model = load_model(args.model)
+        model = model.to(device).eval()
+        transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+        if args.protocol:
+            data = load_protocol(args.protocol, args.data_root, args.download, split='train')
+            if data.val is None:
+                raise DataMissing(f'the {args.protocol} protocol has no ID validation split')
+            images, name = Transformed(data.val, transform), f"the {args.protocol} protocol's ID validation split"
+        else:
+            images = ImageFiles(args.val_dir, transform)
+            name = id_dataset_name({}, {'val_dir': args.val_dir})
+    except (WeightsError, FileNotFoundError, RuntimeError, ImageError, DataMissing) as e:
+        fail(e)
+    if in_place:
+        import json
+        trained = ood_head_trained(json.loads((folder / CONFIG_NAME).read_text()))
+    else:
+        trained = ood_head_trained({}, ckpt.get('config'))
+    loader = DataLoader(images, batch_size=args.batch_size, num_workers=args.workers)
+    progress = 'calibrate' if (sys.stderr.isatty() if args.progress is None else args.progress) else None
+    try:
+        thresholds = calibrate(model, loader, device, ood_head=trained, progress=progress)
+    except ImageError as e:
+        fail(e)
+    if in_place:
+        set_thresholds(folder, thresholds, id_dataset=args.data_name or name, images=len(images))
+        where = folder
+    else:
+        for k, v in thresholds.items():
+            setattr(model, k, v)
+        where = save_pretrained(model, args.out, train_config=ckpt.get('config'), metrics=ckpt.get('metrics'),
+                                class_names=ckpt.get('class_names') or model.pretrained_cfg.get('label_names'))
+    shown = ', '.join(f'{k} = {v:.6g}' for k, v in thresholds.items() if v is not None)
+    skipped = '' if trained else '; no ood_threshold: this model\'s OOD head was never trained'
+    print(f'{len(images)} ID images: {shown} (each keeps 95% of them){skipped}; wrote {where}', file=sys.stderr)
+    return {**thresholds, 'images': len(images), 'out': str(where)}
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,142 @@
+"""`ssod calibrate` and the thresholds it sets: computed independently here, written without touching the weights,
+and what the card and `ssod predict` then use."""
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import ssod_zoo
+from ssod_zoo import hub
+from ssod_zoo.app import cli
+
+from cli_helpers import NAMES, make_checkpoint, save_images
+
+FMNIST_ROOT = Path('/usr/share/datasets/fashion-mnist')
+WEIGHTS = Path(__file__).resolve().parent.parent / 'weights'
+
+
+def _sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _scores(model, folder):
+    """Both readouts of every image under ``folder``, one image at a time through PIL and the model's transform."""
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    x = torch.stack([transform(Image.open(p).convert('RGB')) for p in sorted(Path(folder).rglob('*.png'))])
+    with torch.no_grad():
+        return model.spatial_score(x), model.forward_ssod(x).ood_factor
+
+
+def _kept_by_hand(scores, threshold):
+    return int((scores >= threshold).sum())
+
+
+@pytest.fixture
+def folder(tmp_path):
+    model = ssod_zoo.load_model(make_checkpoint(tmp_path / 'c.pt', threshold=0.5))
+    return ssod_zoo.save_pretrained(model, tmp_path / 'hub', class_names=NAMES,
+                                    train_config={'ce_only': False, 'img_size': 64})
+
+
+def test_calibrates_a_hub_folder_in_place(folder, tmp_path, capsys):
+    images = save_images(tmp_path / 'val' / 'a', 13, size=40).parent  # nested: searched recursively
+    weights = _sha(folder / 'model.safetensors')
+    cli.main(['calibrate', str(folder), '--val-dir', str(images)])
+    model = ssod_zoo.load_model(folder)
+    spatial, factor = _scores(model, images)
+    # 95% of 13 images is 12.35: the 13th largest value keeps all 13, no larger one keeps 13 * 0.95
+    for scores, threshold in ((spatial, model.spatial_threshold), (factor, model.ood_threshold)):
+        kept = _kept_by_hand(scores, threshold)
+        assert kept == math.ceil(0.95 * 13) == 13 and threshold == pytest.approx(float(scores.min()), abs=1e-5)
+    assert _sha(folder / 'model.safetensors') == weights  # thresholds only
+    config = json.loads((folder / 'config.json').read_text())
+    # named by the folder's last two parts, as a training run's val_dir is
+    assert config['calibration'] == {'data': f'{tmp_path.name}/val', 'images': 13, 'keep': 0.95}
+    card = (folder / 'README.md').read_text()
+    assert f'model.spatial_threshold = {model.spatial_threshold:.6g}' in card and '13 images' in card
+    assert card.count('## Rejection thresholds') == 1 and '## Results' in card
+    err = capsys.readouterr().err
+    assert '13 ID images: spatial_threshold = ' in err and 'ood_threshold = ' in err
+
+
+def test_a_larger_set_keeps_95_percent(folder, tmp_path):
+    images = save_images(tmp_path / 'val', 40, size=40)
+    cli.main(['calibrate', str(folder), '--val-dir', str(images)])
+    model = ssod_zoo.load_model(folder)
+    spatial, factor = _scores(model, images)
+    assert _kept_by_hand(spatial, model.spatial_threshold) == 38 == _kept_by_hand(factor, model.ood_threshold)
+    # and the deciding rule of ssod predict keeps the same images
+    out = tmp_path / 'p.csv'
+    cli.main(['predict', str(folder), str(images), '--out', str(out)])
+    assert sum(line.split(',')[1] != 'unknown' for line in out.read_text().splitlines()[1:]) == 38
+
+
+def test_untrained_ood_head_gets_no_ood_threshold(tmp_path, capsys):
+    model = ssod_zoo.load_model(make_checkpoint(tmp_path / 'c.pt'))
+    ce = ssod_zoo.save_pretrained(model, tmp_path / 'ce', class_names=NAMES, train_config={'ce_only': True})
+    cli.main(['calibrate', str(ce), '--val-dir', str(save_images(tmp_path / 'val', 5, size=40))])
+    loaded = ssod_zoo.load_model(ce)
+    assert loaded.spatial_threshold is not None and loaded.ood_threshold is None
+    assert "no ood_threshold: this model's OOD head was never trained" in capsys.readouterr().err
+    card = (ce / 'README.md').read_text()
+    assert 'model.spatial_threshold = ' in card and 'model.ood_threshold' not in card
+
+
+def test_other_models_need_out(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / 'c.pt')
+    images = save_images(tmp_path / 'val', 5, size=40)
+    with pytest.raises(SystemExit) as e:
+        cli.main(['calibrate', str(ckpt), '--val-dir', str(images)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'give --out FOLDER' in err.strip().splitlines()[-1]  # after argparse's usage
+    cli.main(['calibrate', str(ckpt), '--val-dir', str(images), '--out', str(tmp_path / 'new')])
+    model = ssod_zoo.load_model(tmp_path / 'new')
+    assert model.spatial_threshold is not None and model.ood_threshold is not None
+    with pytest.raises(SystemExit) as e:
+        cli.main(['calibrate', str(tmp_path / 'new'), '--val-dir', str(tmp_path / 'nothing')])
+    assert e.value.code == 2 and 'is not a directory' in capsys.readouterr().err
+
+
+def test_old_cards_get_the_new_section(tmp_path):
+    """Folders written before the spatial threshold existed have a '## Rejection threshold' section: it is replaced,
+    and a fresh card's section is exactly what the in-place rendering gives."""
+    model = ssod_zoo.load_model(make_checkpoint(tmp_path / 'c.pt', threshold=0.25, spatial_threshold=3.5))
+    folder = ssod_zoo.save_pretrained(model, tmp_path / 'hub', class_names=NAMES, train_config={'ce_only': False})
+    fresh = (folder / 'README.md').read_text()
+    config = json.loads((folder / 'config.json').read_text())
+    assert hub._card.threshold_section({**config, 'calibration': {'data': 'id/val'}}) in fresh.replace(
+        'in-distribution validation set', 'id/val')
+    old = fresh.replace(fresh[fresh.index('## Rejection thresholds'):fresh.index('## Results')],
+                        '## Rejection threshold\n\n`model.ood_threshold = 0.25`: the old text.\n\n')
+    (folder / 'README.md').write_text(old)
+    hub.set_thresholds(folder, {'spatial_threshold': 4.5}, 'my images', images=7)
+    card = (folder / 'README.md').read_text()
+    assert 'the old text' not in card and '## Rejection threshold\n' not in card
+    assert '`model.spatial_threshold = 4.5`' in card and '`model.ood_threshold = 0.25`' in card
+    assert '(my images, 7 images)' in card
+    assert ssod_zoo.load_model(folder).spatial_threshold == 4.5
+    with pytest.raises(ValueError, match='finite'):
+        hub.set_thresholds(folder, {'spatial_threshold': float('inf')}, 'x')
+    with pytest.raises(ValueError, match=r'\[0, 1\]'):
+        hub.set_thresholds(folder, {'ood_threshold': 3.0}, 'x')
+
+
+@pytest.mark.skipif(not (FMNIST_ROOT / 'train-images-idx3-ubyte.gz').is_file(),
+                    reason=f'SKIPPED: Fashion-MNIST is not in {FMNIST_ROOT}: apt-get install dataset-fashion-mnist')
+def test_protocol_calibration_reproduces_the_shipped_fmnist_threshold(tmp_path):
+    """`ssod release` calibrated ssod_resnet18.fmnist's ood_threshold on the protocol's validation split; `ssod
+    calibrate --protocol` on the same split gives the same value, and the spatial threshold the manifest records."""
+    manifest = json.loads((WEIGHTS / 'manifest.json').read_text())
+    entry = next(e for e in manifest['weights'] if e['name'] == 'ssod_resnet18.fmnist')
+    copy = shutil.copytree(WEIGHTS / entry['name'], tmp_path / 'fmnist')
+    cli.main(['calibrate', str(copy), '--protocol', 'fashion-mnist', '--data-root', str(FMNIST_ROOT)])
+    model = ssod_zoo.load_model(copy)
+    assert model.ood_threshold == pytest.approx(entry['ood_threshold'], rel=1e-5)
+    assert model.spatial_threshold == pytest.approx(entry['spatial_threshold'], rel=1e-5)
+    assert json.loads((copy / 'config.json').read_text())['calibration']['images'] == 600
