@@ -3,6 +3,7 @@ and what the card and `ssod predict` then use."""
 import hashlib
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -140,3 +141,18 @@ def test_protocol_calibration_reproduces_the_shipped_fmnist_threshold(tmp_path):
     assert model.ood_threshold == pytest.approx(entry['ood_threshold'], rel=1e-5)
     assert model.spatial_threshold == pytest.approx(entry['spatial_threshold'], rel=1e-5)
     assert json.loads((copy / 'config.json').read_text())['calibration']['images'] == 600
+
+
+def test_ood_dirs_report_each_rules_fpr95_at_the_calibrated_point(folder, tmp_path, capsys):
+    from ssod_zoo.app import calibrate
+    images = save_images(tmp_path / 'val', 20, size=40)
+    ood = save_images(tmp_path / 'ood' / 'noise', 8, seed=5, size=40)
+    done = calibrate.main([str(folder), '--val-dir', str(images), '--ood-dirs', str(ood)])
+    model = ssod_zoo.load_model(folder)
+    spatial, factor = _scores(model, ood)
+    # FPR95 = the share of OOD images kept by the threshold that keeps 95% of the ID images: the calibrated one
+    assert done['fpr95']['noise']['spatial'] == pytest.approx(100 * (spatial >= model.spatial_threshold).float().mean())
+    assert done['fpr95']['noise']['factor'] == pytest.approx(100 * (factor >= model.ood_threshold).float().mean())
+    err = capsys.readouterr().err
+    best = min(done['fpr95']['noise'], key=done['fpr95']['noise'].get)
+    assert re.search(r'noise +8 +[0-9.]+ +[0-9.]+\n', err) and f'lower on these images: --rule {best}' in err

@@ -13,6 +13,11 @@ protocol's ID validation split (``ssod eval --protocol``'s data):
 * ``ood_threshold`` on ``ood_factor`` (the paper's Eq. 15), unless the model's OOD head was never trained (a
   cross-entropy twin).
 
+``--ood-dirs`` (optional) also scores OOD validation images, as unlike your classes as what you expect to meet, and
+prints each rule's FPR95 on them: the readout that works depends on the data (the spatial score wins on small
+objects in clutter and fails on object-centric images such as Fashion-MNIST; README, Results), so choose the
+``ssod predict --rule`` on images like these, never on your test set.
+
 MODEL is a hub folder (``ssod save``, ``save_pretrained``): its ``config.json`` and model card are updated in place,
 the weights are not touched. With ``--out``, or for any other MODEL (a training checkpoint, ``hf-hub:org/repo``,
 a registered ``ssod_<arch>.<tag>``), a new hub folder is written there instead.
@@ -41,6 +46,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     source.add_argument('--protocol', choices=PROTOCOLS, help="a named protocol's ID validation split (ssod eval's)")
     p.add_argument('--data-root', default=None, help='where the --protocol data sets are')
     p.add_argument('--download', action='store_true', help='download a missing --protocol data set')
+    p.add_argument('--ood-dirs', nargs='+', default=[], metavar='DIR',
+                   help='OOD validation images: report each rule\'s FPR95 on them, to choose ssod predict --rule '
+                        "(with --protocol, its OOD validation sets are scored too)")
     p.add_argument('--data-name', default=None,
                    help="what the model card calls the calibration images (default: the --val-dir path's last two "
                         "parts, or the protocol's split)")
@@ -57,13 +65,15 @@ def main(argv: Optional[List[str]] = None) -> dict:
     in_place = args.out is None
     if in_place and not (folder / 'config.json').is_file():
         p.error(f'{args.model} is not a hub folder to update in place: give --out FOLDER for the new hub folder')
-    if args.val_dir and not Path(args.val_dir).is_dir():
-        p.error(f'--val-dir {args.val_dir} is not a directory')
+    for flag, d in [('--val-dir', args.val_dir)] + [('--ood-dirs', d) for d in args.ood_dirs]:
+        if d and not Path(d).is_dir():
+            p.error(f'{flag} {d} is not a directory')
 
     import timm
     from .._card import id_dataset_name, ood_head_trained
     from ..hub import CONFIG_NAME, WeightsError, load_checkpoint, load_model, save_pretrained, set_thresholds
-    from .evaluate import calibrate
+    from ..metrics import fpr_at_tpr
+    from .evaluate import THRESHOLD_SCORES, collect, thresholds_of
     from .images import ImageError, ImageFiles, one_line
     from .protocols import DataMissing, Transformed, load_protocol
 
@@ -72,7 +82,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         raise SystemExit(2)
 
     device = torch.device(args.device)
-    ckpt = {}
+    ckpt, ood_sets = {}, {}
     try:
         if Path(args.model).is_file():
             model, ckpt = load_checkpoint(args.model)
@@ -85,6 +95,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             if data.val is None:
                 raise DataMissing(f'the {args.protocol} protocol has no ID validation split')
             images, name = Transformed(data.val, transform), f"the {args.protocol} protocol's ID validation split"
+            ood_sets = {k: Transformed(v, transform) for k, v in data.ood_val.items()}
         else:
             images = ImageFiles(args.val_dir, transform)
             name = id_dataset_name({}, {'val_dir': args.val_dir})
@@ -95,12 +106,21 @@ def main(argv: Optional[List[str]] = None) -> dict:
         trained = ood_head_trained(json.loads((folder / CONFIG_NAME).read_text()))
     else:
         trained = ood_head_trained({}, ckpt.get('config'))
-    loader = DataLoader(images, batch_size=args.batch_size, num_workers=args.workers)
-    progress = 'calibrate' if (sys.stderr.isatty() if args.progress is None else args.progress) else None
+    def loader(ds):
+        return DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
+
+    bar = sys.stderr.isatty() if args.progress is None else args.progress
     try:
-        thresholds = calibrate(model, loader, device, ood_head=trained, progress=progress)
+        id_out = collect(model, loader(images), device, spatial=True, progress='calibrate' if bar else None)
+        thresholds = thresholds_of(id_out, trained)
+        ood_sets.update({Path(d).name: ImageFiles(d, transform) for d in args.ood_dirs})
+        oods = {k: collect(model, loader(v), device, spatial=True, progress=f'OOD {k}' if bar else None)
+                for k, v in ood_sets.items()}
     except ImageError as e:
         fail(e)
+    rules = {'spatial': 'spatial_threshold', **({'factor': 'ood_threshold'} if trained else {})}
+    fpr95 = {name: {rule: 100 * fpr_at_tpr(id_out[THRESHOLD_SCORES[t]], o[THRESHOLD_SCORES[t]])
+                    for rule, t in rules.items()} for name, o in oods.items()}
     if in_place:
         set_thresholds(folder, thresholds, id_dataset=args.data_name or name, images=len(images))
         where = folder
@@ -112,7 +132,25 @@ def main(argv: Optional[List[str]] = None) -> dict:
     shown = ', '.join(f'{k} = {v:.6g}' for k, v in thresholds.items() if v is not None)
     skipped = '' if trained else '; no ood_threshold: this model\'s OOD head was never trained'
     print(f'{len(images)} ID images: {shown} (each keeps 95% of them){skipped}; wrote {where}', file=sys.stderr)
-    return {**thresholds, 'images': len(images), 'out': str(where)}
+    if fpr95:
+        print(_fpr95_table(fpr95, {n: len(o['ood_factor']) for n, o in oods.items()}), file=sys.stderr)
+    return {**thresholds, 'images': len(images), 'out': str(where), 'fpr95': fpr95}
+
+
+def _fpr95_table(fpr95: dict, counts: dict) -> str:
+    """Each rule's FPR95 per OOD set and on average, and the rule with the lower average."""
+    rules = list(next(iter(fpr95.values())))
+    average = {r: sum(v[r] for v in fpr95.values()) / len(fpr95) for r in rules}
+    width = max(9, *map(len, fpr95))
+    lines = ['FPR95 (%) on the OOD validation images, at the point that keeps 95% of the ID images (lower is better):',
+             f'  {"set":<{width}} {"images":>7}' + ''.join(f' {"--rule " + r:>15}' for r in rules)]
+    lines += [f'  {name:<{width}} {counts[name]:>7}' + ''.join(f' {v[r]:>15.1f}' for r in rules)
+              for name, v in fpr95.items()]
+    if len(fpr95) > 1:
+        lines.append(f'  {"average":<{width}} {"":>7}' + ''.join(f' {average[r]:>15.1f}' for r in rules))
+    best = min(rules, key=average.get)
+    lines.append(f'lower on these images: --rule {best}' + (' (the default)' if best == 'spatial' else ''))
+    return '\n'.join(lines)
 
 
 if __name__ == '__main__':

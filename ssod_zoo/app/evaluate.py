@@ -112,15 +112,23 @@ def collect(
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+# the score behind each threshold, in the outputs of collect(..., spatial=True)
+THRESHOLD_SCORES = {'spatial_threshold': 'spatial_top3', 'ood_threshold': 'ood_factor'}
+
+
 def calibrate(model: nn.Module, loader: Iterable, device: torch.device, ood_head: bool = True,
               progress: Optional[str] = None) -> Dict[str, Optional[float]]:
     """The model's rejection thresholds, each keeping 95% of the ID validation images in ``loader``:
     ``spatial_threshold`` on ``model.spatial_score`` and, when ``ood_head`` (its OOD head was trained),
     ``ood_threshold`` on ``ood_factor``; None for an untrained head."""
+    return thresholds_of(collect(model, loader, device, spatial=True, progress=progress), ood_head)
+
+
+def thresholds_of(out: Dict[str, torch.Tensor], ood_head: bool = True) -> Dict[str, Optional[float]]:
+    """:func:`calibrate` on the outputs of ``collect(..., spatial=True)`` already at hand."""
     from ..hub import calibrate_threshold
-    out = collect(model, loader, device, spatial=True, progress=progress)
-    return {'spatial_threshold': calibrate_threshold(out['spatial_top3']),
-            'ood_threshold': calibrate_threshold(out['ood_factor']) if ood_head else None}
+    return {k: calibrate_threshold(out[score]) if ood_head or k != 'ood_threshold' else None
+            for k, score in THRESHOLD_SCORES.items()}
 
 
 def ssod_report(id_out: Dict[str, torch.Tensor], ood_outs: Dict[str, Dict[str, torch.Tensor]]) -> dict:
