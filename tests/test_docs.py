@@ -33,7 +33,7 @@ def test_model_card_snippet_runs_on_grayscale_and_colour_files(mode, tmp_path, m
     Image.new(mode, (40, 30), color=128 if mode == 'L' else (90, 140, 200)).save(tmp_path / 'photo.png')
     monkeypatch.chdir(tmp_path)
     scope = {}
-    exec(python_block(ROOT / 'MODEL_CARD.md', '`ood_factor` that keeps 95% of the in-distribution validation images.')
+    exec(python_block(ROOT / 'MODEL_CARD.md', 'synthetic weight, `ood_factor` for the Fashion-MNIST one).')
          .replace('<tag>', 'synthetic'), scope)
     assert scope['label'] == 'unknown' or scope['label'] in scope['model'].pretrained_cfg['label_names']
 
