@@ -32,6 +32,7 @@ remedy: see :mod:`ssod_zoo._pretrained`, which also holds the weights shipped in
 """
 import json
 import math
+import os
 import re
 import tempfile
 import warnings
@@ -153,6 +154,7 @@ def save_pretrained(
     # contiguous CPU copies: safetensors refuses views and channels_last tensors
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(tensors, str(save_dir / WEIGHTS_NAME), metadata={'format': 'pt'})
+    _readable(save_dir / WEIGHTS_NAME)
 
     model_config: Dict[str, Any] = {
         'architecture': architecture,
@@ -191,6 +193,14 @@ def write_card(save_dir: Union[str, Path], *, train_config: Optional[Mapping[str
     path = save_dir / CARD_NAME
     _card.model_card(config, train_config=train_config, metrics=metrics, name=save_dir.resolve().name).save(path)
     return path
+
+
+def _readable(path: Path) -> None:
+    """The mode a plain ``open()`` would have given: safetensors writes its file 0600 (through a temporary file),
+    so a weight shared from a server or a container would be readable by its owner alone."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def set_thresholds(save_dir: Union[str, Path], thresholds: Mapping[str, Optional[float]], id_dataset: str,

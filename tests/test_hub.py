@@ -319,6 +319,8 @@ def test_model_card_has_model_index_metrics_config_and_citation(saved):
 def test_save_pretrained_without_metrics_or_threshold(tmp_path):
     m = timm.create_model(ARCH, num_classes=2)
     out = hub.save_pretrained(m, tmp_path / 'bare')
+    # the weights file has the mode config.json has (the umask's), not safetensors' owner-only 0600
+    assert (out / 'model.safetensors').stat().st_mode & 0o777 == (out / 'config.json').stat().st_mode & 0o777
     config = json.loads((out / 'config.json').read_text())
     assert config['model_args']['ood_threshold'] is None and config['model_args']['spatial_threshold'] is None
     assert 'label_names' not in config

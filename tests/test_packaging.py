@@ -54,6 +54,10 @@ def test_cli_lists_its_commands_and_rejects_unknown_ones():
     assert r.returncode == 0
     for command in ('demo', 'train', 'eval', 'export', 'save', 'push'):
         assert f'  {command}' in r.stdout
+    r = subprocess.run([sys.executable, '-m', 'ssod_zoo.app.cli', '--version'], capture_output=True, text=True)
+    import ssod_zoo
+    import timm
+    assert r.returncode == 0 and r.stdout.startswith(f'ssod_zoo {ssod_zoo.__version__} (timm {timm.__version__}')
     r = subprocess.run([sys.executable, '-m', 'ssod_zoo.app.cli', 'fly'], capture_output=True, text=True)
     assert r.returncode == 2 and 'unknown command' in r.stderr
 

@@ -235,3 +235,11 @@ def test_spatial_score_and_forward_scores_agree_with_the_readout_they_name():
         assert torch.equal(model.spatial_score(x), ssod_zoo.spatial_maxlogit_score(cls_map, k=3))
     assert torch.equal(scores.spatial_score, model.spatial_score(x).detach())
     assert torch.equal(scores.logits, logits) and torch.equal(scores.ood_factor, ood_factor)
+
+
+def test_a_glob_that_matches_folders_searches_them(tmp_path):
+    make_images(tmp_path / 'a')          # 5 images, 2 of them in a/sub
+    make_images(tmp_path / 'b', n=2)
+    found = find_images([str(tmp_path / '*')])  # matches the folders a and b only
+    assert len(found) == 7 and len(set(found)) == 7
+    assert len(find_images([str(tmp_path / 'a' / '*')])) == 5  # 3 files and the folder sub (2 more)

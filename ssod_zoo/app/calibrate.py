@@ -23,6 +23,7 @@ the weights are not touched. With ``--out``, or for any other MODEL (a training 
 a registered ``ssod_<arch>.<tag>``), a new hub folder is written there instead.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -102,10 +103,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     except (WeightsError, FileNotFoundError, RuntimeError, ImageError, DataMissing) as e:
         fail(e)
     if in_place:
-        import json
         trained = ood_head_trained(json.loads((folder / CONFIG_NAME).read_text()))
     else:
         trained = ood_head_trained({}, ckpt.get('config'))
+
     def loader(ds):
         return DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
 

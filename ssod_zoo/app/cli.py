@@ -33,10 +33,17 @@ COMMANDS = {
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (['--version'], ['-V']):
+        from .. import __version__
+        import timm
+        import torch
+        print(f'ssod_zoo {__version__} (timm {timm.__version__}, torch {torch.__version__})')
+        raise SystemExit(0)
     if not argv or argv[0] in ('-h', '--help'):
         width = max(map(len, COMMANDS))
         lines = [f'  {name:<{width}}  {help_}' for name, (_, help_) in COMMANDS.items()]
-        print('usage: ssod COMMAND [ARGS]   (ssod COMMAND --help for its options)\n\ncommands:\n' + '\n'.join(lines))
+        print('usage: ssod COMMAND [ARGS]   (ssod COMMAND --help for its options; ssod --version)\n\ncommands:\n'
+              + '\n'.join(lines))
         raise SystemExit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
@@ -57,6 +64,18 @@ def main(argv: Optional[List[str]] = None) -> None:
         _missing_extra(command, top)
     finally:
         warnings.formatwarning = formatwarning
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each flag's default after its help where the help does not already
+    give it and the default says something (not None, False or '')."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ''
+        silent = action.default is None or action.default is False or action.default in ('', argparse.SUPPRESS)
+        if 'default' in text or silent or not action.option_strings:
+            return text
+        return f'{text} (default: %(default)s)'.strip()
 
 
 def range_error(value, accepts: Callable[[float], bool], what: str) -> Optional[str]:

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .._pretrained import _weights_dir
 from ..hub import load_checkpoint, load_model, save_pretrained
-from .cli import AT_LEAST_0, AT_LEAST_1, bounded
+from .cli import AT_LEAST_0, AT_LEAST_1, HelpFormatter, bounded
 from .evaluate import evaluate, results_markdown, write_results
 from .plots import plot_histograms, plot_roc, plot_sampler
 from .report import deployed_thresholds, deployment_report, write_scores_csv
@@ -51,8 +51,7 @@ TRAINING_OPTIONS = ('model', 'model_kwargs', 'init', 'warmup_epochs', 'ssod_epoc
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog='ssod demo', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog='ssod demo', description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--out', default='demo_out', help='output directory')
     p.add_argument('--retrain', action='store_true', help='train both models here (the options below marked '
                    '"training") instead of evaluating the shipped ones; 12-16 minutes on 2 CPU cores')
@@ -78,10 +77,13 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help='training: the OOD loss weight (Eq. 14)')
     p.add_argument('--train-per-class', type=bounded(int, *AT_LEAST_1), default=400,
                    help='benchmark training images per class: the training split, and the detectors\' fit set')
-    p.add_argument('--val-per-class', type=bounded(int, *AT_LEAST_1), default=100)
-    p.add_argument('--ood-per-set', type=bounded(int, *AT_LEAST_1), default=1000)
+    p.add_argument('--val-per-class', type=bounded(int, *AT_LEAST_1), default=100,
+                   help='benchmark ID validation images per class: the ID set every detector is scored on')
+    p.add_argument('--ood-per-set', type=bounded(int, *AT_LEAST_1), default=1000,
+                   help='benchmark images per OOD set (near, textures, domain)')
     p.add_argument('--seed', type=int, default=0, help='training: the training seed and the benchmark\'s')
-    p.add_argument('--workers', type=bounded(int, *RANGES['workers']), default=2)
+    p.add_argument('--workers', type=bounded(int, *RANGES['workers']), default=2,
+                   help='image-loading and generating processes')
     p.add_argument('--bench-root', default='', help='benchmark cache (default: DIR/benchmark)')
     p.add_argument('--quick', action='store_true', help='a tiny run to check the pipeline, not for numbers')
     p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None,

@@ -33,7 +33,7 @@ from ..metrics import accuracy, ood_metrics
 from .protocols import PROTOCOLS, DataMissing, Transformed, add_fpr95_openood, fpr95_markdown, limited, load_protocol, \
     skipped_markdown
 from ..output import posterior_score, spatial_maxlogit_score, spatial_posterior_score
-from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded, device as device_arg
+from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, HelpFormatter, bounded, device as device_arg
 from .images import ImageError, ImageFiles, class_folder, one_line
 from .report import deployed_thresholds, deployment_report, fit_detectors, write_scores_csv
 
@@ -299,8 +299,7 @@ def _check_class_folders(p: argparse.ArgumentParser, which: str, model, classes:
 
 def main(argv: Optional[List[str]] = None) -> dict:
     import timm
-    p = argparse.ArgumentParser(prog='ssod eval', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog='ssod eval', description=__doc__, formatter_class=HelpFormatter)
     p.add_argument('--model', required=True, help='SSOD model: checkpoint, hub folder, hf-hub:..., or name')
     p.add_argument('--baseline-model', help='model for the post-hoc baselines (default: --model)')
     p.add_argument('--val-dir', help='ID test images, ImageFolder layout (or --protocol)')
@@ -316,14 +315,16 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument('--fit-dir', help='ID training images to fit KNN, Mahalanobis, ViM and ReAct on')
     p.add_argument('--fit-limit', type=bounded(int, *AT_LEAST_0), default=0,
                    help='use at most this many fit images, the same number from each class (0 = all)')
-    p.add_argument('--out', default='eval_out')
+    p.add_argument('--out', default='eval_out', help='output folder')
     p.add_argument('--img-size', type=bounded(int, *AT_LEAST_1), default=None,
                    help='default: the model pretrained_cfg input size')
-    p.add_argument('--crop-pct', type=bounded(float, *POSITIVE), default=None)
-    p.add_argument('--batch-size', type=bounded(int, *AT_LEAST_1), default=64)
-    p.add_argument('--workers', type=bounded(int, *AT_LEAST_0), default=2)
-    p.add_argument('--device', type=device_arg, default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--no-plots', action='store_true')
+    p.add_argument('--crop-pct', type=bounded(float, *POSITIVE), default=None,
+                   help="default: the model's pretrained_cfg crop_pct")
+    p.add_argument('--batch-size', type=bounded(int, *AT_LEAST_1), default=64, help='images per forward pass')
+    p.add_argument('--workers', type=bounded(int, *AT_LEAST_0), default=2, help='image-loading processes')
+    p.add_argument('--device', type=device_arg, default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='cpu, cuda, cuda:1, ...')
+    p.add_argument('--no-plots', action='store_true', help='skip roc.png and histograms.png')
     p.add_argument('--knn-k', type=bounded(int, *AT_LEAST_1), default=50,
                    help='KNN neighbour; capped below the smallest fit class, with a warning (default: %(default)s)')
     p.add_argument('--bootstrap', type=bounded(int, *AT_LEAST_0), default=1000,

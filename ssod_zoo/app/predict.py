@@ -75,8 +75,10 @@ def find_images(inputs: Sequence[str]) -> List[Path]:
         elif path.is_dir():
             matches = list_images(path, warn_skipped=True)
         else:
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True)
-                             if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+            matched = sorted(Path(p) for p in glob.glob(item, recursive=True))
+            # a pattern's folders are searched as a folder given by name is ('photos/*' names sub-folders too)
+            matches = [f for p in matched for f in ([p] if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                                                    else list_images(p, warn_skipped=True) if p.is_dir() else [])]
             if not matches and not glob.has_magic(item):
                 raise PredictError(f'{item}: no such file or folder')
             if not matches:
