@@ -179,7 +179,7 @@ def model_card(config: Dict[str, Any], *, train_config: Optional[Mapping[str, An
         input_size=_input_size(config),
         id_dataset=id_dataset, id_accuracy=metrics.get('id_accuracy'), ood_rows=ood_rows,
         has_metrics=bool(metrics), classes=classes, citation=PAPER_CITATION,
-        ce_only=bool(train_config.get('ce_only')),
+        ce_only=not ood_head_trained(config, train_config),
         train_config=json.dumps(train_config, indent=2, sort_keys=True, default=str) if train_config else '')
 
 

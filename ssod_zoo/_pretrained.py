@@ -353,9 +353,9 @@ def _manifest_cfgs(arch_cfgs: Mapping[str, Mapping[str, Any]],
 
 
 def _repo_model_args(cfg: PretrainedCfg, cache_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
-    """Model arguments (``ood_threshold``, ``output_stride``, ...) saved in the ``config.json`` of the Hub repo a
+    """Model arguments (the thresholds, ``output_stride``, ...) saved in the ``config.json`` of the Hub repo a
     registered architecture is pointed at with ``pretrained_cfg_overlay=dict(hf_hub_id=...)``. Without them the
-    weights would load, without an error, into another model: other logits and no threshold."""
+    weights would load, without an error, into another model: other logits and no thresholds."""
     repo = cfg.hf_hub_id
     try:
         path = _download(repo, CONFIG_NAME, cache_dir)
@@ -363,7 +363,7 @@ def _repo_model_args(cfg: PretrainedCfg, cache_dir: Optional[Union[str, Path]] =
         cause = e.__cause__
         if isinstance(cause, EntryNotFoundError) and not isinstance(cause, LocalEntryNotFoundError):
             raise WeightsError(
-                f'{repo} has no {CONFIG_NAME}, so the model arguments and ood_threshold its weights were saved with '
+                f'{repo} has no {CONFIG_NAME}, so the model arguments and thresholds its weights were saved with '
                 'are unknown. Publish the weights with ssod_zoo.push_to_hub or `ssod push <checkpoint> <repo_id>`, '
                 f'which write {CONFIG_NAME}, or load a local copy with pretrained_cfg_overlay=dict(file=...) and '
                 'the model arguments given explicitly') from cause
@@ -381,6 +381,6 @@ def _repo_model_args(cfg: PretrainedCfg, cache_dir: Optional[Union[str, Path]] =
 
 
 def _shipped_model_args(variant: str, tag: Optional[str]) -> Dict[str, Any]:
-    """Model arguments a registered weight was saved with (``ood_threshold``, ``output_stride``, ...)."""
+    """Model arguments a registered weight was saved with (the thresholds, ``output_stride``, ...)."""
     entry = _SHIPPED.get(f'{variant}.{tag}') if tag else None
     return dict(entry.get('model_args') or {}) if entry else {}

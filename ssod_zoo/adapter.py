@@ -65,6 +65,13 @@ READOUTS: Dict[str, Tuple[str, Callable[[float], float]]] = {
 }
 
 
+def _require_pooled(pooled: torch.Tensor) -> None:
+    if pooled.ndim != 2:
+        raise RuntimeError(
+            'the OOD factor needs pooled features, but this model has no global pooling (global_pool=""); '
+            'use forward_spatial() for per-position outputs')
+
+
 class SSODModel(nn.Module):
     """Mixin that makes a timm CNN classifier an SSOD model. Build one with :func:`wrap` or ``timm.create_model``.
 
@@ -149,6 +156,7 @@ class SSODModel(nn.Module):
         self._require_classifier('forward_scores')
         features = self.forward_features(x)
         pooled = self.forward_head(features, pre_logits=True)
+        _require_pooled(pooled)
         cls_map, _ = self.forward_positions(features)
         return SSODScores(self._classify(pooled), self.forward_ood(pooled), spatial_maxlogit_score(cls_map, k=3))
 
@@ -169,10 +177,7 @@ class SSODModel(nn.Module):
     def _forward_ssod(self, x: torch.Tensor) -> SSODOutput:
         features = self.forward_features(x)
         pooled = self.forward_head(features, pre_logits=True)
-        if pooled.ndim != 2:
-            raise RuntimeError(
-                'the OOD factor needs pooled features, but this model has no global pooling (global_pool=""); '
-                'use forward_spatial() for per-position outputs')
+        _require_pooled(pooled)
         if torch.jit.is_scripting():
             logits = self.forward_head(features)
         else:
@@ -271,6 +276,7 @@ class SSODModel(nn.Module):
         else:
             super().reset_classifier(num_classes, global_pool)
         self._fit_ood_head()
+        self.spatial_threshold = None  # set on the old classifier's logits, which are gone
 
     def _fit_ood_head(self) -> None:
         """(Re)build the OOD head when the pre-logits width changed, keeping device, dtype and requires_grad."""
@@ -346,7 +352,7 @@ class SSODModel(nn.Module):
                 warnings.warn(f'{name} got input values up to {peak:.0f}, but normalised images lie within about '
                               '+-3: are these 0-255 pixels? Divide by 255 and normalise with the model\'s mean/std '
                               '(timm.data.create_transform(**timm.data.resolve_data_config(model=model))); '
-                              'otherwise ood_factor is meaningless', stacklevel=3)
+                              'otherwise ood_factor and spatial_score are meaningless', stacklevel=3)
 
 
 def _require_spatial(model: nn.Module) -> None:

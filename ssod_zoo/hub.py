@@ -114,6 +114,7 @@ def save_pretrained(
         ood_threshold: Optional[float] = None,
         spatial_threshold: Optional[float] = None,
         calibration: Optional[Mapping[str, Any]] = None,
+        ood_head_trained: Optional[bool] = None,
         model_card: bool = True,
 ) -> Path:
     """Write a folder that ``timm.create_model('hf-hub:...'/'local-dir:...', pretrained=True)`` loads.
@@ -131,6 +132,9 @@ def save_pretrained(
             ``model.spatial_threshold``.
         calibration: what the thresholds were calibrated on, ``{'data': name, 'images': N}``, when not the
             training run's ID validation data (``ssod calibrate`` records it; the card shows it).
+        ood_head_trained: whether the OOD head was trained; default: not ``train_config['ce_only']`` when a
+            training config is given. False (a cross-entropy twin) saves no ``ood_threshold``: its ``ood_factor``
+            means nothing.
         model_card: write ``README.md``.
 
     Returns:
@@ -142,6 +146,10 @@ def save_pretrained(
     architecture = _ssod_architecture(model)
     threshold = model.ood_threshold if ood_threshold is None else ood_threshold
     threshold = None if threshold is None else check_threshold(threshold)
+    if ood_head_trained is None and train_config:
+        ood_head_trained = _card.ood_head_trained({}, train_config)
+    if ood_head_trained is False:
+        threshold = None
     spatial = getattr(model, 'spatial_threshold', None) if spatial_threshold is None else spatial_threshold
     spatial = None if spatial is None else check_spatial_threshold(spatial)
     if class_names is not None:
@@ -163,8 +171,8 @@ def save_pretrained(
     }
     if class_names:
         model_config['label_names'] = class_names
-    if train_config:  # a cross-entropy twin's OOD head was never trained: ssod calibrate and the card skip it
-        model_config['ood_head_trained'] = _card.ood_head_trained({}, train_config)
+    if ood_head_trained is not None:  # a cross-entropy twin's: ssod calibrate and the card skip its ood_threshold
+        model_config['ood_head_trained'] = ood_head_trained
     if calibration:
         model_config['calibration'] = dict(calibration)
     config_path = save_dir / CONFIG_NAME
@@ -389,7 +397,7 @@ def _checkpoint_data_config(ckpt: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
-    """One way to get a trained model from any source, with its threshold and preprocessing.
+    """One way to get a trained model from any source, with its thresholds and preprocessing.
 
     Args:
         spec: a training checkpoint file (``python -m ssod_zoo.app.train``), a hub-ready folder (``ssod save``,
@@ -426,7 +434,7 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
 
 
 def _forget_calibration(model: SSODModel, name: str, weights_classes: int) -> None:
-    """timm reset the classifier for another class count than the weights': their label names and the threshold
+    """timm reset the classifier for another class count than the weights': their label names and the thresholds
     calibrated with them no longer apply."""
     warnings.warn(f'{name}: built with num_classes={model.num_classes}, the weights have {weights_classes} classes; '
                   'the classifier is new, so their label_names and thresholds are dropped (train it, then '

@@ -31,7 +31,7 @@ def _build(trunk: str, return_ood: bool = True, ood_threshold: Optional[float] =
 
 def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -> SSODModel:
     tag = kwargs.get('pretrained_cfg') if isinstance(kwargs.get('pretrained_cfg'), str) else None
-    # a registered weight brings the model arguments it was saved with (ood_threshold, output_stride, ...)
+    # a registered weight brings the model arguments it was saved with (the thresholds, output_stride, ...)
     saved_args = hub._shipped_model_args(variant, tag)
     if not pretrained:  # the architecture the weights need, not the thresholds calibrated on them: no weights here
         for key in hub.THRESHOLDS:

@@ -46,24 +46,25 @@ def folder(tmp_path):
 
 
 def test_calibrates_a_hub_folder_in_place(folder, tmp_path, capsys):
-    images = save_images(tmp_path / 'val' / 'a', 13, size=40).parent  # nested: searched recursively
+    images = save_images(tmp_path / 'val' / 'a', 21, size=40).parent  # nested: searched recursively
     weights = _sha(folder / 'model.safetensors')
     cli.main(['calibrate', str(folder), '--val-dir', str(images)])
     model = ssod_zoo.load_model(folder)
     spatial, factor = _scores(model, images)
-    # 95% of 13 images is 12.35: the 13th largest value keeps all 13, no larger one keeps 13 * 0.95
+    # 95% of 21 images is 19.95: the 20th largest value keeps 20, and no larger one keeps 19.95
     for scores, threshold in ((spatial, model.spatial_threshold), (factor, model.ood_threshold)):
         kept = _kept_by_hand(scores, threshold)
-        assert kept == math.ceil(0.95 * 13) == 13 and threshold == pytest.approx(float(scores.min()), abs=1e-5)
+        assert kept == math.ceil(0.95 * 21) == 20
+        assert threshold == pytest.approx(float(scores.sort(descending=True).values[19]), abs=1e-5)
     assert _sha(folder / 'model.safetensors') == weights  # thresholds only
     config = json.loads((folder / 'config.json').read_text())
     # named by the folder's last two parts, as a training run's val_dir is
-    assert config['calibration'] == {'data': f'{tmp_path.name}/val', 'images': 13, 'keep': 0.95}
+    assert config['calibration'] == {'data': f'{tmp_path.name}/val', 'images': 21, 'keep': 0.95}
     card = (folder / 'README.md').read_text()
-    assert f'model.spatial_threshold = {model.spatial_threshold:.6g}' in card and '13 images' in card
+    assert f'model.spatial_threshold = {model.spatial_threshold:.6g}' in card and '21 images' in card
     assert card.count('## Rejection thresholds') == 1 and '## Results' in card
     err = capsys.readouterr().err
-    assert '13 ID images: spatial_threshold = ' in err and 'ood_threshold = ' in err
+    assert '21 ID images: spatial_threshold = ' in err and 'ood_threshold = ' in err
 
 
 def test_a_larger_set_keeps_95_percent(folder, tmp_path):
@@ -79,14 +80,25 @@ def test_a_larger_set_keeps_95_percent(folder, tmp_path):
 
 
 def test_untrained_ood_head_gets_no_ood_threshold(tmp_path, capsys):
-    model = ssod_zoo.load_model(make_checkpoint(tmp_path / 'c.pt'))
+    model = ssod_zoo.load_model(make_checkpoint(tmp_path / 'c.pt', threshold=0.3))  # a stale one, from training
     ce = ssod_zoo.save_pretrained(model, tmp_path / 'ce', class_names=NAMES, train_config={'ce_only': True})
-    cli.main(['calibrate', str(ce), '--val-dir', str(save_images(tmp_path / 'val', 5, size=40))])
+    assert ssod_zoo.load_model(ce).ood_threshold is None  # a twin's folder never carries one
+    config = json.loads((ce / 'config.json').read_text())
+    config['model_args']['ood_threshold'] = 0.3  # as folders written before ood_head_trained existed could
+    (ce / 'config.json').write_text(json.dumps(config))
+    images = save_images(tmp_path / 'val', 5, size=40)
+    cli.main(['calibrate', str(ce), '--val-dir', str(images)])
     loaded = ssod_zoo.load_model(ce)
     assert loaded.spatial_threshold is not None and loaded.ood_threshold is None
     assert "no ood_threshold: this model's OOD head was never trained" in capsys.readouterr().err
     card = (ce / 'README.md').read_text()
     assert 'model.spatial_threshold = ' in card and 'model.ood_threshold' not in card
+    # a new folder from it (--out) keeps what the source recorded: a twin, calibrated on these images
+    cli.main(['calibrate', str(ce), '--val-dir', str(images), '--out', str(tmp_path / 'copy')])
+    copy = json.loads((tmp_path / 'copy' / 'config.json').read_text())
+    assert copy['ood_head_trained'] is False and copy['model_args']['ood_threshold'] is None
+    assert copy['calibration'] == {'data': f'{tmp_path.name}/val', 'images': 5, 'keep': 0.95}
+    assert 'never trained' in (tmp_path / 'copy' / 'README.md').read_text()
 
 
 def test_other_models_need_out(tmp_path, capsys):
@@ -99,6 +111,14 @@ def test_other_models_need_out(tmp_path, capsys):
     cli.main(['calibrate', str(ckpt), '--val-dir', str(images), '--out', str(tmp_path / 'new')])
     model = ssod_zoo.load_model(tmp_path / 'new')
     assert model.spatial_threshold is not None and model.ood_threshold is not None
+    config = json.loads((tmp_path / 'new' / 'config.json').read_text())
+    assert config['calibration']['images'] == 5 and f'({tmp_path.name}/val, 5 images)' in (
+        tmp_path / 'new' / 'README.md').read_text()
+    for argv, says in ((['--out', str(tmp_path / 'new')], 'already holds a model; pass --overwrite'),
+                       (['--data-root', 'x'], '--data-root and --download go with --protocol')):
+        with pytest.raises(SystemExit) as e:
+            cli.main(['calibrate', str(ckpt), '--val-dir', str(images), *argv])
+        assert e.value.code == 2 and says in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli.main(['calibrate', str(tmp_path / 'new'), '--val-dir', str(tmp_path / 'nothing')])
     assert e.value.code == 2 and 'is not a directory' in capsys.readouterr().err

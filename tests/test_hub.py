@@ -709,7 +709,7 @@ def test_cli_warns_without_threshold_and_fails_cleanly(tmp_path, model, capsys):
     ckpt = make_checkpoint(tmp_path / 'last.pt', model, ood_threshold=None)
     publish.main(['save', str(ckpt), str(tmp_path / 'out')])
     err = capsys.readouterr().err
-    assert 'no calibrated ood_threshold;' in err and 'ssod calibrate FOLDER' in err
+    assert 'no calibrated ood_threshold;' in err and f'ssod calibrate {tmp_path / "out"} --val-dir DIR' in err
     publish.main(['save', str(make_checkpoint(tmp_path / 'bare.pt', model, None, None)), str(tmp_path / 'bare')])
     assert 'no calibrated spatial_threshold or ood_threshold;' in capsys.readouterr().err
     assert json.loads((tmp_path / 'out' / 'config.json').read_text())['model_args']['ood_threshold'] is None
@@ -919,3 +919,16 @@ def test_posterior_score_is_finite_where_the_ood_factor_is_zero():
     logits = torch.tensor([[3.0, 0.0], [0.0, 0.0]])
     score = ssod_zoo.posterior_score(logits, torch.tensor([0.0, 0.5]))
     assert torch.isfinite(score).all() and score[0] < score[1]
+
+
+def test_checkpoint_from_before_the_spatial_threshold_loads_without_one(tmp_path, model):
+    """Checkpoints written before spatial_threshold existed have no such key: they load, with None, and say what to
+    do when asked to decide with it."""
+    ckpt = make_checkpoint(tmp_path / 'old.pt', model)
+    state = torch.load(ckpt, weights_only=False)
+    del state['spatial_threshold']
+    torch.save(state, ckpt)
+    loaded, _ = hub.load_checkpoint(ckpt)
+    assert loaded.ood_threshold == THRESHOLD and loaded.spatial_threshold is None
+    with pytest.raises(ValueError, match='no calibrated spatial_threshold'):
+        loaded.accepts(torch.zeros(1), readout='spatial')

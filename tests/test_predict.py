@@ -78,13 +78,14 @@ def _by_hand(rule, spatial, threshold=0.2, spatial_threshold=None):
 
 @pytest.fixture(scope='module')
 def decisive(tmp_path_factory):
-    """The decisive checkpoint, with a spatial threshold between its images' spatial scores: the 3rd largest,
-    so the spatial rule keeps 3 of the 5."""
+    """The decisive checkpoint, with a spatial threshold halfway between its images' 3rd and 4th largest spatial
+    scores, so the spatial rule keeps 3 of the 5 whatever the batch's float rounding."""
     folder = tmp_path_factory.mktemp('decisive')
     ckpt = make_decisive_checkpoint(folder / 'c.pt', folder / 'images', threshold=0.2)
     spatial = _spatial_by_hand(ckpt)
     state = torch.load(ckpt, weights_only=False)
-    state['spatial_threshold'] = sorted(spatial.values())[-3]
+    ranked = sorted(spatial.values())
+    state['spatial_threshold'] = (ranked[-3] + ranked[-4]) / 2
     torch.save(state, ckpt)
     return ckpt, spatial, state['spatial_threshold']
 
@@ -232,8 +233,17 @@ def test_spatial_score_and_forward_scores_agree_with_the_readout_they_name():
         cls_map, _ = model.forward_positions(model.forward_features(x))
         scores = model.forward_scores(x)
         logits, ood_factor = model.forward_ssod(x)
+        # by hand: test_resnet's per-position pre-logits are the feature map itself
+        fc = model.get_classifier()
+        by_hand = (torch.einsum('bchw,mc->bmhw', model.forward_features(x), fc.weight) + fc.bias[:, None, None])
+        by_hand = by_hand.amax(dim=1).flatten(1).topk(3, dim=1).values.mean(dim=1)
+        torch.testing.assert_close(model.spatial_score(x), by_hand, atol=1e-5, rtol=0)
         assert torch.equal(model.spatial_score(x), ssod_zoo.spatial_maxlogit_score(cls_map, k=3))
     assert torch.equal(scores.spatial_score, model.spatial_score(x).detach())
+    # the classifier the threshold was set on goes with it
+    model.spatial_threshold = 1.0
+    model.reset_classifier(5)
+    assert model.spatial_threshold is None
     assert torch.equal(scores.logits, logits) and torch.equal(scores.ood_factor, ood_factor)
 
 

@@ -312,7 +312,7 @@ def test_release_evaluates_calibrates_cards_and_pushes(tmp_path, fmnist):
     assert {t.dtype for t in load_file(str(out / 'model.safetensors')).values() if t.is_floating_point()} == \
         {torch.float16}
     config = json.loads((out / 'config.json').read_text())
-    assert config['model_args']['ood_threshold'] == pytest.approx(done['threshold'])
+    assert config['model_args']['ood_threshold'] == pytest.approx(done['ood_threshold'])
     # the threshold keeps 95% of the ID *validation* images of the released (float16-rounded) weights
     import timm
     from huggingface_hub import ModelCard
@@ -324,8 +324,15 @@ def test_release_evaluates_calibrates_cards_and_pushes(tmp_path, fmnist):
     def threshold_on(split):
         return calibrate_threshold(collect(released, DataLoader(Transformed(split, transform), batch_size=64),
                                            torch.device('cpu'))['ood_factor'])
-    assert done['threshold'] == pytest.approx(threshold_on(data.val), abs=1e-6)
-    assert done['threshold'] != pytest.approx(threshold_on(data.test), abs=1e-6)  # so the split shows
+    assert done['ood_threshold'] == pytest.approx(threshold_on(data.val), abs=1e-6)
+    assert done['ood_threshold'] != pytest.approx(threshold_on(data.test), abs=1e-6)  # so the split shows
+    # and the spatial threshold, of the released model and of the baseline written beside it
+    baseline = load_model(str(tmp_path / 'ce')).spatial_threshold
+    for folder, value in ((out, done['spatial_threshold']), (tmp_path / 'ce', baseline)):
+        model = load_model(str(folder))
+        scores = collect(model, DataLoader(Transformed(data.val, transform), batch_size=64), torch.device('cpu'),
+                         spatial=True)['spatial_top3']
+        assert value is not None and value == pytest.approx(calibrate_threshold(scores), abs=1e-5), folder
     # the card's model-index carries the test numbers of eval/results.json
     results = json.loads((out / 'eval' / 'results.json').read_text())
     assert results['id_accuracy']['ssod'] == pytest.approx(done['metrics']['id_accuracy'])

@@ -371,6 +371,9 @@ def test_ce_only_never_trains_the_ood_head(bench, tmp_path, monkeypatch):
     assert torch.equal(trained['ood_head.weight'], state['ood_head.weight'])
     assert not torch.equal(trained['fc.weight'], state['fc.weight'])  # the classifier did train
     assert not (tmp_path / 'best.pt').exists(), 'a cross-entropy run selects no checkpoint on OOD data'
+    # its OOD head is untrained, so no ood_threshold; the spatial readout works on any classifier
+    last = torch.load(tmp_path / 'last.pt', weights_only=True)
+    assert last['ood_threshold'] is None and last['spatial_threshold'] is not None
 
 
 def test_signal_handlers_are_restored_after_a_run(bench, tmp_path, monkeypatch):

@@ -33,8 +33,6 @@ def add_demo_models(ssod_run: Path, ce_run: Path, out: Path = DEMO_DIR) -> dict:
         model, ckpt = load_checkpoint(run / 'last.pt')
         if ckpt['config']['ce_only'] != (name == 'ce'):
             raise SystemExit(f'{run}: expected a{" --ce-only" if name == "ce" else "n SSOD"} run for the {name} model')
-        if name == 'ce':
-            model.ood_threshold = None  # its OOD head was never trained: no threshold to publish
         folder = save_pretrained(model, out / name, train_config=ckpt['config'], class_names=ckpt['class_names'])
         wall = run / 'wall.json'
         recipe['models'][name] = {

@@ -121,6 +121,8 @@ def recalibrate(name: str, calibrate_args: Sequence[str], *, weights_dir: Path =
     if entry is None or entry.get('file') is None:
         raise ValueError(f'{name} is not a weight shipped in {weights_dir}: '
                          f'{", ".join(e["name"] for e in manifest["weights"] if e.get("file"))}')
+    if '--out' in calibrate_args:
+        raise ValueError('--recalibrate updates the shipped folder in place; leave out --out')
     folder = weights_dir / name
     calibrate.main([str(folder), *calibrate_args])
     if hub._sha256(folder / hub.WEIGHTS_NAME) != entry['sha256']:

@@ -55,6 +55,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                         "parts, or the protocol's split)")
     p.add_argument('--out', default=None, help='write a new hub folder here (default: update MODEL, a hub folder, '
                                                'in place)')
+    p.add_argument('--overwrite', action='store_true', help='let --out replace a hub folder already there')
     p.add_argument('--batch-size', type=bounded(int, *AT_LEAST_1), default=64, help='(default: %(default)s)')
     p.add_argument('--workers', type=bounded(int, *AT_LEAST_0), default=0, help='(default: %(default)s)')
     p.add_argument('--device', type=device_arg, default='cuda' if torch.cuda.is_available() else 'cpu',
@@ -64,8 +65,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = p.parse_args(argv)
     folder = Path(args.model.removeprefix('local-dir:'))
     in_place = args.out is None
+    if args.val_dir and (args.data_root or args.download):
+        p.error('--data-root and --download go with --protocol; --val-dir names the images itself')
     if in_place and not (folder / 'config.json').is_file():
         p.error(f'{args.model} is not a hub folder to update in place: give --out FOLDER for the new hub folder')
+    if args.out and (Path(args.out) / 'model.safetensors').exists() and not args.overwrite:
+        p.error(f'--out {args.out} already holds a model; pass --overwrite to replace it, or give a new folder')
     for flag, d in [('--val-dir', args.val_dir)] + [('--ood-dirs', d) for d in args.ood_dirs]:
         if d and not Path(d).is_dir():
             p.error(f'{flag} {d} is not a directory')
@@ -102,10 +107,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
             name = id_dataset_name({}, {'val_dir': args.val_dir})
     except (WeightsError, FileNotFoundError, RuntimeError, ImageError, DataMissing) as e:
         fail(e)
-    if in_place:
-        trained = ood_head_trained(json.loads((folder / CONFIG_NAME).read_text()))
-    else:
-        trained = ood_head_trained({}, ckpt.get('config'))
+    # a cross-entropy twin's OOD head was never trained: its folder (or checkpoint) says so, and it gets no
+    # ood_threshold; the folder's records carry over to a new one
+    source = json.loads((folder / CONFIG_NAME).read_text()) if (folder / CONFIG_NAME).is_file() else {}
+    trained = ood_head_trained(source, ckpt.get('config'))
 
     def loader(ds):
         return DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
@@ -129,7 +134,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         for k, v in thresholds.items():
             setattr(model, k, v)
         where = save_pretrained(model, args.out, train_config=ckpt.get('config'), metrics=ckpt.get('metrics'),
-                                class_names=ckpt.get('class_names') or model.pretrained_cfg.get('label_names'))
+                                class_names=ckpt.get('class_names') or model.pretrained_cfg.get('label_names'),
+                                ood_head_trained=trained,
+                                calibration={'data': args.data_name or name, 'images': len(images), 'keep': 0.95})
     shown = ', '.join(f'{k} = {v:.6g}' for k, v in thresholds.items() if v is not None)
     skipped = '' if trained else '; no ood_threshold: this model\'s OOD head was never trained'
     print(f'{len(images)} ID images: {shown} (each keeps 95% of them){skipped}; wrote {where}', file=sys.stderr)
@@ -149,8 +156,9 @@ def _fpr95_table(fpr95: dict, counts: dict) -> str:
               for name, v in fpr95.items()]
     if len(fpr95) > 1:
         lines.append(f'  {"average":<{width}} {"":>7}' + ''.join(f' {average[r]:>15.1f}' for r in rules))
-    best = min(rules, key=average.get)
-    lines.append(f'lower on these images: --rule {best}' + (' (the default)' if best == 'spatial' else ''))
+    if len(rules) > 1:
+        best = min(rules, key=average.get)
+        lines.append(f'lower on these images: --rule {best}' + (' (the default)' if best == 'spatial' else ''))
     return '\n'.join(lines)
 
 

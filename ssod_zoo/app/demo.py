@@ -211,7 +211,6 @@ def _train_both(args: argparse.Namespace, bench: SyntheticBenchmark, runs: Path,
 
     ssod_model, ssod_ckpt = load_checkpoint(runs / 'ssod' / 'last.pt')
     ce_model, ce_ckpt = load_checkpoint(runs / 'ce' / 'last.pt')
-    ce_model.ood_threshold = None  # its OOD head was never trained: no threshold to publish
     return (ssod_model, ssod_ckpt['config']), (ce_model, ce_ckpt['config'])
 
 

@@ -103,10 +103,14 @@ def collect(
             pre_logits = model.forward_head(features, pre_logits=True)
             logits = model.get_classifier()(pre_logits)  # timm's heads end in the classifier: one head pass
             ood_factor = model.forward_ood(pre_logits)
-            if spatial:
-                cls_map, ood_map = model.forward_positions(features)
-                extra = (spatial_posterior_score(cls_map, ood_map), spatial_posterior_score(cls_map),
-                         spatial_maxlogit_score(cls_map, k=3))
+        if spatial:
+            # the per-position heads in float32, as forward_ood is, whatever the autocast: a bf16 classifier
+            # rounds the logits a threshold is calibrated on (by up to 0.14 on the demo model), and ssod predict
+            # scores in float32
+            with torch.autocast(device.type, enabled=False):
+                cls_map, ood_map = model.forward_positions(features.float())
+            extra = (spatial_posterior_score(cls_map, ood_map), spatial_posterior_score(cls_map),
+                     spatial_maxlogit_score(cls_map, k=3))
         for k, v in zip(out, (logits, ood_factor, pre_logits, y, *(extra if spatial else ()))):
             out[k].append(v.float().cpu() if v.is_floating_point() else v.cpu())
     return {k: torch.cat(v) for k, v in out.items()}
@@ -360,7 +364,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     except (WeightsError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: no weights for a tag, no CUDA
         fail(e)
     trained = tuple(model.pretrained_cfg.get('input_size') or ())
-    if args.img_size and trained and trained[-1] != args.img_size and any(deployed_thresholds(model).values()):
+    calibrated = any(t is not None for t in deployed_thresholds(model).values())
+    if args.img_size and trained and trained[-1] != args.img_size and calibrated:
         warnings.warn(f'{args.model} was trained and its thresholds calibrated at {trained[-1]} px; scoring at '
                       f'{args.img_size} px shifts its scores, so accept rates at its thresholds will differ')
     data_args = {k: v for k, v in {'input_size': args.img_size and (3, args.img_size, args.img_size),
@@ -403,7 +408,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     except ImageError as e:  # a corrupt file, read in a DataLoader worker
         fail(e, unreadable)
     out = Path(args.out)
-    # what a deployment decides with: sample counts, accept rates at the model's own threshold, intervals
+    # what a deployment decides with: sample counts, accept rates at the model's own thresholds, intervals
     deployment, deployment_keys = deployment_report(results['scores'], results['ood'], model,
                                                     args.bootstrap)
     extra = {'skipped': protocol.skipped, 'groups': protocol.groups} if protocol else {}

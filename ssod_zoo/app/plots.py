@@ -49,7 +49,8 @@ def plot_histograms(scores: Dict[str, Dict[str, torch.Tensor]], path: Path,
                     methods: Optional[Sequence[str]] = None,
                     thresholds: Optional[Dict[str, Optional[float]]] = None) -> Path:
     """Rows: methods (default every one scored); columns: OOD sets. ID and OOD score densities overlaid, as in the
-    paper's Fig. 6, with each method's deployment threshold drawn where one is given (SSOD: ``ood_threshold``).
+    paper's Fig. 6, with each method's deployment threshold drawn where one is given (the SSOD model's two,
+    :func:`report.deployed_thresholds`).
 
     Args:
         scores: method -> {'id': (N,), set: (N_set,)} as ``evaluate`` returns them.

@@ -149,7 +149,8 @@ def predict(
         attribute = READOUTS[rule][0]
         others = [r for r in RULES if r != rule and (r == 'posterior' or thresholds[r] is not None)]
         raise PredictError(f'the model has no calibrated {attribute}: set it on your ID validation images with '
-                           f'`ssod calibrate MODEL --val-dir DIR`, or pass --threshold T'
+                           '`ssod calibrate MODEL --val-dir DIR` (a hub folder, in place; any other MODEL with '
+                           '--out FOLDER, then predict with FOLDER), or pass --threshold T'
                            f'{", or use --rule " + " or --rule ".join(others) if others else ""}')
     names = _label_names(model)
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))

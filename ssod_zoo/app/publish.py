@@ -30,7 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     push.add_argument('--commit-message', default='Add SSOD weights (ssod_zoo)')
     for p in (save, push):
         p.add_argument('--ood-threshold', type=bounded(float, lambda v: 0 <= v <= 1, 'in [0, 1], as ood_factor is'),
-                       help="rejection threshold to publish instead of the checkpoint's calibrated one")
+                       help="threshold on ood_factor to publish instead of the checkpoint's calibrated one")
         p.add_argument('--no-card', action='store_true', help='do not write README.md')
     args = parser.parse_args(argv)
     if (args.checkpoint / 'config.json').is_file():
@@ -49,12 +49,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (WeightsError, FileNotFoundError) as e:
         parser.exit(2, f'ssod {args.command}: error: {e}\n')
     threshold = args.ood_threshold if args.ood_threshold is not None else ckpt.get('ood_threshold')
+    trained = not (ckpt.get('config') or {}).get('ce_only')  # a twin's untrained OOD head gets no ood_threshold
     missing = [name for name, value in (('spatial_threshold', ckpt.get('spatial_threshold')),
-                                        ('ood_threshold', threshold)) if value is None]
+                                        ('ood_threshold', threshold if trained else 0.0)) if value is None]
     if missing:
+        remedy = ('calibrate the written folder on ID validation images with `ssod calibrate '
+                  f'{args.save_dir} --val-dir DIR`' if args.command == 'save' else
+                  f'to publish them, calibrate first: `ssod calibrate {args.checkpoint} --val-dir DIR --out FOLDER`, '
+                  f'then `hf upload {args.repo_id} FOLDER`')
         print(f'ssod {args.command}: warning: {args.checkpoint} has no calibrated {" or ".join(missing)}; the '
-              'published model will have none. Calibrate the written folder on ID validation images with '
-              '`ssod calibrate FOLDER --val-dir DIR`', file=sys.stderr)
+              f'published model will have none; {remedy}', file=sys.stderr)
     save_kwargs = dict(train_config=ckpt.get('config'), metrics=ckpt.get('metrics'),
                        class_names=ckpt.get('class_names'), ood_threshold=threshold,
                        spatial_threshold=ckpt.get('spatial_threshold'), model_card=not args.no_card)

@@ -79,13 +79,22 @@ def _write(model: nn.Module, ckpt: dict, out: Path, dtype: torch.dtype) -> None:
         store_as(out, dtype)
 
 
+def _calibrate(model: nn.Module, ckpt: dict, val: DataLoader, device: str) -> None:
+    """Both thresholds on the validation loader, on ``device`` (the model is moved there and back to the CPU, where
+    it is written); none on ``ood_factor`` for a cross-entropy twin."""
+    thresholds = calibrate(model.to(device), val, torch.device(device), ood_head_trained({}, ckpt.get('config')))
+    model.cpu()
+    for k, v in thresholds.items():
+        setattr(model, k, v)
+
+
 def release(run_dir: str, out: str, protocol: str, data_root: Optional[str] = None, download: bool = False,
             openood_root: Optional[str] = None, baseline_run: Optional[str] = None, baseline_out: Optional[str] = None,
             dtype: str = 'float32', fit_limit: int = 0, limit: int = 0, batch_size: int = 64, workers: int = 2,
             device: str = 'cpu', repo_id: Optional[str] = None, token: Optional[str] = None, private: bool = False,
             api: Any = None) -> Dict[str, Any]:
-    """Steps 1-6 of the module docstring. Returns ``{'threshold', 'spatial_threshold', 'metrics', 'results', 'out',
-    'seconds'}``."""
+    """Steps 1-6 of the module docstring. Returns ``{'ood_threshold', 'spatial_threshold', 'metrics', 'results',
+    'out', 'seconds'}``."""
     import timm
     from . import evaluate as ev
     t0 = time.time()
@@ -95,7 +104,7 @@ def release(run_dir: str, out: str, protocol: str, data_root: Optional[str] = No
     source = _checkpoint(run)  # the user's own run first: a typo there should not wait for the data
     data = load_protocol(protocol, data_root, download, split='train', openood_root=openood_root)
     if data.val is None:
-        raise ReleaseError(f'the {protocol} protocol has no ID validation split to calibrate the threshold on')
+        raise ReleaseError(f'the {protocol} protocol has no ID validation split to calibrate the thresholds on')
     model, ckpt = load_checkpoint(source)
     round_weights(model, torch_dtype)
     if len(data.classes) != model.num_classes:
@@ -104,14 +113,12 @@ def release(run_dir: str, out: str, protocol: str, data_root: Optional[str] = No
     # calibration: the ID validation split (never the test split the card reports)
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
     val = DataLoader(Transformed(data.val, transform), batch_size=batch_size, num_workers=workers)
-    for k, v in calibrate(model, val, torch.device(device), ood_head_trained({}, ckpt.get('config'))).items():
-        setattr(model, k, v)
+    _calibrate(model, ckpt, val, device)
     _write(model, ckpt, out_dir, torch_dtype)
     if baseline_run:
         base, base_ckpt = load_checkpoint(_checkpoint(Path(baseline_run)))
         round_weights(base, torch_dtype)
-        for k, v in calibrate(base, val, torch.device(device), ood_head_trained({}, base_ckpt.get('config'))).items():
-            setattr(base, k, v)
+        _calibrate(base, base_ckpt, val, device)
         _write(base, base_ckpt, Path(baseline_out), torch_dtype)
 
     # evaluation of the written folders, through the same command a user runs
@@ -136,7 +143,7 @@ def release(run_dir: str, out: str, protocol: str, data_root: Optional[str] = No
     if repo_id:
         push_folder(out_dir, repo_id, token=token, private=private, api=api,
                     commit_message='SSOD weights, evaluated and calibrated by `ssod release`')
-    return {'threshold': model.ood_threshold, 'spatial_threshold': model.spatial_threshold, 'metrics': metrics,
+    return {'ood_threshold': model.ood_threshold, 'spatial_threshold': model.spatial_threshold, 'metrics': metrics,
             'results': results, 'out': str(out_dir),
             'seconds': time.time() - t0}
 
@@ -167,10 +174,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     except (ReleaseError, DataMissing) as e:
         print(f'ssod release: error: {e}', file=sys.stderr)
         raise SystemExit(2)
-    print(f'released {args["run_dir"]} to {done["out"]} (spatial_threshold {done["spatial_threshold"]:.6g}, '
-          f'ood_threshold {done["threshold"] if done["threshold"] is None else format(done["threshold"], ".6g")}) '
-          f'in {done["seconds"]:.0f} s' + (f'; pushed to {args["repo_id"]}' if args['repo_id'] else ''),
-          file=sys.stderr)
+    shown = ', '.join(f'{k} {done[k]:.6g}' for k in ('spatial_threshold', 'ood_threshold') if done[k] is not None)
+    print(f'released {args["run_dir"]} to {done["out"]} ({shown}) in {done["seconds"]:.0f} s'
+          + (f'; pushed to {args["repo_id"]}' if args['repo_id'] else ''), file=sys.stderr)
     return done
 
 

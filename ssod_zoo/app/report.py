@@ -189,7 +189,8 @@ def report_markdown(accept: Mapping[str, Mapping[str, dict]], thresholds: Mappin
     sets = next(iter(accept.values()), {})
     if missing:
         lines += [f'The model has no calibrated `{"` or `".join(missing)}` (`ssod calibrate` sets '
-                  f'{"them" if len(missing) > 1 else "it"} on ID validation images), so no accept rates for '
+                  f'{"them" if len(missing) > 1 else "it"} on ID validation images, except an `ood_threshold` for '
+                  'a model whose OOD head was never trained), so no accept rates for '
                   f'{"those readouts" if len(missing) > 1 else "that readout"}.', '']
     if calibrated:
         lines += ['Kept: ' + '; '.join(f'`{DEPLOYED[m][1]} >= {thresholds[m]:.6g}` (`model.{DEPLOYED[m][0]}`)'

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import wrap
 from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded, range_error
-from .evaluate import collect, ssod_report
+from .evaluate import collect, ssod_report, thresholds_of
 from ..hub import CHECKPOINT_FORMAT
 from ..loss import BALANCE_SCHEMES, OOD_RULES, PATCH_MEANS, SSODLoss, SSODLossParts
 from .protocols import PROTOCOLS
@@ -125,7 +125,7 @@ HELP = {  # one line per TrainConfig field: `ssod train --help` shows it with th
                  'or ./data',
     'download': 'with --data <protocol>: fetch what torchvision can download',
     'train_dir': 'ID training images, one sub-folder per class',
-    'val_dir': 'ID validation images, same class sub-folders; calibrates the threshold',
+    'val_dir': 'ID validation images, same class sub-folders; calibrates both thresholds',
     'ood_dirs': 'OOD validation folders, one per set (every image under each folder)',
     'synthetic_root': "with --data synthetic: its cache ('' = ~/.cache/ssod_zoo/synthetic)",
     'img_size': 'training and evaluation input size, pixels',
@@ -883,7 +883,6 @@ def _protocol_or_error(cfg: TrainConfig, download: bool):
 
 def _evaluate(model, eval_sets, cfg, device, amp_dtype, rank, world) -> dict:
     """Every rank scores its slice of each set; rank 0 assembles them and computes the metrics."""
-    from ..hub import calibrate_threshold
     outs = {}
     for name, ds in eval_sets.items():
         shard = Subset(ds, range(rank, len(ds), world))
@@ -896,8 +895,8 @@ def _evaluate(model, eval_sets, cfg, device, amp_dtype, rank, world) -> dict:
             part = {k: torch.cat([p[k] for p in parts]) for k in part}
         outs[name] = part
     report = ssod_report(outs['val'], {k[4:]: v for k, v in outs.items() if k.startswith('ood/')})
-    report['ood_threshold'] = calibrate_threshold(outs['val']['ood_factor'])
-    report['spatial_threshold'] = calibrate_threshold(outs['val']['spatial_top3'])
+    # a --ce-only run's OOD head is never trained: no ood_threshold for it
+    report.update(thresholds_of(outs['val'], ood_head=not cfg.ce_only))
     return report
 
 
