@@ -1,0 +1,180 @@
+"""The post-hoc baselines tuned on the validation sets, as SSOD's recipe and readout were.
+
+The study chose SSOD's recipe and readout on OOD validation sets, while the baselines it is compared with ran at
+their papers' defaults: ODIN at T = 1000 and an input step of 0.0014, KNN at k = 50, ReAct at the 90th percentile.
+That favours SSOD. This tunes the three on the same validation sets (near, textures and domain from generator
+seed 1, and Fashion-MNIST photographs), on the CE twins of seeds 0-2 of the chosen recipe ``lrdecay-e16``:
+
+- ODIN: every T in :data:`TEMPERATURES` with every step in :data:`STEPS` (``ssod_zoo.scores.odin``);
+- KNN: every k in :data:`KS`, fitted on the training split both models were trained on;
+- ReAct: every percentile in :data:`PERCENTILES`, fitted on the same split;
+- and, for reference, MSP, MaxLogit and Energy (no parameter), and the chosen readout (the mean MaxLogit of the 3
+  best positions) on the SSOD model and on its twin.
+
+For each family the setting with the lowest 3-seed mean validation average FPR95 is its tuned setting. The
+prediction below was committed before any of these numbers existed (nineteenth session).
+
+Prediction:
+
+1. no tuned baseline comes within 5 points of the SSOD choice: the best family's tuned 3-seed mean is at least the
+   chosen readout's (22.77 on these runs, ``located_positions.py``) plus 5;
+2. tuning helps the best baseline by less than 4 points: the best tuned family's mean is within 4 points of the best
+   default baseline's (ODIN or KNN, about 31-33 on these runs' study records);
+3. ODIN's tuned temperature is at least 100;
+4. KNN's tuned k is below 50 (a small fit set of 10 classes).
+
+The test sets are not scored here: that needs the headline's seeds 3 and 4 of the twins, which this machine's cache
+lacks, and the tuned settings are fixed by this file's validation records first. ``--test`` is left for a session
+that has them.
+
+Usage::
+
+    python benchmarks/tuned_baselines.py        # the CE twins of seeds 0-2 of lrdecay-e16, validation sets
+"""
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import study  # noqa: E402
+from _common import RESULTS, mean_sd  # noqa: E402
+from study import CACHE, benchmarks, check_lines, eval_sets, load_checkpoint, run_pairs  # noqa: E402
+
+from ssod_zoo import scores, spatial_maxlogit_score  # noqa: E402
+from ssod_zoo.app import train as train_mod  # noqa: E402
+from ssod_zoo.app.evaluate import collect  # noqa: E402
+from ssod_zoo.detectors import create_detector  # noqa: E402
+from ssod_zoo.metrics import ood_metrics  # noqa: E402
+
+OUT = RESULTS / 'tuned_baselines'
+TEMPERATURES = (1, 10, 100, 1000)
+STEPS = (0.0, 0.0005, 0.0014, 0.004)
+KS = (1, 5, 10, 20, 50, 100, 200)
+PERCENTILES = (80, 85, 90, 95, 99)
+FAMILIES = {
+    'odin': [f'odin_T{t}_eps{e}' for t in TEMPERATURES for e in STEPS],
+    'knn': [f'knn_k{k}' for k in KS],
+    'react': [f'react_p{p}' for p in PERCENTILES],
+}
+DEFAULTS = {'odin': 'odin_T1000_eps0.0014', 'knn': 'knn_k50', 'react': 'react_p90'}
+# the recomputed defaults against the study's record of the same runs
+STUDY_NAME = {('ce', 'odin_T1000_eps0.0014'): 'odin', ('ce', 'knn_k50'): 'knn', ('ce', 'react_p90'): 'react',
+              ('ce', 'energy'): 'energy', ('ssod', 'top3'): 'ssod_spatial_top3'}
+
+
+def _rows(scored: Dict[str, Dict[str, torch.Tensor]]) -> dict:
+    """FPR95 and AUROC (%) per OOD set and on average, for every readout in ``scored['id']``."""
+    image = {}
+    for r in scored['id']:
+        row = {name: {m: 100 * float(v) for m, v in ood_metrics(scored['id'][r], scored[name][r]).items()
+                      if m in ('fpr95', 'auroc')} for name in scored if name != 'id'}
+        row['average'] = {m: sum(x[m] for x in row.values()) / len(row) for m in ('fpr95', 'auroc')}
+        image[r] = row
+    return image
+
+
+def _ce_scores(model, sets, fit, loader) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Every setting of every family on every set, for one CE twin."""
+    model.eval()
+    fitted = collect(model, loader(fit), torch.device('cpu'))
+    classifier = model.get_classifier()
+    detectors = {**{f'knn_k{k}': create_detector('knn', k=k) for k in KS},
+                 **{f'react_p{p}': create_detector('react', percentile=p) for p in PERCENTILES}}
+    for d in detectors.values():
+        d.fit(fitted['features'], fitted['targets'], classifier)
+
+    def logits_fn(x):
+        return model.forward_head(model.forward_features(x))
+
+    scored = {}
+    for name, ds in sets.items():
+        out = collect(model, loader(ds), torch.device('cpu'), spatial=True)
+        s = {'msp': scores.msp(out['logits']), 'maxlogit': scores.max_logit(out['logits']),
+             'energy': scores.energy(out['logits']), 'top3': out['spatial_top3']}
+        s.update({r: d.score(out['features'], out['logits']) for r, d in detectors.items()})
+        for t in TEMPERATURES:
+            for e in STEPS:
+                s[f'odin_T{t}_eps{e}'] = torch.cat([scores.odin(logits_fn, x, t, e).detach() for x, _ in loader(ds)])
+        scored[name] = s
+    return scored
+
+
+def measure(run: str, ce_run: str) -> dict:
+    benches = benchmarks()
+    model, ckpt = load_checkpoint(CACHE / 'runs' / run / 'last.pt')
+    tf = train_mod._transforms(model, train_mod.TrainConfig(img_size=ckpt['config']['img_size'], crop_pct=1.0))[1]
+    sets = eval_sets(benches, 'val', tf)
+
+    def loader(ds):
+        return DataLoader(ds, batch_size=128, num_workers=2)
+
+    result: dict = {'run': run, 'ce_run': ce_run, 'sets': 'val', 'models': {}}
+    t0 = time.time()
+    model.eval()
+    with torch.no_grad():
+        ssod = {name: {'top3': torch.cat([spatial_maxlogit_score(model.forward_positions(model.forward_features(x))[0])
+                                          for x, _ in loader(ds)])} for name, ds in sets.items()}
+    result['models']['ssod'] = {'image': _rows(ssod), 'seconds': round(time.time() - t0, 1)}
+    t0 = time.time()
+    ce = load_checkpoint(CACHE / 'runs' / ce_run / 'last.pt')[0]
+    result['models']['ce'] = {'image': _rows(_ce_scores(ce, sets, benches['test'].train_dataset(tf), loader)),
+                              'seconds': round(time.time() - t0, 1)}
+    seed = run.rsplit('-s', 1)[1]
+    result['reference_check'] = study.check_against_record(result, STUDY_NAME,
+                                                           study.OUT / 'alpha' / f'lrdecay-e16-s{seed}.json')
+    return result
+
+
+def tuned(results: List[dict]) -> Dict[str, tuple]:
+    """Family -> (tuned setting, its 3-seed mean validation average FPR95, per-run averages)."""
+    out = {}
+    for family, names in FAMILIES.items():
+        avg = {r: [x['models']['ce']['image'][r]['average']['fpr95'] for x in results] for r in names}
+        best = min(avg, key=lambda r: sum(avg[r]))
+        out[family] = (best, sum(avg[best]) / len(avg[best]), avg[best])
+    return out
+
+
+def write(results: List[dict], path: Path) -> None:
+    sets = [s for s in results[0]['models']['ce']['image']['energy'] if s != 'average']
+    best = tuned(results)
+
+    def row(side: str, name: str, label: str) -> str:
+        cells = [mean_sd([r['models'][side]['image'][name][s]['fpr95'] for r in results]) for s in [*sets, 'average']]
+        per = ' / '.join(f'{r["models"][side]["image"][name]["average"]["fpr95"]:.2f}' for r in results)
+        return f'| {label} | `{name}` | ' + ' | '.join(cells) + f' | {per} |'
+
+    lines = ['# The post-hoc baselines tuned on the validation sets', '',
+             '`python benchmarks/tuned_baselines.py`: the CE twins of ' +
+             ', '.join(f'`{r["ce_run"]}`' for r in results) + '; validation sets only. FPR95 (%), mean ± sd over '
+             'the runs, lower is better. Each family\'s tuned setting has the lowest mean average.', '',
+             '| what | readout | ' + ' | '.join(sets) + ' | average | per run |',
+             '|---|---|' + '---:|' * (len(sets) + 2),
+             row('ssod', 'top3', 'the SSOD choice (SSOD model)'), row('ce', 'top3', 'the same readout, CE twin')]
+    for family, (name, _, _) in best.items():
+        lines += [row('ce', DEFAULTS[family], f'{family}, the paper default'), row('ce', name, f'{family}, tuned')]
+    lines += [row('ce', r, r) for r in ('msp', 'maxlogit', 'energy')]
+    lines += ['', '## Every setting', '', '| readout | average FPR95, per run | mean |', '|---|---|---:|']
+    for names in FAMILIES.values():
+        for name in names:
+            per = [r['models']['ce']['image'][name]['average']['fpr95'] for r in results]
+            lines.append(f'| `{name}` | {" / ".join(f"{v:.2f}" for v in per)} | {sum(per) / len(per):.2f} |')
+    path.write_text('\n'.join(lines + check_lines(results)) + '\n')
+
+
+def _describe(record: dict) -> str:
+    ce = record['models']['ce']['image']
+    return (f'ssod top3 {record["models"]["ssod"]["image"]["top3"]["average"]["fpr95"]:.2f}; ce '
+            + ', '.join(f'{r} {ce[r]["average"]["fpr95"]:.2f}' for r in ('top3', *DEFAULTS.values())))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    run_pairs(argv, __doc__, OUT, measure, write, _describe)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
