@@ -23,6 +23,14 @@ Prediction:
 3. ODIN's tuned temperature is at least 100;
 4. KNN's tuned k is below 50 (a small fit set of 10 classes).
 
+Outcome (nineteenth session, after the run; ``results/tuned_baselines/summary.md``): parts 1-3 held, part 4
+failed. Tuning barely moves the baselines. ODIN's tuned setting is T = 1000 with a step of 0.0005: 31.17 against
+the default's 31.58 (T = 1000 without a step 31.23; T = 1 is MSP, 48.57). KNN's is the default k = 50 (36.60;
+k = 20 37.72, k = 100 39.68), so part 4 failed. ReAct's is the 95th percentile: 41.63 against 42.12 at the 90th. The
+best tuned baseline, ODIN at 31.17, stays 8.40 points behind the SSOD choice (22.77) and 6.34 behind the same
+readout on the twin (24.83). So on validation the defaults cost the baselines half a point at most: the headline's
+comparison with untuned baselines did not favour the chosen readout by more than that.
+
 The test sets are not scored here: that needs the headline's seeds 3 and 4 of the twins, which this machine's cache
 lacks, and the tuned settings are fixed by this file's validation records first. ``--test`` is left for a session
 that has them.
