@@ -195,11 +195,11 @@ def ood_head_trained(config: Mapping[str, Any], train_config: Optional[Mapping[s
 def _thresholds(config: Mapping[str, Any], train_config: Optional[Mapping[str, Any]] = None) -> List[tuple]:
     """(attribute, score it applies to, value) per threshold the card lists; only the spatial one for a model
     whose OOD head was never trained."""
+    from .adapter import READOUTS
     model_args = config.get('model_args') or {}
-    rows = [('spatial_threshold', 'spatial_score', model_args.get('spatial_threshold'))]
-    if ood_head_trained(config, train_config):
-        rows.append(('ood_threshold', 'ood_factor', model_args.get('ood_threshold')))
-    return rows
+    trained = ood_head_trained(config, train_config)
+    return [(r.attribute, r.score, model_args.get(r.attribute)) for name, r in READOUTS.items()
+            if trained or name != 'factor']
 
 
 def _input_size(config: Mapping[str, Any]) -> str:

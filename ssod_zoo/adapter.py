@@ -19,7 +19,7 @@ import copy
 import math
 import sys
 import warnings
-from typing import Callable, Dict, Final, Optional, Tuple, Union
+from typing import Callable, Dict, Final, NamedTuple, Optional, Tuple, Union
 
 import timm
 import torch
@@ -58,10 +58,19 @@ def check_spatial_threshold(threshold: float) -> float:
     return value
 
 
-# what accepts() compares for each readout: the model attribute holding its calibrated threshold, and its check
-READOUTS: Dict[str, Tuple[str, Callable[[float], float]]] = {
-    'spatial': ('spatial_threshold', check_spatial_threshold),
-    'factor': ('ood_threshold', check_threshold),
+class Readout(NamedTuple):
+    """A score a deployment thresholds: the model attribute holding its calibrated threshold, the score's name (a
+    :class:`~ssod_zoo.SSODScores` field) and the check a threshold on it must pass."""
+    attribute: str
+    score: str
+    check: Callable[[float], float]
+
+
+# the readouts accepts(), ssod predict's threshold rules, the cards, reports and exports know, spatial first (the
+# default); every table of thresholds in the package derives from this one
+READOUTS: Dict[str, Readout] = {
+    'spatial': Readout('spatial_threshold', 'spatial_score', check_spatial_threshold),
+    'factor': Readout('ood_threshold', 'ood_factor', check_threshold),
 }
 
 
@@ -114,7 +123,7 @@ class SSODModel(nn.Module):
         """
         if readout not in READOUTS:
             raise ValueError(f"readout is one of {', '.join(map(repr, READOUTS))}, got {readout!r}")
-        attribute, check = READOUTS[readout]
+        attribute, _, check = READOUTS[readout]
         threshold = getattr(self, attribute, None) if threshold is None else threshold
         if threshold is None:
             scores = 'ood_factors' if readout == 'factor' else 'model.spatial_score(images)'

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .adapter import SSODModel
+from .adapter import READOUTS, SSODModel
 from .app.cli import AT_LEAST_1, bounded
 
 __all__ = ['export_onnx', 'main', 'INPUT_NAME', 'OUTPUT_NAMES']
@@ -115,7 +115,7 @@ def _metadata(model: SSODModel, input_size: Tuple[int, int, int]) -> Dict[str, s
     for key in ('mean', 'std', 'interpolation', 'crop_pct'):
         if cfg.get(key) is not None:
             meta[f'ssod_zoo.{key}'] = json.dumps(cfg[key])
-    for key in ('ood_threshold', 'spatial_threshold'):
+    for key in (r.attribute for r in READOUTS.values()):
         if getattr(model, key, None) is not None:
             meta[f'ssod_zoo.{key}'] = repr(float(getattr(model, key)))
     labels = cfg.get('label_names')

@@ -61,7 +61,7 @@ __all__ = ['WeightsError', 'calibrate_threshold', 'load_checkpoint', 'load_model
 CARD_NAME = 'README.md'
 CHECKPOINT_FORMAT = 'ssod_zoo.train/1'
 # the calibrated thresholds a model, a checkpoint and a hub folder's model_args carry, one per readout
-THRESHOLDS = tuple(attribute for attribute, _ in READOUTS.values())
+THRESHOLDS = tuple(r.attribute for r in READOUTS.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def set_thresholds(save_dir: Union[str, Path], thresholds: Mapping[str, Optional
     unknown = set(thresholds) - set(THRESHOLDS)
     if unknown:
         raise ValueError(f'unknown thresholds {sorted(unknown)}; one of {THRESHOLDS}')
-    checks = {attribute: check for attribute, check in READOUTS.values()}
+    checks = {r.attribute: r.check for r in READOUTS.values()}
     save_dir = Path(save_dir)
     config_path = save_dir / CONFIG_NAME
     config = json.loads(config_path.read_text())
@@ -440,4 +440,5 @@ def _forget_calibration(model: SSODModel, name: str, weights_classes: int) -> No
                   'the classifier is new, so their label_names and thresholds are dropped (train it, then '
                   'calibrate them: ssod calibrate)', stacklevel=3)
     model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != 'label_names'}
-    model.ood_threshold = model.spatial_threshold = None
+    for key in THRESHOLDS:
+        setattr(model, key, None)

@@ -10,7 +10,7 @@ def tb(benchmark_script):
 
 
 def _record(run, averages):
-    """A record whose CE twin has the given average FPR95 per readout (and 50 for every other setting)."""
+    """A record whose CE twin has the given average FPR95 (and near-set FPR95) per readout."""
     image = {}
     for r, v in averages.items():
         image[r] = {'near': {'fpr95': v, 'auroc': 90.0}, 'average': {'fpr95': v, 'auroc': 90.0}}

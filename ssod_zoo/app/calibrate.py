@@ -79,7 +79,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     from .._card import id_dataset_name, ood_head_trained
     from ..hub import CONFIG_NAME, WeightsError, load_checkpoint, load_model, save_pretrained, set_thresholds
     from ..metrics import fpr_at_tpr
-    from .evaluate import THRESHOLD_SCORES, collect, thresholds_of
+    from .evaluate import COLLECTED, collect, thresholds_of
     from .images import ImageError, ImageFiles, one_line
     from .protocols import DataMissing, Transformed, load_protocol
 
@@ -124,9 +124,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 for k, v in ood_sets.items()}
     except ImageError as e:
         fail(e)
-    rules = {'spatial': 'spatial_threshold', **({'factor': 'ood_threshold'} if trained else {})}
-    fpr95 = {name: {rule: 100 * fpr_at_tpr(id_out[THRESHOLD_SCORES[t]], o[THRESHOLD_SCORES[t]])
-                    for rule, t in rules.items()} for name, o in oods.items()}
+    rules = [r for r in COLLECTED if trained or r != 'factor']  # a twin's untrained OOD head: no factor rule
+    fpr95 = {name: {rule: 100 * fpr_at_tpr(id_out[COLLECTED[rule]], o[COLLECTED[rule]]) for rule in rules}
+             for name, o in oods.items()}
     if in_place:
         set_thresholds(folder, thresholds, id_dataset=args.data_name or name, images=len(images))
         where = folder

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import scores
+from ..adapter import READOUTS
 from ..hub import WeightsError, load_model
 from ..detectors import DETECTORS, Detector, create_detector
 from ..metrics import accuracy, ood_metrics
@@ -116,8 +117,8 @@ def collect(
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-# the score behind each threshold, in the outputs of collect(..., spatial=True)
-THRESHOLD_SCORES = {'spatial_threshold': 'spatial_top3', 'ood_threshold': 'ood_factor'}
+# each readout's score (ssod_zoo.adapter.READOUTS) among the outputs of collect(..., spatial=True)
+COLLECTED = {'spatial': 'spatial_top3', 'factor': 'ood_factor'}
 
 
 def calibrate(model: nn.Module, loader: Iterable, device: torch.device, ood_head: bool = True,
@@ -131,8 +132,8 @@ def calibrate(model: nn.Module, loader: Iterable, device: torch.device, ood_head
 def thresholds_of(out: Dict[str, torch.Tensor], ood_head: bool = True) -> Dict[str, Optional[float]]:
     """:func:`calibrate` on the outputs of ``collect(..., spatial=True)`` already at hand."""
     from ..hub import calibrate_threshold
-    return {k: calibrate_threshold(out[score]) if ood_head or k != 'ood_threshold' else None
-            for k, score in THRESHOLD_SCORES.items()}
+    return {r.attribute: calibrate_threshold(out[COLLECTED[name]]) if ood_head or name != 'factor' else None
+            for name, r in READOUTS.items()}
 
 
 def ssod_report(id_out: Dict[str, torch.Tensor], ood_outs: Dict[str, Dict[str, torch.Tensor]]) -> dict:

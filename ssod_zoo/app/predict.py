@@ -146,7 +146,7 @@ def predict(
 
     thresholds = rule_thresholds(model, rule, threshold)
     if thresholds[rule] is None and rule != 'posterior':
-        attribute = READOUTS[rule][0]
+        attribute = READOUTS[rule].attribute
         others = [r for r in RULES if r != rule and (r == 'posterior' or thresholds[r] is not None)]
         raise PredictError(f'the model has no calibrated {attribute}: set it on your ID validation images with '
                            '`ssod calibrate MODEL --val-dir DIR` (a hub folder, in place; any other MODEL with '
@@ -165,11 +165,11 @@ def rule_thresholds(model: torch.nn.Module, rule: str, threshold: Optional[float
     ``posterior`` maps to None (it needs none)."""
     if rule not in RULES:
         raise ValueError(f"rule is one of {', '.join(map(repr, RULES))}, got {rule!r}")
-    found = {r: getattr(model, READOUTS[r][0], None) for r in RULES if r in READOUTS}
+    found = {r: getattr(model, READOUTS[r].attribute, None) for r in RULES if r in READOUTS}
     if threshold is not None:
         if rule == 'posterior':
             raise PredictError('--threshold sets a threshold rule\'s cut; the posterior rule takes none')
-        found[rule] = READOUTS[rule][1](threshold)
+        found[rule] = READOUTS[rule].check(threshold)
     return {**found, 'posterior': None}
 
 
@@ -304,8 +304,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         writer.close()
     thresholds = rule_thresholds(model, args.rule, args.threshold)
     threshold = thresholds[args.rule]
-    what = {'spatial': 'spatial_score', 'factor': 'ood_factor'}
-    rule = f'{what[args.rule]} < {threshold:.4g}' if args.rule in what else 'posterior argmax'
+    rule = f'{READOUTS[args.rule].score} < {threshold:.4g}' if args.rule in READOUTS else 'posterior argmax'
     others = [f'{r} {by_rule[r]}' for r in RULES if r != args.rule and r in by_rule]
     print(f'{counts["images"]} images, {counts["unknown"]} unknown ({rule})'
           f'{"; the other rules would say unknown for: " + ", ".join(others) if others else ""}'

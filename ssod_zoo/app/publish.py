@@ -49,9 +49,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (WeightsError, FileNotFoundError) as e:
         parser.exit(2, f'ssod {args.command}: error: {e}\n')
     threshold = args.ood_threshold if args.ood_threshold is not None else ckpt.get('ood_threshold')
-    trained = not (ckpt.get('config') or {}).get('ce_only')  # a twin's untrained OOD head gets no ood_threshold
-    missing = [name for name, value in (('spatial_threshold', ckpt.get('spatial_threshold')),
-                                        ('ood_threshold', threshold if trained else 0.0)) if value is None]
+    expected = {'spatial_threshold': ckpt.get('spatial_threshold')}
+    if not (ckpt.get('config') or {}).get('ce_only'):  # a twin's untrained OOD head gets no ood_threshold
+        expected['ood_threshold'] = threshold
+    missing = [name for name, value in expected.items() if value is None]
     if missing:
         remedy = ('calibrate the written folder on ID validation images with `ssod calibrate '
                   f'{args.save_dir} --val-dir DIR`' if args.command == 'save' else

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .._card import ood_head_trained
-from ..hub import WEIGHTS_NAME, load_checkpoint, push_folder, save_pretrained, write_card
+from ..hub import THRESHOLDS, WEIGHTS_NAME, load_checkpoint, push_folder, save_pretrained, write_card
 from .evaluate import calibrate
 from .protocols import PROTOCOLS, DataMissing, Transformed, load_protocol
 
@@ -135,8 +135,8 @@ def release(run_dir: str, out: str, protocol: str, data_root: Optional[str] = No
                'id_dataset': f'the {protocol} protocol\'s ID classes', 'protocol': protocol, 'split': 'test'}
     write_card(out_dir, train_config=ckpt.get('config'), metrics=metrics)  # the card now carries the test numbers
 
-    release_ckpt = {**ckpt, 'model': model.state_dict(), 'ood_threshold': model.ood_threshold,
-                    'spatial_threshold': model.spatial_threshold, 'metrics': metrics,
+    release_ckpt = {**ckpt, 'model': model.state_dict(), **{k: getattr(model, k) for k in THRESHOLDS},
+                    'metrics': metrics,
                     'release': {'protocol': protocol, 'dtype': dtype, 'source': str(source), 'fit_limit': fit_limit,
                                 'limit': limit}}
     torch.save(release_ckpt, run / 'release.pt')

@@ -14,15 +14,16 @@ import torch
 from torch import nn
 
 from .. import scores as _scores
+from ..adapter import READOUTS
 from ..detectors import Detector, create_detector
 
 __all__ = ['DEPLOYED', 'accept_rates', 'deployed_thresholds', 'bootstrap_metrics', 'bootstrap_ci',
            'confidence_intervals', 'deployment_report', 'fit_detectors', 'report_markdown', 'write_scores_csv']
 
 
-# the SSOD model's readouts a deployment thresholds (ssod_zoo.app.evaluate's method names), with the model
-# attribute that holds each one's calibrated threshold and the score it compares, in the order reports give them
-DEPLOYED = {'ssod_spatial_top3': ('spatial_threshold', 'spatial_score'), 'ssod': ('ood_threshold', 'ood_factor')}
+# the SSOD model's readouts a deployment thresholds, by ssod_zoo.app.evaluate's method names, in the order reports
+# give them
+DEPLOYED = {'ssod_spatial_top3': READOUTS['spatial'], 'ssod': READOUTS['factor']}
 
 
 def accept_rates(scores: Mapping[str, torch.Tensor], threshold: Optional[float]) -> Dict[str, dict]:
@@ -163,7 +164,7 @@ def write_scores_csv(all_scores: Mapping[str, Mapping[str, torch.Tensor]], paths
 
 def deployed_thresholds(model: Any) -> Dict[str, Optional[float]]:
     """Method name (:data:`DEPLOYED`) -> the SSOD model's calibrated threshold for that readout, or None."""
-    return {m: getattr(model, attribute, None) for m, (attribute, _) in DEPLOYED.items()}
+    return {m: getattr(model, r.attribute, None) for m, r in DEPLOYED.items()}
 
 
 def deployment_report(all_scores: Mapping[str, Mapping[str, torch.Tensor]], ood: Mapping[str, Mapping[str, dict]],
@@ -185,7 +186,7 @@ def report_markdown(accept: Mapping[str, Mapping[str, dict]], thresholds: Mappin
     """Counts, accept rates at the model's thresholds, and FPR95 / AUROC with bootstrap intervals."""
     lines = ['## At the model\'s own thresholds', '']
     calibrated = [m for m, t in thresholds.items() if t is not None]
-    missing = [DEPLOYED[m][0] for m, t in thresholds.items() if t is None]
+    missing = [DEPLOYED[m].attribute for m, t in thresholds.items() if t is None]
     sets = next(iter(accept.values()), {})
     if missing:
         lines += [f'The model has no calibrated `{"` or `".join(missing)}` (`ssod calibrate` sets '
@@ -193,13 +194,13 @@ def report_markdown(accept: Mapping[str, Mapping[str, dict]], thresholds: Mappin
                   'a model whose OOD head was never trained), so no accept rates for '
                   f'{"those readouts" if len(missing) > 1 else "that readout"}.', '']
     if calibrated:
-        lines += ['Kept: ' + '; '.join(f'`{DEPLOYED[m][1]} >= {thresholds[m]:.6g}` (`model.{DEPLOYED[m][0]}`)'
+        lines += ['Kept: ' + '; '.join(f'`{DEPLOYED[m].score} >= {thresholds[m]:.6g}` (`model.{DEPLOYED[m].attribute}`)'
                                        for m in calibrated) +
                   '. ID should be near 95% if a threshold was calibrated on data like this. If it was calibrated on '
                   'these very ID images, ID is 95% by construction and each OOD row equals that readout\'s FPR95; '
                   'only on images it was not calibrated on are the OOD rows an estimate of what gets through in '
                   'deployment.', '']
-    lines += ['| Set | Images |' + ''.join(f' Accepted %, `{DEPLOYED[m][1]}` |' for m in calibrated),
+    lines += ['| Set | Images |' + ''.join(f' Accepted %, `{DEPLOYED[m].score}` |' for m in calibrated),
               '|---|---:|' + '---:|' * len(calibrated),
               *[f'| {k} | {v["n"]} |' + ''.join(f' {accept[m][k]["accepted"]:.1f} |' for m in calibrated)
                 for k, v in sets.items()]]

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .. import wrap
 from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded, range_error
 from .evaluate import collect, ssod_report, thresholds_of
-from ..hub import CHECKPOINT_FORMAT
+from ..hub import CHECKPOINT_FORMAT, THRESHOLDS
 from ..loss import BALANCE_SCHEMES, OOD_RULES, PATCH_MEANS, SSODLoss, SSODLossParts
 from .protocols import PROTOCOLS
 
@@ -357,8 +357,7 @@ def train(cfg: TrainConfig) -> dict:
             'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
             'scaler': scaler.state_dict(), 'epoch': epoch, 'step': step, 'best': best,
             'rng': _rng_state(), 'config': dataclasses.asdict(cfg), 'metrics': metrics or {},
-            'ood_threshold': model.ood_threshold, 'spatial_threshold': model.spatial_threshold,
-            'class_names': class_names,
+            **{k: getattr(model, k) for k in THRESHOLDS}, 'class_names': class_names,
             'data_config': eval_data_config(model, cfg),
         }
 
@@ -378,8 +377,8 @@ def train(cfg: TrainConfig) -> dict:
         last = epoch + 1 == cfg.epochs
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
             metrics = _evaluate(model, eval_sets, cfg, device, amp_dtype, rank, world)
-            model.ood_threshold = metrics.pop('ood_threshold')
-            model.spatial_threshold = metrics.pop('spatial_threshold')
+            for k in THRESHOLDS:
+                setattr(model, k, metrics.pop(k))
         else:
             metrics = {}
         mean_fpr = metrics.get('ood_average', {}).get('fpr95', math.nan)
@@ -403,8 +402,7 @@ def train(cfg: TrainConfig) -> dict:
         source = out_dir / ('best.pt' if (out_dir / 'best.pt').exists() else 'last.pt')
         best_model, ckpt = load_checkpoint(source)
         save_pretrained(best_model, cfg.export_dir, train_config=ckpt['config'], metrics=ckpt['metrics'],
-                        class_names=ckpt['class_names'], ood_threshold=ckpt['ood_threshold'],
-                        spatial_threshold=ckpt.get('spatial_threshold'))
+                        class_names=ckpt['class_names'])  # load_checkpoint gave the model both thresholds
         print(f'hub-ready folder of {source.name} written to {cfg.export_dir}')
     _cleanup(ddp)
     return {'history': history, 'best': best, 'out_dir': str(out_dir), 'model': model}
@@ -951,8 +949,8 @@ def _load_resume(path: Path, cfg: TrainConfig, class_names: List[str], model: nn
         raise TrainError(f'{path} was trained on {len(ckpt["class_names"])} classes, the data has '
                          f'{len(class_names)} (or other names): resume with the same data')
     model.load_state_dict(ckpt['model'])
-    model.ood_threshold = ckpt['ood_threshold']
-    model.spatial_threshold = ckpt.get('spatial_threshold')  # None in checkpoints from before it existed
+    for k in THRESHOLDS:
+        setattr(model, k, ckpt.get(k))  # spatial_threshold: None in checkpoints from before it existed
     return ckpt
 
 
