@@ -39,6 +39,7 @@ Usage::
 
     python benchmarks/tuned_baselines.py        # the CE twins of seeds 0-2 of lrdecay-e16, validation sets
 """
+import json
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study  # noqa: E402
 from _common import RESULTS, mean_sd  # noqa: E402
-from study import CACHE, benchmarks, check_lines, eval_sets, load_checkpoint, run_pairs  # noqa: E402
+from study import CACHE, benchmarks, check_lines, eval_sets, headline_argv, load_checkpoint, run_pairs  # noqa: E402
 
 from ssod_zoo import scores, spatial_maxlogit_score  # noqa: E402
 from ssod_zoo.app import train as train_mod  # noqa: E402
@@ -85,13 +86,18 @@ def _rows(scored: Dict[str, Dict[str, torch.Tensor]]) -> dict:
     return image
 
 
-def _ce_scores(model, sets, fit, loader) -> Dict[str, Dict[str, torch.Tensor]]:
-    """Every setting of every family on every set, for one CE twin."""
+def _ce_scores(model, sets, fit, loader, keep: Optional[List[str]] = None) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Every setting of every family on every set, for one CE twin; with ``keep``, only the settings it names (and
+    the parameter-free readouts)."""
     model.eval()
     fitted = collect(model, loader(fit), torch.device('cpu'))
     classifier = model.get_classifier()
     detectors = {**{f'knn_k{k}': create_detector('knn', k=k) for k in KS},
                  **{f'react_p{p}': create_detector('react', percentile=p) for p in PERCENTILES}}
+    odins = [(t, e) for t in TEMPERATURES for e in STEPS]
+    if keep is not None:
+        detectors = {r: d for r, d in detectors.items() if r in keep}
+        odins = [(t, e) for t, e in odins if f'odin_T{t}_eps{e}' in keep]
     for d in detectors.values():
         d.fit(fitted['features'], fitted['targets'], classifier)
 
@@ -104,23 +110,24 @@ def _ce_scores(model, sets, fit, loader) -> Dict[str, Dict[str, torch.Tensor]]:
         s = {'msp': scores.msp(out['logits']), 'maxlogit': scores.max_logit(out['logits']),
              'energy': scores.energy(out['logits']), 'top3': out['spatial_top3']}
         s.update({r: d.score(out['features'], out['logits']) for r, d in detectors.items()})
-        for t in TEMPERATURES:
-            for e in STEPS:
-                s[f'odin_T{t}_eps{e}'] = torch.cat([scores.odin(logits_fn, x, t, e).detach() for x, _ in loader(ds)])
+        for t, e in odins:
+            s[f'odin_T{t}_eps{e}'] = torch.cat([scores.odin(logits_fn, x, t, e).detach() for x, _ in loader(ds)])
         scored[name] = s
     return scored
 
 
-def measure(run: str, ce_run: str) -> dict:
+def measure(run: str, ce_run: str, which: str = 'val', keep: Optional[List[str]] = None) -> dict:
+    """One (SSOD run, CE twin) pair on the validation or test sets (``which``): the SSOD choice on both models, and
+    the CE twin's baselines (every setting, or those in ``keep``)."""
     benches = benchmarks()
     model, ckpt = load_checkpoint(CACHE / 'runs' / run / 'last.pt')
     tf = train_mod._transforms(model, train_mod.TrainConfig(img_size=ckpt['config']['img_size'], crop_pct=1.0))[1]
-    sets = eval_sets(benches, 'val', tf)
+    sets = eval_sets(benches, which, tf)
 
     def loader(ds):
         return DataLoader(ds, batch_size=128, num_workers=2)
 
-    result: dict = {'run': run, 'ce_run': ce_run, 'sets': 'val', 'models': {}}
+    result: dict = {'run': run, 'ce_run': ce_run, 'sets': which, 'models': {}}
     t0 = time.time()
     model.eval()
     with torch.no_grad():
@@ -129,11 +136,11 @@ def measure(run: str, ce_run: str) -> dict:
     result['models']['ssod'] = {'image': _rows(ssod), 'seconds': round(time.time() - t0, 1)}
     t0 = time.time()
     ce = load_checkpoint(CACHE / 'runs' / ce_run / 'last.pt')[0]
-    result['models']['ce'] = {'image': _rows(_ce_scores(ce, sets, benches['test'].train_dataset(tf), loader)),
+    result['models']['ce'] = {'image': _rows(_ce_scores(ce, sets, benches['test'].train_dataset(tf), loader, keep)),
                               'seconds': round(time.time() - t0, 1)}
     seed = run.rsplit('-s', 1)[1]
-    result['reference_check'] = study.check_against_record(result, STUDY_NAME,
-                                                           study.OUT / 'alpha' / f'lrdecay-e16-s{seed}.json')
+    record = study.OUT / ('alpha' if which == 'val' else 'test') / f'lrdecay-e16-s{seed}.json'
+    result['reference_check'] = study.check_against_record(result, STUDY_NAME, record)
     return result
 
 
@@ -147,31 +154,72 @@ def tuned(results: List[dict]) -> Dict[str, tuple]:
     return out
 
 
-def write(results: List[dict], path: Path) -> None:
+def validation_choice() -> Dict[str, tuple]:
+    """Each family's tuned setting, from this file's validation records of :data:`study.CHOICE_RUNS`."""
+    paths = [OUT / f'{run}.json' for run in study.CHOICE_RUNS]
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise SystemExit(f'--test scores the settings tuned on the validation sets, and the validation records '
+                         f'{", ".join(missing)} are missing under {OUT}: run without --test first')
+    return tuned([json.loads(p.read_text()) for p in paths])
+
+
+def write(results: List[dict], path: Path, best: Optional[Dict[str, tuple]] = None) -> None:
+    """The summary of ``results``. ``best``: each family's tuned setting (default: tuned on ``results`` themselves,
+    which must then be validation records)."""
+    which = results[0]['sets']
+    if best is None:
+        assert which == 'val', 'settings are tuned on the validation sets only'
+        best = tuned(results)
     sets = [s for s in results[0]['models']['ce']['image']['energy'] if s != 'average']
-    best = tuned(results)
 
     def row(side: str, name: str, label: str) -> str:
         cells = [mean_sd([r['models'][side]['image'][name][s]['fpr95'] for r in results]) for s in [*sets, 'average']]
         per = ' / '.join(f'{r["models"][side]["image"][name]["average"]["fpr95"]:.2f}' for r in results)
         return f'| {label} | `{name}` | ' + ' | '.join(cells) + f' | {per} |'
 
-    lines = ['# The post-hoc baselines tuned on the validation sets', '',
-             '`python benchmarks/tuned_baselines.py`: the CE twins of ' +
-             ', '.join(f'`{r["ce_run"]}`' for r in results) + '; validation sets only. FPR95 (%), mean ± sd over '
-             'the runs, lower is better. Each family\'s tuned setting has the lowest mean average.', '',
+    if which == 'val':
+        intro = ['# The post-hoc baselines tuned on the validation sets', '',
+                 '`python benchmarks/tuned_baselines.py`: the CE twins of ' +
+                 ', '.join(f'`{r["ce_run"]}`' for r in results) + '; validation sets only. FPR95 (%), mean ± sd '
+                 'over the runs, lower is better. Each family\'s tuned setting has the lowest mean average.', '']
+    else:
+        intro = ['# The tuned baselines on the test sets', '',
+                 '`python benchmarks/tuned_baselines.py --test`: each family\'s setting as tuned on the validation '
+                 'sets (`summary.md` beside this folder), scored once on the test sets, on the headline\'s runs ' +
+                 ', '.join(f'`{r["run"]}`' for r in results) + ' and their CE twins. FPR95 (%), mean ± sd over the '
+                 'runs, lower is better.', '']
+    lines = [*intro,
              '| what | readout | ' + ' | '.join(sets) + ' | average | per run |',
              '|---|---|' + '---:|' * (len(sets) + 2),
              row('ssod', 'top3', 'the SSOD choice (SSOD model)'), row('ce', 'top3', 'the same readout, CE twin')]
     for family, (name, _, _) in best.items():
         lines += [row('ce', DEFAULTS[family], f'{family}, the paper default'), row('ce', name, f'{family}, tuned')]
     lines += [row('ce', r, r) for r in ('msp', 'maxlogit', 'energy')]
+    if which != 'val':
+        lines += margin_lines(results, best)
     lines += ['', '## Every setting', '', '| readout | average FPR95, per run | mean |', '|---|---|---:|']
     for names in FAMILIES.values():
-        for name in names:
+        for name in (n for n in names if n in results[0]['models']['ce']['image']):
             per = [r['models']['ce']['image'][name]['average']['fpr95'] for r in results]
             lines.append(f'| `{name}` | {" / ".join(f"{v:.2f}" for v in per)} | {sum(per) / len(per):.2f} |')
     path.write_text('\n'.join(lines + check_lines(results)) + '\n')
+
+
+def margin_lines(results: List[dict], best: Dict[str, tuple]) -> List[str]:
+    """Markdown lines: the SSOD choice's margin over the best tuned and the best default baseline (the family with
+    the lowest mean average FPR95 on these runs), per run and as mean ± sd."""
+    def average(side, name):
+        return [r['models'][side]['image'][name]['average']['fpr95'] for r in results]
+
+    choice = average('ssod', 'top3')
+    lines = ['', '## The SSOD choice\'s margin (baseline minus choice, average FPR95; positive = SSOD better)', '']
+    for label, names in (('tuned', [n for n, _, _ in best.values()]), ('paper default', list(DEFAULTS.values()))):
+        name = min(names, key=lambda n: sum(average('ce', n)))
+        gap = [b - c for b, c in zip(average('ce', name), choice)]
+        lines.append(f'- over the best {label} baseline, `{name}`: {mean_sd(gap)} '
+                     f'({" / ".join(f"{g:.2f}" for g in gap)})')
+    return lines
 
 
 def _describe(record: dict) -> str:
@@ -181,6 +229,14 @@ def _describe(record: dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(argv or [])
+    if '--test' in argv:
+        argv.remove('--test')
+        best = validation_choice()
+        keep = sorted({*DEFAULTS.values(), *(name for name, _, _ in best.values())})
+        run_pairs(headline_argv(argv), __doc__, OUT / 'test', lambda r, c: measure(r, c, 'test', keep),
+                  lambda results, path: write(results, path, best), _describe)
+        return
     run_pairs(argv, __doc__, OUT, measure, write, _describe)
 
 
