@@ -34,8 +34,11 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
     # a registered weight brings the model arguments it was saved with (the thresholds, output_stride, ...)
     saved_args = hub._shipped_model_args(variant, tag)
     if not pretrained:  # the architecture the weights need, not the thresholds calibrated on them: no weights here
+        folder_args = kwargs.get('pretrained_model_args') or {}  # timm's copy of a local-dir:/hf-hub: config's
         for key in hub.THRESHOLDS:
             saved_args.pop(key, None)
+            if key in folder_args and kwargs.get(key) is folder_args[key]:  # the folder's, not the caller's own
+                del kwargs[key]
     for k, v in saved_args.items():
         kwargs.setdefault(k, v)
     if saved_args:

@@ -383,6 +383,19 @@ def test_round_trip_keeps_return_ood_threshold_override_and_wrapped_models(tmp_p
     assert again['model_args']['return_ood'] is False and again['model_args']['ood_threshold'] == 0.125
 
 
+def test_a_folder_without_its_weights_drops_its_thresholds(tmp_path):
+    """pretrained=False builds the folder's architecture with fresh weights: thresholds calibrated on the folder's
+    weights would reject by scores they never saw, so they are left out, unless the caller passes their own."""
+    out = hub.save_pretrained(ssod_zoo.wrap('test_resnet', num_classes=4), tmp_path / 'm', ood_threshold=0.125,
+                              spatial_threshold=4.5, model_card=False)
+    fresh = timm.create_model(f'local-dir:{out}', pretrained=False)
+    assert fresh.ood_threshold is None and fresh.spatial_threshold is None and fresh.num_classes == 4
+    own = timm.create_model(f'local-dir:{out}', pretrained=False, spatial_threshold=4.5)
+    assert own.spatial_threshold == 4.5 and own.ood_threshold is None
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert (loaded.ood_threshold, loaded.spatial_threshold) == (0.125, 4.5)
+
+
 def test_push_to_hub_then_offline_hf_hub_round_trip(hf_home, model, images):
     api = CacheWriterApi(hf_home)
     info = hub.push_to_hub(model, 'ssod-org/ssod-test', api=api, private=True, commit_message='v0',
