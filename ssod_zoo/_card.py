@@ -29,6 +29,11 @@ THRESHOLD_SECTION = """## Rejection thresholds
 in-distribution validation images ({{ calibration_data }}), at {{ input_size }} px.
 {% endif -%}
 {% endfor %}
+{% if readout -%}
+`model.readout = '{{ readout }}'`: `ssod predict` decides with `--rule {{ readout }}` by default, the readout \
+chosen for these weights{{ readout_evidence }}.
+
+{% endif -%}
 Images below a threshold are rejected as out-of-distribution. A threshold holds for the ID distribution and the \
 preprocessing it was calibrated with: after any change of data, preprocessing or input size, recalibrate on your \
 own in-distribution validation images with `ssod calibrate <this folder> --val-dir DIR`."""
@@ -69,11 +74,11 @@ transform = timm.data.create_transform(**config)
 image = Image.open('photo.png').convert('RGB')  # 3 channels, also for grayscale files
 x = transform(image).unsqueeze(0)
 with torch.no_grad():
-    logits, ood_factor = model(x)
-    score = model.spatial_score(x)  # higher = more in-distribution
-keep = model.accepts(score, readout='spatial')  # score >= model.spatial_threshold: one of the known classes
+    scores = model.forward_scores(x)  # logits, ood_factor, spatial_score: higher = more in-distribution
+keep = model.accepts(scores)  # True: one of the known classes, by the readout chosen for these weights
 {%- if not ce_only %}
-keep_eq15 = model.accepts(ood_factor)  # the paper's readout: ood_factor >= model.ood_threshold
+keep_spatial = model.accepts(scores, readout='spatial')  # spatial_score >= model.spatial_threshold
+keep_eq15 = model.accepts(scores, readout='factor')  # the paper's readout: ood_factor >= model.ood_threshold
 {%- endif %}
 ```
 
@@ -176,7 +181,7 @@ def model_card(config: Dict[str, Any], *, train_config: Optional[Mapping[str, An
         card_data, template_str=TEMPLATE, name=name, arch=arch, trunk=arch.removeprefix('ssod_'),
         num_classes=config['num_classes'], thresholds=_thresholds(config, train_config),
         calibration_data=calibration_data(config, id_dataset),
-        input_size=_input_size(config),
+        input_size=_input_size(config), **_readout(config),
         id_dataset=id_dataset, id_accuracy=metrics.get('id_accuracy'), ood_rows=ood_rows,
         has_metrics=bool(metrics), classes=classes, citation=PAPER_CITATION,
         ce_only=not ood_head_trained(config, train_config),
@@ -202,6 +207,20 @@ def _thresholds(config: Mapping[str, Any], train_config: Optional[Mapping[str, A
             if trained or name != 'factor']
 
 
+def _readout(config: Mapping[str, Any]) -> Dict[str, str]:
+    """The card's ``readout`` (``model.readout``, or '') and ``readout_evidence``: the OOD validation images it was
+    chosen on and each readout's average FPR95 there, as ``ssod calibrate`` records them."""
+    readout = (config.get('model_args') or {}).get('readout') or ''
+    record = (config.get('calibration') or {}).get('readout') or {}
+    evidence = ''
+    if readout and record.get('readout') == readout and record.get('fpr95'):
+        fpr95 = record['fpr95']
+        evidence = (f' on OOD validation images ({", ".join(record.get("ood_data") or ["unnamed"])}): average FPR95 '
+                    + ', against '.join(f'{fpr95[r]:.1f}% with `--rule {r}`'
+                                        for r in sorted(fpr95, key=lambda r: r != readout)))
+    return {'readout': readout, 'readout_evidence': evidence}
+
+
 def _input_size(config: Mapping[str, Any]) -> str:
     size = config['pretrained_cfg'].get('input_size')
     return f'{size[1]}x{size[2]}' if size else 'the configured input size'
@@ -221,7 +240,7 @@ def threshold_section(config: Mapping[str, Any]) -> str:
     import jinja2
     return jinja2.Template(THRESHOLD_SECTION).render(
         thresholds=_thresholds(config), calibration_data=calibration_data(config, 'in-distribution validation set'),
-        input_size=_input_size(config))
+        input_size=_input_size(config), **_readout(config))
 
 
 def id_dataset_name(metrics: Mapping[str, Any], train_config: Mapping[str, Any]) -> str:

@@ -74,6 +74,13 @@ READOUTS: Dict[str, Readout] = {
 }
 
 
+def check_readout(readout: str) -> str:
+    """``readout`` if it names one of :data:`READOUTS`."""
+    if readout not in READOUTS:
+        raise ValueError(f"readout is one of {', '.join(map(repr, READOUTS))}, got {readout!r}")
+    return readout
+
+
 def _require_pooled(pooled: torch.Tensor) -> None:
     if pooled.ndim != 2:
         raise RuntimeError(
@@ -95,6 +102,9 @@ class SSODModel(nn.Module):
         spatial_threshold: the same for :meth:`spatial_score`, the readout this project's study found to detect
             best (the mean MaxLogit of the 3 best feature-map positions), or None. Decide with
             ``accepts(score, readout='spatial')``.
+        readout: the readout chosen for these weights on OOD validation images (``'spatial'`` or ``'factor'``,
+            which one detected better; ``ssod calibrate --ood-dirs`` sets it), or None when none was chosen:
+            ``ssod predict`` then decides with the spatial one, the study's default.
         check_finite: (default True) eager forwards reject inputs with NaN/Inf values, and warn once about values
             far outside a normalised image's range (0-255 pixels); set False to skip that pass over the input (and
             its device sync) for throughput. Skipped anyway under torch.compile/export.
@@ -108,22 +118,27 @@ class SSODModel(nn.Module):
             return self._forward_ssod(x)  # checked once, above
         return self.forward_head(self.forward_features(x))
 
-    def accepts(self, score: torch.Tensor, threshold: Optional[float] = None, readout: str = 'factor') -> torch.Tensor:
+    def accepts(self, score: Union[SSODScores, torch.Tensor], threshold: Optional[float] = None,
+                readout: Optional[str] = None) -> torch.Tensor:
         """Which images count as one of the known classes: ``score >= threshold``.
 
         Args:
-            score: (B,) ``ood_factor`` from :meth:`forward_ssod` (``readout='factor'``, the paper's Eq. 15), or
+            score: :class:`SSODScores` from :meth:`forward_scores`, decided by ``readout``'s score, or one (B,)
+                score: ``ood_factor`` from :meth:`forward_ssod` (``readout='factor'``, the paper's Eq. 15) or
                 :meth:`spatial_score` (``readout='spatial'``, the readout the study found to detect best).
             threshold: default the readout's calibrated threshold, ``model.ood_threshold`` or
                 ``model.spatial_threshold``, each set to keep 95% of ID validation images.
-            readout: ``'factor'`` or ``'spatial'``: which score ``score`` is.
+            readout: ``'factor'`` or ``'spatial'``: which score decides. Default for :class:`SSODScores`:
+                ``model.readout``, the one chosen for the weights (``'spatial'`` if none was); for a tensor:
+                ``'factor'``, so the tensor is ``ood_factor``.
 
         Returns:
             (B,) bool, True = in-distribution (keep), False = unknown.
         """
-        if readout not in READOUTS:
-            raise ValueError(f"readout is one of {', '.join(map(repr, READOUTS))}, got {readout!r}")
-        attribute, _, check = READOUTS[readout]
+        if isinstance(score, SSODScores):
+            readout = readout or getattr(self, 'readout', None) or 'spatial'
+            score = getattr(score, READOUTS[check_readout(readout)].score)
+        attribute, _, check = READOUTS[check_readout(readout or 'factor')]
         threshold = getattr(self, attribute, None) if threshold is None else threshold
         if threshold is None:
             scores = 'ood_factors' if readout == 'factor' else 'model.spatial_score(images)'
@@ -464,6 +479,7 @@ def wrap(
         return_ood: bool = True,
         ood_threshold: Optional[float] = None,
         spatial_threshold: Optional[float] = None,
+        readout: Optional[str] = None,
         **kwargs,
 ) -> SSODModel:
     """Turn a timm CNN classifier into an SSOD model.
@@ -475,6 +491,8 @@ def wrap(
         ood_threshold: calibrated rejection threshold on ``ood_factor``, kept as ``model.ood_threshold``.
         spatial_threshold: calibrated rejection threshold on :meth:`SSODModel.spatial_score`, kept as
             ``model.spatial_threshold``.
+        readout: the readout chosen for the weights on OOD validation images, ``'spatial'`` or ``'factor'``, kept
+            as ``model.readout``.
         **kwargs: passed to ``timm.create_model`` when ``model`` is a name (``pretrained``, ``num_classes``, ...).
 
     Returns:
@@ -507,5 +525,6 @@ def wrap(
     ssod.ood_threshold = ood_threshold if ood_threshold is None else check_threshold(ood_threshold)
     ssod.spatial_threshold = spatial_threshold if spatial_threshold is None else check_spatial_threshold(
         spatial_threshold)
+    ssod.readout = readout if readout is None else check_readout(readout)
     ssod._fit_ood_head()
     return ssod

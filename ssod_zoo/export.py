@@ -6,7 +6,9 @@ model's ``return_ood`` says, and it is traced in eval mode (BatchNorm running st
     image: (batch, C, H, W) float  ->  logits: (batch, M),  ood_factor: (batch,) in [0, 1],  spatial_score: (batch,)
 
 ``spatial_score`` is the readout this project's study found to detect best; the metadata carry both calibrated
-thresholds (``ssod_zoo.spatial_threshold``, ``ssod_zoo.ood_threshold``) where the model has them.
+thresholds (``ssod_zoo.spatial_threshold``, ``ssod_zoo.ood_threshold``) where the model has them, and
+``ssod_zoo.readout``, the output to decide with (``spatial_score`` or ``ood_factor``), where one was chosen for the
+weights (``model.readout``).
 
 Exporter: the ``torch.export``-based one (``torch.onnx.export(..., dynamo=True)``, the default since torch 2.9).
 The legacy TorchScript exporter gives the same numbers for every registered architecture, but it is deprecated
@@ -118,6 +120,8 @@ def _metadata(model: SSODModel, input_size: Tuple[int, int, int]) -> Dict[str, s
     for key in (r.attribute for r in READOUTS.values()):
         if getattr(model, key, None) is not None:
             meta[f'ssod_zoo.{key}'] = repr(float(getattr(model, key)))
+    if getattr(model, 'readout', None):  # the readout chosen for these weights: decide with its score
+        meta['ssod_zoo.readout'] = READOUTS[model.readout].score
     labels = cfg.get('label_names')
     if labels and len(labels) == model.num_classes:  # logits column i is label_names[i]
         meta['ssod_zoo.label_names'] = json.dumps([str(c) for c in labels])

@@ -13,9 +13,9 @@ Loading (plain timm, nothing from ssod_zoo to call)::
     model = timm.create_model('hf-hub:<org>/<repo>', pretrained=True)       # or '...@<revision>'
     model = timm.create_model('local-dir:/path/to/folder', pretrained=True)
     model = timm.create_model('ssod_test_resnet.<tag>', pretrained=True)    # a tag from timm.list_pretrained('ssod_*')
-    keep = model.accepts(model.spatial_score(x), readout='spatial')       # keeps 95% of ID validation images
+    keep = model.accepts(model.forward_scores(x))   # by model.readout; keeps 95% of ID validation images
     logits, ood_factor = model(x)
-    keep_eq15 = model.accepts(ood_factor)                                  # the paper's readout, Eq. 15
+    keep_eq15 = model.accepts(ood_factor)           # the paper's readout, Eq. 15
 
 A registered architecture can be pointed at one's own repo (or file) without registering anything::
 
@@ -53,7 +53,7 @@ from ._pretrained import (  # noqa: F401
     CONFIG_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MAX_SHIPPED_BYTES, WEIGHTS_NAME, WeightsError, _check_state_dict,
     _clear_errors, _manifest_cfgs, _prepare_pretrained, _repo_model_args, _sha256, _shipped_model_args,
     _state_dict_mismatch, _weights_dir, not_cached)
-from .adapter import READOUTS, SSODModel, check_spatial_threshold, check_threshold, wrap
+from .adapter import READOUTS, SSODModel, check_readout, check_spatial_threshold, check_threshold, wrap
 
 __all__ = ['WeightsError', 'calibrate_threshold', 'load_checkpoint', 'load_model', 'push_folder', 'push_to_hub',
            'save_pretrained', 'write_card']
@@ -62,6 +62,8 @@ CARD_NAME = 'README.md'
 CHECKPOINT_FORMAT = 'ssod_zoo.train/1'
 # the calibrated thresholds a model, a checkpoint and a hub folder's model_args carry, one per readout
 THRESHOLDS = tuple(r.attribute for r in READOUTS.values())
+# and what holds only for the weights they were calibrated on: the thresholds and the readout chosen for them
+CALIBRATED = (*THRESHOLDS, 'readout')
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,6 +154,9 @@ def save_pretrained(
         threshold = None
     spatial = getattr(model, 'spatial_threshold', None) if spatial_threshold is None else spatial_threshold
     spatial = None if spatial is None else check_spatial_threshold(spatial)
+    readout = getattr(model, 'readout', None)
+    if readout == 'factor' and ood_head_trained is False:
+        readout = None
     if class_names is not None:
         class_names = [str(c) for c in class_names]
         if len(class_names) != model.num_classes:
@@ -178,7 +183,7 @@ def save_pretrained(
     config_path = save_dir / CONFIG_NAME
     save_config_for_hf(model, str(config_path), model_config=model_config,
                        model_args={'return_ood': bool(model.return_ood), 'ood_threshold': threshold,
-                                   'spatial_threshold': spatial})
+                                   'spatial_threshold': spatial, 'readout': readout})
     config = json.loads(config_path.read_text())
     config['pretrained_cfg']['architecture'] = architecture
     _record_input_size(config['pretrained_cfg'], model, train_config)
@@ -212,7 +217,7 @@ def _readable(path: Path) -> None:
 
 
 def set_thresholds(save_dir: Union[str, Path], thresholds: Mapping[str, Optional[float]], id_dataset: str,
-                   images: Optional[int] = None) -> Path:
+                   images: Optional[int] = None, readout: Optional[Mapping[str, Any]] = None) -> Path:
     """Write recalibrated thresholds into a folder :func:`save_pretrained` wrote: ``config.json``'s model arguments
     and ``calibration`` (what they were calibrated on), and the card's threshold section. The weights are not
     touched (``ssod calibrate``). Returns the config's path.
@@ -221,6 +226,9 @@ def set_thresholds(save_dir: Union[str, Path], thresholds: Mapping[str, Optional
         thresholds: ``{'ood_threshold': ..., 'spatial_threshold': ...}``, either may be left out.
         id_dataset: what they were calibrated on, as the card names it.
         images: how many images that was.
+        readout: the readout chosen on OOD validation images, ``{'readout': name, 'ood_data': [set names],
+            'fpr95': {name: average FPR95}}`` (the model argument ``readout`` and ``calibration['readout']``);
+            default: the folder's earlier choice stays.
     """
     unknown = set(thresholds) - set(THRESHOLDS)
     if unknown:
@@ -231,7 +239,12 @@ def set_thresholds(save_dir: Union[str, Path], thresholds: Mapping[str, Optional
     config = json.loads(config_path.read_text())
     config.setdefault('model_args', {}).update(
         {k: None if v is None else checks[k](v) for k, v in thresholds.items()})
-    config['calibration'] = {'data': id_dataset, 'images': images, 'keep': 0.95}
+    chosen = (config.get('calibration') or {}).get('readout')
+    if readout is not None:
+        chosen = {**readout, 'readout': check_readout(readout['readout'])}
+        config['model_args']['readout'] = chosen['readout']
+    config['calibration'] = {'data': id_dataset, 'images': images, 'keep': 0.95,
+                             **({'readout': chosen} if chosen else {})}
     config_path.write_text(json.dumps(config, indent=2) + '\n')
     card = save_dir / CARD_NAME
     if card.is_file():
@@ -440,5 +453,5 @@ def _forget_calibration(model: SSODModel, name: str, weights_classes: int) -> No
                   'the classifier is new, so their label_names and thresholds are dropped (train it, then '
                   'calibrate them: ssod calibrate)', stacklevel=3)
     model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != 'label_names'}
-    for key in THRESHOLDS:
+    for key in CALIBRATED:
         setattr(model, key, None)

@@ -24,18 +24,19 @@ PAPER_NAME = 'Image Background Serves as Good Proxy for Out-of-distribution Data
 
 
 def _build(trunk: str, return_ood: bool = True, ood_threshold: Optional[float] = None,
-           spatial_threshold: Optional[float] = None, **kwargs: Any) -> SSODModel:
+           spatial_threshold: Optional[float] = None, readout: Optional[str] = None, **kwargs: Any) -> SSODModel:
     trunk = timm.create_model(trunk, pretrained=False, **kwargs)
-    return wrap(trunk, return_ood=return_ood, ood_threshold=ood_threshold, spatial_threshold=spatial_threshold)
+    return wrap(trunk, return_ood=return_ood, ood_threshold=ood_threshold, spatial_threshold=spatial_threshold,
+                readout=readout)
 
 
 def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -> SSODModel:
     tag = kwargs.get('pretrained_cfg') if isinstance(kwargs.get('pretrained_cfg'), str) else None
     # a registered weight brings the model arguments it was saved with (the thresholds, output_stride, ...)
     saved_args = hub._shipped_model_args(variant, tag)
-    if not pretrained:  # the architecture the weights need, not the thresholds calibrated on them: no weights here
+    if not pretrained:  # the architecture the weights need, not the calibration made on them: no weights here
         folder_args = kwargs.get('pretrained_model_args') or {}  # timm's copy of a local-dir:/hf-hub: config's
-        for key in hub.THRESHOLDS:
+        for key in hub.CALIBRATED:
             saved_args.pop(key, None)
             if key in folder_args and kwargs.get(key) is folder_args[key]:  # the folder's, not the caller's own
                 del kwargs[key]

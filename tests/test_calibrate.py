@@ -81,8 +81,10 @@ def test_a_larger_set_keeps_95_percent(folder, tmp_path):
 
 def test_untrained_ood_head_gets_no_ood_threshold(tmp_path, capsys):
     model = ssod_zoo.load_model(make_checkpoint(tmp_path / 'c.pt', threshold=0.3))  # a stale one, from training
+    model.readout = 'factor'  # and a readout that needs the OOD head
     ce = ssod_zoo.save_pretrained(model, tmp_path / 'ce', class_names=NAMES, train_config={'ce_only': True})
-    assert ssod_zoo.load_model(ce).ood_threshold is None  # a twin's folder never carries one
+    twin = ssod_zoo.load_model(ce)
+    assert twin.ood_threshold is None and twin.readout is None  # a twin's folder never carries them
     config = json.loads((ce / 'config.json').read_text())
     config['model_args']['ood_threshold'] = 0.3  # as folders written before ood_head_trained existed could
     (ce / 'config.json').write_text(json.dumps(config))
@@ -158,8 +160,9 @@ def test_protocol_calibration_reproduces_the_shipped_fmnist_threshold(tmp_path):
     copy = shutil.copytree(WEIGHTS / entry['name'], tmp_path / 'fmnist')
     cli.main(['calibrate', str(copy), '--protocol', 'fashion-mnist', '--data-root', str(FMNIST_ROOT)])
     model = ssod_zoo.load_model(copy)
-    assert model.ood_threshold == pytest.approx(entry['ood_threshold'], rel=1e-5)
-    assert model.spatial_threshold == pytest.approx(entry['spatial_threshold'], rel=1e-5)
+    assert model.ood_threshold == pytest.approx(entry['model_args']['ood_threshold'], rel=1e-5)
+    assert model.spatial_threshold == pytest.approx(entry['model_args']['spatial_threshold'], rel=1e-5)
+    assert model.readout == entry['model_args']['readout'] == 'factor'  # the protocol's OOD validation sets chose it
     assert json.loads((copy / 'config.json').read_text())['calibration']['images'] == 600
 
 
@@ -175,4 +178,41 @@ def test_ood_dirs_report_each_rules_fpr95_at_the_calibrated_point(folder, tmp_pa
     assert done['fpr95']['noise']['factor'] == pytest.approx(100 * (factor >= model.ood_threshold).float().mean())
     err = capsys.readouterr().err
     best = min(done['fpr95']['noise'], key=done['fpr95']['noise'].get)
-    assert re.search(r'noise +8 +[0-9.]+ +[0-9.]+\n', err) and f'lower on these images: --rule {best}' in err
+    assert re.search(r'noise +8 +[0-9.]+ +[0-9.]+\n', err)
+    # the lower rule becomes the model's readout, with what it was chosen on
+    assert f'ssod predict decides with --rule {best} (chosen on these OOD images)' in err
+    config = json.loads((folder / 'config.json').read_text())
+    assert model.readout == config['model_args']['readout'] == best
+    assert config['calibration']['readout'] == {'readout': best, 'ood_data': ['noise'], 'fpr95': {
+        r: pytest.approx(v, abs=1e-4) for r, v in done['fpr95']['noise'].items()}}
+
+
+def test_the_chosen_readout_is_what_predict_decides_with_until_another_is_chosen(folder, tmp_path, capsys):
+    from ssod_zoo.app import calibrate
+    images = save_images(tmp_path / 'val', 20, size=40)
+    calibrate.main([str(folder), '--val-dir', str(images)])
+    assert 'decides with --rule spatial (none chosen, so the spatial default' in capsys.readouterr().err
+    assert ssod_zoo.load_model(folder).readout is None
+    # as `--ood-dirs` records a choice of the factor rule (which rule wins on random images is chance)
+    hub.set_thresholds(folder, {}, 'val', 20, readout={'readout': 'factor', 'ood_data': ['noise'],
+                                                       'fpr95': {'spatial': 50.0, 'factor': 40.0}})
+    card = (folder / 'README.md').read_text()
+    assert ("`model.readout = 'factor'`: `ssod predict` decides with `--rule factor` by default, the readout chosen "
+            'for these weights on OOD validation images (noise): average FPR95 40.0% with `--rule factor`, against '
+            '50.0% with `--rule spatial`.') in card.replace('\\\n', '').replace('\n', ' ')
+    cli.main(['predict', str(folder), str(images)])
+    assert 'unknown (ood_factor <' in capsys.readouterr().err
+    cli.main(['predict', str(folder), str(images), '--rule', 'spatial'])
+    assert 'unknown (spatial_score <' in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a --threshold for the default rule is checked against it
+        cli.main(['predict', str(folder), str(images), '--threshold', '5'])
+    assert 'in [0, 1] for --rule factor' in capsys.readouterr().err
+    # recalibrated on ID images alone, the choice stays; the weights alone (pretrained=False) do not carry it
+    calibrate.main([str(folder), '--val-dir', str(images)])
+    assert 'decides with --rule factor (kept from before)' in capsys.readouterr().err
+    assert ssod_zoo.load_model(folder).readout == 'factor'
+    assert json.loads((folder / 'config.json').read_text())['calibration']['readout']['readout'] == 'factor'
+    assert timm.create_model(f'local-dir:{folder}', pretrained=False).readout is None
+    # a new folder keeps the choice too
+    calibrate.main([str(folder), '--val-dir', str(images), '--out', str(tmp_path / 'copy')])
+    assert ssod_zoo.load_model(tmp_path / 'copy').readout == 'factor'

@@ -33,7 +33,7 @@ def test_model_card_snippet_runs_on_grayscale_and_colour_files(mode, tmp_path, m
     Image.new(mode, (40, 30), color=128 if mode == 'L' else (90, 140, 200)).save(tmp_path / 'photo.png')
     monkeypatch.chdir(tmp_path)
     scope = {}
-    exec(python_block(ROOT / 'MODEL_CARD.md', 'synthetic weight, `ood_factor` for the Fashion-MNIST one).')
+    exec(python_block(ROOT / 'MODEL_CARD.md', 'which `model.accepts(scores)` and `ssod predict` then use.')
          .replace('<tag>', 'synthetic'), scope)
     assert scope['label'] == 'unknown' or scope['label'] in scope['model'].pretrained_cfg['label_names']
 
@@ -55,8 +55,11 @@ def test_generated_card_snippet_runs(ce_only, tmp_path, monkeypatch):
     exec(code, scope)
     card = (folder / 'README.md').read_text()
     if ce_only:
-        assert scope['keep'].shape == (1,) and 'keep_eq15' not in scope and 'accepts(ood_factor)' not in code
+        assert scope['keep'].shape == (1,) and 'keep_eq15' not in scope and "readout='factor'" not in code
         assert 'cross-entropy baseline' in card and 'never trained' in card and 'model.ood_threshold' not in card
     else:
-        assert scope['keep'].shape == scope['keep_eq15'].shape == (1,) and 'never trained' not in card
+        assert scope['keep'].shape == scope['keep_eq15'].shape == scope['keep_spatial'].shape == (1,)
+        assert 'never trained' not in card
+        # the shipped weight's readout decides
+        assert torch.equal(scope['keep'], scope['keep_spatial']) and scope['model'].readout == 'spatial'
         assert 'model.ood_threshold = ' in card and 'model.spatial_threshold = ' in card

@@ -159,7 +159,7 @@ def test_onnx_matches_pytorch_with_dynamic_batch(name, tmp_path):
 def test_onnx_export_is_eval_mode_whatever_the_model_mode(tmp_path):
     """A training-mode, return_ood=False model exports forward_ssod in eval mode and is left as it was."""
     model = _randomize(timm.create_model('ssod_test_resnet', return_ood=False, ood_threshold=0.25,
-                                         spatial_threshold=-1.5)).train()
+                                         spatial_threshold=-1.5, readout='factor')).train()
     bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     stats = bn.running_mean.clone()
     path = export_onnx(model, tmp_path / 'm.onnx', input_size=SIZE)
@@ -172,6 +172,7 @@ def test_onnx_export_is_eval_mode_whatever_the_model_mode(tmp_path):
     import onnx
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert float(meta['ssod_zoo.ood_threshold']) == 0.25 and float(meta['ssod_zoo.spatial_threshold']) == -1.5
+    assert meta['ssod_zoo.readout'] == 'ood_factor'  # the output to decide with, as the model's readout says
     assert meta['ssod_zoo.input_size'] == '[3, 64, 64]'
     assert meta['ssod_zoo.mean'] == '[0.485, 0.456, 0.406]'
 

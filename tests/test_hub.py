@@ -308,8 +308,8 @@ def test_model_card_has_model_index_metrics_config_and_citation(saved):
     assert '"gamma": 0.95' in text and '"epochs": 2' in text  # the training config
     assert f'model.ood_threshold = {THRESHOLD:.6g}' in text
     assert f'model.spatial_threshold = {SPATIAL_THRESHOLD:.6g}' in text
-    assert "keep = model.accepts(score, readout='spatial')" in text  # how a pipeline decides
-    assert 'keep_eq15 = model.accepts(ood_factor)' in text
+    assert 'keep = model.accepts(scores)' in text  # how a pipeline decides
+    assert "keep_eq15 = model.accepts(scores, readout='factor')" in text
     assert 'Texture' in text and 'A.5' in text and 'gamma' in text  # limitations
     assert '2307.00519' in text and 'Pei, Sen' in text  # citation
     assert '| noise | 12.50 | 96.25 | 95.00 | 97.00 |' in text
@@ -765,7 +765,7 @@ def test_add_weight_writes_folder_and_manifest_entry(tmp_path, model, monkeypatc
     assert manifest['format'] == hub.MANIFEST_FORMAT and manifest['weights'] == [entry]
     assert entry['sha256'] == hashlib.sha256(data).hexdigest() and entry['size'] == len(data)
     assert entry['file'] == f'{ARCH}.tiny/model.safetensors'
-    assert entry['ood_threshold'] == THRESHOLD and entry['model_args']['ood_threshold'] == THRESHOLD
+    assert entry['model_args']['ood_threshold'] == THRESHOLD and 'ood_threshold' not in entry  # recorded once
     assert entry['metrics'] == METRICS and entry['recipe']['config'] == TRAIN_CONFIG
     assert entry['pretrained_cfg']['label_names'] == CLASS_NAMES
 
@@ -773,7 +773,7 @@ def test_add_weight_writes_folder_and_manifest_entry(tmp_path, model, monkeypatc
         add_weight.add_weight(ckpt, 'tiny', weights_dir=weights_dir)
     add_weight.add_weight(ckpt, 'tiny', weights_dir=weights_dir, force=True, ood_threshold=0.25)
     manifest = json.loads((weights_dir / 'manifest.json').read_text())
-    assert [e['ood_threshold'] for e in manifest['weights']] == [0.25]
+    assert [e['model_args']['ood_threshold'] for e in manifest['weights']] == [0.25]
     with pytest.raises(ValueError, match='lower-case'):
         add_weight.add_weight(ckpt, 'Bad.Tag', weights_dir=weights_dir)
 

@@ -223,6 +223,13 @@ def test_accepts_says_what_to_do_when_uncalibrated():
         model.accepts(s, threshold=5.0)  # read as an ood_factor threshold
     with pytest.raises(ValueError, match="readout is one of 'spatial', 'factor'"):
         model.accepts(s, readout='maxlogit')
+    # all the scores of forward_scores: decided by the model's readout, the spatial one when none was chosen
+    scores = ssod_zoo.SSODScores(torch.zeros(2, 3), f, s)
+    assert model.readout is None and model.accepts(scores).tolist() == [False, True]
+    assert model.accepts(scores, readout='factor').tolist() == [True, True]
+    model.readout = 'factor'
+    assert model.accepts(scores).tolist() == [True, True]
+    assert model.accepts(scores, threshold=0.5).tolist() == [False, True]  # a threshold for the readout's score
 
 
 def test_spatial_score_and_forward_scores_agree_with_the_readout_they_name():

@@ -26,7 +26,7 @@ def test_shipped_weight_reproduces_its_manifest_metrics(entry, tmp_path):
     """Re-evaluates on the embedded benchmark it was trained on (the demo's: BenchmarkConfig defaults, the
     recipe's seed): validation split and the OOD sets, regenerated deterministically from the seed."""
     model = timm.create_model(entry['name'], pretrained=True).eval()
-    assert model.ood_threshold == pytest.approx(entry['ood_threshold'])
+    assert model.ood_threshold == pytest.approx(entry['model_args']['ood_threshold'])
     config = BenchmarkConfig(train_per_class=1, seed=entry['recipe']['config']['seed'])
     bench = SyntheticBenchmark(tmp_path / 'bench', config).prepare(progress=False)
     size = entry['recipe']['config']['img_size']
@@ -53,7 +53,8 @@ def test_shipped_thresholds_keep_95_percent_of_their_calibration_images(entry, t
     folder = Path(__file__).resolve().parent.parent / 'weights' / entry['name']
     assert 'validation draw' in json.loads((folder / 'config.json').read_text())['calibration']['data']
     model = timm.create_model(entry['name'], pretrained=True).eval()
-    assert (model.ood_threshold, model.spatial_threshold) == (entry['ood_threshold'], entry['spatial_threshold'])
+    assert (model.ood_threshold, model.spatial_threshold) == (entry['model_args']['ood_threshold'],
+                                                              entry['model_args']['spatial_threshold'])
     config = BenchmarkConfig(seed=1, train_per_class=1, val_per_class=50, ood_per_set=1)
     bench = SyntheticBenchmark(tmp_path / 'bench', config).prepare(progress=False)
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))

@@ -10,8 +10,9 @@ model arguments, timm pretrained_cfg, training config and measured metrics. From
 ``timm.create_model('<arch>.<tag>', pretrained=True)`` loads it offline, sha256-checked. Weights over 25 MB are
 not kept in the repository: publish them with ``ssod push`` and add them with ``--hub-only --hf-hub-id``.
 
-``--recalibrate NAME -- ARGS`` sets a shipped weight's thresholds again with ``ssod calibrate FOLDER ARGS`` (its
-folder in place, the weights untouched: their sha256 is checked) and records them in its manifest entry.
+``--recalibrate NAME -- ARGS`` sets a shipped weight's thresholds (and, given OOD validation images, its readout)
+again with ``ssod calibrate FOLDER ARGS`` (its folder in place, the weights untouched: their sha256 is checked)
+and records them in its manifest entry's ``model_args``.
 """
 import argparse
 import json
@@ -86,9 +87,7 @@ def add_weight(
             'sha256': hub._sha256(weights_file),
             'size': size,
             'num_classes': config['num_classes'],
-            'ood_threshold': config['model_args'].get('ood_threshold'),
-            'spatial_threshold': config['model_args'].get('spatial_threshold'),
-            'model_args': config['model_args'],
+            'model_args': config['model_args'],  # with the thresholds and readout, as the registry loads them
             'pretrained_cfg': config['pretrained_cfg'],
             'metrics': ckpt.get('metrics') or {},
             'recipe': {'checkpoint_format': ckpt.get('format'), 'epoch': ckpt.get('epoch'),
@@ -127,9 +126,9 @@ def recalibrate(name: str, calibrate_args: Sequence[str], *, weights_dir: Path =
     calibrate.main([str(folder), *calibrate_args])
     if hub._sha256(folder / hub.WEIGHTS_NAME) != entry['sha256']:
         raise RuntimeError(f'{folder / hub.WEIGHTS_NAME} no longer matches the manifest; restore it from git')
-    model_args = json.loads((folder / hub.CONFIG_NAME).read_text())['model_args']
-    entry['model_args'] = model_args
-    entry.update({k: model_args.get(k) for k in hub.THRESHOLDS})
+    entry['model_args'] = json.loads((folder / hub.CONFIG_NAME).read_text())['model_args']
+    for key in hub.CALIBRATED:  # entries written before the model arguments were their only record
+        entry.pop(key, None)
     # the whole card again, as add_weight wrote it, now with the thresholds and what they were calibrated on
     hub.write_card(folder, train_config=entry['recipe']['config'], metrics=entry['metrics'])
     _write_manifest(manifest, manifest_path)
@@ -143,7 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SystemExit('usage: add_weight.py --recalibrate NAME -- '
                              '(--val-dir DIR | --protocol P [--data-root R])')
         entry = recalibrate(argv[1], argv[3:])
-        print(f'recalibrated {entry["name"]}: ' + ', '.join(f'{k} = {entry[k]}' for k in hub.THRESHOLDS))
+        print(f'recalibrated {entry["name"]}: ' + ', '.join(f'{k} = {entry["model_args"].get(k)}'
+                                                           for k in hub.CALIBRATED))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('checkpoint', type=Path, help='training checkpoint (ssod_zoo.train/1)')

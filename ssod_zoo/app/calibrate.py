@@ -13,10 +13,12 @@ protocol's ID validation split (``ssod eval --protocol``'s data):
 * ``ood_threshold`` on ``ood_factor`` (the paper's Eq. 15), unless the model's OOD head was never trained (a
   cross-entropy twin).
 
-``--ood-dirs`` (optional) also scores OOD validation images, as unlike your classes as what you expect to meet, and
-prints each rule's FPR95 on them: the readout that works depends on the data (the spatial score wins on small
-objects in clutter and fails on object-centric images such as Fashion-MNIST; README, Results), so choose the
-``ssod predict --rule`` on images like these, never on your test set.
+``--ood-dirs`` (optional) also scores OOD validation images, as unlike your classes as what you expect to meet,
+prints each rule's FPR95 on them, and records the rule with the lower average as the model's ``readout``: the one
+``ssod predict`` then decides with by default. The readout that works depends on the data (the spatial score wins
+on small objects in clutter and fails on object-centric images such as Fashion-MNIST; README, Results), so it is
+chosen on images like these, never on your test set. Without OOD images (``--val-dir`` alone) the model keeps the
+readout chosen before, or the spatial default.
 
 MODEL is a hub folder (``ssod save``, ``save_pretrained``): its ``config.json`` and model card are updated in place,
 the weights are not touched. With ``--out``, or for any other MODEL (a training checkpoint, ``hf-hub:org/repo``,
@@ -48,8 +50,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument('--data-root', default=None, help='where the --protocol data sets are')
     p.add_argument('--download', action='store_true', help='download a missing --protocol data set')
     p.add_argument('--ood-dirs', nargs='+', default=[], metavar='DIR',
-                   help='OOD validation images: report each rule\'s FPR95 on them, to choose ssod predict --rule '
-                        "(with --protocol, its OOD validation sets are scored too)")
+                   help="OOD validation images: report each rule's FPR95 on them and make the lower one the model's "
+                        "readout, ssod predict's default --rule (with --protocol, its OOD validation sets are scored "
+                        "too)")
     p.add_argument('--data-name', default=None,
                    help="what the model card calls the calibration images (default: the --val-dir path's last two "
                         "parts, or the protocol's split)")
@@ -127,22 +130,40 @@ def main(argv: Optional[List[str]] = None) -> dict:
     rules = [r for r in COLLECTED if trained or r != 'factor']  # a twin's untrained OOD head: no factor rule
     fpr95 = {name: {rule: 100 * fpr_at_tpr(id_out[COLLECTED[rule]], o[COLLECTED[rule]]) for rule in rules}
              for name, o in oods.items()}
+    chosen = _choose(fpr95)
     if in_place:
-        set_thresholds(folder, thresholds, id_dataset=args.data_name or name, images=len(images))
+        set_thresholds(folder, thresholds, id_dataset=args.data_name or name, images=len(images), readout=chosen)
         where = folder
+        readout = json.loads((folder / CONFIG_NAME).read_text())['model_args'].get('readout')
     else:
         for k, v in thresholds.items():
             setattr(model, k, v)
+        readout = model.readout = chosen['readout'] if chosen else getattr(model, 'readout', None)
+        before = (source.get('calibration') or {}).get('readout')
         where = save_pretrained(model, args.out, train_config=ckpt.get('config'), metrics=ckpt.get('metrics'),
                                 class_names=ckpt.get('class_names') or model.pretrained_cfg.get('label_names'),
                                 ood_head_trained=trained,
-                                calibration={'data': args.data_name or name, 'images': len(images), 'keep': 0.95})
+                                calibration={'data': args.data_name or name, 'images': len(images), 'keep': 0.95,
+                                             **({'readout': chosen or before} if chosen or before else {})})
     shown = ', '.join(f'{k} = {v:.6g}' for k, v in thresholds.items() if v is not None)
     skipped = '' if trained else '; no ood_threshold: this model\'s OOD head was never trained'
     print(f'{len(images)} ID images: {shown} (each keeps 95% of them){skipped}; wrote {where}', file=sys.stderr)
     if fpr95:
         print(_fpr95_table(fpr95, {n: len(o['ood_factor']) for n, o in oods.items()}), file=sys.stderr)
-    return {**thresholds, 'images': len(images), 'out': str(where), 'fpr95': fpr95}
+    how = ('chosen on these OOD images' if chosen else 'kept from before' if readout else
+           'none chosen, so the spatial default; give --ood-dirs to choose one')
+    print(f'ssod predict decides with --rule {readout or "spatial"} ({how})', file=sys.stderr)
+    return {**thresholds, 'images': len(images), 'out': str(where), 'fpr95': fpr95, 'readout': readout}
+
+
+def _choose(fpr95: dict) -> Optional[dict]:
+    """The readout with the lower average FPR95 on the OOD validation sets (ties: the spatial one, the study's
+    default), with what it was chosen on; None without OOD sets or with one rule only (a twin's)."""
+    rules = list(next(iter(fpr95.values()))) if fpr95 else []
+    if len(rules) < 2:
+        return None
+    average = {r: round(sum(v[r] for v in fpr95.values()) / len(fpr95), 4) for r in rules}
+    return {'readout': min(rules, key=average.get), 'ood_data': list(fpr95), 'fpr95': average}
 
 
 def _fpr95_table(fpr95: dict, counts: dict) -> str:
@@ -156,9 +177,6 @@ def _fpr95_table(fpr95: dict, counts: dict) -> str:
               for name, v in fpr95.items()]
     if len(fpr95) > 1:
         lines.append(f'  {"average":<{width}} {"":>7}' + ''.join(f' {average[r]:>15.1f}' for r in rules))
-    if len(rules) > 1:
-        best = min(rules, key=average.get)
-        lines.append(f'lower on these images: --rule {best}' + (' (the default)' if best == 'spatial' else ''))
     return '\n'.join(lines)
 
 

@@ -15,10 +15,10 @@ whatever the decision), ``class_prob`` (its softmax probability, the ID factor o
 
 Which rule says "unknown":
 
-* ``--rule spatial`` (default): ``spatial_score < threshold``, with the model's calibrated
-  ``model.spatial_threshold`` (it keeps 95% of the in-distribution validation images) or ``--threshold``. This is
-  the readout that detected OOD images best in this project's study (README, Results), on the SSOD model and on a
-  plain cross-entropy classifier alike.
+* ``--rule spatial``: ``spatial_score < threshold``, with the model's calibrated ``model.spatial_threshold`` (it
+  keeps 95% of the in-distribution validation images) or ``--threshold``. This is the readout that detected OOD
+  images best in this project's study (README, Results), on the SSOD model and on a plain cross-entropy classifier
+  alike.
 * ``--rule factor``: ``ood_factor < threshold``, with ``model.ood_threshold`` (calibrated the same way) or
   ``--threshold``: the paper's readout (Eq. 15). Both threshold rules work at the operating point that FPR95 and
   ``ssod eval``'s accept rates describe; use one when you want a known fraction of your own classes kept.
@@ -26,6 +26,10 @@ Which rule says "unknown":
   unknown, i.e. ``1 - ood_factor > ood_factor * max softmax``. It needs no calibration, but it is another
   operating point: it calls an image unknown whenever ``ood_factor < 1 / (1 + class_prob)`` (between 0.5 and
   1/(1 + 1/M)), which is usually far above a calibrated threshold, so it rejects more ID images.
+
+Without ``--rule``, the model's own ``model.readout`` decides: the rule ``ssod calibrate --ood-dirs`` chose for
+the weights on OOD validation images (``factor`` for the shipped ``ssod_resnet18.fmnist``), or ``spatial`` when
+none was chosen.
 
 A model without the threshold its rule needs is refused with what to do: ``ssod calibrate MODEL --val-dir DIR``
 sets both on your own ID images. The summary line counts the images each rule that can run calls unknown.
@@ -48,7 +52,7 @@ from ..output import robust_posterior
 from .cli import AT_LEAST_0, AT_LEAST_1, bounded, device as device_arg
 from .images import IMAGE_EXTENSIONS, list_images
 
-__all__ = ['find_images', 'predict', 'rule_thresholds', 'main', 'IMAGE_EXTENSIONS', 'COLUMNS', 'RULES']
+__all__ = ['find_images', 'predict', 'default_rule', 'rule_thresholds', 'main', 'IMAGE_EXTENSIONS', 'COLUMNS', 'RULES']
 
 COLUMNS = ('path', 'label', 'class', 'class_prob', 'spatial_score', 'ood_factor', 'p_unknown')
 UNKNOWN = 'unknown'
@@ -120,7 +124,7 @@ def predict(
         model: torch.nn.Module,
         paths: Sequence[Path],
         threshold: Optional[float] = None,
-        rule: str = 'spatial',
+        rule: Optional[str] = None,
         batch_size: int = 32,
         device: torch.device = torch.device('cpu'),
         workers: int = 0,
@@ -135,7 +139,7 @@ def predict(
         paths: image files.
         threshold: the rule's score below this is unknown; default the model's calibrated threshold for it
             (``spatial_threshold`` for ``'spatial'``, ``ood_threshold`` for ``'factor'``).
-        rule: one of :data:`RULES` (see the module docstring).
+        rule: one of :data:`RULES` (see the module docstring); default :func:`default_rule`.
         progress: tqdm bar on stderr; None = only when stderr is a terminal.
         on_error: called with ``(path, message)`` for an unreadable image; default: raise :class:`PredictError`.
 
@@ -144,6 +148,7 @@ def predict(
     """
     import timm
 
+    rule = rule or default_rule(model)
     thresholds = rule_thresholds(model, rule, threshold)
     if thresholds[rule] is None and rule != 'posterior':
         attribute = READOUTS[rule].attribute
@@ -158,6 +163,12 @@ def predict(
                         collate_fn=_collate, pin_memory=device.type == 'cuda')
     # the checks above run at the call, before anything is written; the rows come as they are scored
     return _rows(model, paths, loader, names, thresholds, rule, device, progress, on_error)
+
+
+def default_rule(model: torch.nn.Module) -> str:
+    """The rule the model's weights were calibrated to decide with, ``model.readout``; ``'spatial'`` when none was
+    chosen."""
+    return getattr(model, 'readout', None) or 'spatial'
 
 
 def rule_thresholds(model: torch.nn.Module, rule: str, threshold: Optional[float] = None) -> Dict[str, Optional[float]]:
@@ -245,9 +256,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument('model', metavar='MODEL', help='checkpoint, hub folder, local-dir:, hf-hub:org/repo or a '
                                                   'registered ssod_<arch>.<tag>')
     p.add_argument('inputs', nargs='+', metavar='INPUTS', help='image files, folders (recursive) or glob patterns')
-    p.add_argument('--rule', choices=RULES, default='spatial',
+    p.add_argument('--rule', choices=RULES, default=None,
                    help='spatial: spatial_score < threshold; factor: ood_factor < threshold; posterior: argmax of '
-                        'the Eq. 7 posterior is unknown (default: %(default)s)')
+                        "the Eq. 7 posterior is unknown (default: the model's readout, chosen for its weights by ssod "
+                        'calibrate --ood-dirs, else spatial)')
     p.add_argument('--threshold', type=bounded(float, math.isfinite, 'a finite number'), default=None,
                    help="the rule's score below this is unknown (default: the model's calibrated threshold for the "
                         "rule: spatial_threshold or ood_threshold); in [0, 1] for --rule factor")
@@ -261,10 +273,15 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None,
                    help='progress bar on stderr (default: only on a terminal)')
     args = p.parse_args(argv)
-    if args.threshold is not None and args.rule == 'factor' and not 0 <= args.threshold <= 1:
-        p.error(f'argument --threshold: must be in [0, 1] for --rule factor, as ood_factor is, got {args.threshold}')
-    if args.threshold is not None and args.rule == 'posterior':
-        p.error('argument --threshold: the posterior rule takes no threshold (use --rule spatial or factor)')
+
+    def check_threshold(rule: Optional[str]):
+        if args.threshold is not None and rule == 'factor' and not 0 <= args.threshold <= 1:
+            p.error(f'argument --threshold: must be in [0, 1] for --rule factor, as ood_factor is, got '
+                    f'{args.threshold}{"" if args.rule else " (the model decides with --rule factor by default)"}')
+        if args.threshold is not None and rule == 'posterior':
+            p.error('argument --threshold: the posterior rule takes no threshold (use --rule spatial or factor)')
+
+    check_threshold(args.rule)
     if args.out and Path(args.out).suffix.lower() not in _Writer.SUFFIXES:
         p.error(f'--out {args.out}: name a .csv or .jsonl file (or omit --out for CSV on stdout)')
 
@@ -280,6 +297,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         model = load_model(args.model).to(device).eval()
     except (PredictError, WeightsError, FileNotFoundError, RuntimeError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if args.rule is None:
+        args.rule = default_rule(model)
+        check_threshold(args.rule)
 
     skipped = []
     counts = {'images': 0, 'unknown': 0}
