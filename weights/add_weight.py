@@ -142,8 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SystemExit('usage: add_weight.py --recalibrate NAME -- '
                              '(--val-dir DIR | --protocol P [--data-root R])')
         entry = recalibrate(argv[1], argv[3:])
-        print(f'recalibrated {entry["name"]}: ' + ', '.join(f'{k} = {entry["model_args"].get(k)}'
-                                                           for k in hub.CALIBRATED))
+        args = entry['model_args']
+        print(f'recalibrated {entry["name"]}: ' + ', '.join(f'{k} = {args.get(k)}' for k in hub.CALIBRATED))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('checkpoint', type=Path, help='training checkpoint (ssod_zoo.train/1)')
