@@ -105,6 +105,9 @@ class SSODModel(nn.Module):
         readout: the readout chosen for these weights on OOD validation images (``'spatial'`` or ``'factor'``,
             which one detected better; ``ssod calibrate --ood-dirs`` sets it), or None when none was chosen:
             ``ssod predict`` then decides with the spatial one, the study's default.
+        ood_head_trained: False for a cross-entropy model (the twin SSOD is compared with), whose OOD head was
+            never trained: its ``ood_factor`` is computed but means nothing, so :meth:`accepts` refuses the
+            ``'factor'`` readout and ``ssod predict`` leaves the columns built on it empty. True otherwise.
         check_finite: (default True) eager forwards reject inputs with NaN/Inf values, and warn once about values
             far outside a normalised image's range (0-255 pixels); set False to skip that pass over the input (and
             its device sync) for throughput. Skipped anyway under torch.compile/export.
@@ -138,7 +141,12 @@ class SSODModel(nn.Module):
         if isinstance(score, SSODScores):
             readout = readout or getattr(self, 'readout', None) or 'spatial'
             score = getattr(score, READOUTS[check_readout(readout)].score)
-        attribute, _, check = READOUTS[check_readout(readout or 'factor')]
+        readout = readout or 'factor'
+        if readout == 'factor' and not getattr(self, 'ood_head_trained', True):
+            raise ValueError("this model's OOD head was never trained (a cross-entropy model), so its ood_factor "
+                             "means nothing: decide with the spatial score, accepts(scores) or "
+                             "accepts(model.spatial_score(x), readout='spatial')")
+        attribute, _, check = READOUTS[check_readout(readout)]
         threshold = getattr(self, attribute, None) if threshold is None else threshold
         if threshold is None:
             scores = 'ood_factors' if readout == 'factor' else 'model.spatial_score(images)'
@@ -480,6 +488,7 @@ def wrap(
         ood_threshold: Optional[float] = None,
         spatial_threshold: Optional[float] = None,
         readout: Optional[str] = None,
+        ood_head_trained: bool = True,
         **kwargs,
 ) -> SSODModel:
     """Turn a timm CNN classifier into an SSOD model.
@@ -493,6 +502,8 @@ def wrap(
             ``model.spatial_threshold``.
         readout: the readout chosen for the weights on OOD validation images, ``'spatial'`` or ``'factor'``, kept
             as ``model.readout``.
+        ood_head_trained: False for weights whose OOD head was never trained (a cross-entropy model), kept as
+            ``model.ood_head_trained``.
         **kwargs: passed to ``timm.create_model`` when ``model`` is a name (``pretrained``, ``num_classes``, ...).
 
     Returns:
@@ -526,5 +537,6 @@ def wrap(
     ssod.spatial_threshold = spatial_threshold if spatial_threshold is None else check_spatial_threshold(
         spatial_threshold)
     ssod.readout = readout if readout is None else check_readout(readout)
+    ssod.ood_head_trained = bool(ood_head_trained)
     ssod._fit_ood_head()
     return ssod

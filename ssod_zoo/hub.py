@@ -135,7 +135,7 @@ def save_pretrained(
         calibration: what the thresholds were calibrated on, ``{'data': name, 'images': N}``, when not the
             training run's ID validation data (``ssod calibrate`` records it; the card shows it).
         ood_head_trained: whether the OOD head was trained; default: not ``train_config['ce_only']`` when a
-            training config is given. False (a cross-entropy twin) saves no ``ood_threshold``: its ``ood_factor``
+            training config is given, else ``model.ood_head_trained``. False (a cross-entropy twin) saves no ``ood_threshold``: its ``ood_factor``
             means nothing.
         model_card: write ``README.md``.
 
@@ -150,6 +150,8 @@ def save_pretrained(
     threshold = None if threshold is None else check_threshold(threshold)
     if ood_head_trained is None and train_config:
         ood_head_trained = _card.ood_head_trained({}, train_config)
+    if ood_head_trained is None and not getattr(model, 'ood_head_trained', True):
+        ood_head_trained = False  # a twin loaded from its folder
     if ood_head_trained is False:
         threshold = None
     spatial = getattr(model, 'spatial_threshold', None) if spatial_threshold is None else spatial_threshold
@@ -183,7 +185,8 @@ def save_pretrained(
     config_path = save_dir / CONFIG_NAME
     save_config_for_hf(model, str(config_path), model_config=model_config,
                        model_args={'return_ood': bool(model.return_ood), 'ood_threshold': threshold,
-                                   'spatial_threshold': spatial, 'readout': readout})
+                                   'spatial_threshold': spatial, 'readout': readout,
+                                   'ood_head_trained': ood_head_trained is not False})
     config = json.loads(config_path.read_text())
     config['pretrained_cfg']['architecture'] = architecture
     _record_input_size(config['pretrained_cfg'], model, train_config)
@@ -390,6 +393,7 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[SSODModel, Dict[str, Any]]:
     model.load_state_dict(state_dict)
     for key in THRESHOLDS:
         setattr(model, key, None if ckpt.get(key) is None else float(ckpt[key]))
+    model.ood_head_trained = _card.ood_head_trained({}, ckpt.get('config') or {'ce_only': False})
     model.pretrained_cfg = {**model.pretrained_cfg, **_checkpoint_data_config(ckpt)}
     if ckpt.get('class_names') and len(ckpt['class_names']) == model.num_classes:
         model.pretrained_cfg['label_names'] = tuple(str(c) for c in ckpt['class_names'])

@@ -24,10 +24,11 @@ PAPER_NAME = 'Image Background Serves as Good Proxy for Out-of-distribution Data
 
 
 def _build(trunk: str, return_ood: bool = True, ood_threshold: Optional[float] = None,
-           spatial_threshold: Optional[float] = None, readout: Optional[str] = None, **kwargs: Any) -> SSODModel:
+           spatial_threshold: Optional[float] = None, readout: Optional[str] = None, ood_head_trained: bool = True,
+           **kwargs: Any) -> SSODModel:
     trunk = timm.create_model(trunk, pretrained=False, **kwargs)
     return wrap(trunk, return_ood=return_ood, ood_threshold=ood_threshold, spatial_threshold=spatial_threshold,
-                readout=readout)
+                readout=readout, ood_head_trained=ood_head_trained)
 
 
 def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -> SSODModel:

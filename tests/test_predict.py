@@ -260,3 +260,32 @@ def test_a_glob_that_matches_folders_searches_them(tmp_path):
     found = find_images([str(tmp_path / '*')])  # matches the folders a and b only
     assert len(found) == 7 and len(set(found)) == 7
     assert len(find_images([str(tmp_path / 'a' / '*')])) == 5  # 3 files and the folder sub (2 more)
+
+
+def test_a_cross_entropy_model_decides_with_the_spatial_score_alone(calibrated, tmp_path, capsys):
+    """A twin's OOD head was never trained: its folder says so, the loaded model knows it, and nothing is decided
+    or written from its ood_factor."""
+    images = make_images(tmp_path / 'imgs')
+    twin = ssod_zoo.save_pretrained(ssod_zoo.load_model(calibrated), tmp_path / 'ce', class_names=NAMES,
+                                    train_config={'ce_only': True})
+    model = ssod_zoo.load_model(twin)
+    assert model.ood_head_trained is False and model.ood_threshold is None
+    assert ssod_zoo.load_model(calibrated).ood_head_trained is True
+    cli.main(['predict', str(twin), str(images), '--out', str(tmp_path / 'p.csv')])
+    rows = read_csv(tmp_path / 'p.csv')
+    assert len(rows) == 5 and all(r['ood_factor'] == r['p_unknown'] == '' and r['spatial_score'] for r in rows)
+    err = capsys.readouterr().err
+    assert 'unknown (spatial_score <' in err and 'other rules' not in err  # no posterior count either
+    for rule in ('factor', 'posterior'):
+        with pytest.raises(SystemExit):
+            cli.main(['predict', str(twin), str(images), '--rule', rule])
+        assert 'OOD head was never trained' in capsys.readouterr().err
+    with torch.no_grad():
+        scores = model.forward_scores(torch.zeros(2, 3, 64, 64))
+    assert model.accepts(scores).shape == (2,)  # the spatial readout
+    with pytest.raises(ValueError, match='never trained'):
+        model.accepts(scores.ood_factor, threshold=0.5)
+    # the flag survives a re-save without the training config, and timm's own loader reads it
+    again = ssod_zoo.save_pretrained(model, tmp_path / 'again')
+    assert json.loads((again / 'config.json').read_text())['ood_head_trained'] is False
+    assert timm.create_model(f'local-dir:{again}', pretrained=True).ood_head_trained is False

@@ -113,7 +113,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     # a cross-entropy twin's OOD head was never trained: its folder (or checkpoint) says so, and it gets no
     # ood_threshold; the folder's records carry over to a new one
     source = json.loads((folder / CONFIG_NAME).read_text()) if (folder / CONFIG_NAME).is_file() else {}
-    trained = ood_head_trained(source, ckpt.get('config'))
+    trained = ood_head_trained(source, ckpt.get('config')) and getattr(model, 'ood_head_trained', True)
 
     def loader(ds):
         return DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)

@@ -31,6 +31,9 @@ Without ``--rule``, the model's own ``model.readout`` decides: the rule ``ssod c
 the weights on OOD validation images (``factor`` for the shipped ``ssod_resnet18.fmnist``), or ``spatial`` when
 none was chosen.
 
+A cross-entropy model (``model.ood_head_trained`` False, as the demo's CE twin) has an OOD head that was never
+trained: only the spatial rule runs, and its ``ood_factor`` and ``p_unknown`` cells are left empty.
+
 A model without the threshold its rule needs is refused with what to do: ``ssod calibrate MODEL --val-dir DIR``
 sets both on your own ID images. The summary line counts the images each rule that can run calls unknown.
 """
@@ -150,9 +153,13 @@ def predict(
 
     rule = rule or default_rule(model)
     thresholds = rule_thresholds(model, rule, threshold)
+    if rule != 'spatial' and not getattr(model, 'ood_head_trained', True):
+        raise PredictError(f'the {rule} rule reads ood_factor, and this model\'s OOD head was never trained (a '
+                           'cross-entropy model): use --rule spatial')
     if thresholds[rule] is None and rule != 'posterior':
         attribute = READOUTS[rule].attribute
-        others = [r for r in RULES if r != rule and (r == 'posterior' or thresholds[r] is not None)]
+        others = [r for r in RULES if r != rule and (r == 'posterior' or thresholds[r] is not None)
+                  and getattr(model, 'ood_head_trained', True)]
         raise PredictError(f'the model has no calibrated {attribute}: set it on your ID validation images with '
                            '`ssod calibrate MODEL --val-dir DIR` (a hub folder, in place; any other MODEL with '
                            '--out FOLDER, then predict with FOLDER), or pass --threshold T'
@@ -190,6 +197,7 @@ def _rows(model, paths, loader, names, thresholds, rule, device, progress, on_er
 
     bar = tqdm(total=len(paths), unit='img', desc='predict', mininterval=1.0,
                disable=(not sys.stderr.isatty()) if progress is None else not progress)
+    trained = getattr(model, 'ood_head_trained', True)
     model.eval()
     try:
         for index, images, bad in loader:
@@ -205,11 +213,14 @@ def _rows(model, paths, loader, names, thresholds, rule, device, progress, on_er
                 unknown = {'spatial': None if thresholds['spatial'] is None else spatial < thresholds['spatial'],
                            'factor': None if thresholds['factor'] is None else ood_factor < thresholds['factor'],
                            'posterior': posterior.argmax(dim=1) == posterior.shape[1] - 1}
+                if not trained:  # a cross-entropy model's ood_factor means nothing: no rule and no column on it
+                    unknown.update(factor=None, posterior=None)
                 for j, i in enumerate(index.tolist()):
                     c = int(cls[j])
                     yield {'path': str(paths[i]), 'label': UNKNOWN if unknown[rule][j] else names[c],
                            'class': names[c], 'class_prob': float(prob[j]), 'spatial_score': float(spatial[j]),
-                           'ood_factor': float(ood_factor[j]), 'p_unknown': float(posterior[j, -1]),
+                           'ood_factor': float(ood_factor[j]) if trained else None,
+                           'p_unknown': float(posterior[j, -1]) if trained else None,
                            '_unknown': {r: bool(u[j]) for r, u in unknown.items() if u is not None}}
             bar.update(len(index) + len(bad))
     finally:
