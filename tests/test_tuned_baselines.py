@@ -66,3 +66,14 @@ def test_the_test_summary_scores_the_validation_settings_and_the_margin(tb, tmp_
     assert '| `odin_T10_eps0.0` |' not in text  # a setting that was not scored is not listed
     with pytest.raises(AssertionError, match='validation sets only'):
         tb.write(results, tmp_path / 'x.md')
+
+
+def test_the_committed_test_table_regenerates_from_its_records(tb, tmp_path):
+    runs = [f'lrdecay-e16-s{s}' for s in range(5)]
+    missing = [run for run in runs if not (tb.OUT / 'test' / f'{run}.json').exists()]
+    if missing:
+        pytest.fail(f'the test records of {missing} are missing under {tb.OUT / "test"}')
+    records = [json.loads((tb.OUT / 'test' / f'{run}.json').read_text()) for run in runs]
+    assert all(r['sets'] == 'test' for r in records)
+    tb.write(records, tmp_path / 'test.md', tb.validation_choice())
+    assert (tmp_path / 'test.md').read_text() == (tb.OUT / 'test' / 'test.md').read_text()
