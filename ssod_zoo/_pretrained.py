@@ -352,6 +352,22 @@ def _manifest_cfgs(arch_cfgs: Mapping[str, Mapping[str, Any]],
     return cfgs
 
 
+def _folder_head_trained(cfg: PretrainedCfg, cache_dir: Optional[Union[str, Path]] = None) -> Optional[bool]:
+    """The top-level ``ood_head_trained`` of a ``local-dir:`` folder's or an ``hf-hub:`` repo's ``config.json``: folders
+    written before it was also a model argument record a cross-entropy twin's untrained OOD head only there."""
+    try:
+        if getattr(cfg, 'source', None) == 'local-dir' and cfg.file and Path(cfg.file).is_dir():
+            path = Path(cfg.file) / CONFIG_NAME
+        elif cfg.hf_hub_id:
+            path = Path(_download(cfg.hf_hub_id, CONFIG_NAME, cache_dir))
+        else:
+            return None
+        value = json.loads(path.read_text(encoding='utf-8')).get('ood_head_trained')
+    except (OSError, ValueError, WeightsError):
+        return None  # the weights' own checks say what is wrong with the folder or repo
+    return None if value is None else bool(value)
+
+
 def _repo_model_args(cfg: PretrainedCfg, cache_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
     """Model arguments (the thresholds, ``output_stride``, ...) saved in the ``config.json`` of the Hub repo a
     registered architecture is pointed at with ``pretrained_cfg_overlay=dict(hf_hub_id=...)``. Without them the

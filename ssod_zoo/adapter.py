@@ -19,7 +19,7 @@ import copy
 import math
 import sys
 import warnings
-from typing import Callable, Dict, Final, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Final, NamedTuple, Optional, Tuple, Union
 
 import timm
 import torch
@@ -81,6 +81,10 @@ def check_readout(readout: str) -> str:
     return readout
 
 
+# the attributes that hold for the weights they were calibrated on: the thresholds and the readout chosen for them
+_CALIBRATION = (*(r.attribute for r in READOUTS.values()), 'readout')
+
+
 def _require_pooled(pooled: torch.Tensor) -> None:
     if pooled.ndim != 2:
         raise RuntimeError(
@@ -113,6 +117,22 @@ class SSODModel(nn.Module):
             its device sync) for throughput. Skipped anyway under torch.compile/export.
     """
     return_ood: Final[bool]
+    __jit_unused_properties__ = ['_model_args']  # TorchScript compiles properties unless told not to
+
+    @property
+    def _model_args(self) -> Dict[str, Any]:
+        """timm's record of the arguments that rebuild the model (``save_for_hf`` writes it as ``model_args``), with
+        the calibration as the model holds it now rather than as it was built: a model without the folder's weights,
+        with a new classifier or with its calibration dropped must not write the old thresholds and readout."""
+        args = dict(self.__dict__.get('_built_args', {}))
+        for key in _CALIBRATION:
+            if key in args or getattr(self, key, None) is not None:
+                args[key] = getattr(self, key, None)
+        return args
+
+    @_model_args.setter
+    def _model_args(self, value: Dict[str, Any]) -> None:
+        self.__dict__['_built_args'] = dict(value)
 
     def forward(self, x: torch.Tensor):
         if not torch.jit.is_scripting() and not torch.jit.is_tracing():
@@ -309,6 +329,8 @@ class SSODModel(nn.Module):
             super().reset_classifier(num_classes, global_pool)
         self._fit_ood_head()
         self.spatial_threshold = None  # set on the old classifier's logits, which are gone
+        if getattr(self, 'readout', None) == 'spatial':  # and so is the readout chosen on them
+            self.readout = None
 
     def _fit_ood_head(self) -> None:
         """(Re)build the OOD head when the pre-logits width changed, keeping device, dtype and requires_grad."""
@@ -455,8 +477,10 @@ def _ssod_class(base: type) -> type:
         name = f'SSOD{base.__name__}'
         # TorchScript reads annotations from the instance's own class, so carry the base's and ours
         annotations = {**getattr(base, '__annotations__', {}), **SSODModel.__annotations__}
+        unused = [*getattr(base, '__jit_unused_properties__', []), *SSODModel.__jit_unused_properties__]
         cls = type(name, (SSODModel, base), {'__module__': __name__, '__qualname__': name,
-                                             '__annotations__': annotations, '__doc__': SSODModel.__doc__})
+                                             '__annotations__': annotations, '__doc__': SSODModel.__doc__,
+                                             '__jit_unused_properties__': unused})
         _SSOD_CLASSES[base] = cls
         globals().setdefault(name, cls)  # importable by name (see __getattr__ for classes not made yet)
     return cls
@@ -531,7 +555,10 @@ def wrap(
     cls = _ssod_class(type(model))
     ssod = cls.__new__(cls)
     # shallow copy: same parameters and submodules, but own containers, so adding ood_head leaves `model` as it was
-    ssod.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in model.__dict__.items()})
+    ssod.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in model.__dict__.items()
+                          if k != '_model_args'})
+    if '_model_args' in model.__dict__:  # timm's record of the trunk's arguments, behind the property
+        ssod._model_args = model.__dict__['_model_args']
     ssod.return_ood = return_ood
     ssod.ood_threshold = ood_threshold if ood_threshold is None else check_threshold(ood_threshold)
     ssod.spatial_threshold = spatial_threshold if spatial_threshold is None else check_spatial_threshold(

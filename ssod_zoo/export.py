@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .adapter import READOUTS, SSODModel
+from .adapter import READOUTS, SSODModel, check_readout
 from .app.cli import AT_LEAST_1, bounded
 
 __all__ = ['export_onnx', 'main', 'INPUT_NAME', 'OUTPUT_NAMES']
@@ -121,7 +121,7 @@ def _metadata(model: SSODModel, input_size: Tuple[int, int, int]) -> Dict[str, s
         if getattr(model, key, None) is not None:
             meta[f'ssod_zoo.{key}'] = repr(float(getattr(model, key)))
     if getattr(model, 'readout', None):  # the readout chosen for these weights: decide with its score
-        meta['ssod_zoo.readout'] = READOUTS[model.readout].score
+        meta['ssod_zoo.readout'] = READOUTS[check_readout(model.readout)].score
     if not getattr(model, 'ood_head_trained', True):  # a cross-entropy model: its ood_factor output means nothing
         meta['ssod_zoo.ood_head_trained'] = 'false'
     labels = cfg.get('label_names')

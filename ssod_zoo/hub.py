@@ -51,8 +51,8 @@ from . import _card
 # the checks and clear errors behind every pretrained=True, and the shipped weights (re-exported for registry.py)
 from ._pretrained import (  # noqa: F401
     CONFIG_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MAX_SHIPPED_BYTES, WEIGHTS_NAME, WeightsError, _check_state_dict,
-    _clear_errors, _manifest_cfgs, _prepare_pretrained, _repo_model_args, _sha256, _shipped_model_args,
-    _state_dict_mismatch, _weights_dir, not_cached)
+    _clear_errors, _folder_head_trained, _manifest_cfgs, _prepare_pretrained, _repo_model_args, _sha256,
+    _shipped_model_args, _state_dict_mismatch, _weights_dir, not_cached)
 from .adapter import READOUTS, SSODModel, check_readout, check_spatial_threshold, check_threshold, wrap
 
 __all__ = ['WeightsError', 'calibrate_threshold', 'load_checkpoint', 'load_model', 'push_folder', 'push_to_hub',
@@ -135,8 +135,8 @@ def save_pretrained(
         calibration: what the thresholds were calibrated on, ``{'data': name, 'images': N}``, when not the
             training run's ID validation data (``ssod calibrate`` records it; the card shows it).
         ood_head_trained: whether the OOD head was trained; default: not ``train_config['ce_only']`` when a
-            training config is given, else ``model.ood_head_trained``. False (a cross-entropy twin) saves no ``ood_threshold``: its ``ood_factor``
-            means nothing.
+            training config is given, else ``model.ood_head_trained``. False (a cross-entropy twin) saves no
+            ``ood_threshold`` and no ``factor`` readout: its ``ood_factor`` means nothing.
         model_card: write ``README.md``.
 
     Returns:
@@ -242,6 +242,8 @@ def set_thresholds(save_dir: Union[str, Path], thresholds: Mapping[str, Optional
     config = json.loads(config_path.read_text())
     config.setdefault('model_args', {}).update(
         {k: None if v is None else checks[k](v) for k, v in thresholds.items()})
+    if config.get('ood_head_trained') is False:  # a twin's folder from before the flag was a model argument
+        config['model_args']['ood_head_trained'] = False
     chosen = (config.get('calibration') or {}).get('readout')
     if readout is not None:
         chosen = {**readout, 'readout': check_readout(readout['readout'])}

@@ -72,6 +72,10 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
                 kwargs.setdefault(k, v)
             saved_args = {**repo_args, **saved_args}
             kwargs.setdefault('pretrained_model_args', saved_args)
+    if pretrained and 'ood_head_trained' not in kwargs:
+        trained = hub._folder_head_trained(cfg, kwargs.get('cache_dir'))
+        if trained is not None:
+            kwargs['ood_head_trained'] = trained
     kwargs['pretrained_cfg_overlay'] = overlay
     with hub._clear_errors(name):
         model = build_model_with_cfg(
@@ -88,6 +92,7 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
         hub._forget_calibration(model, name, weights_classes)  # 0: no classifier, the OOD factor's still holds
     if pretrained and isinstance(model, SSODModel) and model.num_classes == 0:
         model.spatial_threshold = None  # no classifier, so no spatial score to compare it with
+        model.readout = None if model.readout == 'spatial' else model.readout
     return model
 
 

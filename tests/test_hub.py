@@ -394,6 +394,34 @@ def test_a_folder_without_its_weights_drops_its_thresholds(tmp_path):
     assert own.spatial_threshold == 4.5 and own.ood_threshold is None
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
     assert (loaded.ood_threshold, loaded.spatial_threshold) == (0.125, 4.5)
+    # timm's own save_for_hf writes the calibration the model holds, not the one the folder had
+    timm.models.save_for_hf(fresh, tmp_path / 'timm', safe_serialization=True)
+    args = json.loads((tmp_path / 'timm' / 'config.json').read_text())['model_args']
+    assert args['ood_threshold'] is None and args['spatial_threshold'] is None and args['num_classes'] == 4
+
+
+def test_a_new_classifier_drops_the_spatial_readout_and_keeps_the_factor_one(tmp_path):
+    model = ssod_zoo.wrap('test_resnet', num_classes=4, ood_threshold=0.125, spatial_threshold=4.5, readout='spatial')
+    model.reset_classifier(3)
+    assert (model.readout, model.spatial_threshold, model.ood_threshold) == (None, None, 0.125)
+    assert model._model_args.get('readout') is None  # and a folder saved by timm's save_for_hf says so
+    model = ssod_zoo.wrap('test_resnet', num_classes=4, ood_threshold=0.125, readout='factor')
+    model.reset_classifier(3)
+    assert model.readout == 'factor'  # the OOD head and its threshold are untouched
+
+
+def test_a_twin_folder_from_before_the_model_argument_loads_as_untrained(tmp_path):
+    """Folders written before ood_head_trained was a model argument record a twin only at the top level of
+    config.json; the loaders read it there, and recalibrating adds the model argument."""
+    model = ssod_zoo.wrap('test_resnet', num_classes=4, spatial_threshold=4.5)
+    out = hub.save_pretrained(model, tmp_path / 'ce', ood_head_trained=False, model_card=False)
+    config = json.loads((out / 'config.json').read_text())
+    del config['model_args']['ood_head_trained']
+    (out / 'config.json').write_text(json.dumps(config))
+    assert timm.create_model(f'local-dir:{out}', pretrained=True).ood_head_trained is False
+    assert ssod_zoo.load_model(out).ood_head_trained is False
+    hub.set_thresholds(out, {'spatial_threshold': 5.0}, 'val', 3)
+    assert json.loads((out / 'config.json').read_text())['model_args']['ood_head_trained'] is False
 
 
 def test_push_to_hub_then_offline_hf_hub_round_trip(hf_home, model, images):

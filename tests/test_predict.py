@@ -285,6 +285,8 @@ def test_a_cross_entropy_model_decides_with_the_spatial_score_alone(calibrated, 
     assert model.accepts(scores).shape == (2,)  # the spatial readout
     with pytest.raises(ValueError, match='never trained'):
         model.accepts(scores.ood_factor, threshold=0.5)
+    from ssod_zoo.export import _metadata
+    assert _metadata(model, (3, 64, 64))['ssod_zoo.ood_head_trained'] == 'false'
     # the flag survives a re-save without the training config, and timm's own loader reads it
     again = ssod_zoo.save_pretrained(model, tmp_path / 'again')
     assert json.loads((again / 'config.json').read_text())['ood_head_trained'] is False

@@ -151,6 +151,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if fpr95:
         print(_fpr95_table(fpr95, {n: len(o['ood_factor']) for n, o in oods.items()}), file=sys.stderr)
     how = ('chosen on these OOD images' if chosen else 'kept from before' if readout else
+           "its only rule: this model's OOD head was never trained" if not trained else
            'none chosen, so the spatial default; give --ood-dirs to choose one')
     print(f'ssod predict decides with --rule {readout or "spatial"} ({how})', file=sys.stderr)
     return {**thresholds, 'images': len(images), 'out': str(where), 'fpr95': fpr95, 'readout': readout}

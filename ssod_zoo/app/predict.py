@@ -288,7 +288,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     def check_threshold(rule: Optional[str]):
         if args.threshold is not None and rule == 'factor' and not 0 <= args.threshold <= 1:
             p.error(f'argument --threshold: must be in [0, 1] for --rule factor, as ood_factor is, got '
-                    f'{args.threshold}{"" if args.rule else " (the model decides with --rule factor by default)"}')
+                    f'{args.threshold}' + ('' if args.rule else ' (the model decides with --rule factor by default; '
+                                           'pass --rule spatial for a spatial_score threshold)'))
         if args.threshold is not None and rule == 'posterior':
             p.error('argument --threshold: the posterior rule takes no threshold (use --rule spatial or factor)')
 

@@ -683,6 +683,7 @@ def _model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         model = wrap(model)  # any timm CNN
     if cfg.init:
         _load_init(model, cfg.init, num_classes)
+    model.ood_head_trained = not cfg.ce_only  # as load_checkpoint reads it back from the config
     return model
 
 
