@@ -59,7 +59,8 @@ Besides the class logits it gives `ood_factor`, the probability that the image b
 distribution (paper Eq. 15): the OOD head is trained on image-background patches that the classifier itself \
 rejects, used as stand-ins for OOD data. It also gives `spatial_score`, the classifier read where the object \
 is (the mean MaxLogit of the 3 best feature-map positions): the readout that detected OOD images best in \
-ssod_zoo's study (see the ssod_zoo README), and the one `ssod predict` decides with by default.
+ssod_zoo's study (see the ssod_zoo README), and the one `ssod predict` decides with unless these weights' \
+readout (below) says otherwise.
 {%- endif %}
 
 ## How to use

@@ -77,7 +77,8 @@ READOUTS: Dict[str, Readout] = {
 def check_readout(readout: str) -> str:
     """``readout`` if it names one of :data:`READOUTS`."""
     if readout not in READOUTS:
-        raise ValueError(f"readout is one of {', '.join(map(repr, READOUTS))}, got {readout!r}")
+        raise ValueError(f"readout is one of {', '.join(map(repr, READOUTS))}, got {readout!r} (a hub folder keeps "
+                         "it in config.json, model_args.readout; `ssod calibrate FOLDER --ood-dirs ...` sets it)")
     return readout
 
 
@@ -161,6 +162,14 @@ class SSODModel(nn.Module):
         if isinstance(score, SSODScores):
             readout = readout or getattr(self, 'readout', None) or 'spatial'
             score = getattr(score, READOUTS[check_readout(readout)].score)
+        elif not isinstance(score, torch.Tensor):
+            raise TypeError(f'accepts() takes model.forward_scores(x) or one (B,) score tensor, got '
+                            f'{type(score).__name__}' + (' (pass model.forward_scores(x), or out.ood_factor)'
+                                                         if isinstance(score, SSODOutput) else ''))
+        elif readout is None and score.numel() and not 0.0 <= float(score.min()) <= float(score.max()) <= 1.0:
+            raise ValueError("accepts() reads a bare tensor as ood_factor, which lies in [0, 1], and these scores "
+                             "do not: for a spatial_score pass readout='spatial', or pass model.forward_scores(x), "
+                             "which decides with model.readout")
         readout = readout or 'factor'
         if readout == 'factor' and not getattr(self, 'ood_head_trained', True):
             raise ValueError("this model's OOD head was never trained (a cross-entropy model), so its ood_factor "

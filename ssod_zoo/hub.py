@@ -157,6 +157,7 @@ def save_pretrained(
     spatial = getattr(model, 'spatial_threshold', None) if spatial_threshold is None else spatial_threshold
     spatial = None if spatial is None else check_spatial_threshold(spatial)
     readout = getattr(model, 'readout', None)
+    readout = None if readout is None else check_readout(readout)
     if readout == 'factor' and ood_head_trained is False:
         readout = None
     if class_names is not None:

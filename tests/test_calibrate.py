@@ -187,6 +187,19 @@ def test_ood_dirs_report_each_rules_fpr95_at_the_calibrated_point(folder, tmp_pa
         r: pytest.approx(v, abs=1e-4) for r, v in done['fpr95']['noise'].items()}}
 
 
+def test_ood_folders_of_the_same_name_are_told_apart(folder, tmp_path, capsys):
+    from ssod_zoo.app import calibrate
+    images = save_images(tmp_path / 'val', 20, size=40)
+    a = save_images(tmp_path / 'a' / 'ood', 4, seed=5, size=40)
+    b = save_images(tmp_path / 'b' / 'ood', 6, seed=6, size=40)
+    done = calibrate.main([str(folder), '--val-dir', str(images), '--ood-dirs', str(a), str(b)])
+    assert list(done['fpr95']) == ['a/ood', 'b/ood']  # both scored, neither hidden behind the other's name
+    assert re.search(r'a/ood +4 .*\n +b/ood +6 ', capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        calibrate.main([str(folder), '--val-dir', str(images), '--ood-dirs', str(a), str(a)])
+    assert 'name the same folder twice' in capsys.readouterr().err
+
+
 def test_the_chosen_readout_is_what_predict_decides_with_until_another_is_chosen(folder, tmp_path, capsys):
     from ssod_zoo.app import calibrate
     images = save_images(tmp_path / 'val', 20, size=40)
@@ -201,7 +214,7 @@ def test_the_chosen_readout_is_what_predict_decides_with_until_another_is_chosen
             'for these weights on OOD validation images (noise): average FPR95 40.0% with `--rule factor`, against '
             '50.0% with `--rule spatial`.') in card.replace('\\\n', '').replace('\n', ' ')
     cli.main(['predict', str(folder), str(images)])
-    assert 'unknown (ood_factor <' in capsys.readouterr().err
+    assert re.search(r"unknown \(ood_factor < [0-9.]+, the model's readout\)", capsys.readouterr().err)
     cli.main(['predict', str(folder), str(images), '--rule', 'spatial'])
     assert 'unknown (spatial_score <' in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a --threshold for the default rule is checked against it

@@ -220,7 +220,11 @@ def test_accepts_says_what_to_do_when_uncalibrated():
     assert model.accepts(s, readout='spatial').tolist() == [False, True]
     assert model.accepts(s, threshold=2.0, readout='spatial').tolist() == [True, True]
     with pytest.raises(ValueError, match='must be in \\[0, 1\\]'):
-        model.accepts(s, threshold=5.0)  # read as an ood_factor threshold
+        model.accepts(f, threshold=5.0)  # an ood_factor threshold
+    with pytest.raises(ValueError, match="a bare tensor as ood_factor.*readout='spatial'"):
+        model.accepts(s)  # spatial scores, read as ood_factor: refused, not compared with ood_threshold
+    with pytest.raises(TypeError, match='forward_scores'):
+        model.accepts(model.eval()(torch.zeros(1, 3, 32, 32)))  # an SSODOutput
     with pytest.raises(ValueError, match="readout is one of 'spatial', 'factor'"):
         model.accepts(s, readout='maxlogit')
     # all the scores of forward_scores: decided by the model's readout, the spatial one when none was chosen

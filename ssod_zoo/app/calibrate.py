@@ -9,7 +9,7 @@ under ``--val-dir`` (any folder of images, searched recursively; class sub-folde
 protocol's ID validation split (``ssod eval --protocol``'s data):
 
 * ``spatial_threshold`` on ``model.spatial_score`` (the mean MaxLogit of the 3 best feature-map positions), the
-  readout ``ssod predict`` decides with by default;
+  default readout when the model has none of its own;
 * ``ood_threshold`` on ``ood_factor`` (the paper's Eq. 15), unless the model's OOD head was never trained (a
   cross-entropy twin).
 
@@ -77,6 +77,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     for flag, d in [('--val-dir', args.val_dir)] + [('--ood-dirs', d) for d in args.ood_dirs]:
         if d and not Path(d).is_dir():
             p.error(f'{flag} {d} is not a directory')
+    ood_names = _set_names(args.ood_dirs)
+    if len(set(ood_names)) < len(ood_names):
+        p.error(f'--ood-dirs: {", ".join(args.ood_dirs)} name the same folder twice')
 
     import timm
     from .._card import id_dataset_name, ood_head_trained
@@ -108,7 +111,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         else:
             images = ImageFiles(args.val_dir, transform)
             name = id_dataset_name({}, {'val_dir': args.val_dir})
-    except (WeightsError, FileNotFoundError, RuntimeError, ImageError, DataMissing) as e:
+    except (WeightsError, FileNotFoundError, RuntimeError, ValueError, ImageError, DataMissing) as e:
         fail(e)
     # a cross-entropy twin's OOD head was never trained: its folder (or checkpoint) says so, and it gets no
     # ood_threshold; the folder's records carry over to a new one
@@ -122,7 +125,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     try:
         id_out = collect(model, loader(images), device, spatial=True, progress='calibrate' if bar else None)
         thresholds = thresholds_of(id_out, trained)
-        ood_sets.update({Path(d).name: ImageFiles(d, transform) for d in args.ood_dirs})
+        ood_sets.update({n: ImageFiles(d, transform) for n, d in zip(ood_names, args.ood_dirs)})
         oods = {k: collect(model, loader(v), device, spatial=True, progress=f'OOD {k}' if bar else None)
                 for k, v in ood_sets.items()}
     except ImageError as e:
@@ -155,6 +158,19 @@ def main(argv: Optional[List[str]] = None) -> dict:
            'none chosen, so the spatial default; give --ood-dirs to choose one')
     print(f'ssod predict decides with --rule {readout or "spatial"} ({how})', file=sys.stderr)
     return {**thresholds, 'images': len(images), 'out': str(where), 'fpr95': fpr95, 'readout': readout}
+
+
+def _set_names(dirs: List[str]) -> List[str]:
+    """A name per OOD folder for the table and the record: its own name, or as many of its last path parts as tell
+    it apart from the others (``ds1/val`` and ``ds2/val``)."""
+    parts = [Path(d).resolve().parts for d in dirs]
+    names = []
+    for p in parts:
+        k = 1
+        while k < len(p) and sum(q[-k:] == p[-k:] for q in parts) > 1:
+            k += 1
+        names.append('/'.join(p[-k:]))
+    return names
 
 
 def _choose(fpr95: dict) -> Optional[dict]:

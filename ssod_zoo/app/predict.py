@@ -307,10 +307,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
         paths = find_images(args.inputs)
         device = torch.device(args.device)
         model = load_model(args.model).to(device).eval()
-    except (PredictError, WeightsError, FileNotFoundError, RuntimeError) as e:
+    except (PredictError, WeightsError, FileNotFoundError, RuntimeError, ValueError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    chosen_by = 'the --rule given'
     if args.rule is None:
         args.rule = default_rule(model)
+        chosen_by = "the model's readout" if getattr(model, 'readout', None) else 'the default rule'
         check_threshold(args.rule)
 
     skipped = []
@@ -336,7 +338,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         writer.close()
     thresholds = rule_thresholds(model, args.rule, args.threshold)
     threshold = thresholds[args.rule]
-    rule = f'{READOUTS[args.rule].score} < {threshold:.4g}' if args.rule in READOUTS else 'posterior argmax'
+    rule = (f'{READOUTS[args.rule].score} < {threshold:.4g}' if args.rule in READOUTS else 'posterior argmax') + \
+        f', {chosen_by}'
     others = [f'{r} {by_rule[r]}' for r in RULES if r != args.rule and r in by_rule]
     print(f'{counts["images"]} images, {counts["unknown"]} unknown ({rule})'
           f'{"; the other rules would say unknown for: " + ", ".join(others) if others else ""}'
