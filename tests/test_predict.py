@@ -295,3 +295,18 @@ def test_a_cross_entropy_model_decides_with_the_spatial_score_alone(calibrated, 
     again = ssod_zoo.save_pretrained(model, tmp_path / 'again')
     assert json.loads((again / 'config.json').read_text())['ood_head_trained'] is False
     assert timm.create_model(f'local-dir:{again}', pretrained=True).ood_head_trained is False
+
+
+def test_a_reader_that_stops_early_ends_the_output_quietly(tmp_path):
+    """`ssod predict ... | head`: once the reader has closed the pipe the rest is dropped, with no traceback."""
+    import subprocess
+    import sys
+    rng = np.random.default_rng(0)
+    for i in range(300):  # more rows than a pipe's buffer holds
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / f'{i:03d}.png')
+    cmd = [sys.executable, '-m', 'ssod_zoo.app.cli', 'predict', 'ssod_test_resnet.synthetic', str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b'path,label,class')
+    proc.stdout.close()  # as head does after its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and 'Traceback' not in err and 'BrokenPipe' not in err, err

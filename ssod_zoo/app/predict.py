@@ -42,6 +42,7 @@ import csv
 import glob
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -334,6 +335,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 by_rule[r] = by_rule.get(r, 0) + u
     except PredictError as e:
         fail(str(e))
+    except BrokenPipeError:  # `ssod predict ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        raise SystemExit(1)
     finally:
         writer.close()
     thresholds = rule_thresholds(model, args.rule, args.threshold)
