@@ -337,8 +337,12 @@ class SSODModel(nn.Module):
         else:
             super().reset_classifier(num_classes, global_pool)
         self._fit_ood_head()
-        self.spatial_threshold = None  # set on the old classifier's logits, which are gone
-        if getattr(self, 'readout', None) == 'spatial':  # and so is the readout chosen on them
+        self._forget_spatial_calibration()  # set on the old classifier's logits, which are gone
+
+    def _forget_spatial_calibration(self) -> None:
+        """Drop what was calibrated on the classifier's logits: the spatial threshold, and the spatial readout."""
+        self.spatial_threshold = None
+        if getattr(self, 'readout', None) == 'spatial':
             self.readout = None
 
     def _fit_ood_head(self) -> None:

@@ -91,8 +91,7 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
     if pretrained and isinstance(model, SSODModel) and model.num_classes not in (0, weights_classes):
         hub._forget_calibration(model, name, weights_classes)  # 0: no classifier, the OOD factor's still holds
     if pretrained and isinstance(model, SSODModel) and model.num_classes == 0:
-        model.spatial_threshold = None  # no classifier, so no spatial score to compare it with
-        model.readout = None if model.readout == 'spatial' else model.readout
+        model._forget_spatial_calibration()  # no classifier, so no spatial score to compare it with
     return model
 
 

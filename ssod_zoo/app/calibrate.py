@@ -82,7 +82,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         p.error(f'--ood-dirs: {", ".join(args.ood_dirs)} name the same folder twice')
 
     import timm
-    from .._card import id_dataset_name, ood_head_trained
+    from .._card import id_dataset_name
     from ..hub import CONFIG_NAME, WeightsError, load_checkpoint, load_model, save_pretrained, set_thresholds
     from ..metrics import fpr_at_tpr
     from .evaluate import COLLECTED, collect, thresholds_of
@@ -113,10 +113,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
             name = id_dataset_name({}, {'val_dir': args.val_dir})
     except (WeightsError, FileNotFoundError, RuntimeError, ValueError, ImageError, DataMissing) as e:
         fail(e)
-    # a cross-entropy twin's OOD head was never trained: its folder (or checkpoint) says so, and it gets no
-    # ood_threshold; the folder's records carry over to a new one
-    source = json.loads((folder / CONFIG_NAME).read_text()) if (folder / CONFIG_NAME).is_file() else {}
-    trained = ood_head_trained(source, ckpt.get('config')) and getattr(model, 'ood_head_trained', True)
+    # a cross-entropy twin's OOD head was never trained (the loaders read it off its folder or checkpoint), and it
+    # gets no ood_threshold
+    trained = getattr(model, 'ood_head_trained', True)
 
     def loader(ds):
         return DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
@@ -134,14 +133,16 @@ def main(argv: Optional[List[str]] = None) -> dict:
     fpr95 = {name: {rule: 100 * fpr_at_tpr(id_out[COLLECTED[rule]], o[COLLECTED[rule]]) for rule in rules}
              for name, o in oods.items()}
     chosen = _choose(fpr95)
+    readout = chosen['readout'] if chosen else getattr(model, 'readout', None)  # else the weights' earlier choice
     if in_place:
         set_thresholds(folder, thresholds, id_dataset=args.data_name or name, images=len(images), readout=chosen)
         where = folder
-        readout = json.loads((folder / CONFIG_NAME).read_text())['model_args'].get('readout')
     else:
         for k, v in thresholds.items():
             setattr(model, k, v)
-        readout = model.readout = chosen['readout'] if chosen else getattr(model, 'readout', None)
+        model.readout = readout
+        # a folder's record of what its readout was chosen on carries over to the new one
+        source = json.loads((folder / CONFIG_NAME).read_text()) if (folder / CONFIG_NAME).is_file() else {}
         before = (source.get('calibration') or {}).get('readout')
         where = save_pretrained(model, args.out, train_config=ckpt.get('config'), metrics=ckpt.get('metrics'),
                                 class_names=ckpt.get('class_names') or model.pretrained_cfg.get('label_names'),
@@ -179,14 +180,20 @@ def _choose(fpr95: dict) -> Optional[dict]:
     rules = list(next(iter(fpr95.values()))) if fpr95 else []
     if len(rules) < 2:
         return None
-    average = {r: round(sum(v[r] for v in fpr95.values()) / len(fpr95), 4) for r in rules}
+    average = {r: round(v, 4) for r, v in _averages(fpr95).items()}
     return {'readout': min(rules, key=average.get), 'ood_data': list(fpr95), 'fpr95': average}
 
 
-def _fpr95_table(fpr95: dict, counts: dict) -> str:
-    """Each rule's FPR95 per OOD set and on average, and the rule with the lower average."""
+def _averages(fpr95: dict) -> dict:
+    """Each rule's FPR95 averaged over the OOD sets."""
     rules = list(next(iter(fpr95.values())))
-    average = {r: sum(v[r] for v in fpr95.values()) / len(fpr95) for r in rules}
+    return {r: sum(v[r] for v in fpr95.values()) / len(fpr95) for r in rules}
+
+
+def _fpr95_table(fpr95: dict, counts: dict) -> str:
+    """Each rule's FPR95 per OOD set and on average."""
+    average = _averages(fpr95)
+    rules = list(average)
     width = max(9, *map(len, fpr95))
     lines = ['FPR95 (%) on the OOD validation images, at the point that keeps 95% of the ID images (lower is better):',
              f'  {"set":<{width}} {"images":>7}' + ''.join(f' {"--rule " + r:>15}' for r in rules)]

@@ -154,13 +154,13 @@ def predict(
 
     rule = rule or default_rule(model)
     thresholds = rule_thresholds(model, rule, threshold)
-    if rule != 'spatial' and not getattr(model, 'ood_head_trained', True):
+    trained = getattr(model, 'ood_head_trained', True)
+    if rule != 'spatial' and not trained:
         raise PredictError(f'the {rule} rule reads ood_factor, and this model\'s OOD head was never trained (a '
                            'cross-entropy model): use --rule spatial')
     if thresholds[rule] is None and rule != 'posterior':
         attribute = READOUTS[rule].attribute
-        others = [r for r in RULES if r != rule and (r == 'posterior' or thresholds[r] is not None)
-                  and getattr(model, 'ood_head_trained', True)]
+        others = [r for r in RULES if r != rule and (r == 'posterior' or thresholds[r] is not None) and trained]
         raise PredictError(f'the model has no calibrated {attribute}: set it on your ID validation images with '
                            '`ssod calibrate MODEL --val-dir DIR` (a hub folder, in place; any other MODEL with '
                            '--out FOLDER, then predict with FOLDER), or pass --threshold T'
@@ -170,7 +170,7 @@ def predict(
     loader = DataLoader(_Images(paths, transform), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate, pin_memory=device.type == 'cuda')
     # the checks above run at the call, before anything is written; the rows come as they are scored
-    return _rows(model, paths, loader, names, thresholds, rule, device, progress, on_error)
+    return _rows(model, paths, loader, names, thresholds, rule, trained, device, progress, on_error)
 
 
 def default_rule(model: torch.nn.Module) -> str:
@@ -193,12 +193,11 @@ def rule_thresholds(model: torch.nn.Module, rule: str, threshold: Optional[float
 
 
 @torch.no_grad()
-def _rows(model, paths, loader, names, thresholds, rule, device, progress, on_error) -> Iterator[dict]:
+def _rows(model, paths, loader, names, thresholds, rule, trained, device, progress, on_error) -> Iterator[dict]:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(paths), unit='img', desc='predict', mininterval=1.0,
                disable=(not sys.stderr.isatty()) if progress is None else not progress)
-    trained = getattr(model, 'ood_head_trained', True)
     model.eval()
     try:
         for index, images, bad in loader:
