@@ -162,8 +162,11 @@ def test_protocol_calibration_reproduces_the_shipped_fmnist_threshold(tmp_path):
     model = ssod_zoo.load_model(copy)
     assert model.ood_threshold == pytest.approx(entry['model_args']['ood_threshold'], rel=1e-5)
     assert model.spatial_threshold == pytest.approx(entry['model_args']['spatial_threshold'], rel=1e-5)
-    assert model.readout == entry['model_args']['readout'] == 'factor'  # the protocol's OOD validation sets chose it
-    assert json.loads((copy / 'config.json').read_text())['calibration']['images'] == 600
+    assert model.readout == entry['model_args']['readout'] == 'spatial'  # the protocol's OOD validation sets chose it
+    calibration = json.loads((copy / 'config.json').read_text())['calibration']
+    assert calibration['images'] == 600
+    # chosen on both kinds of OOD image: the held-out garments (near) and the noise set (far)
+    assert calibration['readout']['ood_data'] == ['fmnist_heldout', 'noise']
 
 
 def test_ood_dirs_report_each_rules_fpr95_at_the_calibrated_point(folder, tmp_path, capsys):

@@ -44,6 +44,10 @@ def test_fashion_mnist_splits_counts_labels_and_images(fmnist):
     assert len(fmnist.test) == 6 * 1000 and len(fmnist.ood['fmnist_heldout']) == 4 * 1000
     assert len(fmnist.val) == 6 * per_val and len(fmnist.ood_val['fmnist_heldout']) == 4 * per_val
     assert len(fmnist.train) == 6 * (6000 - per_val) and fmnist.fit is not None
+    # far-OOD that needs no download: the noise set, other draws for validation and test
+    assert len(fmnist.ood_val['noise']) == 5 * protocols.FAR_PER_KIND['val']
+    assert len(fmnist.ood['noise']) == 5 * protocols.FAR_PER_KIND['test']
+    assert fmnist.ood_val['noise'].seed != fmnist.ood['noise'].seed
     # validation rows are never trained on, and the test split is untouched by both
     assert not set(fmnist.train.indices) & set(fmnist.val.indices)
     test_labels = fmnist.test.dataset.targets[fmnist.test.indices]
@@ -59,6 +63,31 @@ def test_fashion_mnist_splits_counts_labels_and_images(fmnist):
     # offline here: MNIST/KMNIST are not under the Debian root, so they are listed as skipped, with the reason
     for name in ('mnist', 'kmnist'):
         assert name in fmnist.ood or ('--download' in fmnist.skipped[name] and 'raw' in fmnist.skipped[name])
+
+
+def test_synthetic_far_images_are_the_kinds_named_and_the_same_on_every_call():
+    """``SyntheticFar``: each kind in its block, grey RGB at the size asked, image i fixed by (seed, i), another
+    seed other images; blank frames are flat, OE's blobs are mostly black, Rademacher pixels are 0 or 255."""
+    far = protocols.SyntheticFar(per_kind=4, seed=0)
+    assert len(far) == 20 and far.targets == [-1] * 20
+    assert [far.kind(i) for i in range(0, 20, 4)] == list(protocols.FAR_KINDS)
+    pixels = {}
+    for i in range(len(far)):
+        image, label = far[i]
+        assert image.mode == 'RGB' and image.size == (28, 28) and label == -1
+        a = np.asarray(image)
+        assert (a == a[..., :1]).all()  # grey
+        pixels.setdefault(far.kind(i), []).append(a[..., 0])
+    assert all(np.ptp(a) == 0 for a in pixels['constant']) and len({int(a[0, 0]) for a in pixels['constant']}) == 4
+    assert all(set(np.unique(a)) <= {0, 255} for a in pixels['rademacher'])
+    assert all((a == 0).mean() > 0.5 for a in pixels['blobs']) and all(a.max() > 190 for a in pixels['blobs'])
+    for kind in ('uniform', 'gaussian'):
+        assert all(60 < a.std() < 90 if kind == 'uniform' else 50 < a.std() < 70 for a in pixels[kind])
+    again, other = protocols.SyntheticFar(4, 0), protocols.SyntheticFar(4, 1)
+    assert all((np.asarray(far[i][0]) == np.asarray(again[i][0])).all() for i in range(20))
+    assert not any((np.asarray(far[i][0]) == np.asarray(other[i][0])).all() for i in range(20))
+    with pytest.raises(IndexError):
+        far[20]
 
 
 @needs_fmnist

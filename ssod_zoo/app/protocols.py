@@ -16,7 +16,9 @@ missing raises :class:`DataMissing` with one line: the data set, the path where 
 Protocols (ID | OOD):
     fashion-mnist  6 Fashion-MNIST classes (T-shirt/top, Trouser, Pullover, Dress, Sneaker, Bag) | near-OOD: the
                    4 held-out classes' test images (Coat, Sandal, Shirt, Ankle boot: each has a look-alike ID class);
-                   far-OOD: MNIST and KMNIST test sets when present under ROOT (or with --download).
+                   far-OOD: ``noise`` (:class:`SyntheticFar`: blank frames and four kinds of noise, made
+                   here, other draws for validation and test), and the MNIST and KMNIST test sets when present
+                   under ROOT (or with --download).
     cifar10        CIFAR-10 test | SVHN, LSUN, iSUN, Textures (DTD), Places365 (paper Table 2; each subsampled to
                    at most 10,000 images, Appendix A.3).
     imagenet       ImageNet val | iNaturalist, SUN, Places, Textures: the MOS/KNN-paper subsets as folders (Table 1).
@@ -35,7 +37,7 @@ from torch.utils.data import Dataset, Subset
 from .images import list_images, read_image
 
 __all__ = ['PROTOCOLS', 'DataMissing', 'ProtocolData', 'load_protocol', 'Transformed',
-           'FMNIST_CLASSES', 'FMNIST_ID', 'FMNIST_OOD']
+           'FMNIST_CLASSES', 'FMNIST_ID', 'FMNIST_OOD', 'SyntheticFar', 'FAR_KINDS']
 
 PROTOCOLS = ('fashion-mnist', 'cifar10', 'imagenet')
 OOD_LIMIT = 10_000  # paper Appendix A.3: at most 10,000 images per OOD set
@@ -174,6 +176,56 @@ def _by_class(targets: torch.Tensor, classes: Sequence[int]) -> List[int]:
     return keep.nonzero().flatten().tolist()
 
 
+FAR_KINDS = ('constant', 'uniform', 'gaussian', 'rademacher', 'blobs')
+FAR_VERSION = 1  # bump when an image of SyntheticFar changes; the seeds below then name other images
+FAR_SEEDS = {'val': 0, 'test': 1}
+FAR_PER_KIND = {'val': 100, 'test': 200}
+
+
+class SyntheticFar(Dataset):
+    """Far-OOD images made of noise, ``per_kind`` of each of :data:`FAR_KINDS`, grey ``size`` x ``size`` as RGB:
+    what a deployed classifier meets when the input is no photograph at all. Three kinds are the synthetic OOD sets
+    of Outlier Exposure (Hendrycks et al., 2019): ``gaussian`` N(0.5, 0.25) clipped to [0, 1], ``rademacher``
+    pixels 0 or 1, and ``blobs`` (Bernoulli(0.7) pixels blurred with sigma 1.5, below 0.75 set to 0: shapes with
+    sharp edges); ``uniform`` is ODIN's (Liang et al., 2018) uniform noise; ``constant`` is a blank frame at a
+    random grey level (a covered lens, a dead feed). Image ``i`` depends on ``seed`` and ``i`` only, the same on
+    every machine (:data:`FAR_VERSION`)."""
+
+    def __init__(self, per_kind: int, seed: int, size: int = 28):
+        self.per_kind, self.seed, self.size = per_kind, seed, size
+
+    def __len__(self) -> int:
+        return self.per_kind * len(FAR_KINDS)
+
+    @property
+    def targets(self) -> List[int]:
+        return [-1] * len(self)
+
+    def kind(self, index: int) -> str:
+        return FAR_KINDS[index // self.per_kind]
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+        from torchvision.transforms.functional import gaussian_blur
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        shape, kind = (1, self.size, self.size), self.kind(index)
+        if kind == 'constant':
+            x = torch.rand(1, generator=g).expand(shape)
+        elif kind == 'uniform':
+            x = torch.rand(shape, generator=g)
+        elif kind == 'gaussian':
+            x = (0.5 + 0.25 * torch.randn(shape, generator=g)).clamp(0, 1)
+        elif kind == 'rademacher':
+            x = torch.bernoulli(torch.full(shape, 0.5), generator=g)
+        else:  # blobs
+            x = gaussian_blur(torch.bernoulli(torch.full(shape, 0.7), generator=g), kernel_size=11, sigma=1.5)
+            x = torch.where(x < 0.75, 0.0, x)
+        grey = (x[0] * 255).round().to(torch.uint8).numpy()
+        return Image.fromarray(grey, mode='L').convert('RGB'), -1
+
+
 def fashion_mnist(root: Path, download: bool = False, cache: Optional[Path] = None) -> ProtocolData:
     cache = cache or default_cache() / 'fashion-mnist'
     remedy = _get_fmnist()
@@ -195,8 +247,10 @@ def fashion_mnist(root: Path, download: bool = False, cache: Optional[Path] = No
         fit=_Classes(train, train_idx, id_map, classes),
         train=_Classes(train, train_idx, id_map, classes),
         val=_Classes(train, sorted(val_idx), id_map, classes),
-        ood={'fmnist_heldout': _Classes(test, _by_class(test.targets, FMNIST_OOD), {}, classes)},
-        ood_val={'fmnist_heldout': _Classes(train, sorted(ood_val_idx), {}, classes)},
+        ood={'fmnist_heldout': _Classes(test, _by_class(test.targets, FMNIST_OOD), {}, classes),
+             'noise': SyntheticFar(FAR_PER_KIND['test'], FAR_SEEDS['test'])},
+        ood_val={'fmnist_heldout': _Classes(train, sorted(ood_val_idx), {}, classes),
+                 'noise': SyntheticFar(FAR_PER_KIND['val'], FAR_SEEDS['val'])},
     )
     for name, cls_name in (('mnist', 'MNIST'), ('kmnist', 'KMNIST')):
         how = f'torchvision.datasets.{cls_name} layout ({cls_name}/raw/) under --data-root, or add --download'
