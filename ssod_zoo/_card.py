@@ -219,6 +219,11 @@ def _readout(config: Mapping[str, Any]) -> Dict[str, str]:
         evidence = (f' on OOD validation images ({", ".join(record.get("ood_data") or ["unnamed"])}): average FPR95 '
                     + ', against '.join(f'{fpr95[r]:.1f}% with `--rule {r}`'
                                         for r in sorted(fpr95, key=lambda r: r != readout)))
+        # thresholds recalibrated later on other ID images, without OOD images, leave the choice as it was made
+        id_data = record.get('id_data')
+        if id_data and id_data != (config.get('calibration') or {}).get('data'):
+            evidence += (f', measured at the thresholds of an earlier calibration on {id_data} (run `ssod calibrate '
+                         '--ood-dirs` to choose again at the current ones)')
     return {'readout': readout, 'readout_evidence': evidence}
 
 

@@ -51,7 +51,7 @@ from . import _card
 # the checks and clear errors behind every pretrained=True, and the shipped weights (re-exported for registry.py)
 from ._pretrained import (  # noqa: F401
     CONFIG_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MAX_SHIPPED_BYTES, WEIGHTS_NAME, WeightsError, _check_state_dict,
-    _clear_errors, _folder_head_trained, _manifest_cfgs, _prepare_pretrained, _repo_model_args, _sha256,
+    _clear_errors, _download, _folder_head_trained, _manifest_cfgs, _prepare_pretrained, _repo_model_args, _sha256,
     _shipped_model_args, _state_dict_mismatch, _weights_dir, not_cached)
 from .adapter import READOUTS, SSODModel, check_readout, check_spatial_threshold, check_threshold, wrap
 
@@ -231,8 +231,10 @@ def set_thresholds(save_dir: Union[str, Path], thresholds: Mapping[str, Optional
         id_dataset: what they were calibrated on, as the card names it.
         images: how many images that was.
         readout: the readout chosen on OOD validation images, ``{'readout': name, 'ood_data': [set names],
-            'fpr95': {name: average FPR95}}`` (the model argument ``readout`` and ``calibration['readout']``);
-            default: the folder's earlier choice stays.
+            'fpr95': {name: average FPR95}, 'id_data': name}`` (the model argument ``readout`` and
+            ``calibration['readout']``; ``id_data``, the ID images whose thresholds the FPR95 were read at, is
+            optional); default: the folder's earlier choice stays, and the card says when it was read at the
+            thresholds of another calibration.
     """
     unknown = set(thresholds) - set(THRESHOLDS)
     if unknown:
@@ -451,6 +453,27 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
     if labels and model.num_classes not in (0, len(labels)):  # a wrapped timm model; SSOD ones: registry._create
         _forget_calibration(model, spec, len(labels))
     return model.eval()
+
+
+def saved_folder(spec: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> Optional[Path]:
+    """The folder that holds a saved model's ``config.json`` and ``model.safetensors`` (and its card, when it has
+    one): a folder or ``local-dir:FOLDER`` itself, a registered ``ssod_<arch>.<tag>``'s shipped folder, or an
+    ``hf-hub:org/repo`` snapshot in the Hugging Face cache (downloaded when not there). None for a training
+    checkpoint and for a tag whose weights are not a saved folder."""
+    spec = str(spec)
+    if Path(spec).is_file():
+        return None
+    if spec.startswith('hf-hub:') or (not Path(spec.removeprefix('local-dir:')).is_dir() and timm.is_model(spec.split('.')[0])):
+        cfg = None if spec.startswith('hf-hub:') else timm.models.get_pretrained_cfg(spec)
+        if cfg is not None and cfg.file and (Path(cfg.file).parent / CONFIG_NAME).is_file():
+            return Path(cfg.file).parent
+        repo = spec[len('hf-hub:'):] if cfg is None else cfg.hf_hub_id
+        if not repo:
+            return None
+        _download(repo, WEIGHTS_NAME, cache_dir)
+        return _download(repo, CONFIG_NAME, cache_dir).parent
+    folder = Path(spec.removeprefix('local-dir:'))
+    return folder if (folder / CONFIG_NAME).is_file() else None
 
 
 def _forget_calibration(model: SSODModel, name: str, weights_classes: int) -> None:

@@ -187,7 +187,7 @@ def test_ood_dirs_report_each_rules_fpr95_at_the_calibrated_point(folder, tmp_pa
     config = json.loads((folder / 'config.json').read_text())
     assert model.readout == config['model_args']['readout'] == best
     assert config['calibration']['readout'] == {'readout': best, 'ood_data': ['noise'], 'fpr95': {
-        r: pytest.approx(v, abs=1e-4) for r, v in done['fpr95']['noise'].items()}}
+        r: pytest.approx(v, abs=1e-4) for r, v in done['fpr95']['noise'].items()}, 'id_data': f'{tmp_path.name}/val'}
 
 
 def test_ood_folders_of_the_same_name_are_told_apart(folder, tmp_path, capsys):
@@ -232,3 +232,44 @@ def test_the_chosen_readout_is_what_predict_decides_with_until_another_is_chosen
     # a new folder keeps the choice too
     calibrate.main([str(folder), '--val-dir', str(images), '--out', str(tmp_path / 'copy')])
     assert ssod_zoo.load_model(tmp_path / 'copy').readout == 'factor'
+
+
+def test_a_copy_keeps_what_the_saved_model_recorded(tmp_path, capsys):
+    """`--out` from a saved model copies it (the weights file as it is, the card's results and training config, the
+    readout's record) and calibrates the copy; a readout kept from an earlier calibration on other ID images says so
+    in the card."""
+    from ssod_zoo.app import calibrate
+    model = ssod_zoo.load_model(make_checkpoint(tmp_path / 'c.pt', threshold=0.5))
+    metrics = {'id_accuracy': 87.25, 'ood': {'noise': {'fpr95': 43.75, 'auroc': 81.5, 'aupr_in': 80.0,
+                                                       'aupr_out': 70.0}}}
+    source = ssod_zoo.save_pretrained(model, tmp_path / 'hub', class_names=NAMES, metrics=metrics,
+                                      train_config={'ce_only': False, 'img_size': 64, 'epochs': 13})
+    images = save_images(tmp_path / 'val', 20, size=40)
+    ood = save_images(tmp_path / 'ood' / 'noise', 8, seed=5, size=40)
+    calibrate.main([str(source), '--val-dir', str(images), '--ood-dirs', str(ood)])
+    record = json.loads((source / 'config.json').read_text())['calibration']['readout']
+    assert record['id_data'] == f'{tmp_path.name}/val'
+    assert 'an earlier calibration' not in (source / 'README.md').read_text()
+    other = save_images(tmp_path / 'mine', 21, seed=3, size=40)
+    calibrate.main([str(source), '--val-dir', str(other), '--data-name', 'my images', '--out', str(tmp_path / 'copy')])
+    copy = tmp_path / 'copy'
+    assert _sha(copy / 'model.safetensors') == _sha(source / 'model.safetensors')
+    config = json.loads((copy / 'config.json').read_text())
+    assert config['calibration']['data'] == 'my images' and config['calibration']['images'] == 21
+    assert config['calibration']['readout'] == record and config['model_args']['readout'] == record['readout']
+    card = ' '.join((copy / 'README.md').read_text().replace('\\\n', '').split())
+    assert '87.25' in card and '43.75' in card and '13' in card  # the source's results and training config
+    assert f'measured at the thresholds of an earlier calibration on {tmp_path.name}/val' in card
+    assert '(my images, 21 images)' in card
+    assert ssod_zoo.load_model(copy).spatial_threshold == pytest.approx(
+        float(_scores(model, other)[0].sort(descending=True).values[19]), abs=1e-5)
+    # a registered tag: its shipped folder, the float16 file as shipped
+    capsys.readouterr()
+    calibrate.main(['ssod_test_resnet.synthetic', '--val-dir', str(images), '--out', str(tmp_path / 'tag')])
+    shipped = WEIGHTS / 'ssod_test_resnet.synthetic'
+    assert _sha(tmp_path / 'tag' / 'model.safetensors') == _sha(shipped / 'model.safetensors')
+    tag_config = json.loads((tmp_path / 'tag' / 'config.json').read_text())
+    assert tag_config['calibration']['readout'] == json.loads(
+        (shipped / 'config.json').read_text())['calibration']['readout']
+    assert '## Results' in (tmp_path / 'tag' / 'README.md').read_text()
+    assert 'decides with --rule spatial (kept from before)' in capsys.readouterr().err

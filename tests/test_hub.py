@@ -440,6 +440,24 @@ def test_push_to_hub_then_offline_hf_hub_round_trip(hf_home, model, images):
     assert list(loaded.pretrained_cfg['label_names']) == CLASS_NAMES
 
 
+def test_calibrate_out_from_a_cached_hub_repo_copies_it(hf_home, saved, tmp_path):
+    """`ssod calibrate hf-hub:org/repo --out DIR`, offline from the HF cache: the copy holds the repo's weights file
+    and card (its results), and the new thresholds."""
+    from cli_helpers import save_images
+    from ssod_zoo.app import calibrate
+    write_cache_repo(hf_home, 'me/cached', folder_files(saved))
+    assert hub.saved_folder('hf-hub:me/cached').parent.parent.name == 'models--me--cached'
+    out = tmp_path / 'calibrated'
+    calibrate.main(['hf-hub:me/cached', '--val-dir', str(save_images(tmp_path / 'val', 20, size=64)),
+                    '--out', str(out)])
+    assert (out / 'model.safetensors').read_bytes() == (saved / 'model.safetensors').read_bytes()
+    assert (saved / 'README.md').read_text().split('## Results')[1] == (out / 'README.md').read_text().split(
+        '## Results')[1]
+    assert json.loads((out / 'config.json').read_text())['calibration']['images'] == 20
+    assert timm.create_model(f'local-dir:{out}', pretrained=True).spatial_threshold != SPATIAL_THRESHOLD
+    assert hub.saved_folder(tmp_path / 'nothing-here') is None and hub.saved_folder(f'local-dir:{saved}') == saved
+
+
 def test_push_to_a_revision_and_load_it(hf_home, model, images):
     api = CacheWriterApi(hf_home)
     other = timm.create_model(ARCH, num_classes=NUM_CLASSES, ood_threshold=0.9).eval()

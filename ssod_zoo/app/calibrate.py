@@ -22,10 +22,12 @@ readout chosen before, or the spatial default.
 
 MODEL is a hub folder (``ssod save``, ``save_pretrained``): its ``config.json`` and model card are updated in place,
 the weights are not touched. With ``--out``, or for any other MODEL (a training checkpoint, ``hf-hub:org/repo``,
-a registered ``ssod_<arch>.<tag>``), a new hub folder is written there instead.
+a registered ``ssod_<arch>.<tag>``), a new hub folder is written there instead. From a saved model (a folder, a
+tag, a Hub repo) that folder is a copy, calibrated: the weights file as it was, and the card's results and training
+config. A readout kept from an earlier calibration on other ID images says so in the card.
 """
 import argparse
-import json
+import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -83,7 +85,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     import timm
     from .._card import id_dataset_name
-    from ..hub import CONFIG_NAME, WeightsError, load_checkpoint, load_model, save_pretrained, set_thresholds
+    from ..hub import WeightsError, load_checkpoint, load_model, save_pretrained, saved_folder, set_thresholds
     from ..metrics import fpr_at_tpr
     from .evaluate import COLLECTED, collect, thresholds_of
     from .images import ImageError, ImageFiles, one_line
@@ -100,6 +102,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             model, ckpt = load_checkpoint(args.model)
         else:
             model = load_model(args.model)
+        source = None if in_place else saved_folder(args.model)
         model = model.to(device).eval()
         transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
         if args.protocol:
@@ -133,22 +136,25 @@ def main(argv: Optional[List[str]] = None) -> dict:
     fpr95 = {name: {rule: 100 * fpr_at_tpr(id_out[COLLECTED[rule]], o[COLLECTED[rule]]) for rule in rules}
              for name, o in oods.items()}
     chosen = _choose(fpr95)
+    if chosen:  # the FPR95 were read at the thresholds these ID images give
+        chosen['id_data'] = args.data_name or name
     readout = chosen['readout'] if chosen else getattr(model, 'readout', None)  # else the weights' earlier choice
     if in_place:
         set_thresholds(folder, thresholds, id_dataset=args.data_name or name, images=len(images), readout=chosen)
         where = folder
-    else:
+    elif source is not None:  # a saved model: the copy keeps its weights file, metrics, training config and card
+        where = Path(args.out)
+        _copy_saved(source, where)
+        set_thresholds(where, thresholds, id_dataset=args.data_name or name, images=len(images), readout=chosen)
+    else:  # a training checkpoint
         for k, v in thresholds.items():
             setattr(model, k, v)
         model.readout = readout
-        # a folder's record of what its readout was chosen on carries over to the new one
-        source = json.loads((folder / CONFIG_NAME).read_text()) if (folder / CONFIG_NAME).is_file() else {}
-        before = (source.get('calibration') or {}).get('readout')
         where = save_pretrained(model, args.out, train_config=ckpt.get('config'), metrics=ckpt.get('metrics'),
                                 class_names=ckpt.get('class_names') or model.pretrained_cfg.get('label_names'),
                                 ood_head_trained=trained,
                                 calibration={'data': args.data_name or name, 'images': len(images), 'keep': 0.95,
-                                             **({'readout': chosen or before} if chosen or before else {})})
+                                             **({'readout': chosen} if chosen else {})})
     shown = ', '.join(f'{k} = {v:.6g}' for k, v in thresholds.items() if v is not None)
     skipped = '' if trained else '; no ood_threshold: this model\'s OOD head was never trained'
     print(f'{len(images)} ID images: {shown} (each keeps 95% of them){skipped}; wrote {where}', file=sys.stderr)
@@ -159,6 +165,20 @@ def main(argv: Optional[List[str]] = None) -> dict:
            'none chosen, so the spatial default; give --ood-dirs to choose one')
     print(f'ssod predict decides with --rule {readout or "spatial"} ({how})', file=sys.stderr)
     return {**thresholds, 'images': len(images), 'out': str(where), 'fpr95': fpr95, 'readout': readout}
+
+
+def _copy_saved(source: Path, out: Path) -> None:
+    """The saved model's files, as they are, into ``out``: its ``config.json`` and weights, and its card, or a card
+    written from the config when it has none."""
+    from ..hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, write_card
+    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() == source.resolve():
+        return
+    for name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    if not (source / CARD_NAME).is_file():
+        write_card(out)
 
 
 def _set_names(dirs: List[str]) -> List[str]:
