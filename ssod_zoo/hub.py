@@ -463,7 +463,8 @@ def saved_folder(spec: Union[str, Path], cache_dir: Optional[Union[str, Path]] =
     spec = str(spec)
     if Path(spec).is_file():
         return None
-    if spec.startswith('hf-hub:') or (not Path(spec.removeprefix('local-dir:')).is_dir() and timm.is_model(spec.split('.')[0])):
+    folder = Path(spec.removeprefix('local-dir:'))
+    if spec.startswith('hf-hub:') or (not folder.is_dir() and timm.is_model(spec.split('.')[0])):
         cfg = None if spec.startswith('hf-hub:') else timm.models.get_pretrained_cfg(spec)
         if cfg is not None and cfg.file and (Path(cfg.file).parent / CONFIG_NAME).is_file():
             return Path(cfg.file).parent
@@ -472,7 +473,6 @@ def saved_folder(spec: Union[str, Path], cache_dir: Optional[Union[str, Path]] =
             return None
         _download(repo, WEIGHTS_NAME, cache_dir)
         return _download(repo, CONFIG_NAME, cache_dir).parent
-    folder = Path(spec.removeprefix('local-dir:'))
     return folder if (folder / CONFIG_NAME).is_file() else None
 
 
