@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from timm.models import MobileNetV3
 from torch import nn
 
-from .output import SpatialOutput, SSODOutput, SSODScores, spatial_maxlogit_score
+from .output import SPATIAL_K, SpatialOutput, SSODOutput, SSODScores, spatial_maxlogit_score
 
 __all__ = ['SSODModel', 'wrap']
 
@@ -185,7 +185,7 @@ class SSODModel(nn.Module):
         return score >= check(threshold)
 
     @torch.jit.unused
-    def spatial_score(self, x: torch.Tensor, k: int = 3) -> torch.Tensor:
+    def spatial_score(self, x: torch.Tensor, k: int = SPATIAL_K) -> torch.Tensor:
         """The readout this project's study found to detect best: the classifier read where the object is, the
         mean MaxLogit of the ``k`` best feature-map positions (:func:`ssod_zoo.spatial_maxlogit_score`).
 
@@ -219,7 +219,7 @@ class SSODModel(nn.Module):
         pooled = self.forward_head(features, pre_logits=True)
         _require_pooled(pooled)
         cls_map, _ = self.forward_positions(features)
-        return SSODScores(self._classify(pooled), self.forward_ood(pooled), spatial_maxlogit_score(cls_map, k=3))
+        return SSODScores(self._classify(pooled), self.forward_ood(pooled), spatial_maxlogit_score(cls_map))
 
     @torch.jit.export  # scripted models keep it: forward() reaches only _forward_ssod
     def forward_ssod(self, x: torch.Tensor) -> SSODOutput:

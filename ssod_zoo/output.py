@@ -3,6 +3,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+SPATIAL_K = 3  # positions the spatial readout averages (the study's choice); every spatial_threshold assumes it
+
 __all__ = ['posterior_score', 'spatial_posterior_score', 'spatial_maxlogit_score', 'SSODOutput', 'SSODScores',
            'SpatialOutput',
            'robust_posterior']
@@ -128,7 +130,7 @@ def spatial_posterior_score(cls_map: torch.Tensor, ood_map: Optional[torch.Tenso
     return score.flatten(1).amax(dim=1)
 
 
-def spatial_maxlogit_score(cls_map: torch.Tensor, k: int = 3) -> torch.Tensor:
+def spatial_maxlogit_score(cls_map: torch.Tensor, k: int = SPATIAL_K) -> torch.Tensor:
     """The classifier read out where the objects are: the mean of the ``k`` largest per-position MaxLogits.
 
     score(x) = mean of the top ``k`` over positions p of max_i z_i(p), with z(p) the classification head at p

@@ -111,7 +111,7 @@ def collect(
             with torch.autocast(device.type, enabled=False):
                 cls_map, ood_map = model.forward_positions(features.float())
             extra = (spatial_posterior_score(cls_map, ood_map), spatial_posterior_score(cls_map),
-                     spatial_maxlogit_score(cls_map, k=3))
+                     spatial_maxlogit_score(cls_map))
         for k, v in zip(out, (logits, ood_factor, pre_logits, y, *(extra if spatial else ()))):
             out[k].append(v.float().cpu() if v.is_floating_point() else v.cpu())
     return {k: torch.cat(v) for k, v in out.items()}
