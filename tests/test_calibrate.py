@@ -273,3 +273,15 @@ def test_a_copy_keeps_what_the_saved_model_recorded(tmp_path, capsys):
         (shipped / 'config.json').read_text())['calibration']['readout']
     assert '## Results' in (tmp_path / 'tag' / 'README.md').read_text()
     assert 'decides with --rule spatial (kept from before)' in capsys.readouterr().err
+
+
+def test_a_card_written_by_hand_gets_the_threshold_section_once(folder):
+    """A card without the generated section gets one at its end, with a warning; the next calibration replaces
+    that section, at the end of the card, instead of adding another."""
+    (folder / 'README.md').write_text('# my model\n\nWritten by hand; its threshold was 6.1.\n')
+    with pytest.warns(UserWarning, match='no "## Rejection thresholds" section: one was added at its end'):
+        hub.set_thresholds(folder, {'spatial_threshold': 4.5}, 'my images', images=7)
+    hub.set_thresholds(folder, {'spatial_threshold': 5.25}, 'my images', images=7)
+    card = (folder / 'README.md').read_text()
+    assert card.startswith('# my model\n\nWritten by hand') and card.count('## Rejection thresholds') == 1
+    assert '`model.spatial_threshold = 5.25`' in card and '4.5' not in card and card.endswith('DIR`.\n')

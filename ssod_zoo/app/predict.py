@@ -28,8 +28,8 @@ Which rule says "unknown":
   1/(1 + 1/M)), which is usually far above a calibrated threshold, so it rejects more ID images.
 
 Without ``--rule``, the model's own ``model.readout`` decides: the rule ``ssod calibrate --ood-dirs`` chose for
-the weights on OOD validation images (``factor`` for the shipped ``ssod_resnet18.fmnist``), or ``spatial`` when
-none was chosen.
+the weights on OOD validation images (``spatial`` for both shipped weights, ``ssod_resnet18.fmnist`` by a
+narrow margin: see its card), or ``spatial`` when none was chosen.
 
 A cross-entropy model (``model.ood_head_trained`` False, as the demo's CE twin) has an OOD head that was never
 trained: only the spatial rule runs, and its ``ood_factor`` and ``p_unknown`` cells are left empty.
