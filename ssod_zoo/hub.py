@@ -260,14 +260,15 @@ def set_thresholds(save_dir: Union[str, Path], thresholds: Mapping[str, Optional
         # the section runs to the next heading or the end; cards from before it existed have an older one, or none
         found = re.search(r'^## Rejection thresholds?\n.*?(?=^## |\Z)', text, flags=re.M | re.S)
         if found:
-            text = text[:found.start()] + section + '\n\n' + text[found.end():].lstrip('\n')
+            rest = text[found.end():]
+            text = text[:found.start()] + section + ('\n\n' + rest if rest.strip() else '\n')
         elif '\n## Results\n' in text:
             text = text.replace('\n## Results\n', '\n' + section + '\n\n## Results\n', 1)
         else:  # a card written by hand: the section goes at the end, and its own text may quote old values
             text = text.rstrip('\n') + '\n\n' + section + '\n'
             warnings.warn(f'{card} had no "## Rejection thresholds" section: one was added at its end; check the '
                           'rest of the card for thresholds it quotes', stacklevel=2)
-        card.write_text(text.rstrip('\n') + '\n')
+        card.write_text(text)
     return config_path
 
 

@@ -259,6 +259,7 @@ def test_a_copy_keeps_what_the_saved_model_recorded(tmp_path, capsys):
     assert config['calibration']['readout'] == record and config['model_args']['readout'] == record['readout']
     card = ' '.join((copy / 'README.md').read_text().replace('\\\n', '').split())
     assert '87.25' in card and '43.75' in card and '13' in card  # the source's results and training config
+    assert "The OOD rows score `ood_factor`, the paper's Eq. 15" in card  # whichever rule the weights decide with
     assert f'measured at the thresholds of an earlier calibration on {tmp_path.name}/val' in card
     assert '(my images, 21 images)' in card
     assert ssod_zoo.load_model(copy).spatial_threshold == pytest.approx(
