@@ -4,7 +4,7 @@ Importing the package registers the ``ssod_*`` models with timm. After ``pip ins
 interpreter does not even need the import: ``timm.create_model('ssod_resnet18')`` works on its own
 (set ``SSOD_ZOO_AUTOLOAD=0`` to switch that off).
 """
-from .adapter import SSODModel, wrap
+from .adapter import SSODModel, UntrainedOODHeadWarning, wrap
 from .output import (SpatialOutput, SSODOutput, SSODScores, posterior_score, robust_posterior, spatial_maxlogit_score,
                      spatial_posterior_score)
 from .hub import calibrate_threshold, load_checkpoint, load_model, push_to_hub, save_pretrained
@@ -14,4 +14,4 @@ __version__ = '0.1.0'
 
 __all__ = ['SSODModel', 'SSODOutput', 'SSODScores', 'SpatialOutput', 'calibrate_threshold', 'load_checkpoint',
            'load_model', 'push_to_hub', 'posterior_score', 'robust_posterior', 'spatial_maxlogit_score',
-           'spatial_posterior_score', 'save_pretrained', 'wrap']
+           'spatial_posterior_score', 'save_pretrained', 'UntrainedOODHeadWarning', 'wrap']

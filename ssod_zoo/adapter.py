@@ -29,7 +29,12 @@ from torch import nn
 
 from .output import SPATIAL_K, SpatialOutput, SSODOutput, SSODScores, spatial_maxlogit_score
 
-__all__ = ['SSODModel', 'wrap']
+__all__ = ['SSODModel', 'UntrainedOODHeadWarning', 'wrap']
+
+
+class UntrainedOODHeadWarning(UserWarning):
+    """``forward``/``forward_ssod`` of a model whose OOD head was never trained (``ood_head_trained`` False, a
+    cross-entropy model): the ``ood_factor`` they return means nothing."""
 
 # index of "in-distribution" in the 2-way OOD head (paper Eq. 12: y_ood = 1 for ID patches)
 ID_INDEX: Final[int] = 1
@@ -110,9 +115,12 @@ class SSODModel(nn.Module):
         readout: the readout chosen for these weights on OOD validation images (``'spatial'`` or ``'factor'``,
             which one detected better; ``ssod calibrate --ood-dirs`` sets it), or None when none was chosen:
             ``ssod predict`` then decides with the spatial one, the study's default.
-        ood_head_trained: False for a cross-entropy model (the twin SSOD is compared with), whose OOD head was
-            never trained: its ``ood_factor`` is computed but means nothing, so :meth:`accepts` refuses the
-            ``'factor'`` readout and ``ssod predict`` leaves the columns built on it empty. True otherwise.
+        ood_head_trained: False for weights trained with cross-entropy alone (``--ce-only``, the twin SSOD is
+            compared with), whose OOD head was never trained: ``forward`` and :meth:`forward_ssod` still return an
+            ``ood_factor``, with an :class:`UntrainedOODHeadWarning`, :meth:`forward_scores` gives NaN for it,
+            :meth:`accepts` refuses the ``'factor'`` readout, and ``ssod predict`` leaves the columns built on it
+            empty. True otherwise, also for a model not trained at all yet: the flag says what the weights were
+            trained for, not whether they were.
         check_finite: (default True) eager forwards reject inputs with NaN/Inf values, and warn once about values
             far outside a normalised image's range (0-255 pixels); set False to skip that pass over the input (and
             its device sync) for throughput. Skipped anyway under torch.compile/export.
@@ -138,6 +146,8 @@ class SSODModel(nn.Module):
     def forward(self, x: torch.Tensor):
         if not torch.jit.is_scripting() and not torch.jit.is_tracing():
             self._check_input(x)
+            if self.return_ood:
+                self._warn_untrained_head()
         if self.return_ood:
             return self._forward_ssod(x)  # checked once, above
         return self.forward_head(self.forward_features(x))
@@ -166,6 +176,8 @@ class SSODModel(nn.Module):
             raise TypeError(f'accepts() takes model.forward_scores(x) or one (B,) score tensor, got '
                             f'{type(score).__name__}' + (' (pass model.forward_scores(x), or out.ood_factor)'
                                                          if isinstance(score, SSODOutput) else ''))
+        elif readout in (None, 'factor') and not getattr(self, 'ood_head_trained', True):
+            pass  # refused below, for what it is
         elif readout is None and score.numel() and not 0.0 <= float(score.min()) <= float(score.max()) <= 1.0:
             raise ValueError("accepts() reads a bare tensor as ood_factor, which lies in [0, 1], and these scores "
                              "do not: for a spatial_score pass readout='spatial', or pass model.forward_scores(x), "
@@ -211,7 +223,8 @@ class SSODModel(nn.Module):
             x: (B, C, H, W) float image batch, normalised with the model's mean/std.
 
         Returns:
-            SSODScores ``(logits, ood_factor, spatial_score)``.
+            SSODScores ``(logits, ood_factor, spatial_score)``; ``ood_factor`` is NaN when the OOD head was never
+            trained (``ood_head_trained`` False).
         """
         self._check_input(x)
         self._require_classifier('forward_scores')
@@ -219,7 +232,10 @@ class SSODModel(nn.Module):
         pooled = self.forward_head(features, pre_logits=True)
         _require_pooled(pooled)
         cls_map, _ = self.forward_positions(features)
-        return SSODScores(self._classify(pooled), self.forward_ood(pooled), spatial_maxlogit_score(cls_map))
+        factor = self.forward_ood(pooled)
+        if not getattr(self, 'ood_head_trained', True):
+            factor = torch.full_like(factor, float('nan'))  # no OOD factor: the head was never trained
+        return SSODScores(self._classify(pooled), factor, spatial_maxlogit_score(cls_map))
 
     @torch.jit.export  # scripted models keep it: forward() reaches only _forward_ssod
     def forward_ssod(self, x: torch.Tensor) -> SSODOutput:
@@ -233,7 +249,16 @@ class SSODModel(nn.Module):
         """
         if not torch.jit.is_scripting() and not torch.jit.is_tracing():
             self._check_input(x)
+            self._warn_untrained_head()
         return self._forward_ssod(x)
+
+    @torch.jit.unused
+    def _warn_untrained_head(self) -> None:
+        if not getattr(self, 'ood_head_trained', True):
+            warnings.warn("this model's OOD head was never trained (ood_head_trained is False: weights trained with "
+                          "cross-entropy alone), so the ood_factor it returns means nothing. Decide with "
+                          "model.accepts(model.forward_scores(x)) (the spatial score), or create the model with "
+                          "return_ood=False for the logits alone", UntrainedOODHeadWarning, stacklevel=3)
 
     def _forward_ssod(self, x: torch.Tensor) -> SSODOutput:
         features = self.forward_features(x)

@@ -286,9 +286,15 @@ def test_a_cross_entropy_model_decides_with_the_spatial_score_alone(calibrated, 
         assert 'OOD head was never trained' in capsys.readouterr().err
     with torch.no_grad():
         scores = model.forward_scores(torch.zeros(2, 3, 64, 64))
+        assert torch.isnan(scores.ood_factor).all()  # no OOD factor to read
+        with pytest.warns(ssod_zoo.UntrainedOODHeadWarning, match='never trained'):
+            assert 0 <= float(model(torch.zeros(2, 3, 64, 64)).ood_factor.min())  # forward keeps its contract
+        with pytest.warns(ssod_zoo.UntrainedOODHeadWarning):
+            model.forward_ssod(torch.zeros(1, 3, 64, 64))
     assert model.accepts(scores).shape == (2,)  # the spatial readout
-    with pytest.raises(ValueError, match='never trained'):
-        model.accepts(scores.ood_factor, threshold=0.5)
+    for factor in (scores.ood_factor, torch.tensor([0.25, 0.75])):
+        with pytest.raises(ValueError, match='never trained'):
+            model.accepts(factor, threshold=0.5)
     from ssod_zoo.export import _metadata
     assert _metadata(model, (3, 64, 64))['ssod_zoo.ood_head_trained'] == 'false'
     # the flag survives a re-save without the training config, and timm's own loader reads it
