@@ -363,6 +363,12 @@ class SSODModel(nn.Module):
             super().reset_classifier(num_classes, global_pool)
         self._fit_ood_head()
         self._forget_spatial_calibration()  # set on the old classifier's logits, which are gone
+        labels = (getattr(self, 'pretrained_cfg', None) or {}).get('label_names')
+        if labels is not None and len(labels) != num_classes:  # names of classes the new classifier has not got
+            for attr in ('pretrained_cfg', 'default_cfg'):
+                cfg = getattr(self, attr, None)
+                if isinstance(cfg, dict):
+                    setattr(self, attr, {k: v for k, v in cfg.items() if k != 'label_names'})
 
     def _forget_spatial_calibration(self) -> None:
         """Drop what was calibrated on the classifier's logits: the spatial threshold, and the spatial readout."""

@@ -408,6 +408,14 @@ def test_a_new_classifier_drops_the_spatial_readout_and_keeps_the_factor_one(tmp
     model = ssod_zoo.wrap('test_resnet', num_classes=4, ood_threshold=0.125, readout='factor')
     model.reset_classifier(3)
     assert model.readout == 'factor'  # the OOD head and its threshold are untouched
+    # the shipped weight's class names go with its classifier, as with num_classes= at creation
+    model = timm.create_model('ssod_resnet18.fmnist', pretrained=True)
+    model.reset_classifier(6)
+    assert len(model.pretrained_cfg['label_names']) == 6
+    model.reset_classifier(4)
+    assert 'label_names' not in model.pretrained_cfg and 'label_names' not in model.default_cfg
+    saved = ssod_zoo.save_pretrained(model, tmp_path / 'four')
+    assert 'label_names' not in json.loads((saved / 'config.json').read_text())
 
 
 def test_a_twin_folder_from_before_the_model_argument_loads_as_untrained(tmp_path):
