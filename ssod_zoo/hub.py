@@ -442,6 +442,12 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
             raise TypeError(f'load_model({spec!r}): a training checkpoint takes no model arguments, got {sorted(kwargs)}')
         return load_checkpoint(path)[0]
     if path.is_dir():
+        if not (path / CONFIG_NAME).is_file():
+            found = sorted(p.name for p in path.iterdir())[:5]
+            raise WeightsError(
+                f'{path} is a folder without {CONFIG_NAME} ({"it holds: " + ", ".join(found) if found else "empty"}),'
+                ' so not a saved model: write one with ssod_zoo.save_pretrained or `ssod save CHECKPOINT DIR`; a '
+                'training checkpoint is a file (e.g. runs/NAME/best.pt)')
         spec = f'local-dir:{path}'
     elif not (spec.startswith(('hf-hub:', 'local-dir:')) or timm.is_model(spec.split('.')[0])):
         raise WeightsError(f'{spec!r} is neither a file, a folder, an hf-hub:/local-dir: spec nor a registered model; '

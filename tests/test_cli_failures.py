@@ -6,6 +6,7 @@ from functools import partial
 import pytest
 import timm
 import torch
+from PIL import Image
 
 import ssod_zoo
 
@@ -159,6 +160,27 @@ def test_out_of_range_values_stop_at_parsing_in_one_line(command, argv, message,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f'ssod {command}: error: {message}'), err
     assert not any('Traceback' in line for line in err)
+
+
+def test_a_model_that_is_not_there_is_named_for_what_it_is(tmp_path, capsys):
+    """A missing MODEL is called missing, not a folder to calibrate with --out; a folder without config.json is
+    called that, not a timm config error."""
+    from ssod_zoo.app import cli
+    (tmp_path / 'imgs').mkdir()
+    Image.new('RGB', (32, 32)).save(tmp_path / 'imgs' / 'a.png')
+    (tmp_path / 'notes').mkdir()
+    (tmp_path / 'notes' / 'a.txt').write_text('x')
+    for argv, says in (
+            (['calibrate', str(tmp_path / 'gone'), '--val-dir', str(tmp_path / 'imgs')],
+             f'{tmp_path / "gone"}: no such file or folder (nor an hf-hub:org/repo or a registered'),
+            (['calibrate', 'ssod_test_resnet.synthetic', '--val-dir', str(tmp_path / 'imgs')],
+             'is not a hub folder to update in place: give --out FOLDER'),
+            (['predict', str(tmp_path / 'notes'), str(tmp_path / 'imgs')],
+             f'{tmp_path / "notes"} is a folder without config.json (it holds: a.txt), so not a saved model')):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and says in err[-1], err
 
 
 def test_an_ood_threshold_outside_0_1_is_refused_from_python_too(tmp_path):

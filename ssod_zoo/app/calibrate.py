@@ -72,6 +72,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     in_place = args.out is None
     if args.val_dir and (args.data_root or args.download):
         p.error('--data-root and --download go with --protocol; --val-dir names the images itself')
+    if in_place and not (folder / 'config.json').is_file() and not folder.exists() and not (
+            args.model.startswith('hf-hub:') or _registered(args.model)):
+        p.error(f'{args.model}: no such file or folder (nor an hf-hub:org/repo or a registered ssod_<arch>.<tag>)')
     if in_place and not (folder / 'config.json').is_file():
         p.error(f'{args.model} is not a hub folder to update in place: give --out FOLDER for the new hub folder')
     if args.out and (Path(args.out) / 'model.safetensors').exists() and not args.overwrite:
@@ -165,6 +168,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
            'none chosen, so the spatial default; give --ood-dirs to choose one')
     print(f'ssod predict decides with --rule {readout or "spatial"} ({how})', file=sys.stderr)
     return {**thresholds, 'images': len(images), 'out': str(where), 'fpr95': fpr95, 'readout': readout}
+
+
+def _registered(name: str) -> bool:
+    import timm
+    return timm.is_model(name.split('.')[0])
 
 
 def _copy_saved(source: Path, out: Path) -> None:
