@@ -181,6 +181,10 @@ def test_ood_dirs_report_each_rules_fpr95_at_the_calibrated_point(folder, tmp_pa
     assert done['fpr95']['noise']['factor'] == pytest.approx(100 * (factor >= model.ood_threshold).float().mean())
     err = capsys.readouterr().err
     best = min(done['fpr95']['noise'], key=done['fpr95']['noise'].get)
+    # so few images get a warning with the binomial spread: sqrt(0.95 * 0.05 / 20), sqrt(0.25 / 8)
+    assert 'warning: only 20 ID images: the share of new ID images the thresholds keep may differ from 95% by about 5 ' \
+           'points' in err
+    assert 'warning: only 8 images in OOD set noise: an FPR95 measured on them is uncertain by up to 18 points' in err
     assert re.search(r'noise +8 +[0-9.]+ +[0-9.]+\n', err)
     # the lower rule becomes the model's readout, with what it was chosen on
     assert f'ssod predict decides with --rule {best} (chosen on these OOD images)' in err

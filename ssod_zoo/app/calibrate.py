@@ -40,6 +40,8 @@ from .protocols import PROTOCOLS
 
 __all__ = ['main']
 
+FEW = 100  # fewer images than this get a warning: the rates measured on them are too uncertain to rely on
+
 
 def main(argv: Optional[List[str]] = None) -> dict:
     p = argparse.ArgumentParser(prog='ssod calibrate', description=__doc__,
@@ -158,12 +160,23 @@ def main(argv: Optional[List[str]] = None) -> dict:
                                 ood_head_trained=trained,
                                 calibration={'data': args.data_name or name, 'images': len(images), 'keep': 0.95,
                                              **({'readout': chosen} if chosen else {})})
+    if len(images) < FEW:  # the binomial spread of a rate measured on n images: sqrt(p (1 - p) / n)
+        print(f'ssod calibrate: warning: only {len(images)} ID images: the share of new ID images the thresholds '
+              f'keep may differ from 95% by about {100 * (0.95 * 0.05 / len(images)) ** 0.5:.0f} points (one sd); '
+              'use a few hundred', file=sys.stderr)
+    for k, o in oods.items():
+        if len(o['ood_factor']) < FEW:
+            print(f'ssod calibrate: warning: only {len(o["ood_factor"])} images in OOD set {k}: an FPR95 measured '
+                  f'on them is uncertain by up to {100 * (0.25 / len(o["ood_factor"])) ** 0.5:.0f} points (one sd); '
+                  'use a few hundred', file=sys.stderr)
     shown = ', '.join(f'{k} = {v:.6g}' for k, v in thresholds.items() if v is not None)
     skipped = '' if trained else '; no ood_threshold: this model\'s OOD head was never trained'
     print(f'{len(images)} ID images: {shown} (each keeps 95% of them){skipped}; wrote {where}', file=sys.stderr)
     if fpr95:
         print(_fpr95_table(fpr95, {n: len(o['ood_factor']) for n, o in oods.items()}), file=sys.stderr)
-    how = ('chosen on these OOD images' if chosen else 'kept from before' if readout else
+    tied = chosen and len(set(chosen['fpr95'].values())) == 1
+    how = ('a tie on these OOD images, so the spatial default' if tied else
+           'chosen on these OOD images' if chosen else 'kept from before' if readout else
            "its only rule: this model's OOD head was never trained" if not trained else
            'none chosen, so the spatial default; give --ood-dirs to choose one')
     print(f'ssod predict decides with --rule {readout or "spatial"} ({how})', file=sys.stderr)
