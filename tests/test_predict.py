@@ -316,3 +316,17 @@ def test_a_reader_that_stops_early_ends_the_output_quietly(tmp_path):
     proc.stdout.close()  # as head does after its lines
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1 and 'Traceback' not in err and 'BrokenPipe' not in err, err
+
+
+def test_a_16_bit_grey_image_reads_as_its_8_bit_twin(calibrated, tmp_path):
+    """PIL opens a 16-bit PNG as 'I;16' and its convert('RGB') clips every value above 255 to white; predict and
+    the folder datasets scale it onto 0-255 instead, so it scores as the same picture saved in 8 bits."""
+    from ssod_zoo.app.images import read_image
+    grey = np.random.default_rng(0).integers(0, 256, (24, 24)).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / 'a8.png')
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / 'a16.png')
+    assert Image.open(tmp_path / 'a16.png').mode == 'I;16'
+    assert (np.asarray(read_image(tmp_path / 'a16.png')) == np.asarray(read_image(tmp_path / 'a8.png'))).all()
+    model = ssod_zoo.load_model(calibrated)
+    rows = {Path(r['path']).name: r for r in predict(model, find_images([str(tmp_path)]), device=torch.device('cpu'))}
+    assert rows['a16.png']['spatial_score'] == rows['a8.png']['spatial_score']

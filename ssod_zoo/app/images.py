@@ -12,7 +12,8 @@ from typing import Callable, List, Optional
 
 from torch.utils.data import Dataset
 
-__all__ = ['IMAGE_EXTENSIONS', 'ImageError', 'ImageFiles', 'class_folder', 'list_images', 'one_line', 'read_image']
+__all__ = ['IMAGE_EXTENSIONS', 'ImageError', 'ImageFiles', 'class_folder', 'list_images', 'one_line', 'read_image',
+           'to_rgb']
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
@@ -21,12 +22,24 @@ class ImageError(ValueError):
     """An image file that cannot be read, or a folder without images; the message names it."""
 
 
+def to_rgb(image):
+    """A PIL image as 8-bit RGB. A 16-bit grey image (``I;16``, as PIL opens 16-bit PNGs) is scaled onto 0-255;
+    PIL's own ``convert('RGB')`` clips it there, so every pixel above 255 of 65535 became white."""
+    if image.mode.startswith('I;16'):
+        import numpy as np
+        from PIL import Image
+        grey = np.asarray(image, dtype=np.float32) / 257.0  # 65535 -> 255
+        image = Image.fromarray(grey.round().astype(np.uint8), mode='L')
+    return image.convert('RGB')
+
+
 def read_image(path):
-    """The image at ``path`` as RGB; :class:`ImageError` naming the file if it is not a readable image."""
+    """The image at ``path`` as RGB (:func:`to_rgb`); :class:`ImageError` naming the file if it is not a readable
+    image."""
     from PIL import Image
     try:
         with open(path, 'rb') as f:
-            return Image.open(f).convert('RGB')
+            return to_rgb(Image.open(f))
     except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
         raise ImageError(f'cannot read image {path}: {type(e).__name__}: {e}') from None
 

@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..adapter import READOUTS
 from ..output import robust_posterior
 from .cli import AT_LEAST_0, AT_LEAST_1, bounded, device as device_arg
-from .images import IMAGE_EXTENSIONS, list_images
+from .images import IMAGE_EXTENSIONS, list_images, to_rgb
 
 __all__ = ['find_images', 'predict', 'default_rule', 'rule_thresholds', 'main', 'IMAGE_EXTENSIONS', 'COLUMNS', 'RULES']
 
@@ -110,7 +110,7 @@ class _Images(Dataset):
         from PIL import Image
         try:
             with open(self.paths[i], 'rb') as f:
-                image = Image.open(f).convert('RGB')
+                image = to_rgb(Image.open(f))
         except OSError as e:  # PIL's UnidentifiedImageError is an OSError
             return i, None, f'{type(e).__name__}: {e}'
         return i, self.transform(image), None
