@@ -36,6 +36,7 @@ class UntrainedOODHeadWarning(UserWarning):
     """``forward``/``forward_ssod`` of a model whose OOD head was never trained (``ood_head_trained`` False, a
     cross-entropy model): the ``ood_factor`` they return means nothing."""
 
+
 # index of "in-distribution" in the 2-way OOD head (paper Eq. 12: y_ood = 1 for ID patches)
 ID_INDEX: Final[int] = 1
 
