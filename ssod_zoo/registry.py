@@ -6,6 +6,7 @@ per-architecture model code. Weights are ``ssod_<arch>.<tag>`` entries in ``defa
 architecture only (no weights) and stays each architecture's default, so ``create_model('ssod_<arch>')`` never
 changes meaning when a weight is published.
 """
+import warnings
 from functools import partial
 from typing import Any, Optional
 
@@ -55,6 +56,9 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
         raise RuntimeError(f'{e} Published SSOD weights for {variant}: '
                            f'{timm.list_pretrained(variant + ".*") or "none"}.') from e
     name = f'{variant}{"." + cfg.tag if cfg.tag else ""}'
+    asked_size = (kwargs.get('pretrained_cfg_overlay') or {}).get('input_size')
+    calibrated_size = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg')).input_size \
+        if asked_size else None
     if pretrained:
         if not (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict):
             tags = timm.list_pretrained(variant + '.*')
@@ -92,6 +96,13 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
         hub._forget_calibration(model, name, weights_classes)  # 0: no classifier, the OOD factor's still holds
     if pretrained and isinstance(model, SSODModel) and model.num_classes == 0:
         model._forget_spatial_calibration()  # no classifier, so no spatial score to compare it with
+    if (pretrained and isinstance(model, SSODModel) and calibrated_size
+            and tuple(asked_size) != tuple(calibrated_size) and any(getattr(model, k) for k in hub.THRESHOLDS)):
+        warnings.warn(f'{name}: input_size {tuple(asked_size)} asked, and its thresholds were calibrated at '
+                      f'{tuple(calibrated_size)}, where both scores are other numbers; they are dropped (calibrate '
+                      'them at the new size: ssod calibrate)', stacklevel=4)
+        for key in hub.CALIBRATED:
+            setattr(model, key, None)
     return model
 
 

@@ -400,6 +400,20 @@ def test_a_folder_without_its_weights_drops_its_thresholds(tmp_path):
     assert args['ood_threshold'] is None and args['spatial_threshold'] is None and args['num_classes'] == 4
 
 
+def test_another_input_size_drops_the_thresholds_calibrated_at_the_weights_own(tmp_path):
+    """A threshold holds for the preprocessing it was calibrated with: asking for another input size drops the
+    calibration, with a warning that says so, from a tag and from a folder alike; the weights' own size keeps it."""
+    folder = Path(__file__).resolve().parent.parent / 'weights' / 'ssod_resnet18.fmnist'
+    for spec in ('ssod_resnet18.fmnist', f'local-dir:{folder}'):
+        with pytest.warns(UserWarning, match=r'input_size \(3, 128, 128\) asked, and its thresholds were calibrated '
+                                             r'at \(3, 64, 64\).*dropped') as caught:
+            model = timm.create_model(spec, pretrained=True, pretrained_cfg_overlay=dict(input_size=(3, 128, 128)))
+        assert caught[0].filename == __file__  # the warning points at the caller's line
+        assert (model.spatial_threshold, model.ood_threshold, model.readout) == (None, None, None)
+        same = timm.create_model(spec, pretrained=True, pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))
+        assert same.spatial_threshold is not None and same.readout == 'spatial'
+
+
 def test_a_new_classifier_drops_the_spatial_readout_and_keeps_the_factor_one(tmp_path):
     model = ssod_zoo.wrap('test_resnet', num_classes=4, ood_threshold=0.125, spatial_threshold=4.5, readout='spatial')
     model.reset_classifier(3)
