@@ -352,20 +352,23 @@ def _manifest_cfgs(arch_cfgs: Mapping[str, Mapping[str, Any]],
     return cfgs
 
 
-def _folder_head_trained(cfg: PretrainedCfg, cache_dir: Optional[Union[str, Path]] = None) -> Optional[bool]:
-    """The top-level ``ood_head_trained`` of a ``local-dir:`` folder's or an ``hf-hub:`` repo's ``config.json``: folders
-    written before it was also a model argument record a cross-entropy twin's untrained OOD head only there."""
+def _folder_config(cfg: PretrainedCfg, cache_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
+    """The ``config.json`` saved beside the weights ``cfg`` points at: a ``local-dir:`` folder's, an ``hf-hub:``
+    repo's, or a shipped tag's folder; {} when there is none or it cannot be read (the weights' own checks say what
+    is wrong with the folder or repo)."""
     try:
         if getattr(cfg, 'source', None) == 'local-dir' and cfg.file and Path(cfg.file).is_dir():
             path = Path(cfg.file) / CONFIG_NAME
+        elif cfg.file and (Path(cfg.file).parent / CONFIG_NAME).is_file():
+            path = Path(cfg.file).parent / CONFIG_NAME
         elif cfg.hf_hub_id:
             path = Path(_download(cfg.hf_hub_id, CONFIG_NAME, cache_dir))
         else:
-            return None
-        value = json.loads(path.read_text(encoding='utf-8')).get('ood_head_trained')
+            return {}
+        config = json.loads(path.read_text(encoding='utf-8'))
     except (OSError, ValueError, WeightsError):
-        return None  # the weights' own checks say what is wrong with the folder or repo
-    return None if value is None else bool(value)
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _repo_model_args(cfg: PretrainedCfg, cache_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:

@@ -51,7 +51,7 @@ from . import _card
 # the checks and clear errors behind every pretrained=True, and the shipped weights (re-exported for registry.py)
 from ._pretrained import (  # noqa: F401
     CONFIG_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MAX_SHIPPED_BYTES, WEIGHTS_NAME, WeightsError, _check_state_dict,
-    _clear_errors, _download, _folder_head_trained, _manifest_cfgs, _prepare_pretrained, _repo_model_args, _sha256,
+    _clear_errors, _download, _folder_config, _manifest_cfgs, _prepare_pretrained, _repo_model_args, _sha256,
     _shipped_model_args, _state_dict_mismatch, _weights_dir, not_cached)
 from .adapter import READOUTS, SSODModel, check_readout, check_spatial_threshold, check_threshold, wrap
 
@@ -133,7 +133,9 @@ def save_pretrained(
         spatial_threshold: rejection threshold on ``model.spatial_score`` to save; default
             ``model.spatial_threshold``.
         calibration: what the thresholds were calibrated on, ``{'data': name, 'images': N}``, when not the
-            training run's ID validation data (``ssod calibrate`` records it; the card shows it).
+            training run's ID validation data (``ssod calibrate`` records it; the card shows it). Default: the
+            record of the folder the model was loaded from, while its thresholds and readout are still that
+            folder's.
         ood_head_trained: whether the OOD head was trained; default: not ``train_config['ce_only']`` when a
             training config is given, else ``model.ood_head_trained``. False (a cross-entropy twin) saves no
             ``ood_threshold`` and no ``factor`` readout: its ``ood_factor`` means nothing.
@@ -154,6 +156,10 @@ def save_pretrained(
         ood_head_trained = False  # a twin loaded from its folder
     if ood_head_trained is False:
         threshold = None
+    held = getattr(model, '_calibration_record', None)
+    if calibration is None and held and ood_threshold is None and spatial_threshold is None and all(
+            held['state'].get(k) == getattr(model, k, None) for k in CALIBRATED):
+        calibration = held['record']  # a loaded folder saved again, its calibration untouched: its record goes too
     spatial = getattr(model, 'spatial_threshold', None) if spatial_threshold is None else spatial_threshold
     spatial = None if spatial is None else check_spatial_threshold(spatial)
     readout = getattr(model, 'readout', None)

@@ -76,10 +76,10 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
                 kwargs.setdefault(k, v)
             saved_args = {**repo_args, **saved_args}
             kwargs.setdefault('pretrained_model_args', saved_args)
-    if pretrained and 'ood_head_trained' not in kwargs:
-        trained = hub._folder_head_trained(cfg, kwargs.get('cache_dir'))
-        if trained is not None:
-            kwargs['ood_head_trained'] = trained
+    folder = hub._folder_config(cfg, kwargs.get('cache_dir')) if pretrained else {}
+    # folders written before ood_head_trained was a model argument record a twin only at the top level
+    if pretrained and 'ood_head_trained' not in kwargs and folder.get('ood_head_trained') is not None:
+        kwargs['ood_head_trained'] = bool(folder['ood_head_trained'])
     kwargs['pretrained_cfg_overlay'] = overlay
     with hub._clear_errors(name):
         model = build_model_with_cfg(
@@ -96,6 +96,10 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
         hub._forget_calibration(model, name, weights_classes)  # 0: no classifier, the OOD factor's still holds
     if pretrained and isinstance(model, SSODModel) and model.num_classes == 0:
         model._forget_spatial_calibration()  # no classifier, so no spatial score to compare it with
+    if pretrained and isinstance(model, SSODModel) and folder.get('calibration'):
+        # what the thresholds were calibrated on, for save_pretrained while they are still the folder's
+        model._calibration_record = {'record': folder['calibration'], 'state': {
+            k: (folder.get('model_args') or {}).get(k) for k in hub.CALIBRATED}}
     if (pretrained and isinstance(model, SSODModel) and calibrated_size
             and tuple(asked_size) != tuple(calibrated_size) and any(getattr(model, k) for k in hub.THRESHOLDS)):
         warnings.warn(f'{name}: input_size {tuple(asked_size)} asked, and its thresholds were calibrated at '

@@ -400,6 +400,28 @@ def test_a_folder_without_its_weights_drops_its_thresholds(tmp_path):
     assert args['ood_threshold'] is None and args['spatial_threshold'] is None and args['num_classes'] == 4
 
 
+def test_saving_a_loaded_model_again_keeps_its_calibration_record_while_it_holds(tmp_path):
+    """A folder's record of what its thresholds and readout were calibrated and chosen on goes with them when the
+    loaded model is saved again, by save_pretrained; once a threshold changes, it no longer describes them."""
+    shipped = Path(__file__).resolve().parent.parent / 'weights' / 'ssod_resnet18.fmnist'
+    record = json.loads((shipped / 'config.json').read_text())['calibration']
+    for spec in ('ssod_resnet18.fmnist', f'local-dir:{shipped}'):
+        model = timm.create_model(spec, pretrained=True)
+        again = ssod_zoo.save_pretrained(model, tmp_path / 'again')
+        assert json.loads((again / 'config.json').read_text())['calibration'] == record
+        card = ' '.join((again / 'README.md').read_text().split())
+        assert "the readout chosen for these weights on OOD validation images (fmnist_heldout, noise)" in card
+        assert f"({record['data']}, {record['images']} images)" in card
+    model.spatial_threshold = 7.5
+    moved = ssod_zoo.save_pretrained(model, tmp_path / 'moved')
+    assert 'calibration' not in json.loads((moved / 'config.json').read_text())
+    assert 'OOD validation images' not in (moved / 'README.md').read_text()
+    with pytest.warns(UserWarning, match='the classifier is new'):
+        other = timm.create_model('ssod_resnet18.fmnist', pretrained=True, num_classes=3)
+    fresh = ssod_zoo.save_pretrained(other, tmp_path / 'fresh')
+    assert 'calibration' not in json.loads((fresh / 'config.json').read_text())
+
+
 def test_another_input_size_drops_the_thresholds_calibrated_at_the_weights_own(tmp_path):
     """A threshold holds for the preprocessing it was calibrated with: asking for another input size drops the
     calibration, with a warning that says so, from a tag and from a folder alike; the weights' own size keeps it."""
