@@ -148,7 +148,7 @@ class SSODModel(nn.Module):
         if not torch.jit.is_scripting() and not torch.jit.is_tracing():
             self._check_input(x)
             if self.return_ood:
-                self._warn_untrained_head()
+                self._warn_untrained_head(stacklevel=5)  # the caller of model(x), through nn.Module.__call__
         if self.return_ood:
             return self._forward_ssod(x)  # checked once, above
         return self.forward_head(self.forward_features(x))
@@ -250,16 +250,16 @@ class SSODModel(nn.Module):
         """
         if not torch.jit.is_scripting() and not torch.jit.is_tracing():
             self._check_input(x)
-            self._warn_untrained_head()
+            self._warn_untrained_head(stacklevel=3)
         return self._forward_ssod(x)
 
     @torch.jit.unused
-    def _warn_untrained_head(self) -> None:
-        if not getattr(self, 'ood_head_trained', True):
+    def _warn_untrained_head(self, stacklevel: int) -> None:
+        if not getattr(self, 'ood_head_trained', True) and not torch.compiler.is_compiling():
             warnings.warn("this model's OOD head was never trained (ood_head_trained is False: weights trained with "
                           "cross-entropy alone), so the ood_factor it returns means nothing. Decide with "
                           "model.accepts(model.forward_scores(x)) (the spatial score), or create the model with "
-                          "return_ood=False for the logits alone", UntrainedOODHeadWarning, stacklevel=3)
+                          "return_ood=False for the logits alone", UntrainedOODHeadWarning, stacklevel=stacklevel)
 
     def _forward_ssod(self, x: torch.Tensor) -> SSODOutput:
         features = self.forward_features(x)

@@ -473,10 +473,11 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
 
 
 def saved_folder(spec: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> Optional[Path]:
-    """The folder that holds a saved model's ``config.json`` and ``model.safetensors`` (and its card, when it has
-    one): a folder or ``local-dir:FOLDER`` itself, a registered ``ssod_<arch>.<tag>``'s shipped folder, or an
-    ``hf-hub:org/repo`` snapshot in the Hugging Face cache (downloaded when not there). None for a training
-    checkpoint and for a tag whose weights are not a saved folder."""
+    """The folder of an SSOD model as :func:`save_pretrained` wrote it (a ``config.json`` naming an ``ssod_*``
+    architecture, ``model.safetensors``, and its card when it has one): a folder or ``local-dir:FOLDER`` itself, a
+    registered ``ssod_<arch>.<tag>``'s shipped folder, or an ``hf-hub:org/repo`` snapshot in the Hugging Face cache
+    (its files downloaded when not there). None for anything else: a training checkpoint, a plain timm model or
+    folder, a tag without a saved folder."""
     spec = str(spec)
     if Path(spec).is_file():
         return None
@@ -484,13 +485,29 @@ def saved_folder(spec: Union[str, Path], cache_dir: Optional[Union[str, Path]] =
     if spec.startswith('hf-hub:') or (not folder.is_dir() and timm.is_model(spec.split('.')[0])):
         cfg = None if spec.startswith('hf-hub:') else timm.models.get_pretrained_cfg(spec)
         if cfg is not None and cfg.file and (Path(cfg.file).parent / CONFIG_NAME).is_file():
-            return Path(cfg.file).parent
-        repo = spec[len('hf-hub:'):] if cfg is None else cfg.hf_hub_id
-        if not repo:
-            return None
-        _download(repo, WEIGHTS_NAME, cache_dir)
-        return _download(repo, CONFIG_NAME, cache_dir).parent
-    return folder if (folder / CONFIG_NAME).is_file() else None
+            folder = Path(cfg.file).parent
+        else:
+            repo = spec[len('hf-hub:'):] if cfg is None else cfg.hf_hub_id
+            if not repo:
+                return None
+            folder = _download(repo, CONFIG_NAME, cache_dir).parent
+            if not _saved_ssod(folder, weights=False):
+                return None
+            _download(repo, WEIGHTS_NAME, cache_dir)
+            try:
+                _download(repo, CARD_NAME, cache_dir)
+            except WeightsError:
+                pass  # a repo without a card: the copy gets one written from its config
+    return folder if _saved_ssod(folder) else None
+
+
+def _saved_ssod(folder: Path, weights: bool = True) -> bool:
+    """Whether ``folder`` holds an SSOD model's ``config.json`` (and, with ``weights``, its safetensors file)."""
+    try:
+        architecture = json.loads((folder / CONFIG_NAME).read_text(encoding='utf-8')).get('architecture')
+    except (OSError, ValueError, AttributeError):
+        return False
+    return str(architecture).startswith('ssod_') and (not weights or (folder / WEIGHTS_NAME).is_file())
 
 
 def _forget_calibration(model: SSODModel, name: str, weights_classes: int) -> None:

@@ -307,6 +307,20 @@ def test_compile_fullgraph_has_no_graph_break(name, return_ood):
         torch.testing.assert_close(out, eager, atol=1e-6, rtol=1e-6)
 
 
+def test_compile_fullgraph_of_a_cross_entropy_model():
+    """A twin's untrained-head warning stays out of the compiled graph: forward and forward_ssod compile whole."""
+    model = ssod_zoo.wrap(_model('ssod_test_resnet'), ood_head_trained=False)
+    torch._dynamo.reset()
+    x = _images(2)
+    with torch.no_grad(), pytest.warns(ssod_zoo.UntrainedOODHeadWarning):  # eager, for the reference
+        eager = model(x)
+    with torch.no_grad():
+        _assert_same(torch.compile(model, fullgraph=True, backend='eager')(x), eager, atol=1e-6, rtol=1e-6)
+        torch._dynamo.reset()
+        _assert_same(torch.compile(model.forward_ssod, fullgraph=True, backend='eager')(x), eager, atol=1e-6,
+                     rtol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('return_ood', [True, False], ids=['ssod_output', 'logits'])
 @pytest.mark.parametrize('name', COMPILE_MODELS)

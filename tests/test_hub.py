@@ -484,22 +484,37 @@ def test_push_to_hub_then_offline_hf_hub_round_trip(hf_home, model, images):
     assert list(loaded.pretrained_cfg['label_names']) == CLASS_NAMES
 
 
-def test_calibrate_out_from_a_cached_hub_repo_copies_it(hf_home, saved, tmp_path):
-    """`ssod calibrate hf-hub:org/repo --out DIR`, offline from the HF cache: the copy holds the repo's weights file
-    and card (its results), and the new thresholds."""
+def test_calibrate_out_from_a_hub_repo_copies_it(hub_server, saved, tmp_path):
+    """`ssod calibrate hf-hub:org/repo --out DIR`, from a Hub endpoint into an empty cache: the copy holds the
+    repo's weights file and card (its results: the card is fetched, as loading the model does not), and the new
+    thresholds."""
     from cli_helpers import save_images
     from ssod_zoo.app import calibrate
-    write_cache_repo(hf_home, 'me/cached', folder_files(saved))
-    assert hub.saved_folder('hf-hub:me/cached').parent.parent.name == 'models--me--cached'
+    hub_server.serve('me/served', folder_files(saved))
     out = tmp_path / 'calibrated'
-    calibrate.main(['hf-hub:me/cached', '--val-dir', str(save_images(tmp_path / 'val', 20, size=64)),
+    calibrate.main(['hf-hub:me/served', '--val-dir', str(save_images(tmp_path / 'val', 20, size=64)),
                     '--out', str(out)])
+    assert hub.saved_folder('hf-hub:me/served').parent.parent.name == 'models--me--served'
     assert (out / 'model.safetensors').read_bytes() == (saved / 'model.safetensors').read_bytes()
     assert (saved / 'README.md').read_text().split('## Results')[1] == (out / 'README.md').read_text().split(
         '## Results')[1]
     assert json.loads((out / 'config.json').read_text())['calibration']['images'] == 20
     assert timm.create_model(f'local-dir:{out}', pretrained=True).spatial_threshold != SPATIAL_THRESHOLD
     assert hub.saved_folder(tmp_path / 'nothing-here') is None and hub.saved_folder(f'local-dir:{saved}') == saved
+
+
+def test_calibrate_out_from_a_plain_timm_folder_saves_an_ssod_model(tmp_path):
+    """A folder timm's save_for_hf wrote holds no SSOD model to copy: --out saves the wrapped model instead, a
+    folder that loads as an SSOD model with the new thresholds."""
+    from cli_helpers import save_images
+    from ssod_zoo.app import calibrate
+    plain = tmp_path / 'plain'
+    timm.models.save_for_hf(timm.create_model('test_resnet', num_classes=4), plain, safe_serialization=True)
+    assert hub.saved_folder(plain) is None
+    calibrate.main([str(plain), '--val-dir', str(save_images(tmp_path / 'val', 20, size=64)),
+                    '--out', str(tmp_path / 'ssod')])
+    model = ssod_zoo.load_model(tmp_path / 'ssod')
+    assert isinstance(model, ssod_zoo.SSODModel) and model.spatial_threshold is not None
 
 
 def test_push_to_a_revision_and_load_it(hf_home, model, images):

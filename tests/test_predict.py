@@ -287,10 +287,11 @@ def test_a_cross_entropy_model_decides_with_the_spatial_score_alone(calibrated, 
     with torch.no_grad():
         scores = model.forward_scores(torch.zeros(2, 3, 64, 64))
         assert torch.isnan(scores.ood_factor).all()  # no OOD factor to read
-        with pytest.warns(ssod_zoo.UntrainedOODHeadWarning, match='never trained'):
+        with pytest.warns(ssod_zoo.UntrainedOODHeadWarning, match='never trained') as caught:
             assert 0 <= float(model(torch.zeros(2, 3, 64, 64)).ood_factor.min())  # forward keeps its contract
-        with pytest.warns(ssod_zoo.UntrainedOODHeadWarning):
+        with pytest.warns(ssod_zoo.UntrainedOODHeadWarning) as caught_ssod:
             model.forward_ssod(torch.zeros(1, 3, 64, 64))
+        assert caught[0].filename == caught_ssod[0].filename == __file__  # each points at the caller's line
     assert model.accepts(scores).shape == (2,)  # the spatial readout
     for factor in (scores.ood_factor, torch.tensor([0.25, 0.75])):
         with pytest.raises(ValueError, match='never trained'):
