@@ -254,6 +254,9 @@ def set_thresholds(save_dir: Union[str, Path], thresholds: Mapping[str, Optional
     if config.get('ood_head_trained') is False:  # a twin's folder from before the flag was a model argument
         config['model_args']['ood_head_trained'] = False
     chosen = (config.get('calibration') or {}).get('readout')
+    if chosen and not chosen.get('id_data') and (config.get('calibration') or {}).get('data'):
+        # a record from before id_data existed was made at the thresholds of the calibration it sits in
+        chosen = {**chosen, 'id_data': config['calibration']['data']}
     if readout is not None:
         chosen = {**readout, 'readout': check_readout(readout['readout'])}
         config['model_args']['readout'] = chosen['readout']

@@ -231,6 +231,9 @@ def test_the_chosen_readout_is_what_predict_decides_with_until_another_is_chosen
     calibrate.main([str(folder), '--val-dir', str(images)])
     assert 'decides with --rule factor (kept from before)' in capsys.readouterr().err
     assert ssod_zoo.load_model(folder).readout == 'factor'
+    # a record from before it named its ID images was made with the calibration it sat in, 'val': the card says so
+    assert 'measured at the thresholds of an earlier calibration on val (run' in ' '.join(
+        (folder / 'README.md').read_text().split())
     assert json.loads((folder / 'config.json').read_text())['calibration']['readout']['readout'] == 'factor'
     assert timm.create_model(f'local-dir:{folder}', pretrained=False).readout is None
     # a new folder keeps the choice too
