@@ -34,10 +34,11 @@ def _build(trunk: str, return_ood: bool = True, ood_threshold: Optional[float] =
 
 def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -> SSODModel:
     tag = kwargs.get('pretrained_cfg') if isinstance(kwargs.get('pretrained_cfg'), str) else None
+    folder_args = kwargs.get('pretrained_model_args') or {}  # timm's copy of a local-dir:/hf-hub: config's
+    given = {k for k in hub.CALIBRATED if k in kwargs and not (k in folder_args and kwargs[k] is folder_args[k])}
     # a registered weight brings the model arguments it was saved with (the thresholds, output_stride, ...)
     saved_args = hub._shipped_model_args(variant, tag)
     if not pretrained:  # the architecture the weights need, not the calibration made on them: no weights here
-        folder_args = kwargs.get('pretrained_model_args') or {}  # timm's copy of a local-dir:/hf-hub: config's
         for key in hub.CALIBRATED:
             saved_args.pop(key, None)
             if key in folder_args and kwargs.get(key) is folder_args[key]:  # the folder's, not the caller's own
@@ -101,12 +102,14 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
         model._calibration_record = {'record': folder['calibration'], 'state': {
             k: (folder.get('model_args') or {}).get(k) for k in hub.CALIBRATED}}
     if (pretrained and isinstance(model, SSODModel) and calibrated_size
-            and tuple(asked_size) != tuple(calibrated_size) and any(getattr(model, k) for k in hub.THRESHOLDS)):
+            and tuple(asked_size) != tuple(calibrated_size)
+            and any(getattr(model, k) is not None for k in hub.THRESHOLDS if k not in given)):
         warnings.warn(f'{name}: input_size {tuple(asked_size)} asked, and its thresholds were calibrated at '
                       f'{tuple(calibrated_size)}, where both scores are other numbers; they are dropped (calibrate '
-                      'them at the new size: ssod calibrate)', stacklevel=4)
+                      'them at the new size: ssod calibrate, or pass your own)', stacklevel=4)
         for key in hub.CALIBRATED:
-            setattr(model, key, None)
+            if key not in given:  # a caller's own values are for the size asked
+                setattr(model, key, None)
     return model
 
 

@@ -434,6 +434,10 @@ def test_another_input_size_drops_the_thresholds_calibrated_at_the_weights_own(t
         assert (model.spatial_threshold, model.ood_threshold, model.readout) == (None, None, None)
         same = timm.create_model(spec, pretrained=True, pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))
         assert same.spatial_threshold is not None and same.readout == 'spatial'
+        with pytest.warns(UserWarning, match='dropped'):  # a caller's own threshold is for the size asked
+            own = timm.create_model(spec, pretrained=True, spatial_threshold=4.0, readout='spatial',
+                                    pretrained_cfg_overlay=dict(input_size=(3, 96, 96)))
+        assert (own.spatial_threshold, own.readout, own.ood_threshold) == (4.0, 'spatial', None)
 
 
 def test_a_new_classifier_drops_the_spatial_readout_and_keeps_the_factor_one(tmp_path):
