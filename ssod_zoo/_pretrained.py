@@ -359,7 +359,7 @@ def _folder_config(cfg: PretrainedCfg, cache_dir: Optional[Union[str, Path]] = N
     try:
         if getattr(cfg, 'source', None) == 'local-dir' and cfg.file and Path(cfg.file).is_dir():
             path = Path(cfg.file) / CONFIG_NAME
-        elif cfg.file and (Path(cfg.file).parent / CONFIG_NAME).is_file():
+        elif cfg.file and str(cfg.file) in _SHIPPED_BY_FILE:  # a shipped tag's folder, not a user's file= overlay
             path = Path(cfg.file).parent / CONFIG_NAME
         elif cfg.hf_hub_id:
             path = Path(_download(cfg.hf_hub_id, CONFIG_NAME, cache_dir))

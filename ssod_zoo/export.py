@@ -122,7 +122,7 @@ def _metadata(model: SSODModel, input_size: Tuple[int, int, int]) -> Dict[str, s
             meta[f'ssod_zoo.{key}'] = repr(float(getattr(model, key)))
     if getattr(model, 'readout', None):  # the readout chosen for these weights: decide with its score
         meta['ssod_zoo.readout'] = READOUTS[check_readout(model.readout)].score
-    if not getattr(model, 'ood_head_trained', True):  # a cross-entropy model: its ood_factor output means nothing
+    if not getattr(model, 'ood_head_trained', True):  # a cross-entropy model: its ood_factor output is NaN
         meta['ssod_zoo.ood_head_trained'] = 'false'
     labels = cfg.get('label_names')
     if labels and len(labels) == model.num_classes:  # logits column i is label_names[i]

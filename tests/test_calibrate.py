@@ -250,7 +250,7 @@ def test_a_copy_keeps_what_the_saved_model_recorded(tmp_path, capsys):
     metrics = {'id_accuracy': 87.25, 'ood': {'noise': {'fpr95': 43.75, 'auroc': 81.5, 'aupr_in': 80.0,
                                                        'aupr_out': 70.0}}}
     source = ssod_zoo.save_pretrained(model, tmp_path / 'hub', class_names=NAMES, metrics=metrics,
-                                      train_config={'ce_only': False, 'img_size': 64, 'epochs': 13})
+                                      train_config={'ce_only': False, 'img_size': 64, 'epochs': 137})
     images = save_images(tmp_path / 'val', 20, size=40)
     ood = save_images(tmp_path / 'ood' / 'noise', 8, seed=5, size=40)
     calibrate.main([str(source), '--val-dir', str(images), '--ood-dirs', str(ood)])
@@ -265,7 +265,7 @@ def test_a_copy_keeps_what_the_saved_model_recorded(tmp_path, capsys):
     assert config['calibration']['data'] == 'my images' and config['calibration']['images'] == 21
     assert config['calibration']['readout'] == record and config['model_args']['readout'] == record['readout']
     card = ' '.join((copy / 'README.md').read_text().replace('\\\n', '').split())
-    assert '87.25' in card and '43.75' in card and '13' in card  # the source's results and training config
+    assert '87.25' in card and '43.75' in card and '"epochs": 137' in card  # its results and training config
     assert "The OOD rows score `ood_factor`, the paper's Eq. 15" in card  # whichever rule the weights decide with
     assert f'measured at the thresholds of an earlier calibration on {tmp_path.name}/val' in card
     assert '(my images, 21 images)' in card
@@ -293,3 +293,16 @@ def test_a_card_written_by_hand_gets_the_threshold_section_once(folder):
     card = (folder / 'README.md').read_text()
     assert card.startswith('# my model\n\nWritten by hand') and card.count('## Rejection thresholds') == 1
     assert '`model.spatial_threshold = 5.25`' in card and '4.5' not in card and card.endswith('DIR`.\n')
+
+
+def test_a_tie_goes_to_the_spatial_default_and_says_so():
+    """Two rules with the same average FPR95 (a handful of OOD images often gives 100 and 100): the spatial rule,
+    and the last line calls it a tie rather than a choice."""
+    from ssod_zoo.app.calibrate import _choose, _why
+    tie = _choose({'a': {'spatial': 100.0, 'factor': 100.0}, 'b': {'spatial': 50.0, 'factor': 50.0}})
+    assert tie['readout'] == 'spatial' and _why(tie, 'spatial', True) == 'a tie on these OOD images, so the spatial ' \
+                                                                          'default'
+    won = _choose({'a': {'spatial': 60.0, 'factor': 40.0}})
+    assert won['readout'] == 'factor' and _why(won, 'factor', True) == 'chosen on these OOD images'
+    assert _choose({'a': {'spatial': 60.0}}) is None  # a twin: one rule, nothing to choose
+    assert _why(None, None, False) == "its only rule: this model's OOD head was never trained"

@@ -174,13 +174,22 @@ def main(argv: Optional[List[str]] = None) -> dict:
     print(f'{len(images)} ID images: {shown} (each keeps 95% of them){skipped}; wrote {where}', file=sys.stderr)
     if fpr95:
         print(_fpr95_table(fpr95, {n: len(o['ood_factor']) for n, o in oods.items()}), file=sys.stderr)
-    tied = chosen and len(set(chosen['fpr95'].values())) == 1
-    how = ('a tie on these OOD images, so the spatial default' if tied else
-           'chosen on these OOD images' if chosen else 'kept from before' if readout else
-           "its only rule: this model's OOD head was never trained" if not trained else
-           'none chosen, so the spatial default; give --ood-dirs to choose one')
-    print(f'ssod predict decides with --rule {readout or "spatial"} ({how})', file=sys.stderr)
+    print(f'ssod predict decides with --rule {readout or "spatial"} ({_why(chosen, readout, trained)})',
+          file=sys.stderr)
     return {**thresholds, 'images': len(images), 'out': str(where), 'fpr95': fpr95, 'readout': readout}
+
+
+def _why(chosen: Optional[dict], readout: Optional[str], trained: bool) -> str:
+    """Where the rule ``ssod predict`` will decide with came from, for the last line."""
+    if chosen and len(set(chosen['fpr95'].values())) == 1:
+        return 'a tie on these OOD images, so the spatial default'
+    if chosen:
+        return 'chosen on these OOD images'
+    if readout:
+        return 'kept from before'
+    if not trained:
+        return "its only rule: this model's OOD head was never trained"
+    return 'none chosen, so the spatial default; give --ood-dirs to choose one'
 
 
 def _registered(name: str) -> bool:
