@@ -182,8 +182,8 @@ def test_ood_dirs_report_each_rules_fpr95_at_the_calibrated_point(folder, tmp_pa
     err = capsys.readouterr().err
     best = min(done['fpr95']['noise'], key=done['fpr95']['noise'].get)
     # so few images get a warning with the binomial spread: sqrt(0.95 * 0.05 / 20), sqrt(0.25 / 8)
-    assert 'warning: only 20 ID images: the share of new ID images the thresholds keep may differ from 95% by about 5 ' \
-           'points' in err
+    assert ('warning: only 20 ID images: the share of new ID images the thresholds keep may differ from 95% by '
+            'about 5 points') in err
     assert 'warning: only 8 images in OOD set noise: an FPR95 measured on them is uncertain by up to 18 points' in err
     assert re.search(r'noise +8 +[0-9.]+ +[0-9.]+\n', err)
     # the lower rule becomes the model's readout, with what it was chosen on
@@ -300,8 +300,8 @@ def test_a_tie_goes_to_the_spatial_default_and_says_so():
     and the last line calls it a tie rather than a choice."""
     from ssod_zoo.app.calibrate import _choose, _why
     tie = _choose({'a': {'spatial': 100.0, 'factor': 100.0}, 'b': {'spatial': 50.0, 'factor': 50.0}})
-    assert tie['readout'] == 'spatial' and _why(tie, 'spatial', True) == 'a tie on these OOD images, so the spatial ' \
-                                                                          'default'
+    assert tie['readout'] == 'spatial'
+    assert _why(tie, 'spatial', True) == 'a tie on these OOD images, so the spatial default'
     won = _choose({'a': {'spatial': 60.0, 'factor': 40.0}})
     assert won['readout'] == 'factor' and _why(won, 'factor', True) == 'chosen on these OOD images'
     assert _choose({'a': {'spatial': 60.0}}) is None  # a twin: one rule, nothing to choose
