@@ -161,7 +161,8 @@ def model_card(config: Dict[str, Any], *, train_config: Optional[Mapping[str, An
             task_type='image-classification', task_name='Image Classification', dataset_type=_slug(id_dataset),
             dataset_name=id_dataset, dataset_split=metrics.get('split', 'validation'), metric_type='accuracy',
             metric_name='ID top-1 accuracy (%)', metric_value=round(float(metrics['id_accuracy']), 4)))
-    for set_name, values in ood.items():
+    # a cross-entropy model's OOD rows score a head never trained: the card's table says so, the Hub's index gets none
+    for set_name, values in (ood.items() if ood_head_trained(config, train_config) else ()):
         results += [EvalResult(
             task_type='out-of-distribution-detection', task_name='Out-of-distribution detection',
             dataset_type=_slug(set_name), dataset_name=f'{set_name} (OOD) vs {id_dataset} (ID)',

@@ -114,3 +114,20 @@ def test_resume_of_a_finished_run_and_with_changed_flags(tiny, tmp_path, capsys)
     assert '--lr 0.001 (asked 0.05)' in err
     ckpt = torch.load(tmp_path / 'last.pt', map_location='cpu', weights_only=True)
     assert ckpt['epoch'] == 2 and ckpt['config']['lr'] == 1e-3  # records what the run used
+
+
+def test_a_feature_map_of_a_few_positions_gets_a_warning(capsys):
+    """At 32 px test_resnet's map is 1x1: nothing for Eq. 12 to sample as background. The warning names the size
+    and both ways out; the shipped weights' setting (96 px, output stride 16, a 6x6 map) gets none."""
+    import timm
+    cfg = TrainConfig(model='ssod_test_resnet', img_size=32)
+    model = timm.create_model('ssod_test_resnet', num_classes=3)
+    model.pretrained_cfg = {**model.pretrained_cfg, 'input_size': (3, 32, 32)}
+    train_mod._warn_small_map(model, cfg)
+    err = capsys.readouterr().err
+    assert 'at 32x32 px ssod_test_resnet gives a 1x1 feature map' in err
+    assert '--img-size' in err and 'output_stride=16' in err and model.training
+    model = timm.create_model('ssod_test_resnet', num_classes=3, output_stride=16)
+    model.pretrained_cfg = {**model.pretrained_cfg, 'input_size': (3, 96, 96)}
+    train_mod._warn_small_map(model, cfg)
+    assert capsys.readouterr().err == ''

@@ -1069,3 +1069,14 @@ def test_the_cards_results_say_which_score_their_ood_rows_are(saved, readout, tr
     config['model_args']['readout'], config['ood_head_trained'] = readout, trained
     card = ' '.join(str(_card.model_card(config, train_config=None, metrics=METRICS, name='x')).split())
     assert "The OOD rows score `ood_factor`" in card and says in card
+
+
+def test_a_cross_entropy_models_card_indexes_no_ood_results(saved):
+    """The Hub's model-index is read by machines that never see the card's caveat: a twin's untrained-head OOD rows
+    stay out of it (its accuracy stays in)."""
+    from ssod_zoo import _card
+    config = json.loads((saved / 'config.json').read_text())
+    kinds = lambda trained: {r.task_type for r in _card.model_card(  # noqa: E731
+        {**config, 'ood_head_trained': trained}, train_config=None, metrics=METRICS, name='x').data.eval_results}
+    assert kinds(True) == {'image-classification', 'out-of-distribution-detection'}
+    assert kinds(False) == {'image-classification'}

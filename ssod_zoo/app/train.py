@@ -292,6 +292,8 @@ def train(cfg: TrainConfig) -> dict:
     train_tf, eval_tf = _transforms(model, cfg)
     # the model carries the preprocessing it is trained with: checkpoints, hub folders, eval and export read it
     model.pretrained_cfg = {**model.pretrained_cfg, **eval_data_config(model, cfg)}
+    if master and not cfg.ce_only:
+        _warn_small_map(model, cfg)
     train_set = _SeededTransform(datasets['train'], train_tf, cfg.seed)
     eval_sets = {k: _SeededTransform(v, eval_tf, cfg.seed) for k, v in datasets.items() if k != 'train'}
     steps_per_epoch = len(train_set) // cfg.batch_size
@@ -966,6 +968,22 @@ def _progress(loader, enabled: bool, desc: str, start: int, total: int):
         return loader
     from tqdm.auto import tqdm
     return tqdm(loader, desc=desc, initial=start, total=total, dynamic_ncols=True, leave=False)
+
+
+def _warn_small_map(model: nn.Module, cfg: TrainConfig, least: int = 9) -> None:
+    """SSOD samples its ID and OOD patches among the positions of the feature map (Eq. 12): a map of a few
+    positions has no background to sample, and the position readouts are the pooled ones."""
+    size = tuple(model.pretrained_cfg['input_size'])
+    was = model.training
+    model.eval()  # no batch-norm statistics move
+    with torch.no_grad():
+        h, w = model.forward_features(torch.zeros(1, *size)).shape[-2:]
+    model.train(was)
+    if h * w < least:
+        print(f'warning: at {size[1]}x{size[2]} px {cfg.model} gives a {h}x{w} feature map, and SSOD samples its ID '
+              f'and OOD patches among its positions (Eq. 12): so few leave little or no background to sample, and '
+              'the position readouts equal the pooled ones. Train at a larger --img-size, or with a finer map '
+              '(--model-kwargs output_stride=16, as the shipped weights are)', file=sys.stderr)
 
 
 def _warn_starved_sampler(train_log: dict, cfg: TrainConfig, num_classes: int, floor: float = 0.05) -> None:
