@@ -9,6 +9,7 @@ import matplotlib.axes
 import pytest
 import torch
 
+import ssod_zoo
 from ssod_zoo import metrics
 from ssod_zoo.app import evaluate, plots
 from ssod_zoo.app.report import bootstrap_ci, bootstrap_metrics, fit_detectors
@@ -172,3 +173,11 @@ def test_targets_follow_the_rows_a_protocol_wrapper_selects():
     assert _targets(listed) == [2, 0, 1]
     assert _paths(Subset(listed, [2, 1])) == ['2.png', '1.png'] and _targets(Subset(listed, [2, 1])) == [1, 0]
     assert _paths(_Classes(listed, [0, 2], {2: 0, 1: 1}, ['a', 'b'])) == []  # rows it selects, paths it lacks
+
+
+def test_a_cross_entropy_model_under_test_is_named_as_one(data, tmp_path):
+    """`ssod eval --model` of a twin: its ood_factor rows score a head never trained, and a warning says so."""
+    twin = ssod_zoo.save_pretrained(ssod_zoo.load_model(data['ckpt']), tmp_path / 'ce', train_config={'ce_only': True})
+    with pytest.warns(UserWarning, match=r'trained with cross-entropy alone .* measure nothing'):
+        evaluate.main(['--model', str(twin), '--val-dir', str(data['val']), '--ood-dirs', str(data['flat']),
+                       '--out', str(tmp_path / 'out'), '--workers', '0', '--no-plots', '--bootstrap', '0'])

@@ -369,6 +369,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if args.img_size and trained and trained[-1] != args.img_size and calibrated:
         warnings.warn(f'{args.model} was trained and its thresholds calibrated at {trained[-1]} px; scoring at '
                       f'{args.img_size} px shifts its scores, so accept rates at its thresholds will differ')
+    if not getattr(model, 'ood_head_trained', True):
+        warnings.warn(f'{args.model} was trained with cross-entropy alone (ood_head_trained is False): its OOD head '
+                      'was never trained, so the rows built on its ood_factor (the OOD factor, the posteriors) '
+                      'measure nothing; read its position rows, and the post-hoc baselines')
     data_args = {k: v for k, v in {'input_size': args.img_size and (3, args.img_size, args.img_size),
                                    'crop_pct': args.crop_pct}.items() if v}
     transform = timm.data.create_transform(**timm.data.resolve_data_config(data_args, model=model))
