@@ -369,6 +369,13 @@ def test_eval_checks_its_class_folders_end_to_end(two_class_folders, tmp_path, c
     (tmp_path / 'val' / 'a').rename(tmp_path / 'val' / '0_a')
     with pytest.warns(UserWarning, match=r'the class folders of .*val \(0_a, b\) are not the label names'):
         two_class_folders('hub')
+    # one of the model's names, at another place: its images would be graded as the other class
+    (tmp_path / 'val' / '0_a').rename(tmp_path / 'val' / 'c')
+    with pytest.raises(SystemExit) as e:
+        two_class_folders('hub')
+    assert e.value.code == 2
+    assert "folder 'b' is number 0 in sorted order, so ID accuracy would take it for the model's class 1 of 'b'" in \
+        capsys.readouterr().err
 
 
 def test_eval_of_a_tag_without_default_weights_is_one_line(tmp_path, capsys):

@@ -298,6 +298,12 @@ def _check_class_folders(p: argparse.ArgumentParser, which: str, model, classes:
         p.error(f'{val_dir} has the model\'s class folders, but ImageFolder numbers them in sorted order '
                 f'({", ".join(classes)}) and the model\'s classes are in another{expected}; rename the folders so '
                 'that they sort in the model\'s order, e.g. with a 00_, 01_, ... prefix')
+    moved = [(c, i, names.index(c)) for i, c in enumerate(classes) if c in names and names.index(c) != i]
+    if moved:  # a folder named after one of the model's classes would be graded as another
+        c, i, j = moved[0]
+        p.error(f'{val_dir}: folder {c!r} is number {i} in sorted order, so ID accuracy would take it for the '
+                f'model\'s class {j} of {names[j]!r}, not its own{expected}; the folders must be the model\'s classes, '
+                'in its order')
     warnings.warn(f'the class folders of {val_dir} ({", ".join(classes)}) are not the label names of {which}'
                   f'{expected}; ID accuracy and the per-class fits take folder i, in sorted order, as class i')
 
