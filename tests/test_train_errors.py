@@ -14,7 +14,8 @@ def test_corrupt_images_are_counted_and_named_in_one_line(small_bench, tmp_path,
     for p in bad:
         p.write_bytes(b'not a png')
     with pytest.raises(SystemExit) as e:
-        main(['--model', 'ssod_test_resnet', '--data', 'folder', '--train-dir', str(data),
+        main(['--model', 'ssod_test_resnet', '--model-kwargs', 'output_stride=16', '--data', 'folder',
+              '--train-dir', str(data),
               '--val-dir', str(small_bench / 'id' / 'val'), '--img-size', '64', '--batch-size', '8',
               '--workers', str(workers), '--epochs', '1', '--out-dir', str(tmp_path / 'run'), '--no-progress'])
     assert e.value.code == 2

@@ -292,8 +292,6 @@ def train(cfg: TrainConfig) -> dict:
     train_tf, eval_tf = _transforms(model, cfg)
     # the model carries the preprocessing it is trained with: checkpoints, hub folders, eval and export read it
     model.pretrained_cfg = {**model.pretrained_cfg, **eval_data_config(model, cfg)}
-    if master and not cfg.ce_only:
-        _warn_small_map(model, cfg)
     train_set = _SeededTransform(datasets['train'], train_tf, cfg.seed)
     eval_sets = {k: _SeededTransform(v, eval_tf, cfg.seed) for k, v in datasets.items() if k != 'train'}
     steps_per_epoch = len(train_set) // cfg.batch_size
@@ -307,6 +305,8 @@ def train(cfg: TrainConfig) -> dict:
         print(f'training {cfg.model} on {device}' + (f' x {world} ranks ({dist.get_backend()})' if ddp else '') +
               f': {len(train_set)} images of {len(class_names)} classes, {steps_per_epoch} steps of '
               f'{cfg.batch_size} per epoch, {cfg.epochs} epochs, into {out_dir}', flush=True)
+    if master and not cfg.ce_only:
+        _warn_small_map(model, cfg)  # on the CPU, before the model moves
 
     # ---------------------------------------------------------------------------------------------- model
     model.to(device)
