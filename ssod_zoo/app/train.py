@@ -287,6 +287,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # ----------------------------------------------------------------------------------------------- data
     datasets = _datasets(cfg, master)
+    _check_eval_images(cfg)
     class_names = datasets['train'].classes
     model = _model(cfg, num_classes=len(class_names))
     train_tf, eval_tf = _transforms(model, cfg)
@@ -816,6 +817,21 @@ def _checked_loader(path: str):
         return read_image(path)
     except ImageError as e:
         raise UnreadableImage(str(e)) from None
+
+
+def _check_eval_images(cfg: TrainConfig) -> None:
+    """The validation and OOD folders are first read after an epoch of training, which a bad file would then cost:
+    a header check of each of their files now (fast; a file cut short still shows only when it is read)."""
+    if cfg.data in PROTOCOLS or cfg.data == 'synthetic':
+        return
+    from PIL import Image
+    from .images import list_images
+    for folder in (d for d in (cfg.val_dir, *cfg.ood_dirs) if d):
+        for path in list_images(folder):
+            try:
+                Image.open(path).close()
+            except Exception:  # any parser error: the report checks every file and names them
+                raise UnreadableImage(f'cannot read image {path}') from None
 
 
 def _unreadable_report(cfg: TrainConfig, shown: int = 3) -> str:
