@@ -131,3 +131,16 @@ def test_a_feature_map_of_a_few_positions_gets_a_warning(capsys):
     model.pretrained_cfg = {**model.pretrained_cfg, 'input_size': (3, 96, 96)}
     train_mod._warn_small_map(model, cfg)
     assert capsys.readouterr().err == ''
+
+
+def test_val_classes_unlike_the_training_ones_are_named(tiny, tmp_path, capsys):
+    """The message names the class folders that differ, not a truncated pair of lists."""
+    import shutil
+    val = shutil.copytree(tiny['val'], tmp_path / 'val')
+    shutil.rmtree(val / 'cat')
+    (val / 'dog').rename(val / 'wolf')
+    with pytest.raises(SystemExit):
+        main(_args(tiny, tmp_path / 'run', '--val-dir', str(val)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ('ssod train: error: --val-dir and --train-dir must have the same class folders: --val-dir '
+                       'lacks cat, dog; has wolf that --train-dir has not (2 against 3 classes)'), err

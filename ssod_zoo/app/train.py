@@ -879,8 +879,12 @@ def _datasets(cfg: TrainConfig, master: bool) -> Dict[str, Dataset]:
         return out
     out = {'train': _image_folder(cfg.train_dir, 'train-dir'), 'val': _image_folder(cfg.val_dir, 'val-dir')}
     if out['val'].classes != out['train'].classes:
-        raise TrainError(f'--val-dir has classes {out["val"].classes[:5]}..., --train-dir '
-                         f'{out["train"].classes[:5]}...: they must be the same')
+        val, train_ = out['val'].classes, out['train'].classes
+        missing, extra = [c for c in train_ if c not in val], [c for c in val if c not in train_]
+        raise TrainError(f'--val-dir and --train-dir must have the same class folders: --val-dir '
+                         + '; '.join(x for x in (missing and f'lacks {", ".join(missing[:5])}',
+                                                 extra and f'has {", ".join(extra[:5])} that --train-dir has not')
+                                     if x) + f' ({len(val)} against {len(train_)} classes)')
     for d in cfg.ood_dirs:  # an OOD set has no classes: every image under the folder, flat or nested
         from .images import ImageError, ImageFiles
         try:
