@@ -39,7 +39,7 @@ def accepted(model, ds, tf) -> dict:
     kept = {'spatial': model.accepts(torch.cat([o.spatial_score for o in out]), readout='spatial')}
     if model.ood_head_trained:
         kept['factor'] = model.accepts(torch.cat([o.ood_factor for o in out]), readout='factor')
-    return {rule: k for rule, k in kept.items()}
+    return kept
 
 
 def measure(data_root: Path) -> dict:

@@ -89,7 +89,7 @@ def check_readout(readout: str) -> str:
 
 
 # the attributes that hold for the weights they were calibrated on: the thresholds and the readout chosen for them
-_CALIBRATION = (*(r.attribute for r in READOUTS.values()), 'readout')
+CALIBRATED = (*(r.attribute for r in READOUTS.values()), 'readout')
 
 
 def _require_pooled(pooled: torch.Tensor) -> None:
@@ -135,7 +135,7 @@ class SSODModel(nn.Module):
         the calibration as the model holds it now rather than as it was built: a model without the folder's weights,
         with a new classifier or with its calibration dropped must not write the old thresholds and readout."""
         args = dict(self.__dict__.get('_built_args', {}))
-        for key in _CALIBRATION:
+        for key in CALIBRATED:
             if key in args or getattr(self, key, None) is not None:
                 args[key] = getattr(self, key, None)
         return args

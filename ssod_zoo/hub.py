@@ -53,7 +53,8 @@ from ._pretrained import (  # noqa: F401
     CONFIG_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MAX_SHIPPED_BYTES, WEIGHTS_NAME, WeightsError, _check_state_dict,
     _clear_errors, _download, _folder_config, _manifest_cfgs, _prepare_pretrained, _repo_model_args, _sha256,
     _shipped_model_args, _state_dict_mismatch, _weights_dir, not_cached)
-from .adapter import READOUTS, SSODModel, check_readout, check_spatial_threshold, check_threshold, wrap
+from .adapter import (  # noqa: F401  (CALIBRATED: what holds only for the weights it was calibrated on)
+    CALIBRATED, READOUTS, SSODModel, check_readout, check_spatial_threshold, check_threshold, wrap)
 
 __all__ = ['WeightsError', 'calibrate_threshold', 'load_checkpoint', 'load_model', 'push_folder', 'push_to_hub',
            'save_pretrained', 'write_card']
@@ -62,8 +63,6 @@ CARD_NAME = 'README.md'
 CHECKPOINT_FORMAT = 'ssod_zoo.train/1'
 # the calibrated thresholds a model, a checkpoint and a hub folder's model_args carry, one per readout
 THRESHOLDS = tuple(r.attribute for r in READOUTS.values())
-# and what holds only for the weights they were calibrated on: the thresholds and the readout chosen for them
-CALIBRATED = (*THRESHOLDS, 'readout')
 
 
 # ---------------------------------------------------------------------------------------------------------------

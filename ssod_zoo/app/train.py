@@ -819,35 +819,36 @@ def _checked_loader(path: str):
         raise UnreadableImage(str(e)) from None
 
 
+def _unreadable(files, verify: bool = True):
+    """``(path, why)`` for each of ``files`` PIL cannot open (a header check), or with ``verify`` cannot parse."""
+    from PIL import Image
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                if verify:
+                    im.verify()
+        except Exception as e:  # the formats' parsers raise what they raise
+            yield path, f'{type(e).__name__}: {e}'
+
+
 def _check_eval_images(cfg: TrainConfig) -> None:
     """The validation and OOD folders are first read after an epoch of training, which a bad file would then cost:
     a header check of each of their files now (fast; a file cut short still shows only when it is read)."""
     if cfg.data in PROTOCOLS or cfg.data == 'synthetic':
         return
-    from PIL import Image
     from .images import list_images
-    for folder in (d for d in (cfg.val_dir, *cfg.ood_dirs) if d):
-        for path in list_images(folder):
-            try:
-                Image.open(path).close()
-            except Exception:  # any parser error: the report checks every file and names them
-                raise UnreadableImage(f'cannot read image {path}') from None
+    files = (p for d in (cfg.val_dir, *cfg.ood_dirs) if d for p in list_images(d))
+    for path, why in _unreadable(files, verify=False):  # the first one stops it; the report names them all
+        raise UnreadableImage(f'cannot read image {path} ({why})')
 
 
 def _unreadable_report(cfg: TrainConfig, shown: int = 3) -> str:
     """One line: how many images of the run's folders cannot be read, and the first few (a header check of each
     file, run only after one failed, so a large folder is reported in one go rather than one crash at a time)."""
-    from PIL import Image
     from .images import list_images
     folders = [d for d in (cfg.train_dir, cfg.val_dir, *cfg.ood_dirs) if d]
     files = sorted(p for d in folders for p in list_images(d))
-    bad = []
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                im.verify()
-        except Exception as e:  # verify() raises whatever the format's parser raises
-            bad.append((p, f'{type(e).__name__}: {e}'))
+    bad = list(_unreadable(files))
     if not bad:
         return 'an image could not be read while training, but every file reads now; check the storage'
     (first, why), rest = bad[0], [str(p) for p, _ in bad[1:shown]]
@@ -881,7 +882,7 @@ def _datasets(cfg: TrainConfig, master: bool) -> Dict[str, Dataset]:
     if out['val'].classes != out['train'].classes:
         val, train_ = out['val'].classes, out['train'].classes
         missing, extra = [c for c in train_ if c not in val], [c for c in val if c not in train_]
-        raise TrainError(f'--val-dir and --train-dir must have the same class folders: --val-dir '
+        raise TrainError('--val-dir and --train-dir must have the same class folders: --val-dir '
                          + '; '.join(x for x in (missing and f'lacks {", ".join(missing[:5])}',
                                                  extra and f'has {", ".join(extra[:5])} that --train-dir has not')
                                      if x) + f' ({len(val)} against {len(train_)} classes)')
