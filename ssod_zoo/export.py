@@ -284,7 +284,7 @@ def _build_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int
             raise SystemExit(f'error: {e}') from e
         _check_classes(num_classes, model.num_classes, spec)
         return model
-    if not timm.is_model(spec.split('.')[0]):
+    if not hub.registered(spec):
         raise SystemExit(f'error: unknown model {spec!r}; SSOD models: {", ".join(timm.list_models("ssod_*"))}')
     kwargs: Dict[str, Any] = {}
     if checkpoint is not None:

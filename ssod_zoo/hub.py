@@ -81,7 +81,7 @@ def calibrate_threshold(id_ood_factors: Union[torch.Tensor, Sequence[float]], tp
 
     Args:
         id_ood_factors: (N,) scores of ID validation images (``ood_factor`` or ``model.spatial_score``), N >= 1,
-            all finite.
+            all finite. Too few to resolve ``tpr`` (under 20 at 0.95) give their minimum, with a warning.
         tpr: fraction of ID images to keep, in (0, 1]; 0.95 is the operating point of FPR95.
 
     Returns:
@@ -98,6 +98,10 @@ def calibrate_threshold(id_ood_factors: Union[torch.Tensor, Sequence[float]], tp
         raise ValueError(f'tpr must be in (0, 1], got {tpr}')
     # round before ceil so that e.g. 0.95 * 60 = 57.000000000000007 keeps 57 images, not 58
     keep = max(1, math.ceil(round(tpr * x.numel(), 6)))
+    if keep == x.numel() and tpr < 1.0:
+        warnings.warn(f'calibrate_threshold: {x.numel()} ID value(s) cannot resolve tpr={tpr} (that takes at least '
+                      f'{math.ceil(round(1 / (1 - tpr), 6))}; a few hundred for a stable threshold), so the threshold '
+                      'is their minimum and keeps all of them; calibrate on more ID validation images', stacklevel=2)
     return float(torch.sort(x.flatten().cpu(), descending=True).values[keep - 1])
 
 
@@ -326,8 +330,9 @@ def push_to_hub(
     """
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_pretrained(model, Path(tmp) / repo_id.split('/')[-1], **save_kwargs)  # the card's name
-        return push_folder(folder, repo_id, revision=revision, private=private, token=token,
-                           commit_message=commit_message, api=api)
+        return _upload(folder, repo_id, revision, private, token, commit_message, api,
+                       later='write the folder now with ssod_zoo.save_pretrained(model, DIR, ...) and upload it later '
+                             f'with ssod_zoo.push_folder(DIR, {repo_id!r}) or `hf upload {repo_id} DIR`')
 
 
 def push_folder(
@@ -342,13 +347,43 @@ def push_folder(
 ):
     """Upload a folder as it is (one :func:`save_pretrained` wrote, or ``ssod release``) to a Hub model repo,
     created if needed; the arguments are :func:`push_to_hub`'s. Returns the ``CommitInfo`` of the upload."""
+    return _upload(folder, repo_id, revision, private, token, commit_message, api,
+                   later=f'the folder is untouched: upload it later with the same call or '
+                         f'`hf upload {repo_id} {folder}`')
+
+
+def _upload(folder, repo_id, revision, private, token, commit_message, api, later: str):
+    """:func:`push_folder`. A network, offline-mode or Hub HTTP error propagates as huggingface_hub raised it,
+    with a note (Python >= 3.11) that says what failed and how to upload ``later``."""
     from . import __version__
     api = api if api is not None else HfApi(token=token, library_name='ssod_zoo', library_version=__version__)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model').repo_id
-    if revision is not None:
-        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type='model')
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, repo_type='model',
-                             commit_message=commit_message)
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model').repo_id
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type='model')
+        return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, repo_type='model',
+                                 commit_message=commit_message)
+    except Exception as e:
+        if is_network_error(e) and hasattr(e, 'add_note'):
+            offline = '; HF_HUB_OFFLINE=1 is set: unset it to upload' if hub_offline() else ''
+            e.add_note(f'ssod_zoo: uploading to the Hugging Face Hub repo {repo_id} failed (network, offline mode, '
+                       f'token or permission){offline}. Nothing is lost: {later}')
+        raise
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub is in offline mode (``HF_HUB_OFFLINE=1``)."""
+    from huggingface_hub import constants
+    return bool(constants.is_offline_mode())
+
+
+def is_network_error(e: BaseException) -> bool:
+    """Connection, offline-mode and Hub HTTP errors: huggingface_hub raises its own, or its HTTP client's (requests
+    and urllib3 before 1.0, httpx after, httpx2 in 2.x)."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    transport = ('httpx', 'httpcore', 'requests', 'urllib3', 'huggingface_hub')
+    return (isinstance(e, (OSError, HfHubHTTPError, OfflineModeIsEnabled, TimeoutError)) or
+            type(e).__module__.split('.')[0].startswith(transport))
 
 
 def _ssod_architecture(model: SSODModel) -> str:
@@ -431,6 +466,11 @@ def _checkpoint_data_config(ckpt: Mapping[str, Any]) -> Dict[str, Any]:
     return data_cfg
 
 
+def registered(spec: str) -> bool:
+    """Whether ``spec`` names a registered timm model, with or without its pretrained tag (``ssod_resnet18.fmnist``)."""
+    return timm.is_model(spec.split('.')[0])
+
+
 def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
     """One way to get a trained model from any source, with its thresholds and preprocessing.
 
@@ -457,7 +497,7 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
                 ' so not a saved model: write one with ssod_zoo.save_pretrained or `ssod save CHECKPOINT DIR`; a '
                 'training checkpoint is a file (e.g. runs/NAME/best.pt)')
         spec = f'local-dir:{path}'
-    elif not (spec.startswith(('hf-hub:', 'local-dir:')) or timm.is_model(spec.split('.')[0])):
+    elif not (spec.startswith(('hf-hub:', 'local-dir:')) or registered(spec)):
         raise WeightsError(f'{spec!r} is neither a file, a folder, an hf-hub:/local-dir: spec nor a registered model; '
                            f'SSOD models: {", ".join(timm.list_models("ssod_*"))}')
     try:
@@ -484,7 +524,7 @@ def saved_folder(spec: Union[str, Path], cache_dir: Optional[Union[str, Path]] =
     if Path(spec).is_file():
         return None
     folder = Path(spec.removeprefix('local-dir:'))
-    if spec.startswith('hf-hub:') or (not folder.is_dir() and timm.is_model(spec.split('.')[0])):
+    if spec.startswith('hf-hub:') or (not folder.is_dir() and registered(spec)):
         cfg = None if spec.startswith('hf-hub:') else timm.models.get_pretrained_cfg(spec)
         if cfg is not None and cfg.file and (Path(cfg.file).parent / CONFIG_NAME).is_file():
             folder = Path(cfg.file).parent

@@ -253,4 +253,6 @@ def test_report_without_bootstrap_has_no_empty_interval_table():
     assert '| near | 10 | 40.0 |' in missing and 'no calibrated `spatial_threshold` (`ssod calibrate`' in missing
     ci = {'near': {'ssod': {'fpr95': [30.0, 50.0], 'auroc': [75.0, 85.0]}}}
     with_ci = report_markdown(accept, thresholds, ci, ood, n_boot=100)
-    assert '(100 resamples, seed 0)' in with_ci and '| ssod | 40.0 [30.0, 50.0] | 80.0 [75.0, 85.0] |' in with_ci
+    assert '(100 resamples, seed 0)' in with_ci
+    # named as in the main table, with the key of its scores.csv column
+    assert '| SSOD OOD factor, Eq. 15 (paper), `ssod` | 40.0 [30.0, 50.0] | 80.0 [75.0, 85.0] |' in with_ci

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -263,7 +264,13 @@ def test_calibrate_threshold_rounding_ties_and_bounds():
     assert hub.calibrate_threshold(tied, tpr=0.85) == pytest.approx(0.2)
     assert hub.calibrate_threshold(tied, tpr=0.8) == pytest.approx(0.9)  # ties kept: 80% asked, 80% kept
     assert hub.calibrate_threshold([0.3, 0.7, 0.5], tpr=1.0) == pytest.approx(0.3)
-    assert isinstance(hub.calibrate_threshold([0.5]), float)
+    assert isinstance(hub.calibrate_threshold([0.5], tpr=1.0), float)
+    # under 20 values the 95% point is not resolved: the minimum, said aloud; 20 resolve it, silently
+    with pytest.warns(UserWarning, match='19 ID value.*cannot resolve tpr=0.95.*at least 20'):
+        assert hub.calibrate_threshold(torch.arange(19.0)) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert hub.calibrate_threshold(torch.arange(20.0)) == 1.0
     for bad, kwargs in (([], {}), ([[0.5, 0.6]], {}), ([0.5, float('nan')], {}), ([0.5], {'tpr': 0.0}),
                         ([0.5], {'tpr': 1.5})):
         with pytest.raises(ValueError):
@@ -486,6 +493,22 @@ def test_push_to_hub_then_offline_hf_hub_round_trip(hf_home, model, images):
     assert_same_model(loaded, model, images)
     assert loaded.pretrained_cfg['hf_hub_id'] == 'ssod-org/ssod-test'
     assert list(loaded.pretrained_cfg['label_names']) == CLASS_NAMES
+
+
+def test_push_without_a_reachable_hub_says_nothing_is_lost(model, tmp_path, monkeypatch):
+    """The installed huggingface_hub's own transport error (a refused connection) propagates as it is, with a note
+    that says how to upload later; the CLI's one-line form is in test_cli_failures."""
+    monkeypatch.setattr(hf_constants, 'ENDPOINT', 'http://127.0.0.1:9')  # the discard port: nothing listens
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
+    with pytest.raises(Exception) as e:
+        hub.push_to_hub(model, 'me/my-ssod', token='hf_test')
+    assert hub.is_network_error(e.value)
+    assert len(e.value.__notes__) == 1 and 'me/my-ssod failed' in e.value.__notes__[0]
+    assert 'ssod_zoo.save_pretrained(model, DIR' in e.value.__notes__[0]
+    folder = hub.save_pretrained(model, tmp_path / 'saved')
+    with pytest.raises(Exception) as e:
+        hub.push_folder(folder, 'me/my-ssod', token='hf_test')
+    assert e.value.__notes__ == [e.value.__notes__[0]] and f'hf upload me/my-ssod {folder}' in e.value.__notes__[0]
 
 
 def test_calibrate_out_from_a_hub_repo_copies_it(hub_server, saved, tmp_path):

@@ -74,8 +74,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     in_place = args.out is None
     if args.val_dir and (args.data_root or args.download):
         p.error('--data-root and --download go with --protocol; --val-dir names the images itself')
+    from ..hub import registered
     if in_place and not (folder / 'config.json').is_file() and not folder.exists() and not (
-            args.model.startswith('hf-hub:') or _registered(args.model)):
+            args.model.startswith('hf-hub:') or registered(args.model)):
         p.error(f'{args.model}: no such file or folder (nor an hf-hub:org/repo or a registered ssod_<arch>.<tag>)')
     if in_place and not (folder / 'config.json').is_file():
         p.error(f'{args.model} is not a hub folder to update in place: give --out FOLDER for the new hub folder')
@@ -190,11 +191,6 @@ def _why(chosen: Optional[dict], readout: Optional[str], trained: bool) -> str:
     if not trained:
         return "its only rule: this model's OOD head was never trained"
     return 'none chosen, so the spatial default; give --ood-dirs to choose one'
-
-
-def _registered(name: str) -> bool:
-    import timm
-    return timm.is_model(name.split('.')[0])
 
 
 def _copy_saved(source: Path, out: Path) -> None:

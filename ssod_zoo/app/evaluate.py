@@ -36,7 +36,7 @@ from .protocols import PROTOCOLS, DataMissing, Transformed, add_fpr95_openood, f
 from ..output import posterior_score, spatial_maxlogit_score, spatial_posterior_score
 from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, HelpFormatter, bounded, device as device_arg
 from .images import ImageError, ImageFiles, class_folder, one_line
-from .report import deployed_thresholds, deployment_report, fit_detectors, write_scores_csv
+from .report import deployed_thresholds, deployment_report, fit_detectors, method_label, write_scores_csv
 
 __all__ = ['calibrate', 'collect', 'ssod_report', 'evaluate', 'METHODS', 'results_markdown', 'main']
 
@@ -56,12 +56,6 @@ SSOD_READOUTS = {
     'ssod_posterior': lambda o: posterior_score(o['logits'], o['ood_factor'], 'energy'),
     'ssod_energy': lambda o: scores.energy(o['logits']),
 }
-LABELS = {'ssod_spatial_top3': 'SSOD model, mean MaxLogit of the 3 best positions (study\'s choice)',
-          'ssod_spatial_energy': 'SSOD model, best-position energy',
-          'ssod_spatial': 'SSOD best-position posterior: max_p logsumexp(z(p)) + log P_ID(p)',
-          'ssod': 'SSOD OOD factor, Eq. 15 (paper)', 'ssod_posterior': 'SSOD pooled posterior: logsumexp(z) + log P_ID',
-          'ssod_energy': 'Energy of the SSOD model', 'energy_spatial': 'best-position energy',
-          'maxlogit_spatial_top3': 'mean MaxLogit of the 3 best positions'}
 # the study's classifier-only readouts on any baseline model: not pooled-feature detectors, so not in DETECTORS
 SPATIAL_BASELINES = {'maxlogit_spatial_top3': lambda o: o['spatial_top3'],
                      'energy_spatial': lambda o: o['spatial_energy']}
@@ -239,10 +233,7 @@ def results_markdown(results: dict) -> str:
             r = results['ood'][s][m]
             fpr = f'{r["fpr95"]:.2f}'
             cells += [f'**{fpr}**' if r['fpr95'] == best[s] else fpr, f'{r["auroc"]:.2f}']
-        label = LABELS.get(m, m)
-        if not m.startswith('ssod'):  # a baseline: on the CE model, or on the SSOD model when there is none
-            label += f' ({"CE model" if "ce" in results["id_accuracy"] else "same model"})'
-        rows.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+        rows.append(f'| {method_label(m, "ce" in results["id_accuracy"])} | ' + ' | '.join(cells) + ' |')
     acc = ', '.join(f'{k.upper()} model {v:.2f}%' for k, v in results['id_accuracy'].items())
     return '\n'.join([f'ID accuracy: {acc}', '', head, rule, *rows, '',
                       'FPR95: OOD images accepted at the threshold that accepts 95% of ID images (lower is '
@@ -420,8 +411,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         fail(e, unreadable)
     out = Path(args.out)
     # what a deployment decides with: sample counts, accept rates at the model's own thresholds, intervals
-    deployment, deployment_keys = deployment_report(results['scores'], results['ood'], model,
-                                                    args.bootstrap)
+    deployment, deployment_keys = deployment_report(results['scores'], results['ood'], model, args.bootstrap,
+                                                    ce_model='ce' in results['id_accuracy'])
     extra = {'skipped': protocol.skipped, 'groups': protocol.groups} if protocol else {}
     sections = [fpr95_markdown(results)]  # both FPR95 conventions, and what the protocol could not run
     if protocol and protocol.skipped:

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..hub import WeightsError, load_checkpoint, push_to_hub, save_pretrained
+from ..hub import WeightsError, hub_offline, is_network_error, load_checkpoint, push_to_hub, save_pretrained
 from .cli import bounded
 
 __all__ = ['main']
@@ -74,30 +74,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             info = push_to_hub(model, args.repo_id, revision=args.revision, private=args.private, token=args.token,
                                commit_message=args.commit_message, **save_kwargs)
         except Exception as e:  # offline, DNS, proxy, HF_HUB_OFFLINE, auth: one line, not httpx's 70-line trace
-            if not _is_network_error(e):
+            if not is_network_error(e):
                 raise
             first = (str(e).strip().splitlines() or [''])[0][:200]
             parser.exit(2, f'ssod push: error: uploading to the Hugging Face Hub failed ({type(e).__name__}: {first}). '
                            f'Write the folder now with `ssod save {args.checkpoint} DIR` and upload it later '
                            f'(`hf upload {args.repo_id} DIR`) when the network is back'
-                           f'{"; HF_HUB_OFFLINE=1 is set: unset it to upload" if _offline() else ""}\n')
+                           f'{"; HF_HUB_OFFLINE=1 is set: unset it to upload" if hub_offline() else ""}\n')
         print(f'pushed {args.repo_id}: {getattr(info, "commit_url", info)} '
               f'(load it with timm.create_model("hf-hub:{args.repo_id}", pretrained=True))')
     return 0
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-    return bool(constants.is_offline_mode())
-
-
-def _is_network_error(e: BaseException) -> bool:
-    """Connection, offline-mode and Hub HTTP errors: huggingface_hub raises its own, or its HTTP client's (requests
-    and urllib3 before 1.0, httpx after, httpx2 in 2.x)."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-    transport = ('httpx', 'httpcore', 'requests', 'urllib3', 'huggingface_hub')
-    return (isinstance(e, (OSError, HfHubHTTPError, OfflineModeIsEnabled, TimeoutError)) or
-            type(e).__module__.split('.')[0].startswith(transport))
 
 
 if __name__ == '__main__':

@@ -162,28 +162,47 @@ def write_scores_csv(all_scores: Mapping[str, Mapping[str, torch.Tensor]], paths
     return path
 
 
+# the row names of every results table; a baseline's is its key, with the model it scored (method_label)
+LABELS = {'ssod_spatial_top3': 'SSOD model, mean MaxLogit of the 3 best positions (study\'s choice)',
+          'ssod_spatial_energy': 'SSOD model, best-position energy',
+          'ssod_spatial': 'SSOD best-position posterior: max_p logsumexp(z(p)) + log P_ID(p)',
+          'ssod': 'SSOD OOD factor, Eq. 15 (paper)', 'ssod_posterior': 'SSOD pooled posterior: logsumexp(z) + log P_ID',
+          'ssod_energy': 'Energy of the SSOD model', 'energy_spatial': 'best-position energy',
+          'maxlogit_spatial_top3': 'mean MaxLogit of the 3 best positions'}
+
+
+def method_label(method: str, ce_model: bool) -> str:
+    """The row name of ``method`` in every results table: an SSOD readout's description, or a baseline's, with
+    the model it scored (the CE model, or the SSOD model itself when no CE model was given)."""
+    label = LABELS.get(method, method)
+    return label if method.startswith('ssod') else f'{label} ({"CE model" if ce_model else "same model"})'
+
+
 def deployed_thresholds(model: Any) -> Dict[str, Optional[float]]:
     """Method name (:data:`DEPLOYED`) -> the SSOD model's calibrated threshold for that readout, or None."""
     return {m: getattr(model, r.attribute, None) for m, r in DEPLOYED.items()}
 
 
 def deployment_report(all_scores: Mapping[str, Mapping[str, torch.Tensor]], ood: Mapping[str, Mapping[str, dict]],
-                      model: Any, n_boot: int) -> Tuple[str, Dict[str, Any]]:
+                      model: Any, n_boot: int, ce_model: bool = True) -> Tuple[str, Dict[str, Any]]:
     """What a deployment decides with, as ``ssod eval`` and ``ssod demo`` report it: accept rates of each readout
     in :data:`DEPLOYED` at the SSOD ``model``'s calibrated threshold for it, and bootstrap intervals (seed 0; none
     when ``n_boot`` is 0). Returns the markdown section and the keys it adds to ``results.json``:
-    ``accept_rates`` and ``thresholds`` by method, ``bootstrap`` and ``ci``."""
+    ``accept_rates`` and ``thresholds`` by method, ``bootstrap`` and ``ci``. ``ce_model``: whether the baselines
+    were scored on a CE model (:func:`method_label`)."""
     ci = confidence_intervals(all_scores, n_boot) if n_boot else {}
     thresholds = {m: t for m, t in deployed_thresholds(model).items() if m in all_scores}
     rates = {m: accept_rates(all_scores[m], t) for m, t in thresholds.items()}
     keys = {'accept_rates': rates, 'thresholds': thresholds,
             'bootstrap': {'resamples': n_boot, 'seed': 0, 'level': 95}, 'ci': ci}
-    return report_markdown(rates, thresholds, ci, ood, n_boot), keys
+    return report_markdown(rates, thresholds, ci, ood, n_boot, ce_model), keys
 
 
 def report_markdown(accept: Mapping[str, Mapping[str, dict]], thresholds: Mapping[str, Optional[float]],
-                    ci: Mapping[str, Mapping[str, dict]], ood: Mapping[str, Mapping[str, dict]], n_boot: int) -> str:
-    """Counts, accept rates at the model's thresholds, and FPR95 / AUROC with bootstrap intervals."""
+                    ci: Mapping[str, Mapping[str, dict]], ood: Mapping[str, Mapping[str, dict]], n_boot: int,
+                    ce_model: bool = True) -> str:
+    """Counts, accept rates at the model's thresholds, and FPR95 / AUROC with bootstrap intervals; methods are
+    named as in the main table (:func:`method_label`), each with its key, its column in ``scores.csv``."""
     lines = ['## At the model\'s own thresholds', '']
     calibrated = [m for m, t in thresholds.items() if t is not None]
     missing = [DEPLOYED[m].attribute for m, t in thresholds.items() if t is None]
@@ -217,8 +236,9 @@ def report_markdown(accept: Mapping[str, Mapping[str, dict]], thresholds: Mappin
             r, c = ood[s][method], ci[s][method]
             cells += [f'{r["fpr95"]:.1f} [{c["fpr95"][0]:.1f}, {c["fpr95"][1]:.1f}]',
                       f'{r["auroc"]:.1f} [{c["auroc"][0]:.1f}, {c["auroc"][1]:.1f}]']
-        lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
+        lines.append(f'| {method_label(method, ce_model)}, `{method}` | ' + ' | '.join(cells) + ' |')
     lines += ['', 'Each interval is one method\'s alone. All methods are scored on the same images, so two '
               'overlapping intervals do not by themselves make two methods a tie: to rank a pair, bootstrap the '
-              'difference of their metrics over the same resamples (the per-image scores are in `scores.csv`).']
+              'difference of their metrics over the same resamples (the per-image scores are in `scores.csv`, one '
+              'column per method, under the key its row ends with).']
     return '\n'.join(lines)
