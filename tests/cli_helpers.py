@@ -1,6 +1,8 @@
 """Tiny models and image folders for the command-line tests (test_predict.py, test_cli_*.py), and the Hub API
 check of the tests' stand-ins for HfApi (test_hub.py, test_protocols.py)."""
 import inspect
+import os
+from pathlib import Path
 
 import huggingface_hub
 import numpy as np
@@ -11,6 +13,18 @@ from PIL import Image
 from ssod_zoo.hub import CHECKPOINT_FORMAT
 
 NAMES = ('cat', 'dog', 'fox')
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# a child's check that it imported this checkout's ssod_zoo, not a copy installed earlier (pip install .)
+ASSERT_THIS_CHECKOUT = ("import os, pathlib, ssod_zoo; assert pathlib.Path(ssod_zoo.__file__).resolve()"
+                        ".is_relative_to(os.environ['SSOD_ZOO_CHECKOUT']), ssod_zoo.__file__")
+
+
+def child_env(*first, **env) -> dict:
+    """``os.environ`` for a child Python that imports this checkout's ssod_zoo rather than an installed copy:
+    ``PYTHONPATH`` is ``first``, the repository root, then the caller's own; ``SSOD_ZOO_CHECKOUT`` is the root, for
+    :data:`ASSERT_THIS_CHECKOUT`; ``env`` is added last."""
+    path = [str(p) for p in first] + [str(REPO_ROOT)] + [p for p in [os.environ.get('PYTHONPATH')] if p]
+    return {**os.environ, 'PYTHONPATH': os.pathsep.join(path), 'SSOD_ZOO_CHECKOUT': str(REPO_ROOT), **env}
 
 
 def bind_hfapi(method: str, *args, **kwargs) -> inspect.BoundArguments:

@@ -1,7 +1,8 @@
 """The commands users run most, through the ``ssod`` entry point: ``ssod eval`` and ``ssod demo --quick``.
 
 Each checks the files the command promises (images that PIL can read back as PNG) and recomputes one of the
-reported metrics directly from the model, so a table that merely has the right shape cannot pass.
+reported metrics directly from the model (its own ``forward_ssod``, not the commands' scoring code; AUROC by
+scikit-learn), so a table that merely has the right shape cannot pass.
 """
 import csv
 import json
@@ -12,12 +13,12 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from ssod_zoo import load_model, scores
 from ssod_zoo.app.cli import COMMANDS, main as ssod
-from ssod_zoo.app.evaluate import collect
 from ssod_zoo.hub import CHECKPOINT_FORMAT
 from ssod_zoo.metrics import ood_metrics
 
@@ -81,7 +82,20 @@ def _scores_of(spec, folder: Path, labelled: bool):
     else:
         files = sorted(folder.rglob('*.png'))
         ds = [(transform(Image.open(f).convert('RGB')), 0) for f in files]
-    return collect(model, DataLoader(ds, batch_size=8), torch.device('cpu'))
+    return _forward(model, DataLoader(ds, batch_size=8))
+
+
+@torch.no_grad()
+def _forward(model, loader) -> dict:
+    """The model's own outputs, batch by batch: logits, OOD factor and the labels."""
+    parts = [(model.forward_ssod(x), y) for x, y in loader]
+    return {'logits': torch.cat([o.logits for o, _ in parts]),
+            'ood_factor': torch.cat([o.ood_factor for o, _ in parts]), 'targets': torch.cat([y for _, y in parts])}
+
+
+def _auroc(id_scores, ood_scores) -> float:
+    """scikit-learn's AUROC, ID positive, in percent."""
+    return 100 * roc_auc_score([1] * len(id_scores) + [0] * len(ood_scores), torch.cat([id_scores, ood_scores]))
 
 
 @pytest.mark.filterwarnings('ignore:.*(unreliable|from another class).*:UserWarning')  # a tiny fit set, on purpose
@@ -113,6 +127,8 @@ def test_ssod_eval_on_a_folder_with_two_checkpoints(folders, tmp_path, capsys):
     for key in ('fpr95', 'auroc'):
         assert results['ood']['purple']['ssod'][key] == pytest.approx(100 * expected_ssod[key], abs=1e-6), key
         assert results['ood']['purple']['msp'][key] == pytest.approx(100 * expected_msp[key], abs=1e-6), key
+    assert results['ood']['purple']['ssod']['auroc'] == pytest.approx(
+        _auroc(id_ssod['ood_factor'], ood_ssod['ood_factor']), abs=1e-4)
     accuracy = 100 * (id_ce['logits'].argmax(1) == id_ce['targets']).float().mean().item()
     assert results['id_accuracy']['ce'] == pytest.approx(accuracy)
     # ODIN, the one baseline that needs the images and a gradient, written out here (Liang et al.: T = 1000,
@@ -168,13 +184,14 @@ def test_demo_quick_end_to_end(tmp_path):
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
     folder = lambda *parts: DataLoader(ImageFolder(out.joinpath('benchmark', *parts), transform=transform),  # noqa
                                        batch_size=128)
-    cpu = torch.device('cpu')
-    val = collect(model, folder('id', 'val'), cpu)
+    val = _forward(model, folder('id', 'val'))
     ood_set = next(s for s in results['ood'] if s != 'average')
-    ood = collect(model, folder('ood', ood_set), cpu)
+    ood = _forward(model, folder('ood', ood_set))
     expected = ood_metrics(val['ood_factor'], ood['ood_factor'])
     for key in ('fpr95', 'auroc'):
         assert results['ood'][ood_set]['ssod'][key] == pytest.approx(100 * expected[key], abs=1e-6), key
+    assert results['ood'][ood_set]['ssod']['auroc'] == pytest.approx(_auroc(val['ood_factor'], ood['ood_factor']),
+                                                                     abs=1e-4)
     assert results['id_accuracy']['ssod'] == pytest.approx(
         100 * (val['logits'].argmax(1) == val['targets']).float().mean().item())
 

@@ -56,7 +56,12 @@ def test_a_classifier_without_bias_is_fine(name):
         logits = no_bias(features)
     kwargs = {'dim': 8} if name == 'vim' else {}
     out = create_detector(name, **kwargs).fit(features, labels, no_bias).score(features, logits)
-    assert out.shape == (64,) and torch.isfinite(out).all()
+    # a missing bias is a zero bias: the scores' own formulas with one
+    w, zero = no_bias.weight.detach(), torch.zeros(no_bias.out_features)
+    want = (scores.ReAct().fit(features)(features, w, zero) if name == 'react' else
+            scores.ViM(dim=8).fit(features, w, zero)(features, logits))
+    torch.testing.assert_close(out, want)
+    assert torch.isfinite(out).all()
 
 
 def test_evaluate_a_model_whose_classifier_has_no_bias():

@@ -120,7 +120,9 @@ def _reference(model: nn.Module, x: torch.Tensor) -> SSODScores:
         return model.forward_scores(x)
 
 
-def _assert_same(out, ref, atol: float, rtol: float = 0.0) -> None:
+def _assert_same(out, ref, atol: float, rtol: float = 0.0, outputs: int = len(OUTPUT_NAMES)) -> None:
+    """The first ``outputs`` of OUTPUT_NAMES: ``out`` has exactly those (an output lost fails), ``ref`` at least."""
+    assert len(out) == outputs and len(ref) >= outputs, f'{len(out)} outputs, {outputs} expected'
     for name, a, b in zip(OUTPUT_NAMES, out, ref):
         a = torch.as_tensor(a)
         assert a.shape == b.shape, f'{name}: shape {tuple(a.shape)} != {tuple(b.shape)}'
@@ -268,8 +270,8 @@ def test_torchscript_matches_eager(name, return_ood):
         # TorchScript rebuilds NamedTuples as its own class (torch._jit_internal.SSODOutput): same fields, same
         # unpacking and attribute access, but isinstance(out, ssod_zoo.SSODOutput) is False
         assert isinstance(eager, SSODOutput) and out._fields == SSODOutput._fields
-        _assert_same((out.logits, out.ood_factor), eager, atol=1e-6, rtol=1e-6)
-        _assert_same(scripted.forward_ssod(x), eager, atol=1e-6, rtol=1e-6)
+        _assert_same((out.logits, out.ood_factor), eager, atol=1e-6, rtol=1e-6, outputs=2)
+        _assert_same(scripted.forward_ssod(x), eager, atol=1e-6, rtol=1e-6, outputs=2)
     else:
         assert isinstance(out, torch.Tensor)
         torch.testing.assert_close(out, eager, atol=1e-6, rtol=1e-6)
@@ -283,7 +285,7 @@ def test_torchscript_save_load_round_trip(tmp_path):
     x = _images(2)
     with torch.no_grad():
         logits, ood_factor = loaded(x)
-    _assert_same((logits, ood_factor), _reference(model, x), atol=1e-6, rtol=1e-6)
+    _assert_same((logits, ood_factor), _reference(model, x), atol=1e-6, rtol=1e-6, outputs=2)
 
 
 # ---------------------------------------------------------------------------------------------------- torch.compile
@@ -302,7 +304,7 @@ def test_compile_fullgraph_has_no_graph_break(name, return_ood):
         out, eager = compiled(x), model(x)
     if return_ood:
         assert isinstance(out, SSODOutput)
-        _assert_same(out, eager, atol=1e-6, rtol=1e-6)
+        _assert_same(out, eager, atol=1e-6, rtol=1e-6, outputs=2)
     else:
         torch.testing.assert_close(out, eager, atol=1e-6, rtol=1e-6)
 
@@ -315,10 +317,11 @@ def test_compile_fullgraph_of_a_cross_entropy_model():
     with torch.no_grad(), pytest.warns(ssod_zoo.UntrainedOODHeadWarning):  # eager, for the reference
         eager = model(x)
     with torch.no_grad():
-        _assert_same(torch.compile(model, fullgraph=True, backend='eager')(x), eager, atol=1e-6, rtol=1e-6)
+        _assert_same(torch.compile(model, fullgraph=True, backend='eager')(x), eager, atol=1e-6, rtol=1e-6,
+                     outputs=2)
         torch._dynamo.reset()
         _assert_same(torch.compile(model.forward_ssod, fullgraph=True, backend='eager')(x), eager, atol=1e-6,
-                     rtol=1e-6)
+                     rtol=1e-6, outputs=2)
 
 
 @pytest.mark.slow
@@ -333,7 +336,7 @@ def test_compile_inductor_matches_eager(name, return_ood):
         out, eager = compiled(x), model(x)
     if return_ood:
         assert isinstance(out, SSODOutput)
-        _assert_same(out, eager, atol=1e-4, rtol=1e-4)
+        _assert_same(out, eager, atol=1e-4, rtol=1e-4, outputs=2)
     else:
         torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
 
@@ -349,7 +352,7 @@ def test_channels_last_matches(name):
     x = _images(2)
     with torch.no_grad():
         out = cl(x.contiguous(memory_format=torch.channels_last))
-    _assert_same(out, _reference(model, x), atol=1e-4, rtol=1e-4)
+    _assert_same(out, _reference(model, x), atol=1e-4, rtol=1e-4, outputs=2)
 
 
 BF16_OOD_ATOL = 0.01  # measured: at most 0.0043 (resnet50) over the registered models, torch 2.14 CPU

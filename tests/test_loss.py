@@ -9,10 +9,6 @@ from ssod_zoo import SpatialOutput
 from ssod_zoo.loss import IGNORE, SSODLoss, _resample_equal, sample_patches
 
 
-def _logit(p: float) -> float:
-    return math.log(p / (1 - p))
-
-
 def _spatial(cls_map, ood_map, logits=None):
     b = cls_map.shape[0]
     logits = torch.zeros(b, cls_map.shape[1]) if logits is None else logits

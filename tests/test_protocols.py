@@ -112,8 +112,14 @@ def test_protocol_end_to_end_with_the_shipped_weights(tmp_path, capsys):
                              '--workers', '0', '--device', 'cpu'])
     heldout = payload['ood']['fmnist_heldout']
     assert payload['id_accuracy']['ssod'] >= 80.0  # 48 test images; the card: 91.40 on 1,000
+    # both conventions, from the per-image scores the run wrote (the convention itself: the next test)
+    import csv
+    with open(tmp_path / 'scores.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
     for method in ('ssod', 'msp', 'energy', 'knn', 'vim'):
-        assert 0.0 <= heldout[method]['fpr95_openood'] <= 100.0
+        id_s, ood_s = ([float(r[method]) for r in rows if r['set'] == name] for name in ('id', 'fmnist_heldout'))
+        assert heldout[method]['fpr95_openood'] == pytest.approx(100 * fpr95_ood_positive(id_s, ood_s), abs=1e-6)
+        assert heldout[method]['fpr95'] == pytest.approx(100 * fpr_at_tpr(id_s, ood_s), abs=1e-6)
     assert heldout['ssod']['auroc'] > 50.0  # better than chance (61.68 on 1,000 + 1,000)
     md = (tmp_path / 'results.md').read_text()
     assert 'FPR95 OpenOOD' in md and 'FPR95 paper' in md

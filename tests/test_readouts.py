@@ -52,19 +52,23 @@ def test_spatial_score_rejects_unpooled_shapes():
 
 
 @pytest.mark.parametrize('name', ['ssod_mobilenetv3_large_100', 'ssod_resnet18'])
-def test_collect_gives_the_models_own_logits_from_one_head_pass(name):
+def test_collect_gives_the_models_own_outputs_from_one_head_pass(name):
     """evaluate.collect classifies the pooled pre-logits it keeps (one pass of MobileNetV3's conv_head); the logits
-    must be timm's own forward_head's."""
+    must be timm's own forward_head's, and every score the model's own: what `ssod eval` and the demo report."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from ssod_zoo.app.evaluate import collect
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=4).eval()
     x = torch.randn(3, 3, 64, 64)
-    out = collect(model, DataLoader(TensorDataset(x, torch.zeros(3, dtype=torch.long))), torch.device('cpu'))
+    out = collect(model, DataLoader(TensorDataset(x, torch.zeros(3, dtype=torch.long))), torch.device('cpu'),
+                  spatial=True)
     with torch.no_grad():
         want = model.forward_head(model.forward_features(x))
+        scores = model.forward_scores(x)
     torch.testing.assert_close(out['logits'], want)
+    torch.testing.assert_close(out['ood_factor'], scores.ood_factor)
+    torch.testing.assert_close(out['spatial_top3'], scores.spatial_score)
 
 
 def test_spatial_maxlogit_score_is_the_mean_of_the_k_best_positions_maxlogit():

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import timm
 
+from cli_helpers import ASSERT_THIS_CHECKOUT, child_env
+
 HERE = Path(__file__).parent
 CACHE = Path(os.environ.get('SSOD_ZOO_TEST_CACHE', Path.home() / '.cache' / 'ssod_zoo_tests'))
 PTH_INSTALLED = any((Path(p) / 'ssod_zoo-autoload.pth').exists() for p in site.getsitepackages())
@@ -18,15 +20,17 @@ needs_pth = pytest.mark.skipif(
                               'run `pip install .` to test auto-registration')
 
 
-def _python(code: str, **env) -> subprocess.CompletedProcess:
+def _python(code: str, *first: Path, **env) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter that imports this checkout's ssod_zoo (PYTHONPATH: ``first``, the checkout)
+    and starts from elsewhere, as a user's script does."""
     return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env}, cwd=HERE.parent.parent)
+                          env=child_env(*first, **env), cwd=HERE.parent.parent)
 
 
 @needs_pth
 def test_fresh_interpreter_needs_no_import():
     r = _python("import timm, torch; m = timm.create_model('ssod_resnet18'); "
-                "print(type(m).__name__, m(torch.randn(1, 3, 64, 64)).ood_factor.shape)")
+                "print(type(m).__name__, m(torch.randn(1, 3, 64, 64)).ood_factor.shape); " + ASSERT_THIS_CHECKOUT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ['SSODResNet', 'torch.Size([1])']
 
@@ -44,7 +48,7 @@ def test_broken_ssod_zoo_never_breaks_import_timm(tmp_path):
     broken = tmp_path / 'ssod_zoo'
     broken.mkdir()
     (broken / '__init__.py').write_text("raise ImportError('simulated breakage')\n")
-    r = _python("import timm; print(timm.create_model('resnet18').__class__.__name__)", PYTHONPATH=str(tmp_path))
+    r = _python("import timm; print(timm.create_model('resnet18').__class__.__name__)", tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == 'ResNet'
     assert 'ssod_zoo could not register its models' in r.stderr and 'simulated breakage' in r.stderr
@@ -79,7 +83,7 @@ def test_timm_model_suite_passes_for_every_ssod_model(tmp_path):
         [sys.executable, '-m', 'pytest', str(tests / 'test_models.py'), '-p', 'timm_suite_plugin',
          '-k', 'ssod_ and not test_model_backward', '-q', '-p', 'no:cacheprovider', '--timeout', '900',
          f'--junitxml={report}'],
-        capture_output=True, text=True, cwd=tests.parent, env={**os.environ, 'PYTHONPATH': str(HERE)})
+        capture_output=True, text=True, cwd=tests.parent, env=child_env(HERE))  # the plugin, this checkout
     summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-2000:]
     print('timm suite:', summary)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]

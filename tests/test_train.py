@@ -20,6 +20,8 @@ from ssod_zoo.app.train import main
 from ssod_zoo.hub import calibrate_threshold, load_checkpoint
 from ssod_zoo.loss import SSODLoss
 
+from cli_helpers import ASSERT_THIS_CHECKOUT, child_env
+
 OOD_SETS = ('near', 'textures')
 
 
@@ -89,11 +91,11 @@ def test_two_epochs_write_checkpoints_log_and_metrics(bench, two_epochs):
     assert last['class_names'] == sorted(p.name for p in (bench / 'id' / 'train').iterdir())
     assert json.loads((out / 'config.json').read_text())['epochs'] == 2
 
-    # best.pt is the first epoch with the lowest mean validation FPR95 in the log, whichever epoch that is: a
-    # later epoch that only ties does not replace it (on CPU this run's two epochs differ; on an H100 they tie)
+    # best.pt is the first epoch with the lowest mean validation FPR95 in the log, whichever epoch that is (a later
+    # epoch that only ties does not replace it; test_best_checkpoint_is_the_lowest_fpr95_not_the_latest makes an
+    # earlier epoch win on purpose)
     fprs = [r['val']['ood_average']['fpr95'] for r in log]
     best_epoch = 1 + fprs.index(min(fprs))
-    assert best_epoch < len(fprs), f'FPR95 by epoch {fprs}: best.pt is last.pt, so this run cannot tell them apart'
     best = torch.load(out / 'best.pt', weights_only=True)
     assert best['epoch'] == best_epoch == log[-1]['best_epoch']
     assert json.loads(json.dumps(best['metrics'])) == log[best_epoch - 1]['val']
@@ -200,6 +202,7 @@ def test_two_ranks_under_torchrun_match_one_process(bench, tmp_path):
     script = tmp_path / 'run.py'
     script.write_text(
         'import os, sys, torch\n'
+        f'{ASSERT_THIS_CHECKOUT}\n'
         'from ssod_zoo.app.train import main\n'
         'r = main(sys.argv[1:])\n'
         "torch.save(r['model'].state_dict(), os.path.join(r['out_dir'], f\"rank{os.environ.get('RANK', 0)}.pt\"))\n")
@@ -207,7 +210,7 @@ def test_two_ranks_under_torchrun_match_one_process(bench, tmp_path):
     # to train on in this short run (at gamma 0.95 it samples none yet) and its logged parts are not 0
     flags = ('--freeze-bn', '--gamma', '0.51', '--ood-rule', 'chance', '--exposure', '0.5')
     args = _args(bench, tmp_path / 'ddp', *flags)
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    env = child_env(OMP_NUM_THREADS='1')  # the script sits in tmp_path: this checkout's ssod_zoo, by PYTHONPATH
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
                         f'--master_port={_free_port()}', str(script), *args],
                        capture_output=True, text=True, timeout=600, env=env)

@@ -2,13 +2,18 @@
 
 timm's suite expects ``model(x)`` to return a tensor, so every ssod_* entrypoint is created in
 ``return_ood=False`` mode (plain logits; the OOD factor stays reachable through ``forward_ssod``).
-Used by tests/test_timm_suite.py: ``pytest <timm sdist>/tests/test_models.py -p timm_suite_plugin -k ssod_``.
+Used by tests/test_timm_integration.py: ``pytest <timm sdist>/tests/test_models.py -p timm_suite_plugin -k ssod_``.
 """
 import functools
+import os
+from pathlib import Path
 
 import timm
 import ssod_zoo  # noqa: F401  (registers the models even where the autoload .pth is absent)
 from timm.models import _registry
+
+if os.environ.get('SSOD_ZOO_CHECKOUT'):  # the suite must test this checkout, not a copy installed earlier
+    assert Path(ssod_zoo.__file__).resolve().is_relative_to(os.environ['SSOD_ZOO_CHECKOUT']), ssod_zoo.__file__
 
 
 def pytest_configure(config):
