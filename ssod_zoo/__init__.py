@@ -7,11 +7,11 @@ interpreter does not even need the import: ``timm.create_model('ssod_resnet18')`
 from .adapter import SSODModel, UntrainedOODHeadWarning, wrap
 from .output import (SpatialOutput, SSODOutput, SSODScores, posterior_score, robust_posterior, spatial_maxlogit_score,
                      spatial_posterior_score)
-from .hub import calibrate_threshold, load_checkpoint, load_model, push_to_hub, save_pretrained
-from . import registry as _registry  # noqa: F401  (registers the models with timm)
+from .hub import calibrate_threshold, load_checkpoint, load_model, push_folder, push_to_hub, save_pretrained
+from .registry import register  # importing it registers the ssod_* models with timm
 
 __version__ = '0.1.0'
 
 __all__ = ['SSODModel', 'SSODOutput', 'SSODScores', 'SpatialOutput', 'calibrate_threshold', 'load_checkpoint',
-           'load_model', 'push_to_hub', 'posterior_score', 'robust_posterior', 'spatial_maxlogit_score',
+           'load_model', 'push_folder', 'push_to_hub', 'posterior_score', 'register', 'robust_posterior', 'spatial_maxlogit_score',
            'spatial_posterior_score', 'save_pretrained', 'UntrainedOODHeadWarning', 'wrap']

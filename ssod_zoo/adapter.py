@@ -64,6 +64,12 @@ def check_spatial_threshold(threshold: float) -> float:
     return value
 
 
+def _warn_no_head(stacklevel: int) -> None:
+    warnings.warn('loading a checkpoint without an OOD head (no "ood_head.*" keys): backbone and classifier are '
+                  'loaded, the OOD head keeps its fresh initialisation (model.ood_head_trained is now False) and must '
+                  'be trained (python -m ssod_zoo.app.train) before ood_factor means anything', stacklevel=stacklevel)
+
+
 class Readout(NamedTuple):
     """A score a deployment thresholds: the model attribute holding its calibrated threshold, the score's name (a
     :class:`~ssod_zoo.SSODScores` field) and the check a threshold on it must pass."""
@@ -170,6 +176,8 @@ class SSODModel(nn.Module):
         Returns:
             (B,) bool, True = in-distribution (keep), False = unknown.
         """
+        if isinstance(score, torch.Tensor):
+            score = score.detach()  # a decision, not a graph: scores from a forward outside no_grad are fine
         if isinstance(score, SSODScores):
             readout = readout or getattr(self, 'readout', None) or 'spatial'
             score = getattr(score, READOUTS[check_readout(readout)].score)
@@ -386,16 +394,38 @@ class SSODModel(nn.Module):
         self.ood_head = nn.Linear(self.head_hidden_size, 2, device=ref.device, dtype=ref.dtype)
         self.ood_head.requires_grad_(ref.requires_grad)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A plain timm checkpoint has every key but the OOD head's: load it, keep the fresh head, and say so.
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A plain timm checkpoint has every key but the OOD head's: load it, keep the fresh head, and say so. The
+        # model is then a cross-entropy classifier with an untrained OOD head, and says that too
         head_keys = [f'{prefix}ood_head.{k}' for k in ('weight', 'bias')]
         if not any(k in state_dict for k in head_keys) and any(k.startswith(prefix) for k in state_dict):
-            warnings.warn(
-                'loading a checkpoint without an OOD head (no "ood_head.*" keys): backbone and classifier are '
-                'loaded, the OOD head keeps its fresh initialisation and must be trained '
-                '(python -m ssod_zoo.app.train) before ood_factor means anything', stacklevel=3)
-            state_dict.update({k: v for k, v in zip(head_keys, (self.ood_head.weight, self.ood_head.bias))})
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            self.ood_head_trained = False
+            direct = hasattr(self, '_strict_load')  # model.load_state_dict, which warns at its caller's line
+            if direct:
+                self._head_missing = True
+            else:  # a module that holds this model loads it
+                _warn_no_head(stacklevel=3)
+            # strict loading lets it through all the same; non-strict, the keys are reported missing (torch passes
+            # strict=True here whatever the caller asked, so load_state_dict below records what was)
+            if not direct or self._strict_load:
+                state_dict.update({k: v for k, v in zip(head_keys, (self.ood_head.weight, self.ood_head.bias))})
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; a checkpoint without the OOD head's keys (a plain timm classifier's) loads
+        with a warning under ``strict``, and reports them in ``missing_keys`` otherwise; the model's
+        ``ood_head_trained`` is then False."""
+        self._strict_load, self._head_missing = strict, False
+        try:
+            result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            missing = self._head_missing
+            del self._strict_load, self._head_missing
+        if missing:
+            _warn_no_head(stacklevel=3)
+        return result
 
     @torch.jit.unused
     def _require_classifier(self, what: str) -> None:

@@ -393,10 +393,13 @@ def _ssod_architecture(model: SSODModel) -> str:
         return arch
     if timm.is_model(f'ssod_{arch}'):
         return f'ssod_{arch}'
+    if arch and '.' not in arch and timm.is_model(arch):  # a wrap of any other timm CNN
+        from .registry import register
+        return register(arch)
     raise ValueError(
         f'cannot save {type(model).__name__} (pretrained_cfg architecture {arch!r}): its config must name a '
         f'registered SSOD architecture so timm can rebuild it, and {"ssod_" + arch!r} is not one of '
-        f'timm.list_models("ssod_*"). Register an entrypoint for it in ssod_zoo/registry.py')
+        f'timm.list_models("ssod_*"), nor a timm architecture that ssod_zoo.register could register it for')
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -500,6 +503,8 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
     elif not (spec.startswith(('hf-hub:', 'local-dir:')) or registered(spec)):
         raise WeightsError(f'{spec!r} is neither a file, a folder, an hf-hub:/local-dir: spec nor a registered model; '
                            f'SSOD models: {", ".join(timm.list_models("ssod_*"))}')
+    if spec.startswith('local-dir:'):
+        _register_saved(Path(spec[len('local-dir:'):]))
     try:
         model = timm.create_model(spec, pretrained=True, **kwargs)
     except LocalEntryNotFoundError as e:  # timm fetches an hf-hub: repo's config.json before ssod_zoo's code runs
@@ -512,6 +517,17 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
     if labels and model.num_classes not in (0, len(labels)):  # a wrapped timm model; SSOD ones: registry._create
         _forget_calibration(model, spec, len(labels))
     return model.eval()
+
+
+def _register_saved(folder: Path) -> None:
+    """Register the ``ssod_<trunk>`` a saved folder names, when it is another timm CNN's (``register``)."""
+    try:
+        arch = json.loads((folder / CONFIG_NAME).read_text(encoding='utf-8')).get('architecture') or ''
+    except (OSError, ValueError):
+        return  # timm reads it next, and says what is wrong
+    if arch.startswith('ssod_') and not timm.is_model(arch) and timm.is_model(arch[len('ssod_'):]):
+        from .registry import register
+        register(arch[len('ssod_'):])
 
 
 def saved_folder(spec: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> Optional[Path]:

@@ -38,6 +38,8 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
     given = {k for k in hub.CALIBRATED if k in kwargs and not (k in folder_args and kwargs[k] is folder_args[k])}
     # a registered weight brings the model arguments it was saved with (the thresholds, output_stride, ...)
     saved_args = hub._shipped_model_args(variant, tag)
+    # the caller's own arguments (not a folder's, which timm passes along as if they were the caller's)
+    own = {k: v for k, v in kwargs.items() if not (k in folder_args and v is folder_args[k])}
     if not pretrained:  # the architecture the weights need, not the calibration made on them: no weights here
         for key in hub.CALIBRATED:
             saved_args.pop(key, None)
@@ -101,16 +103,28 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
         # what the thresholds were calibrated on, for save_pretrained while they are still the folder's
         model._calibration_record = {'record': folder['calibration'], 'state': {
             k: (folder.get('model_args') or {}).get(k) for k in hub.CALIBRATED}}
-    if (pretrained and isinstance(model, SSODModel) and calibrated_size
-            and tuple(asked_size) != tuple(calibrated_size)
+    if not (pretrained and isinstance(model, SSODModel)
             and any(getattr(model, k) is not None for k in hub.THRESHOLDS if k not in given)):
-        warnings.warn(f'{name}: input_size {tuple(asked_size)} asked, and its thresholds were calibrated at '
-                      f'{tuple(calibrated_size)}, where both scores are other numbers; they are dropped (calibrate '
-                      'them at the new size: ssod calibrate, or pass your own)', stacklevel=4)
+        return model
+    # the weights' thresholds hold for the input size and architecture they were calibrated with; both scores move
+    # with either (a class count of its own: _forget_calibration above)
+    changed = [f'input_size {tuple(asked_size)}, calibrated at {tuple(calibrated_size)}'] if (
+        calibrated_size and tuple(asked_size) != tuple(calibrated_size)) else []
+    changed += [f'{k}={own[k]!r}, calibrated with {v!r}' for k, v in {**folder_args, **saved_args}.items()
+                if k not in (*hub.CALIBRATED, *_NOT_SCORED) and k in own and own[k] != v]
+    if changed:
+        warnings.warn(f'{name}: built with {"; ".join(changed)}, where its scores are other numbers: its '
+                      'thresholds are dropped (calibrate them for this model: ssod calibrate, or pass your own)',
+                      stacklevel=4)
         for key in hub.CALIBRATED:
-            if key not in given:  # a caller's own values are for the size asked
+            if key not in given:  # a caller's own values are for the model asked
                 setattr(model, key, None)
     return model
+
+
+# model arguments that leave both scores as they are (num_classes has a rule of its own: hub._forget_calibration)
+_NOT_SCORED = ('num_classes', 'return_ood', 'ood_head_trained', 'label_names', 'pretrained_model_args',
+               'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'drop_rate', 'drop_path_rate')
 
 
 def _cfg(**kwargs: Any) -> dict:
@@ -139,6 +153,41 @@ for _default in default_cfgs.values():
     # timm makes the first tag with weights the default; keep the untagged architecture the default instead
     _default.tags.remove('')
     _default.tags.appendleft('')
+
+
+# what an SSOD architecture registered for another trunk (register) takes over from the trunk's own default config
+_TRUNK_CFG_KEYS = ('input_size', 'pool_size', 'crop_pct', 'crop_mode', 'interpolation', 'mean', 'std', 'first_conv',
+                   'classifier', 'fixed_input_size')
+
+
+def register(trunk: str) -> str:
+    """Register ``ssod_<trunk>``, the SSOD model of any timm CNN ``trunk`` (an architecture name such as
+    ``'efficientnet_b0'``), with timm, as the built-in ``ssod_*`` models are: ``timm.create_model``,
+    :func:`ssod_zoo.save_pretrained`, ``push_to_hub`` and loading a saved folder then work for it alike. Its config
+    (preprocessing, first conv, classifier) is the trunk's default one.
+
+    Saving a :func:`ssod_zoo.wrap` of such a trunk registers it, and so does :func:`ssod_zoo.load_model` for a saved
+    folder that names one. ``timm.create_model('local-dir:...')`` or ``'hf-hub:...'`` in a new process needs this
+    call first.
+
+    Returns:
+        The registered name; one already registered (built in, or by an earlier call) is left as it is.
+    """
+    name = f'ssod_{trunk}'
+    if '.' not in trunk and timm.is_model(name):
+        return name
+    if '.' in trunk or not timm.is_model(trunk):
+        raise ValueError(f'register({trunk!r}): not a timm architecture name (timm.list_models() lists them; no '
+                         '.tag: the weights are a matter for loading)')
+    plain = timm.models.get_pretrained_cfg(trunk)
+    cfg = {k: getattr(plain, k) for k in _TRUNK_CFG_KEYS if plain is not None and getattr(plain, k) is not None}
+    default_cfgs.update(generate_default_cfgs({name: _cfg(**cfg)}))  # read by register_model
+
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> SSODModel:
+        return _create(trunk, name, pretrained, **kwargs)
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    register_model(entrypoint)
+    return name
 
 
 @register_model

@@ -1,5 +1,6 @@
 """The README's and the model card's code, run as pasted: a newcomer found two snippets that failed."""
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,11 @@ def python_block(doc: Path, after: str) -> str:
 
 def test_readme_use_runs_as_pasted():
     scope = {'x': torch.randn(2, 3, 64, 64)}  # the one name the snippet leaves to the reader
-    exec(python_block(ROOT / 'README.md', '## Use'), scope)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        exec(python_block(ROOT / 'README.md', '## Use'), scope)
+    # no warning but the one the snippet's 2 images earn: too few to calibrate on
+    assert {str(w.message).split(':')[0] for w in caught} == {'calibrate_threshold'}, [str(w.message) for w in caught]
     assert scope['out'].logits.shape == (2, 10) and scope['keep'].shape == (2,)
     assert scope['posterior'].shape == (2, 11) and scope['energy_full'].shape == (2,)
     # the snippet's readouts are the ones its comments name

@@ -27,7 +27,7 @@ from ssod_zoo import _pretrained, hub, registry
 from ssod_zoo.app import publish
 from ssod_zoo.hub import WeightsError
 
-from cli_helpers import bind_hfapi
+from cli_helpers import ASSERT_THIS_CHECKOUT, bind_hfapi, child_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARCH = 'ssod_test_resnet'
@@ -363,8 +363,59 @@ def test_save_pretrained_refuses_what_it_cannot_describe(tmp_path, model):
         hub.save_pretrained(timm.create_model('test_resnet'), tmp_path / 'plain')
     with pytest.raises(ValueError, match='2 class_names for a model with 3 classes'):
         hub.save_pretrained(model, tmp_path / 'names', class_names=['a', 'b'])
-    with pytest.raises(ValueError, match="'ssod_test_efficientnet' is not one of"):  # no SSOD entrypoint
-        hub.save_pretrained(ssod_zoo.wrap('test_efficientnet', num_classes=2), tmp_path / 'effnet')
+
+
+def test_any_timm_cnn_saves_and_loads_once_registered(tmp_path):
+    """A wrap of a trunk without a built-in entrypoint (test_efficientnet) registers ``ssod_<trunk>`` when saved;
+    a new process loads the folder with load_model, which registers it too, or with timm.create_model after
+    ssod_zoo.register. In child processes: a registration is for the whole process, and the suite lists ssod_*."""
+    folder, expected = tmp_path / 'effnet', tmp_path / 'expected.pt'
+    write = f'''
+import json, sys, timm, torch, ssod_zoo
+{ASSERT_THIS_CHECKOUT}
+assert not timm.is_model('ssod_test_efficientnet')
+torch.manual_seed(0)
+model = ssod_zoo.wrap('test_efficientnet', num_classes=3).eval()
+out = ssod_zoo.save_pretrained(model, {str(folder)!r}, spatial_threshold=1.5)
+assert json.loads((out / 'config.json').read_text())['architecture'] == 'ssod_test_efficientnet'
+x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    y = model.forward_scores(x)
+torch.save(dict(x=x, logits=y.logits, ood_factor=y.ood_factor), {str(expected)!r})
+assert ssod_zoo.register('test_efficientnet') == 'ssod_test_efficientnet'  # once is enough
+'''
+    read = f'''
+import timm, torch, ssod_zoo
+e = torch.load({str(expected)!r})
+for load in (lambda: ssod_zoo.load_model({str(folder)!r}),
+             lambda: timm.create_model('local-dir:{folder}', pretrained=True).eval()):
+    model = load()
+    assert type(model).__name__ == 'SSODEfficientNet' and model.spatial_threshold == 1.5
+    with torch.no_grad():
+        y = model.forward_scores(e['x'])
+    assert torch.equal(y.logits, e['logits']) and torch.equal(y.ood_factor, e['ood_factor'])
+'''
+    create = f'''
+import timm, ssod_zoo
+try:
+    timm.create_model('local-dir:{folder}', pretrained=True)
+    raise AssertionError('built without register')
+except RuntimeError as e:
+    assert 'Unknown model' in str(e), e
+assert ssod_zoo.register('test_efficientnet') == 'ssod_test_efficientnet'
+assert timm.create_model('local-dir:{folder}', pretrained=True).spatial_threshold == 1.5
+assert ssod_zoo.register('resnet18') == 'ssod_resnet18'  # a built-in one is left as it is
+for bad in ('resnet18.a1_in1k', 'no_such_net'):
+    try:
+        ssod_zoo.register(bad)
+        raise AssertionError(bad)
+    except ValueError as e:
+        assert 'not a timm architecture name' in str(e)
+'''
+    for code in (write, read, create):
+        r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                           env=child_env(), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -429,17 +480,26 @@ def test_saving_a_loaded_model_again_keeps_its_calibration_record_while_it_holds
     assert 'calibration' not in json.loads((fresh / 'config.json').read_text())
 
 
-def test_another_input_size_drops_the_thresholds_calibrated_at_the_weights_own(tmp_path):
-    """A threshold holds for the preprocessing it was calibrated with: asking for another input size drops the
-    calibration, with a warning that says so, from a tag and from a folder alike; the weights' own size keeps it."""
+@pytest.mark.parametrize('kwargs, said', [
+    (dict(pretrained_cfg_overlay=dict(input_size=(3, 128, 128))),
+     r'input_size \(3, 128, 128\), calibrated at \(3, 64, 64\)'),
+    (dict(output_stride=32), 'output_stride=32, calibrated with 16'),
+    (dict(global_pool='max'), "global_pool='max', calibrated with 'avg'"),
+])
+def test_another_input_size_or_architecture_drops_the_thresholds_calibrated_with_the_weights_own(kwargs, said):
+    """A threshold holds for the preprocessing and the model it was calibrated with: asking for another input size
+    or another feature map (output_stride) or pooling drops the calibration, with a warning that says so, from a
+    tag and from a folder alike; the weights' own values, and arguments that leave the scores alone, keep it."""
     folder = Path(__file__).resolve().parent.parent / 'weights' / 'ssod_resnet18.fmnist'
     for spec in ('ssod_resnet18.fmnist', f'local-dir:{folder}'):
-        with pytest.warns(UserWarning, match=r'input_size \(3, 128, 128\) asked, and its thresholds were calibrated '
-                                             r'at \(3, 64, 64\).*dropped') as caught:
-            model = timm.create_model(spec, pretrained=True, pretrained_cfg_overlay=dict(input_size=(3, 128, 128)))
+        with pytest.warns(UserWarning, match=f'built with {said}.*thresholds are dropped') as caught:
+            model = timm.create_model(spec, pretrained=True, **kwargs)
         assert caught[0].filename == __file__  # the warning points at the caller's line
         assert (model.spatial_threshold, model.ood_threshold, model.readout) == (None, None, None)
-        same = timm.create_model(spec, pretrained=True, pretrained_cfg_overlay=dict(input_size=(3, 64, 64)))
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            same = timm.create_model(spec, pretrained=True, pretrained_cfg_overlay=dict(input_size=(3, 64, 64)),
+                                     output_stride=16, global_pool='avg', drop_rate=0.1, return_ood=False)
         assert same.spatial_threshold is not None and same.readout == 'spatial'
         with pytest.warns(UserWarning, match='dropped'):  # a caller's own threshold is for the size asked
             own = timm.create_model(spec, pretrained=True, spatial_threshold=4.0, readout='spatial',

@@ -146,11 +146,21 @@ def test_state_dict_keeps_timm_keys_and_timm_checkpoints_load(pair):
     assert keys - set(plain.state_dict()) == {'ood_head.weight', 'ood_head.bias'}
     fresh = wrap(plain.pretrained_cfg['architecture'], num_classes=7)
     head_before = fresh.ood_head.weight.clone()
-    with pytest.warns(UserWarning, match='without an OOD head'):
-        fresh.load_state_dict(plain.state_dict())
+    assert fresh.ood_head_trained
+    with pytest.warns(UserWarning, match='without an OOD head') as caught:
+        result = fresh.load_state_dict(plain.state_dict())
+    assert caught[0].filename == __file__  # at the caller's line
+    assert result.missing_keys == [] and result.unexpected_keys == []  # strict: loaded, not refused
     assert torch.equal(fresh.ood_head.weight, head_before)  # the OOD head starts fresh
     for k, v in plain.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v)
+    # a cross-entropy classifier now, and it says so: its OOD factor is no score
+    assert not fresh.ood_head_trained and torch.isnan(fresh.forward_scores(_input(fresh)).ood_factor).all()
+    # non-strict loading reports the OOD head missing, as it is (timm's own non-strict loaders read missing_keys)
+    other = wrap(plain.pretrained_cfg['architecture'], num_classes=7)
+    with pytest.warns(UserWarning, match='without an OOD head'):
+        result = other.load_state_dict(plain.state_dict(), strict=False)
+    assert result.missing_keys == ['ood_head.weight', 'ood_head.bias'] and result.unexpected_keys == []
 
 
 def test_ssod_checkpoint_round_trip_is_exact_and_silent():
