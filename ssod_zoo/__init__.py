@@ -13,5 +13,5 @@ from .registry import register  # importing it registers the ssod_* models with 
 __version__ = '0.1.0'
 
 __all__ = ['SSODModel', 'SSODOutput', 'SSODScores', 'SpatialOutput', 'calibrate_threshold', 'load_checkpoint',
-           'load_model', 'push_folder', 'push_to_hub', 'posterior_score', 'register', 'robust_posterior', 'spatial_maxlogit_score',
-           'spatial_posterior_score', 'save_pretrained', 'UntrainedOODHeadWarning', 'wrap']
+           'load_model', 'push_folder', 'push_to_hub', 'posterior_score', 'register', 'robust_posterior',
+           'spatial_maxlogit_score', 'spatial_posterior_score', 'save_pretrained', 'UntrainedOODHeadWarning', 'wrap']

@@ -152,7 +152,7 @@ class SSODModel(nn.Module):
 
     def forward(self, x: torch.Tensor):
         if not torch.jit.is_scripting() and not torch.jit.is_tracing():
-            self._check_input(x)
+            self._check_input(x, positions=self.return_ood)  # drop-in mode takes what the plain timm model takes
             if self.return_ood:
                 self._warn_untrained_head(stacklevel=5)  # the caller of model(x), through nn.Module.__call__
         if self.return_ood:
@@ -434,8 +434,9 @@ class SSODModel(nn.Module):
                                'create it with num_classes > 0')
 
     @torch.jit.unused
-    def _check_input(self, x: torch.Tensor) -> None:
-        """Fail with a message that says what was expected, rather than deep inside the network."""
+    def _check_input(self, x: torch.Tensor, positions: bool = True) -> None:
+        """Fail with a message that says what was expected, rather than deep inside the network. ``positions``:
+        also refuse an input smaller than the total stride, which leaves the feature map no position of its own."""
         if isinstance(x, torch.fx.Proxy):  # symbolic tracing (torchvision feature extraction): no values to check
             return
         name = type(self).__name__
@@ -464,7 +465,7 @@ class SSODModel(nn.Module):
                              f'(input shape {tuple(x.shape)}); pass in_chans={x.shape[1]} when creating the model '
                              'or convert the images')
         stride = _total_stride(self)
-        if stride and (x.shape[2] < stride or x.shape[3] < stride):
+        if positions and stride and (x.shape[2] < stride or x.shape[3] < stride):
             size = self.pretrained_cfg.get('input_size', (None, '?', '?'))
             raise ValueError(f'{name} has a total stride of {stride}, so a {x.shape[2]}x{x.shape[3]} input leaves '
                              f'no feature-map position of its own; use at least {stride}x{stride} '

@@ -151,6 +151,7 @@ def save_pretrained(
         raise TypeError(f'save_pretrained expects an SSOD model, got {type(model).__name__}; '
                         'create one with timm.create_model("ssod_<arch>") or ssod_zoo.wrap(model)')
     architecture = _ssod_architecture(model)
+    _check_metrics(metrics)
     threshold = model.ood_threshold if ood_threshold is None else ood_threshold
     threshold = None if threshold is None else check_threshold(threshold)
     if ood_head_trained is None and train_config:
@@ -214,11 +215,24 @@ def write_card(save_dir: Union[str, Path], *, train_config: Optional[Mapping[str
     """(Re)write the model card, ``README.md``, of a folder :func:`save_pretrained` wrote, from its
     ``config.json``; the weights are not touched (``ssod release`` adds the test numbers once they are measured).
     ``train_config`` and ``metrics`` are :func:`save_pretrained`'s. Returns the card's path."""
+    _check_metrics(metrics)
     save_dir = Path(save_dir)
     config = json.loads((save_dir / CONFIG_NAME).read_text())
     path = save_dir / CARD_NAME
     _card.model_card(config, train_config=train_config, metrics=metrics, name=save_dir.resolve().name).save(path)
     return path
+
+
+def _check_metrics(metrics: Optional[Mapping[str, Any]]) -> None:
+    """The card reads ``id_accuracy`` and ``ood`` (set name -> metric name -> value); metrics without either
+    would give a card without results, so they are refused rather than dropped."""
+    if not metrics:
+        return
+    ood = metrics.get('ood')
+    if (metrics.get('id_accuracy') is None and not ood) or (ood is not None and not (
+            isinstance(ood, Mapping) and all(isinstance(v, Mapping) for v in ood.values()))):
+        raise ValueError('metrics must be {"id_accuracy": float, "ood": {set_name: {"fpr95": ..., "auroc": ...}}} '
+                         f'(percent), got {dict(metrics)!r}; the model card reads its results from those keys')
 
 
 def _readable(path: Path) -> None:
@@ -569,11 +583,11 @@ def _saved_ssod(folder: Path, weights: bool = True) -> bool:
 
 
 def _forget_calibration(model: SSODModel, name: str, weights_classes: int) -> None:
-    """timm reset the classifier for another class count than the weights': their label names and the thresholds
-    calibrated with them no longer apply."""
+    """timm reset the classifier for another class count than the weights': their label names and the spatial
+    threshold and readout, calibrated on its logits, no longer apply. The OOD head is the weights' own, and so is
+    its threshold, as after ``reset_classifier``."""
     warnings.warn(f'{name}: built with num_classes={model.num_classes}, the weights have {weights_classes} classes; '
-                  'the classifier is new, so their label_names and thresholds are dropped (train it, then '
-                  'calibrate them: ssod calibrate)', stacklevel=3)
+                  'the classifier is new, so their label_names and spatial_threshold are dropped (train it, then '
+                  'calibrate: ssod calibrate); the OOD head and its ood_threshold are the weights\' own', stacklevel=3)
     model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != 'label_names'}
-    for key in CALIBRATED:
-        setattr(model, key, None)
+    model._forget_spatial_calibration()

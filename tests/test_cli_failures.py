@@ -108,11 +108,13 @@ def test_export_takes_tags_and_writes_label_names(tmp_path):
 
 @pytest.mark.parametrize('load', [ssod_zoo.load_model, partial(timm.create_model, pretrained=True)],
                          ids=['load_model', 'timm.create_model'])
-def test_loading_with_another_class_count_drops_label_names_and_threshold(load):
-    with pytest.warns(UserWarning, match='label_names and thresholds are dropped'):
+def test_loading_with_another_class_count_drops_label_names_and_the_spatial_threshold(load):
+    with pytest.warns(UserWarning, match='label_names and spatial_threshold are dropped'):
         model = load('ssod_test_resnet.synthetic', num_classes=3)
-    assert model.ood_threshold is None and model.spatial_threshold is None and 'label_names' not in model.pretrained_cfg
+    assert model.spatial_threshold is None and model.readout is None and 'label_names' not in model.pretrained_cfg
     kept = load('ssod_test_resnet.synthetic')  # the weights' own class count: calibration kept
+    # the OOD head is the weights' own, and so is its threshold, as after reset_classifier (num_classes=0 below)
+    assert model.ood_threshold == kept.ood_threshold is not None
     assert kept.ood_threshold is not None and len(kept.pretrained_cfg['label_names']) == kept.num_classes
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # no classifier (num_classes=0): the OOD factor and its threshold still hold
@@ -437,5 +439,6 @@ def test_a_folder_scan_names_the_files_it_does_not_read(tmp_path):
         with pytest.warns(UserWarning) as caught:
             assert scan() == [tmp_path / 'a.png']
         assert [str(w.message) for w in caught] == [
-            f'{tmp_path}: skipped 2 files without an image suffix (notes.txt, pal.gif); only these suffixes are '
-            'read: .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp']
+            f'{tmp_path}: skipped 2 files without one of the suffixes read in folders (notes.txt, pal.gif): .jpg, '
+            ".jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp (torchvision ImageFolder's; a file named on its own is "
+            'read whatever its suffix)']

@@ -363,6 +363,10 @@ def test_save_pretrained_refuses_what_it_cannot_describe(tmp_path, model):
         hub.save_pretrained(timm.create_model('test_resnet'), tmp_path / 'plain')
     with pytest.raises(ValueError, match='2 class_names for a model with 3 classes'):
         hub.save_pretrained(model, tmp_path / 'names', class_names=['a', 'b'])
+    for metrics in ({'fpr95': 30.0}, {'ood': {'near': 30.0}}):  # the card would have no results from these
+        with pytest.raises(ValueError, match='metrics must be .*id_accuracy.*ood'):
+            hub.save_pretrained(model, tmp_path / 'metrics', metrics=metrics)
+    assert not (tmp_path / 'metrics').exists()
 
 
 def test_any_timm_cnn_saves_and_loads_once_registered(tmp_path):
@@ -922,6 +926,12 @@ def test_cli_warns_without_threshold_and_fails_cleanly(tmp_path, model, capsys):
         publish.main(['save', str(tmp_path / 'missing.pt'), str(tmp_path / 'x')])
     assert e.value.code == 2
     assert 'no training checkpoint' in capsys.readouterr().err
+    # both thresholds can be given, as the checkpoint would have carried them
+    publish.main(['save', str(make_checkpoint(tmp_path / 'given.pt', model, None, None)), str(tmp_path / 'given'),
+                  '--ood-threshold', '0.25', '--spatial-threshold', '-1.5'])
+    assert 'no calibrated' not in capsys.readouterr().err
+    given = json.loads((tmp_path / 'given' / 'config.json').read_text())['model_args']
+    assert (given['ood_threshold'], given['spatial_threshold']) == (0.25, -1.5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

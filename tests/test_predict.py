@@ -120,6 +120,13 @@ def test_cli_rows_follow_each_rule(rule, decisive, tmp_path, capsys):
     counts = {r: sum(e['all'][r] for e in expected.values()) for r in ('spatial', 'factor', 'posterior')}
     others = ', '.join(f'{r} {n}' for r, n in counts.items() if r != rule)
     assert f'5 images, {counts[rule]} unknown' in err and f'the other rules would say unknown for: {others}' in err
+    assert b'\r' not in out.read_bytes()  # Unix line ends: cut and awk see no stray carriage return
+    # nothing readable: an error, so that a script sees that nothing was predicted
+    with pytest.raises(SystemExit) as e:
+        cli.main(['predict', str(ckpt), str(images / 'broken.jpg'), '--out', str(tmp_path / 'none.csv')])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        'ssod predict: error: the one image given is unreadable (named above), so nothing was predicted')
 
 
 def test_rules_a_model_cannot_run_are_left_out_of_the_summary(decisive, tmp_path, capsys):

@@ -252,6 +252,19 @@ def test_bad_input_gets_a_clear_error(x, error, match, method):
         getattr(m, method)(x)
 
 
+def test_drop_in_mode_takes_an_input_smaller_than_the_stride_as_timm_does():
+    """return_ood=False is the plain timm model: an input the SSOD outputs refuse (no feature-map position of its
+    own) gives timm's logits, as it does for the plain model."""
+    torch.manual_seed(0)
+    plain = timm.create_model('resnet18', num_classes=3).eval()
+    dropin = wrap(plain, return_ood=False)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(dropin(x), plain(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match='total stride of 32'):
+        dropin.forward_ssod(x)
+
+
 def test_pretrained_without_weights_says_what_to_do():
     with pytest.raises(RuntimeError, match=r'ssod_resnet50 has no SSOD weights; none are published for '
                                            r'ssod_resnet50 \(timm.list_pretrained.*--init resnet50.<tag>'):

@@ -58,8 +58,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
                         "readout, ssod predict's default --rule (with --protocol, its OOD validation sets are scored "
                         "too)")
     p.add_argument('--data-name', default=None,
-                   help="what the model card calls the calibration images (default: the --val-dir path's last two "
-                        "parts, or the protocol's split)")
+                   help="what the model card calls the calibration images (default: the --val-dir folder's name, "
+                        "with its parent's when it is a split such as val, e.g. pets/val; or the protocol's split)")
     p.add_argument('--out', default=None, help='write a new hub folder here (default: update MODEL, a hub folder, '
                                                'in place)')
     p.add_argument('--overwrite', action='store_true', help='let --out replace a hub folder already there')

@@ -54,8 +54,9 @@ def list_images(folder, warn_skipped: bool = False) -> List[Path]:
         other = sorted(p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS and not p.name.startswith('.'))
         if other:
             examples = ', '.join(p.name for p in other[:3]) + (', ...' if len(other) > 3 else '')
-            warnings.warn(f'{folder}: skipped {len(other)} file{"s" * (len(other) > 1)} without an image suffix '
-                          f'({examples}); only these suffixes are read: {", ".join(IMAGE_EXTENSIONS)}', stacklevel=2)
+            warnings.warn(f'{folder}: skipped {len(other)} file{"s" * (len(other) > 1)} without one of the suffixes '
+                          f'read in folders ({examples}): {", ".join(IMAGE_EXTENSIONS)} (torchvision ImageFolder\'s; '
+                          'a file named on its own is read whatever its suffix)', stacklevel=2)
     return images
 
 

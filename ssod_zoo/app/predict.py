@@ -246,7 +246,7 @@ class _Writer:
         self.file = open(out, 'w', newline='') if out else sys.stdout
         self.jsonl = bool(out) and Path(out).suffix.lower() in self.JSONL
         if not self.jsonl:
-            self.csv = csv.DictWriter(self.file, fieldnames=COLUMNS, extrasaction='ignore')
+            self.csv = csv.DictWriter(self.file, fieldnames=COLUMNS, extrasaction='ignore', lineterminator='\n')
             self.csv.writeheader()
 
     def write(self, row: dict) -> None:
@@ -339,6 +339,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         raise SystemExit(1)
     finally:
         writer.close()
+    if skipped and not counts['images']:
+        fail(f'{"the one image given" if len(skipped) == 1 else f"each of the {len(skipped)} images given"} is '
+             'unreadable (named above), so nothing was predicted')
     thresholds = rule_thresholds(model, args.rule, args.threshold)
     threshold = thresholds[args.rule]
     rule = (f'{READOUTS[args.rule].score} < {threshold:.4g}' if args.rule in READOUTS else 'posterior argmax') + \

@@ -1,6 +1,7 @@
 """``ssod save <checkpoint> <dir>`` and ``ssod push <checkpoint> <repo_id>``: publish a training checkpoint as a
 hub-ready folder (:func:`ssod_zoo.save_pretrained`) or a Hub repo (:func:`ssod_zoo.push_to_hub`)."""
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -31,6 +32,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for p in (save, push):
         p.add_argument('--ood-threshold', type=bounded(float, lambda v: 0 <= v <= 1, 'in [0, 1], as ood_factor is'),
                        help="threshold on ood_factor to publish instead of the checkpoint's calibrated one")
+        p.add_argument('--spatial-threshold', type=bounded(float, math.isfinite, 'a finite number'),
+                       help="threshold on spatial_score to publish instead of the checkpoint's calibrated one")
         p.add_argument('--no-card', action='store_true', help='do not write README.md')
     args = parser.parse_args(argv)
     if (args.checkpoint / 'config.json').is_file():
@@ -49,7 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (WeightsError, FileNotFoundError) as e:
         parser.exit(2, f'ssod {args.command}: error: {e}\n')
     threshold = args.ood_threshold if args.ood_threshold is not None else ckpt.get('ood_threshold')
-    expected = {'spatial_threshold': ckpt.get('spatial_threshold')}
+    spatial = args.spatial_threshold if args.spatial_threshold is not None else ckpt.get('spatial_threshold')
+    expected = {'spatial_threshold': spatial}
     if not (ckpt.get('config') or {}).get('ce_only'):  # a twin's untrained OOD head gets no ood_threshold
         expected['ood_threshold'] = threshold
     missing = [name for name, value in expected.items() if value is None]
@@ -62,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f'published model will have none; {remedy}', file=sys.stderr)
     save_kwargs = dict(train_config=ckpt.get('config'), metrics=ckpt.get('metrics'),
                        class_names=ckpt.get('class_names'), ood_threshold=threshold,
-                       spatial_threshold=ckpt.get('spatial_threshold'), model_card=not args.no_card)
+                       spatial_threshold=spatial, model_card=not args.no_card)
     if args.command == 'save':
         out = save_pretrained(model, args.save_dir, **save_kwargs)
         if written and args.no_card and (out / 'README.md').exists():

@@ -150,7 +150,7 @@ def write_scores_csv(all_scores: Mapping[str, Mapping[str, torch.Tensor]], paths
     methods = list(all_scores)
     sets = list(next(iter(all_scores.values())))
     with open(path, 'w', newline='') as f:
-        w = csv.writer(f)
+        w = csv.writer(f, lineterminator='\n')
         w.writerow(['set', 'index', 'path', 'target', *methods])
         for name in sets:
             columns = [all_scores[m][name].tolist() for m in methods]
