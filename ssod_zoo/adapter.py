@@ -588,7 +588,7 @@ def wrap(
         ood_threshold: Optional[float] = None,
         spatial_threshold: Optional[float] = None,
         readout: Optional[str] = None,
-        ood_head_trained: bool = True,
+        ood_head_trained: Optional[bool] = None,
         **kwargs,
 ) -> SSODModel:
     """Turn a timm CNN classifier into an SSOD model.
@@ -603,7 +603,9 @@ def wrap(
         readout: the readout chosen for the weights on OOD validation images, ``'spatial'`` or ``'factor'``, kept
             as ``model.readout``.
         ood_head_trained: False for weights whose OOD head was never trained (a cross-entropy model), kept as
-            ``model.ood_head_trained``.
+            ``model.ood_head_trained``. Default: False for a name with ``pretrained=True`` (a trained classifier and
+            a new OOD head), else True; for an instance with trained weights, pass False until the OOD head is
+            trained (``ssod train`` sets it).
         **kwargs: passed to ``timm.create_model`` when ``model`` is a name (``pretrained``, ``num_classes``, ...).
 
     Returns:
@@ -614,6 +616,8 @@ def wrap(
         >>> m = wrap('resnet18', num_classes=10)
         >>> logits, p_id = m(torch.randn(2, 3, 64, 64))
     """
+    if ood_head_trained is None:
+        ood_head_trained = not (isinstance(model, str) and kwargs.get('pretrained'))
     if isinstance(model, str):
         model = timm.create_model(model, **kwargs)
     elif kwargs:

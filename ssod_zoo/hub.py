@@ -494,6 +494,7 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
     Args:
         spec: a training checkpoint file (``python -m ssod_zoo.app.train``), a hub-ready folder (``ssod save``,
             ``save_pretrained``) or ``local-dir:FOLDER``, ``hf-hub:org/repo``, or a registered ``ssod_<arch>.<tag>``.
+            A plain timm model or folder is wrapped, its OOD head fresh (``ood_head_trained`` False).
         **kwargs: passed to ``timm.create_model`` for the folder, hub and tag forms.
 
     Returns:
@@ -525,8 +526,8 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
         if not spec.startswith('hf-hub:'):
             raise
         raise not_cached(spec[len('hf-hub:'):], 'config.json', kwargs.get('cache_dir')) from e
-    if not isinstance(model, SSODModel):
-        model = wrap(model)
+    if not isinstance(model, SSODModel):  # a plain timm classifier: its weights have no OOD head, so it is fresh
+        model = wrap(model, ood_head_trained=False)
     labels = model.pretrained_cfg.get('label_names')
     if labels and model.num_classes not in (0, len(labels)):  # a wrapped timm model; SSOD ones: registry._create
         _forget_calibration(model, spec, len(labels))

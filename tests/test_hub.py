@@ -606,6 +606,9 @@ def test_calibrate_out_from_a_plain_timm_folder_saves_an_ssod_model(tmp_path):
                     '--out', str(tmp_path / 'ssod')])
     model = ssod_zoo.load_model(tmp_path / 'ssod')
     assert isinstance(model, ssod_zoo.SSODModel) and model.spatial_threshold is not None
+    # the plain classifier's OOD head is fresh, and the folder says so: no threshold on it
+    assert not ssod_zoo.load_model(plain).ood_head_trained
+    assert not model.ood_head_trained and model.ood_threshold is None
 
 
 def test_push_to_a_revision_and_load_it(hf_home, model, images):

@@ -163,6 +163,18 @@ def test_state_dict_keeps_timm_keys_and_timm_checkpoints_load(pair):
     assert result.missing_keys == ['ood_head.weight', 'ood_head.bias'] and result.unexpected_keys == []
 
 
+def test_wrap_of_a_pretrained_name_says_its_ood_head_is_untrained(tmp_path):
+    """timm's pretrained weights have no OOD head: wrap('<name>', pretrained=True) is a trained classifier with a
+    fresh head, and says so; a name without weights and an instance (whose history wrap cannot see) are taken as
+    they are."""
+    weights = tmp_path / 'plain.pth'
+    torch.save(timm.create_model('test_resnet', num_classes=3).state_dict(), weights)
+    trained = wrap('test_resnet', pretrained=True, num_classes=3, pretrained_cfg_overlay=dict(file=str(weights)))
+    assert not trained.ood_head_trained
+    assert wrap('test_resnet', num_classes=3).ood_head_trained
+    assert wrap(timm.create_model('test_resnet', num_classes=3)).ood_head_trained
+
+
 def test_ssod_checkpoint_round_trip_is_exact_and_silent():
     a = timm.create_model('ssod_test_resnet', num_classes=3).eval()
     b = timm.create_model('ssod_test_resnet', num_classes=3).eval()
