@@ -11,18 +11,6 @@ from PIL import Image
 import ssod_zoo
 
 
-def test_wrap_rejects_a_vision_transformer_at_wrap_time():
-    vit = timm.create_model('vit_tiny_patch16_224', num_classes=3)
-    with pytest.raises(TypeError, match=r'not a CNN.*tokens \(B, N, C\)'):
-        ssod_zoo.wrap(vit)
-
-
-def test_wrap_still_takes_cnns_and_meta_models():
-    assert isinstance(ssod_zoo.wrap('test_resnet', num_classes=3), ssod_zoo.SSODModel)
-    meta = timm.create_model('test_efficientnet', num_classes=3, device='meta')
-    assert ssod_zoo.wrap(meta).ood_head.weight.device.type == 'meta'
-
-
 def test_unnormalised_pixels_warn_once():
     model = timm.create_model('ssod_test_resnet', num_classes=3).eval()
     pixels = torch.rand(2, 3, 64, 64) * 255

@@ -78,3 +78,20 @@ def test_evaluate_a_model_whose_classifier_has_no_bias():
     results = evaluate(model, loader(12, 0), {'noise': loader(12, 1)}, fit_loader=loader(24, 2), progress=False,
                        methods=('ssod', 'msp', 'react', 'vim'))
     assert set(results['ood']['noise']) >= {'ssod', 'msp', 'react', 'vim'}
+
+
+def test_odin_scores_images_by_its_formula_and_refuses_features():
+    """Liang et al.: one signed step up the log of the tempered MSP, then the tempered MSP, written out here."""
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    x = torch.randn(5, 3, 2, 2, generator=g)
+    detector = create_detector('odin', temperature=10.0, epsilon=0.01)
+    got = detector.score_images(net, x)
+    xx = x.clone().requires_grad_(True)
+    (net(xx) / 10.0).log_softmax(1).max(1).values.sum().backward()
+    with torch.no_grad():
+        want = (net(x + 0.01 * xx.grad.sign()) / 10.0).softmax(1).max(1).values
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, (net(x) / 10.0).softmax(1).max(1).values.detach())  # the step moved it
+    with pytest.raises(TypeError, match='score_images'):
+        detector.score(torch.randn(5, 12), torch.randn(5, 4))

@@ -271,9 +271,10 @@ def test_calibrate_threshold_rounding_ties_and_bounds():
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         assert hub.calibrate_threshold(torch.arange(20.0)) == 1.0
-    for bad, kwargs in (([], {}), ([[0.5, 0.6]], {}), ([0.5, float('nan')], {}), ([0.5], {'tpr': 0.0}),
-                        ([0.5], {'tpr': 1.5})):
-        with pytest.raises(ValueError):
+    for bad, kwargs, match in (([], {}, 'non-empty'), ([[0.5, 0.6]], {}, r'\(N,\) vector'),
+                               ([0.5, float('nan')], {}, 'NaN or inf'),
+                               ([0.5], {'tpr': 0.0}, r'tpr must be in \(0, 1\]'), ([0.5], {'tpr': 1.5}, 'got 1.5')):
+        with pytest.raises(ValueError, match=match):
             hub.calibrate_threshold(bad, **kwargs)
 
 

@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from ssod_zoo.metrics import OODMetrics, accuracy, aupr_in, aupr_out, auroc, fpr_at_tpr, ood_metrics
+from ssod_zoo.metrics import (OODMetrics, accuracy, aupr_in, aupr_out, auroc, fpr95_ood_positive, fpr_at_tpr,
+                              ood_metrics)
 
 KEYS = {'fpr95', 'auroc', 'aupr_in', 'aupr_out'}
 
@@ -141,6 +142,19 @@ def test_fpr_at_other_tpr_agrees_with_sklearn(tpr):
     id_scores, ood_scores = g.integers(0, 20, 500).astype(float) + 3, g.integers(0, 20, 300).astype(float)
     want = sklearn_metrics(id_scores, ood_scores, tpr=tpr)['fpr95']
     assert fpr_at_tpr(torch.from_numpy(id_scores), torch.from_numpy(ood_scores), tpr) == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize('tpr', [0.5, 0.95, 1.0])
+def test_openoods_ood_positive_fpr_agrees_with_sklearn_at_any_tpr(tpr):
+    """OpenOOD's convention, fpr[argmax(tpr >= t)] on roc_curve(is_ood, -score), on tied scores; and its range."""
+    g = np.random.default_rng(8)
+    id_scores, ood_scores = g.integers(0, 20, 400).astype(float) + 3, g.integers(0, 20, 300).astype(float)
+    fpr, tprs, _ = roc_curve(np.r_[np.zeros(400), np.ones(300)], -np.r_[id_scores, ood_scores])
+    got = fpr95_ood_positive(torch.from_numpy(id_scores), torch.from_numpy(ood_scores), tpr)
+    assert got == pytest.approx(fpr[np.argmax(tprs >= tpr - 1e-12)], abs=1e-12)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r'tpr must be in \(0, 1\]'):
+            fpr95_ood_positive(id_scores, ood_scores, bad)
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)

@@ -241,6 +241,11 @@ def test_wrap_by_name_with_model_arguments():
     assert m.num_classes == 4 and m.return_ood is False
 
 
+def test_wrap_takes_a_model_built_on_the_meta_device():
+    meta = timm.create_model('test_efficientnet', num_classes=3, device='meta')
+    assert wrap(meta).ood_head.weight.device.type == 'meta'
+
+
 def test_wrap_rejects_what_it_cannot_adapt():
     with pytest.raises(TypeError, match='not a timm classifier'):
         wrap(torch.nn.Linear(3, 3))
@@ -376,3 +381,23 @@ def test_mobilenetv3_per_position_head_on_the_whole_map_is_the_head_at_each_posi
     as_map = lambda t: t.reshape(2, 3, 3, -1).permute(0, 3, 1, 2)  # noqa: E731
     torch.testing.assert_close(cls_map, as_map(m.get_classifier()(pre_logits)), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ood_map, as_map(m.ood_head(pre_logits)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['ssod_resnet18'])
+def test_grad_checkpointing_gives_the_same_gradients(name):
+    """timm's set_grad_checkpointing recomputes activations in the backward pass; both outputs' gradients match."""
+    import copy
+    torch.manual_seed(0)
+    plain = timm.create_model(name, num_classes=3).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_grad_checkpointing(True)
+    assert checkpointed.grad_checkpointing and not plain.grad_checkpointing
+    x = _input(plain)
+    grads = []
+    for m in (plain, checkpointed):
+        out = m(x)
+        (out.logits.square().mean() + out.ood_factor.mean()).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and 'ood_head.weight' in grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
