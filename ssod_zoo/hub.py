@@ -161,7 +161,14 @@ def save_pretrained(
     if ood_head_trained is False:
         threshold = None
     held = getattr(model, '_calibration_record', None)
-    if calibration is None and held and ood_threshold is None and spatial_threshold is None and all(
+    stale = _stale_thresholds(model) if ood_threshold is None and spatial_threshold is None else []
+    if stale:
+        warnings.warn(f'save_pretrained: the model\'s {" and ".join(stale)} {"were" if len(stale) > 1 else "was"} '
+                      'calibrated for the weights it was loaded with, and the weights have changed since (trained or '
+                      'converted): saved as they are, without the record of what they were calibrated on; calibrate '
+                      'them for these weights on ID validation images (`ssod calibrate FOLDER --val-dir DIR` on the '
+                      'saved folder)', stacklevel=2)
+    if calibration is None and held and not stale and ood_threshold is None and spatial_threshold is None and all(
             held['state'].get(k) == getattr(model, k, None) for k in CALIBRATED):
         calibration = held['record']  # a loaded folder saved again, its calibration untouched: its record goes too
     spatial = getattr(model, 'spatial_threshold', None) if spatial_threshold is None else spatial_threshold
@@ -221,6 +228,25 @@ def write_card(save_dir: Union[str, Path], *, train_config: Optional[Mapping[str
     path = save_dir / CARD_NAME
     _card.model_card(config, train_config=train_config, metrics=metrics, name=save_dir.resolve().name).save(path)
     return path
+
+
+def _fingerprint(model: nn.Module) -> Optional[Tuple[float, ...]]:
+    """One float64 sum per floating-point tensor of the state dict: it moves when the weights are trained or
+    converted. None on the meta device, which has no values."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if any(t.device.type == 'meta' for t in tensors):
+        return None
+    with torch.no_grad():
+        return tuple(float(t.double().sum()) for t in tensors)
+
+
+def _stale_thresholds(model: nn.Module) -> list:
+    """The thresholds a loaded model still holds from loading, when its weights have changed since."""
+    loaded = getattr(model, '_calibrated_weights', None)
+    if not loaded or loaded['fingerprint'] is None:
+        return []
+    kept = [k for k, v in loaded['state'].items() if v is not None and getattr(model, k, None) == v]
+    return kept if kept and _fingerprint(model) != loaded['fingerprint'] else []
 
 
 def _check_metrics(metrics: Optional[Mapping[str, Any]]) -> None:

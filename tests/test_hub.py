@@ -485,6 +485,29 @@ def test_saving_a_loaded_model_again_keeps_its_calibration_record_while_it_holds
     assert 'calibration' not in json.loads((fresh / 'config.json').read_text())
 
 
+def test_saving_a_loaded_model_whose_weights_changed_warns_that_its_thresholds_are_stale(tmp_path):
+    """Thresholds hold for the weights they were calibrated for: a loaded weight fine-tuned, then saved with the
+    thresholds it came with, gets a warning and no record of what they were calibrated on; unchanged weights, or
+    thresholds set since, save silently."""
+    model = timm.create_model('ssod_resnet18.fmnist', pretrained=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        kept = hub.save_pretrained(model, tmp_path / 'kept')
+    assert 'calibration' in json.loads((kept / 'config.json').read_text())
+    with torch.no_grad():
+        model.fc.weight.add_(0.01)  # one step of fine-tuning, as far as the thresholds can tell
+    with pytest.warns(UserWarning, match="spatial_threshold and ood_threshold were calibrated for the weights it was "
+                                         "loaded with, and the weights have changed") as caught:
+        stale = hub.save_pretrained(model, tmp_path / 'stale')
+    assert caught[0].filename == __file__
+    config = json.loads((stale / 'config.json').read_text())
+    assert 'calibration' not in config and config['model_args']['spatial_threshold'] == model.spatial_threshold
+    model.spatial_threshold, model.ood_threshold = 4.0, 0.1  # calibrated again, for these weights
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        hub.save_pretrained(model, tmp_path / 'again')
+
+
 @pytest.mark.parametrize('kwargs, said', [
     (dict(pretrained_cfg_overlay=dict(input_size=(3, 128, 128))),
      r'input_size \(3, 128, 128\), calibrated at \(3, 64, 64\)'),
