@@ -17,8 +17,10 @@ per-architecture code.
 """
 import copy
 import math
+import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Dict, Final, NamedTuple, Optional, Tuple, Union
 
 import timm
@@ -62,6 +64,18 @@ def check_spatial_threshold(threshold: float) -> float:
         raise ValueError(f'spatial_threshold must be a finite logit value, got {threshold}; calibrate one with '
                          'ssod_zoo.calibrate_threshold(model.spatial_score(id_validation_images))')
     return value
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a warning issued by the caller of this function that points at the first frame outside
+    ssod_zoo, timm and torch: the user's line, however deep in the libraries the warning was raised."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_LIBRARY_DIRS = tuple(str(Path(m.__file__).parent) + os.sep for m in (sys.modules[__package__], timm, torch))
 
 
 def _warn_no_head(stacklevel: int) -> None:
@@ -366,12 +380,19 @@ class SSODModel(nn.Module):
 
     @torch.jit.unused
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        head = self.ood_head
         if global_pool is None:
             super().reset_classifier(num_classes)
         else:
             super().reset_classifier(num_classes, global_pool)
         self._fit_ood_head()
         self._forget_spatial_calibration()  # set on the old classifier's logits, which are gone
+        if global_pool is not None:  # other pooled features: ood_factor is another number, or a new head's
+            self.ood_threshold = None
+            if getattr(self, 'readout', None) == 'factor':
+                self.readout = None
+        if self.ood_head is not head:  # rebuilt for another width: never trained
+            self.ood_head_trained = False
         labels = (getattr(self, 'pretrained_cfg', None) or {}).get('label_names')
         if labels is not None and len(labels) != num_classes:  # names of classes the new classifier has not got
             for attr in ('pretrained_cfg', 'default_cfg'):
@@ -603,9 +624,9 @@ def wrap(
         readout: the readout chosen for the weights on OOD validation images, ``'spatial'`` or ``'factor'``, kept
             as ``model.readout``.
         ood_head_trained: False for weights whose OOD head was never trained (a cross-entropy model), kept as
-            ``model.ood_head_trained``. Default: False for a name with ``pretrained=True`` (a trained classifier and
-            a new OOD head), else True; for an instance with trained weights, pass False until the OOD head is
-            trained (``ssod train`` sets it).
+            ``model.ood_head_trained``. Default: an SSOD model's own; False for a plain timm name with
+            ``pretrained=True`` (a trained classifier and a new OOD head); else True. For a plain instance with
+            trained weights, pass False until the OOD head is trained (``ssod train`` sets it).
         **kwargs: passed to ``timm.create_model`` when ``model`` is a name (``pretrained``, ``num_classes``, ...).
 
     Returns:
@@ -616,8 +637,7 @@ def wrap(
         >>> m = wrap('resnet18', num_classes=10)
         >>> logits, p_id = m(torch.randn(2, 3, 64, 64))
     """
-    if ood_head_trained is None:
-        ood_head_trained = not (isinstance(model, str) and kwargs.get('pretrained'))
+    pretrained_name = isinstance(model, str) and bool(kwargs.get('pretrained'))
     if isinstance(model, str):
         model = timm.create_model(model, **kwargs)
     elif kwargs:
@@ -644,6 +664,9 @@ def wrap(
     ssod.spatial_threshold = spatial_threshold if spatial_threshold is None else check_spatial_threshold(
         spatial_threshold)
     ssod.readout = readout if readout is None else check_readout(readout)
+    if ood_head_trained is None:  # an SSOD model's own say; a plain classifier's timm weights have no OOD head
+        ood_head_trained = getattr(model, 'ood_head_trained', True) if isinstance(model, SSODModel) else \
+            not pretrained_name
     ssod.ood_head_trained = bool(ood_head_trained)
     ssod._fit_ood_head()
     return ssod

@@ -44,7 +44,7 @@ import timm
 import torch
 from huggingface_hub import HfApi
 from huggingface_hub.errors import LocalEntryNotFoundError
-from timm.models._hub import save_config_for_hf
+from timm.models._hub import hf_split, save_config_for_hf
 from torch import nn
 
 from . import _card
@@ -54,7 +54,7 @@ from ._pretrained import (  # noqa: F401
     _clear_errors, _download, _folder_config, _manifest_cfgs, _prepare_pretrained, _repo_model_args, _sha256,
     _shipped_model_args, _state_dict_mismatch, _weights_dir, not_cached)
 from .adapter import (  # noqa: F401  (CALIBRATED: what holds only for the weights it was calibrated on)
-    CALIBRATED, READOUTS, SSODModel, check_readout, check_spatial_threshold, check_threshold, wrap)
+    CALIBRATED, READOUTS, SSODModel, check_readout, check_spatial_threshold, check_threshold, user_stacklevel, wrap)
 
 __all__ = ['WeightsError', 'calibrate_threshold', 'load_checkpoint', 'load_model', 'push_folder', 'push_to_hub',
            'save_pretrained', 'write_card']
@@ -163,11 +163,13 @@ def save_pretrained(
     held = getattr(model, '_calibration_record', None)
     stale = _stale_thresholds(model) if ood_threshold is None and spatial_threshold is None else []
     if stale:
+        them = 'them' if len(stale) > 1 else 'it'
         warnings.warn(f'save_pretrained: the model\'s {" and ".join(stale)} {"were" if len(stale) > 1 else "was"} '
-                      'calibrated for the weights it was loaded with, and the weights have changed since (trained or '
-                      'converted): saved as they are, without the record of what they were calibrated on; calibrate '
-                      'them for these weights on ID validation images (`ssod calibrate FOLDER --val-dir DIR` on the '
-                      'saved folder)', stacklevel=2)
+                      'calibrated for the weights it was loaded with, and the weights its score reads have changed '
+                      'since (trained, a forward pass in train mode updating BatchNorm statistics, or converted): '
+                      f'saved as {"they are" if len(stale) > 1 else "it is"}, without the record of what it was '
+                      f'calibrated on; calibrate {them} for these weights on ID validation images (`ssod calibrate '
+                      'FOLDER --val-dir DIR` on the saved folder)', stacklevel=2)
     if calibration is None and held and not stale and ood_threshold is None and spatial_threshold is None and all(
             held['state'].get(k) == getattr(model, k, None) for k in CALIBRATED):
         calibration = held['record']  # a loaded folder saved again, its calibration untouched: its record goes too
@@ -230,23 +232,28 @@ def write_card(save_dir: Union[str, Path], *, train_config: Optional[Mapping[str
     return path
 
 
-def _fingerprint(model: nn.Module) -> Optional[Tuple[float, ...]]:
-    """One float64 sum per floating-point tensor of the state dict: it moves when the weights are trained or
-    converted. None on the meta device, which has no values."""
-    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
-    if any(t.device.type == 'meta' for t in tensors):
+def _fingerprints(model: nn.Module) -> Optional[Dict[str, Tuple[float, ...]]]:
+    """Per threshold, one float64 sum per floating-point tensor its score depends on: ``ood_factor`` on all but
+    the classifier, ``spatial_score`` on all but the OOD head. A sum moves when those weights are trained (BatchNorm
+    statistics too) or converted. None on the meta device, which has no values."""
+    state = {k: t for k, t in model.state_dict().items() if t.is_floating_point()}
+    if any(t.device.type == 'meta' for t in state.values()):
         return None
+    classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier') or 'fc'
     with torch.no_grad():
-        return tuple(float(t.double().sum()) for t in tensors)
+        sums = {k: float(t.double().sum()) for k, t in state.items()}
+    return {'ood_threshold': tuple(v for k, v in sums.items() if not k.startswith(classifier + '.')),
+            'spatial_threshold': tuple(v for k, v in sums.items() if not k.startswith('ood_head.'))}
 
 
 def _stale_thresholds(model: nn.Module) -> list:
-    """The thresholds a loaded model still holds from loading, when its weights have changed since."""
+    """The thresholds a loaded model still holds from loading, when the weights their score reads have changed."""
     loaded = getattr(model, '_calibrated_weights', None)
-    if not loaded or loaded['fingerprint'] is None:
+    if not loaded or loaded['fingerprints'] is None:
         return []
     kept = [k for k, v in loaded['state'].items() if v is not None and getattr(model, k, None) == v]
-    return kept if kept and _fingerprint(model) != loaded['fingerprint'] else []
+    now = _fingerprints(model) if kept else None
+    return [k for k in kept if now is not None and now[k] != loaded['fingerprints'][k]]
 
 
 def _check_metrics(metrics: Optional[Mapping[str, Any]]) -> None:
@@ -420,7 +427,9 @@ def hub_offline() -> bool:
 def is_network_error(e: BaseException) -> bool:
     """Connection, offline-mode and Hub HTTP errors: huggingface_hub raises its own, or its HTTP client's (requests
     and urllib3 before 1.0, httpx after, httpx2 in 2.x)."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, OfflineModeIsEnabled
+    if isinstance(e, (HFValidationError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        return False  # a bad repo id or a local file: the same call fails again later
     transport = ('httpx', 'httpcore', 'requests', 'urllib3', 'huggingface_hub')
     return (isinstance(e, (OSError, HfHubHTTPError, OfflineModeIsEnabled, TimeoutError)) or
             type(e).__module__.split('.')[0].startswith(transport))
@@ -546,12 +555,19 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
                            f'SSOD models: {", ".join(timm.list_models("ssod_*"))}')
     if spec.startswith('local-dir:'):
         _register_saved(Path(spec[len('local-dir:'):]))
+    elif spec.startswith('hf-hub:'):
+        _register_cached_repo(spec[len('hf-hub:'):], kwargs.get('cache_dir'))
     try:
         model = timm.create_model(spec, pretrained=True, **kwargs)
     except LocalEntryNotFoundError as e:  # timm fetches an hf-hub: repo's config.json before ssod_zoo's code runs
         if not spec.startswith('hf-hub:'):
             raise
         raise not_cached(spec[len('hf-hub:'):], 'config.json', kwargs.get('cache_dir')) from e
+    except RuntimeError as e:  # a repo of another timm CNN, its config.json fetched just now: register, then again
+        if not (spec.startswith('hf-hub:') and 'Unknown model' in str(e)
+                and _register_cached_repo(spec[len('hf-hub:'):], kwargs.get('cache_dir'))):
+            raise
+        model = timm.create_model(spec, pretrained=True, **kwargs)
     if not isinstance(model, SSODModel):  # a plain timm classifier: its weights have no OOD head, so it is fresh
         model = wrap(model, ood_head_trained=False)
     labels = model.pretrained_cfg.get('label_names')
@@ -560,15 +576,29 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
     return model.eval()
 
 
-def _register_saved(folder: Path) -> None:
-    """Register the ``ssod_<trunk>`` a saved folder names, when it is another timm CNN's (``register``)."""
+def _register_saved(folder: Path) -> bool:
+    """Register the ``ssod_<trunk>`` a saved folder names, when it is another timm CNN's (``register``); whether
+    it did."""
     try:
         arch = json.loads((folder / CONFIG_NAME).read_text(encoding='utf-8')).get('architecture') or ''
     except (OSError, ValueError):
-        return  # timm reads it next, and says what is wrong
+        return False  # timm reads it next, and says what is wrong
     if arch.startswith('ssod_') and not timm.is_model(arch) and timm.is_model(arch[len('ssod_'):]):
         from .registry import register
         register(arch[len('ssod_'):])
+        return True
+    return False
+
+
+def _register_cached_repo(repo: str, cache_dir: Optional[Union[str, Path]]) -> bool:
+    """:func:`_register_saved` for a Hub repo whose ``config.json`` is in the cache (no download here)."""
+    from huggingface_hub import hf_hub_download
+    repo_id, revision = hf_split(repo)
+    try:
+        config = hf_hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir, local_files_only=True)
+    except Exception:  # not cached (or not a repo): timm fetches it, and says what is wrong in its own words
+        return False
+    return _register_saved(Path(config).parent)
 
 
 def saved_folder(spec: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> Optional[Path]:
@@ -615,6 +645,7 @@ def _forget_calibration(model: SSODModel, name: str, weights_classes: int) -> No
     its threshold, as after ``reset_classifier``."""
     warnings.warn(f'{name}: built with num_classes={model.num_classes}, the weights have {weights_classes} classes; '
                   'the classifier is new, so their label_names and spatial_threshold are dropped (train it, then '
-                  'calibrate: ssod calibrate); the OOD head and its ood_threshold are the weights\' own', stacklevel=3)
+                  'calibrate: ssod calibrate); the OOD head and its ood_threshold are the weights\' own',
+                  stacklevel=user_stacklevel())
     model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != 'label_names'}
     model._forget_spatial_calibration()

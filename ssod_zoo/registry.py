@@ -16,7 +16,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._builder import resolve_pretrained_cfg
 
 from . import hub
-from .adapter import SSODModel, wrap
+from .adapter import SSODModel, _require_spatial, user_stacklevel, wrap
 
 __all__ = []  # models are reached through timm.create_model
 
@@ -108,7 +108,7 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
         return model
     # the weights the thresholds were calibrated for: save_pretrained warns when they have changed since (trained)
     model._calibrated_weights = {'state': {k: getattr(model, k) for k in hub.THRESHOLDS},
-                                 'fingerprint': hub._fingerprint(model)}
+                                 'fingerprints': hub._fingerprints(model)}
     # the weights' thresholds hold for the input size and architecture they were calibrated with; both scores move
     # with either (a class count of its own: _forget_calibration above)
     changed = [f'input_size {tuple(asked_size)}, calibrated at {tuple(calibrated_size)}'] if (
@@ -118,7 +118,7 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
     if changed:
         warnings.warn(f'{name}: built with {"; ".join(changed)}, where its scores are other numbers: its '
                       'thresholds are dropped (calibrate them for this model: ssod calibrate, or pass your own)',
-                      stacklevel=4)
+                      stacklevel=user_stacklevel())
         for key in hub.CALIBRATED:
             if key not in given:  # a caller's own values are for the model asked
                 setattr(model, key, None)
@@ -127,7 +127,8 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
 
 # model arguments that leave both scores as they are (num_classes has a rule of its own: hub._forget_calibration)
 _NOT_SCORED = ('num_classes', 'return_ood', 'ood_head_trained', 'label_names', 'pretrained_model_args',
-               'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'drop_rate', 'drop_path_rate')
+               'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'drop_rate', 'drop_path_rate',
+               'drop_block_rate')
 
 
 def _cfg(**kwargs: Any) -> dict:
@@ -179,9 +180,13 @@ def register(trunk: str) -> str:
     name = f'ssod_{trunk}'
     if '.' not in trunk and timm.is_model(name):
         return name
-    if '.' in trunk or not timm.is_model(trunk):
+    if '.' in trunk or not timm.is_model(trunk) or trunk.startswith('ssod_'):
         raise ValueError(f'register({trunk!r}): not a timm architecture name (timm.list_models() lists them; no '
-                         '.tag: the weights are a matter for loading)')
+                         '.tag: the weights are a matter for loading; not an ssod_ name: those are registered)')
+    try:  # a CNN, as wrap requires, checked on the meta device: no weights are made
+        _require_spatial(timm.create_model(trunk, pretrained=False, device='meta'))
+    except TypeError as e:
+        raise ValueError(f'register({trunk!r}): {e}') from None
     plain = timm.models.get_pretrained_cfg(trunk)
     cfg = {k: getattr(plain, k) for k in _TRUNK_CFG_KEYS if plain is not None and getattr(plain, k) is not None}
     default_cfgs.update(generate_default_cfgs({name: _cfg(**cfg)}))  # read by register_model

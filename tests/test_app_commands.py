@@ -260,16 +260,16 @@ def test_report_without_bootstrap_has_no_empty_interval_table():
               'ssod': {'id': {'n': 10, 'accepted': 95.0}, 'near': {'n': 10, 'accepted': 40.0}}}
     thresholds = {'ssod_spatial_top3': 9.5, 'ssod': 0.5}
     ood = {'near': {'ssod': {'fpr95': 40.0, 'auroc': 80.0}}}
-    without = report_markdown(accept, thresholds, {}, ood, n_boot=0)
+    without = report_markdown(accept, thresholds, {}, ood, n_boot=0, ce_model=True)
     assert '## FPR95 and AUROC' not in without and '| Method |' not in without
     assert '--bootstrap 0' in without and '| near | 10 | 20.0 | 40.0 |' in without
     assert '| Set | Images | Accepted %, `spatial_score` | Accepted %, `ood_factor` |' in without
     assert '`spatial_score >= 9.5` (`model.spatial_threshold`); `ood_factor >= 0.5`' in without
     # a readout without a threshold: its column goes, and the report says how to get one
-    missing = report_markdown(accept, {**thresholds, 'ssod_spatial_top3': None}, {}, ood, n_boot=0)
+    missing = report_markdown(accept, {**thresholds, 'ssod_spatial_top3': None}, {}, ood, n_boot=0, ce_model=True)
     assert '| near | 10 | 40.0 |' in missing and 'no calibrated `spatial_threshold` (`ssod calibrate`' in missing
     ci = {'near': {'ssod': {'fpr95': [30.0, 50.0], 'auroc': [75.0, 85.0]}}}
-    with_ci = report_markdown(accept, thresholds, ci, ood, n_boot=100)
+    with_ci = report_markdown(accept, thresholds, ci, ood, n_boot=100, ce_model=True)
     assert '(100 resamples, seed 0)' in with_ci
     # named as in the main table, with the key of its scores.csv column
     assert '| SSOD OOD factor, Eq. 15 (paper), `ssod` | 40.0 [30.0, 50.0] | 80.0 [75.0, 85.0] |' in with_ci

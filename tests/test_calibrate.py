@@ -5,6 +5,7 @@ import json
 import math
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,17 @@ def test_protocol_calibration_reproduces_the_shipped_fmnist_threshold(tmp_path):
     assert calibration['images'] == 600
     # chosen on both kinds of OOD image: the held-out garments (near) and the noise set (far)
     assert calibration['readout']['ood_data'] == ['fmnist_heldout', 'noise']
+
+
+def test_too_few_images_to_resolve_95_percent_are_called_so(folder, tmp_path, capsys):
+    from ssod_zoo.app import calibrate
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        calibrate.main([str(folder), '--val-dir', str(save_images(tmp_path / 'val', 10, size=40))])
+    err = capsys.readouterr().err
+    assert '10 ID images: spatial_threshold = ' in err and '(each keeps all 10: too few to resolve 95%)' in err
+    # one warning, the command's, with the spread; not the library's as well
+    assert 'warning: only 10 ID images' in err and not [w for w in caught if 'calibrate_threshold' in str(w.message)]
 
 
 def test_ood_dirs_report_each_rules_fpr95_at_the_calibrated_point(folder, tmp_path, capsys):

@@ -370,7 +370,7 @@ def test_save_pretrained_refuses_what_it_cannot_describe(tmp_path, model):
     assert not (tmp_path / 'metrics').exists()
 
 
-def test_any_timm_cnn_saves_and_loads_once_registered(tmp_path):
+def test_any_timm_cnn_saves_and_loads_once_registered(tmp_path, hub_server):
     """A wrap of a trunk without a built-in entrypoint (test_efficientnet) registers ``ssod_<trunk>`` when saved;
     a new process loads the folder with load_model, which registers it too, or with timm.create_model after
     ssod_zoo.register. In child processes: a registration is for the whole process, and the suite lists ssod_*."""
@@ -410,16 +410,32 @@ except RuntimeError as e:
 assert ssod_zoo.register('test_efficientnet') == 'ssod_test_efficientnet'
 assert timm.create_model('local-dir:{folder}', pretrained=True).spatial_threshold == 1.5
 assert ssod_zoo.register('resnet18') == 'ssod_resnet18'  # a built-in one is left as it is
-for bad in ('resnet18.a1_in1k', 'no_such_net'):
+for bad, said in (('resnet18.a1_in1k', 'not a timm architecture name'), ('no_such_net', 'not a timm architecture'),
+                  ('ssod_resnet18', 'not an ssod_ name'), ('test_vit', 'not a CNN')):
     try:
         ssod_zoo.register(bad)
         raise AssertionError(bad)
     except ValueError as e:
-        assert 'not a timm architecture name' in str(e)
+        assert said in str(e), e
+assert not [n for n in timm.list_models('ssod_*') if 'vit' in n or n.startswith('ssod_ssod')]
 '''
     for code in (write, read, create):
         r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
                            env=child_env(), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+    # from the Hub: load_model fetches the repo's config.json, registers the trunk and builds; then from the cache
+    hub_server.serve('ssod-org/effnet', folder_files(folder))
+    from_hub = f'''
+import torch, ssod_zoo
+e = torch.load({str(expected)!r})
+model = ssod_zoo.load_model('hf-hub:ssod-org/effnet')
+with torch.no_grad():
+    assert torch.equal(model.forward_scores(e['x']).logits, e['logits'])
+'''
+    env = child_env(HF_ENDPOINT=hub_server.endpoint, HF_HUB_CACHE=str(hub_server.cache), NO_PROXY='127.0.0.1')
+    for offline in ('0', '1'):
+        r = subprocess.run([sys.executable, '-c', from_hub], capture_output=True, text=True, timeout=300,
+                           env={**env, 'HF_HUB_OFFLINE': offline}, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -495,9 +511,9 @@ def test_saving_a_loaded_model_whose_weights_changed_warns_that_its_thresholds_a
         kept = hub.save_pretrained(model, tmp_path / 'kept')
     assert 'calibration' in json.loads((kept / 'config.json').read_text())
     with torch.no_grad():
-        model.fc.weight.add_(0.01)  # one step of fine-tuning, as far as the thresholds can tell
+        model.conv1.weight.add_(0.01)  # one step of fine-tuning, as far as the thresholds can tell
     with pytest.warns(UserWarning, match="spatial_threshold and ood_threshold were calibrated for the weights it was "
-                                         "loaded with, and the weights have changed") as caught:
+                                         "loaded with, and the weights its score reads have changed") as caught:
         stale = hub.save_pretrained(model, tmp_path / 'stale')
     assert caught[0].filename == __file__
     config = json.loads((stale / 'config.json').read_text())
@@ -506,6 +522,18 @@ def test_saving_a_loaded_model_whose_weights_changed_warns_that_its_thresholds_a
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         hub.save_pretrained(model, tmp_path / 'again')
+    # a new classifier trained on the weight's features (a linear probe): ood_factor, and so its threshold, unmoved
+    with pytest.warns(UserWarning, match='the classifier is new'):
+        probe = timm.create_model('ssod_resnet18.fmnist', pretrained=True, num_classes=3)
+    with torch.no_grad():
+        probe.fc.weight.add_(0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        hub.save_pretrained(probe, tmp_path / 'probe')
+    with torch.no_grad():
+        probe.ood_head.weight.add_(0.01)
+    with pytest.warns(UserWarning, match="the model's ood_threshold was calibrated"):
+        hub.save_pretrained(probe, tmp_path / 'probe2')
 
 
 @pytest.mark.parametrize('kwargs, said', [
@@ -543,6 +571,11 @@ def test_a_new_classifier_drops_the_spatial_readout_and_keeps_the_factor_one(tmp
     model = ssod_zoo.wrap('test_resnet', num_classes=4, ood_threshold=0.125, readout='factor')
     model.reset_classifier(3)
     assert model.readout == 'factor'  # the OOD head and its threshold are untouched
+    # another pooling gives other pooled features, and catavgmax a new, wider OOD head: its calibration goes
+    for pool, fresh in (('max', False), ('catavgmax', True)):
+        model = ssod_zoo.wrap('test_resnet', num_classes=4, ood_threshold=0.125, readout='factor')
+        model.reset_classifier(3, global_pool=pool)
+        assert (model.ood_threshold, model.readout, model.ood_head_trained) == (None, None, not fresh), pool
     # the shipped weight's class names go with its classifier, as with num_classes= at creation
     model = timm.create_model('ssod_resnet18.fmnist', pretrained=True)
     model.reset_classifier(6)
@@ -583,6 +616,7 @@ def test_push_to_hub_then_offline_hf_hub_round_trip(hf_home, model, images):
     assert list(loaded.pretrained_cfg['label_names']) == CLASS_NAMES
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason='exception notes (add_note) are Python 3.11+')
 def test_push_without_a_reachable_hub_says_nothing_is_lost(model, tmp_path, monkeypatch):
     """The installed huggingface_hub's own transport error (a refused connection) propagates as it is, with a note
     that says how to upload later; the CLI's one-line form is in test_cli_failures."""
@@ -597,6 +631,11 @@ def test_push_without_a_reachable_hub_says_nothing_is_lost(model, tmp_path, monk
     with pytest.raises(Exception) as e:
         hub.push_folder(folder, 'me/my-ssod', token='hf_test')
     assert e.value.__notes__ == [e.value.__notes__[0]] and f'hf upload me/my-ssod {folder}' in e.value.__notes__[0]
+    # a bad repo id or a missing folder fails the same way later: no note that says to wait for the network
+    from huggingface_hub.errors import HFValidationError, OfflineModeIsEnabled
+    assert not any(hub.is_network_error(e) for e in (HFValidationError('bad id'), FileNotFoundError('x'),
+                                                     PermissionError('x')))
+    assert all(hub.is_network_error(e) for e in (OfflineModeIsEnabled('x'), TimeoutError('x'), ConnectionError('x')))
 
 
 def test_calibrate_out_from_a_hub_repo_copies_it(hub_server, saved, tmp_path):

@@ -6,7 +6,7 @@ import timm
 import torch
 
 import ssod_zoo
-from ssod_zoo import SSODOutput, robust_posterior, wrap
+from ssod_zoo import SSODOutput, UntrainedOODHeadWarning, robust_posterior, wrap
 
 SSOD_MODELS = timm.list_models('ssod_*')
 REQUIRED = ['ssod_resnet18', 'ssod_resnet34', 'ssod_resnet50', 'ssod_resnet101', 'ssod_densenet121',
@@ -173,6 +173,9 @@ def test_wrap_of_a_pretrained_name_says_its_ood_head_is_untrained(tmp_path):
     assert not trained.ood_head_trained
     assert wrap('test_resnet', num_classes=3).ood_head_trained
     assert wrap(timm.create_model('test_resnet', num_classes=3)).ood_head_trained
+    # an SSOD weight's head was trained, and an SSOD model keeps its own say
+    assert wrap('ssod_test_resnet.synthetic', pretrained=True).ood_head_trained
+    assert not wrap(wrap('test_resnet', num_classes=3, ood_head_trained=False)).ood_head_trained
 
 
 def test_ssod_checkpoint_round_trip_is_exact_and_silent():
@@ -199,7 +202,9 @@ def test_reset_classifier_keeps_ood_head_in_step_with_pre_logits():
     assert m.num_classes == 5 and m.ood_head.in_features == m.head_hidden_size
     m.reset_classifier(5, 'catavgmax')  # doubles the pooled width
     assert m.ood_head.in_features == m.head_hidden_size == 2 * m.num_features
-    out = m.eval()(_input(m))
+    assert not m.ood_head_trained  # a new head, and the model says so
+    with pytest.warns(UntrainedOODHeadWarning):
+        out = m.eval()(_input(m))
     assert out.logits.shape == (2, 5) and out.ood_factor.shape == (2,)
 
 
@@ -333,7 +338,8 @@ def test_default_forward_checks_the_input_once(monkeypatch):
     m = timm.create_model('ssod_test_resnet', num_classes=3).eval()
     calls = []
     original = type(m)._check_input
-    monkeypatch.setattr(type(m), '_check_input', lambda self, x: (calls.append(1), original(self, x))[1])
+    monkeypatch.setattr(type(m), '_check_input',
+                        lambda self, x, **kwargs: (calls.append(1), original(self, x, **kwargs))[1])
     with torch.no_grad():
         m(_input(m))
         assert len(calls) == 1

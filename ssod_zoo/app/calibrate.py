@@ -29,6 +29,7 @@ config. A readout kept from an earlier calibration on other ID images says so in
 import argparse
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -132,7 +133,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     bar = sys.stderr.isatty() if args.progress is None else args.progress
     try:
         id_out = collect(model, loader(images), device, spatial=True, progress='calibrate' if bar else None)
-        thresholds = thresholds_of(id_out, trained)
+        with warnings.catch_warnings():  # too few images: said below, with the spread, in ssod calibrate's words
+            warnings.filterwarnings('ignore', message='calibrate_threshold: ')
+            thresholds = thresholds_of(id_out, trained)
         ood_sets.update({n: ImageFiles(d, transform) for n, d in zip(ood_names, args.ood_dirs)})
         oods = {k: collect(model, loader(v), device, spatial=True, progress=f'OOD {k}' if bar else None)
                 for k, v in ood_sets.items()}
@@ -172,7 +175,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
                   'use a few hundred', file=sys.stderr)
     shown = ', '.join(f'{k} = {v:.6g}' for k, v in thresholds.items() if v is not None)
     skipped = '' if trained else '; no ood_threshold: this model\'s OOD head was never trained'
-    print(f'{len(images)} ID images: {shown} (each keeps 95% of them){skipped}; wrote {where}', file=sys.stderr)
+    keeps = '95% of them' if len(images) >= 20 else f'all {len(images)}: too few to resolve 95%'
+    print(f'{len(images)} ID images: {shown} (each keeps {keeps}){skipped}; wrote {where}', file=sys.stderr)
     if fpr95:
         print(_fpr95_table(fpr95, {n: len(o['ood_factor']) for n, o in oods.items()}), file=sys.stderr)
     print(f'ssod predict decides with --rule {readout or "spatial"} ({_why(chosen, readout, trained)})',

@@ -134,7 +134,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
                        progress=args.progress)
     # what a deployment decides with, as `ssod eval` reports it: accept rates at the SSOD model's thresholds and
     # bootstrap intervals (`ssod eval --bootstrap`'s default resamples and seed)
-    deployment, deployment_keys = deployment_report(results['scores'], results['ood'], ssod_model, BOOTSTRAP)
+    deployment, deployment_keys = deployment_report(results['scores'], results['ood'], ssod_model, BOOTSTRAP,
+                                                    ce_model=True)
     config = {'benchmark': dataclasses.asdict(bench_cfg),
               'demo': {k: v for k, v in vars(args).items() if k not in ('out', 'bench_root')},
               'models': 'trained here (--retrain)' if args.retrain else f'shipped ({SHIPPED_MODELS})',

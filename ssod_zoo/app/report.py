@@ -184,7 +184,7 @@ def deployed_thresholds(model: Any) -> Dict[str, Optional[float]]:
 
 
 def deployment_report(all_scores: Mapping[str, Mapping[str, torch.Tensor]], ood: Mapping[str, Mapping[str, dict]],
-                      model: Any, n_boot: int, ce_model: bool = True) -> Tuple[str, Dict[str, Any]]:
+                      model: Any, n_boot: int, *, ce_model: bool) -> Tuple[str, Dict[str, Any]]:
     """What a deployment decides with, as ``ssod eval`` and ``ssod demo`` report it: accept rates of each readout
     in :data:`DEPLOYED` at the SSOD ``model``'s calibrated threshold for it, and bootstrap intervals (seed 0; none
     when ``n_boot`` is 0). Returns the markdown section and the keys it adds to ``results.json``:
@@ -195,12 +195,12 @@ def deployment_report(all_scores: Mapping[str, Mapping[str, torch.Tensor]], ood:
     rates = {m: accept_rates(all_scores[m], t) for m, t in thresholds.items()}
     keys = {'accept_rates': rates, 'thresholds': thresholds,
             'bootstrap': {'resamples': n_boot, 'seed': 0, 'level': 95}, 'ci': ci}
-    return report_markdown(rates, thresholds, ci, ood, n_boot, ce_model), keys
+    return report_markdown(rates, thresholds, ci, ood, n_boot, ce_model=ce_model), keys
 
 
 def report_markdown(accept: Mapping[str, Mapping[str, dict]], thresholds: Mapping[str, Optional[float]],
                     ci: Mapping[str, Mapping[str, dict]], ood: Mapping[str, Mapping[str, dict]], n_boot: int,
-                    ce_model: bool = True) -> str:
+                    *, ce_model: bool) -> str:
     """Counts, accept rates at the model's thresholds, and FPR95 / AUROC with bootstrap intervals; methods are
     named as in the main table (:func:`method_label`), each with its key, its column in ``scores.csv``."""
     lines = ['## At the model\'s own thresholds', '']
