@@ -83,8 +83,14 @@ keep_eq15 = model.accepts(scores, readout='factor')  # the paper's readout: ood_
 {%- endif %}
 ```
 
+{% if built_in -%}
 `{{ arch }}` is registered with timm by the ssod_zoo package: installed with pip, it does so on `import timm`; \
 from a source checkout (`pip install -e`), `import ssod_zoo` first.
+{%- else -%}
+`{{ arch }}` is the SSOD model of timm's `{{ trunk }}`, which ssod_zoo does not register by itself: call \
+`ssod_zoo.register('{{ trunk }}')` before `timm.create_model`, or load it with `ssod_zoo.load_model('hf-hub:...')`, \
+which does.
+{%- endif %}
 
 """ + THRESHOLD_SECTION + """
 
@@ -184,6 +190,7 @@ def model_card(config: Dict[str, Any], *, train_config: Optional[Mapping[str, An
                (', ...' if len(labels) > 20 else '')) if labels else ''
     return ModelCard.from_template(
         card_data, template_str=TEMPLATE, name=name, arch=arch, trunk=arch.removeprefix('ssod_'),
+        built_in=_built_in(arch),
         num_classes=config['num_classes'], thresholds=_thresholds(config, train_config),
         calibration_data=calibration_data(config, id_dataset),
         input_size=_input_size(config), **_readout(config),
@@ -251,6 +258,12 @@ def threshold_section(config: Mapping[str, Any]) -> str:
     return jinja2.Template(THRESHOLD_SECTION).render(
         thresholds=_thresholds(config), calibration_data=calibration_data(config, 'in-distribution validation set'),
         input_size=_input_size(config), **_readout(config))
+
+
+def _built_in(arch: str) -> bool:
+    """Whether ssod_zoo registers ``arch`` itself (else ``ssod_zoo.register`` made it, for another timm CNN)."""
+    from .registry import BUILT_IN
+    return arch in BUILT_IN
 
 
 def id_dataset_name(metrics: Mapping[str, Any], train_config: Mapping[str, Any]) -> str:

@@ -29,6 +29,7 @@ Command line (``ssod export``)::
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -100,6 +101,14 @@ def _export_torchscript(graph: nn.Module, example: torch.Tensor, path: Path, ops
     onnx.save(proto, str(path))
 
 
+def _calibrated_size(model: SSODModel) -> Optional[Tuple[int, int, int]]:
+    """The input size the model's thresholds were calibrated at (its preprocessing's), when it has any."""
+    size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size')
+    if size is None or all(getattr(model, r.attribute, None) is None for r in READOUTS.values()):
+        return None
+    return tuple(int(s) for s in size)
+
+
 def _metadata(model: SSODModel, input_size: Tuple[int, int, int]) -> Dict[str, str]:
     """What a deployment needs beside the graph: preprocessing, class count and the calibrated thresholds."""
     from . import __version__
@@ -117,11 +126,16 @@ def _metadata(model: SSODModel, input_size: Tuple[int, int, int]) -> Dict[str, s
     for key in ('mean', 'std', 'interpolation', 'crop_pct'):
         if cfg.get(key) is not None:
             meta[f'ssod_zoo.{key}'] = json.dumps(cfg[key])
-    for key in (r.attribute for r in READOUTS.values()):
-        if getattr(model, key, None) is not None:
-            meta[f'ssod_zoo.{key}'] = repr(float(getattr(model, key)))
-    if getattr(model, 'readout', None):  # the readout chosen for these weights: decide with its score
-        meta['ssod_zoo.readout'] = READOUTS[check_readout(model.readout)].score
+    calibrated = _calibrated_size(model)
+    if calibrated is not None and calibrated != tuple(input_size):  # both scores are other numbers at this size
+        meta['ssod_zoo.thresholds'] = (f'none: calibrated at input size {list(calibrated)}, not valid at '
+                                       f'{list(input_size)}; calibrate at this size (ssod calibrate)')
+    else:
+        for key in (r.attribute for r in READOUTS.values()):
+            if getattr(model, key, None) is not None:
+                meta[f'ssod_zoo.{key}'] = repr(float(getattr(model, key)))
+        if getattr(model, 'readout', None):  # the readout chosen for these weights: decide with its score
+            meta['ssod_zoo.readout'] = READOUTS[check_readout(model.readout)].score
     if not getattr(model, 'ood_head_trained', True):  # a cross-entropy model: its ood_factor output is NaN
         meta['ssod_zoo.ood_head_trained'] = 'false'
     labels = cfg.get('label_names')
@@ -171,6 +185,11 @@ def export_onnx(
     if int(batch_size) < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     size = _resolve_input_size(model, input_size)
+    calibrated = _calibrated_size(model)
+    if calibrated is not None and calibrated != size:
+        warnings.warn(f'export_onnx: input size {size}, and the thresholds were calibrated at {calibrated}, where '
+                      'both scores are other numbers: the file carries none (calibrate at this size: ssod calibrate, '
+                      'then export)', stacklevel=2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -258,22 +277,22 @@ def _build_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int
 
     if Path(spec).is_file():
         if checkpoint is not None:
-            raise SystemExit(f'error: {spec} is a file and --checkpoint {checkpoint} was given too; give the '
+            raise SystemExit(f'ssod export: error: {spec} is a file and --checkpoint {checkpoint} was given too; give the '
                              'architecture as MODEL (e.g. ssod_resnet50) and the weights as --checkpoint')
         ckpt = _read_checkpoint(Path(spec))
         if ckpt is None or ckpt.get('format') != hub.CHECKPOINT_FORMAT:  # timm's train.py names it as 'arch'
             name = next((ckpt[k] for k in ('arch', 'architecture') if isinstance((ckpt or {}).get(k), str)), None)
             if name is None:
-                raise SystemExit(f'error: {spec} does not say which architecture it holds; give it as '
+                raise SystemExit(f'ssod export: error: {spec} does not say which architecture it holds; give it as '
                                  f'`ssod export ARCH --checkpoint {spec}`, ARCH from timm.list_models("ssod_*")')
             spec, checkpoint = name, spec
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
-            raise SystemExit(f'error: checkpoint {checkpoint} not found')
+            raise SystemExit(f'ssod export: error: checkpoint {checkpoint} not found')
         ckpt = _read_checkpoint(Path(checkpoint))
         if ckpt is not None and ckpt.get('format') == hub.CHECKPOINT_FORMAT:
             if spec.split('.')[0] != ckpt.get('architecture'):
-                raise SystemExit(f'error: {checkpoint} holds {ckpt.get("architecture")}, not {spec}')
+                raise SystemExit(f'ssod export: error: {checkpoint} holds {ckpt.get("architecture")}, not {spec}')
             spec, checkpoint = checkpoint, None
     tagged = '.' in spec and spec in timm.list_pretrained(spec)  # 'arch.tag' names weights
     if checkpoint is None and (pretrained or tagged or Path(spec).exists()
@@ -281,11 +300,11 @@ def _build_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int
         try:
             model = hub.load_model(spec)
         except (RuntimeError, FileNotFoundError) as e:  # WeightsError, or a tag without weights
-            raise SystemExit(f'error: {e}') from e
+            raise SystemExit(f'ssod export: error: {e}') from e
         _check_classes(num_classes, model.num_classes, spec)
         return model
     if not hub.registered(spec):
-        raise SystemExit(f'error: unknown model {spec!r}; SSOD models: {", ".join(timm.list_models("ssod_*"))}')
+        raise SystemExit(f'ssod export: error: unknown model {spec!r}; SSOD models: {", ".join(timm.list_models("ssod_*"))}')
     kwargs: Dict[str, Any] = {}
     if checkpoint is not None:
         found = _num_classes_in(checkpoint, spec)
@@ -296,7 +315,7 @@ def _build_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int
         kwargs['num_classes'] = num_classes
     model = timm.create_model(spec, checkpoint_path=checkpoint or '', **kwargs)
     if not isinstance(model, SSODModel):
-        raise SystemExit(f'error: {spec} is not an SSOD model; use one of {", ".join(timm.list_models("ssod_*"))} '
+        raise SystemExit(f'ssod export: error: {spec} is not an SSOD model; use one of {", ".join(timm.list_models("ssod_*"))} '
                          'or wrap your own with ssod_zoo.wrap() and call ssod_zoo.export.export_onnx()')
     if checkpoint is None:
         print(f'note: {spec} has fresh, untrained weights; give a training checkpoint, a hub folder, --checkpoint '
@@ -311,7 +330,7 @@ def _build_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int
 
 def _check_classes(asked: Optional[int], found: int, source: str) -> None:
     if asked is not None and asked != found:
-        raise SystemExit(f'error: {source} has {found} classes, not --num-classes {asked}; the weights fix the class '
+        raise SystemExit(f'ssod export: error: {source} has {found} classes, not --num-classes {asked}; the weights fix the class '
                          'count, so leave --num-classes out')
 
 
@@ -353,7 +372,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         path = export_onnx(model, args.out, input_size=args.input_size, batch_size=args.batch_size,
                            opset=args.opset, dynamic_batch=not args.static_batch)
     except ValueError as e:  # an input size the model cannot take
-        raise SystemExit(f'error: {e}') from e
+        raise SystemExit(f'ssod export: error: {e}') from e
     size = _resolve_input_size(model, args.input_size)
     batch = str(args.batch_size) if args.static_batch else 'batch'
     print(f'wrote {path}: {INPUT_NAME} ({batch}, {", ".join(map(str, size))}) -> '

@@ -151,6 +151,7 @@ _ARCH_CFGS = {
     # timm's 0.5M-parameter test network: fast tests and the embedded benchmark's checkpoint
     'ssod_test_resnet': _cfg(input_size=(3, 160, 160), pool_size=(5, 5), first_conv='conv1.0', classifier='fc'),
 }
+BUILT_IN = tuple(_ARCH_CFGS)  # the ssod_* models registered on import; register() adds others
 # weight tags come from weights/manifest.json (a small json read), so only weights that exist are registered
 default_cfgs = generate_default_cfgs({**_ARCH_CFGS, **hub._manifest_cfgs(_ARCH_CFGS)})
 for _default in default_cfgs.values():

@@ -280,8 +280,8 @@ def test_export_refuses_an_input_size_the_model_cannot_take_before_exporting(tmp
     with pytest.raises(SystemExit) as e:
         export.main(['ssod_test_resnet', '--out', str(tmp_path / 'x.onnx'), '--input-size', *size])
     # exactly export's own check: the same error raised inside torch.export would come wrapped in its report
-    assert str(e.value) == (f'error: {message}' if size[0] == '1' else f'error: SSODResNet has a {message} (the model '
-                                                                       'is configured for 160x160)')
+    assert str(e.value) == (f'ssod export: error: {message}' if size[0] == '1' else
+                            f'ssod export: error: SSODResNet has a {message} (the model is configured for 160x160)')
     assert not (tmp_path / 'x.onnx').exists()
     # a bare architecture name exports fresh weights: said once, with what to give instead
     assert 'ssod_test_resnet has fresh, untrained weights' in capsys.readouterr().err

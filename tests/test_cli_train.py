@@ -131,6 +131,19 @@ def test_a_feature_map_of_a_few_positions_gets_a_warning(capsys):
     model.pretrained_cfg = {**model.pretrained_cfg, 'input_size': (3, 96, 96)}
     train_mod._warn_small_map(model, cfg)
     assert capsys.readouterr().err == ''
+    # MobileNetV3 has no output_stride: only the size, with the one that gives a 3x3 map at its stride of 32
+    model = timm.create_model('ssod_mobilenetv3_large_100', num_classes=3)
+    model.pretrained_cfg = {**model.pretrained_cfg, 'input_size': (3, 64, 64)}
+    train_mod._warn_small_map(model, TrainConfig(model='ssod_mobilenetv3_large_100', img_size=64))
+    err = capsys.readouterr().err
+    assert 'gives a 2x2 feature map' in err and '(at least 96 for a 3x3 map)' in err and 'output_stride' not in err
+
+
+def test_a_model_argument_the_architecture_does_not_take_is_one_line(tmp_path):
+    cfg = TrainConfig(model='ssod_mobilenetv3_large_100', model_kwargs=['output_stride=16'])
+    with pytest.raises(TrainError, match=r"--model-kwargs output_stride=16: ssod_mobilenetv3_large_100 does not take "
+                                         r"it \(.*unexpected keyword argument 'output_stride'"):
+        train_mod._model(cfg, 3)
 
 
 def test_val_classes_unlike_the_training_ones_are_named(tiny, tmp_path, capsys):

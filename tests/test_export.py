@@ -162,6 +162,7 @@ def test_onnx_export_is_eval_mode_whatever_the_model_mode(tmp_path):
     """A training-mode, return_ood=False model exports forward_ssod in eval mode and is left as it was."""
     model = _randomize(timm.create_model('ssod_test_resnet', return_ood=False, ood_threshold=0.25,
                                          spatial_threshold=-1.5, readout='factor')).train()
+    model.pretrained_cfg = {**model.pretrained_cfg, 'input_size': SIZE}  # calibrated at the size exported
     bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     stats = bn.running_mean.clone()
     path = export_onnx(model, tmp_path / 'm.onnx', input_size=SIZE)
@@ -210,7 +211,8 @@ def test_onnx_cli_with_training_checkpoint(tmp_path):
 
     model = _randomize(timm.create_model('ssod_test_resnet', num_classes=5), seed=4).eval()
     torch.save({'format': CHECKPOINT_FORMAT, 'architecture': 'ssod_test_resnet', 'model_args': {'num_classes': 5},
-                'model': model.state_dict(), 'ood_threshold': 0.375, 'spatial_threshold': 7.25}, tmp_path / 'best.pt')
+                'model': model.state_dict(), 'ood_threshold': 0.375, 'spatial_threshold': 7.25,
+                'data_config': {'input_size': list(SIZE)}}, tmp_path / 'best.pt')  # trained and calibrated at SIZE
     out = tmp_path / 'ckpt.onnx'
     assert main([str(tmp_path / 'best.pt'), '--out', str(out), '--input-size', *map(str, SIZE)]) == 0
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
@@ -376,3 +378,20 @@ def test_bf16_autocast_cpu(name):
     scale = ref.logits.abs().max().item()
     assert (out.logits.float() - ref.logits).abs().max().item() <= 0.1 * scale
     assert (out.ood_factor - ref.ood_factor).abs().max().item() <= BF16_OOD_ATOL
+
+
+def test_an_export_at_another_input_size_carries_no_thresholds(tmp_path):
+    """Thresholds hold at the input size they were calibrated at: an export at another size warns and leaves them
+    (and the readout) out of the metadata, as loading at another size drops them; at the weights' size they go in."""
+    import onnx
+    model = ssod_zoo.load_model('ssod_test_resnet.synthetic')  # calibrated at 96 px
+    with pytest.warns(UserWarning, match=r'input size \(3, 64, 64\), and the thresholds were calibrated at '
+                                         r'\(3, 96, 96\).*carries none') as caught:
+        path = export_onnx(model, tmp_path / 'at64.onnx', input_size=(3, 64, 64))
+    assert caught[0].filename == __file__
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    assert not {'ssod_zoo.spatial_threshold', 'ssod_zoo.ood_threshold', 'ssod_zoo.readout'} & set(meta)
+    assert meta['ssod_zoo.thresholds'].startswith('none: calibrated at input size [3, 96, 96]')
+    from ssod_zoo.export import _metadata
+    own = _metadata(model, (3, 96, 96))
+    assert float(own['ssod_zoo.spatial_threshold']) == model.spatial_threshold and 'ssod_zoo.thresholds' not in own

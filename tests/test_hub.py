@@ -383,6 +383,11 @@ torch.manual_seed(0)
 model = ssod_zoo.wrap('test_efficientnet', num_classes=3).eval()
 out = ssod_zoo.save_pretrained(model, {str(folder)!r}, spatial_threshold=1.5)
 assert json.loads((out / 'config.json').read_text())['architecture'] == 'ssod_test_efficientnet'
+# the card and `ssod save` say how to load it: register first, or load_model
+assert "call `ssod_zoo.register('test_efficientnet')` before `timm.create_model`" in (out / 'README.md').read_text()
+from ssod_zoo.app.publish import _how_to_load
+assert _how_to_load(model, 'local-dir:x').startswith('ssod_zoo.load_model("local-dir:x"), or timm.create_model(')
+assert _how_to_load(model, 'x').endswith('after ssod_zoo.register("test_efficientnet")')
 x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 with torch.no_grad():
     y = model.forward_scores(x)

@@ -465,6 +465,13 @@ def test_a_second_signal_stops_at_once(capsys):
             assert flag.requested(ddp=False) and 'send it again to stop at once' in capsys.readouterr().err
             with pytest.raises(stops):
                 flag._handle(signum, None)
+        # a DataLoader worker inherits the handler when forked: it leaves the decision, and the message, to the run
+        flag = _StopFlag()
+        pid = os.fork()
+        if pid == 0:  # the child: what a worker would do with the signal
+            flag._handle(signal.SIGINT, None)
+            os._exit(0 if flag.signum is None else 1)
+        assert os.waitpid(pid, 0)[1] == 0  # the child did not take it as a stop request
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)

@@ -347,7 +347,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     rule = (f'{READOUTS[args.rule].score} < {threshold:.4g}' if args.rule in READOUTS else 'posterior argmax') + \
         f', {chosen_by}'
     others = [f'{r} {by_rule[r]}' for r in RULES if r != args.rule and r in by_rule]
-    print(f'{counts["images"]} images, {counts["unknown"]} unknown ({rule})'
+    print(f'{counts["images"]} image{"s" * (counts["images"] != 1)}, {counts["unknown"]} unknown ({rule})'
           f'{"; the other rules would say unknown for: " + ", ".join(others) if others else ""}'
           f'{f"; {len(skipped)} unreadable skipped" if skipped else ""}'
           f'{f"; wrote {args.out}" if args.out else ""}', file=sys.stderr)

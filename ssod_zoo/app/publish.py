@@ -72,7 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if written and args.no_card and (out / 'README.md').exists():
             print(f'ssod save: warning: {out / "README.md"} is left as it was and may describe the weights it '
                   'replaced (--no-card)', file=sys.stderr)
-        print(f'wrote {out} (load it with timm.create_model("local-dir:{out}", pretrained=True))')
+        print(f'wrote {out} (load it with {_how_to_load(model, f"local-dir:{out}")})')
     else:
         try:
             info = push_to_hub(model, args.repo_id, revision=args.revision, private=args.private, token=args.token,
@@ -86,8 +86,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            f'(`hf upload {args.repo_id} DIR`) when the network is back'
                            f'{"; HF_HUB_OFFLINE=1 is set: unset it to upload" if hub_offline() else ""}\n')
         print(f'pushed {args.repo_id}: {getattr(info, "commit_url", info)} '
-              f'(load it with timm.create_model("hf-hub:{args.repo_id}", pretrained=True))')
+              f'(load it with {_how_to_load(model, f"hf-hub:{args.repo_id}")})')
     return 0
+
+
+def _how_to_load(model, spec: str) -> str:
+    """The line that loads the written model in a new process: another timm CNN's is registered first."""
+    from ..hub import _ssod_architecture
+    from ..registry import BUILT_IN
+    arch = _ssod_architecture(model)
+    load = f'timm.create_model("{spec}", pretrained=True)'
+    return load if arch in BUILT_IN else f'ssod_zoo.load_model("{spec}"), or {load} after ' \
+        f'ssod_zoo.register("{arch.removeprefix("ssod_")}")'
 
 
 if __name__ == '__main__':

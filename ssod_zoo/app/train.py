@@ -349,7 +349,8 @@ def train(cfg: TrainConfig) -> dict:
             return {'history': [], 'best': best, 'out_dir': str(out_dir), 'model': model, 'finished': True}
         _set_rng_state(ckpt['rng'])
         if master:
-            print(f'resumed from {resume}: epoch {start_epoch + 1}, step {start_step}')
+            print(f'resumed from {resume}: epoch {start_epoch + 1}, after its first {start_step} step'
+                  f'{"s" * (start_step != 1)}')
     if master:
         (out_dir / 'config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
@@ -584,11 +585,13 @@ class _StopFlag:
     once, without a checkpoint (an evaluation, say, is not interrupted by the first)."""
 
     def __init__(self):
-        self.signum = None
+        self.signum, self.pid = None, os.getpid()
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a DataLoader worker, forked with this handler: the main process decides
+            return
         if self.signum is not None:  # the second: the user does not want to wait
             raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
         self.signum = signum
@@ -682,6 +685,11 @@ def _model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         if 'Unknown model' in str(e):
             raise TrainError(f'unknown model {cfg.model!r}; SSOD models: {", ".join(timm.list_models("ssod_*"))}')
         raise
+    except TypeError as e:  # a --model-kwargs key the architecture does not take
+        if 'unexpected keyword argument' not in str(e) or not cfg.model_kwargs:
+            raise
+        raise TrainError(f'--model-kwargs {" ".join(cfg.model_kwargs)}: {cfg.model} does not take it ({e}); '
+                         'timm.create_model passes these to the architecture\'s constructor') from None
     if not hasattr(model, 'forward_spatial'):
         model = wrap(model)  # any timm CNN
     if cfg.init:
@@ -1001,10 +1009,20 @@ def _warn_small_map(model: nn.Module, cfg: TrainConfig, least: int = 9) -> None:
         h, w = model.forward_features(torch.zeros(1, *size)).shape[-2:]
     model.train(was)
     if h * w < least:
+        stride = max(size[1] // h, size[2] // w)
+        finer = (' or with a finer map (--model-kwargs output_stride=16, as the shipped weights are)'
+                 if stride > 16 and _takes(model, 'output_stride') else '')
         print(f'warning: at {size[1]}x{size[2]} px {cfg.model} gives a {h}x{w} feature map, and SSOD samples its ID '
               f'and OOD patches among its positions (Eq. 12): so few leave little or no background to sample, and '
-              'the position readouts equal the pooled ones. Train at a larger --img-size, or with a finer map '
-              '(--model-kwargs output_stride=16, as the shipped weights are)', file=sys.stderr)
+              f'the position readouts equal the pooled ones. Train at a larger --img-size (at least {3 * stride} '
+              f'for a 3x3 map){finer}', file=sys.stderr)
+
+
+def _takes(model: nn.Module, argument: str) -> bool:
+    """Whether the timm architecture under ``model`` takes ``argument`` in its constructor."""
+    import inspect
+    timm_class = next((c for c in type(model).__mro__ if c.__module__.startswith('timm.models.')), None)
+    return timm_class is not None and argument in inspect.signature(timm_class.__init__).parameters
 
 
 def _warn_starved_sampler(train_log: dict, cfg: TrainConfig, num_classes: int, floor: float = 0.05) -> None:
