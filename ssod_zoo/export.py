@@ -277,8 +277,8 @@ def _build_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int
 
     if Path(spec).is_file():
         if checkpoint is not None:
-            raise SystemExit(f'ssod export: error: {spec} is a file and --checkpoint {checkpoint} was given too; give the '
-                             'architecture as MODEL (e.g. ssod_resnet50) and the weights as --checkpoint')
+            raise SystemExit(f'ssod export: error: {spec} is a file and --checkpoint {checkpoint} was given too; give '
+                             'the architecture as MODEL (e.g. ssod_resnet50) and the weights as --checkpoint')
         ckpt = _read_checkpoint(Path(spec))
         if ckpt is None or ckpt.get('format') != hub.CHECKPOINT_FORMAT:  # timm's train.py names it as 'arch'
             name = next((ckpt[k] for k in ('arch', 'architecture') if isinstance((ckpt or {}).get(k), str)), None)
@@ -304,7 +304,8 @@ def _build_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int
         _check_classes(num_classes, model.num_classes, spec)
         return model
     if not hub.registered(spec):
-        raise SystemExit(f'ssod export: error: unknown model {spec!r}; SSOD models: {", ".join(timm.list_models("ssod_*"))}')
+        raise SystemExit(f'ssod export: error: unknown model {spec!r}; SSOD models: '
+                         f'{", ".join(timm.list_models("ssod_*"))}')
     kwargs: Dict[str, Any] = {}
     if checkpoint is not None:
         found = _num_classes_in(checkpoint, spec)
@@ -315,8 +316,9 @@ def _build_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int
         kwargs['num_classes'] = num_classes
     model = timm.create_model(spec, checkpoint_path=checkpoint or '', **kwargs)
     if not isinstance(model, SSODModel):
-        raise SystemExit(f'ssod export: error: {spec} is not an SSOD model; use one of {", ".join(timm.list_models("ssod_*"))} '
-                         'or wrap your own with ssod_zoo.wrap() and call ssod_zoo.export.export_onnx()')
+        raise SystemExit(f'ssod export: error: {spec} is not an SSOD model; use one of '
+                         f'{", ".join(timm.list_models("ssod_*"))}, a folder or checkpoint of a trained one, or wrap '
+                         'your own with ssod_zoo.wrap() and call ssod_zoo.export.export_onnx()')
     if checkpoint is None:
         print(f'note: {spec} has fresh, untrained weights; give a training checkpoint, a hub folder, --checkpoint '
               f'FILE or --pretrained with a tag ({", ".join(timm.list_pretrained("ssod_*")) or "none published"}) '
@@ -330,8 +332,8 @@ def _build_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int
 
 def _check_classes(asked: Optional[int], found: int, source: str) -> None:
     if asked is not None and asked != found:
-        raise SystemExit(f'ssod export: error: {source} has {found} classes, not --num-classes {asked}; the weights fix the class '
-                         'count, so leave --num-classes out')
+        raise SystemExit(f'ssod export: error: {source} has {found} classes, not --num-classes {asked}; the weights '
+                         'fix the class count, so leave --num-classes out')
 
 
 def _parser() -> argparse.ArgumentParser:
