@@ -158,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     write_results(results, out, config, sections=[deployment], extra=deployment_keys)
     write_scores_csv(results['scores'], {k: [str(p) for p, _ in v.samples] for k, v in sets.items()},
                      out / 'scores.csv', targets={'id': torch.as_tensor(sets['id'].targets)})
-    plot_roc(results['scores'], out / 'roc.png')
+    plot_roc(results['scores'], out / 'roc.png', ce_model=True)
     plot_histograms(results['scores'], out / 'histograms.png',
                     thresholds={**deployed_thresholds(ssod_model), 'maxlogit_spatial_top3': ce_model.spatial_threshold})
     train_set = bench.train_dataset(transform)

@@ -429,7 +429,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                      targets={'id': torch.as_tensor(id_targets)} if id_targets else None)
     if not args.no_plots:
         from .plots import plot_histograms, plot_roc
-        plot_roc(results['scores'], out / 'roc.png')
+        plot_roc(results['scores'], out / 'roc.png', ce_model='ce' in results['id_accuracy'])
         plot_histograms(results['scores'], out / 'histograms.png', thresholds=deployed_thresholds(model))
     print(results_markdown(results))
     print('\n' + deployment)

@@ -9,10 +9,6 @@ from ..metrics import roc_curve
 
 __all__ = ['plot_roc', 'plot_histograms', 'plot_sampler']
 
-COLOURS = {'ssod': 'tab:red', 'msp': 'tab:blue', 'maxlogit': 'tab:cyan', 'energy': 'tab:green',
-           'odin': 'tab:olive', 'react': 'tab:purple', 'knn': 'tab:brown', 'mahalanobis': 'tab:pink',
-           'vim': 'tab:gray'}
-
 
 def _pyplot():
     import matplotlib
@@ -25,21 +21,30 @@ def _ood_sets(scores: Dict[str, Dict[str, torch.Tensor]]) -> list:
     return [k for k in next(iter(scores.values())) if k != 'id']
 
 
-def plot_roc(scores: Dict[str, Dict[str, torch.Tensor]], path: Path) -> Path:
-    """One panel per OOD set: every method's ROC (ID positive), SSOD drawn thick, FPR95 marked."""
+def plot_roc(scores: Dict[str, Dict[str, torch.Tensor]], path: Path, ce_model: bool = True,
+             highlight: Sequence[str] = ('ssod_spatial_top3', 'ssod')) -> Path:
+    """One panel per OOD set: every method's ROC (ID positive), with the 95%-TPR line where FPR95 is read. The SSOD
+    model's readouts are solid, the baselines dashed, the ``highlight`` ones (a deployment's two rules) thick; the
+    legend names each method as the results tables do (:func:`report.method_label`)."""
+    from .report import method_label
     plt = _pyplot()
     sets = _ood_sets(scores)
-    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 4.2), squeeze=False)
+    ncol = max(2, min(4, len(sets) + 1))
+    legend_rows = -(-len(scores) // ncol)
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * max(len(sets), 2), 4.4 + 0.2 * legend_rows),
+                             squeeze=False)
+    colours = plt.get_cmap('tab20')
     for ax, name in zip(axes[0], sets):
-        for method, s in scores.items():
+        for i, (method, s) in enumerate(scores.items()):
             fpr, tpr = roc_curve(s['id'], s[name])
-            ax.plot(fpr.numpy(), tpr.numpy(), color=COLOURS.get(method), lw=2.5 if method == 'ssod' else 1.1,
-                    label=method)
+            ax.plot(fpr.numpy(), tpr.numpy(), color=colours(i % 20), lw=2.6 if method in highlight else 1.0,
+                    ls='-' if method.startswith('ssod') else '--', label=method_label(method, ce_model))
         ax.axhline(0.95, color='k', ls=':', lw=0.8)
         ax.set(title=f'ID vs {name}', xlabel='OOD accepted (FPR)', ylabel='ID accepted (TPR)', xlim=(0, 1),
                ylim=(0, 1.01))
-    axes[0][-1].legend(loc='lower right', fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc='lower center', ncol=ncol, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.2 * legend_rows / (4.4 + 0.2 * legend_rows) + 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
