@@ -363,7 +363,7 @@ def test_init_from_a_file_with_another_class_count_and_export_dir(bench, tmp_pat
     assert torch.equal(a.logits, b.logits) and torch.equal(a.ood_factor, b.ood_factor)
 
 
-def test_ce_only_never_trains_the_ood_head(bench, tmp_path, monkeypatch):
+def test_ce_only_never_trains_the_ood_head(bench, tmp_path, monkeypatch, capsys):
     seen = _spy_on_training_steps(monkeypatch)
     state = _plain_state(num_classes=3, seed=4)
     torch.save(state, tmp_path / 'init.pt')
@@ -374,6 +374,7 @@ def test_ce_only_never_trains_the_ood_head(bench, tmp_path, monkeypatch):
     assert torch.equal(trained['ood_head.weight'], state['ood_head.weight'])
     assert not torch.equal(trained['fc.weight'], state['fc.weight'])  # the classifier did train
     assert not (tmp_path / 'best.pt').exists(), 'a cross-entropy run selects no checkpoint on OOD data'
+    assert 'note: --ce-only: the OOD sets are scored for the log, but no best.pt is kept' in capsys.readouterr().err
     # its OOD head is untrained, so no ood_threshold; the spatial readout works on any classifier
     last = torch.load(tmp_path / 'last.pt', weights_only=True)
     assert last['ood_threshold'] is None and last['spatial_threshold'] is not None

@@ -308,6 +308,9 @@ def train(cfg: TrainConfig) -> dict:
               f'{cfg.batch_size} per epoch, {cfg.epochs} epochs, into {out_dir}', flush=True)
     if master and not cfg.ce_only:
         _warn_small_map(model, cfg)  # on the CPU, before the model moves
+    if master and cfg.ce_only and cfg.ood_dirs:
+        print('note: --ce-only: the OOD sets are scored for the log, but no best.pt is kept (it is chosen on the OOD '
+              'factor, which this run never trains): the model is last.pt', file=sys.stderr)
 
     # ---------------------------------------------------------------------------------------------- model
     model.to(device)
