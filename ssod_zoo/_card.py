@@ -68,6 +68,11 @@ readout (below) says otherwise.
 ```python
 import timm, torch
 from PIL import Image
+{%- if not built_in %}
+import ssod_zoo
+
+ssod_zoo.register('{{ trunk }}')  # {{ arch }} is not one of ssod_zoo's built-in models
+{%- endif %}
 
 model = timm.create_model('hf-hub:<org>/<this-repo>', pretrained=True).eval()  # or 'local-dir:<folder>'
 config = timm.data.resolve_data_config(model=model)
@@ -76,8 +81,14 @@ image = Image.open('photo.png').convert('RGB')  # 3 channels, also for grayscale
 x = transform(image).unsqueeze(0)
 with torch.no_grad():
     scores = model.forward_scores(x)  # logits, ood_factor, spatial_score: higher = more in-distribution
-keep = model.accepts(scores)  # True: one of the known classes, by the readout chosen for these weights
-{%- if not ce_only %}
+{%- if has_spatial or has_factor %}
+keep = model.accepts(scores{% if not has_spatial %}, readout='factor'{% endif %})  # True: one of the known classes, \
+by the readout chosen for these weights
+{%- else %}
+# no calibrated thresholds yet: set them on ID validation images (ssod calibrate FOLDER --val-dir DIR), then
+# keep = model.accepts(scores)
+{%- endif %}
+{%- if not ce_only and has_spatial and has_factor %}
 keep_spatial = model.accepts(scores, readout='spatial')  # spatial_score >= model.spatial_threshold
 keep_eq15 = model.accepts(scores, readout='factor')  # the paper's readout: ood_factor >= model.ood_threshold
 {%- endif %}
@@ -190,7 +201,8 @@ def model_card(config: Dict[str, Any], *, train_config: Optional[Mapping[str, An
                (', ...' if len(labels) > 20 else '')) if labels else ''
     return ModelCard.from_template(
         card_data, template_str=TEMPLATE, name=name, arch=arch, trunk=arch.removeprefix('ssod_'),
-        built_in=_built_in(arch),
+        built_in=_built_in(arch), has_spatial=(config.get('model_args') or {}).get('spatial_threshold') is not None,
+        has_factor=(config.get('model_args') or {}).get('ood_threshold') is not None,
         num_classes=config['num_classes'], thresholds=_thresholds(config, train_config),
         calibration_data=calibration_data(config, id_dataset),
         input_size=_input_size(config), **_readout(config),

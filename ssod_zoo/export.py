@@ -102,11 +102,10 @@ def _export_torchscript(graph: nn.Module, example: torch.Tensor, path: Path, ops
 
 
 def _calibrated_size(model: SSODModel) -> Optional[Tuple[int, int, int]]:
-    """The input size the model's thresholds were calibrated at (its preprocessing's), when it has any."""
-    size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size')
-    if size is None or all(getattr(model, r.attribute, None) is None for r in READOUTS.values()):
-        return None
-    return tuple(int(s) for s in size)
+    """The input size the model's thresholds were calibrated at, where that is known: they are the ones it was
+    loaded with (:func:`ssod_zoo.hub.loaded_calibration_size`). Thresholds set by hand are taken as they are."""
+    from .hub import loaded_calibration_size
+    return loaded_calibration_size(model)
 
 
 def _metadata(model: SSODModel, input_size: Tuple[int, int, int]) -> Dict[str, str]:
@@ -129,7 +128,7 @@ def _metadata(model: SSODModel, input_size: Tuple[int, int, int]) -> Dict[str, s
     calibrated = _calibrated_size(model)
     if calibrated is not None and calibrated != tuple(input_size):  # both scores are other numbers at this size
         meta['ssod_zoo.thresholds'] = (f'none: calibrated at input size {list(calibrated)}, not valid at '
-                                       f'{list(input_size)}; calibrate at this size (ssod calibrate)')
+                                       f'{list(input_size)}; calibrate them at this size, then export')
     else:
         for key in (r.attribute for r in READOUTS.values()):
             if getattr(model, key, None) is not None:
@@ -188,8 +187,10 @@ def export_onnx(
     calibrated = _calibrated_size(model)
     if calibrated is not None and calibrated != size:
         warnings.warn(f'export_onnx: input size {size}, and the thresholds were calibrated at {calibrated}, where '
-                      'both scores are other numbers: the file carries none (calibrate at this size: ssod calibrate, '
-                      'then export)', stacklevel=2)
+                      'both scores are other numbers: the file carries none. To calibrate at this size: load the '
+                      f'model with pretrained_cfg_overlay=dict(input_size={size}), set model.spatial_threshold = '
+                      'ssod_zoo.calibrate_threshold(model.spatial_score(id_images)) (and ood_threshold from '
+                      'ood_factor), then export it', stacklevel=2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 

@@ -246,6 +246,31 @@ def _fingerprints(model: nn.Module) -> Optional[Dict[str, Tuple[float, ...]]]:
             'spatial_threshold': tuple(v for k, v in sums.items() if not k.startswith('ood_head.'))}
 
 
+def _remember_calibration(model: SSODModel) -> None:
+    """Note the thresholds a model was loaded with, the weights their scores read and the input size they were
+    calibrated at (its preprocessing's): ``save_pretrained`` warns when the weights move under them, and an ONNX
+    export at another size leaves them out. Thresholds set by hand later are the caller's, and none of this applies."""
+    if all(getattr(model, k, None) is None for k in THRESHOLDS):
+        return
+    size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size')
+    model._calibrated_weights = {'state': {k: getattr(model, k) for k in THRESHOLDS},
+                                 'fingerprints': _fingerprints(model),
+                                 'input_size': None if size is None else tuple(int(v) for v in size)}
+
+
+def loaded_calibration_size(model: nn.Module) -> Optional[Tuple[int, int, int]]:
+    """The input size the model's thresholds were calibrated at, when they are still the ones it was loaded with
+    (from a saved folder, a tag or a training checkpoint); None when unknown (thresholds set by hand, or none)."""
+    loaded = getattr(model, '_calibrated_weights', None)
+    if not loaded or not loaded.get('input_size'):
+        return None
+    held = {k: getattr(model, k, None) for k in THRESHOLDS}
+    if not any(v is not None for v in held.values()) or any(
+            v is not None and v != loaded['state'].get(k) for k, v in held.items()):
+        return None
+    return loaded['input_size']
+
+
 def _stale_thresholds(model: nn.Module) -> list:
     """The thresholds a loaded model still holds from loading, when the weights their score reads have changed."""
     loaded = getattr(model, '_calibrated_weights', None)
@@ -502,6 +527,8 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[SSODModel, Dict[str, Any]]:
     model.pretrained_cfg = {**model.pretrained_cfg, **_checkpoint_data_config(ckpt)}
     if ckpt.get('class_names') and len(ckpt['class_names']) == model.num_classes:
         model.pretrained_cfg['label_names'] = tuple(str(c) for c in ckpt['class_names'])
+    if _checkpoint_data_config(ckpt).get('input_size'):  # the size the run calibrated its thresholds at
+        _remember_calibration(model)
     return model.eval(), ckpt
 
 

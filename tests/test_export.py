@@ -162,7 +162,6 @@ def test_onnx_export_is_eval_mode_whatever_the_model_mode(tmp_path):
     """A training-mode, return_ood=False model exports forward_ssod in eval mode and is left as it was."""
     model = _randomize(timm.create_model('ssod_test_resnet', return_ood=False, ood_threshold=0.25,
                                          spatial_threshold=-1.5, readout='factor')).train()
-    model.pretrained_cfg = {**model.pretrained_cfg, 'input_size': SIZE}  # calibrated at the size exported
     bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     stats = bn.running_mean.clone()
     path = export_onnx(model, tmp_path / 'm.onnx', input_size=SIZE)
@@ -395,3 +394,14 @@ def test_an_export_at_another_input_size_carries_no_thresholds(tmp_path):
     from ssod_zoo.export import _metadata
     own = _metadata(model, (3, 96, 96))
     assert float(own['ssod_zoo.spatial_threshold']) == model.spatial_threshold and 'ssod_zoo.thresholds' not in own
+    # thresholds set by hand are the caller's, for whatever size the caller calibrated at: kept, at any size
+    model.spatial_threshold = 4.5
+    assert float(_metadata(model, (3, 64, 64))['ssod_zoo.spatial_threshold']) == 4.5
+    fresh = timm.create_model('ssod_test_resnet', num_classes=3, spatial_threshold=2.0)  # its cfg says 160 px
+    assert float(_metadata(fresh, (3, 64, 64))['ssod_zoo.spatial_threshold']) == 2.0
+    # a training checkpoint records the size its run calibrated at: the same rule
+    from ssod_zoo.hub import CHECKPOINT_FORMAT
+    torch.save({'format': CHECKPOINT_FORMAT, 'architecture': 'ssod_test_resnet', 'model_args': {'num_classes': 3},
+                'model': fresh.state_dict(), 'spatial_threshold': 2.0, 'data_config': {'input_size': [3, 96, 96]}},
+               tmp_path / 'best.pt')
+    assert 'ssod_zoo.spatial_threshold' not in _metadata(ssod_zoo.load_model(tmp_path / 'best.pt'), (3, 64, 64))

@@ -424,7 +424,15 @@ for bad, said in (('resnet18.a1_in1k', 'not a timm architecture name'), ('no_suc
         assert said in str(e), e
 assert not [n for n in timm.list_models('ssod_*') if 'vit' in n or n.startswith('ssod_ssod')]
 '''
-    for code in (write, read, create):
+    card = f'''
+import re
+from PIL import Image
+text = open({str(folder / 'README.md')!r}).read()
+code = re.search(r'## How to use\\n.*?```python\\n(.*?)```', text, re.S).group(1)
+Image.new('L', (40, 30), color=128).save('photo.png')
+exec(code.replace('hf-hub:<org>/<this-repo>', 'local-dir:{folder}'), {{}})  # the card's snippet, as pasted
+'''
+    for code in (write, read, create, card):
         r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
                            env=child_env(), cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]

@@ -473,6 +473,9 @@ def test_a_second_signal_stops_at_once(capsys):
             flag._handle(signal.SIGINT, None)
             os._exit(0 if flag.signum is None else 1)
         assert os.waitpid(pid, 0)[1] == 0  # the child did not take it as a stop request
+        quiet = _StopFlag(speak=False)  # a DDP rank other than the first: it stops, and rank 0 says so
+        quiet._handle(signal.SIGINT, None)
+        assert quiet.requested(ddp=False) and capsys.readouterr().err == ''
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)

@@ -369,7 +369,7 @@ def train(cfg: TrainConfig) -> dict:
         }
 
     run = _Run(cfg, model, step_module, criterion, optimizer, scaler, autocast, device, rank, world, out_dir,
-               train_set, steps_per_epoch, _StopFlag(), checkpoint)
+               train_set, steps_per_epoch, _StopFlag(speak=master), checkpoint)
     history = []
     # ---------------------------------------------------------------------------------------------- train
     for epoch in range(start_epoch, cfg.epochs):
@@ -587,8 +587,8 @@ class _StopFlag:
     """SIGTERM/SIGINT ask the loop to stop after the current step (all ranks agree under DDP); a second one stops at
     once, without a checkpoint (an evaluation, say, is not interrupted by the first)."""
 
-    def __init__(self):
-        self.signum, self.pid = None, os.getpid()
+    def __init__(self, speak: bool = True):
+        self.signum, self.pid, self.speak = None, os.getpid(), speak  # speak: the one rank that prints
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._handle)
 
@@ -598,6 +598,8 @@ class _StopFlag:
         if self.signum is not None:  # the second: the user does not want to wait
             raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
         self.signum = signum
+        if not self.speak:
+            return
         print(f'{signal.Signals(signum).name}: stopping with a resumable checkpoint after the current step (under '
               'DDP the next step where the ranks vote; after an evaluation in progress); send it again to stop at '
               'once without one', file=sys.stderr, flush=True)
@@ -691,7 +693,8 @@ def _model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     except TypeError as e:  # a --model-kwargs key the architecture does not take
         if 'unexpected keyword argument' not in str(e) or not cfg.model_kwargs:
             raise
-        raise TrainError(f'--model-kwargs {" ".join(cfg.model_kwargs)}: {cfg.model} does not take it ({e}); '
+        raise TrainError(f'--model-kwargs {" ".join(cfg.model_kwargs)}: {cfg.model} does not take '
+                         f'{"it" if len(cfg.model_kwargs) == 1 else "one of them"} ({e}); '
                          'timm.create_model passes these to the architecture\'s constructor') from None
     if not hasattr(model, 'forward_spatial'):
         model = wrap(model)  # any timm CNN
@@ -1010,15 +1013,27 @@ def _warn_small_map(model: nn.Module, cfg: TrainConfig, least: int = 9) -> None:
     model.eval()  # no batch-norm statistics move
     with torch.no_grad():
         h, w = model.forward_features(torch.zeros(1, *size)).shape[-2:]
-    model.train(was)
     if h * w < least:
-        stride = max(size[1] // h, size[2] // w)
+        larger = _size_for_map(model, size, least)
+        stride = -(-max(size[1:]) // max(h, w))
         finer = (' or with a finer map (--model-kwargs output_stride=16, as the shipped weights are)'
                  if stride > 16 and _takes(model, 'output_stride') else '')
         print(f'warning: at {size[1]}x{size[2]} px {cfg.model} gives a {h}x{w} feature map, and SSOD samples its ID '
               f'and OOD patches among its positions (Eq. 12): so few leave little or no background to sample, and '
-              f'the position readouts equal the pooled ones. Train at a larger --img-size (at least {3 * stride} '
-              f'for a 3x3 map){finer}', file=sys.stderr)
+              f'the position readouts equal the pooled ones. Train at a larger --img-size'
+              f'{f" (at least {larger} for {least} positions)" if larger else ""}{finer}', file=sys.stderr)
+    model.train(was)
+
+
+def _size_for_map(model: nn.Module, size: tuple, least: int) -> Optional[int]:
+    """The smallest square --img-size, in steps of 8 px up to 4x the given one, at which the model's feature map
+    has ``least`` positions: found by running it on blank images (shapes only matter), not from a nominal stride."""
+    with torch.no_grad():
+        for side in range(max(size[1:]) + 8, 4 * max(size[1:]) + 1, 8):
+            h, w = model.forward_features(torch.zeros(1, size[0], side, side)).shape[-2:]
+            if h * w >= least:
+                return side
+    return None
 
 
 def _takes(model: nn.Module, argument: str) -> bool:
