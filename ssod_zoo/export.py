@@ -101,11 +101,12 @@ def _export_torchscript(graph: nn.Module, example: torch.Tensor, path: Path, ops
     onnx.save(proto, str(path))
 
 
-def _calibrated_size(model: SSODModel) -> Optional[Tuple[int, int, int]]:
-    """The input size the model's thresholds were calibrated at, where that is known: they are the ones it was
-    loaded with (:func:`ssod_zoo.hub.loaded_calibration_size`). Thresholds set by hand are taken as they are."""
+def _calibrated_elsewhere(model: SSODModel, size: Tuple[int, ...]) -> Optional[Tuple[int, int, int]]:
+    """The input size the model's thresholds were calibrated at, when it is known (they are the ones it was loaded
+    with: :func:`ssod_zoo.hub.loaded_calibration_size`) and is not ``size``; else None."""
     from .hub import loaded_calibration_size
-    return loaded_calibration_size(model)
+    calibrated = loaded_calibration_size(model)
+    return calibrated if calibrated is not None and calibrated != tuple(size) else None
 
 
 def _metadata(model: SSODModel, input_size: Tuple[int, int, int]) -> Dict[str, str]:
@@ -125,8 +126,8 @@ def _metadata(model: SSODModel, input_size: Tuple[int, int, int]) -> Dict[str, s
     for key in ('mean', 'std', 'interpolation', 'crop_pct'):
         if cfg.get(key) is not None:
             meta[f'ssod_zoo.{key}'] = json.dumps(cfg[key])
-    calibrated = _calibrated_size(model)
-    if calibrated is not None and calibrated != tuple(input_size):  # both scores are other numbers at this size
+    calibrated = _calibrated_elsewhere(model, input_size)
+    if calibrated is not None:  # both scores are other numbers at this size
         meta['ssod_zoo.thresholds'] = (f'none: calibrated at input size {list(calibrated)}, not valid at '
                                        f'{list(input_size)}; calibrate them at this size, then export')
     else:
@@ -184,8 +185,8 @@ def export_onnx(
     if int(batch_size) < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     size = _resolve_input_size(model, input_size)
-    calibrated = _calibrated_size(model)
-    if calibrated is not None and calibrated != size:
+    calibrated = _calibrated_elsewhere(model, size)
+    if calibrated is not None:
         warnings.warn(f'export_onnx: input size {size}, and the thresholds were calibrated at {calibrated}, where '
                       'both scores are other numbers: the file carries none. To calibrate at this size: load the '
                       f'model with pretrained_cfg_overlay=dict(input_size={size}), set model.spatial_threshold = '

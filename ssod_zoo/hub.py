@@ -98,11 +98,17 @@ def calibrate_threshold(id_ood_factors: Union[torch.Tensor, Sequence[float]], tp
         raise ValueError(f'tpr must be in (0, 1], got {tpr}')
     # round before ceil so that e.g. 0.95 * 60 = 57.000000000000007 keeps 57 images, not 58
     keep = max(1, math.ceil(round(tpr * x.numel(), 6)))
-    if keep == x.numel() and tpr < 1.0:
+    if x.numel() < fewest_to_resolve(tpr):  # keep == N: the threshold is their minimum
         warnings.warn(f'calibrate_threshold: {x.numel()} ID value(s) cannot resolve tpr={tpr} (that takes at least '
-                      f'{math.ceil(round(1 / (1 - tpr), 6))}; a few hundred for a stable threshold), so the threshold '
-                      'is their minimum and keeps all of them; calibrate on more ID validation images', stacklevel=2)
+                      f'{fewest_to_resolve(tpr)}; a few hundred for a stable threshold), so the threshold is their '
+                      'minimum and keeps all of them; calibrate on more ID validation images', stacklevel=2)
     return float(torch.sort(x.flatten().cpu(), descending=True).values[keep - 1])
+
+
+def fewest_to_resolve(tpr: float = 0.95) -> int:
+    """The fewest ID values :func:`calibrate_threshold` needs to keep a fraction ``tpr`` of them rather than all
+    (20 at 0.95); 1 at ``tpr`` 1."""
+    return 1 if tpr >= 1.0 else math.ceil(round(1 / (1 - tpr), 6))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -437,16 +443,15 @@ def _upload(folder, repo_id, revision, private, token, commit_message, api, late
                                  commit_message=commit_message)
     except Exception as e:
         if is_network_error(e) and hasattr(e, 'add_note'):
-            offline = '; HF_HUB_OFFLINE=1 is set: unset it to upload' if hub_offline() else ''
             e.add_note(f'ssod_zoo: uploading to the Hugging Face Hub repo {repo_id} failed (network, offline mode, '
-                       f'token or permission){offline}. Nothing is lost: {later}')
+                       f'token or permission){offline_hint()}. Nothing is lost: {later}')
         raise
 
 
-def hub_offline() -> bool:
-    """Whether huggingface_hub is in offline mode (``HF_HUB_OFFLINE=1``)."""
+def offline_hint() -> str:
+    """What an upload error adds when huggingface_hub is in offline mode (``HF_HUB_OFFLINE=1``), else ''."""
     from huggingface_hub import constants
-    return bool(constants.is_offline_mode())
+    return '; HF_HUB_OFFLINE=1 is set: unset it to upload' if constants.is_offline_mode() else ''
 
 
 def is_network_error(e: BaseException) -> bool:
@@ -603,13 +608,19 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
     return model.eval()
 
 
+def _saved_architecture(folder: Path) -> str:
+    """The architecture a saved folder's ``config.json`` names; '' when it cannot be read (timm, reading it next,
+    says what is wrong)."""
+    try:
+        return str(json.loads((folder / CONFIG_NAME).read_text(encoding='utf-8')).get('architecture') or '')
+    except (OSError, ValueError, AttributeError):
+        return ''
+
+
 def _register_saved(folder: Path) -> bool:
     """Register the ``ssod_<trunk>`` a saved folder names, when it is another timm CNN's (``register``); whether
     it did."""
-    try:
-        arch = json.loads((folder / CONFIG_NAME).read_text(encoding='utf-8')).get('architecture') or ''
-    except (OSError, ValueError):
-        return False  # timm reads it next, and says what is wrong
+    arch = _saved_architecture(folder)
     if arch.startswith('ssod_') and not timm.is_model(arch) and timm.is_model(arch[len('ssod_'):]):
         from .registry import register
         register(arch[len('ssod_'):])
@@ -659,11 +670,7 @@ def saved_folder(spec: Union[str, Path], cache_dir: Optional[Union[str, Path]] =
 
 def _saved_ssod(folder: Path, weights: bool = True) -> bool:
     """Whether ``folder`` holds an SSOD model's ``config.json`` (and, with ``weights``, its safetensors file)."""
-    try:
-        architecture = json.loads((folder / CONFIG_NAME).read_text(encoding='utf-8')).get('architecture')
-    except (OSError, ValueError, AttributeError):
-        return False
-    return str(architecture).startswith('ssod_') and (not weights or (folder / WEIGHTS_NAME).is_file())
+    return _saved_architecture(folder).startswith('ssod_') and (not weights or (folder / WEIGHTS_NAME).is_file())
 
 
 def _forget_calibration(model: SSODModel, name: str, weights_classes: int) -> None:

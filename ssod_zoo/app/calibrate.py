@@ -92,7 +92,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     import timm
     from .._card import id_dataset_name
-    from ..hub import WeightsError, load_checkpoint, load_model, save_pretrained, saved_folder, set_thresholds
+    from ..hub import (WeightsError, fewest_to_resolve, load_checkpoint, load_model, save_pretrained, saved_folder,
+                       set_thresholds)
     from ..metrics import fpr_at_tpr
     from .evaluate import COLLECTED, collect, thresholds_of
     from .images import ImageError, ImageFiles, one_line
@@ -175,7 +176,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                   'use a few hundred', file=sys.stderr)
     shown = ', '.join(f'{k} = {v:.6g}' for k, v in thresholds.items() if v is not None)
     skipped = '' if trained else '; no ood_threshold: this model\'s OOD head was never trained'
-    keeps = '95% of them' if len(images) >= 20 else f'all {len(images)}: too few to resolve 95%'
+    keeps = '95% of them' if len(images) >= fewest_to_resolve() else f'all {len(images)}: too few to resolve 95%'
     print(f'{len(images)} ID images: {shown} (each keeps {keeps}){skipped}; wrote {where}', file=sys.stderr)
     if fpr95:
         print(_fpr95_table(fpr95, {n: len(o['ood_factor']) for n, o in oods.items()}), file=sys.stderr)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..hub import WeightsError, hub_offline, is_network_error, load_checkpoint, push_to_hub, save_pretrained
+from ..hub import WeightsError, is_network_error, load_checkpoint, offline_hint, push_to_hub, save_pretrained
 from .cli import bounded
 
 __all__ = ['main']
@@ -84,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.exit(2, f'ssod push: error: uploading to the Hugging Face Hub failed ({type(e).__name__}: {first}). '
                            f'Write the folder now with `ssod save {args.checkpoint} DIR` and upload it later '
                            f'(`hf upload {args.repo_id} DIR`) when the network is back'
-                           f'{"; HF_HUB_OFFLINE=1 is set: unset it to upload" if hub_offline() else ""}\n')
+                           f'{offline_hint()}\n')
         print(f'pushed {args.repo_id}: {getattr(info, "commit_url", info)} '
               f'(load it with {_how_to_load(model, f"hf-hub:{args.repo_id}")})')
     return 0
