@@ -109,6 +109,9 @@ def test_cli_rows_follow_each_rule(rule, decisive, tmp_path, capsys):
         assert float(r['spatial_score']) == pytest.approx(e['s'], abs=1e-4)
         assert float(r['p_unknown']) == pytest.approx(1 - e['f'], abs=1e-3)  # Eq. 7's unknown column
         assert r['label'] == ('unknown' if e['unknown'] else e['cls'])
+        # the file says how its labels were decided: the rule, and the threshold it used (none for posterior)
+        assert r['rule'] == rule
+        assert r['threshold'] == ('' if rule == 'posterior' else '0.2' if rule == 'factor' else str(round(cut, 6)))
     # the factor and posterior rules differ on odd_a alone (ood_factor 0.40: above the threshold 0.2, below
     # 1 / (1 + 0.58))
     if rule != 'spatial':
@@ -181,6 +184,7 @@ def test_uncalibrated_model_without_threshold_is_one_line(tmp_path, capsys):
     cli.main(['predict', str(ckpt), str(images), '--threshold', '0.3', '--out', str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 and all(r['label'] == ('unknown' if r['spatial_score'] < 0.3 else r['class']) for r in rows)
+    assert {(r['rule'], r['threshold']) for r in rows} == {('spatial', 0.3)}  # the --threshold given, not a default
     cli.main(['predict', str(ckpt), str(images), '--rule', 'factor', '--threshold', '0.3', '--out', str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 and all(r['label'] == ('unknown' if r['ood_factor'] < 0.3 else r['class']) for r in rows)

@@ -11,7 +11,8 @@ One row per image: ``path``, ``label`` (the class name, or ``unknown``), ``class
 whatever the decision), ``class_prob`` (its softmax probability, the ID factor of Eq. 7), ``spatial_score``
 (``model.spatial_score``: the mean MaxLogit of the 3 best feature-map positions), ``ood_factor``
 (P(in-distribution | x), Eq. 15) and ``p_unknown`` (the last column of the robust posterior of Eq. 7,
-``ssod_zoo.robust_posterior``; it equals ``1 - ood_factor``).
+``ssod_zoo.robust_posterior``; it equals ``1 - ood_factor``), then the decision's ``rule`` and its ``threshold``
+(empty for the posterior rule), so that a saved file says how its labels were decided.
 
 Which rule says "unknown":
 
@@ -58,7 +59,7 @@ from .images import IMAGE_EXTENSIONS, list_images, to_rgb
 
 __all__ = ['find_images', 'predict', 'default_rule', 'rule_thresholds', 'main', 'IMAGE_EXTENSIONS', 'COLUMNS', 'RULES']
 
-COLUMNS = ('path', 'label', 'class', 'class_prob', 'spatial_score', 'ood_factor', 'p_unknown')
+COLUMNS = ('path', 'label', 'class', 'class_prob', 'spatial_score', 'ood_factor', 'p_unknown', 'rule', 'threshold')
 UNKNOWN = 'unknown'
 # the rules, in the order the summary line gives them; a threshold rule's threshold is the model attribute
 # READOUTS names (ssod_zoo.adapter), the posterior rule needs none
@@ -221,6 +222,7 @@ def _rows(model, paths, loader, names, thresholds, rule, trained, device, progre
                            'class': names[c], 'class_prob': float(prob[j]), 'spatial_score': float(spatial[j]),
                            'ood_factor': float(ood_factor[j]) if trained else None,
                            'p_unknown': float(posterior[j, -1]) if trained else None,
+                           'rule': rule, 'threshold': thresholds[rule],
                            '_unknown': {r: bool(u[j]) for r, u in unknown.items() if u is not None}}
             bar.update(len(index) + len(bad))
     finally:
