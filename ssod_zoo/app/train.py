@@ -12,7 +12,8 @@ The SSOD settings default to the paper's (gamma 0.95, alpha 1.0, loss-wise balan
 no epoch count, so ``--epochs`` is this project's, and ``--init`` is empty (from scratch) until you name the
 classifier to fine-tune, as the paper does. Every evaluated epoch: ID accuracy and FPR95/AUROC of the OOD factor
 (Eq. 15) on the OOD validation set(s); ``best.pt`` keeps the epoch with the best mean FPR95 *of that factor* (not
-of the position readout the study recommends: choose your own on validation data), ``last.pt`` the latest state;
+of the position readout the study recommends: choose your own on validation data) among those with the OOD loss on
+and ID accuracy within ``--best-acc-tolerance`` points of the best so far, ``last.pt`` the latest state;
 without ``--ood-dirs``, or with ``--ce-only``, there is no ``best.pt``. Checkpoints are written atomically and hold
 everything ``--resume`` needs to continue exactly; SIGTERM/SIGINT writes one after the current step (under DDP,
 at the next of the steps where the ranks vote, every 10; after an evaluation in progress) and exits; a second
@@ -88,6 +89,7 @@ class TrainConfig:
     freeze_bn: bool = False
     max_steps_per_epoch: int = 0
     eval_every: int = 1
+    best_acc_tolerance: float = 1.0
     # system
     device: str = 'auto'
     amp: str = 'none'
@@ -112,7 +114,7 @@ RANGES = {  # the numeric fields' valid values: checked when the flags are parse
     'label_smoothing': (lambda v: 0 <= v < 1, 'in [0, 1)'),
     'warmup_epochs': AT_LEAST_0, 'epochs': AT_LEAST_1, 'batch_size': AT_LEAST_1, 'lr': AT_LEAST_0,
     'weight_decay': AT_LEAST_0, 'lr_step': AT_LEAST_1, 'lr_gamma': POSITIVE, 'max_steps_per_epoch': AT_LEAST_0,
-    'eval_every': AT_LEAST_0,
+    'eval_every': AT_LEAST_0, 'best_acc_tolerance': AT_LEAST_0,
 }
 
 
@@ -155,6 +157,8 @@ HELP = {  # one line per TrainConfig field: `ssod train --help` shows it with th
     'freeze_bn': 'freeze BatchNorm statistics (fine-tuning with small per-device batches)',
     'max_steps_per_epoch': 'cap on steps per epoch; 0 = the whole training set',
     'eval_every': 'validate every N epochs; 0 = after the last epoch only',
+    'best_acc_tolerance': 'best.pt is chosen among epochs whose ID accuracy is at most this many points below the '
+                          'best so far (100 = on FPR95 alone, as the paper)',
     'device': "'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...",
     'amp': "mixed precision: 'none', 'bf16', or 'fp16' (with a grad scaler)",
     'channels_last': 'channels-last memory format (faster convolutions on recent GPUs)',
@@ -388,10 +392,7 @@ def train(cfg: TrainConfig) -> dict:
                 setattr(model, k, metrics.pop(k))
         else:
             metrics = {}
-        mean_fpr = metrics.get('ood_average', {}).get('fpr95', math.nan)
-        is_best = not cfg.ce_only and mean_fpr < best['fpr95']
-        if is_best:
-            best = {'fpr95': mean_fpr, 'epoch': epoch}
+        best, is_best = _update_best(best, metrics, epoch, ood_on, cfg.best_acc_tolerance)
         record = {'epoch': epoch + 1, 'lr': optimizer.param_groups[0]['lr'], 'ood_loss_on': ood_on,
                   'train': train_log, 'val': metrics, 'best_epoch': best['epoch'] + 1}
         history.append(record)
@@ -413,6 +414,29 @@ def train(cfg: TrainConfig) -> dict:
         print(f'hub-ready folder of {source.name} written to {cfg.export_dir}')
     _cleanup(ddp)
     return {'history': history, 'best': best, 'out_dir': str(out_dir), 'model': model}
+
+
+def _update_best(best: dict, metrics: dict, epoch: int, ood_on: bool, tolerance: float):
+    """``(best, is_best)`` after an epoch's validation ``metrics`` (empty when it was not evaluated).
+
+    ``best.pt`` is the epoch with the lowest mean FPR95 of the OOD factor among the *eligible* epochs: the OOD loss
+    was on (a warm-up epoch's OOD head is untrained, and its accuracy is not compared: the OOD loss may cost some),
+    and its ID accuracy is at most ``tolerance`` points below the best accuracy of those epochs so far, so that an
+    early epoch that detects well but classifies badly is not kept. When a later epoch's accuracy leaves the kept one more than ``tolerance`` behind, that epoch replaces
+    it, whatever its FPR95 (the epochs in between were not saved). The first of equal FPR95s stays.
+    """
+    if 'id_accuracy' not in metrics or not ood_on:
+        return best, False
+    accuracy = metrics['id_accuracy']
+    top = max(best.get('top_accuracy', -math.inf), accuracy)  # checkpoints from before the rule: no accuracies
+    best = {**best, 'top_accuracy': top}
+    fpr = metrics.get('ood_average', {}).get('fpr95', math.nan)
+    if math.isnan(fpr) or accuracy < top - tolerance:
+        return best, False
+    behind = best.get('id_accuracy', math.inf) < top - tolerance
+    if fpr < best['fpr95'] or behind:
+        return {'fpr95': fpr, 'epoch': epoch, 'id_accuracy': accuracy, 'top_accuracy': top}, True
+    return best, False
 
 
 # ------------------------------------------------------------------------------------------------ the epoch loop
