@@ -422,8 +422,9 @@ def _update_best(best: dict, metrics: dict, epoch: int, ood_on: bool, tolerance:
     ``best.pt`` is the epoch with the lowest mean FPR95 of the OOD factor among the *eligible* epochs: the OOD loss
     was on (a warm-up epoch's OOD head is untrained, and its accuracy is not compared: the OOD loss may cost some),
     and its ID accuracy is at most ``tolerance`` points below the best accuracy of those epochs so far, so that an
-    early epoch that detects well but classifies badly is not kept. When a later epoch's accuracy leaves the kept one more than ``tolerance`` behind, that epoch replaces
-    it, whatever its FPR95 (the epochs in between were not saved). The first of equal FPR95s stays.
+    early epoch that detects well but classifies badly is not kept. When a later epoch's accuracy leaves the kept
+    one more than ``tolerance`` behind, that epoch replaces it, whatever its FPR95 (the epochs in between were not
+    saved). The first of equal FPR95s stays.
     """
     if 'id_accuracy' not in metrics or not ood_on:
         return best, False
