@@ -318,3 +318,32 @@ def test_a_tie_goes_to_the_spatial_default_and_says_so():
     assert won['readout'] == 'factor' and _why(won, 'factor', True) == 'chosen on these OOD images'
     assert _choose({'a': {'spatial': 60.0}}) is None  # a twin: one rule, nothing to choose
     assert _why(None, None, False) == "its only rule: this model's OOD head was never trained"
+
+
+def test_a_folder_that_leaves_out_classes_is_warned_about(folder, tmp_path, capsys):
+    """Thresholds set without a class's images can keep fewer than 95% of them: class sub-folders that leave one
+    out are named; in a flat folder, the classes no image is predicted as (given 10 images per class)."""
+    root = tmp_path / 'val'
+    for name in NAMES[:2]:
+        save_images(root / name, 12, size=40)
+    cli.main(['calibrate', str(folder), '--val-dir', str(root)])
+    assert f"ssod calibrate: warning: {root} has no sub-folder for 1 of the model's 3 classes (fox): the thresholds " \
+           'keep 95% of the classes it has' in capsys.readouterr().err
+    save_images(root / 'fox', 12, size=40)
+    cli.main(['calibrate', str(folder), '--val-dir', str(root)])
+    assert 'every class' not in capsys.readouterr().err
+
+    flat = save_images(tmp_path / 'flat', 30, size=40)
+    model = ssod_zoo.load_model(folder)  # the predictions, by hand
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    with torch.no_grad():
+        predicted = set(model(torch.stack([transform(Image.open(p).convert('RGB'))
+                                           for p in sorted(flat.glob('*.png'))])).logits.argmax(1).tolist())
+    missing = [n for i, n in enumerate(NAMES) if i not in predicted]
+    assert missing, 'this test needs a folder that the model predicts as fewer than all 3 classes'
+    cli.main(['calibrate', str(folder), '--val-dir', str(flat)])
+    assert f"warning: none of the 30 ID images is predicted as {len(missing)} of the model's 3 classes " \
+           f"({', '.join(missing)})" in capsys.readouterr().err
+    (flat / '0.png').unlink()  # 29 images: fewer than 10 per class, too few to expect every class
+    cli.main(['calibrate', str(folder), '--val-dir', str(flat)])
+    assert 'every class' not in capsys.readouterr().err

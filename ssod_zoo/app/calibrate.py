@@ -25,6 +25,9 @@ the weights are not touched. With ``--out``, or for any other MODEL (a training 
 a registered ``ssod_<arch>.<tag>``), a new hub folder is written there instead. From a saved model (a folder, a
 tag, a Hub repo) that folder is a copy, calibrated: the weights file as it was, and the card's results and training
 config. A readout kept from an earlier calibration on other ID images says so in the card.
+
+The thresholds hold for the classes the ID images cover: a ``--val-dir`` that seems to leave some out (class
+sub-folders without one of the model's classes; in a flat folder, classes no image is predicted as) gets a warning.
 """
 import argparse
 import shutil
@@ -37,6 +40,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .cli import AT_LEAST_0, AT_LEAST_1, bounded, device as device_arg
+from .predict import label_names
 from .protocols import PROTOCOLS
 
 __all__ = ['main']
@@ -169,6 +173,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
         print(f'ssod calibrate: warning: only {len(images)} ID images: the share of new ID images the thresholds '
               f'keep may differ from 95% by about {100 * (0.95 * 0.05 / len(images)) ** 0.5:.0f} points (one sd); '
               'use a few hundred', file=sys.stderr)
+    if args.val_dir:
+        partial = _missing_classes(Path(args.val_dir), label_names(model), id_out['logits'])
+        if partial:
+            print(f'ssod calibrate: warning: {partial}', file=sys.stderr)
     for k, o in oods.items():
         if len(o['ood_factor']) < FEW:
             print(f'ssod calibrate: warning: only {len(o["ood_factor"])} images in OOD set {k}: an FPR95 measured '
@@ -196,6 +204,32 @@ def _why(chosen: Optional[dict], readout: Optional[str], trained: bool) -> str:
     if not trained:
         return "its only rule: this model's OOD head was never trained"
     return 'none chosen, so the spatial default; give --ood-dirs to choose one'
+
+
+def _missing_classes(folder: Path, names: List[str], logits: torch.Tensor) -> Optional[str]:
+    """What to say when the ID images seem to leave out some of the model's classes, else None: a class's images can
+    score lower than the rest, and thresholds set without them keep fewer than 95% of the ID images met later.
+
+    A folder with a sub-folder named after one of the classes is read as class sub-folders, and the missing ones
+    are named; in any other folder, with at least 10 images per class, the classes that no image is predicted as."""
+    some = (lambda n: n if len(n) <= 5 else n[:5] + [f'{len(n) - 5} more'])
+    folders = {p.name for p in folder.iterdir() if p.is_dir()}
+    if folders & set(names):
+        missing = [n for n in names if n not in folders]
+        if missing:
+            return (f'{folder} has no sub-folder for {len(missing)} of the model\'s {len(names)} classes '
+                    f'({", ".join(some(missing))}): the thresholds keep 95% of the classes it has, and images of the '
+                    'others may score lower; calibrate on images of every class')
+        return None
+    if len(logits) < 10 * len(names):  # too few to expect every class among the predictions
+        return None
+    predicted = set(logits.argmax(1).tolist())
+    missing = [n for i, n in enumerate(names) if i not in predicted]
+    if missing:
+        return (f'none of the {len(logits)} ID images is predicted as {len(missing)} of the model\'s {len(names)} '
+                f'classes ({", ".join(some(missing))}): if the folder lacks them, the thresholds may keep fewer than '
+                '95% of the images of those classes; calibrate on images of every class')
+    return None
 
 
 def _copy_saved(source: Path, out: Path) -> None:

@@ -57,7 +57,8 @@ from ..output import robust_posterior
 from .cli import AT_LEAST_0, AT_LEAST_1, bounded, device as device_arg
 from .images import IMAGE_EXTENSIONS, list_images, to_rgb
 
-__all__ = ['find_images', 'predict', 'default_rule', 'rule_thresholds', 'main', 'IMAGE_EXTENSIONS', 'COLUMNS', 'RULES']
+__all__ = ['find_images', 'predict', 'default_rule', 'rule_thresholds', 'label_names', 'main', 'IMAGE_EXTENSIONS',
+           'COLUMNS', 'RULES']
 
 COLUMNS = ('path', 'label', 'class', 'class_prob', 'spatial_score', 'ood_factor', 'p_unknown', 'rule', 'threshold')
 UNKNOWN = 'unknown'
@@ -166,7 +167,7 @@ def predict(
                            '`ssod calibrate MODEL --val-dir DIR` (a hub folder, in place; any other MODEL with '
                            '--out FOLDER, then predict with FOLDER), or pass --threshold T'
                            f'{", or use --rule " + " or --rule ".join(others) if others else ""}')
-    names = _label_names(model)
+    names = label_names(model)
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
     loader = DataLoader(_Images(paths, transform), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate, pin_memory=device.type == 'cuda')
@@ -229,7 +230,8 @@ def _rows(model, paths, loader, names, thresholds, rule, trained, device, progre
         bar.close()
 
 
-def _label_names(model: torch.nn.Module) -> List[str]:
+def label_names(model: torch.nn.Module) -> List[str]:
+    """The model's class names (its ``pretrained_cfg['label_names']``), or ``'0'``, ``'1'``, ... without them."""
     names = list((getattr(model, 'pretrained_cfg', None) or {}).get('label_names') or ())
     if len(names) != model.num_classes:
         names = [str(i) for i in range(model.num_classes)]
