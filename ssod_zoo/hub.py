@@ -134,7 +134,11 @@ def save_pretrained(
         model: the SSOD model (from ``timm.create_model('ssod_*')`` or :func:`ssod_zoo.wrap` of a registered trunk).
         save_dir: folder to write (created if needed); only ``config.json``, ``model.safetensors`` and
             ``README.md`` are written.
-        train_config: the resolved training config, shown in the model card.
+        train_config: the resolved training config, shown in the model card. Its ``img_size`` and ``crop_pct``
+            set the folder's preprocessing (``input_size``, ``crop_pct``), which loading applies and the card names
+            as the size the thresholds hold at; without them, the model's ``pretrained_cfg`` gives both (the
+            architecture's defaults, unless you set them): pass ``{'img_size': N}`` when you trained or calibrated
+            at another size in Python.
         metrics: ``{'id_accuracy': float, 'ood': {set_name: {'fpr95', 'auroc', 'aupr_in', 'aupr_out'}}}``, in
             percent, measured for these weights; an optional ``'id_dataset'`` names the ID data in the card.
         class_names: (M,) names of the classes, in classifier order; saved as ``label_names``.

@@ -47,6 +47,20 @@ def test_save_pretrained_from_a_checkpoint_records_the_trained_size(run, tmp_pat
     _assert_trained_preprocessing(ssod_zoo.load_model(f'local-dir:{tmp_path / "folder"}'))
 
 
+def test_save_pretrained_records_the_size_a_python_user_gives(tmp_path):
+    """Trained and calibrated in Python at another size than the architecture's: train_config's img_size and
+    crop_pct become the folder's preprocessing and the size the card says the thresholds hold at."""
+    model = timm.create_model('ssod_test_resnet', num_classes=3)
+    model.ood_threshold, model.spatial_threshold = 0.5, 1.0
+    default = timm.get_pretrained_cfg('ssod_test_resnet').input_size[1]
+    for config, size in (({'img_size': SIZE, 'crop_pct': CROP}, SIZE), (None, default)):
+        folder = ssod_zoo.save_pretrained(model, tmp_path / str(size), train_config=config)
+        assert f'at {size}x{size} px' in (folder / 'README.md').read_text()
+        loaded = ssod_zoo.load_model(folder)
+        assert tuple(timm.data.resolve_data_config(model=loaded)['input_size']) == (3, size, size)
+    _assert_trained_preprocessing(ssod_zoo.load_model(tmp_path / str(SIZE)))
+
+
 def _onnx_input_hw(path):
     import onnx
     dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
