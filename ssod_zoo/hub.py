@@ -37,7 +37,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Collection, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import safetensors.torch
 import timm
@@ -256,14 +256,16 @@ def _fingerprints(model: nn.Module) -> Optional[Dict[str, Tuple[float, ...]]]:
             'spatial_threshold': tuple(v for k, v in sums.items() if not k.startswith('ood_head.'))}
 
 
-def _remember_calibration(model: SSODModel) -> None:
+def _remember_calibration(model: SSODModel, skip: Collection[str] = ()) -> None:
     """Note the thresholds a model was loaded with, the weights their scores read and the input size they were
     calibrated at (its preprocessing's): ``save_pretrained`` warns when the weights move under them, and an ONNX
-    export at another size leaves them out. Thresholds set by hand later are the caller's, and none of this applies."""
-    if all(getattr(model, k, None) is None for k in THRESHOLDS):
+    export at another size leaves them out. Thresholds set by hand later, or passed to ``create_model`` (``skip``),
+    are the caller's, and none of this applies to them."""
+    state = {k: getattr(model, k) for k in THRESHOLDS if k not in skip}
+    if all(v is None for v in state.values()):
         return
     size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size')
-    model._calibrated_weights = {'state': {k: getattr(model, k) for k in THRESHOLDS},
+    model._calibrated_weights = {'state': state,
                                  'fingerprints': _fingerprints(model),
                                  'input_size': None if size is None else tuple(int(v) for v in size)}
 

@@ -107,7 +107,7 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
             and any(getattr(model, k) is not None for k in hub.THRESHOLDS if k not in given)):
         return model
     # the weights the thresholds were calibrated for: save_pretrained warns when they have changed since (trained)
-    hub._remember_calibration(model)
+    hub._remember_calibration(model, skip=given)
     # the weights' thresholds hold for the input size and architecture they were calibrated with; both scores move
     # with either (a class count of its own: _forget_calibration above)
     changed = [f'input_size {tuple(asked_size)}, calibrated at {tuple(calibrated_size)}'] if (

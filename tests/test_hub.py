@@ -549,6 +549,24 @@ def test_saving_a_loaded_model_whose_weights_changed_warns_that_its_thresholds_a
         hub.save_pretrained(probe, tmp_path / 'probe2')
 
 
+def test_a_threshold_passed_at_creation_is_the_callers_not_the_weights(tmp_path):
+    """A threshold given to create_model was not calibrated with the weights: moving the weights its score reads
+    does not make it stale, and the size the weights' thresholds were calibrated at no longer describes the model's."""
+    plain = timm.create_model('ssod_resnet18.fmnist', pretrained=True)
+    assert hub.loaded_calibration_size(plain) == (3, 64, 64)
+    model = timm.create_model('ssod_resnet18.fmnist', pretrained=True, ood_threshold=0.3)
+    assert hub.loaded_calibration_size(model) is None
+    with torch.no_grad():
+        model.ood_head.weight.add_(0.01)  # moves ood_factor alone
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        hub.save_pretrained(model, tmp_path / 'own')
+    with torch.no_grad():
+        model.conv1.weight.add_(0.01)  # moves both scores: the weights' own spatial_threshold is stale
+    with pytest.warns(UserWarning, match="the model's spatial_threshold was calibrated"):
+        hub.save_pretrained(model, tmp_path / 'moved')
+
+
 @pytest.mark.parametrize('kwargs, said', [
     (dict(pretrained_cfg_overlay=dict(input_size=(3, 128, 128))),
      r'input_size \(3, 128, 128\), calibrated at \(3, 64, 64\)'),
