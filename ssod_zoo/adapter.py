@@ -115,8 +115,10 @@ CALIBRATED = (*(r.attribute for r in READOUTS.values()), 'readout')
 def _require_pooled(pooled: torch.Tensor) -> None:
     if pooled.ndim != 2:
         raise RuntimeError(
-            'the OOD factor needs pooled features, but this model has no global pooling (global_pool=""); '
-            'use forward_spatial() for per-position outputs')
+            'the OOD factor needs pooled features, but this model has no global pooling (global_pool="", as '
+            'reset_classifier(n, "") and timm\'s prune_intermediate_layers() leave it): use forward_spatial() for '
+            'per-position outputs (with a classifier), forward_intermediates() or return_ood=False (timm\'s own '
+            'forward) for features, or prune with prune_head=False to keep the logits and the OOD factor')
 
 
 class SSODModel(nn.Module):

@@ -227,6 +227,31 @@ def test_features_only_gives_the_trunk_pyramid(name):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize('name', ['ssod_resnet18', 'ssod_mobilenetv3_large_100'])
+def test_prune_intermediate_layers_as_timm(name):
+    """timm's prune_intermediate_layers: with prune_head=False the model keeps its logits and OOD factor; with the
+    head pruned (timm's default) the drop-in mode gives timm's own output, bit for bit, and SSOD's forward says what
+    to do instead of failing on a shape."""
+    torch.manual_seed(0)
+    ssod = timm.create_model(name, num_classes=7).eval()
+    plain = timm.create_model(_trunk_name(name), num_classes=7).eval()
+    plain.load_state_dict({k: v for k, v in ssod.state_dict().items() if not k.startswith('ood_head.')})
+    drop_in = timm.create_model(name, num_classes=7, return_ood=False).eval()
+    drop_in.load_state_dict(ssod.state_dict())
+    x = _input(ssod)
+    with torch.no_grad():
+        expected = ssod(x)
+        assert ssod.prune_intermediate_layers(indices=1, prune_head=False) == plain.prune_intermediate_layers(
+            indices=1, prune_head=False)
+        kept = ssod(x)
+        assert torch.equal(kept.logits, expected.logits) and torch.equal(kept.ood_factor, expected.ood_factor)
+        for model in (ssod, plain, drop_in):
+            model.prune_intermediate_layers(indices=1)  # prune_head=True, timm's default
+        with pytest.raises(RuntimeError, match=r'prune_intermediate_layers\(\) leave it.*prune with prune_head=False'):
+            ssod(x)
+        assert torch.equal(drop_in(x), plain(x))
+
+
 def test_wrap_shares_weights_and_leaves_the_original_alone():
     plain = timm.create_model('resnet18', num_classes=3).eval()
     x = _input(plain)
