@@ -381,15 +381,17 @@ class SSODModel(nn.Module):
         return (_new_ssod_instance, (cls.__bases__[-1],), *reduced[2:])
 
     @torch.jit.unused
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, **kwargs: Any) -> None:
+        # kwargs: the trunk's own, e.g. ConvNeXt's reset_other, which timm's feature and pruning code passes
         head = self.ood_head
         if global_pool is None:
-            super().reset_classifier(num_classes)
+            super().reset_classifier(num_classes, **kwargs)
         else:
-            super().reset_classifier(num_classes, global_pool)
+            super().reset_classifier(num_classes, global_pool, **kwargs)
         self._fit_ood_head()
         self._forget_spatial_calibration()  # set on the old classifier's logits, which are gone
-        if global_pool is not None:  # other pooled features: ood_factor is another number, or a new head's
+        if global_pool is not None or any(kwargs.values()):  # other pooled features (another pooling, or the
+            # trunk's own reset of the head's other layers): ood_factor is another number, or a new head's
             self.ood_threshold = None
             if getattr(self, 'readout', None) == 'factor':
                 self.readout = None

@@ -14,6 +14,7 @@ import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
+from torch import nn
 
 from . import hub
 from .adapter import SSODModel, _require_spatial, user_stacklevel, wrap
@@ -27,12 +28,17 @@ PAPER_NAME = 'Image Background Serves as Good Proxy for Out-of-distribution Data
 def _build(trunk: str, return_ood: bool = True, ood_threshold: Optional[float] = None,
            spatial_threshold: Optional[float] = None, readout: Optional[str] = None, ood_head_trained: bool = True,
            **kwargs: Any) -> SSODModel:
-    trunk = timm.create_model(trunk, pretrained=False, **kwargs)
-    return wrap(trunk, return_ood=return_ood, ood_threshold=ood_threshold, spatial_threshold=spatial_threshold,
-                readout=readout, ood_head_trained=ood_head_trained)
+    model = wrap(timm.create_model(trunk, pretrained=False, **kwargs), return_ood=return_ood,
+                 ood_threshold=ood_threshold, spatial_threshold=spatial_threshold, readout=readout,
+                 ood_head_trained=ood_head_trained)
+    model._trunk_kwargs = kwargs  # for features_only: the same trunk, built by timm as its feature extractor
+    return model
 
 
 def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -> SSODModel:
+    if kwargs.get('features_only'):
+        features = {k: kwargs.pop(k) for k in ('features_only', 'out_indices', 'feature_cls') if k in kwargs}
+        return _trunk_features(trunk, _create(trunk, variant, pretrained, **kwargs), pretrained, features)
     tag = kwargs.get('pretrained_cfg') if isinstance(kwargs.get('pretrained_cfg'), str) else None
     folder_args = kwargs.get('pretrained_model_args') or {}  # timm's copy of a local-dir:/hf-hub: config's
     given = {k for k in hub.CALIBRATED if k in kwargs and not (k in folder_args and kwargs[k] is folder_args[k])}
@@ -87,24 +93,21 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
     with hub._clear_errors(name):
         model = build_model_with_cfg(
             partial(_build, trunk), variant, pretrained,
-            # forward_intermediates() of the timm trunk serves features_only for every architecture
-            feature_cfg=dict(feature_cls='getter'),
             pretrained_filter_fn=hub._check_state_dict,
             **kwargs,
         )
     if saved_args:  # create_model adds its own kwargs to these, so save_pretrained writes them all again
         model._model_args = {**saved_args, **getattr(model, '_model_args', {})}
-    weights_classes = cfg.num_classes  # features_only gives a feature extractor, not an SSODModel
-    if pretrained and isinstance(model, SSODModel) and model.num_classes not in (0, weights_classes):
+    weights_classes = cfg.num_classes
+    if pretrained and model.num_classes not in (0, weights_classes):
         hub._forget_calibration(model, name, weights_classes)  # 0: no classifier, the OOD factor's still holds
-    if pretrained and isinstance(model, SSODModel) and model.num_classes == 0:
+    if pretrained and model.num_classes == 0:
         model._forget_spatial_calibration()  # no classifier, so no spatial score to compare it with
-    if pretrained and isinstance(model, SSODModel) and folder.get('calibration'):
+    if pretrained and folder.get('calibration'):
         # what the thresholds were calibrated on, for save_pretrained while they are still the folder's
         model._calibration_record = {'record': folder['calibration'], 'state': {
             k: (folder.get('model_args') or {}).get(k) for k in hub.CALIBRATED}}
-    if not (pretrained and isinstance(model, SSODModel)
-            and any(getattr(model, k) is not None for k in hub.THRESHOLDS if k not in given)):
+    if not (pretrained and any(getattr(model, k) is not None for k in hub.THRESHOLDS if k not in given)):
         return model
     # the weights the thresholds were calibrated for: save_pretrained warns when they have changed since (trained)
     hub._remember_calibration(model, skip=given)
@@ -122,6 +125,17 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
             if key not in given:  # a caller's own values are for the model asked
                 setattr(model, key, None)
     return model
+
+
+def _trunk_features(trunk: str, model: SSODModel, pretrained: bool, features: dict) -> nn.Module:
+    """``features_only``: the feature extractor timm builds for the plain ``trunk`` (its own feature class, levels
+    and module names, whatever the architecture), holding the SSOD model's trunk weights when they were asked for:
+    the feature maps and ``feature_info`` are the plain model's."""
+    overlay = {k: v for k, v in model.pretrained_cfg.items() if k not in ('source', 'file', 'hf_hub_id', 'url')}
+    if pretrained:  # the classifier's keys go as timm drops them for any feature extractor
+        overlay['state_dict'] = {k: v for k, v in model.state_dict().items() if not k.startswith('ood_head.')}
+    return timm.create_model(trunk, pretrained=pretrained, pretrained_cfg_overlay=overlay, **model._trunk_kwargs,
+                             **features)
 
 
 # model arguments that leave both scores as they are (num_classes has a rule of its own: hub._forget_calibration)

@@ -208,9 +208,23 @@ def test_reset_classifier_keeps_ood_head_in_step_with_pre_logits():
     assert out.logits.shape == (2, 5) and out.ood_factor.shape == (2,)
 
 
-@pytest.mark.parametrize('name', ['ssod_resnet18', 'ssod_mobilenetv3_large_100'])
+def test_reset_classifier_passes_the_trunks_own_arguments():
+    """ConvNeXt's reset_other (timm's pruning and feature code passes it) resets the head's norm: the pooled
+    features change, so the OOD threshold goes, as for another pooling; without it the threshold stays."""
+    ssod_zoo.register('convnext_atto')
+    m = timm.create_model('ssod_convnext_atto', num_classes=3, ood_threshold=0.4)
+    m.reset_classifier(5)
+    assert m.ood_threshold == 0.4 and not isinstance(m.head.norm, torch.nn.Identity)
+    m.reset_classifier(5, reset_other=True)
+    assert isinstance(m.head.norm, torch.nn.Identity) and m.ood_threshold is None
+    assert m.ood_head.in_features == m.head_hidden_size and m.eval()(_input(m)).logits.shape == (2, 5)
+
+
+# built in, and registered: ConvNeXt has 4 levels (not timm's default 5) and a reset_classifier(reset_other=...)
+@pytest.mark.parametrize('name', ['ssod_resnet18', 'ssod_mobilenetv3_large_100', 'ssod_convnext_atto'])
 def test_features_only_gives_the_trunk_pyramid(name):
     """Same feature maps, bit for bit, as timm's own features_only model of the trunk with the same weights."""
+    ssod_zoo.register(_trunk_name(name))
     torch.manual_seed(0)
     m = timm.create_model(name, features_only=True).eval()
     plain = timm.create_model(_trunk_name(name), features_only=True).eval()
@@ -227,11 +241,12 @@ def test_features_only_gives_the_trunk_pyramid(name):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize('name', ['ssod_resnet18', 'ssod_mobilenetv3_large_100'])
+@pytest.mark.parametrize('name', ['ssod_resnet18', 'ssod_mobilenetv3_large_100', 'ssod_convnext_atto'])
 def test_prune_intermediate_layers_as_timm(name):
     """timm's prune_intermediate_layers: with prune_head=False the model keeps its logits and OOD factor; with the
     head pruned (timm's default) the drop-in mode gives timm's own output, bit for bit, and SSOD's forward says what
     to do instead of failing on a shape."""
+    ssod_zoo.register(_trunk_name(name))
     torch.manual_seed(0)
     ssod = timm.create_model(name, num_classes=7).eval()
     plain = timm.create_model(_trunk_name(name), num_classes=7).eval()
@@ -250,6 +265,20 @@ def test_prune_intermediate_layers_as_timm(name):
         with pytest.raises(RuntimeError, match=r'prune_intermediate_layers\(\) leave it.*prune with prune_head=False'):
             ssod(x)
         assert torch.equal(drop_in(x), plain(x))
+
+
+def test_features_only_of_a_published_weight_carries_its_trunk():
+    """pretrained=True with features_only: the weights' trunk and model arguments (output_stride=16 here), as the
+    full model's forward_intermediates gives them."""
+    full = timm.create_model('ssod_resnet18.fmnist', pretrained=True).eval()
+    features = timm.create_model('ssod_resnet18.fmnist', pretrained=True, features_only=True, out_indices=(2, 4))
+    x = _input(full)
+    with torch.no_grad():
+        got = features.eval()(x)
+        expected = full.forward_intermediates(x, indices=(2, 4), intermediates_only=True)
+    assert features.feature_info.reduction() == [8, 16] and len(got) == 2
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
 
 
 def test_wrap_shares_weights_and_leaves_the_original_alone():
