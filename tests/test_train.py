@@ -276,6 +276,22 @@ def test_two_ranks_under_torchrun_match_one_process(bench, tmp_path):
     assert ckpt['spatial_threshold'] == pytest.approx(calibrate_threshold(val['spatial_top3']), abs=1e-5)
 
 
+def test_ddp_evaluation_scores_the_weights_it_saves(bench, tmp_path):
+    """Without --freeze-bn each rank's BatchNorm statistics end a step on its own batch's update: the evaluation,
+    sharded over the ranks, must score every image with the statistics the checkpoint holds (rank 0's), or its
+    metrics and thresholds are not those of the saved weights."""
+    args = _args(bench, tmp_path / 'ddp', '--epochs', '1', '--max-steps-per-epoch', '2')
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                        f'--master_port={_free_port()}', '-m', 'ssod_zoo.app.train', *args],
+                       capture_output=True, text=True, timeout=600, env=child_env(OMP_NUM_THREADS='1'))
+    assert r.returncode == 0, r.stderr[-4000:]
+    ckpt = torch.load(tmp_path / 'ddp' / 'last.pt', weights_only=True)
+    model, _ = load_checkpoint(tmp_path / 'ddp' / 'last.pt')
+    val, oods = _score(model, bench)
+    _assert_same_metrics(ssod_report(val, oods), ckpt['metrics'])
+    assert ckpt['ood_threshold'] == pytest.approx(calibrate_threshold(val['ood_factor']), abs=1e-6)
+
+
 def _error(capsys, argv):
     with pytest.raises(SystemExit) as e:
         main(argv)

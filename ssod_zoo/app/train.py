@@ -387,6 +387,8 @@ def train(cfg: TrainConfig) -> dict:
         # ------------------------------------------------------------------------------------- evaluate
         last = epoch + 1 == cfg.epochs
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+            if ddp:
+                _sync_buffers(model)
             metrics = _evaluate(model, eval_sets, cfg, device, amp_dtype, rank, world)
             for k in THRESHOLDS:
                 setattr(model, k, metrics.pop(k))
@@ -940,6 +942,15 @@ def _protocol_or_error(cfg: TrainConfig, download: bool):
         return load_protocol(cfg.data, cfg.data_root or None, download=download, split='train')
     except DataMissing as e:
         raise TrainError(str(e))
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank. DDP broadcasts them at the start of each
+    training forward, so after the last step each rank holds its own batch's update; the checkpoint holds rank 0's,
+    and the evaluation that measures it, sharded over the ranks, must score every image with them. Training is
+    unchanged: its next forward broadcasts rank 0's buffers again."""
+    for buffer in model.buffers():
+        dist.broadcast(buffer, 0)
 
 
 def _evaluate(model, eval_sets, cfg, device, amp_dtype, rank, world) -> dict:
