@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
+import ssod_zoo
 from ssod_zoo import SSODModel, load_model
 from ssod_zoo.app.evaluate import collect, ssod_report
 from ssod_zoo.app.synthetic import BenchmarkConfig, SyntheticBenchmark
@@ -409,6 +411,21 @@ def test_init_from_a_file_with_another_class_count_and_export_dir(bench, tmp_pat
     with torch.no_grad():
         a, b = exported(x), best(x)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.ood_factor, b.ood_factor)
+
+
+def test_resume_does_not_read_init_again(bench, tmp_path):
+    """The checkpoint holds every weight and the preprocessing --init brought: a resume works with --init gone
+    (a deleted file, a Hub tag on an offline node) and keeps that preprocessing."""
+    source = timm.create_model('ssod_test_resnet', num_classes=3)
+    source.pretrained_cfg = {**source.pretrained_cfg, 'mean': (0.25, 0.5, 0.75), 'std': (0.2, 0.3, 0.4)}
+    init = ssod_zoo.save_pretrained(source, tmp_path / 'init', model_card=False)
+    args = _args(bench, tmp_path / 'run', '--max-steps-per-epoch', '1', '--init', str(init))
+    main([*args, '--epochs', '1'])
+    shutil.rmtree(init)
+    result = main([*args, '--epochs', '2', '--resume', 'auto'])
+    assert [r['epoch'] for r in result['history']] == [2]
+    assert tuple(result['model'].pretrained_cfg['mean']) == (0.25, 0.5, 0.75)
+    assert tuple(torch.load(tmp_path / 'run' / 'last.pt', weights_only=True)['data_config']['std']) == (0.2, 0.3, 0.4)
 
 
 def test_ce_only_never_trains_the_ood_head(bench, tmp_path, monkeypatch, capsys):

@@ -725,7 +725,10 @@ def _model(cfg: TrainConfig, num_classes: int) -> nn.Module:
                          'timm.create_model passes these to the architecture\'s constructor') from None
     if not hasattr(model, 'forward_spatial'):
         model = wrap(model)  # any timm CNN
-    if cfg.init:
+    resumed = _resumed_preprocessing(_resume_path(cfg, Path(cfg.out_dir)))
+    if resumed is not None:  # the checkpoint holds every weight: --init is not read again (it may be gone)
+        model.pretrained_cfg = {**model.pretrained_cfg, **resumed}
+    elif cfg.init:
         _load_init(model, cfg.init, num_classes)
     model.ood_head_trained = not cfg.ce_only  # as load_checkpoint reads it back from the config
     return model
@@ -733,6 +736,17 @@ def _model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 # what a model's weights were trained with, besides the input size (which --img-size sets)
 _PREPROCESSING_KEYS = ('crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
+
+
+def _resumed_preprocessing(path: Optional[Path]) -> Optional[dict]:
+    """The preprocessing a checkpoint to resume was trained with (which --init brought), or None: no checkpoint,
+    or one from before checkpoints recorded it (then --init gives it again)."""
+    try:
+        data_config = torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('data_config') \
+            if path is not None else None
+    except Exception:
+        return None  # _load_resume reports an unreadable checkpoint
+    return {k: data_config[k] for k in _PREPROCESSING_KEYS if k in data_config} if data_config else None
 
 
 def _load_init(model: nn.Module, init: str, num_classes: int) -> None:
