@@ -281,6 +281,26 @@ def test_features_only_of_a_published_weight_carries_its_trunk():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize('name', ['ssod_resnet18', 'ssod_mobilenetv3_large_100'])
+def test_fx_feature_extraction_in_the_default_mode(name):
+    """timm's (torch.fx) create_feature_extractor traces the SSOD forward too, not only the drop-in mode: the
+    input and pooling checks step aside for a symbolic tensor."""
+    from timm.models import create_feature_extractor
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=4).eval()
+    node = {'ssod_resnet18': 'layer3', 'ssod_mobilenetv3_large_100': 'blocks.4'}[name]
+    extractor = create_feature_extractor(model, return_nodes={node: 'f'})
+    x = _input(model)
+    with torch.no_grad():
+        got = extractor(x)['f']
+        expected = dict(model.named_modules())[node]
+        seen = {}
+        handle = expected.register_forward_hook(lambda m, i, o: seen.setdefault('f', o))
+        model(x)
+        handle.remove()
+    assert torch.equal(got, seen['f'])
+
+
 def test_wrap_shares_weights_and_leaves_the_original_alone():
     plain = timm.create_model('resnet18', num_classes=3).eval()
     x = _input(plain)
