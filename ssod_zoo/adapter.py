@@ -113,8 +113,9 @@ CALIBRATED = (*(r.attribute for r in READOUTS.values()), 'readout')
 
 
 def _require_pooled(pooled: torch.Tensor) -> None:
-    if isinstance(pooled, torch.fx.Proxy):  # symbolic tracing (feature extraction): no shape to check
-        return
+    if not torch.jit.is_scripting():  # (TorchScript compiles no fx)
+        if isinstance(pooled, torch.fx.Proxy):  # symbolic tracing (feature extraction): no shape to check
+            return
     if pooled.ndim != 2:
         raise RuntimeError(
             'the OOD factor needs pooled features, but this model has no global pooling (global_pool="", as '

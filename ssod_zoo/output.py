@@ -23,6 +23,16 @@ class SSODOutput(NamedTuple):
     logits: torch.Tensor
     ood_factor: torch.Tensor
 
+    def __getattr__(self, name: str):
+        # only for names a tuple lacks: code written for a tensor output (timm's train.py calls
+        # output.log_softmax, validate.py hands it to the loss) learns what it got and what to do
+        if name.startswith('__') or not hasattr(torch.Tensor, name):
+            raise AttributeError(f'{type(self).__name__!r} object has no attribute {name!r}')
+        raise AttributeError(
+            f"SSODOutput (logits, ood_factor) has no tensor method {name!r}: the SSOD model's forward returns both "
+            "outputs; use output.logits, or create the model with return_ood=False (timm's scripts: "
+            "--model-kwargs return_ood=False) for the plain logits tensor")
+
 
 class SSODScores(NamedTuple):
     """Everything a deployment decides with, from one forward pass (``model.forward_scores(x)``).

@@ -367,6 +367,18 @@ def test_pretrained_without_weights_says_what_to_do():
         timm.create_model('ssod_resnet50', pretrained=True)
 
 
+def test_tensor_code_on_the_ssod_output_is_told_what_to_do():
+    """Code written for a tensor output (timm's train.py calls output.log_softmax) gets an error that names
+    output.logits and return_ood=False; other missing names get Python's own message."""
+    out = timm.create_model('ssod_test_resnet', num_classes=3).eval()(_input(timm.create_model('ssod_test_resnet')))
+    with pytest.raises(AttributeError, match=r"no tensor method 'log_softmax'.*output\.logits.*"
+                                             r"--model-kwargs return_ood=False"):
+        out.log_softmax(-1)
+    with pytest.raises(AttributeError, match=r"^'SSODOutput' object has no attribute 'nope'$"):
+        out.nope
+    assert not hasattr(out, 'shape') and out.logits.shape == (2, 3)
+
+
 def test_robust_posterior():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
     p_id = torch.tensor([0.9, 0.25])
