@@ -165,7 +165,8 @@ def export_onnx(
         path: the ``.onnx`` file to write; parent folders are created.
         input_size: (C, H, W) of the example input; default: the model's ``pretrained_cfg['input_size']``.
             Height and width are fixed in the graph.
-        batch_size: batch size of the example input (and of the graph if ``dynamic_batch`` is False).
+        batch_size: batch size of the example input (at least 2 with ``dynamic_batch``, which torch.export needs),
+            and of the graph if ``dynamic_batch`` is False.
         opset: ONNX opset; default: the dynamo exporter's (20 with torch 2.14). Opsets below 18, for older
             runtimes, are written by the TorchScript exporter, which emits them natively.
         dynamic_batch: make axis 0 of the input and of every output the symbolic dimension ``batch``.
@@ -197,7 +198,10 @@ def export_onnx(
 
     was_training = model.training  # before the wrapper's eval(), which reaches the model too
     ref = next(model.parameters())
-    example = torch.randn(int(batch_size), *size, device=ref.device, dtype=ref.dtype)
+    # a dynamic batch axis is traced at batch 2 at least: torch.export specialises an example dimension of 1, and
+    # then refuses to make it dynamic (ConvNeXt: "Invalid ranges [2:1]")
+    example = torch.randn(max(int(batch_size), 2) if dynamic_batch else int(batch_size), *size, device=ref.device,
+                          dtype=ref.dtype)
     model._check_input(example)  # a size the network cannot take fails here with its reason, not deep in the exporter
     dynamic_shapes = {INPUT_NAME: {0: torch.export.Dim('batch')}} if dynamic_batch else None
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > _EXTERNAL_DATA_BYTES
@@ -358,7 +362,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--num-classes', type=bounded(int, *AT_LEAST_1), default=None,
                    help='class count (default: read from --checkpoint, else the model default)')
     p.add_argument('--batch-size', type=bounded(int, *AT_LEAST_1), default=1,
-                   help='batch size of the example input (default: 1)')
+                   help='batch size of the example input, at least 2 unless --static-batch (default: 1)')
     p.add_argument('--static-batch', action='store_true', help='fix the batch axis to --batch-size')
     p.add_argument('--opset', type=bounded(int, *AT_LEAST_1), default=None,
                    help="ONNX opset (default: the exporter's)")

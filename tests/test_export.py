@@ -142,7 +142,7 @@ def test_onnx_matches_pytorch_with_dynamic_batch(name, tmp_path):
     # an input-sensitive model on varied images: the outputs must differ across images by far more than the
     # tolerance, or a graph that ignored its input (a constant ood_factor) would pass
     model = _input_sensitive(name)
-    path = export_onnx(model, tmp_path / f'{name}.onnx', input_size=SIZE)  # traced at batch 1
+    path = export_onnx(model, tmp_path / f'{name}.onnx', input_size=SIZE)  # batch_size 1: traced at 2
     sess = _session(path)
     assert [i.name for i in sess.get_inputs()] == [INPUT_NAME]
     assert [o.name for o in sess.get_outputs()] == ['logits', 'ood_factor', 'spatial_score']
@@ -156,6 +156,17 @@ def test_onnx_matches_pytorch_with_dynamic_batch(name, tmp_path):
             spread = (t.max(0).values - t.min(0).values).max().item()
             assert spread >= 100 * tol, f'{out_name} varies by only {spread:.2g} across the images (tol {tol:.1g})'
             torch.testing.assert_close(torch.as_tensor(got), t, atol=tol, rtol=0, msg=lambda m: f'{out_name}: {m}')
+
+
+def test_a_dynamic_batch_is_traced_past_batch_1(tmp_path):
+    """torch.export specialises an example dimension of 1 and then refuses to make it dynamic (ConvNeXt at 64 px:
+    "Invalid ranges [2:1]"): the default --batch-size 1 traces at 2, and the graph takes 1 and 3 alike."""
+    ssod_zoo.register('convnext_atto')
+    model = timm.create_model('ssod_convnext_atto', num_classes=3).eval()
+    sess = _session(export_onnx(model, tmp_path / 'cx.onnx', input_size=(3, 64, 64), batch_size=1))
+    for batch in (1, 3):
+        x = _images(batch)
+        _assert_same(sess.run(None, {INPUT_NAME: x.numpy()}), _reference(model, x), atol=1e-4)
 
 
 def test_onnx_export_is_eval_mode_whatever_the_model_mode(tmp_path):
