@@ -202,16 +202,31 @@ def _check_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> 
     has_ood_head = any(k.startswith('ood_head.') for k in state_dict)
     # timm discards the classifier itself when the model was asked for another class count than the weights'
     head_dropped = model.num_classes != cfg.get('num_classes')
-    problem = _state_dict_mismatch(state_dict, model, head_dropped=head_dropped, ood_head=has_ood_head)
+    if has_ood_head:
+        problem = _state_dict_mismatch(state_dict, model, head_dropped=head_dropped)
+    else:  # a plain classifier checkpoint is said to be one first (its classifier may not fit either: that is
+        # not what to fix), unless it is not even this architecture's
+        heads = _head_keys(cfg)
+        problem = _state_dict_mismatch({k: v for k, v in state_dict.items() if k not in heads}, model,
+                                       head_dropped=True, ood_head=False)
     if problem:
         raise WeightsError(problem)
     if not has_ood_head:
+        classifier = next(iter(sorted(_head_keys(cfg))), 'fc.').rsplit('.', 1)[0]
         raise WeightsError(
             f'the weights for {arch} have no "ood_head.*" tensors: they are a plain timm classifier checkpoint, '
             'not SSOD weights, and the OOD head would stay untrained. To start SSOD training from them, create '
             'the model with pretrained=False and load them with model.load_state_dict(state_dict, strict=False) '
-            '(as `python -m ssod_zoo.app.train --init` does)')
+            f'(for another class count, without the classifier\'s "{classifier}.*" tensors), or pass the file to '
+            '`ssod train --init`, which does both')
     return state_dict
+
+
+def _head_keys(cfg: Mapping[str, Any]) -> set:
+    """The classifier's tensors, by the pretrained config's ``classifier`` name(s)."""
+    classifiers = cfg.get('classifier') or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    return {f'{c}.{p}' for c in classifiers for p in ('weight', 'bias')}
 
 
 def _state_dict_mismatch(state_dict: Mapping[str, torch.Tensor], model: nn.Module, head_dropped: bool,
@@ -223,9 +238,7 @@ def _state_dict_mismatch(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
     """
     cfg = getattr(model, 'pretrained_cfg', {}) or {}
     arch = cfg.get('architecture') or type(model).__name__
-    classifiers = cfg.get('classifier') or ()
-    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
-    head_keys = {f'{c}.{p}' for c in classifiers for p in ('weight', 'bias')}
+    head_keys = _head_keys(cfg)
     first_convs = cfg.get('first_conv') or ()
     first_convs = {f'{c}.weight' for c in ((first_convs,) if isinstance(first_convs, str) else first_convs)}
     expected = model.state_dict()

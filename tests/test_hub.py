@@ -919,6 +919,14 @@ def test_plain_timm_weights_are_not_ssod_weights(tmp_path):
     with pytest.raises(WeightsError, match='no "ood_head.\\*" tensors.*pretrained=False'):
         timm.create_model(ARCH, pretrained=True, num_classes=NUM_CLASSES,
                           pretrained_cfg_overlay=dict(file=str(plain), num_classes=NUM_CLASSES))
+    # with another class count too, that is what is said first, and its advice works
+    other = timm.create_model('test_resnet', num_classes=NUM_CLASSES + 2).state_dict()
+    safetensors.torch.save_file(other, plain)
+    with pytest.raises(WeightsError, match='no "ood_head.\\*" tensors.*without the classifier\'s "fc.\\*" tensors'):
+        timm.create_model(ARCH, pretrained=True, num_classes=NUM_CLASSES, pretrained_cfg_overlay=dict(file=str(plain)))
+    model = timm.create_model(ARCH, num_classes=NUM_CLASSES)
+    model.load_state_dict({k: v for k, v in other.items() if not k.startswith('fc.')}, strict=False)
+    assert torch.equal(model.conv1[0].weight, other['conv1.0.weight']) and not model.ood_head_trained
 
 
 # ---------------------------------------------------------------------------------------------------------------
