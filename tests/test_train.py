@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import timm
@@ -198,11 +199,15 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(bench, two_ep
     ckpt = torch.load(tmp_path / 'killed' / 'last.pt', weights_only=True)
     assert (ckpt['epoch'], ckpt['step']) == (0, stop_at)
     monkeypatch.setattr(SSODLoss, 'forward', forward)
-    main(_args(bench, tmp_path / 'killed', '--resume', 'auto'))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        main(_args(bench, tmp_path / 'killed', '--resume', 'auto'))
+    assert not [w for w in caught if 'lr_scheduler' in str(w.message)]  # its step was taken before the stop
     _assert_same_weights(_weights(two_epochs[0] / 'last.pt'), _weights(tmp_path / 'killed' / 'last.pt'))
     # the interrupted epoch's log covers all its steps, as the uninterrupted run's does (up to summation order)
     logs = [[json.loads(line)['train'] for line in (out / 'log.jsonl').read_text().splitlines()]
             for out in (two_epochs[0], tmp_path / 'killed')]
+    assert ('img_s' in logs[1][0]) == (at == 'second step')  # no throughput where no step ran
     for whole, resumed in zip(*logs):
         assert {k: v for k, v in resumed.items() if k != 'img_s'} == pytest.approx(
             {k: v for k, v in whole.items() if k != 'img_s'}, rel=1e-5, abs=1e-7)

@@ -29,6 +29,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -380,7 +381,10 @@ def train(cfg: TrainConfig) -> dict:
         ood_on = not cfg.ce_only and epoch >= cfg.warmup_epochs
         train_log = _train_epoch(run, epoch, start_step, ood_on, epoch_sums)
         start_step, epoch_sums = 0, None
-        scheduler.step()
+        with warnings.catch_warnings():
+            if 'img_s' not in train_log:  # resumed after the epoch's last step: the step was taken before the stop
+                warnings.filterwarnings('ignore', message=r'Detected call of `lr_scheduler\.step\(\)` before')
+            scheduler.step()
         if master and ood_on:
             _warn_starved_sampler(train_log, cfg, len(class_names))
 
@@ -530,7 +534,8 @@ def _train_epoch(run: _Run, epoch: int, start_step: int, ood_on: bool,
     if not sums and epoch_sums is not None:  # resumed after the epoch's last step: its sums are all in the checkpoint
         sums, n = dict(zip(SSODLossParts._fields, epoch_sums)), done_steps
     train_log = {k: v / max(n, 1) for k, v in sums.items()}
-    train_log['img_s'] = seen / (time.perf_counter() - t0)
+    if seen:  # (none when resumed after the epoch's last step)
+        train_log['img_s'] = seen / (time.perf_counter() - t0)
     return train_log
 
 
@@ -756,7 +761,6 @@ def _load_init(model: nn.Module, init: str, num_classes: int) -> None:
     ``hf-hub:``, an ``ssod_*`` tag; its OOD head comes too), a timm tag (``resnet50.tv_in1k``) or a timm-format
     weights file; for the last two the OOD head starts fresh. A classifier for another class count is dropped.
     """
-    import warnings
     from ..hub import CHECKPOINT_FORMAT as _FORMAT, WeightsError, load_model
     path = Path(init)
     source = None
@@ -1124,7 +1128,7 @@ def _summary(record: dict) -> str:
     if 'ood_average' in v and record.get('ood_loss_on', True):  # --ce-only / warm-up: the OOD head is untrained
         a = v['ood_average']
         line += f', FPR95 {a["fpr95"]:.2f}%, AUROC {a["auroc"]:.2f}% (OOD factor, mean over {len(v["ood"])} sets)'
-    return line + (f', {train["img_s"]:.0f} img/s' if 'loss' in train else '')
+    return line + (f', {train["img_s"]:.0f} img/s' if 'img_s' in train else '')
 
 
 def _cleanup(ddp: bool) -> None:
