@@ -507,6 +507,13 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[SSODModel, Dict[str, Any]]:
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated zip, pickle with arbitrary objects, not a torch file at all
+        if 'argparse.Namespace' in str(e):  # timm's train.py pickles its arguments into its checkpoints
+            raise WeightsError(
+                f'{path} holds an argparse.Namespace besides tensors: a checkpoint of timm\'s train.py, not of '
+                '`ssod train`. Load it with timm.create_model(ARCH, num_classes=N, checkpoint_path=PATH) (which '
+                'unpickles it: only for files you trust), then ssod_zoo.save_pretrained(model, FOLDER); its OOD '
+                'head is as it was before that training, which trained the classifier alone (README, Drop-in '
+                'mode)') from e
         raise WeightsError(
             f'cannot read {path} as a {CHECKPOINT_FORMAT} checkpoint with torch.load(weights_only=True) '
             f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). It is truncated or corrupted, '

@@ -966,6 +966,12 @@ def test_load_checkpoint_errors(tmp_path, model):
     torch.save({'format': 'ssod_zoo.train/1', 'fn': SimpleNamespace(a=1)}, tmp_path / 'pickle.pt')
     with pytest.raises(WeightsError, match='never unpickles'):
         hub.load_checkpoint(tmp_path / 'pickle.pt')
+    # timm's train.py checkpoint (its arguments pickled beside the state dict) is named as one, with what to do
+    import argparse
+    torch.save({'epoch': 1, 'arch': 'ssod_test_resnet', 'state_dict': model.state_dict(),
+                'args': argparse.Namespace(model='ssod_test_resnet')}, tmp_path / 'timm.pth.tar')
+    with pytest.raises(WeightsError, match="a checkpoint of timm's train.py.*checkpoint_path=PATH"):
+        hub.load_checkpoint(tmp_path / 'timm.pth.tar')
 
 
 def test_cli_save(tmp_path, model, images, capsys):
