@@ -283,6 +283,19 @@ def test_two_ranks_under_torchrun_match_one_process(bench, tmp_path):
     assert ckpt['spatial_threshold'] == pytest.approx(calibrate_threshold(val['spatial_top3']), abs=1e-5)
 
 
+@pytest.mark.parametrize('rank', [0, 1])
+def test_a_setting_error_under_torchrun_is_said_once(bench, tmp_path, monkeypatch, capsys, rank):
+    """Every rank finds the same bad setting before the ranks join: rank 0 alone says it (torchrun's environment;
+    the check comes before the process group, so none is started here)."""
+    monkeypatch.setenv('RANK', str(rank))
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(SystemExit) as e:
+        main(_args(bench, tmp_path / 'run', '--batch-size', '15'))
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ('' if rank else
+                                       'ssod train: error: --batch-size 15 (global) is not divisible by the 2 ranks\n')
+
+
 def test_ddp_evaluation_scores_the_weights_it_saves(bench, tmp_path):
     """Without --freeze-bn each rank's BatchNorm statistics end a step on its own batch's update: the evaluation,
     sharded over the ranks, must score every image with the statistics the checkpoint holds (rank 0's), or its

@@ -215,7 +215,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         print(f'ssod train: error: {_unreadable_report(cfg)}', file=sys.stderr)
         raise SystemExit(2)
     except TrainError as e:
-        print(f'ssod train: error: {e}', file=sys.stderr)
+        rank = int(os.environ.get('RANK', 0))
+        # an error found before the ranks joined is a setting's, the same on every rank: said once, by rank 0;
+        # after, it may be one rank's own (its data), and that rank names itself
+        if rank == 0 or (dist.is_available() and dist.is_initialized()):
+            print(f'ssod train: error{f" (rank {rank})" if rank else ""}: {e}', file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -275,6 +279,8 @@ def train(cfg: TrainConfig) -> dict:
     cfg = _resumed_config(cfg)
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    if cfg.batch_size % world:
+        raise TrainError(f'--batch-size {cfg.batch_size} (global) is not divisible by the {world} ranks')
     if cfg.deterministic:
         _use_deterministic_kernels()
     device = _device(cfg.device, local_rank)
@@ -282,8 +288,6 @@ def train(cfg: TrainConfig) -> dict:
     if ddp:
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     master = rank == 0
-    if cfg.batch_size % world:
-        raise TrainError(f'--batch-size {cfg.batch_size} (global) is not divisible by the {world} ranks')
     _seed_everything(cfg.seed)
     out_dir = Path(cfg.out_dir)
     if master:
