@@ -37,7 +37,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Collection, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import safetensors.torch
 import timm
@@ -270,15 +270,18 @@ def _remember_calibration(model: SSODModel, skip: Collection[str] = ()) -> None:
                                  'input_size': None if size is None else tuple(int(v) for v in size)}
 
 
+def still_loaded(model: nn.Module) -> List[str]:
+    """The thresholds the model still holds as it was loaded with them (from a saved folder, a tag or a training
+    checkpoint), calibrated with its weights; not those set by hand since, or passed to ``create_model``."""
+    loaded = getattr(model, '_calibrated_weights', None) or {'state': {}}
+    return [k for k, v in loaded['state'].items() if v is not None and getattr(model, k, None) == v]
+
+
 def loaded_calibration_size(model: nn.Module) -> Optional[Tuple[int, int, int]]:
-    """The input size the model's thresholds were calibrated at, when they are still the ones it was loaded with
-    (from a saved folder, a tag or a training checkpoint); None when unknown (thresholds set by hand, or none)."""
+    """The input size the thresholds in :func:`still_loaded` were calibrated at (their preprocessing's); None when
+    the model holds none of them, or the size is unknown."""
     loaded = getattr(model, '_calibrated_weights', None)
-    if not loaded or not loaded.get('input_size'):
-        return None
-    held = {k: getattr(model, k, None) for k in THRESHOLDS}
-    if not any(v is not None for v in held.values()) or any(
-            v is not None and v != loaded['state'].get(k) for k, v in held.items()):
+    if not loaded or not loaded.get('input_size') or not still_loaded(model):
         return None
     return loaded['input_size']
 

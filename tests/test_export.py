@@ -395,8 +395,8 @@ def test_an_export_at_another_input_size_carries_no_thresholds(tmp_path):
     (and the readout) out of the metadata, as loading at another size drops them; at the weights' size they go in."""
     import onnx
     model = ssod_zoo.load_model('ssod_test_resnet.synthetic')  # calibrated at 96 px
-    with pytest.warns(UserWarning, match=r'input size \(3, 64, 64\), and the thresholds were calibrated at '
-                                         r'\(3, 96, 96\).*carries none') as caught:
+    with pytest.warns(UserWarning, match=r"input size \(3, 64, 64\), and the weights' spatial_threshold and "
+                                         r"ood_threshold were calibrated at \(3, 96, 96\).*carries none") as caught:
         path = export_onnx(model, tmp_path / 'at64.onnx', input_size=(3, 64, 64))
     assert caught[0].filename == __file__
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
@@ -405,9 +405,18 @@ def test_an_export_at_another_input_size_carries_no_thresholds(tmp_path):
     from ssod_zoo.export import _metadata
     own = _metadata(model, (3, 96, 96))
     assert float(own['ssod_zoo.spatial_threshold']) == model.spatial_threshold and 'ssod_zoo.thresholds' not in own
-    # thresholds set by hand are the caller's, for whatever size the caller calibrated at: kept, at any size
+    # thresholds set by hand are the caller's, for whatever size the caller calibrated at: kept, at any size; the
+    # weights' own beside them still left out
     model.spatial_threshold = 4.5
-    assert float(_metadata(model, (3, 64, 64))['ssod_zoo.spatial_threshold']) == 4.5
+    mixed = _metadata(model, (3, 64, 64))
+    assert float(mixed['ssod_zoo.spatial_threshold']) == 4.5 and 'ssod_zoo.ood_threshold' not in mixed
+    assert mixed['ssod_zoo.thresholds'].startswith('ood_threshold left out: calibrated at input size [3, 96, 96]')
+    model.ood_threshold = 0.3
+    assert float(_metadata(model, (3, 64, 64))['ssod_zoo.ood_threshold']) == 0.3
+    # passed to create_model: the caller's too, and the weights' other one is left out
+    given = timm.create_model('ssod_test_resnet.synthetic', pretrained=True, ood_threshold=0.3)
+    mixed = _metadata(given, (3, 64, 64))
+    assert float(mixed['ssod_zoo.ood_threshold']) == 0.3 and 'ssod_zoo.spatial_threshold' not in mixed
     fresh = timm.create_model('ssod_test_resnet', num_classes=3, spatial_threshold=2.0)  # its cfg says 160 px
     assert float(_metadata(fresh, (3, 64, 64))['ssod_zoo.spatial_threshold']) == 2.0
     # a training checkpoint records the size its run calibrated at: the same rule
