@@ -37,8 +37,12 @@ def _build(trunk: str, return_ood: bool = True, ood_threshold: Optional[float] =
 
 def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -> SSODModel:
     if kwargs.get('features_only'):
-        features = {k: kwargs.pop(k) for k in ('features_only', 'out_indices', 'feature_cls') if k in kwargs}
-        return _trunk_features(trunk, _create(trunk, variant, pretrained, **kwargs), pretrained, features)
+        features = {k: kwargs.pop(k) for k in ('features_only', 'out_indices', 'feature_cls', 'feature_cfg')
+                    if k in kwargs}
+        with warnings.catch_warnings():  # the full model's (thresholds, label names): a feature extractor has none
+            warnings.simplefilter('ignore')
+            model = _create(trunk, variant, pretrained, **kwargs)
+        return _trunk_features(trunk, model, pretrained, features)
     tag = kwargs.get('pretrained_cfg') if isinstance(kwargs.get('pretrained_cfg'), str) else None
     folder_args = kwargs.get('pretrained_model_args') or {}  # timm's copy of a local-dir:/hf-hub: config's
     given = {k for k in hub.CALIBRATED if k in kwargs and not (k in folder_args and kwargs[k] is folder_args[k])}
@@ -132,10 +136,19 @@ def _trunk_features(trunk: str, model: SSODModel, pretrained: bool, features: di
     and module names, whatever the architecture), holding the SSOD model's trunk weights when they were asked for:
     the feature maps and ``feature_info`` are the plain model's."""
     overlay = {k: v for k, v in model.pretrained_cfg.items() if k not in ('source', 'file', 'hf_hub_id', 'url')}
+    in_chans = model._trunk_kwargs.get('in_chans')
+    if in_chans and overlay.get('input_size'):  # the weights' first conv already has them: nothing to adapt
+        overlay['input_size'] = (in_chans, *overlay['input_size'][1:])
     if pretrained:  # the classifier's keys go as timm drops them for any feature extractor
         overlay['state_dict'] = {k: v for k, v in model.state_dict().items() if not k.startswith('ood_head.')}
-    return timm.create_model(trunk, pretrained=pretrained, pretrained_cfg_overlay=overlay, **model._trunk_kwargs,
-                             **features)
+    extractor = timm.create_model(trunk, pretrained=pretrained, pretrained_cfg_overlay=overlay,
+                                  **model._trunk_kwargs, **features)
+    for holder in (extractor, getattr(extractor, 'model', None)):  # timm keeps the overlay: not the weights again
+        for attr in ('pretrained_cfg', 'default_cfg'):
+            cfg = getattr(holder, attr, None)
+            if isinstance(cfg, dict):
+                cfg.pop('state_dict', None)
+    return extractor
 
 
 # model arguments that leave both scores as they are (num_classes has a rule of its own: hub._forget_calibration)
