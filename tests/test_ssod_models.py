@@ -1,4 +1,5 @@
 """The SSOD model family: registry, output contract, identity with timm, adapter, errors."""
+import json
 import warnings
 
 import pytest
@@ -279,6 +280,12 @@ def test_features_only_of_a_published_weight_carries_its_trunk():
     assert features.feature_info.reduction() == [8, 16] and len(got) == 2
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
+    assert 'state_dict' not in features.pretrained_cfg  # the weights went into the model, not its config
+    json.dumps(features.pretrained_cfg)
+    # timm's own feature arguments reach the trunk's extractor, as for the plain model
+    hooked = timm.create_model('ssod_resnet18', features_only=True, feature_cfg=dict(feature_cls='hook'),
+                               out_indices=(1,))
+    assert type(hooked).__name__ == 'FeatureHookNet' and hooked.feature_info.out_indices == (1,)
 
 
 @pytest.mark.parametrize('name', ['ssod_resnet18', 'ssod_mobilenetv3_large_100'])
