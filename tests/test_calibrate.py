@@ -329,9 +329,14 @@ def test_a_folder_that_leaves_out_classes_is_warned_about(folder, tmp_path, caps
     cli.main(['calibrate', str(folder), '--val-dir', str(root)])
     assert f"ssod calibrate: warning: {root} has no sub-folder for 1 of the model's 3 classes (fox): the thresholds " \
            'keep 95% of the classes it has' in capsys.readouterr().err
-    save_images(root / 'fox', 12, size=40)
+    save_images(root / 'Fox', 12, size=40)  # a folder name matches its class up to case and punctuation
     cli.main(['calibrate', str(folder), '--val-dir', str(root)])
     assert 'every class' not in capsys.readouterr().err
+    from ssod_zoo.app.calibrate import _missing_classes
+    assert _missing_classes(root, ['cat', 'dog', 'fox', 'T-shirt/top'], torch.zeros(0, 4)).startswith(
+        f"{root} has no sub-folder for 1 of the model's 4 classes (T-shirt/top)")
+    save_images(root / 'T-shirt_top', 1, size=40)  # '/' cannot be in a folder name
+    assert _missing_classes(root, ['cat', 'dog', 'fox', 'T-shirt/top'], torch.zeros(0, 4)) is None
 
     flat = save_images(tmp_path / 'flat', 30, size=40)
     model = ssod_zoo.load_model(folder)  # the predictions, by hand

@@ -30,6 +30,7 @@ The thresholds hold for the classes the ID images cover: a ``--val-dir`` that se
 sub-folders without one of the model's classes; in a flat folder, classes no image is predicted as) gets a warning.
 """
 import argparse
+import re
 import shutil
 import sys
 import warnings
@@ -213,9 +214,12 @@ def _missing_classes(folder: Path, names: List[str], logits: torch.Tensor) -> Op
     A folder with a sub-folder named after one of the classes is read as class sub-folders, and the missing ones
     are named; in any other folder, with at least 10 images per class, the classes that no image is predicted as."""
     some = (lambda n: n if len(n) <= 5 else n[:5] + [f'{len(n) - 5} more'])
-    folders = {p.name for p in folder.iterdir() if p.is_dir()}
-    if folders & set(names):
-        missing = [n for n in names if n not in folders]
+    # a folder is named after a class up to case and characters a folder name may not hold ('T-shirt/top' as
+    # 'T-shirt_top')
+    key = (lambda name: re.sub(r'[^0-9a-z]', '', name.casefold()))
+    folders = {key(p.name) for p in folder.iterdir() if p.is_dir()}
+    if folders & {key(n) for n in names}:
+        missing = [n for n in names if key(n) not in folders]
         if missing:
             return (f'{folder} has no sub-folder for {len(missing)} of the model\'s {len(names)} classes '
                     f'({", ".join(some(missing))}): the thresholds keep 95% of the classes it has, and images of the '
