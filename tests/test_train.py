@@ -295,9 +295,10 @@ def test_two_ranks_under_torchrun_match_one_process(bench, tmp_path):
 
 @pytest.mark.parametrize('rank', [0, 1])
 def test_a_setting_error_under_torchrun_is_said_once(bench, tmp_path, monkeypatch, capsys, rank):
-    """Every rank finds the same bad setting before the ranks join: rank 0 alone says it (torchrun's environment;
+    """Every rank of a node finds the same bad setting: its first rank alone says it (torchrun's environment;
     the check comes before the process group, so none is started here)."""
     monkeypatch.setenv('RANK', str(rank))
+    monkeypatch.setenv('LOCAL_RANK', str(rank))
     monkeypatch.setenv('WORLD_SIZE', '2')
     with pytest.raises(SystemExit) as e:
         main(_args(bench, tmp_path / 'run', '--batch-size', '15'))

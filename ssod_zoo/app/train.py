@@ -217,10 +217,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
         print(f'ssod train: error: {_unreadable_report(cfg)}', file=sys.stderr)
         raise SystemExit(2)
     except TrainError as e:
+        # every rank of a node finds the same bad setting or missing file (they share its file system): its first
+        # rank says it, once per node, and names itself on a node other than the first
         rank = int(os.environ.get('RANK', 0))
-        # an error found before the ranks joined is a setting's, the same on every rank: said once, by rank 0;
-        # after, it may be one rank's own (its data), and that rank names itself
-        if rank == 0 or (dist.is_available() and dist.is_initialized()):
+        if int(os.environ.get('LOCAL_RANK', 0)) == 0:
             print(f'ssod train: error{f" (rank {rank})" if rank else ""}: {e}', file=sys.stderr)
         raise SystemExit(2)
 
