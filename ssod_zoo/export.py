@@ -373,7 +373,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--num-classes', type=bounded(int, *AT_LEAST_1), default=None,
                    help='class count (default: read from --checkpoint, else the model default)')
     p.add_argument('--batch-size', type=bounded(int, *AT_LEAST_1), default=1,
-                   help='batch size of the example input, at least 2 unless --static-batch (default: 1)')
+                   help='batch size of the example input; a dynamic batch is traced at 2 at least (default: 1)')
     p.add_argument('--static-batch', action='store_true', help='fix the batch axis to --batch-size')
     p.add_argument('--opset', type=bounded(int, *AT_LEAST_1), default=None,
                    help="ONNX opset (default: the exporter's)")
