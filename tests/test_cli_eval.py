@@ -135,9 +135,11 @@ def test_histograms_for_every_method_with_labelled_axes(tmp_path, monkeypatch):
     drawn = []
     monkeypatch.setattr(matplotlib.axes.Axes, 'set', lambda self, **kw: drawn.append(kw))
     s = {m: {'id': torch.rand(10), 'ood': torch.rand(8)} for m in ('ssod', 'msp', 'energy', 'knn')}
+    # ODIN at T = 1000 scores 1/M give or take float32 rounding: a range too narrow for 40 bins, drawn as one
+    s['odin'] = {'id': torch.nextafter(torch.full((10,), 0.25), torch.ones(10)), 'ood': torch.full((8,), 0.25)}
     plots.plot_histograms(s, tmp_path / 'h.png')
-    assert len(drawn) == 4 and all(d['xlabel'] and d['ylabel'] for d in drawn)
-    assert [d['title'].split(':')[0] for d in drawn] == ['ssod', 'msp', 'energy', 'knn']
+    assert len(drawn) == 5 and all(d['xlabel'] and d['ylabel'] for d in drawn)
+    assert [d['title'].split(':')[0] for d in drawn] == ['ssod', 'msp', 'energy', 'knn', 'odin']
 
 
 def test_fit_limit_takes_the_same_number_from_each_class():
@@ -184,3 +186,21 @@ def test_a_cross_entropy_model_under_test_is_named_as_one(data, tmp_path):
     with pytest.warns(UserWarning, match=r'trained with cross-entropy alone .* measure nothing'):
         evaluate.main(['--model', str(twin), '--val-dir', str(data['val']), '--ood-dirs', str(data['flat']),
                        '--out', str(tmp_path / 'out'), '--workers', '0', '--no-plots', '--bootstrap', '0'])
+
+
+def test_ood_folders_named_alike_or_like_the_reports_own_sets_are_kept_apart(data, tmp_path, capsys):
+    """Two `photos` folders are both scored, and a folder named `id` or `average` does not take the place of the ID
+    set or the average row: each gets as many of its last path parts as it needs."""
+    from ssod_zoo.app.images import ood_set_names
+    edge = tmp_path / 'edge'
+    dirs = [save_images(edge / 'a' / 'photos', 3, seed=40), save_images(edge / 'b' / 'photos', 4, seed=41),
+            save_images(edge / 'id', 5, seed=42), save_images(edge / 'average', 6, seed=43)]
+    assert ood_set_names(dirs) == ['a/photos', 'b/photos', 'edge/id', 'edge/average']
+    payload = evaluate.main(['--model', str(data['ckpt']), '--val-dir', str(data['val']), '--ood-dirs',
+                             *map(str, dirs), '--out', str(tmp_path / 'out'), '--workers', '0', '--bootstrap', '0'])
+    assert {k: v['n'] for k, v in payload['accept_rates']['ssod'].items()} == {
+        'id': 12, 'a/photos': 3, 'b/photos': 4, 'edge/id': 5, 'edge/average': 6}
+    with pytest.raises(SystemExit):
+        evaluate.main(['--model', str(data['ckpt']), '--val-dir', str(data['val']), '--ood-dirs', str(dirs[0]),
+                       str(dirs[0]), '--out', str(tmp_path / 'twice')])
+    assert 'name the same folder twice' in capsys.readouterr().err

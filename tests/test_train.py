@@ -339,6 +339,9 @@ def test_bad_input_gets_one_clear_line(bench, tmp_path, capsys):
     empty = list(args)
     empty[empty.index('--train-dir') + 1] = str(tmp_path / 'empty')
     assert 'one sub-directory of images per class' in _error(capsys, empty)
+    twice = list(args)
+    twice[twice.index('--ood-dirs') + 2] = twice[twice.index('--ood-dirs') + 1]
+    assert 'name the same folder twice' in _error(capsys, twice)
 
 
 def test_resume_from_another_architecture_is_refused(bench, tmp_path, capsys):

@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .cli import AT_LEAST_0, AT_LEAST_1, bounded, device as device_arg
+from .images import ood_set_names
 from .predict import label_names
 from .protocols import PROTOCOLS
 
@@ -91,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     for flag, d in [('--val-dir', args.val_dir)] + [('--ood-dirs', d) for d in args.ood_dirs]:
         if d and not Path(d).is_dir():
             p.error(f'{flag} {d} is not a directory')
-    ood_names = _set_names(args.ood_dirs)
+    ood_names = ood_set_names(args.ood_dirs)
     if len(set(ood_names)) < len(ood_names):
         p.error(f'--ood-dirs: {", ".join(args.ood_dirs)} name the same folder twice')
 
@@ -248,19 +249,6 @@ def _copy_saved(source: Path, out: Path) -> None:
             shutil.copyfile(source / name, out / name)
     if not (source / CARD_NAME).is_file():
         write_card(out)
-
-
-def _set_names(dirs: List[str]) -> List[str]:
-    """A name per OOD folder for the table and the record: its own name, or as many of its last path parts as tell
-    it apart from the others (``ds1/val`` and ``ds2/val``)."""
-    parts = [Path(d).resolve().parts for d in dirs]
-    names = []
-    for p in parts:
-        k = 1
-        while k < len(p) and sum(q[-k:] == p[-k:] for q in parts) > 1:
-            k += 1
-        names.append('/'.join(p[-k:]))
-    return names
 
 
 def _choose(fpr95: dict) -> Optional[dict]:

@@ -35,7 +35,7 @@ from .protocols import PROTOCOLS, DataMissing, Transformed, add_fpr95_openood, f
     skipped_markdown
 from ..output import posterior_score, spatial_maxlogit_score, spatial_posterior_score
 from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, HelpFormatter, bounded, device as device_arg
-from .images import ImageError, ImageFiles, class_folder, one_line
+from .images import ImageError, ImageFiles, class_folder, one_line, ood_set_names
 from .report import deployed_thresholds, deployment_report, fit_detectors, method_label, write_scores_csv
 
 __all__ = ['calibrate', 'collect', 'ssod_report', 'evaluate', 'METHODS', 'results_markdown', 'main']
@@ -346,6 +346,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     for d in [] if protocol else [args.val_dir, *args.ood_dirs, *([args.fit_dir] if args.fit_dir else [])]:
         if not Path(d).is_dir():
             p.error(f'{d} is not a directory')
+    if not protocol and len(set(ood_set_names(args.ood_dirs))) < len(args.ood_dirs):
+        p.error(f'--ood-dirs: {", ".join(args.ood_dirs)} name the same folder twice')
 
     def fail(e: BaseException, hint: str = ''):
         print(f'ssod eval: error: {one_line(e)}{hint}', file=sys.stderr)
@@ -391,7 +393,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             _check_class_folders(p, f'{flag} {getattr(args, flag[2:].replace("-", "_"))}', m, val.dataset.classes,
                                  None if protocol else args.val_dir, args.protocol)
     try:
-        oods = {Path(d).name: loader(d, args.limit) for d in args.ood_dirs}
+        oods = {n: loader(d, args.limit) for n, d in zip(ood_set_names(args.ood_dirs), args.ood_dirs)}
         fit = loader(args.fit_dir, args.fit_limit, labelled=True, per_class=True) if args.fit_dir else None
     except ImageError as e:
         fail(e)

@@ -8,7 +8,7 @@ line back out of a DataLoader worker's wrapped traceback.
 import re
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 from torch.utils.data import Dataset
 
@@ -107,3 +107,21 @@ def one_line(error: BaseException) -> str:
         if len(lines) > 1 and match:
             return last[match.end():]
     return last if len(lines) > 1 and 'Traceback' in str(error) else lines[0]
+
+
+# names the reports use for themselves: an OOD folder is never called one of them
+RESERVED_SET_NAMES = ('id', 'val', 'average')
+
+
+def ood_set_names(dirs: Sequence[str]) -> List[str]:
+    """A name per OOD folder for tables, logs and records: its own name, or as many of its last path parts as tell
+    it apart from the others (``ds1/val`` and ``ds2/val``) and from the names the reports use (``edge/id``). The same
+    folder given twice gets the same name: callers refuse it."""
+    parts = [Path(d).resolve().parts for d in dirs]
+    names = []
+    for p in parts:
+        k = 1
+        while k < len(p) and (sum(q[-k:] == p[-k:] for q in parts) > 1 or '/'.join(p[-k:]) in RESERVED_SET_NAMES):
+            k += 1
+        names.append('/'.join(p[-k:]))
+    return names

@@ -71,9 +71,12 @@ def plot_histograms(scores: Dict[str, Dict[str, torch.Tensor]], path: Path,
     fig, axes = plt.subplots(len(methods), len(sets), figsize=(4 * len(sets), 2.8 * len(methods)), squeeze=False)
     for row, method in zip(axes, methods):
         for ax, name in zip(row, sets):
-            id_s, ood_s = scores[method]['id'].float().numpy(), scores[method][name].float().numpy()
-            lo, hi = min(id_s.min(), ood_s.min()), max(id_s.max(), ood_s.max())
-            bins = 40 if hi > lo else 1
+            id_s, ood_s = scores[method]['id'].double().numpy(), scores[method][name].double().numpy()
+            lo, hi = float(min(id_s.min(), ood_s.min())), float(max(id_s.max(), ood_s.max()))
+            bins = 40
+            if not hi - lo > 1e-6 * max(1.0, abs(lo), abs(hi)):  # (near) one value: ODIN at T = 1000 is 1/M +- 1e-8
+                bins, pad = 1, 1e-3 * max(1.0, abs(lo))
+                lo, hi = lo - pad, hi + pad
             ax.hist(id_s, bins=bins, range=(lo, hi), density=True, alpha=0.55, color='tab:green',
                     label=f'ID (n={len(id_s)})')
             ax.hist(ood_s, bins=bins, range=(lo, hi), density=True, alpha=0.55, color='tab:red',

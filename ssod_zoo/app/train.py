@@ -959,10 +959,13 @@ def _datasets(cfg: TrainConfig, master: bool) -> Dict[str, Dataset]:
                          + '; '.join(x for x in (missing and f'lacks {", ".join(missing[:5])}',
                                                  extra and f'has {", ".join(extra[:5])} that --train-dir has not')
                                      if x) + f' ({len(val)} against {len(train_)} classes)')
-    for d in cfg.ood_dirs:  # an OOD set has no classes: every image under the folder, flat or nested
-        from .images import ImageError, ImageFiles
+    from .images import ImageError, ImageFiles, ood_set_names
+    names = ood_set_names(cfg.ood_dirs)
+    if len(set(names)) < len(names):
+        raise TrainError(f'--ood-dirs {" ".join(cfg.ood_dirs)} name the same folder twice')
+    for name, d in zip(names, cfg.ood_dirs):  # an OOD set has no classes: every image under the folder
         try:
-            out[f'ood/{Path(d).name}'] = ImageFiles(d, loader=_checked_loader)
+            out[f'ood/{name}'] = ImageFiles(d, loader=_checked_loader)
         except ImageError as e:
             raise TrainError(f'--ood-dirs {e}')
     return out
