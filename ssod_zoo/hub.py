@@ -597,6 +597,9 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
                 f'{path} is a folder without {CONFIG_NAME} ({"it holds: " + ", ".join(found) if found else "empty"}),'
                 ' so not a saved model: write one with ssod_zoo.save_pretrained or `ssod save CHECKPOINT DIR`; a '
                 'training checkpoint is a file (e.g. runs/NAME/best.pt)')
+        run = training_run(path)
+        if run:
+            raise WeightsError(run)
         spec = f'local-dir:{path}'
     elif not (spec.startswith(('hf-hub:', 'local-dir:')) or registered(spec)):
         raise WeightsError(f'{spec!r} is neither a file, a folder, an hf-hub:/local-dir: spec nor a registered model; '
@@ -622,6 +625,16 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
     if labels and model.num_classes not in (0, len(labels)):  # a wrapped timm model; SSOD ones: registry._create
         _forget_calibration(model, spec, len(labels))
     return model.eval()
+
+
+def training_run(folder: Path) -> str:
+    """What to say when ``folder`` is the ``--out-dir`` of a training run (its ``config.json`` is the run's, and
+    it holds ``best.pt`` or ``last.pt``) rather than a saved model; '' otherwise."""
+    checkpoints = [name for name in ('best.pt', 'last.pt') if (folder / name).is_file()]
+    if not checkpoints or _saved_architecture(folder):
+        return ''
+    return (f'{folder} is a training run (ssod train --out-dir), not a saved model: pass its checkpoint, '
+            f'{folder / checkpoints[0]}, or write a hub folder of it with `ssod save {folder / checkpoints[0]} DIR`')
 
 
 def _saved_architecture(folder: Path) -> str:

@@ -430,3 +430,26 @@ def test_a_folder_scan_names_the_files_it_does_not_read(tmp_path):
             f'{tmp_path}: skipped 2 files without one of the suffixes read in folders (notes.txt, pal.gif): .jpg, '
             ".jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp (torchvision ImageFolder's; a file named on its own is "
             'read whatever its suffix)']
+
+
+@pytest.mark.parametrize('command', ['predict', 'calibrate', 'save', 'export'])
+def test_a_training_run_folder_given_as_model_names_its_checkpoint(tmp_path, capsys, command):
+    """`runs/NAME` (config.json of the run, best.pt, last.pt) is not a saved model: each command says which file to
+    pass, in one line, rather than a KeyError from timm's config reader or advice to load it as a hub folder."""
+    import json
+    from ssod_zoo.app import cli
+    from cli_helpers import make_checkpoint, save_images
+    run = tmp_path / 'runs' / 'ssod'
+    run.mkdir(parents=True)
+    make_checkpoint(run / 'best.pt', threshold=0.5)
+    (run / 'config.json').write_text(json.dumps({'epochs': 1, 'out_dir': str(run)}))
+    images = save_images(tmp_path / 'images', 2)
+    argv = {'predict': [str(run), str(images)], 'calibrate': [str(run), '--val-dir', str(images), '--out',
+                                                                 str(tmp_path / 'cal')],
+            'save': [str(run), str(tmp_path / 'hub')], 'export': [str(run), '--out', str(tmp_path / 'm.onnx')]}
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, *argv[command]])
+    # ssod export exits with its message (Python prints it, status 1); the others print it and exit 2
+    err = [e.value.code] if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()
+    assert e.value.code in (2, err[0]) and len(err) == 1 and f'{run} is a training run (ssod train --out-dir), not a saved model: pass its ' \
+                              f'checkpoint, {run / "best.pt"}' in err[0], err

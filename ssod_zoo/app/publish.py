@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..hub import WeightsError, is_network_error, load_checkpoint, offline_hint, push_to_hub, save_pretrained
+from ..hub import (WeightsError, is_network_error, load_checkpoint, offline_hint, push_to_hub, save_pretrained,
+                   training_run)
 from .cli import bounded
 
 __all__ = ['main']
@@ -36,6 +37,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        help="threshold on spatial_score to publish instead of the checkpoint's calibrated one")
         p.add_argument('--no-card', action='store_true', help='do not write README.md')
     args = parser.parse_args(argv)
+    if training_run(args.checkpoint):
+        parser.exit(2, f'ssod {args.command}: error: {training_run(args.checkpoint)}\n')
     if (args.checkpoint / 'config.json').is_file():
         parser.exit(2, f'ssod {args.command}: error: {args.checkpoint} is already a hub-ready folder; load it with '
                        f'timm.create_model("local-dir:{args.checkpoint}", pretrained=True), or upload it as it is '
