@@ -204,3 +204,15 @@ def test_ood_folders_named_alike_or_like_the_reports_own_sets_are_kept_apart(dat
         evaluate.main(['--model', str(data['ckpt']), '--val-dir', str(data['val']), '--ood-dirs', str(dirs[0]),
                        str(dirs[0]), '--out', str(tmp_path / 'twice')])
     assert 'name the same folder twice' in capsys.readouterr().err
+
+
+def test_scores_csv_reads_back_the_exact_scores(tmp_path):
+    """ODIN's scores at T = 1000 differ in the 8th significant digit: written with any rounding they would tie,
+    and metrics recomputed from the file would not be the reported ones."""
+    from ssod_zoo.app.report import write_scores_csv
+    odin = {'id': 0.25 + torch.arange(5, dtype=torch.float32) * 3e-8, 'near': torch.rand(3, dtype=torch.float64)}
+    write_scores_csv({'odin': odin}, {}, tmp_path / 'scores.csv')
+    with open(tmp_path / 'scores.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    for name, values in odin.items():
+        assert [float(r['odin']) for r in rows if r['set'] == name] == values.tolist()

@@ -146,7 +146,9 @@ def fit_detectors(features: torch.Tensor, targets: torch.Tensor, classifier: nn.
 
 def write_scores_csv(all_scores: Mapping[str, Mapping[str, torch.Tensor]], paths: Mapping[str, Sequence],
                      path: Path, targets: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
-    """One row per image: ``set, index, path, target, <one column per method>`` (the per-image scores)."""
+    """One row per image: ``set, index, path, target, <one column per method>`` (the per-image scores, each as the
+    shortest text that reads back to the same number: ODIN's at T = 1000 differ in the 8th digit, and any rounding
+    would tie them, so metrics recomputed from the file would not be the reported ones)."""
     methods = list(all_scores)
     sets = list(next(iter(all_scores.values())))
     with open(path, 'w', newline='') as f:
@@ -158,7 +160,7 @@ def write_scores_csv(all_scores: Mapping[str, Mapping[str, torch.Tensor]], paths
             target = (targets or {}).get(name)
             for i, row in enumerate(zip(*columns)):
                 w.writerow([name, i, str(files[i]) if i < len(files) else '',
-                            int(target[i]) if target is not None else '', *(f'{v:.6g}' for v in row)])
+                            int(target[i]) if target is not None else '', *map(repr, row)])
     return path
 
 
