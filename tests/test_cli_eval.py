@@ -200,6 +200,11 @@ def test_ood_folders_named_alike_or_like_the_reports_own_sets_are_kept_apart(dat
                              *map(str, dirs), '--out', str(tmp_path / 'out'), '--workers', '0', '--bootstrap', '0'])
     assert {k: v['n'] for k, v in payload['accept_rates']['ssod'].items()} == {
         'id': 12, 'a/photos': 3, 'b/photos': 4, 'edge/id': 5, 'edge/average': 6}
+    out, err = capsys.readouterr()
+    assert 'FPR95 OpenOOD' in out  # both conventions on the terminal, as in results.md
+    # sets this small get the calibrate command's warning: up to 100 sqrt(0.25 / n) points
+    assert 'warning: only 3 images in the OOD set a/photos: a rate measured on it (FPR95, accept rate) is ' \
+           'uncertain by up to 29 points' in err and 'only 12 images in the ID set' in err
     with pytest.raises(SystemExit):
         evaluate.main(['--model', str(data['ckpt']), '--val-dir', str(data['val']), '--ood-dirs', str(dirs[0]),
                        str(dirs[0]), '--out', str(tmp_path / 'twice')])

@@ -434,7 +434,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
         plot_roc(results['scores'], out / 'roc.png', ce_model='ce' in results['id_accuracy'])
         plot_histograms(results['scores'], out / 'histograms.png', thresholds=deployed_thresholds(model))
     print(results_markdown(results))
+    print('\n' + sections[0])  # FPR95 in both conventions: ID positive (the paper's) and OOD positive (OpenOOD's)
     print('\n' + deployment)
+    from .calibrate import FEW
+    for name, n in [('ID set', len(val.dataset))] + [(f'OOD set {k}', len(v.dataset)) for k, v in oods.items()]:
+        if n < FEW:  # the binomial spread of a rate measured on n images, at its widest (p = 0.5)
+            print(f'ssod eval: warning: only {n} images in the {name}: a rate measured on it (FPR95, accept rate) is '
+                  f'uncertain by up to {100 * (0.25 / n) ** 0.5:.0f} points (one sd), and the bootstrap intervals '
+                  'cannot show what so few images leave out; use a few hundred', file=sys.stderr)
     print(f'\nwrote {out}/results.json, results.md, scores.csv{"" if args.no_plots else ", roc.png, histograms.png"} '
           f'in {time.time() - t0:.0f} s', file=sys.stderr)
     return payload
