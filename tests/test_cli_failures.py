@@ -453,3 +453,17 @@ def test_a_training_run_folder_given_as_model_names_its_checkpoint(tmp_path, cap
     err = [e.value.code] if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()
     assert e.value.code in (2, err[0]) and len(err) == 1 and f'{run} is a training run (ssod train --out-dir), not a saved model: pass its ' \
                               f'checkpoint, {run / "best.pt"}' in err[0], err
+
+
+def test_ctrl_c_is_one_line(monkeypatch, capsys):
+    """Ctrl-C during a command (an eval's scoring, a predict) ends it with one line and status 130, not the
+    traceback of wherever the work was."""
+    from ssod_zoo.app import cli, evaluate
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, 'main', interrupted)
+    with pytest.raises(SystemExit) as e:
+        cli.main(['eval', '--no-plots'])
+    assert e.value.code == 130 and capsys.readouterr().err == 'ssod eval: interrupted\n'

@@ -62,6 +62,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         if top not in _EXTRA_OF:
             raise
         _missing_extra(command, top)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever the work was (ssod train saves
+        # a checkpoint on the first signal and stops here on a second)
+        print(f'ssod {command}: interrupted', file=sys.stderr)
+        raise SystemExit(130)
     finally:
         warnings.formatwarning = formatwarning
 
