@@ -517,15 +517,25 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[SSODModel, Dict[str, Any]]:
                 'unpickles it: only for files you trust), then ssod_zoo.save_pretrained(model, FOLDER); its OOD '
                 'head is as it was before that training, which trained the classifier alone (README, Drop-in '
                 'mode)') from e
+        text = str(e)
+        if 'WeightsUnpickler error:' in text:  # torch's own advice (weights_only=False) is not ours to give
+            text = ' '.join(text.split('WeightsUnpickler error:', 1)[1].split()[:12])
         raise WeightsError(
             f'cannot read {path} as a {CHECKPOINT_FORMAT} checkpoint with torch.load(weights_only=True) '
-            f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}). It is truncated or corrupted, '
+            f'({type(e).__name__}: {text.splitlines()[0] if text else ""}). It is truncated or corrupted, '
             'or not written by `python -m ssod_zoo.app.train`; ssod_zoo never unpickles arbitrary objects. '
             'Re-copy the file or point to another checkpoint of the run') from e
     if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT:
         found = ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise WeightsError(f'{path} is not a {CHECKPOINT_FORMAT} training checkpoint (format: {found!r}); '
-                           'ssod save/push take the checkpoints `python -m ssod_zoo.app.train` writes')
+        weights = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
+        if isinstance(weights, dict) and weights and all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise WeightsError(
+                f'{path} holds model weights alone (a state dict), not a {CHECKPOINT_FORMAT} training checkpoint: '
+                'build the model they are for (timm.create_model(\'ssod_<arch>\', num_classes=N) or '
+                'ssod_zoo.wrap(\'<timm name>\')), load_state_dict them, and ssod_zoo.save_pretrained(model, DIR) '
+                'for a folder every command takes; `ssod export ARCH --checkpoint FILE` exports them directly')
+        raise WeightsError(f'{path} is not a {CHECKPOINT_FORMAT} training checkpoint (format: {found!r}); ssod_zoo '
+                           'commands take the checkpoints `ssod train` writes, and saved folders')
     missing = [k for k in ('architecture', 'model_args', 'model') if k not in ckpt]
     if missing:
         raise WeightsError(f'{path} lacks {", ".join(missing)}; it is incomplete, re-export it from training')

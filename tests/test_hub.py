@@ -972,6 +972,16 @@ def test_load_checkpoint_errors(tmp_path, model):
                 'args': argparse.Namespace(model='ssod_test_resnet')}, tmp_path / 'timm.pth.tar')
     with pytest.raises(WeightsError, match="a checkpoint of timm's train.py.*checkpoint_path=PATH"):
         hub.load_checkpoint(tmp_path / 'timm.pth.tar')
+    # weights alone (a state dict, bare or under 'state_dict'): what to build and load them into
+    for i, weights in enumerate((model.state_dict(), {'state_dict': model.state_dict()})):
+        torch.save(weights, tmp_path / f'sd{i}.pt')
+        with pytest.raises(WeightsError, match='holds model weights alone .*save_pretrained'):
+            hub.load_checkpoint(tmp_path / f'sd{i}.pt')
+    # random bytes: no advice to unpickle with weights_only=False (torch's own message gives it)
+    (tmp_path / 'garbage.pt').write_bytes(bytes(range(256)) * 2)
+    with pytest.raises(WeightsError) as e:
+        hub.load_checkpoint(tmp_path / 'garbage.pt')
+    assert 'truncated or corrupted' in str(e.value) and 'weights_only` set to `False' not in str(e.value)
 
 
 def test_cli_save(tmp_path, model, images, capsys):
