@@ -444,15 +444,15 @@ def test_a_training_run_folder_given_as_model_names_its_checkpoint(tmp_path, cap
     make_checkpoint(run / 'best.pt', threshold=0.5)
     (run / 'config.json').write_text(json.dumps({'epochs': 1, 'out_dir': str(run)}))
     images = save_images(tmp_path / 'images', 2)
-    argv = {'predict': [str(run), str(images)], 'calibrate': [str(run), '--val-dir', str(images), '--out',
-                                                                 str(tmp_path / 'cal')],
+    argv = {'predict': [str(run), str(images)],
+            'calibrate': [str(run), '--val-dir', str(images), '--out', str(tmp_path / 'cal')],
             'save': [str(run), str(tmp_path / 'hub')], 'export': [str(run), '--out', str(tmp_path / 'm.onnx')]}
     with pytest.raises(SystemExit) as e:
         cli.main([command, *argv[command]])
     # ssod export exits with its message (Python prints it, status 1); the others print it and exit 2
     err = [e.value.code] if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()
-    assert e.value.code in (2, err[0]) and len(err) == 1 and f'{run} is a training run (ssod train --out-dir), not a saved model: pass its ' \
-                              f'checkpoint, {run / "best.pt"}' in err[0], err
+    said = f'{run} is a training run (ssod train --out-dir), not a saved model: pass its checkpoint, {run / "best.pt"}'
+    assert e.value.code in (2, err[0]) and len(err) == 1 and said in err[0], err
 
 
 def test_ctrl_c_is_one_line(monkeypatch, capsys):
