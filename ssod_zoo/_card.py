@@ -111,7 +111,7 @@ Measured for exactly these weights by the run that produced them (not the paper'
 in-distribution images are the positive class; FPR95 is the fraction of OOD images kept at the threshold that \
 keeps 95% of ID images (lower is better); all values in percent.{% if ood_rows %} The OOD rows score \
 `ood_factor`, the paper's Eq. 15{% if ce_only %}, the output of an OOD head that was never trained: they measure \
-nothing{% elif readout != 'factor' %}, not the `spatial_score` these weights decide with by default{% endif %}; \
+nothing{% else %}, whichever score these weights decide with (Rejection thresholds, above){% endif %}; \
 `ssod eval` reports every readout and baseline.{% endif %}
 {% if id_accuracy is not none %}
 ID top-1 accuracy on {{ id_dataset }}: **{{ '%.2f' | format(id_accuracy) }}**

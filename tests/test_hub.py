@@ -1271,13 +1271,14 @@ def test_checkpoint_from_before_the_spatial_threshold_loads_without_one(tmp_path
 
 
 @pytest.mark.parametrize('readout, trained, says', [
-    (None, True, ", not the `spatial_score` these weights decide with by default;"),
-    ('spatial', True, ", not the `spatial_score` these weights decide with by default;"),
-    ('factor', True, "the paper's Eq. 15; `ssod eval`"),
+    (None, True, "Eq. 15, whichever score these weights decide with (Rejection thresholds, above);"),
+    ('spatial', True, "Eq. 15, whichever score these weights decide with (Rejection thresholds, above);"),
+    ('factor', True, "Eq. 15, whichever score these weights decide with (Rejection thresholds, above);"),
     (None, False, 'the output of an OOD head that was never trained: they measure nothing;')])
 def test_the_cards_results_say_which_score_their_ood_rows_are(saved, readout, trained, says):
-    """The card's OOD rows are always ood_factor's: it says so, and when the weights decide with another score
-    (their readout, or the spatial default without one), or when that head was never trained."""
+    """The card's OOD rows are always ood_factor's: it says so, whatever the readout (named in the threshold
+    section, which `ssod calibrate` rewrites in place, so the Results section never goes stale), or that the head was
+    never trained."""
     from ssod_zoo import _card
     config = json.loads((saved / 'config.json').read_text())
     config['model_args']['readout'], config['ood_head_trained'] = readout, trained
