@@ -342,6 +342,7 @@ def test_bad_input_gets_one_clear_line(bench, tmp_path, capsys):
     twice = list(args)
     twice[twice.index('--ood-dirs') + 2] = twice[twice.index('--ood-dirs') + 1]
     assert 'name the same folder twice' in _error(capsys, twice)
+    assert not (tmp_path / 'run').exists()  # a refused run leaves no empty --out-dir behind
 
 
 def test_resume_from_another_architecture_is_refused(bench, tmp_path, capsys):

@@ -291,9 +291,7 @@ def train(cfg: TrainConfig) -> dict:
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     master = rank == 0
     _seed_everything(cfg.seed)
-    out_dir = Path(cfg.out_dir)
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(cfg.out_dir)  # made once the run has passed its checks: a refused one leaves no empty folder
     amp_dtype = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[cfg.amp]
 
     # ----------------------------------------------------------------------------------------------- data
@@ -366,6 +364,7 @@ def train(cfg: TrainConfig) -> dict:
             print(f'resumed from {resume}: epoch {start_epoch + 1}, after its first {start_step} step'
                   f'{"s" * (start_step != 1)}')
     if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / 'config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
     def checkpoint(epoch: int, step: int, metrics: Optional[dict] = None) -> dict:
