@@ -467,3 +467,11 @@ def test_ctrl_c_is_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(['eval', '--no-plots'])
     assert e.value.code == 130 and capsys.readouterr().err == 'ssod eval: interrupted\n'
+
+
+def test_release_without_a_protocol_says_what_releases_a_folder_run(tmp_path, capsys):
+    from ssod_zoo.app import release
+    with pytest.raises(SystemExit) as e:
+        release.main([str(tmp_path / 'run'), str(tmp_path / 'out')])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and '--protocol is required' in err and '`ssod save RUN/best.pt DIR`' in err

@@ -153,7 +153,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('run_dir', help='the --out-dir of a finished `ssod train` run (best.pt or last.pt)')
     p.add_argument('out', help='the hub-ready folder to write')
-    p.add_argument('--protocol', required=True, choices=PROTOCOLS)
+    p.add_argument('--protocol', choices=PROTOCOLS,
+                   help="the named protocol the run trained on (ssod train --data <protocol>), required; a run on "
+                        "your own folders (--data folder) is released with ssod save, ssod calibrate --ood-dirs and "
+                        "ssod eval instead")
     p.add_argument('--data-root')
     p.add_argument('--download', action='store_true')
     p.add_argument('--openood-root')
@@ -169,6 +172,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument('--token', help='Hub token (default: the logged-in one or HF_TOKEN)')
     p.add_argument('--private', action='store_true')
     args = vars(p.parse_args(argv))
+    if not args['protocol']:
+        p.error('--protocol is required: release evaluates on a named protocol\'s splits. A run on your own folders '
+                '(--data folder): `ssod save RUN/best.pt DIR`, then `ssod calibrate DIR --val-dir ... --ood-dirs ...` '
+                'and `ssod eval --model DIR ...`')
     try:
         done = release(**args)
     except (ReleaseError, DataMissing) as e:
