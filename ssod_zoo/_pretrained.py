@@ -202,17 +202,17 @@ def _check_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> 
     has_ood_head = any(k.startswith('ood_head.') for k in state_dict)
     # timm discards the classifier itself when the model was asked for another class count than the weights'
     head_dropped = model.num_classes != cfg.get('num_classes')
+    heads = _head_keys(cfg)
     if has_ood_head:
         problem = _state_dict_mismatch(state_dict, model, head_dropped=head_dropped)
     else:  # a plain classifier checkpoint is said to be one first (its classifier may not fit either: that is
         # not what to fix), unless it is not even this architecture's
-        heads = _head_keys(cfg)
         problem = _state_dict_mismatch({k: v for k, v in state_dict.items() if k not in heads}, model,
                                        head_dropped=True, ood_head=False)
     if problem:
         raise WeightsError(problem)
     if not has_ood_head:
-        classifier = next(iter(sorted(_head_keys(cfg))), 'fc.').rsplit('.', 1)[0]
+        classifier = min(heads, default='fc.').rsplit('.', 1)[0]
         raise WeightsError(
             f'the weights for {arch} have no "ood_head.*" tensors: they are a plain timm classifier checkpoint, '
             'not SSOD weights, and the OOD head would stay untrained. To start SSOD training from them, create '

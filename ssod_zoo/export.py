@@ -109,11 +109,12 @@ def _calibrated_elsewhere(model: SSODModel, size: Tuple[int, ...]) -> Optional[T
     return calibrated if calibrated is not None and calibrated != tuple(size) else None
 
 
-def _left_out(model: SSODModel, size: Tuple[int, ...]) -> List[str]:
+def _left_out(model: SSODModel, size: Tuple[int, ...]) -> Tuple[List[str], Optional[Tuple[int, int, int]]]:
     """The thresholds the model was loaded with, when they were calibrated at another input size than ``size``
-    (:func:`ssod_zoo.hub.still_loaded`): left out of an export at ``size``."""
+    (:func:`ssod_zoo.hub.still_loaded`), left out of an export at ``size``, and that size; ``([], None)`` else."""
     from .hub import still_loaded
-    return still_loaded(model) if _calibrated_elsewhere(model, size) is not None else []
+    calibrated = _calibrated_elsewhere(model, size)
+    return (still_loaded(model), calibrated) if calibrated is not None else ([], None)
 
 
 def _metadata(model: SSODModel, input_size: Tuple[int, int, int]) -> Dict[str, str]:
@@ -133,12 +134,11 @@ def _metadata(model: SSODModel, input_size: Tuple[int, int, int]) -> Dict[str, s
     for key in ('mean', 'std', 'interpolation', 'crop_pct'):
         if cfg.get(key) is not None:
             meta[f'ssod_zoo.{key}'] = json.dumps(cfg[key])
-    left_out = _left_out(model, input_size)  # the weights' own thresholds, calibrated at another size
+    left_out, calibrated = _left_out(model, input_size)  # the weights' own thresholds, calibrated elsewhere
     held = [r.attribute for r in READOUTS.values() if getattr(model, r.attribute, None) is not None]
     if left_out:  # both scores are other numbers at this size
-        calibrated = list(_calibrated_elsewhere(model, input_size))
         which = 'none' if set(held) <= set(left_out) else ' and '.join(left_out) + ' left out'
-        meta['ssod_zoo.thresholds'] = (f'{which}: calibrated at input size {calibrated}, not valid at '
+        meta['ssod_zoo.thresholds'] = (f'{which}: calibrated at input size {list(calibrated)}, not valid at '
                                        f'{list(input_size)}; calibrate them at this size, then export')
     for key in held:
         if key not in left_out:  # thresholds set by hand or passed by the caller: for the size the caller meant
@@ -196,10 +196,10 @@ def export_onnx(
     if int(batch_size) < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     size = _resolve_input_size(model, input_size)
-    left_out = _left_out(model, size)
+    left_out, calibrated = _left_out(model, size)
     if left_out:
         warnings.warn(f'export_onnx: input size {size}, and the weights\' {" and ".join(left_out)} were calibrated '
-                      f'at {_calibrated_elsewhere(model, size)}, where both scores are other numbers: the file '
+                      f'at {calibrated}, where both scores are other numbers: the file '
                       'carries none of them. To calibrate at this size: load the '
                       f'model with pretrained_cfg_overlay=dict(input_size={size}), set model.spatial_threshold = '
                       'ssod_zoo.calibrate_threshold(model.spatial_score(id_images)) (and ood_threshold from '

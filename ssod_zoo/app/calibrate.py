@@ -50,6 +50,11 @@ __all__ = ['main']
 FEW = 100  # fewer images than this get a warning: the rates measured on them are too uncertain to rely on
 
 
+def spread_points(n: int, p: float = 0.5) -> float:
+    """One standard deviation, in points, of a rate ``p`` measured on ``n`` images (binomial); 0.5 is the widest."""
+    return 100 * (p * (1 - p) / n) ** 0.5
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     p = argparse.ArgumentParser(prog='ssod calibrate', description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,9 +176,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
                                 ood_head_trained=trained,
                                 calibration={'data': args.data_name or name, 'images': len(images), 'keep': 0.95,
                                              **({'readout': chosen} if chosen else {})})
-    if len(images) < FEW:  # the binomial spread of a rate measured on n images: sqrt(p (1 - p) / n)
+    if len(images) < FEW:
         print(f'ssod calibrate: warning: only {len(images)} ID images: the share of new ID images the thresholds '
-              f'keep may differ from 95% by about {100 * (0.95 * 0.05 / len(images)) ** 0.5:.0f} points (one sd); '
+              f'keep may differ from 95% by about {spread_points(len(images), 0.95):.0f} points (one sd); '
               'use a few hundred', file=sys.stderr)
     if args.val_dir:
         partial = _missing_classes(Path(args.val_dir), label_names(model), id_out['logits'])
@@ -182,7 +187,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     for k, o in oods.items():
         if len(o['ood_factor']) < FEW:
             print(f'ssod calibrate: warning: only {len(o["ood_factor"])} images in OOD set {k}: an FPR95 measured '
-                  f'on them is uncertain by up to {100 * (0.25 / len(o["ood_factor"])) ** 0.5:.0f} points (one sd); '
+                  f'on them is uncertain by up to {spread_points(len(o["ood_factor"])):.0f} points (one sd); '
                   'use a few hundred', file=sys.stderr)
     shown = ', '.join(f'{k} = {v:.6g}' for k, v in thresholds.items() if v is not None)
     skipped = '' if trained else '; no ood_threshold: this model\'s OOD head was never trained'

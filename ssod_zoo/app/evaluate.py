@@ -346,7 +346,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     for d in [] if protocol else [args.val_dir, *args.ood_dirs, *([args.fit_dir] if args.fit_dir else [])]:
         if not Path(d).is_dir():
             p.error(f'{d} is not a directory')
-    if not protocol and len(set(ood_set_names(args.ood_dirs))) < len(args.ood_dirs):
+    ood_names = ood_set_names(args.ood_dirs)
+    if not protocol and len(set(ood_names)) < len(ood_names):
         p.error(f'--ood-dirs: {", ".join(args.ood_dirs)} name the same folder twice')
 
     def fail(e: BaseException, hint: str = ''):
@@ -393,7 +394,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             _check_class_folders(p, f'{flag} {getattr(args, flag[2:].replace("-", "_"))}', m, val.dataset.classes,
                                  None if protocol else args.val_dir, args.protocol)
     try:
-        oods = {n: loader(d, args.limit) for n, d in zip(ood_set_names(args.ood_dirs), args.ood_dirs)}
+        oods = {n: loader(d, args.limit) for n, d in zip(ood_names, args.ood_dirs)}
         fit = loader(args.fit_dir, args.fit_limit, labelled=True, per_class=True) if args.fit_dir else None
     except ImageError as e:
         fail(e)
@@ -436,11 +437,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     print(results_markdown(results))
     print('\n' + sections[0])  # FPR95 in both conventions: ID positive (the paper's) and OOD positive (OpenOOD's)
     print('\n' + deployment)
-    from .calibrate import FEW
+    from .calibrate import FEW, spread_points
     for name, n in [('ID set', len(val.dataset))] + [(f'OOD set {k}', len(v.dataset)) for k, v in oods.items()]:
-        if n < FEW:  # the binomial spread of a rate measured on n images, at its widest (p = 0.5)
+        if n < FEW:
             print(f'ssod eval: warning: only {n} images in the {name}: a rate measured on it (FPR95, accept rate) is '
-                  f'uncertain by up to {100 * (0.25 / n) ** 0.5:.0f} points (one sd), and the bootstrap intervals '
+                  f'uncertain by up to {spread_points(n):.0f} points (one sd), and the bootstrap intervals '
                   'cannot show what so few images leave out; use a few hundred', file=sys.stderr)
     print(f'\nwrote {out}/results.json, results.md, scores.csv{"" if args.no_plots else ", roc.png, histograms.png"} '
           f'in {time.time() - t0:.0f} s', file=sys.stderr)

@@ -37,8 +37,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        help="threshold on spatial_score to publish instead of the checkpoint's calibrated one")
         p.add_argument('--no-card', action='store_true', help='do not write README.md')
     args = parser.parse_args(argv)
-    if training_run(args.checkpoint):
-        parser.exit(2, f'ssod {args.command}: error: {training_run(args.checkpoint)}\n')
+    run = training_run(args.checkpoint)
+    if run:
+        parser.exit(2, f'ssod {args.command}: error: {run}\n')
     if (args.checkpoint / 'config.json').is_file():
         parser.exit(2, f'ssod {args.command}: error: {args.checkpoint} is already a hub-ready folder; load it with '
                        f'timm.create_model("local-dir:{args.checkpoint}", pretrained=True), or upload it as it is '
