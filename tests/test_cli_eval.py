@@ -60,24 +60,47 @@ def test_eval_reports_counts_accept_rates_intervals_and_per_image_scores(data, t
     assert json.loads((tmp_path / 'results.json').read_text())['accept_rates']['ssod'] == rates
 
 
-def test_corrupt_image_is_one_line_naming_the_file(data, tmp_path, capsys):
-    bad = save_images(tmp_path / 'ood', 2)
-    (bad / 'broken.png').write_bytes(b'\x89PNG not really')
-    with pytest.raises(SystemExit) as e:
-        evaluate.main(['--model', str(data['ckpt']), '--val-dir', str(data['val']), '--ood-dirs', str(bad),
-                       '--out', str(tmp_path / 'out'), '--workers', '1', '--no-plots', '--bootstrap', '0'])
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and 'broken.png' in err[0] and 'Traceback' not in err[0]
-    assert err[0].endswith('; fix or remove that file (ssod eval scores every image it finds; ssod predict skips '
-                           'unreadable ones)'), err
+def test_unreadable_images_are_named_all_at_once(data, tmp_path, capsys):
+    """Every unreadable image of the run in one line, before any scoring when a header shows it; a file cut short
+    (whose header reads) stops the scoring, and then every file is parsed, so all of them are named too."""
+    import io
+
+    from PIL import Image
+
+    from ssod_zoo.app.images import list_images
+    ood, other = save_images(tmp_path / 'ood', 2), save_images(tmp_path / 'other', 2)
+    (ood / 'broken.png').write_bytes(b'\x89PNG not really')
+    png = io.BytesIO()
+    Image.effect_noise((64, 64), 60).save(png, 'PNG')
+    (other / 'cut.png').write_bytes(png.getvalue()[:len(png.getvalue()) // 2])
+
+    def run():
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(['--model', str(data['ckpt']), '--val-dir', str(data['val']), '--ood-dirs', str(ood),
+                           str(other), '--out', str(tmp_path / 'out'), '--workers', '1', '--no-plots',
+                           '--bootstrap', '0'])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and 'Traceback' not in err[0], err
+        assert err[0].endswith('Fix or delete them and run again (ssod eval scores every image it finds; ssod '
+                               'predict skips unreadable ones)'), err
+        return err[0]
+
+    total = sum(len(list_images(d)) for d in (data['val'], ood, other))
+    line = run()  # the header check stops it; the parse finds the cut file too
+    assert f'2 of {total} images cannot be read: cannot read image {ood / "broken.png"} (' in line
+    assert f'; also {other / "cut.png"}. Fix' in line
+    (ood / 'broken.png').unlink()
+    line = run()  # only the cut file: the header check passes, the scoring stops, the parse names it
+    assert f'1 of {total - 1} images cannot be read: cannot read image {other / "cut.png"} (' in line
+    assert not (tmp_path / 'out' / 'results.json').exists()
     # a missing folder is not an unreadable file: no such hint there
-    (bad / 'broken.png').unlink()
+    (other / 'cut.png').unlink()
     with pytest.raises(SystemExit):
-        evaluate.main(['--model', str(data['ckpt']), '--val-dir', str(data['val']), '--ood-dirs', str(bad),
-                       '--fit-dir', str(bad), '--out', str(tmp_path / 'out'), '--no-plots'])
+        evaluate.main(['--model', str(data['ckpt']), '--val-dir', str(data['val']), '--ood-dirs', str(ood),
+                       '--fit-dir', str(ood), '--out', str(tmp_path / 'out'), '--no-plots'])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and 'fix or remove' not in err[0], err
+    assert len(err) == 1 and 'Fix or delete' not in err[0], err
 
 
 def test_a_baseline_with_other_classes_is_refused(data, tmp_path, capsys):

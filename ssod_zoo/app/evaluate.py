@@ -35,7 +35,7 @@ from .protocols import PROTOCOLS, DataMissing, Transformed, add_fpr95_openood, f
     skipped_markdown
 from ..output import posterior_score, spatial_maxlogit_score, spatial_posterior_score
 from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, HelpFormatter, bounded, device as device_arg
-from .images import ImageError, ImageFiles, class_folder, one_line, ood_set_names
+from .images import ImageError, ImageFiles, class_folder, one_line, ood_set_names, unreadable, unreadable_report
 from .report import deployed_thresholds, deployment_report, fit_detectors, method_label, write_scores_csv
 
 __all__ = ['calibrate', 'collect', 'ssod_report', 'evaluate', 'METHODS', 'results_markdown', 'main']
@@ -354,8 +354,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
         print(f'ssod eval: error: {one_line(e)}{hint}', file=sys.stderr)
         raise SystemExit(2)
 
-    unreadable = ('; fix or remove that file (ssod eval scores every image it finds; ssod predict skips unreadable '
-                  'ones)')
 
     t0 = time.time()
     device = torch.device(args.device)
@@ -408,10 +406,22 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if fit is None:
         warnings.warn(f'no --fit-dir, so {", ".join(FITTED)} are left out (each is fitted on ID training '
                       'features): pass --fit-dir with ID training images, one sub-folder per class, to score them')
+    # every image found is scored, so an unreadable one stops the run: a header check of each file first, and when
+    # one fails later (a file cut short), every file is parsed, so that all of them are named in one go
+    files = [f for ds in (val, *oods.values(), *([fit] if fit else [])) for f in _paths(ds.dataset)]
+
+    def unreadable_stop(first: str):
+        report = unreadable_report(files) or f'{first}. Fix or delete it and run again'
+        print(f'ssod eval: error: {report} (ssod eval scores every image it finds; ssod predict skips unreadable '
+              'ones)', file=sys.stderr)
+        raise SystemExit(2)
+
+    for path, why in unreadable(files, verify=False):
+        unreadable_stop(f'cannot read image {path} ({why})')
     try:
         results = add_fpr95_openood(evaluate(model, val, oods, baseline, fit, device, knn_k=args.knn_k))
     except ImageError as e:  # a corrupt file, read in a DataLoader worker
-        fail(e, unreadable)
+        unreadable_stop(one_line(e))
     out = Path(args.out)
     # what a deployment decides with: sample counts, accept rates at the model's own thresholds, intervals
     deployment, deployment_keys = deployment_report(results['scores'], results['ood'], model, args.bootstrap,

@@ -3,17 +3,18 @@
 An OOD set has no classes, so :class:`ImageFiles` takes every image under a folder, however deep (a flat folder,
 or the ``<set>/<dummy class>/`` layout ImageFolder needs), with target -1. Both datasets read images with
 :func:`read_image`, which turns a corrupt file into :class:`ImageError` naming it, and :func:`one_line` gets that
-line back out of a DataLoader worker's wrapped traceback.
+line back out of a DataLoader worker's wrapped traceback. :func:`unreadable_report` names every unreadable file of
+a run's folders at once, after the first one stopped it.
 """
 import re
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from torch.utils.data import Dataset
 
 __all__ = ['IMAGE_EXTENSIONS', 'ImageError', 'ImageFiles', 'class_folder', 'list_images', 'one_line', 'read_image',
-           'to_rgb']
+           'to_rgb', 'unreadable', 'unreadable_report']
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
@@ -42,6 +43,31 @@ def read_image(path):
             return to_rgb(Image.open(f))
     except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
         raise ImageError(f'cannot read image {path}: {type(e).__name__}: {e}') from None
+
+
+def unreadable(files: Iterable, verify: bool = True) -> Iterator[Tuple[Path, str]]:
+    """``(path, why)`` for each of ``files`` PIL cannot open (a header check), or with ``verify`` cannot parse. A
+    file cut short passes both; it shows only when its pixels are decoded."""
+    from PIL import Image
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                if verify:
+                    im.verify()
+        except Exception as e:  # the formats' parsers raise what they raise
+            yield Path(path), f'{type(e).__name__}: {e}'
+
+
+def unreadable_report(files: Sequence, shown: int = 3) -> Optional[str]:
+    """One line naming how many of ``files`` cannot be read (:func:`unreadable`) and the first ``shown`` of them, so
+    a large folder is reported in one go rather than one crash at a time; None when every file reads."""
+    bad = list(unreadable(files))
+    if not bad:
+        return None
+    (first, why), rest = bad[0], [str(p) for p, _ in bad[1:shown]]
+    more = f' and {len(bad) - shown} more' if len(bad) > shown else ''
+    return (f'{len(bad)} of {len(files)} images cannot be read: cannot read image {first} ({why})'
+            f'{"; also " + ", ".join(rest) if rest else ""}{more}. Fix or delete them and run again')
 
 
 def list_images(folder, warn_skipped: bool = False) -> List[Path]:

@@ -891,42 +891,24 @@ def _checked_loader(path: str):
         raise UnreadableImage(str(e)) from None
 
 
-def _unreadable(files, verify: bool = True):
-    """``(path, why)`` for each of ``files`` PIL cannot open (a header check), or with ``verify`` cannot parse."""
-    from PIL import Image
-    for path in files:
-        try:
-            with Image.open(path) as im:
-                if verify:
-                    im.verify()
-        except Exception as e:  # the formats' parsers raise what they raise
-            yield path, f'{type(e).__name__}: {e}'
-
-
 def _check_eval_images(cfg: TrainConfig) -> None:
     """The validation and OOD folders are first read after an epoch of training, which a bad file would then cost:
     a header check of each of their files now (fast; a file cut short still shows only when it is read)."""
     if cfg.data in PROTOCOLS or cfg.data == 'synthetic':
         return
-    from .images import list_images
+    from .images import list_images, unreadable
     files = (p for d in (cfg.val_dir, *cfg.ood_dirs) if d for p in list_images(d))
-    for path, why in _unreadable(files, verify=False):  # the first one stops it; the report names them all
+    for path, why in unreadable(files, verify=False):  # the first one stops it; the report names them all
         raise UnreadableImage(f'cannot read image {path} ({why})')
 
 
 def _unreadable_report(cfg: TrainConfig, shown: int = 3) -> str:
     """One line: how many images of the run's folders cannot be read, and the first few (a header check of each
     file, run only after one failed, so a large folder is reported in one go rather than one crash at a time)."""
-    from .images import list_images
+    from .images import list_images, unreadable_report
     folders = [d for d in (cfg.train_dir, cfg.val_dir, *cfg.ood_dirs) if d]
-    files = sorted(p for d in folders for p in list_images(d))
-    bad = list(_unreadable(files))
-    if not bad:
-        return 'an image could not be read while training, but every file reads now; check the storage'
-    (first, why), rest = bad[0], [str(p) for p, _ in bad[1:shown]]
-    more = f' and {len(bad) - shown} more' if len(bad) > shown else ''
-    return (f'{len(bad)} of {len(files)} images cannot be read: cannot read image {first} ({why})'
-            f'{"; also " + ", ".join(rest) if rest else ""}{more}. Fix or delete them and run again')
+    return (unreadable_report(sorted(p for d in folders for p in list_images(d)), shown)
+            or 'an image could not be read while training, but every file reads now; check the storage')
 
 
 def _datasets(cfg: TrainConfig, master: bool) -> Dict[str, Dataset]:
