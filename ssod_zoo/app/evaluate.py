@@ -350,10 +350,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if not protocol and len(set(ood_names)) < len(ood_names):
         p.error(f'--ood-dirs: {", ".join(args.ood_dirs)} name the same folder twice')
 
-    def fail(e: BaseException, hint: str = ''):
-        print(f'ssod eval: error: {one_line(e)}{hint}', file=sys.stderr)
+    def fail(e: BaseException):
+        print(f'ssod eval: error: {one_line(e)}', file=sys.stderr)
         raise SystemExit(2)
-
 
     t0 = time.time()
     device = torch.device(args.device)
