@@ -200,7 +200,25 @@ def test_targets_follow_the_rows_a_protocol_wrapper_selects():
     listed = Transformed(ImageList(Path('.'), [Path(f'{i}.png') for i in range(3)], [2, 0, 1]), None)  # OpenOOD's
     assert _targets(listed) == [2, 0, 1]
     assert _paths(Subset(listed, [2, 1])) == ['2.png', '1.png'] and _targets(Subset(listed, [2, 1])) == [1, 0]
-    assert _paths(_Classes(listed, [0, 2], {2: 0, 1: 1}, ['a', 'b'])) == []  # rows it selects, paths it lacks
+    assert _paths(_Classes(listed, [0, 2], {2: 0, 1: 1}, ['a', 'b'])) == ['0.png', '2.png']  # through its rows
+
+
+def test_scores_csv_names_the_row_of_an_in_memory_image():
+    """A protocol's images come from no file: scores.csv names each by its row in the data set it comes from."""
+    from torch.utils.data import Subset
+    from torchvision.datasets import FakeData
+
+    from ssod_zoo.app.evaluate import _rows
+    from ssod_zoo.app.protocols import SyntheticFar, Transformed, _Classes
+
+    class Split(FakeData):
+        train = False
+
+    source = Split(size=6, image_size=(1, 4, 4))
+    ds = Transformed(Subset(_Classes(source, [5, 3, 1], {}, ['a']), [2, 0]), None)
+    assert _rows(ds) == ['Split(test)[1]', 'Split(test)[5]']
+    assert _rows(SyntheticFar(per_kind=1, seed=7))[:2] == ['SyntheticFar(seed 7)[0] constant',
+                                                           'SyntheticFar(seed 7)[1] uniform']
 
 
 def test_a_cross_entropy_model_under_test_is_named_as_one(data, tmp_path):

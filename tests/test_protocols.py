@@ -5,6 +5,7 @@ The real-data tests need Debian's dataset-fashion-mnist (/usr/share/datasets/fas
 when it can) and are skipped, with that reason, where it is absent.
 """
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def test_fashion_mnist_reads_the_torchvision_layout_too(fmnist, tmp_path):
 
 @needs_fmnist
 @pytest.mark.skipif(FMNIST_WEIGHT is None, reason='SKIPPED: no fashion-mnist weight in weights/manifest.json yet')
-def test_protocol_end_to_end_with_the_shipped_weights(tmp_path, capsys):
+def test_protocol_end_to_end_with_the_shipped_weights(fmnist, tmp_path, capsys):
     """`ssod eval --protocol fashion-mnist` on a slice of the test images with the shipped ssod_resnet18 weights:
     both FPR95 conventions in results.json and results.md, the skipped far-OOD sets listed with their reason."""
     payload = evaluate.main(['--model', FMNIST_WEIGHT, '--protocol', 'fashion-mnist', '--data-root', str(FMNIST_ROOT),
@@ -116,6 +117,13 @@ def test_protocol_end_to_end_with_the_shipped_weights(tmp_path, capsys):
     import csv
     with open(tmp_path / 'scores.csv', newline='') as f:
         rows = list(csv.DictReader(f))
+    # each row names its image in the data set it comes from, and an ID row's label is that image's there
+    labels = fmnist.test.dataset.targets
+    for r in rows:
+        source, index = re.fullmatch(r'(FashionMNIST\(test\)|SyntheticFar\(seed \d+\))\[(\d+)\].*', r['path']).groups()
+        if r['set'] == 'id':
+            assert protocols.FMNIST_ID[int(r['target'])] == int(labels[int(index)])
+        assert source.startswith('Synthetic') == (r['set'] == 'noise')
     for method in ('ssod', 'msp', 'energy', 'knn', 'vim'):
         id_s, ood_s = ([float(r[method]) for r in rows if r['set'] == name] for name in ('id', 'fmnist_heldout'))
         assert heldout[method]['fpr95_openood'] == pytest.approx(100 * fpr95_ood_positive(id_s, ood_s), abs=1e-6)

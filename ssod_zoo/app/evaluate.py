@@ -437,7 +437,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         sections=[*sections, deployment])
     loaders = {'id': val, **oods}
     id_targets = _targets(val.dataset)
-    write_scores_csv(results['scores'], {k: _paths(v.dataset) for k, v in loaders.items()}, out / 'scores.csv',
+    write_scores_csv(results['scores'], {k: _rows(v.dataset) for k, v in loaders.items()}, out / 'scores.csv',
                      targets={'id': torch.as_tensor(id_targets)} if id_targets else None)
     if not args.no_plots:
         from .plots import plot_histograms, plot_roc
@@ -459,8 +459,30 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 def _paths(ds) -> List[str]:
     """The image file of each item, in loader order, where the dataset says ([] where it does not)."""
-    return _column(ds, lambda d: [str(p) for p in d.paths] if hasattr(d, 'paths') else
-                   [str(p) for p, _ in d.samples] if hasattr(d, 'samples') else None)
+    return _column(ds, _files)
+
+
+def _files(ds) -> Optional[List[str]]:
+    """The image files of a data set that lists its own (ours, ImageFolder's), or None."""
+    return ([str(p) for p in ds.paths] if hasattr(ds, 'paths') else
+            [str(p) for p, _ in ds.samples] if hasattr(ds, 'samples') else None)
+
+
+def _rows(ds) -> List[str]:
+    """What each item is, in loader order, for ``scores.csv``: its image file (:func:`_paths`), or for an item of an
+    in-memory data set (a protocol's), its row there, as ``FashionMNIST(test)[1234]``."""
+    return _column(ds, lambda d: _files(d) or (None if hasattr(d, 'dataset') else _row_names(d)))
+
+
+def _row_names(ds) -> List[str]:
+    """``Name(split, seed s)[i] kind`` for each row ``i`` of a data set read from no files, with what of these it
+    has: a torchvision set's split (``train`` or ``split``), a generated set's seed and an item's kind."""
+    split = getattr(ds, 'split', None) or {True: 'train', False: 'test'}.get(getattr(ds, 'train', None))
+    seed = getattr(ds, 'seed', None)
+    tags = ', '.join(t for t in (split, None if seed is None else f'seed {seed}') if isinstance(t, str))
+    kind = getattr(ds, 'kind', None)
+    return [f'{type(ds).__name__}{f"({tags})" if tags else ""}[{i}]{f" {kind(i)}" if callable(kind) else ""}'
+            for i in range(len(ds))]
 
 
 def _targets(ds) -> List[int]:
@@ -469,16 +491,14 @@ def _targets(ds) -> List[int]:
 
 
 def _column(ds, own: Callable[[Dataset], Optional[list]]) -> list:
-    """A per-item column of ``ds``: ``own(ds)``, else that of the dataset it wraps, through a ``Subset``'s indices.
-    [] if no layer has it, or if a wrapper selects rows without saying which (the lengths differ)."""
-    if isinstance(ds, torch.utils.data.Subset):
+    """A per-item column of ``ds``: ``own(ds)``, else that of the dataset it wraps, through the ``indices`` of a
+    wrapper that selects rows (a ``Subset``, a protocol's class selection). [] if no layer has it, or if a wrapper
+    selects rows without saying which (the lengths differ)."""
+    found = own(ds)
+    if found is None and hasattr(ds, 'dataset'):
         inner = _column(ds.dataset, own)
-        found = [inner[int(i)] for i in ds.indices] if inner else []
-    else:
-        found = own(ds)
-        if found is None:
-            found = _column(ds.dataset, own) if hasattr(ds, 'dataset') else []
-    return found if len(found) == len(ds) else []
+        found = [inner[int(i)] for i in ds.indices] if inner and hasattr(ds, 'indices') else inner
+    return found if found is not None and len(found) == len(ds) else []
 
 
 if __name__ == '__main__':

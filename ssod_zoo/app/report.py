@@ -146,9 +146,11 @@ def fit_detectors(features: torch.Tensor, targets: torch.Tensor, classifier: nn.
 
 def write_scores_csv(all_scores: Mapping[str, Mapping[str, torch.Tensor]], paths: Mapping[str, Sequence],
                      path: Path, targets: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
-    """One row per image: ``set, index, path, target, <one column per method>`` (the per-image scores, each as the
-    shortest text that reads back to the same number: ODIN's at T = 1000 differ in the 8th digit, and any rounding
-    would tie them, so metrics recomputed from the file would not be the reported ones)."""
+    """One row per image: ``set, index, path, target, <one column per method>``; ``path`` is the image's file, or
+    what ``paths`` gives for an image read from no file (``ssod eval``: its row in its data set, as
+    ``FashionMNIST(test)[1234]``). Each score is written as the shortest text that reads back to the same number:
+    ODIN's at T = 1000 differ in the 8th digit, and any rounding would tie them, so metrics recomputed from the file
+    would not be the reported ones."""
     methods = list(all_scores)
     sets = list(next(iter(all_scores.values())))
     with open(path, 'w', newline='') as f:
