@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-__all__ = ['PAPER_CITATION', 'TEMPLATE', 'model_card']
+__all__ = ['PAPER_CITATION', 'TEMPLATE', 'model_card', 'provenance']
 
 PAPER_CITATION = """@inproceedings{pei2024ssod,
   title     = {Image Background Serves as Good Proxy for Out-of-distribution Data},
@@ -107,12 +107,13 @@ which does.
 
 ## Results
 
-Measured for exactly these weights by the run that produced them (not the paper's numbers). Convention: \
-in-distribution images are the positive class; FPR95 is the fraction of OOD images kept at the threshold that \
-keeps 95% of ID images (lower is better); all values in percent.{% if ood_rows %} The OOD rows score \
-`ood_factor`, the paper's Eq. 15{% if ce_only %}, the output of an OOD head that was never trained: they measure \
-nothing{% else %}, whichever score these weights decide with (Rejection thresholds, above){% endif %}; \
-`ssod eval` reports every readout and baseline.{% endif %}
+Measured for exactly these weights by the run that produced them (not the paper's numbers).{{ provenance }} \
+Convention: in-distribution images are the positive class; FPR95 is the fraction of OOD images kept at the \
+threshold that keeps 95% of ID images (lower is better); all values in percent.{% if ood_rows %} The OOD rows \
+score `ood_factor`, the paper's Eq. 15, whatever readout these weights decide with (Rejection thresholds, above); \
+`ssod eval` reports every readout and baseline.{% elif ce_only and has_ood %} No OOD rows are shown: they would \
+score the OOD head, which was never trained; `ssod eval --baseline-model` measures the post-hoc detectors on \
+these weights.{% endif %}
 {% if id_accuracy is not none %}
 ID top-1 accuracy on {{ id_dataset }}: **{{ '%.2f' | format(id_accuracy) }}**
 {% endif %}{% if ood_rows %}
@@ -193,8 +194,9 @@ def model_card(config: Dict[str, Any], *, train_config: Optional[Mapping[str, An
     def row(label: str, v: Mapping[str, Any]) -> str:
         return f'| {label} | ' + ' | '.join('-' if v.get(k) is None else f'{float(v[k]):.2f}' for k, _ in METRICS) + ' |'
 
-    ood_rows = [row(s, v) for s, v in ood.items()]
-    if ood and metrics.get('ood_average'):
+    ce_only = not ood_head_trained(config, train_config)
+    ood_rows = [] if ce_only else [row(s, v) for s, v in ood.items()]  # a never-trained head's rows measure nothing
+    if ood_rows and metrics.get('ood_average'):
         ood_rows.append(row('**average**', metrics['ood_average']))
     labels = cfg.get('label_names') or []
     classes = (f'Classes ({len(labels)}): ' + ', '.join(f'`{c}`' for c in labels[:20]) +
@@ -207,9 +209,27 @@ def model_card(config: Dict[str, Any], *, train_config: Optional[Mapping[str, An
         calibration_data=calibration_data(config, id_dataset),
         input_size=_input_size(config), **_readout(config),
         id_dataset=id_dataset, id_accuracy=metrics.get('id_accuracy'), ood_rows=ood_rows,
-        has_metrics=bool(metrics), classes=classes, citation=PAPER_CITATION,
-        ce_only=not ood_head_trained(config, train_config),
+        has_metrics=bool(metrics), has_ood=bool(ood), provenance=provenance(metrics), classes=classes,
+        citation=PAPER_CITATION, ce_only=ce_only,
         train_config=json.dumps(train_config, indent=2, sort_keys=True, default=str) if train_config else '')
+
+
+def provenance(metrics: Mapping[str, Any]) -> str:
+    """The Results section's sentences on which epoch was measured and what chose it, from what ``ssod train``
+    records with a checkpoint's metrics (``epoch``, ``epochs``; ``chosen_on``, in ``best.pt``: the OOD validation
+    sets whose average FPR95 chose it); '' for metrics without them."""
+    if metrics.get('epoch') is None:
+        return ''
+    text = f' These weights are epoch {metrics["epoch"]} of {metrics.get("epochs", "?")}.'
+    chosen = ', '.join(metrics.get('chosen_on') or [])
+    if chosen and metrics.get('split') == 'test':
+        text += (f" That epoch is the run's `best.pt`, chosen on its validation images (OOD: {chosen}), not on the "
+                 'test images below.')
+    elif chosen:
+        text += (f" They are the run's `best.pt`: the epoch with the lowest average FPR95 on the OOD sets below "
+                 f'({chosen}) among those close to the best ID accuracy, so those sets chose the weights they measure '
+                 'and the table reads optimistically. Measure on other OOD images with `ssod eval`.')
+    return text
 
 
 def ood_head_trained(config: Mapping[str, Any], train_config: Optional[Mapping[str, Any]] = None) -> bool:

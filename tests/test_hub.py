@@ -1270,20 +1270,46 @@ def test_checkpoint_from_before_the_spatial_threshold_loads_without_one(tmp_path
         loaded.accepts(torch.zeros(1), readout='spatial')
 
 
-@pytest.mark.parametrize('readout, trained, says', [
-    (None, True, "Eq. 15, whichever score these weights decide with (Rejection thresholds, above);"),
-    ('spatial', True, "Eq. 15, whichever score these weights decide with (Rejection thresholds, above);"),
-    ('factor', True, "Eq. 15, whichever score these weights decide with (Rejection thresholds, above);"),
-    (None, False, 'the output of an OOD head that was never trained: they measure nothing;')])
-def test_the_cards_results_say_which_score_their_ood_rows_are(saved, readout, trained, says):
+@pytest.mark.parametrize('readout', [None, 'spatial', 'factor'])
+def test_the_cards_results_say_which_score_their_ood_rows_are(saved, readout):
     """The card's OOD rows are always ood_factor's: it says so, whatever the readout (named in the threshold
-    section, which `ssod calibrate` rewrites in place, so the Results section never goes stale), or that the head was
-    never trained."""
+    section, which `ssod calibrate` rewrites in place, so the Results section never goes stale)."""
     from ssod_zoo import _card
     config = json.loads((saved / 'config.json').read_text())
-    config['model_args']['readout'], config['ood_head_trained'] = readout, trained
+    config['model_args']['readout'] = readout
     card = ' '.join(str(_card.model_card(config, train_config=None, metrics=METRICS, name='x')).split())
-    assert "The OOD rows score `ood_factor`" in card and says in card
+    assert ("The OOD rows score `ood_factor`, the paper's Eq. 15, whatever readout these weights decide with "
+            "(Rejection thresholds, above);") in card
+    assert '| noise |' in card
+
+
+def test_a_cross_entropy_models_card_shows_no_ood_rows(saved):
+    """A twin's OOD head was never trained: its card keeps the accuracy, shows no OOD table, and says why."""
+    from ssod_zoo import _card
+    config = {**json.loads((saved / 'config.json').read_text()), 'ood_head_trained': False}
+    card = ' '.join(str(_card.model_card(config, train_config=None, metrics=METRICS, name='x')).split())
+    assert f"**{METRICS['id_accuracy']:.2f}**" in card and '| OOD set |' not in card and '| noise |' not in card
+    assert 'No OOD rows are shown: they would score the OOD head, which was never trained;' in card
+    assert 'No metrics were recorded' not in card
+
+
+@pytest.mark.parametrize('extra, says', [
+    ({}, None),
+    ({'epoch': 3, 'epochs': 10}, 'These weights are epoch 3 of 10. Convention'),
+    ({'epoch': 3, 'epochs': 10, 'chosen_on': ['noise', 'textures']},
+     "These weights are epoch 3 of 10. They are the run's `best.pt`: the epoch with the lowest average FPR95 on the "
+     'OOD sets below (noise, textures) among those close to the best ID accuracy, so those sets chose the weights they measure '
+     'and the table reads optimistically.'),
+    ({'epoch': 3, 'epochs': 10, 'chosen_on': ['noise'], 'split': 'test'},
+     "These weights are epoch 3 of 10. That epoch is the run's `best.pt`, chosen on its validation images (OOD: "
+     'noise), not on the test images below.')])
+def test_the_card_names_the_epoch_and_what_chose_it(saved, extra, says):
+    """ssod train records each checkpoint's epoch, and in best.pt the OOD sets that chose it: a card made from
+    best.pt warns that its table was measured on the sets that chose it (a release's test table was not)."""
+    from ssod_zoo import _card
+    config = json.loads((saved / 'config.json').read_text())
+    card = ' '.join(str(_card.model_card(config, train_config=None, metrics={**METRICS, **extra}, name='x')).split())
+    assert (says in card) if says else ('These weights are epoch' not in card and 'best.pt' not in card)
 
 
 def test_a_cross_entropy_models_card_indexes_no_ood_results(saved):

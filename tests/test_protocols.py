@@ -388,6 +388,10 @@ def test_release_evaluates_calibrates_cards_and_pushes(tmp_path, fmnist):
             assert value == pytest.approx(results['id_accuracy']['ssod'], abs=1e-3)
         else:
             assert value == pytest.approx(results['ood'][name.split(' (OOD)')[0]]['ssod'][metric], abs=1e-3)
+    # which epoch, and that the validation split chose it (best.pt), not the test images of the table
+    card = ' '.join((out / 'README.md').read_text().split())
+    assert ("These weights are epoch 1 of 1. That epoch is the run's `best.pt`, chosen on its validation images "
+            '(OOD: fmnist_heldout, noise), not on the test images below.') in card
     assert (run / 'release.pt').is_file()
     assert hub.calls[0] == ('create_repo', 'me/ssod-fmnist')
     assert hub.calls[1][1] == ['README.md', 'config.json', 'eval', 'model.safetensors']

@@ -103,7 +103,10 @@ def test_two_epochs_write_checkpoints_log_and_metrics(bench, two_epochs):
     best_epoch = 2 if (f2['fpr95'] < f1['fpr95'] and a2 >= a1 - tol) or a2 > a1 + tol else 1
     best = torch.load(out / 'best.pt', weights_only=True)
     assert best['epoch'] == best_epoch == log[-1]['best_epoch']
-    assert json.loads(json.dumps(best['metrics'])) == log[best_epoch - 1]['val']
+    # with the epoch, and (best.pt only) the OOD sets that chose it, which a card made from it names
+    assert json.loads(json.dumps(best['metrics'])) == {**log[best_epoch - 1]['val'], 'epoch': best_epoch,
+                                                       'epochs': 2, 'chosen_on': list(OOD_SETS)}
+    assert json.loads(json.dumps(last['metrics'])) == {**log[-1]['val'], 'epoch': 2, 'epochs': 2}
 
     # the logged metrics and the threshold are those of best.pt's weights on the validation images
     model, _ = load_checkpoint(out / 'best.pt')

@@ -132,7 +132,8 @@ def release(run_dir: str, out: str, protocol: str, data_root: Optional[str] = No
     results = ev.main(argv)  # what it wrote to eval/results.json
     ssod = {s: r['ssod'] for s, r in results['ood'].items() if s != 'average'}
     metrics = {'id_accuracy': results['id_accuracy']['ssod'], 'ood': ssod, 'ood_average': results['ood']['average']['ssod'],
-               'id_dataset': f'the {protocol} protocol\'s ID classes', 'protocol': protocol, 'split': 'test'}
+               'id_dataset': f'the {protocol} protocol\'s ID classes', 'protocol': protocol, 'split': 'test',
+               **{k: v for k, v in (ckpt.get('metrics') or {}).items() if k in ('epoch', 'epochs', 'chosen_on')}}
     write_card(out_dir, train_config=ckpt.get('config'), metrics=metrics)  # the card now carries the test numbers
 
     release_ckpt = {**ckpt, 'model': model.state_dict(), **{k: getattr(model, k) for k in THRESHOLDS},

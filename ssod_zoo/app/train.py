@@ -373,7 +373,8 @@ def train(cfg: TrainConfig) -> dict:
             'model_args': _model_args(cfg, len(class_names)), 'model': model.state_dict(),
             'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
             'scaler': scaler.state_dict(), 'epoch': epoch, 'step': step, 'best': best,
-            'rng': _rng_state(), 'config': dataclasses.asdict(cfg), 'metrics': metrics or {},
+            'rng': _rng_state(), 'config': dataclasses.asdict(cfg),
+            'metrics': {**metrics, 'epoch': epoch, 'epochs': cfg.epochs} if metrics else {},
             **{k: getattr(model, k) for k in THRESHOLDS}, 'class_names': class_names,
             'data_config': eval_data_config(model, cfg),
         }
@@ -410,8 +411,9 @@ def train(cfg: TrainConfig) -> dict:
         if master:
             state = checkpoint(epoch + 1, 0, metrics)
             _save_atomic(state, out_dir / 'last.pt')
-            if is_best:
-                _save_atomic(state, out_dir / 'best.pt')
+            if is_best:  # chosen on these OOD sets: a card made from it says so (_card.provenance)
+                _save_atomic({**state, 'metrics': {**state['metrics'], 'chosen_on': list(metrics['ood'])}},
+                             out_dir / 'best.pt')
             with open(out_dir / 'log.jsonl', 'a') as f:
                 f.write(json.dumps(record) + '\n')
             print(_summary(record))
