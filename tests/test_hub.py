@@ -1298,8 +1298,8 @@ def test_a_cross_entropy_models_card_shows_no_ood_rows(saved):
     ({'epoch': 3, 'epochs': 10}, 'These weights are epoch 3 of 10. Convention'),
     ({'epoch': 3, 'epochs': 10, 'chosen_on': ['noise', 'textures']},
      "These weights are epoch 3 of 10. They are the run's `best.pt`: the epoch with the lowest average FPR95 on the "
-     'OOD sets below (noise, textures) among those close to the best ID accuracy, so those sets chose the weights they measure '
-     'and the table reads optimistically.'),
+     'OOD sets below (noise, textures) among those close to the best ID accuracy, so those sets chose the weights '
+     'they measure and the table reads optimistically.'),
     ({'epoch': 3, 'epochs': 10, 'chosen_on': ['noise'], 'split': 'test'},
      "These weights are epoch 3 of 10. That epoch is the run's `best.pt`, chosen on its validation images (OOD: "
      'noise), not on the test images below.')])
