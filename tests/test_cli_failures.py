@@ -256,6 +256,8 @@ def test_release_without_its_run_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize('command, argv', [
     ('eval', ['--model', 'm', '--val-dir', '.', '--ood-dirs', '.']),
     ('predict', ['m', 'x.png']),
+    ('calibrate', ['m', '--val-dir', '.']),
+    ('train', ['--model', 'ssod_test_resnet', '--data', 'synthetic']),  # where 'auto' is also allowed
 ])
 def test_device_cuda_without_cuda_stops_at_parsing(command, argv, capsys):
     from ssod_zoo.app import cli

@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import wrap
-from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded, range_error
+from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded, device as device_arg, range_error
 from .evaluate import collect, ssod_report, thresholds_of
 from ..hub import CHECKPOINT_FORMAT, THRESHOLDS
 from ..loss import BALANCE_SCHEMES, OOD_RULES, PATCH_MEANS, SSODLoss, SSODLossParts
@@ -197,9 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, nargs='*', default=default, help=help_)
         else:
             kind = {int: int, float: float, Optional[float]: float}.get(f.type, str)
+            kind = _device_flag if f.name == 'device' else kind
             parser.add_argument(flag, type=bounded(kind, *RANGES[f.name]) if f.name in RANGES else kind,
                                 default=default, choices=CHOICES.get(f.name), help=help_)
     return parser
+
+
+def _device_flag(text: str) -> str:
+    """``--device``: 'auto', or a device this machine has (cli.device: refused at parsing, as eval's)."""
+    return text if text == 'auto' else device_arg(text)
 
 
 READ_EVERY = 10  # training steps between reads of the loss sums (host syncs), the NaN check and DDP's stop vote
