@@ -206,10 +206,12 @@ class SSODModel(nn.Module):
                                                          if isinstance(score, SSODOutput) else ''))
         elif readout in (None, 'factor') and not getattr(self, 'ood_head_trained', True):
             pass  # refused below, for what it is
-        elif readout is None and score.numel() and not 0.0 <= float(score.min()) <= float(score.max()) <= 1.0:
-            raise ValueError("accepts() reads a bare tensor as ood_factor, which lies in [0, 1], and these scores "
-                             "do not: for a spatial_score pass readout='spatial', or pass model.forward_scores(x), "
-                             "which decides with model.readout")
+        elif readout in (None, 'factor') and score.numel() and not 0.0 <= float(score.min()) <= float(
+                score.max()) <= 1.0:
+            how = 'a bare tensor' if readout is None else "a tensor with readout='factor'"
+            raise ValueError(f"accepts() reads {how} as ood_factor, which lies in [0, 1], and these scores do not: "
+                             "for a spatial_score pass readout='spatial', or pass model.forward_scores(x), which "
+                             "decides with model.readout")
         readout = readout or 'factor'
         if readout == 'factor' and not getattr(self, 'ood_head_trained', True):
             raise ValueError("this model's OOD head was never trained (a cross-entropy model), so its ood_factor "

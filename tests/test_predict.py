@@ -234,6 +234,8 @@ def test_accepts_says_what_to_do_when_uncalibrated():
         model.accepts(f, threshold=5.0)  # an ood_factor threshold
     with pytest.raises(ValueError, match="a bare tensor as ood_factor.*readout='spatial'"):
         model.accepts(s)  # spatial scores, read as ood_factor: refused, not compared with ood_threshold
+    with pytest.raises(ValueError, match="a tensor with readout='factor' as ood_factor.*readout='spatial'"):
+        model.accepts(s, readout='factor')  # the same when the readout is named (it used to keep them all)
     with pytest.raises(TypeError, match='forward_scores'):
         model.accepts(model.eval()(torch.zeros(1, 3, 32, 32)))  # an SSODOutput
     with pytest.raises(ValueError, match="readout is one of 'spatial', 'factor'"):
