@@ -491,9 +491,11 @@ class SSODModel(nn.Module):
                 raise ValueError(f'{name} expects (B, C, H, W) images, got shape {tuple(x.shape)}, which looks like '
                                  f'(B, H, W, C) with {in_chans} channels last: pass x.permute(0, 3, 1, 2), or '
                                  'build the input with the model\'s timm transform')
+            convert = (" (PIL: image.convert('RGB') before the model's timm transform)" if in_chans == 3 else '')
             raise ValueError(f'{name} expects {in_chans}-channel images, got {x.shape[1]} channels '
-                             f'(input shape {tuple(x.shape)}); pass in_chans={x.shape[1]} when creating the model '
-                             'or convert the images')
+                             f'(input shape {tuple(x.shape)}): convert the images to {in_chans} channels{convert}; '
+                             f'to train a model on {x.shape[1]}-channel images instead, create it with '
+                             f'in_chans={x.shape[1]} (pretrained weights then lose their calibrated thresholds)')
         stride = _total_stride(self)
         if positions and stride and (x.shape[2] < stride or x.shape[3] < stride):
             size = self.pretrained_cfg.get('input_size', (None, '?', '?'))

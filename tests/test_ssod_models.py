@@ -342,7 +342,7 @@ def test_wrap_rejects_what_it_cannot_adapt():
 
 
 @pytest.mark.parametrize('x, error, match', [
-    (torch.randn(2, 1, 64, 64), ValueError, 'expects 3-channel images, got 1'),
+    (torch.randn(2, 1, 64, 64), ValueError, r"expects 3-channel images, got 1 .*convert\('RGB'\).*in_chans=1"),
     (torch.randn(2, 64, 64, 3), ValueError, r'looks like \(B, H, W, C\).*x\.permute\(0, 3, 1, 2\)'),
     (torch.randn(2, 3, 16, 16), ValueError, 'total stride of 32'),
     (torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8), TypeError, 'floating-point'),
