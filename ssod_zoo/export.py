@@ -196,6 +196,8 @@ def export_onnx(
     if int(batch_size) < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     size = _resolve_input_size(model, input_size)
+    ref = next(model.parameters())
+    model._check_input(torch.empty(1, *size, device='meta', dtype=ref.dtype))  # a size it cannot take, first
     left_out, calibrated = _left_out(model, size)
     if left_out:
         warnings.warn(f'export_onnx: input size {size}, and the weights\' {" and ".join(left_out)} were calibrated '
@@ -208,7 +210,6 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
 
     was_training = model.training  # before the wrapper's eval(), which reaches the model too
-    ref = next(model.parameters())
     # a dynamic batch axis is traced at batch 2 at least: torch.export specialises an example dimension of 1, and
     # then refuses to make it dynamic (ConvNeXt: "Invalid ranges [2:1]")
     example = torch.randn(max(int(batch_size), 2) if dynamic_batch else int(batch_size), *size, device=ref.device,

@@ -287,6 +287,13 @@ def test_export_refuses_an_input_size_the_model_cannot_take_before_exporting(tmp
     assert not (tmp_path / 'x.onnx').exists()
     # a bare architecture name exports fresh weights: said once, with what to give instead
     assert 'ssod_test_resnet has fresh, untrained weights' in capsys.readouterr().err
+    # calibrated weights at a size they cannot take: the error alone, before any word on their thresholds
+    with pytest.raises(SystemExit) as e, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter('always')
+        export.main(['ssod_test_resnet.synthetic', '--pretrained', '--out', str(tmp_path / 'x.onnx'),
+                     '--input-size', *size])
+    assert message.split(', so ')[-1].split(';')[0] in str(e.value)  # (its stride is 16)
+    assert not [w for w in said if 'threshold' in str(w.message)] and 'threshold' not in capsys.readouterr().err
 
 
 class _Labelled:
