@@ -1075,7 +1075,7 @@ def test_registered_tags_are_exactly_the_manifest():
         assert not timm.models.get_pretrained_cfg(arch).has_weights
 
 
-def test_add_weight_writes_folder_and_manifest_entry(tmp_path, model, monkeypatch):
+def test_add_weight_writes_folder_and_manifest_entry(tmp_path, model, monkeypatch, capsys):
     add_weight = load_add_weight()
     ckpt = make_checkpoint(tmp_path / 'last.pt', model)
     weights_dir = tmp_path / 'weights'
@@ -1099,6 +1099,17 @@ def test_add_weight_writes_folder_and_manifest_entry(tmp_path, model, monkeypatc
     assert [e['model_args']['ood_threshold'] for e in manifest['weights']] == [0.25]
     with pytest.raises(ValueError, match='lower-case'):
         add_weight.add_weight(ckpt, 'Bad.Tag', weights_dir=weights_dir)
+    # the script's advice: a package that reads another manifest (a plain install) must be installed again
+    assert add_weight.main([str(ckpt), '--tag', 'cli', '--weights-dir', str(weights_dir)]) == 0
+    said = capsys.readouterr().out
+    assert (f'load it after installing this checkout again (`pip install .`: the installed ssod_zoo reads '
+            f'{_pretrained._weights_dir() / "manifest.json"}), or from an editable install') in said
+    monkeypatch.setattr(add_weight, '_weights_dir', lambda: weights_dir)  # the package reads this one
+    add_weight.main([str(ckpt), '--tag', 'cli', '--weights-dir', str(weights_dir), '--force'])
+    assert f'load it: timm.create_model("{ARCH}.cli", pretrained=True)' in capsys.readouterr().out
+    manifest = json.loads((weights_dir / 'manifest.json').read_text())
+    manifest['weights'] = [e for e in manifest['weights'] if e['name'] != f'{ARCH}.cli']
+    (weights_dir / 'manifest.json').write_text(json.dumps(manifest))
 
     # what the registry makes of it: one tag, loading the file offline
     monkeypatch.setattr(_pretrained, '_SHIPPED', {})

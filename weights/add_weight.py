@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from ssod_zoo import hub
+from ssod_zoo._pretrained import _weights_dir
 
 WEIGHTS_DIR = Path(__file__).resolve().parent
 TAG_CHARS = set('abcdefghijklmnopqrstuvwxyz0123456789_')
@@ -145,7 +146,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = entry['model_args']
         print(f'recalibrated {entry["name"]}: ' + ', '.join(f'{k} = {args.get(k)}' for k in hub.CALIBRATED))
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     epilog='python weights/add_weight.py --recalibrate NAME -- ARGS: set a shipped '
+                                            "weight's thresholds again (ARGS: ssod calibrate's, e.g. --val-dir DIR)")
     parser.add_argument('checkpoint', type=Path, help='training checkpoint (ssod_zoo.train/1)')
     parser.add_argument('--tag', required=True, help='weight tag: the model loads as <arch>.<tag>')
     parser.add_argument('--hf-hub-id', help='Hub repo the same folder is pushed to (kept from the entry it replaces)')
@@ -163,8 +166,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError, hub.WeightsError) as e:
         parser.exit(2, f'add_weight: error: {e}\n')
     where = 'Hub only' if args.hub_only else f'{args.weights_dir / entry["name"]}'
+    # the package reads the manifest it was installed with: a plain `pip install .` copied it into site-packages
+    read = _weights_dir()
+    stale = read is None or read.resolve() != args.weights_dir.resolve()
+    reinstall = (f' after installing this checkout again (`pip install .`: the installed ssod_zoo reads '
+                 f'{read / hub.MANIFEST_NAME if read else "no manifest"}), or from an editable install'
+                 if stale else '')
     print(f'added {entry["name"]} ({entry["size"]} bytes, sha256 {entry["sha256"][:12]}..., {where})\n'
-          f'load it: timm.create_model("{entry["name"]}", pretrained=True)\n'
+          f'load it{reinstall}: timm.create_model("{entry["name"]}", pretrained=True)\n'
           f'publish the same folder: ssod push {args.checkpoint} <org>/{entry["name"]}, then re-run with '
           f'--hf-hub-id <org>/{entry["name"]} --force')
     return 0
