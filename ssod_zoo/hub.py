@@ -625,6 +625,11 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
             raise
         raise not_cached(spec[len('hf-hub:'):], 'config.json', kwargs.get('cache_dir')) from e
     except RuntimeError as e:  # a repo of another timm CNN, its config.json fetched just now: register, then again
+        if registered(spec) and 'SSOD weights;' in str(e):  # an architecture's name, without weights of its own
+            tags = timm.list_pretrained(spec.split('.')[0] + '.*')
+            raise WeightsError(f'{spec} names an architecture without default weights: give weights instead, '
+                               + (f'by their tagged name ({", ".join(tags)}), ' if tags else '')
+                               + 'a checkpoint, a hub folder or hf-hub:ORG/REPO') from None
         if not (spec.startswith('hf-hub:') and 'Unknown model' in str(e)
                 and _register_cached_repo(spec[len('hf-hub:'):], kwargs.get('cache_dir'))):
             raise
