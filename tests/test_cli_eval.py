@@ -262,3 +262,17 @@ def test_scores_csv_reads_back_the_exact_scores(tmp_path):
         rows = list(csv.DictReader(f))
     for name, values in odin.items():
         assert [float(r['odin']) for r in rows if r['set'] == name] == values.tolist()
+
+
+def test_scoring_at_another_size_marks_the_accept_rates(data, tmp_path):
+    """Accept rates at thresholds calibrated at one size, of images scored at another, are no deployment's: the
+    terminal warns, and results.md and results.json say so beside the rates."""
+    trained = ssod_zoo.load_model(str(data['ckpt'])).pretrained_cfg['input_size'][-1]
+    argv = ['--model', str(data['ckpt']), '--val-dir', str(data['val']), '--ood-dirs', str(data['flat']),
+            '--no-plots', '--bootstrap', '0', '--workers', '0']
+    with pytest.warns(UserWarning, match=f'calibrated at {trained} px; scoring at {trained + 32} px'):
+        payload = evaluate.main([*argv, '--out', str(tmp_path / 'other'), '--img-size', str(trained + 32)])
+    note = f'**Scored at {trained + 32} px, with thresholds calibrated at {trained} px.**'
+    assert payload['thresholds_note'].startswith(note) and note in (tmp_path / 'other' / 'results.md').read_text()
+    payload = evaluate.main([*argv, '--out', str(tmp_path / 'same'), '--img-size', str(trained)])
+    assert 'thresholds_note' not in payload and 'Scored at' not in (tmp_path / 'same' / 'results.md').read_text()

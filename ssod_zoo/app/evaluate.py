@@ -363,9 +363,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
         fail(e)
     trained = tuple(model.pretrained_cfg.get('input_size') or ())
     calibrated = any(t is not None for t in deployed_thresholds(model).values())
+    size_note = ''
     if args.img_size and trained and trained[-1] != args.img_size and calibrated:
         warnings.warn(f'{args.model} was trained and its thresholds calibrated at {trained[-1]} px; scoring at '
                       f'{args.img_size} px shifts its scores, so accept rates at its thresholds will differ')
+        size_note = (f'**Scored at {args.img_size} px, with thresholds calibrated at {trained[-1]} px.** The scores '
+                     'shift with the input size, so these rates are not what a deployment at either size would see: '
+                     f'recalibrate at {args.img_size} px before relying on them.')
     if not getattr(model, 'ood_head_trained', True):
         warnings.warn(f'{args.model} was trained with cross-entropy alone (ood_head_trained is False): its OOD head '
                       'was never trained, so the rows built on its ood_factor (the OOD factor, the posteriors) '
@@ -424,7 +428,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     out = Path(args.out)
     # what a deployment decides with: sample counts, accept rates at the model's own thresholds, intervals
     deployment, deployment_keys = deployment_report(results['scores'], results['ood'], model, args.bootstrap,
-                                                    ce_model='ce' in results['id_accuracy'])
+                                                    ce_model='ce' in results['id_accuracy'], note=size_note)
     extra = {'skipped': protocol.skipped, 'groups': protocol.groups} if protocol else {}
     sections = [fpr95_markdown(results)]  # both FPR95 conventions, and what the protocol could not run
     if protocol and protocol.skipped:

@@ -188,23 +188,25 @@ def deployed_thresholds(model: Any) -> Dict[str, Optional[float]]:
 
 
 def deployment_report(all_scores: Mapping[str, Mapping[str, torch.Tensor]], ood: Mapping[str, Mapping[str, dict]],
-                      model: Any, n_boot: int, *, ce_model: bool) -> Tuple[str, Dict[str, Any]]:
+                      model: Any, n_boot: int, *, ce_model: bool, note: str = '') -> Tuple[str, Dict[str, Any]]:
     """What a deployment decides with, as ``ssod eval`` and ``ssod demo`` report it: accept rates of each readout
     in :data:`DEPLOYED` at the SSOD ``model``'s calibrated threshold for it, and bootstrap intervals (seed 0; none
     when ``n_boot`` is 0). Returns the markdown section and the keys it adds to ``results.json``:
     ``accept_rates`` and ``thresholds`` by method, ``bootstrap`` and ``ci``. ``ce_model``: whether the baselines
-    were scored on a CE model (:func:`method_label`)."""
+    were scored on a CE model (:func:`method_label`). ``note``: a caveat printed under the thresholds (and kept as
+    ``thresholds_note``), e.g. that the images were scored at another size than the thresholds were set at."""
     ci = confidence_intervals(all_scores, n_boot) if n_boot else {}
     thresholds = {m: t for m, t in deployed_thresholds(model).items() if m in all_scores}
     rates = {m: accept_rates(all_scores[m], t) for m, t in thresholds.items()}
     keys = {'accept_rates': rates, 'thresholds': thresholds,
-            'bootstrap': {'resamples': n_boot, 'seed': 0, 'level': 95}, 'ci': ci}
-    return report_markdown(rates, thresholds, ci, ood, n_boot, ce_model=ce_model), keys
+            'bootstrap': {'resamples': n_boot, 'seed': 0, 'level': 95}, 'ci': ci,
+            **({'thresholds_note': note} if note else {})}
+    return report_markdown(rates, thresholds, ci, ood, n_boot, ce_model=ce_model, note=note), keys
 
 
 def report_markdown(accept: Mapping[str, Mapping[str, dict]], thresholds: Mapping[str, Optional[float]],
                     ci: Mapping[str, Mapping[str, dict]], ood: Mapping[str, Mapping[str, dict]], n_boot: int,
-                    *, ce_model: bool) -> str:
+                    *, ce_model: bool, note: str = '') -> str:
     """Counts, accept rates at the model's thresholds, and FPR95 / AUROC with bootstrap intervals; methods are
     named as in the main table (:func:`method_label`), each with its key, its column in ``scores.csv``."""
     lines = ['## At the model\'s own thresholds', '']
@@ -222,7 +224,7 @@ def report_markdown(accept: Mapping[str, Mapping[str, dict]], thresholds: Mappin
                   '. ID should be near 95% if a threshold was calibrated on data like this. If it was calibrated on '
                   'these very ID images, ID is 95% by construction and each OOD row equals that readout\'s FPR95; '
                   'only on images it was not calibrated on are the OOD rows an estimate of what gets through in '
-                  'deployment.', '']
+                  'deployment.', '', *([note, ''] if note else [])]
     lines += ['| Set | Images |' + ''.join(f' Accepted %, `{DEPLOYED[m].score}` |' for m in calibrated),
               '|---|---:|' + '---:|' * len(calibrated),
               *[f'| {k} | {v["n"]} |' + ''.join(f' {accept[m][k]["accepted"]:.1f} |' for m in calibrated)
