@@ -30,7 +30,6 @@ The thresholds hold for the classes the ID images cover: a ``--val-dir`` that se
 sub-folders without one of the model's classes; in a flat folder, classes no image is predicted as) gets a warning.
 """
 import argparse
-import re
 import shutil
 import sys
 import warnings
@@ -41,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .cli import AT_LEAST_0, AT_LEAST_1, bounded, device as device_arg
-from .images import ood_set_names
+from .images import class_key, ood_set_names
 from .predict import label_names
 from .protocols import PROTOCOLS
 
@@ -217,15 +216,13 @@ def _missing_classes(folder: Path, names: List[str], logits: torch.Tensor) -> Op
     """What to say when the ID images seem to leave out some of the model's classes, else None: a class's images can
     score lower than the rest, and thresholds set without them keep fewer than 95% of the ID images met later.
 
-    A folder with a sub-folder named after one of the classes is read as class sub-folders, and the missing ones
-    are named; in any other folder, with at least 10 images per class, the classes that no image is predicted as."""
+    A folder with a sub-folder named after one of the classes (up to case and punctuation: ``class_key``) is read
+    as class sub-folders, and the missing ones are named; in any other folder, with at least 10 images per class,
+    the classes that no image is predicted as."""
     some = (lambda n: n if len(n) <= 5 else n[:5] + [f'{len(n) - 5} more'])
-    # a folder is named after a class up to case and characters a folder name may not hold ('T-shirt/top' as
-    # 'T-shirt_top')
-    key = (lambda name: re.sub(r'[^0-9a-z]', '', name.casefold()))
-    folders = {key(p.name) for p in folder.iterdir() if p.is_dir()}
-    if folders & {key(n) for n in names}:
-        missing = [n for n in names if key(n) not in folders]
+    folders = {class_key(p.name) for p in folder.iterdir() if p.is_dir()}
+    if folders & {class_key(n) for n in names}:
+        missing = [n for n in names if class_key(n) not in folders]
         if missing:
             return (f'{folder} has no sub-folder for {len(missing)} of the model\'s {len(names)} classes '
                     f'({", ".join(some(missing))}): the thresholds keep 95% of the classes it has, and images of the '

@@ -35,7 +35,8 @@ from .protocols import PROTOCOLS, DataMissing, Transformed, add_fpr95_openood, f
     skipped_markdown
 from ..output import posterior_score, spatial_maxlogit_score, spatial_posterior_score
 from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, HelpFormatter, bounded, device as device_arg
-from .images import ImageError, ImageFiles, class_folder, one_line, ood_set_names, unreadable, unreadable_report
+from .images import (ImageError, ImageFiles, class_folder, class_key, one_line, ood_set_names, unreadable,
+                     unreadable_report)
 from .report import deployed_thresholds, deployment_report, fit_detectors, method_label, write_scores_csv
 
 __all__ = ['calibrate', 'collect', 'ssod_report', 'evaluate', 'METHODS', 'results_markdown', 'main']
@@ -274,21 +275,34 @@ def _bar(loader, desc: Optional[str]):
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
+def in_model_order(ds, model):
+    """An ImageFolder ``ds`` whose class folders are the model's label names up to case and punctuation (each
+    :func:`_name_key` once), relabelled with the model's class indices and names: ImageFolder numbers the folders in
+    sorted order, the model's classes may be in another. Any other ``ds`` as it is."""
+    names = [str(c) for c in (model.pretrained_cfg.get('label_names') or ())]
+    keys = [class_key(c) for c in ds.classes]
+    index = {class_key(n): i for i, n in enumerate(names)}
+    if not names or list(ds.classes) == names or len(index) != len(names) or sorted(keys) != sorted(index):
+        return ds
+    order = [index[k] for k in keys]
+    ds.samples = ds.imgs = [(path, order[t]) for path, t in ds.samples]
+    ds.targets = [t for _, t in ds.samples]
+    ds.classes, ds.class_to_idx = names, {n: i for i, n in enumerate(names)}
+    return ds
+
+
 def _check_class_folders(p: argparse.ArgumentParser, which: str, model, classes: List[str],
                          val_dir: Optional[str], protocol: Optional[str]) -> None:
     """Stop when the ID set cannot be the model's classes; warn when its folder names are not the model's labels.
-    ImageFolder numbers the class folders in sorted order, and ID accuracy takes folder i for the model's class i."""
+    ImageFolder numbers the class folders in sorted order, and ID accuracy takes folder i for the model's class i
+    (folders named as the model's classes were put in its order by :func:`in_model_order`)."""
     names = [str(c) for c in (model.pretrained_cfg.get('label_names') or ())]
     expected = f' (its classes, in order: {", ".join(names)})' if names else ''
     if model.num_classes != len(classes):
         p.error(f'{which} has {model.num_classes} classes, {val_dir or protocol} has {len(classes)}: the ID set needs '
                 f'one sub-folder per class of the model{expected}, each holding that class\'s images')
-    if val_dir is None or not names or names == list(classes):
+    if val_dir is None or not names or names == list(classes):  # (folders named as the classes: in_model_order)
         return
-    if sorted(names) == sorted(classes):
-        p.error(f'{val_dir} has the model\'s class folders, but ImageFolder numbers them in sorted order '
-                f'({", ".join(classes)}) and the model\'s classes are in another{expected}; rename the folders so '
-                'that they sort in the model\'s order, e.g. with a 00_, 01_, ... prefix')
     moved = [(c, i, names.index(c)) for i, c in enumerate(classes) if c in names and names.index(c) != i]
     if moved:  # a folder named after one of the model's classes would be graded as another
         c, i, j = moved[0]
@@ -382,7 +396,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if isinstance(path, Dataset):
             ds = Transformed(path, transform)
         else:  # ID sets need their class folders; an OOD set is every image under its folder
-            ds = class_folder(path, transform) if labelled else ImageFiles(path, transform)
+            ds = in_model_order(class_folder(path, transform), model) if labelled else ImageFiles(path, transform)
         ds = limited(ds, limit, _targets(ds) if per_class and limit else None)
         return DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
 

@@ -13,8 +13,8 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from torch.utils.data import Dataset
 
-__all__ = ['IMAGE_EXTENSIONS', 'ImageError', 'ImageFiles', 'class_folder', 'list_images', 'one_line', 'read_image',
-           'to_rgb', 'unreadable', 'unreadable_report']
+__all__ = ['IMAGE_EXTENSIONS', 'ImageError', 'ImageFiles', 'class_folder', 'class_key', 'list_images', 'one_line',
+           'read_image', 'to_rgb', 'unreadable', 'unreadable_report']
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
@@ -119,6 +119,11 @@ def class_folder(folder, transform: Optional[Callable] = None):
         return ImageFolder(str(folder), transform=transform, loader=read_image)
     except FileNotFoundError as e:
         raise ImageError(f'{folder}: {e} (expected one sub-folder of images per class)') from None
+
+
+def class_key(name: str) -> str:
+    """A class name up to case and the characters a folder name may not hold: 'T-shirt_top' is 'T-shirt/top'."""
+    return re.sub(r'[^0-9a-z]', '', str(name).casefold())
 
 
 def one_line(error: BaseException) -> str:
