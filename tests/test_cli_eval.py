@@ -149,6 +149,11 @@ def test_bootstrap_matches_explicit_resampling_with_ties():
     for k in range(40):
         assert boot['fpr95'][k] == pytest.approx(metrics.fpr_at_tpr(a[i1[k]], o[i0[k]]), abs=1e-12)
         assert boot['auroc'][k] == pytest.approx(metrics.auroc(a[i1[k]], o[i0[k]]), abs=1e-12)
+    # the interval: the 2.5th and 97.5th percentiles of those resamples (numpy's linear interpolation as oracle)
+    import numpy as np
+    ci = bootstrap_ci(s_id, s_ood, 40, seed=3)
+    for key in ('fpr95', 'auroc'):
+        assert ci[key] == pytest.approx(np.percentile(100 * np.array(boot[key]), [2.5, 97.5]), abs=1e-9)
     ci = bootstrap_ci(s_id, s_ood, 300)
     assert ci == bootstrap_ci(s_id, s_ood, 300)  # seeded
     assert ci['auroc'][0] < 100 * metrics.auroc(s_id, s_ood) < ci['auroc'][1]
@@ -238,7 +243,8 @@ def test_ood_folders_named_alike_or_like_the_reports_own_sets_are_kept_apart(dat
             save_images(edge / 'id', 5, seed=42), save_images(edge / 'average', 6, seed=43)]
     assert ood_set_names(dirs) == ['a/photos', 'b/photos', 'edge/id', 'edge/average']
     payload = evaluate.main(['--model', str(data['ckpt']), '--val-dir', str(data['val']), '--ood-dirs',
-                             *map(str, dirs), '--out', str(tmp_path / 'out'), '--workers', '0', '--bootstrap', '0'])
+                             *map(str, dirs), '--out', str(tmp_path / 'out'), '--workers', '0', '--bootstrap', '0',
+                             '--no-plots'])
     assert {k: v['n'] for k, v in payload['accept_rates']['ssod'].items()} == {
         'id': 12, 'a/photos': 3, 'b/photos': 4, 'edge/id': 5, 'edge/average': 6}
     out, err = capsys.readouterr()
@@ -276,3 +282,21 @@ def test_scoring_at_another_size_marks_the_accept_rates(data, tmp_path):
     assert payload['thresholds_note'].startswith(note) and note in (tmp_path / 'other' / 'results.md').read_text()
     payload = evaluate.main([*argv, '--out', str(tmp_path / 'same'), '--img-size', str(trained)])
     assert 'thresholds_note' not in payload and 'Scored at' not in (tmp_path / 'same' / 'results.md').read_text()
+
+
+def test_fitted_baselines_get_the_fit_folder_and_knn_k(data, tmp_path, monkeypatch):
+    """--fit-dir's images (not the ID test images) and --knn-k reach the fitted baselines."""
+    from ssod_zoo.app.images import list_images
+    fitted = []
+    real = evaluate.fit_detectors
+
+    def recording(features, targets, classifier, knn_k=50, *args, **kwargs):
+        fitted.append((len(features), sorted(set(targets.tolist())), knn_k))
+        return real(features, targets, classifier, knn_k, *args, **kwargs)
+    monkeypatch.setattr(evaluate, 'fit_detectors', recording)
+    evaluate.main(['--model', str(data['ckpt']), '--val-dir', str(data['val']), '--ood-dirs', str(data['flat']),
+                   '--fit-dir', str(data['fit']), '--knn-k', '1', '--out', str(tmp_path), '--no-plots',
+                   '--bootstrap', '0', '--workers', '0'])
+    n_fit = len(list_images(data['fit']))
+    assert n_fit != len(list_images(data['val']))
+    assert fitted == [(n_fit, [0, 1, 2], 1)]

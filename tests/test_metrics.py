@@ -208,6 +208,7 @@ def test_streaming_detaches_grad_scores():
     scores = torch.tensor([1.0, 2.0, 0.0], requires_grad=True)
     m = OODMetrics()
     m.update(scores * 2, torch.tensor([True, True, False]))
+    assert not any(t.requires_grad for t in m._id + m._ood)  # no autograd graph kept alive by the stored scores
     assert m.compute()['auroc'] == 1.0
 
 

@@ -16,6 +16,8 @@ def test_pooled_posterior_scores_are_the_two_factors_of_eq7():
     torch.testing.assert_close(posterior_score(logits, p_id, 'msp'), robust_posterior(logits, p_id)[:, :-1].amax(1))
     # each factor moves the score: a lower P_ID or flatter logits lower it
     assert (posterior_score(logits, p_id / 2) < energy_form).all()
+    assert (posterior_score(logits / 2, p_id, 'msp') < posterior_score(logits, p_id, 'msp')).all()  # (max softmax
+    # falls as the temperature rises, where the top logit is unique)
     with pytest.raises(ValueError, match="kind is 'energy' or 'msp'"):
         posterior_score(logits, p_id, 'max')
 

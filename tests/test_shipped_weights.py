@@ -15,10 +15,9 @@ MANIFEST = json.loads((Path(__file__).resolve().parent.parent / 'weights' / 'man
 SYNTHETIC = [e for e in MANIFEST['weights'] if e['file'] and e['metrics'].get('ood') and not e['metrics'].get('protocol')]
 
 
-def test_at_least_one_weight_is_shipped_and_registered():
+def test_at_least_one_weight_with_metrics_is_shipped():
+    # (that every entry is registered: test_hub.py::test_registered_tags_are_exactly_the_manifest)
     assert SYNTHETIC, 'weights/manifest.json lists no shipped weight with measured metrics'
-    for e in MANIFEST['weights']:
-        assert e['name'] in timm.list_pretrained('ssod_*')
 
 
 @pytest.mark.parametrize('entry', SYNTHETIC, ids=[e['name'] for e in SYNTHETIC])
