@@ -1,5 +1,6 @@
 """Suite-wide options and fixtures: tests marked ``slow`` are skipped, and listed as skipped, unless ``--runslow``
-is given; ``small_bench`` is one tiny synthetic benchmark shared by the files that only need some images."""
+is given; the data cache is the session's own; ``small_bench`` is one tiny synthetic benchmark shared by the files
+that only need some images."""
 import importlib.util
 import os
 import sys
@@ -20,6 +21,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if 'slow' in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def own_data_cache(tmp_path_factory):
+    """The data sets the commands unpack or generate (Fashion-MNIST's IDX files, the synthetic benchmark) go to a
+    folder of this session, not to ~/.cache/ssod_zoo: no test reads what an earlier session left there."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv('SSOD_ZOO_CACHE', str(tmp_path_factory.mktemp('ssod_zoo_cache')))
+    yield
+    mp.undo()
 
 
 @pytest.fixture(scope='session')
