@@ -580,3 +580,33 @@ def test_a_second_signal_stops_at_once(capsys):
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+def test_recipe_flags_reach_what_they_set(bench, tmp_path, monkeypatch):
+    """Each recipe flag without a run of its own elsewhere reaches the object it configures: the loss, the
+    scheduler, the training crop and the OOD loss's reach (a flag parsed and then dropped would pass every other
+    test)."""
+    from ssod_zoo.app import train as train_module
+    seen = {}
+    loss_init, step_init = train_module.SSODLoss.__init__, torch.optim.lr_scheduler.StepLR.__init__
+    transform, spatial = timm.data.create_transform, train_module._SpatialForward.__init__
+
+    def record(name, real):
+        def spy(*args, **kwargs):
+            seen.setdefault(name, []).append((args, kwargs))
+            return real(*args, **kwargs)
+        return spy
+    monkeypatch.setattr(train_module.SSODLoss, '__init__', record('loss', loss_init))
+    monkeypatch.setattr(torch.optim.lr_scheduler.StepLR, '__init__', record('step', step_init))
+    monkeypatch.setattr(timm.data, 'create_transform', record('transform', transform))
+    monkeypatch.setattr(train_module._SpatialForward, '__init__', record('spatial', spatial))
+    main(_args(bench, tmp_path, '--epochs', '1', '--max-steps-per-epoch', '1', '--label-smoothing', '0.1',
+               '--background-weight', '0.5', '--gamma', '0.9', '--alpha', '2.0', '--lr-gamma', '0.3',
+               '--lr-step', '7', '--scale-min', '0.4', '--ood-detach'))
+    (loss_args, _), = seen['loss']
+    assert loss_args[1:6] == (0.9, 2.0, 'lwb', 0.5, 0.1)  # gamma, alpha, balance, background_weight, smoothing
+    (_, step_kwargs), = seen['step']
+    assert (step_kwargs['step_size'], step_kwargs['gamma']) == (7, 0.3)
+    assert [kw['scale'] for _, kw in seen['transform'] if kw.get('is_training')] == [(0.4, 1.0)]
+    (_, spatial_kwargs), = seen['spatial']
+    assert spatial_kwargs['detach_ood'] is True

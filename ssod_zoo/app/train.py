@@ -48,7 +48,7 @@ from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded, device as device_arg
 from .evaluate import collect, ssod_report, thresholds_of
 from ..hub import CHECKPOINT_FORMAT, THRESHOLDS
 from ..loss import BALANCE_SCHEMES, OOD_RULES, PATCH_MEANS, SSODLoss, SSODLossParts
-from .protocols import PROTOCOLS
+from .protocols import PROTOCOLS, default_cache
 
 
 @dataclass
@@ -131,7 +131,8 @@ HELP = {  # one line per TrainConfig field: `ssod train --help` shows it with th
     'train_dir': 'ID training images, one sub-folder per class',
     'val_dir': 'ID validation images, same class sub-folders; calibrates both thresholds',
     'ood_dirs': 'OOD validation folders, one per set (every image under each folder)',
-    'synthetic_root': "with --data synthetic: its cache ('' = ~/.cache/ssod_zoo/synthetic)",
+    'synthetic_root': "with --data synthetic: its cache ('' = $SSOD_ZOO_CACHE/synthetic, else "
+                      '~/.cache/ssod_zoo/synthetic)',
     'img_size': 'training and evaluation input size, pixels',
     'crop_pct': "evaluation centre-crop fraction (None = the model's pretrained_cfg)",
     'scale_min': 'RandomResizedCrop lower scale bound for training',
@@ -931,7 +932,7 @@ def _datasets(cfg: TrainConfig, master: bool) -> Dict[str, Dataset]:
         return out
     if cfg.data == 'synthetic':
         from .synthetic import SyntheticBenchmark
-        root = cfg.synthetic_root or Path.home() / '.cache' / 'ssod_zoo' / 'synthetic'
+        root = cfg.synthetic_root or default_cache() / 'synthetic'
         bench = SyntheticBenchmark(root)
         if master:
             bench.prepare(progress=cfg.progress)
