@@ -1,4 +1,6 @@
 """One interface for every post-hoc detector: a table lookup, fit(features, labels, classifier), score(features, logits)."""
+import warnings
+
 import pytest
 import timm
 import torch
@@ -78,6 +80,17 @@ def test_evaluate_a_model_whose_classifier_has_no_bias():
     results = evaluate(model, loader(12, 0), {'noise': loader(12, 1)}, fit_loader=loader(24, 2), progress=False,
                        methods=('ssod', 'msp', 'react', 'vim'))
     assert set(results['ood']['noise']) >= {'ssod', 'msp', 'react', 'vim'}
+    # and the scores are those of the detectors fitted on the same features (a zero bias), finite
+    from ssod_zoo.app.evaluate import collect
+    from ssod_zoo.app.report import fit_detectors
+    fit, test = (collect(model, loader(n, seed), torch.device('cpu')) for n, seed in ((24, 2), (12, 0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # ViM's subspace capped for 24 fit images, as evaluate caps it
+        fitted = fit_detectors(fit['features'], fit['targets'], model.get_classifier(), methods=('react', 'vim'))
+    for method, detector in fitted.items():
+        want = detector.score(test['features'], test['logits'])
+        assert torch.isfinite(want).all() and torch.isfinite(results['scores'][method]['noise']).all()
+        torch.testing.assert_close(results['scores'][method]['id'], want)
 
 
 def test_odin_scores_images_by_its_formula_and_refuses_features():

@@ -198,6 +198,12 @@ def test_onnx_old_opset(tmp_path):
     assert [o.version for o in onnx.load(str(path)).opset_import if o.domain in ('', 'ai.onnx')] == [17]
     x = _images(3)
     _assert_same(_session(path).run(None, {INPUT_NAME: x.numpy()}), _reference(model, x), atol=ONNX_ATOL)
+    # and through the command's flag
+    from ssod_zoo import export
+    export.main(['ssod_test_resnet', '--out', str(tmp_path / 'cli17.onnx'), '--opset', '17',
+                 '--input-size', *map(str, SIZE)])
+    assert [o.version for o in onnx.load(str(tmp_path / 'cli17.onnx')).opset_import
+            if o.domain in ('', 'ai.onnx')] == [17]
 
 
 def test_onnx_cli_with_checkpoint(tmp_path, capsys):
