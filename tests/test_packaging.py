@@ -49,17 +49,22 @@ def test_library_imports_only_its_declared_dependencies():
                 assert top in allowed or top in stdlib, f'ssod_zoo/{name}.py imports {module}'
 
 
-def test_cli_lists_its_commands_and_rejects_unknown_ones():
-    r = subprocess.run([sys.executable, '-m', 'ssod_zoo.app.cli', '--help'], capture_output=True, text=True)
-    assert r.returncode == 0
-    for command in ('demo', 'train', 'eval', 'export', 'save', 'push'):
-        assert f'  {command}' in r.stdout
-    r = subprocess.run([sys.executable, '-m', 'ssod_zoo.app.cli', '--version'], capture_output=True, text=True)
+def test_cli_lists_its_commands_and_rejects_unknown_ones(capsys):
     import ssod_zoo
     import timm
+    from ssod_zoo.app import cli
+    # the module runs as a program (one process: each costs seconds of imports)
+    r = subprocess.run([sys.executable, '-m', 'ssod_zoo.app.cli', '--version'], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith(f'ssod_zoo {ssod_zoo.__version__} (timm {timm.__version__}')
-    r = subprocess.run([sys.executable, '-m', 'ssod_zoo.app.cli', 'fly'], capture_output=True, text=True)
-    assert r.returncode == 2 and 'unknown command' in r.stderr
+    with pytest.raises(SystemExit) as e:
+        cli.main(['--help'])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for command in ('demo', 'train', 'eval', 'export', 'save', 'push'):
+        assert f'  {command}' in out
+    with pytest.raises(SystemExit) as e:
+        cli.main(['fly'])
+    assert e.value.code == 2 and 'unknown command' in capsys.readouterr().err
 
 
 def test_import_ssod_zoo_loads_no_training_dependency():
