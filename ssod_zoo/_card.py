@@ -179,8 +179,9 @@ def model_card(config: Dict[str, Any], *, train_config: Optional[Mapping[str, An
             task_type='image-classification', task_name='Image Classification', dataset_type=_slug(id_dataset),
             dataset_name=id_dataset, dataset_split=metrics.get('split', 'validation'), metric_type='accuracy',
             metric_name='ID top-1 accuracy (%)', metric_value=round(float(metrics['id_accuracy']), 4)))
-    # a cross-entropy model's OOD rows score a head never trained: the card's table says so, the Hub's index gets none
-    for set_name, values in (ood.items() if ood_head_trained(config, train_config) else ()):
+    # a cross-entropy model's OOD rows would score a head never trained: the card and the Hub's index leave them out
+    ce_only = not ood_head_trained(config, train_config)
+    for set_name, values in (ood.items() if not ce_only else ()):
         results += [EvalResult(
             task_type='out-of-distribution-detection', task_name='Out-of-distribution detection',
             dataset_type=_slug(set_name), dataset_name=f'{set_name} (OOD) vs {id_dataset} (ID)',
@@ -194,7 +195,6 @@ def model_card(config: Dict[str, Any], *, train_config: Optional[Mapping[str, An
     def row(label: str, v: Mapping[str, Any]) -> str:
         return f'| {label} | ' + ' | '.join('-' if v.get(k) is None else f'{float(v[k]):.2f}' for k, _ in METRICS) + ' |'
 
-    ce_only = not ood_head_trained(config, train_config)
     ood_rows = [] if ce_only else [row(s, v) for s, v in ood.items()]  # a never-trained head's rows measure nothing
     if ood_rows and metrics.get('ood_average'):
         ood_rows.append(row('**average**', metrics['ood_average']))

@@ -60,9 +60,10 @@ def test_eval_reports_counts_accept_rates_intervals_and_per_image_scores(data, t
     assert json.loads((tmp_path / 'results.json').read_text())['accept_rates']['ssod'] == rates
 
 
-def test_unreadable_images_are_named_all_at_once(data, tmp_path, capsys):
+def test_unreadable_images_are_named_all_at_once(data, tmp_path, capsys, monkeypatch):
     """Every unreadable image of the run in one line, before any scoring when a header shows it; a file cut short
-    (whose header reads) stops the scoring, and then every file is parsed, so all of them are named too."""
+    (whose header reads: a JPEG passes PIL's verify() too) stops the scoring, and then every file is decoded, so all
+    of them are named too."""
     import io
 
     from PIL import Image
@@ -70,9 +71,12 @@ def test_unreadable_images_are_named_all_at_once(data, tmp_path, capsys):
     from ssod_zoo.app.images import list_images
     ood, other = save_images(tmp_path / 'ood', 2), save_images(tmp_path / 'other', 2)
     (ood / 'broken.png').write_bytes(b'\x89PNG not really')
-    png = io.BytesIO()
-    Image.effect_noise((64, 64), 60).save(png, 'PNG')
-    (other / 'cut.png').write_bytes(png.getvalue()[:len(png.getvalue()) // 2])
+    for name, kind in (('cut.png', 'PNG'), ('cut.jpg', 'JPEG')):
+        encoded = io.BytesIO()
+        Image.effect_noise((64, 64), 60).convert('RGB').save(encoded, kind)
+        (other / name).write_bytes(encoded.getvalue()[:len(encoded.getvalue()) // 2])
+    real_evaluate = evaluate.evaluate
+    monkeypatch.setattr(evaluate, 'evaluate', lambda *a, **k: pytest.fail('scored despite a broken header'))
 
     def run():
         with pytest.raises(SystemExit) as e:
@@ -87,15 +91,18 @@ def test_unreadable_images_are_named_all_at_once(data, tmp_path, capsys):
         return err[0]
 
     total = sum(len(list_images(d)) for d in (data['val'], ood, other))
-    line = run()  # the header check stops it; the parse finds the cut file too
-    assert f'2 of {total} images cannot be read: cannot read image {ood / "broken.png"} (' in line
-    assert f'; also {other / "cut.png"}. Fix' in line
+    line = run()  # the header check stops it, before any scoring; decoding finds the cut files too
+    assert f'3 of {total} images cannot be read: cannot read image {ood / "broken.png"} (' in line
+    assert f'; also {other / "cut.jpg"}, {other / "cut.png"}. Fix' in line
     (ood / 'broken.png').unlink()
-    line = run()  # only the cut file: the header check passes, the scoring stops, the parse names it
-    assert f'1 of {total - 1} images cannot be read: cannot read image {other / "cut.png"} (' in line
+    monkeypatch.setattr(evaluate, 'evaluate', real_evaluate)
+    line = run()  # only the cut files: the header check passes, the scoring stops, decoding names both
+    assert f'2 of {total - 1} images cannot be read: cannot read image {other / "cut.jpg"} (' in line
+    assert f'; also {other / "cut.png"}. Fix' in line
     assert not (tmp_path / 'out' / 'results.json').exists()
     # a missing folder is not an unreadable file: no such hint there
     (other / 'cut.png').unlink()
+    (other / 'cut.jpg').unlink()
     with pytest.raises(SystemExit):
         evaluate.main(['--model', str(data['ckpt']), '--val-dir', str(data['val']), '--ood-dirs', str(ood),
                        '--fit-dir', str(ood), '--out', str(tmp_path / 'out'), '--no-plots'])

@@ -373,6 +373,10 @@ def test_eval_checks_its_class_folders_end_to_end(two_class_folders, tmp_path, c
         targets = {(Path(r['path']).parent.name, r['target']) for r in csv.DictReader(f) if r['set'] == 'id'}
     assert targets == {('A', '1'), ('b', '0')}
     (tmp_path / 'val' / 'A').rename(tmp_path / 'val' / 'a')
+    # a baseline that orders the same classes otherwise: one of the two would be graded against the wrong labels
+    with pytest.raises(SystemExit) as e:
+        two_class_folders('hub_ba', '--baseline-model', f'local-dir:{tmp_path / "hub"}')
+    assert e.value.code == 2 and 'order their classes differently' in capsys.readouterr().err
     # other names: scored, with a warning
     (tmp_path / 'val' / 'a').rename(tmp_path / 'val' / '0_a')
     with pytest.warns(UserWarning, match=r'the class folders of .*val \(0_a, b\) are not the label names'):

@@ -277,8 +277,8 @@ def _bar(loader, desc: Optional[str]):
 # ------------------------------------------------------------------------------------------------------ CLI
 def in_model_order(ds, model):
     """An ImageFolder ``ds`` whose class folders are the model's label names up to case and punctuation (each
-    :func:`_name_key` once), relabelled with the model's class indices and names: ImageFolder numbers the folders in
-    sorted order, the model's classes may be in another. Any other ``ds`` as it is."""
+    :func:`~ssod_zoo.app.images.class_key` once), relabelled with the model's class indices and names: ImageFolder
+    numbers the folders in sorted order, the model's classes may be in another. Any other ``ds`` as it is."""
     names = [str(c) for c in (model.pretrained_cfg.get('label_names') or ())]
     keys = [class_key(c) for c in ds.classes]
     index = {class_key(n): i for i, n in enumerate(names)}
@@ -404,6 +404,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         val = loader(protocol.test if protocol else args.val_dir, labelled=True)
     except ImageError as e:
         fail(e)
+    labels = [[class_key(c) for c in (m.pretrained_cfg.get('label_names') or ())] for m in (model, baseline) if m]
+    if len(labels) == 2 and labels[0] != labels[1] and sorted(labels[0]) == sorted(labels[1]):
+        p.error(f'--model {args.model} and --baseline-model {args.baseline_model} order their classes differently, '
+                'so one of them would be graded against the wrong labels: give a baseline with the model\'s class '
+                'order')
     for flag, m in (('--model', model), ('--baseline-model', baseline)):
         if m is not None:
             _check_class_folders(p, f'{flag} {getattr(args, flag[2:].replace("-", "_"))}', m, val.dataset.classes,
@@ -424,7 +429,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         warnings.warn(f'no --fit-dir, so {", ".join(FITTED)} are left out (each is fitted on ID training '
                       'features): pass --fit-dir with ID training images, one sub-folder per class, to score them')
     # every image found is scored, so an unreadable one stops the run: a header check of each file first, and when
-    # one fails later (a file cut short), every file is parsed, so that all of them are named in one go
+    # one fails later (a file cut short), every file is decoded, so that all of them are named in one go
     files = [f for ds in (val, *oods.values(), *([fit] if fit else [])) for f in _paths(ds.dataset)]
 
     def unreadable_stop(first: str):
@@ -433,7 +438,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
               'ones)', file=sys.stderr)
         raise SystemExit(2)
 
-    for path, why in unreadable(files, verify=False):
+    for path, why in unreadable(files, decode=False):
         unreadable_stop(f'cannot read image {path} ({why})')
     try:
         results = add_fpr95_openood(evaluate(model, val, oods, baseline, fit, device, knn_k=args.knn_k))

@@ -45,22 +45,23 @@ def read_image(path):
         raise ImageError(f'cannot read image {path}: {type(e).__name__}: {e}') from None
 
 
-def unreadable(files: Iterable, verify: bool = True) -> Iterator[Tuple[Path, str]]:
-    """``(path, why)`` for each of ``files`` PIL cannot open (a header check), or with ``verify`` cannot parse. A
-    file cut short passes both; it shows only when its pixels are decoded."""
+def unreadable(files: Iterable, decode: bool = True) -> Iterator[Tuple[Path, str]]:
+    """``(path, why)`` for each of ``files`` PIL cannot open (a header check, fast), or with ``decode`` cannot
+    decode: a file cut short passes the header check (and PIL's ``verify()`` too, for a JPEG)."""
     from PIL import Image
     for path in files:
         try:
             with Image.open(path) as im:
-                if verify:
-                    im.verify()
+                if decode:
+                    im.load()
         except Exception as e:  # the formats' parsers raise what they raise
             yield Path(path), f'{type(e).__name__}: {e}'
 
 
 def unreadable_report(files: Sequence, shown: int = 3) -> Optional[str]:
-    """One line naming how many of ``files`` cannot be read (:func:`unreadable`) and the first ``shown`` of them, so
-    a large folder is reported in one go rather than one crash at a time; None when every file reads."""
+    """One line naming how many of ``files`` cannot be read (:func:`unreadable`, each decoded: as long as reading
+    them all) and the first ``shown`` of them, so a large folder is reported in one go rather than one crash at a
+    time; None when every file reads."""
     bad = list(unreadable(files))
     if not bad:
         return None
@@ -123,7 +124,7 @@ def class_folder(folder, transform: Optional[Callable] = None):
 
 def class_key(name: str) -> str:
     """A class name up to case and the characters a folder name may not hold: 'T-shirt_top' is 'T-shirt/top'."""
-    return re.sub(r'[^0-9a-z]', '', str(name).casefold())
+    return re.sub(r'[\W_]', '', str(name).casefold())
 
 
 def one_line(error: BaseException) -> str:

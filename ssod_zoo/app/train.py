@@ -907,7 +907,7 @@ def _check_eval_images(cfg: TrainConfig) -> None:
         return
     from .images import list_images, unreadable
     files = (p for d in (cfg.val_dir, *cfg.ood_dirs) if d for p in list_images(d))
-    for path, why in unreadable(files, verify=False):  # the first one stops it; the report names them all
+    for path, why in unreadable(files, decode=False):  # the first one stops it; the report names them all
         raise UnreadableImage(f'cannot read image {path} ({why})')
 
 
