@@ -64,6 +64,15 @@ class WeightsError(RuntimeError):
     """SSOD weights could not be found, read or used; the message names the remedy."""
 
 
+class NoDefaultWeights(RuntimeError):
+    """``pretrained=True`` on an architecture's bare name that has no default weights; ``tags``: its tagged
+    weights (timm's error type, so code that catches timm's RuntimeError still does)."""
+
+    def __init__(self, message: str, tags):
+        super().__init__(message)
+        self.tags = list(tags)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # loading: called by registry._create for every ssod_* model built with pretrained=True
 

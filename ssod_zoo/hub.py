@@ -50,8 +50,8 @@ from torch import nn
 from . import _card
 # the checks and clear errors behind every pretrained=True, and the shipped weights (re-exported for registry.py)
 from ._pretrained import (  # noqa: F401
-    CONFIG_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MAX_SHIPPED_BYTES, WEIGHTS_NAME, WeightsError, _check_state_dict,
-    _clear_errors, _download, _folder_config, _manifest_cfgs, _prepare_pretrained, _repo_model_args, _sha256,
+    CONFIG_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MAX_SHIPPED_BYTES, WEIGHTS_NAME, NoDefaultWeights, WeightsError,
+    _check_state_dict, _clear_errors, _download, _folder_config, _manifest_cfgs, _prepare_pretrained, _repo_model_args, _sha256,
     _shipped_model_args, _state_dict_mismatch, _weights_dir, not_cached)
 from .adapter import (  # noqa: F401  (CALIBRATED: what holds only for the weights it was calibrated on)
     CALIBRATED, READOUTS, SSODModel, check_readout, check_spatial_threshold, check_threshold, user_stacklevel, wrap)
@@ -624,12 +624,11 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
         if not spec.startswith('hf-hub:'):
             raise
         raise not_cached(spec[len('hf-hub:'):], 'config.json', kwargs.get('cache_dir')) from e
+    except NoDefaultWeights as e:  # an architecture's name, without weights of its own
+        raise WeightsError(f'{spec} names an architecture without default weights: give weights instead, '
+                           + (f'by their tagged name ({", ".join(e.tags)}), ' if e.tags else '')
+                           + 'a checkpoint, a hub folder or hf-hub:ORG/REPO') from None
     except RuntimeError as e:  # a repo of another timm CNN, its config.json fetched just now: register, then again
-        if registered(spec) and 'SSOD weights;' in str(e):  # an architecture's name, without weights of its own
-            tags = timm.list_pretrained(spec.split('.')[0] + '.*')
-            raise WeightsError(f'{spec} names an architecture without default weights: give weights instead, '
-                               + (f'by their tagged name ({", ".join(tags)}), ' if tags else '')
-                               + 'a checkpoint, a hub folder or hf-hub:ORG/REPO') from None
         if not (spec.startswith('hf-hub:') and 'Unknown model' in str(e)
                 and _register_cached_repo(spec[len('hf-hub:'):], kwargs.get('cache_dir'))):
             raise

@@ -78,10 +78,11 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
             where = (f'{variant}\'s published weights carry a tag ({", ".join(tags)}): timm.create_model('
                      f'\'{tags[0]}\', pretrained=True)' if tags else
                      f'none are published for {variant} (timm.list_pretrained("ssod_*") lists those that exist)')
-            raise RuntimeError(
+            raise hub.NoDefaultWeights(
                 f'{name} has no {"default " if tags else ""}SSOD weights; {where}. To fine-tune from timm\'s '
                 'ImageNet classifier, build the model with pretrained=False and load the classifier\'s weights '
-                f'into it (the OOD head starts fresh), as `python -m ssod_zoo.app.train --init {trunk}.<tag>` does.')
+                f'into it (the OOD head starts fresh), as `python -m ssod_zoo.app.train --init {trunk}.<tag>` does.',
+                tags)
         overlay.update(hub._prepare_pretrained(cfg, kwargs.get('cache_dir')))
         if overlay.get('hf_hub_id') and not overlay.get('file'):  # pointed at a repo: its config.json's model args
             repo_args = hub._repo_model_args(cfg, kwargs.get('cache_dir'))

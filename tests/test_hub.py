@@ -848,8 +848,9 @@ def test_repo_revision_and_file_missing_on_the_hub(hub_server, saved):
 def test_tag_without_weights_and_unknown_tag():
     # the architecture's weights are published under a tag: the error names it, and how to ask for it
     with pytest.raises(RuntimeError, match=rf"{ARCH} has no default SSOD weights; .*\({ARCH}.synthetic\): "
-                                           rf"timm.create_model\('{ARCH}.synthetic', pretrained=True\)"):
+                                           rf"timm.create_model\('{ARCH}.synthetic', pretrained=True\)") as e:
         timm.create_model(ARCH, pretrained=True)
+    assert e.value.tags == [f'{ARCH}.synthetic']  # (a NoDefaultWeights: load_model names them to the commands)
     with pytest.raises(RuntimeError, match=r'Invalid pretrained tag \(nope\).*Published SSOD weights'):
         timm.create_model(f'{ARCH}.nope')
 
