@@ -51,8 +51,8 @@ from . import _card
 # the checks and clear errors behind every pretrained=True, and the shipped weights (re-exported for registry.py)
 from ._pretrained import (  # noqa: F401
     CONFIG_NAME, MANIFEST_FORMAT, MANIFEST_NAME, MAX_SHIPPED_BYTES, WEIGHTS_NAME, NoDefaultWeights, WeightsError,
-    _check_state_dict, _clear_errors, _download, _folder_config, _manifest_cfgs, _prepare_pretrained, _repo_model_args, _sha256,
-    _shipped_model_args, _state_dict_mismatch, _weights_dir, not_cached)
+    _check_state_dict, _clear_errors, _download, _folder_config, _manifest_cfgs, _prepare_pretrained,
+    _repo_model_args, _sha256, _shipped_model_args, _state_dict_mismatch, _weights_dir, not_cached)
 from .adapter import (  # noqa: F401  (CALIBRATED: what holds only for the weights it was calibrated on)
     CALIBRATED, READOUTS, SSODModel, check_readout, check_spatial_threshold, check_threshold, user_stacklevel, wrap)
 
