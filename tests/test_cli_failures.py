@@ -500,3 +500,22 @@ def test_release_without_a_protocol_says_what_releases_a_folder_run(tmp_path, ca
         release.main([str(tmp_path / 'run'), str(tmp_path / 'out')])
     err = capsys.readouterr().err
     assert e.value.code == 2 and '--protocol is required' in err and '`ssod save RUN/best.pt DIR`' in err
+
+
+def test_eval_matches_the_fit_folders_by_name_too(two_class_folders, tmp_path, monkeypatch):
+    """--fit-dir's class folders get the model's class order as the ID set's do (the per-class fits: KNN's k cap,
+    Mahalanobis's class means)."""
+    from collections import Counter
+
+    from cli_helpers import save_images
+    from ssod_zoo.app import evaluate
+    from ssod_zoo.app.report import fit_detectors
+    for seed, (name, n) in enumerate((('a', 3), ('b', 5))):
+        save_images(tmp_path / 'fit' / name, n, seed=seed, size=64)
+    counts = []
+    monkeypatch.setattr(evaluate, 'fit_detectors', lambda features, targets, *args, **kwargs: (
+        counts.append(Counter(targets.tolist())), fit_detectors(features, targets, *args, **kwargs))[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # fits this small are flagged
+        two_class_folders('hub_ba', '--fit-dir', str(tmp_path / 'fit'))
+    assert counts == [Counter({1: 3, 0: 5})]  # a/ is the model's class 1 ('b', 'a'); ImageFolder alone says 0
