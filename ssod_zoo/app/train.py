@@ -912,8 +912,8 @@ def _check_eval_images(cfg: TrainConfig) -> None:
 
 
 def _unreadable_report(cfg: TrainConfig, shown: int = 3) -> str:
-    """One line: how many images of the run's folders cannot be read, and the first few (a header check of each
-    file, run only after one failed, so a large folder is reported in one go rather than one crash at a time)."""
+    """One line: how many images of the run's folders cannot be read, and the first few (each file decoded, only
+    after one failed, so a large folder is reported in one go rather than one crash at a time)."""
     from .images import list_images, unreadable_report
     folders = [d for d in (cfg.train_dir, cfg.val_dir, *cfg.ood_dirs) if d]
     return (unreadable_report(sorted(p for d in folders for p in list_images(d)), shown)
