@@ -457,8 +457,8 @@ def _update_best(best: dict, metrics: dict, epoch: int, ood_on: bool, tolerance:
     top = max(best.get('top_accuracy', -math.inf), accuracy)  # checkpoints from before the rule: no accuracies
     best = {**best, 'top_accuracy': top}
     if tolerance is None:
-        p = min(max(top / 100, 0.0), 1.0)
-        tolerance = max(1.0, 200 * math.sqrt(p * (1 - p) / max(images, 1)))
+        from .calibrate import spread_points  # the binomial spread, as calibrate and eval warn with it
+        tolerance = max(1.0, 2 * spread_points(max(images, 1), min(max(top / 100, 0.0), 1.0)))
     fpr = metrics.get('ood_average', {}).get('fpr95', math.nan)
     if math.isnan(fpr) or accuracy < top - tolerance:
         return best, False
