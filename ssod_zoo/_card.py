@@ -68,11 +68,6 @@ readout (below) says otherwise.
 ```python
 import timm, torch
 from PIL import Image
-{%- if not built_in %}
-import ssod_zoo
-
-ssod_zoo.register('{{ trunk }}')  # {{ arch }} is not one of ssod_zoo's built-in models
-{%- endif %}
 
 model = timm.create_model('hf-hub:<org>/<this-repo>', pretrained=True).eval()  # or 'local-dir:<folder>'
 config = timm.data.resolve_data_config(model=model)
@@ -94,14 +89,9 @@ keep_eq15 = model.accepts(scores, readout='factor')  # the paper's readout: ood_
 {%- endif %}
 ```
 
-{% if built_in -%}
-`{{ arch }}` is registered with timm by the ssod_zoo package: installed with pip, it does so on `import timm`; \
-from a source checkout (`pip install -e`), `import ssod_zoo` first.
-{%- else -%}
-`{{ arch }}` is the SSOD model of timm's `{{ trunk }}`, which ssod_zoo does not register by itself: call \
-`ssod_zoo.register('{{ trunk }}')` before `timm.create_model`, or load it with `ssod_zoo.load_model('hf-hub:...')`, \
-which does.
-{%- endif %}
+`{{ arch }}` is {% if built_in %}registered with timm by the ssod_zoo package{% else %}the SSOD model of timm's \
+`{{ trunk }}`, which the ssod_zoo package registers with timm when `timm.create_model` first asks for it{% endif %}: \
+installed with pip, ssod_zoo is imported with timm; from a source checkout (`pip install -e`), `import ssod_zoo` first.
 
 """ + THRESHOLD_SECTION + """
 

@@ -44,7 +44,7 @@ import timm
 import torch
 from huggingface_hub import HfApi
 from huggingface_hub.errors import LocalEntryNotFoundError
-from timm.models._hub import hf_split, save_config_for_hf
+from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from . import _card
@@ -614,10 +614,6 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
     elif not (spec.startswith(('hf-hub:', 'local-dir:')) or registered(spec)):
         raise WeightsError(f'{spec!r} is neither a file, a folder, an hf-hub:/local-dir: spec nor a registered model; '
                            f'SSOD models: {", ".join(timm.list_models("ssod_*"))}')
-    if spec.startswith('local-dir:'):
-        _register_saved(Path(spec[len('local-dir:'):]))
-    elif spec.startswith('hf-hub:'):
-        _register_cached_repo(spec[len('hf-hub:'):], kwargs.get('cache_dir'))
     try:
         model = timm.create_model(spec, pretrained=True, **kwargs)
     except LocalEntryNotFoundError as e:  # timm fetches an hf-hub: repo's config.json before ssod_zoo's code runs
@@ -628,11 +624,6 @@ def load_model(spec: Union[str, Path], **kwargs: Any) -> SSODModel:
         raise WeightsError(f'{spec} names an architecture without default weights: give weights instead, '
                            + (f'by their tagged name ({", ".join(e.tags)}), ' if e.tags else '')
                            + 'a checkpoint, a hub folder or hf-hub:ORG/REPO') from None
-    except RuntimeError as e:  # a repo of another timm CNN, its config.json fetched just now: register, then again
-        if not (spec.startswith('hf-hub:') and 'Unknown model' in str(e)
-                and _register_cached_repo(spec[len('hf-hub:'):], kwargs.get('cache_dir'))):
-            raise
-        model = timm.create_model(spec, pretrained=True, **kwargs)
     if not isinstance(model, SSODModel):  # a plain timm classifier: its weights have no OOD head, so it is fresh
         model = wrap(model, ood_head_trained=False)
     labels = model.pretrained_cfg.get('label_names')
@@ -658,28 +649,6 @@ def _saved_architecture(folder: Path) -> str:
         return str(json.loads((folder / CONFIG_NAME).read_text(encoding='utf-8')).get('architecture') or '')
     except (OSError, ValueError, AttributeError):
         return ''
-
-
-def _register_saved(folder: Path) -> bool:
-    """Register the ``ssod_<trunk>`` a saved folder names, when it is another timm CNN's (``register``); whether
-    it did."""
-    arch = _saved_architecture(folder)
-    if arch.startswith('ssod_') and not timm.is_model(arch) and timm.is_model(arch[len('ssod_'):]):
-        from .registry import register
-        register(arch[len('ssod_'):])
-        return True
-    return False
-
-
-def _register_cached_repo(repo: str, cache_dir: Optional[Union[str, Path]]) -> bool:
-    """:func:`_register_saved` for a Hub repo whose ``config.json`` is in the cache (no download here)."""
-    from huggingface_hub import hf_hub_download
-    repo_id, revision = hf_split(repo)
-    try:
-        config = hf_hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir, local_files_only=True)
-    except Exception:  # not cached (or not a repo): timm fetches it, and says what is wrong in its own words
-        return False
-    return _register_saved(Path(config).parent)
 
 
 def saved_folder(spec: Union[str, Path], cache_dir: Optional[Union[str, Path]] = None) -> Optional[Path]:

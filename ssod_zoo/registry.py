@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, split_model_name_tag
 from timm.models._builder import resolve_pretrained_cfg
 from torch import nn
 
@@ -198,9 +198,9 @@ def register(trunk: str) -> str:
     :func:`ssod_zoo.save_pretrained`, ``push_to_hub`` and loading a saved folder then work for it alike. Its config
     (preprocessing, first conv, classifier) is the trunk's default one.
 
-    Saving a :func:`ssod_zoo.wrap` of such a trunk registers it, and so does :func:`ssod_zoo.load_model` for a saved
-    folder that names one. ``timm.create_model('local-dir:...')`` or ``'hf-hub:...'`` in a new process needs this
-    call first.
+    There is seldom a need to call it: ``timm.create_model`` registers ``ssod_<trunk>`` the first time it is asked
+    for it (by name, or by a ``local-dir:``/``hf-hub:`` config naming it), and saving a :func:`ssod_zoo.wrap` of
+    such a trunk registers it too. ``timm.is_model`` and ``timm.list_models`` see it once it is registered.
 
     Returns:
         The registered name; one already registered (built in, or by an earlier call) is left as it is.
@@ -264,3 +264,24 @@ def ssod_mobilenetv3_large_100(pretrained: bool = False, **kwargs: Any) -> SSODM
 @register_model
 def ssod_test_resnet(pretrained: bool = False, **kwargs: Any) -> SSODModel:
     return _create('test_resnet', 'ssod_test_resnet', pretrained, **kwargs)
+
+
+def _register_on_create() -> None:
+    """Let ``timm.create_model`` register ``ssod_<trunk>`` (:func:`register`) for a timm CNN ``trunk`` the first time
+    it is asked for that name: a folder or Hub repo saved from such a model then loads in a new process with
+    ``timm.create_model('local-dir:...')`` or ``'hf-hub:...'``, as the built-in models do. timm 1.0 has no plugin
+    hook; this wraps the ``is_model`` that ``create_model`` checks a name with (``timm.is_model`` is left as it is)."""
+    from timm.models import _factory
+    timm_is_model = getattr(_factory, 'is_model', None)
+    if not callable(timm_is_model):  # another timm: register() still does it
+        return
+
+    def is_model(model_name: str) -> bool:
+        trunk = split_model_name_tag(model_name)[0].removeprefix('ssod_')
+        if not timm_is_model(model_name) and model_name.startswith('ssod_') and timm_is_model(trunk):
+            register(trunk)  # a trunk that is not a CNN: its ValueError says why, where timm would say 'Unknown'
+        return timm_is_model(model_name)
+    _factory.is_model = is_model
+
+
+_register_on_create()

@@ -149,6 +149,18 @@ def test_a_model_argument_the_architecture_does_not_take_is_one_line(tmp_path):
         train_mod._model(cfg, 3)
 
 
+@pytest.mark.parametrize('name', ['test_vit', 'ssod_test_vit'])
+def test_a_model_that_is_not_a_cnn_is_one_line(name):
+    with pytest.raises(TrainError, match=rf'^--model {name}: VisionTransformer is not a CNN SSOD can use: .*Use a CNN'):
+        train_mod._model(TrainConfig(model=name), 3)
+
+
+def test_any_timm_cnn_trains_by_its_ssod_name():
+    assert type(train_mod._model(TrainConfig(model='ssod_test_byobnet'), 3)).__name__ == 'SSODByobNet'
+    with pytest.raises(TrainError, match=r"^unknown model 'ssod_no_such_net': give one of ssod_.*, or any timm CNN"):
+        train_mod._model(TrainConfig(model='ssod_no_such_net'), 3)
+
+
 def test_val_classes_unlike_the_training_ones_are_named(tiny, tmp_path, capsys):
     """The message names the class folders that differ, not a truncated pair of lists."""
     import shutil

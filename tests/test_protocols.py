@@ -324,11 +324,14 @@ class _FakeHub:
 
 
 @needs_fmnist
-def test_release_evaluates_calibrates_cards_and_pushes(tmp_path, fmnist):
-    """A tiny Fashion-MNIST run through `ssod release`: float16 file, threshold calibrated on the validation
-    split, test numbers in the card's model-index, the folder pushed as written, release.pt for add_weight."""
+def test_release_evaluates_calibrates_cards_and_pushes(tmp_path, fmnist, monkeypatch, capsys):
+    """A tiny Fashion-MNIST run through the `ssod release` command: float16 file, threshold calibrated on the
+    validation split, test numbers in the card's model-index, the folder pushed as written, release.pt for
+    add_weight."""
     from safetensors.torch import load_file
     from torch.utils.data import DataLoader
+    from ssod_zoo import hub as hub_mod
+    from ssod_zoo.app import cli
     from ssod_zoo.app.evaluate import collect
     from ssod_zoo.app.protocols import Transformed
     from ssod_zoo.app.release import release
@@ -339,10 +342,18 @@ def test_release_evaluates_calibrates_cards_and_pushes(tmp_path, fmnist):
                     '--img-size', '32', '--crop-pct', '1.0', '--batch-size', '32', '--max-steps-per-epoch', '2',
                     '--epochs', '1', '--workers', '0', '--out-dir', str(run), '--no-progress'])
     hub = _FakeHub()
-    done = release(str(run), str(tmp_path / 'out'), 'fashion-mnist', data_root=str(FMNIST_ROOT), dtype='float16',
-                   baseline_run=str(run), baseline_out=str(tmp_path / 'ce'), limit=48, fit_limit=64, workers=0,
-                   repo_id='me/ssod-fmnist', api=hub)
+    made = {}
+    monkeypatch.setattr(hub_mod, 'HfApi', lambda **kw: made.update(kw) or hub)
+    real_release = release
+    monkeypatch.setattr('ssod_zoo.app.release.release', lambda *a, **kw: made.setdefault('done', real_release(*a, **kw)))
     out = tmp_path / 'out'
+    cli.main(['release', str(run), str(out), '--protocol', 'fashion-mnist', '--data-root', str(FMNIST_ROOT),
+              '--dtype', 'float16', '--baseline-run', str(run), '--baseline-out', str(tmp_path / 'ce'), '--limit', '48',
+              '--fit-limit', '64', '--workers', '0', '--device', 'cpu', '--repo-id', 'me/ssod-fmnist', '--token', 'T'])
+    done = made['done']
+    assert made['token'] == 'T'
+    assert re.fullmatch(rf'released {re.escape(str(run))} to {re.escape(str(out))} \(spatial_threshold \S+, '
+                        r'ood_threshold \S+\) in \d+ s; pushed to me/ssod-fmnist', capsys.readouterr().err.splitlines()[-1])
     assert {t.dtype for t in load_file(str(out / 'model.safetensors')).values() if t.is_floating_point()} == \
         {torch.float16}
     config = json.loads((out / 'config.json').read_text())

@@ -19,7 +19,7 @@ import ssod_zoo
 from ssod_zoo import SSODModel, load_model
 from ssod_zoo.app.evaluate import collect, ssod_report
 from ssod_zoo.app.synthetic import BenchmarkConfig, SyntheticBenchmark
-from ssod_zoo.app.train import main
+from ssod_zoo.app.train import _step_seed, main
 from ssod_zoo.hub import calibrate_threshold, load_checkpoint
 from ssod_zoo.loss import SSODLoss
 
@@ -224,6 +224,29 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(bench, two_ep
     for whole, resumed in zip(*logs):
         assert {k: v for k, v in resumed.items() if k != 'img_s'} == pytest.approx(
             {k: v for k, v in whole.items() if k != 'img_s'}, rel=1e-5, abs=1e-7)
+
+
+def test_resume_is_exact_with_dropout_and_dr_resampling_and_ranks_draw_their_own(bench, tmp_path, monkeypatch):
+    """A step's random draws (dropout, DR's resampling) are the same in a resumed run as in an uninterrupted one;
+    they used to be one draw out of step, the DataLoader's seed, after a stop mid-epoch."""
+    extra = ('--model-kwargs', 'output_stride=16', 'drop_rate=0.5', '--balance', 'dr')
+    main(_args(bench, tmp_path / 'whole', *extra))
+    calls, forward = {'n': 0}, SSODLoss.forward
+
+    def interrupted(self, *args, **kwargs):
+        calls['n'] += 1
+        if calls['n'] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(SSODLoss, 'forward', interrupted)
+    with pytest.raises(SystemExit):
+        main(_args(bench, tmp_path / 'killed', *extra))
+    monkeypatch.setattr(SSODLoss, 'forward', forward)
+    main(_args(bench, tmp_path / 'killed', *extra, '--resume', 'auto'))
+    _assert_same_weights(_weights(tmp_path / 'whole' / 'last.pt'), _weights(tmp_path / 'killed' / 'last.pt'))
+    seeds = {_step_seed(0, 1, 2, rank) for rank in range(8)}
+    assert len(seeds) == 8 and _step_seed(0, 1, 2, 0) != _step_seed(0, 2, 1, 0)
 
 
 def test_a_kill_mid_checkpoint_write_leaves_the_previous_checkpoint(bench, tmp_path, monkeypatch):

@@ -76,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if written and args.no_card and (out / 'README.md').exists():
             print(f'ssod save: warning: {out / "README.md"} is left as it was and may describe the weights it '
                   'replaced (--no-card)', file=sys.stderr)
-        print(f'wrote {out} (load it with {_how_to_load(model, f"local-dir:{out}")})')
+        print(f'wrote {out} (load it with timm.create_model("local-dir:{out}", pretrained=True))')
     else:
         try:
             info = push_to_hub(model, args.repo_id, revision=args.revision, private=args.private, token=args.token,
@@ -90,19 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            f'(`hf upload {args.repo_id} DIR`) when the network is back'
                            f'{offline_hint()}\n')
         print(f'pushed {args.repo_id}: {getattr(info, "commit_url", info)} '
-              f'(load it with {_how_to_load(model, f"hf-hub:{args.repo_id}")})')
+              f'(load it with timm.create_model("hf-hub:{args.repo_id}", pretrained=True))')
     return 0
-
-
-def _how_to_load(model, spec: str) -> str:
-    """The line that loads the written model in a new process: another timm CNN's is registered first."""
-    from ..hub import _ssod_architecture
-    from ..registry import BUILT_IN
-    arch = _ssod_architecture(model)
-    load = f'timm.create_model("{spec}", pretrained=True)'
-    return load if arch in BUILT_IN else f'ssod_zoo.load_model("{spec}"), or {load} after ' \
-        f'ssod_zoo.register("{arch.removeprefix("ssod_")}")'
-
 
 if __name__ == '__main__':
     sys.exit(main())

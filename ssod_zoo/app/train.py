@@ -366,7 +366,6 @@ def train(cfg: TrainConfig) -> dict:
                       'continue it, or start a new --out-dir)')
             _cleanup(ddp)
             return {'history': [], 'best': best, 'out_dir': str(out_dir), 'model': model, 'finished': True}
-        _set_rng_state(ckpt['rng'])
         if master:
             print(f'resumed from {resume}: epoch {start_epoch + 1}, after its first {start_step} step'
                   f'{"s" * (start_step != 1)}')
@@ -380,7 +379,7 @@ def train(cfg: TrainConfig) -> dict:
             'model_args': _model_args(cfg, len(class_names)), 'model': model.state_dict(),
             'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
             'scaler': scaler.state_dict(), 'epoch': epoch, 'step': step, 'best': best,
-            'rng': _rng_state(), 'config': dataclasses.asdict(cfg),
+            'config': dataclasses.asdict(cfg),
             'metrics': {**metrics, 'epoch': epoch, 'epochs': cfg.epochs} if metrics else {},
             **{k: getattr(model, k) for k in THRESHOLDS}, 'class_names': class_names,
             'data_config': eval_data_config(model, cfg),
@@ -515,6 +514,9 @@ def _train_epoch(run: _Run, epoch: int, start_step: int, ood_on: bool,
     bar = _progress(loader, cfg.progress and master, f'epoch {epoch + 1}/{cfg.epochs}', start_step,
                     run.steps_per_epoch)
     for step, (x, y) in enumerate(bar, start=start_step):
+        # a step's randomness (dropout, drop_path, --balance dr) is its seed's, epoch's, step's and rank's: a resumed
+        # run draws what the interrupted one would have, and the ranks draw masks of their own
+        torch.manual_seed(_step_seed(cfg.seed, epoch, step, run.rank))
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -691,18 +693,8 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict:
-    state = {'torch': torch.get_rng_state(), 'python': random.getstate()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state['torch'])
-    random.setstate(state['python'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+def _step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    return (((seed * 1_000_003 + epoch) * 1_000_003 + step) * 4099 + rank) % 2 ** 63
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
@@ -740,18 +732,21 @@ def _model_args(cfg: TrainConfig, num_classes: int) -> dict:
 def _model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     try:
         model = timm.create_model(cfg.model, **_model_args(cfg, num_classes))
+        if not hasattr(model, 'forward_spatial'):
+            model = wrap(model)  # any timm CNN
     except RuntimeError as e:
         if 'Unknown model' in str(e):
-            raise TrainError(f'unknown model {cfg.model!r}; SSOD models: {", ".join(timm.list_models("ssod_*"))}')
+            raise TrainError(f'unknown model {cfg.model!r}: give one of {", ".join(timm.list_models("ssod_*"))}, '
+                             'or any timm CNN\'s name (timm.list_models() lists them)')
         raise
-    except TypeError as e:  # a --model-kwargs key the architecture does not take
+    except (TypeError, ValueError) as e:  # a ViT (wrap, or register for ssod_<vit>); a --model-kwargs key
+        if 'is not a CNN SSOD can use' in str(e):
+            raise TrainError(f'--model {cfg.model}: {str(e).split("): ", 1)[-1]}') from None
         if 'unexpected keyword argument' not in str(e) or not cfg.model_kwargs:
             raise
         raise TrainError(f'--model-kwargs {" ".join(cfg.model_kwargs)}: {cfg.model} does not take '
                          f'{"it" if len(cfg.model_kwargs) == 1 else "one of them"} ({e}); '
                          'timm.create_model passes these to the architecture\'s constructor') from None
-    if not hasattr(model, 'forward_spatial'):
-        model = wrap(model)  # any timm CNN
     resumed = _resumed_preprocessing(_resume_path(cfg, Path(cfg.out_dir)))
     if resumed is not None:  # the checkpoint holds every weight: --init is not read again (it may be gone)
         model.pretrained_cfg = {**model.pretrained_cfg, **resumed}
