@@ -241,7 +241,7 @@ class SSODModel(nn.Module):
         """
         self._check_input(x)
         self._require_classifier('spatial_score')
-        cls_map, _ = self.forward_positions(self.forward_features(x))
+        cls_map, _ = self._heads_without_autocast(self.forward_positions, self.forward_features(x))
         return spatial_maxlogit_score(cls_map, k=k)
 
     @torch.jit.unused
@@ -261,7 +261,7 @@ class SSODModel(nn.Module):
         features = self.forward_features(x)
         pooled = self.forward_head(features, pre_logits=True)
         _require_pooled(pooled)
-        cls_map, _ = self.forward_positions(features)
+        cls_map, _ = self._heads_without_autocast(self.forward_positions, features)
         factor = self.forward_ood(pooled)
         if not getattr(self, 'ood_head_trained', True):
             factor = torch.full_like(factor, float('nan'))  # no OOD factor: the head was never trained
@@ -316,10 +316,23 @@ class SSODModel(nn.Module):
         Returns:
             (B,) float32 in [0, 1], P(x in S_ID | x): the softmax over the OOD head's (OOD, ID) logits, ID column.
         """
-        ood_logits = self.ood_head(pre_logits).float()
-        # float32 even under autocast, the difference too: bf16 resolves only ~0.004 near 1 (and rounds the
-        # difference of two logits), too coarse against a calibrated threshold
+        # float32 even under autocast, the head's product and the difference too: bf16 resolves only ~0.004 near 1
+        # (and rounds the difference of two logits), too coarse against a calibrated threshold
+        if torch.jit.is_scripting():
+            ood_logits = self.ood_head(pre_logits).float()
+        else:
+            ood_logits = self._heads_without_autocast(self.ood_head, pre_logits).float()
         return torch.sigmoid(ood_logits[:, 1] - ood_logits[:, 0])  # ID_INDEX = 1
+
+    @torch.jit.unused
+    def _heads_without_autocast(self, heads: Callable[[torch.Tensor], Any], features: torch.Tensor) -> Any:
+        """``heads(features)`` in the weights' own precision whatever the autocast: the scores a threshold is
+        calibrated on (``collect`` computes them so) are not rounded to bf16 (the spatial score by up to 0.14 on the
+        demo model); outside autocast, exactly ``heads(features)``."""
+        if not torch.is_autocast_enabled(features.device.type):
+            return heads(features)
+        with torch.autocast(features.device.type, enabled=False):
+            return heads(features.to(self.ood_head.weight.dtype))
 
     @torch.jit.unused
     def forward_spatial(self, x: torch.Tensor) -> SpatialOutput:
@@ -364,7 +377,18 @@ class SSODModel(nn.Module):
             # the head's own dropout, as forward_head applies it
             x = features.permute(0, 2, 3, 1).reshape(b * h * w, c)
             x = F.linear(x, self.conv_head.weight.flatten(1), self.conv_head.bias)[:, :, None, None]
-            pre_logits = self.act2(self.norm_head(x)).flatten(1)
+            # a BatchNorm head (MobileNetV4's) normalises the positions with the pooled features' running statistics
+            # and leaves them alone: in train mode it would use the positions' own and update its statistics with
+            # them a second time, so that the pooled inference it serves in eval mode would read polluted ones
+            norm = self.norm_head
+            frozen = norm.training and isinstance(norm, nn.modules.batchnorm._BatchNorm)
+            if frozen:
+                norm.eval()
+            try:
+                pre_logits = self.act2(norm(x)).flatten(1)
+            finally:
+                if frozen:
+                    norm.train()
             if self.drop_rate > 0.:
                 pre_logits = F.dropout(pre_logits, p=self.drop_rate, training=self.training)
         else:

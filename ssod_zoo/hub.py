@@ -87,7 +87,9 @@ def calibrate_threshold(id_ood_factors: Union[torch.Tensor, Sequence[float]], tp
     Returns:
         The threshold, a Python float.
     """
-    x = torch.as_tensor(id_ood_factors).detach()
+    # a list's values in float64, not torch's float32 default: the threshold must be one of them
+    x = id_ood_factors.detach() if isinstance(id_ood_factors, torch.Tensor) else \
+        torch.as_tensor(id_ood_factors, dtype=torch.float64)
     if x.ndim != 1 or x.numel() == 0:
         raise ValueError(f'id_ood_factors must be a non-empty (N,) vector, got shape {tuple(x.shape)}')
     if not x.is_floating_point():

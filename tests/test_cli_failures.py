@@ -201,6 +201,9 @@ def test_train_checks_ranges_for_api_callers_too():
         train(TrainConfig(exposure=float('inf')))
     with pytest.raises(TrainError, match=r'--exposure 2 acts with the OOD loss, which --ce-only never switches on'):
         train(TrainConfig(exposure=2.0, ce_only=True))
+    # a run whose epochs are all warm-up would publish an OOD head it never trained as a trained one
+    with pytest.raises(TrainError, match=r'--warmup-epochs 5 leaves none of the 1 epochs to the OOD loss.*--ce-only'):
+        train(TrainConfig(epochs=1, warmup_epochs=5))
 
 
 def test_eval_with_a_missing_model_is_one_line(tmp_path, capsys):

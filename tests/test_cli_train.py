@@ -109,11 +109,13 @@ def test_resume_of_a_finished_run_and_with_changed_flags(tiny, tmp_path, capsys)
     capsys.readouterr()
     out = main(_args(tiny, tmp_path, '--lr', '1e-3', '--resume', 'auto'))
     assert out.get('finished') and 'already finished' in capsys.readouterr().out
-    main(_args(tiny, tmp_path, '--epochs', '2', '--lr', '5e-2', '--resume', 'auto'))
+    # the architecture's arguments too (a ResNet's weights load at any output stride: nothing else would say so)
+    main(_args(tiny, tmp_path, '--epochs', '2', '--lr', '5e-2', '--resume', 'auto', '--model-kwargs', 'output_stride=8'))
     err = capsys.readouterr().err
-    assert '--lr 0.001 (asked 0.05)' in err
+    assert "--model-kwargs ['output_stride=16'] (asked ['output_stride=8'])" in err and '--lr 0.001 (asked 0.05)' in err
     ckpt = torch.load(tmp_path / 'last.pt', map_location='cpu', weights_only=True)
     assert ckpt['epoch'] == 2 and ckpt['config']['lr'] == 1e-3  # records what the run used
+    assert ckpt['model_args']['output_stride'] == 16 and ckpt['config']['model_kwargs'] == ['output_stride=16']
 
 
 def test_a_feature_map_of_a_few_positions_gets_a_warning(capsys):

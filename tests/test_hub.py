@@ -263,7 +263,9 @@ def test_calibrate_threshold_rounding_ties_and_bounds():
     tied = torch.tensor([0.9] * 8 + [0.2, 0.1])
     assert hub.calibrate_threshold(tied, tpr=0.85) == pytest.approx(0.2)
     assert hub.calibrate_threshold(tied, tpr=0.8) == pytest.approx(0.9)  # ties kept: 80% asked, 80% kept
-    assert hub.calibrate_threshold([0.3, 0.7, 0.5], tpr=1.0) == pytest.approx(0.3)
+    assert hub.calibrate_threshold([0.3, 0.7, 0.5], tpr=1.0) == 0.3  # a list's own value, not its float32 rounding
+    listed = [i / 1000 for i in range(1000)]
+    assert hub.calibrate_threshold(listed) == 0.05 and sum(v >= 0.05 for v in listed) == 950
     assert isinstance(hub.calibrate_threshold([0.5], tpr=1.0), float)
     # under 20 values the 95% point is not resolved: the minimum, said aloud; 20 resolve it, silently
     with pytest.warns(UserWarning, match='19 ID value.*cannot resolve tpr=0.95.*at least 20'):

@@ -345,7 +345,8 @@ def test_release_evaluates_calibrates_cards_and_pushes(tmp_path, fmnist, monkeyp
     made = {}
     monkeypatch.setattr(hub_mod, 'HfApi', lambda **kw: made.update(kw) or hub)
     real_release = release
-    monkeypatch.setattr('ssod_zoo.app.release.release', lambda *a, **kw: made.setdefault('done', real_release(*a, **kw)))
+    monkeypatch.setattr('ssod_zoo.app.release.release',
+                        lambda *a, **kw: made.setdefault('done', real_release(*a, **kw)))
     out = tmp_path / 'out'
     cli.main(['release', str(run), str(out), '--protocol', 'fashion-mnist', '--data-root', str(FMNIST_ROOT),
               '--dtype', 'float16', '--baseline-run', str(run), '--baseline-out', str(tmp_path / 'ce'), '--limit', '48',
@@ -353,7 +354,8 @@ def test_release_evaluates_calibrates_cards_and_pushes(tmp_path, fmnist, monkeyp
     done = made['done']
     assert made['token'] == 'T'
     assert re.fullmatch(rf'released {re.escape(str(run))} to {re.escape(str(out))} \(spatial_threshold \S+, '
-                        r'ood_threshold \S+\) in \d+ s; pushed to me/ssod-fmnist', capsys.readouterr().err.splitlines()[-1])
+                        r'ood_threshold \S+\) in \d+ s; pushed to me/ssod-fmnist',
+                        capsys.readouterr().err.splitlines()[-1])
     assert {t.dtype for t in load_file(str(out / 'model.safetensors')).values() if t.is_floating_point()} == \
         {torch.float16}
     config = json.loads((out / 'config.json').read_text())

@@ -468,6 +468,26 @@ def test_ood_factor_difference_is_taken_in_float32_under_autocast():
     assert torch.equal(p, torch.sigmoid(torch.tensor([1.5 - 3 * 2.0 ** -8])))
 
 
+def test_scores_under_autocast_are_the_float32_heads_on_the_features():
+    """Under autocast the backbone runs in bf16, but the OOD head and the per-position classifier behind
+    ``ood_factor`` and ``spatial_score`` run in float32, as the evaluation that calibrates their thresholds runs
+    them (``collect``): a bf16 head would round the scores compared with those thresholds."""
+    torch.manual_seed(0)
+    m = timm.create_model('ssod_test_resnet', num_classes=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        scores, spatial = m.forward_scores(x), m.spatial_score(x)
+        features = m.forward_features(x)
+        pooled = m.forward_head(features, pre_logits=True)
+    assert features.dtype == torch.bfloat16
+    with torch.no_grad():
+        ood_logits = m.ood_head(pooled.float())
+        factor = torch.sigmoid(ood_logits[:, 1] - ood_logits[:, 0])
+        top3 = ssod_zoo.spatial_maxlogit_score(m.forward_positions(features.float())[0])
+    assert torch.equal(scores.ood_factor, factor)
+    assert torch.equal(scores.spatial_score, top3) and torch.equal(spatial, top3)
+
+
 def test_mobilenetv3_per_position_head_on_the_whole_map_is_the_head_at_each_position():
     """The one-convolution path equals forward_head on each position as a 1x1 map, dropout masks included."""
     m = timm.create_model('ssod_mobilenetv3_large_100', num_classes=5, drop_rate=0.3).train()
@@ -480,6 +500,26 @@ def test_mobilenetv3_per_position_head_on_the_whole_map_is_the_head_at_each_posi
     as_map = lambda t: t.reshape(2, 3, 3, -1).permute(0, 3, 1, 2)  # noqa: E731
     torch.testing.assert_close(cls_map, as_map(m.get_classifier()(pre_logits)), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ood_map, as_map(m.ood_head(pre_logits)), rtol=1e-4, atol=1e-5)
+
+
+def test_a_batchnorm_head_keeps_the_pooled_statistics_in_training():
+    """MobileNetV4's head has a BatchNorm: the per-position pass normalises with its running statistics and leaves
+    them as the pooled pass (timm's own forward) sets them, so eval-mode inference reads the same statistics."""
+    import copy
+    torch.manual_seed(0)
+    plain = timm.create_model('mobilenetv3_small_050', head_norm=True, num_classes=3).train()
+    m = ssod_zoo.wrap(copy.deepcopy(plain)).train()
+    x = torch.randn(4, 3, 64, 64)
+    plain(x)
+    m.forward_spatial(x)
+    assert isinstance(m.norm_head, torch.nn.BatchNorm2d) and m.norm_head.training
+    for key, value in plain.norm_head.state_dict().items():
+        torch.testing.assert_close(m.norm_head.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    torch.manual_seed(1)
+    cls_map, _ = m.forward_positions(features := torch.randn(2, m.num_features, 2, 2))
+    positions = features.permute(0, 2, 3, 1).reshape(8, -1, 1, 1)
+    head = m.eval().forward_head(positions)  # the running statistics, as in eval mode
+    torch.testing.assert_close(cls_map, head.reshape(2, 2, 2, -1).permute(0, 3, 1, 2), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('name', ['ssod_resnet18'])

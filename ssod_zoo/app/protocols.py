@@ -389,7 +389,7 @@ def imagenet(root: Path, download: bool = False, train: bool = False) -> Protoco
             raise
         data.skipped['fit'] = f'{e} (KNN, Mahalanobis, ViM and ReAct are left out)'
     if train:
-        data.train, data.val = _split_off(data.fit, 10_000)  # 10 per class: validation never touches val
+        data.train, data.val = _split_off(data.fit, 10_000)  # 10,000 at random (seeded): validation never touches val
     for name in ('iNaturalist', 'SUN', 'Places', 'Textures'):
         _optional(data, name.lower(), lambda name=name: _ood_folder(root, name, _MOS))
     if not data.ood and not train:

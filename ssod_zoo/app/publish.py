@@ -93,5 +93,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f'(load it with timm.create_model("hf-hub:{args.repo_id}", pretrained=True))')
     return 0
 
+
 if __name__ == '__main__':
     sys.exit(main())

@@ -140,7 +140,8 @@ HELP = {  # one line per TrainConfig field: `ssod train --help` shows it with th
     'gamma': 'patch-sampler confidence: ID patches above gamma, OOD below 1 - gamma (Eq. 12)',
     'alpha': 'weight of the OOD loss against classification (Eq. 14)',
     'balance': 'ID/OOD balance of the OOD loss: lwb (loss-wise), lw, dr (Table 5)',
-    'background_weight': 'weight of the background (OOD) patches in the OOD loss',
+    'background_weight': 'weight of the background (OOD) patches in the OOD loss, with --balance lw only (lwb '
+                         'and dr balance the two kinds by their counts)',
     'label_smoothing': 'label smoothing of the classification loss',
     'ood_rule': "OOD patches below 1 - gamma ('paper') or below max(1 - gamma, 0.5 / M) ('chance')",
     'exposure': "beyond the paper: weight of Outlier Exposure's loss (class softmax against uniform) on the "
@@ -286,6 +287,10 @@ def train(cfg: TrainConfig) -> dict:
         raise TrainError(f'--exposure {cfg.exposure:g} acts with the OOD loss, which --ce-only never switches on: '
                          'drop one of them (a cross-entropy model with Outlier Exposure is not a recipe here)')
     cfg = _resumed_config(cfg)
+    if not cfg.ce_only and cfg.warmup_epochs >= cfg.epochs:  # the run would publish an untrained OOD head
+        raise TrainError(f'--warmup-epochs {cfg.warmup_epochs} leaves none of the {cfg.epochs} epochs to the OOD loss, '
+                         'so the OOD head would never train: raise --epochs above it, or pass --ce-only for a '
+                         'classifier alone')
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     if cfg.batch_size % world:
@@ -1010,7 +1015,7 @@ def _resumed_config(cfg: TrainConfig) -> TrainConfig:
     except Exception:
         return cfg  # _load_resume reports an unreadable checkpoint
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    checked = ('model', 'model_kwargs', 'data')  # another architecture or data set: _load_resume refuses it
+    checked = ('model', 'data')  # another architecture or data set: _load_resume refuses it (model_kwargs: kept)
     kept = {k: v for k, v in old.items()
             if k in fields and k not in RESUME_MAY_CHANGE + checked and getattr(cfg, k) != v}
     if kept and int(os.environ.get('RANK', 0)) == 0:
