@@ -328,8 +328,8 @@ class SSODModel(nn.Module):
     def _heads_without_autocast(self, heads: Callable[[torch.Tensor], Any], features: torch.Tensor) -> Any:
         """``heads(features)`` in the weights' own precision whatever the autocast: the scores a threshold is
         calibrated on (``collect`` computes them so) are not rounded to bf16 (the spatial score by up to 0.14 on the
-        demo model); outside autocast, exactly ``heads(features)``."""
-        if not torch.is_autocast_enabled(features.device.type):
+        demo model); outside autocast, exactly ``heads(features)`` (and under torch.fx, whose features are proxies)."""
+        if not isinstance(features, torch.Tensor) or not torch.is_autocast_enabled(features.device.type):
             return heads(features)
         with torch.autocast(features.device.type, enabled=False):
             return heads(features.to(self.ood_head.weight.dtype))
