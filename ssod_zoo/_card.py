@@ -252,6 +252,9 @@ def _readout(config: Mapping[str, Any]) -> Dict[str, str]:
         evidence = (f' on OOD validation images ({", ".join(record.get("ood_data") or ["unnamed"])}): average FPR95 '
                     + ', against '.join(f'{fpr95[r]:.1f}% with `--rule {r}`'
                                         for r in sorted(fpr95, key=lambda r: r != readout)))
+        if record.get('margin') is not None:  # the spatial default stays unless another rule beats it by this
+            evidence += (' (the spatial default gives way only to a rule lower by more than '
+                         f'{record["margin"]:g} points)')
         # thresholds recalibrated later on other ID images, without OOD images, leave the choice as it was made
         id_data = record.get('id_data')
         if id_data and id_data != (config.get('calibration') or {}).get('data'):

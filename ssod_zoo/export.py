@@ -332,7 +332,17 @@ def _build_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int
             num_classes = found
     if num_classes is not None:
         kwargs['num_classes'] = num_classes
-    model = timm.create_model(spec, checkpoint_path=checkpoint or '', **kwargs)
+    try:
+        model = timm.create_model(spec, checkpoint_path=checkpoint or '', **kwargs)
+    except RuntimeError as e:  # torch's load_state_dict: a line per missing, unexpected or mis-sized key
+        if checkpoint is None or 'Error(s) in loading state_dict' not in str(e):
+            raise
+        problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e)]
+        first = problems[0] if len(problems[0]) <= 160 else problems[0][:157] + '...'
+        raise SystemExit(f'ssod export: error: --checkpoint {checkpoint} does not fit {spec}: {first}'
+                         f'{f" (and {len(problems) - 1} more)" * (len(problems) > 1)}; '
+                         'give the architecture it was saved from as MODEL, or its hub folder or training checkpoint '
+                         'alone') from None
     if not isinstance(model, SSODModel):
         raise SystemExit(f'ssod export: error: {spec} is not an SSOD model; use one of '
                          f'{", ".join(timm.list_models("ssod_*"))}, a folder or checkpoint of a trained one, or wrap '

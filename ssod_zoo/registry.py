@@ -43,6 +43,11 @@ def _create(trunk: str, variant: str, pretrained: bool = False, **kwargs: Any) -
             warnings.simplefilter('ignore')
             model = _create(trunk, variant, pretrained, **kwargs)
         return _trunk_features(trunk, model, pretrained, features)
+    source = kwargs['pretrained_cfg'].get('source') if isinstance(kwargs.get('pretrained_cfg'), dict) else None
+    if not pretrained and source in ('local-dir', 'hf-hub'):  # timm's rule, easy to forget: architecture only
+        warnings.warn(f'{variant} from a {source}: spec with pretrained=False has the saved architecture and fresh, '
+                      'untrained weights (and no thresholds); pass pretrained=True for the saved weights',
+                      stacklevel=user_stacklevel())
     tag = kwargs.get('pretrained_cfg') if isinstance(kwargs.get('pretrained_cfg'), str) else None
     folder_args = kwargs.get('pretrained_model_args') or {}  # timm's copy of a local-dir:/hf-hub: config's
     given = {k for k in hub.CALIBRATED if k in kwargs and not (k in folder_args and kwargs[k] is folder_args[k])}

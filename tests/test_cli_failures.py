@@ -300,6 +300,20 @@ def test_export_refuses_an_input_size_the_model_cannot_take_before_exporting(tmp
     assert not [w for w in said if 'threshold' in str(w.message)] and 'threshold' not in capsys.readouterr().err
 
 
+def test_export_of_weights_from_another_architecture_is_one_line(tmp_path):
+    """A plain timm ResNet-18's weights given as the test network's: one line, not torch's key listing."""
+    from ssod_zoo import export
+
+    torch.save(timm.create_model('resnet18', num_classes=3).state_dict(), tmp_path / 'r18.pth')
+    with pytest.raises(SystemExit) as e:
+        export.main(['ssod_test_resnet', '--checkpoint', str(tmp_path / 'r18.pth'), '--out', str(tmp_path / 'x.onnx')])
+    message = str(e.value)
+    assert message.startswith(f'ssod export: error: --checkpoint {tmp_path / "r18.pth"} does not fit ssod_test_resnet: '
+                              'Missing key(s) in state_dict: "conv1.0.weight"') and '\n' not in message
+    assert message.endswith('more); give the architecture it was saved from as MODEL, or its hub folder or training '
+                            'checkpoint alone') and not (tmp_path / 'x.onnx').exists()
+
+
 class _Labelled:
     num_classes = 3
     pretrained_cfg = {'label_names': ('cat', 'dog', 'emu')}
@@ -309,6 +323,9 @@ class _Labelled:
     (['cat', 'dog', 'emu'], None),
     (['0_cat', '1_dog', '2_emu'], 'warning'),
     (['cat', 'dog'], 'needs one sub-folder per class of the model (its classes, in order: cat, dog, emu)'),
+    # a model's class named up to case, at another place (it used to pass as "not the label names", graded wrongly)
+    (['Dog', 'cat', 'emu_x'], "folder 'Dog' is number 0 in sorted order, so ID accuracy would take it for the "
+                              "model's class 1 of 'dog'"),
 ])
 def test_eval_checks_the_class_folders_against_the_models_labels(folders, outcome, capsys):
     import argparse
@@ -391,6 +408,25 @@ def test_eval_checks_its_class_folders_end_to_end(two_class_folders, tmp_path, c
     assert e.value.code == 2
     assert "folder 'b' is number 0 in sorted order, so ID accuracy would take it for the model's class 1 of 'b'" in \
         capsys.readouterr().err
+
+
+def test_eval_checks_the_fit_classes_and_the_input_size(two_class_folders, tmp_path, capsys):
+    """A --fit-dir of other classes fitted the per-class detectors on them without a word (Mahalanobis then read
+    FPR95 0 on a 2-class fit of a 4-class model); an --img-size under the network's stride scored at chance."""
+    import shutil
+    shutil.copytree(tmp_path / 'val' / 'a', tmp_path / 'fit' / 'a')
+    shutil.copytree(tmp_path / 'val' / 'a', tmp_path / 'fit' / 'c')
+    for extra, said in ((['--fit-dir', str(tmp_path / 'fit')], f'--fit-dir {tmp_path / "fit"} has the classes a, c, '
+                         'the ID set a, b: KNN, Mahalanobis, ViM and ReAct are fitted per class'),
+                        (['--img-size', '8'], '--img-size 8: --model: SSODResNet has a total stride of 32, so a 8x8 '
+                                              'input leaves no feature-map position of its own')):
+        with pytest.raises(SystemExit) as e:
+            two_class_folders('hub', *extra)
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+    shutil.copytree(tmp_path / 'val' / 'b', tmp_path / 'fit2' / 'B')  # the ID classes up to case: fitted
+    shutil.copytree(tmp_path / 'val' / 'a', tmp_path / 'fit2' / 'a')
+    two_class_folders('hub', '--fit-dir', str(tmp_path / 'fit2'))
 
 
 def test_eval_of_a_tag_without_default_weights_is_one_line(tmp_path, capsys):

@@ -467,6 +467,15 @@ def test_local_dir_round_trip(saved, model, images):
     assert list(loaded.pretrained_cfg['label_names']) == CLASS_NAMES
 
 
+def test_local_dir_without_pretrained_says_its_weights_are_fresh(saved):
+    """timm's rule (a source spec without pretrained=True gives the architecture only) is easy to forget, and the
+    fresh model looks like the saved one: its label names, ood_head_trained."""
+    with pytest.warns(UserWarning, match=r'pretrained=False has the saved architecture and fresh, untrained weights '
+                                         r'\(and no thresholds\); pass pretrained=True'):
+        fresh = timm.create_model(f'local-dir:{saved}')
+    assert fresh.spatial_threshold is None and fresh.ood_threshold is None
+
+
 def test_round_trip_keeps_return_ood_threshold_override_and_wrapped_models(tmp_path, images):
     torch.manual_seed(2)
     wrapped = ssod_zoo.wrap('test_resnet', num_classes=4, return_ood=False).eval()  # a wrapped timm trunk

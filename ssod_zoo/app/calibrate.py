@@ -14,8 +14,9 @@ protocol's ID validation split (``ssod eval --protocol``'s data):
   cross-entropy twin).
 
 ``--ood-dirs`` (optional) also scores OOD validation images, as unlike your classes as what you expect to meet,
-prints each rule's FPR95 on them, and records the rule with the lower average as the model's ``readout``: the one
-``ssod predict`` then decides with by default. The readout that works depends on the data (the spatial score wins
+prints each rule's FPR95 on them, and records the model's ``readout``, the one ``ssod predict`` then decides with
+by default: the spatial rule, unless the factor's average is lower by more than that average's noise on so many
+images (one binomial sd, at least 2 points). The readout that works depends on the data (the spatial score wins
 on small objects in clutter and fails on object-centric images such as Fashion-MNIST; README, Results), so it is
 chosen on images like these, never on your test set. Without OOD images (``--val-dir`` alone) the model keeps the
 readout chosen before, or the spatial default.
@@ -34,7 +35,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -65,9 +66,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument('--data-root', default=None, help='where the --protocol data sets are')
     p.add_argument('--download', action='store_true', help='download a missing --protocol data set')
     p.add_argument('--ood-dirs', nargs='+', default=[], metavar='DIR',
-                   help="OOD validation images: report each rule's FPR95 on them and make the lower one the model's "
-                        "readout, ssod predict's default --rule (with --protocol, its OOD validation sets are scored "
-                        "too)")
+                   help="OOD validation images: report each rule's FPR95 on them and choose the model's readout, ssod "
+                        "predict's default --rule: the spatial one unless the factor is lower by more than the noise "
+                        "(with --protocol, its OOD validation sets are scored too)")
     p.add_argument('--data-name', default=None,
                    help="what the model card calls the calibration images (default: the --val-dir folder's name, "
                         "with its parent's when it is a split such as val, e.g. pets/val; or the protocol's split)")
@@ -155,7 +156,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     rules = [r for r in COLLECTED if trained or r != 'factor']  # a twin's untrained OOD head: no factor rule
     fpr95 = {name: {rule: 100 * fpr_at_tpr(id_out[COLLECTED[rule]], o[COLLECTED[rule]]) for rule in rules}
              for name, o in oods.items()}
-    chosen = _choose(fpr95)
+    chosen = _choose(fpr95, {name: len(o['ood_factor']) for name, o in oods.items()})
     if chosen:  # the FPR95 were read at the thresholds these ID images give
         chosen['id_data'] = args.data_name or name
     readout = chosen['readout'] if chosen else getattr(model, 'readout', None)  # else the weights' earlier choice
@@ -203,6 +204,10 @@ def _why(chosen: Optional[dict], readout: Optional[str], trained: bool) -> str:
     """Where the rule ``ssod predict`` will decide with came from, for the last line."""
     if chosen and len(set(chosen['fpr95'].values())) == 1:
         return 'a tie on these OOD images, so the spatial default'
+    gap = chosen['fpr95'].get(readout, 0) - min(chosen['fpr95'].values()) if chosen else 0
+    if gap > 0:
+        return (f'the other rule is lower on these OOD images by {gap:.1f} points, within the {chosen["margin"]:.1f} '
+                'it must beat on this many images, so the spatial default')
     if chosen:
         return 'chosen on these OOD images'
     if readout:
@@ -253,14 +258,20 @@ def _copy_saved(source: Path, out: Path) -> None:
         write_card(out)
 
 
-def _choose(fpr95: dict) -> Optional[dict]:
-    """The readout with the lower average FPR95 on the OOD validation sets (ties: the spatial one, the study's
-    default), with what it was chosen on; None without OOD sets or with one rule only (a twin's)."""
+def _choose(fpr95: dict, sizes: Dict[str, int]) -> Optional[dict]:
+    """The readout for the OOD validation sets, with what it was chosen on; None without OOD sets or with one rule
+    only (a twin's). The spatial one, the study's default, unless another rule's average FPR95 is lower by more than
+    ``margin``: the noise of that average on sets of ``sizes`` images (one binomial sd at 50%), and at least the 2
+    points the study asked of any change. A gap within the noise of a few dozen OOD images decides nothing."""
     rules = list(next(iter(fpr95.values()))) if fpr95 else []
     if len(rules) < 2:
         return None
     average = {r: round(v, 4) for r, v in _averages(fpr95).items()}
-    return {'readout': min(rules, key=average.get), 'ood_data': list(fpr95), 'fpr95': average}
+    noise = sum(spread_points(max(sizes[name], 1)) ** 2 for name in fpr95) ** 0.5 / len(fpr95)
+    margin = round(max(2.0, noise), 1)
+    best = min(rules, key=lambda r: (average[r], r != 'spatial'))
+    readout = best if 'spatial' not in average or average['spatial'] - average[best] > margin else 'spatial'
+    return {'readout': readout, 'ood_data': list(fpr95), 'fpr95': average, 'margin': margin}
 
 
 def _averages(fpr95: dict) -> dict:

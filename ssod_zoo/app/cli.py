@@ -120,6 +120,9 @@ def device(text: str) -> str:
 AT_LEAST_1 = (lambda v: v >= 1, '>= 1')
 AT_LEAST_0 = (lambda v: v >= 0, '>= 0')
 POSITIVE = (lambda v: v > 0, '> 0')
+# a centre crop's fraction: timm's pretrained configs use 0.875 to 1.15; far outside, an image is scaled to a
+# sliver of the input (above) or to hundreds of times its size (below)
+CROP_PCT = (lambda v: 0.5 <= v <= 1.5, "in [0.5, 1.5] (timm's pretrained configs use 0.875 to 1.15)")
 
 
 # what application commands import beyond the library, and the extra that installs it (tqdm and pillow come

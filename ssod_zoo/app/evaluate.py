@@ -34,7 +34,7 @@ from ..metrics import accuracy, ood_metrics
 from .protocols import PROTOCOLS, DataMissing, Transformed, add_fpr95_openood, fpr95_markdown, limited, load_protocol, \
     skipped_markdown
 from ..output import posterior_score, spatial_maxlogit_score, spatial_posterior_score
-from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, HelpFormatter, bounded, device as device_arg
+from .cli import AT_LEAST_0, AT_LEAST_1, CROP_PCT, HelpFormatter, bounded, device as device_arg
 from .images import (ImageError, ImageFiles, class_folder, class_key, one_line, ood_set_names, unreadable,
                      unreadable_report)
 from .report import deployed_thresholds, deployment_report, fit_detectors, method_label, write_scores_csv
@@ -291,6 +291,13 @@ def in_model_order(ds, model):
     return ds
 
 
+def _class_names(ds: Dataset) -> List[str]:
+    """The class names of a data set, through the wrappers (Subset, Transformed) around it; [] when it has none."""
+    while not hasattr(ds, 'classes') and hasattr(ds, 'dataset'):
+        ds = ds.dataset
+    return [str(c) for c in getattr(ds, 'classes', None) or ()]
+
+
 def _check_class_folders(p: argparse.ArgumentParser, which: str, model, classes: List[str],
                          val_dir: Optional[str], protocol: Optional[str]) -> None:
     """Stop when the ID set cannot be the model's classes; warn when its folder names are not the model's labels.
@@ -303,7 +310,8 @@ def _check_class_folders(p: argparse.ArgumentParser, which: str, model, classes:
                 f'one sub-folder per class of the model{expected}, each holding that class\'s images')
     if val_dir is None or not names or names == list(classes):  # (folders named as the classes: in_model_order)
         return
-    moved = [(c, i, names.index(c)) for i, c in enumerate(classes) if c in names and names.index(c) != i]
+    index = {class_key(n): j for j, n in enumerate(names)}  # up to case and punctuation, as in_model_order matches
+    moved = [(c, i, index[class_key(c)]) for i, c in enumerate(classes) if index.get(class_key(c), i) != i]
     if moved:  # a folder named after one of the model's classes would be graded as another
         c, i, j = moved[0]
         p.error(f'{val_dir}: folder {c!r} is number {i} in sorted order, so ID accuracy would take it for the '
@@ -334,7 +342,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument('--out', default='eval_out', help='output folder')
     p.add_argument('--img-size', type=bounded(int, *AT_LEAST_1), default=None,
                    help='default: the model pretrained_cfg input size')
-    p.add_argument('--crop-pct', type=bounded(float, *POSITIVE), default=None,
+    p.add_argument('--crop-pct', type=bounded(float, *CROP_PCT), default=None,
                    help="default: the model's pretrained_cfg crop_pct")
     p.add_argument('--batch-size', type=bounded(int, *AT_LEAST_1), default=64, help='images per forward pass')
     p.add_argument('--workers', type=bounded(int, *AT_LEAST_0), default=2, help='image-loading processes')
@@ -390,7 +398,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
                       'measure nothing; read its position rows, and the post-hoc baselines')
     data_args = {k: v for k, v in {'input_size': args.img_size and (3, args.img_size, args.img_size),
                                    'crop_pct': args.crop_pct}.items() if v}
-    transform = timm.data.create_transform(**timm.data.resolve_data_config(data_args, model=model))
+    data_config = timm.data.resolve_data_config(data_args, model=model)
+    transform = timm.data.create_transform(**data_config)
+    for flag, m in (('--model', model), ('--baseline-model', baseline)):
+        try:  # what model(x) refuses: an input smaller than the network's stride, which eval's passes never check
+            if m is not None:
+                m._check_input(torch.zeros(1, *data_config['input_size'], device=device))
+        except ValueError as e:
+            p.error(f'--img-size {data_config["input_size"][-1]}: {flag}: {e}')
 
     def loader(path, limit=0, labelled=False, per_class=False):
         if isinstance(path, Dataset):
@@ -418,6 +433,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         fit = loader(args.fit_dir, args.fit_limit, labelled=True, per_class=True) if args.fit_dir else None
     except ImageError as e:
         fail(e)
+    fit_classes, id_classes = (_class_names(d.dataset) if d else [] for d in (fit, val))
+    if args.fit_dir and id_classes and list(map(class_key, fit_classes)) != list(map(class_key, id_classes)):
+        p.error(f'--fit-dir {args.fit_dir} has the classes {", ".join(fit_classes) or "(none)"}, the ID set '
+                f'{", ".join(id_classes)}: KNN, Mahalanobis, ViM and ReAct are fitted per class, so --fit-dir needs '
+                'one sub-folder of training images per ID class, named as in the ID set')
     if args.limit and not protocol:  # after the class check, which needs the whole ImageFolder
         val = loader(args.val_dir, args.limit, labelled=True)
     if protocol:

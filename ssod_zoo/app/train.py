@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import wrap
-from .cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, bounded, device as device_arg, range_error
+from .cli import AT_LEAST_0, AT_LEAST_1, CROP_PCT, POSITIVE, bounded, device as device_arg, range_error
 from .evaluate import collect, ssod_report, thresholds_of
 from ..hub import CHECKPOINT_FORMAT, THRESHOLDS
 from ..loss import BALANCE_SCHEMES, OOD_RULES, PATCH_MEANS, SSODLoss, SSODLossParts
@@ -109,7 +109,7 @@ CHOICES = {'data': ('folder', 'synthetic', *PROTOCOLS), 'balance': BALANCE_SCHEM
            'amp': ('none', 'bf16', 'fp16')}
 
 RANGES = {  # the numeric fields' valid values: checked when the flags are parsed, and by train() for API callers
-    'img_size': AT_LEAST_1, 'crop_pct': (lambda v: v is None or v > 0, '> 0'),
+    'img_size': AT_LEAST_1, 'crop_pct': (lambda v: v is None or CROP_PCT[0](v), CROP_PCT[1]),
     'scale_min': (lambda v: 0 < v <= 1, 'in (0, 1]'), 'workers': AT_LEAST_0,
     'gamma': (lambda v: 0.5 < v <= 1, 'in (0.5, 1]'),
     'alpha': AT_LEAST_0, 'background_weight': AT_LEAST_0, 'exposure': AT_LEAST_0,
