@@ -72,6 +72,14 @@ def test_init_with_another_class_count_says_so(tmp_path, capsys):
     train_mod._load_init(model, str(ckpt), num_classes=2)
     err = capsys.readouterr().err
     assert 'classifier has 3 classes, the data 2' in err and 'starts fresh' in err
+    # another architecture's weights (wider features, the classifier too): refused, and no word of a class count
+    wide = tmp_path / 'wide.safetensors'
+    from safetensors.torch import save_file
+    save_file(timm.create_model('resnet10t', num_classes=2).state_dict(), str(wide))
+    with pytest.raises(TrainError, match=r'does not fit ssod_test_resnet: 6 missing \(e\.g\. layer3\.0\.conv3\.weight, .*\), '
+                                         r'71 of another shape \(e\.g\. bn1\.bias, bn1\.running_mean\)$'):
+        train_mod._load_init(model, str(wide), num_classes=2)
+    assert 'classes' not in capsys.readouterr().err
 
 
 def test_init_offline_fails_at_once_in_one_line(monkeypatch):

@@ -812,17 +812,18 @@ def _load_init(model: nn.Module, init: str, num_classes: int) -> None:
     classifier = model.pretrained_cfg['classifier']
     dropped = {}
     for k in [k for k in state if k.startswith(classifier + '.')]:
-        if k in own and state[k].shape != own[k].shape:  # another class count: new classifier
-            dropped[k] = state.pop(k).shape[0]
-    if dropped and int(os.environ.get('RANK', 0)) == 0:
-        print(f'--init {init}: its classifier has {next(iter(dropped.values()))} classes, the data {num_classes}; '
-              'the classifier starts fresh, the rest comes from --init', file=sys.stderr)
+        if k in own and state[k].shape[0] != own[k].shape[0] and state[k].shape[1:] == own[k].shape[1:]:
+            dropped[k] = state.pop(k).shape[0]  # another class count: new classifier
     missing = [k for k in own if k not in state and not k.startswith('ood_head.')]
     unexpected = [k for k in state if k not in own]
-    if unexpected or any(not k.startswith(classifier + '.') for k in missing):
-        raise TrainError(f'--init {init!r} does not fit {model.pretrained_cfg["architecture"]}: '
-                         f'{len(unexpected)} unexpected keys (e.g. {unexpected[:2]}), '
-                         f'{len(missing)} missing (e.g. {missing[:2]})')
+    resized = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if unexpected or resized or any(not k.startswith(classifier + '.') for k in missing):
+        found = [f'{len(keys)} {what} (e.g. {", ".join(keys[:2])})' for keys, what in (
+            (unexpected, 'unexpected keys'), (missing, 'missing'), (resized, 'of another shape')) if keys]
+        raise TrainError(f'--init {init!r} does not fit {model.pretrained_cfg["architecture"]}: {", ".join(found)}')
+    if dropped and int(os.environ.get('RANK', 0)) == 0:  # it fits: say what is left out
+        print(f'--init {init}: its classifier has {next(iter(dropped.values()))} classes, the data {num_classes}; '
+              'the classifier starts fresh, the rest comes from --init', file=sys.stderr)
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='loading a checkpoint without an OOD head')
         model.load_state_dict({**own, **state})
