@@ -21,7 +21,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Final, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Final, List, NamedTuple, Optional, Tuple, Union
 
 import timm
 import torch
@@ -370,6 +370,39 @@ class SSODModel(nn.Module):
             ``cls_map`` (B, M, h, w) and ``ood_map`` (B, 2, h, w).
         """
         b, c, h, w = features.shape
+        # the head's BatchNorm layers (MobileNetV4's norm_head, RepViT's classifier, EfficientViT's head conv)
+        # normalise the positions with the pooled features' running statistics and leave them alone: in train mode
+        # they would use the positions' own and update their statistics a second time with them, so that the pooled
+        # inference they serve in eval mode would read polluted ones
+        frozen = [m for head in self._head_modules() for m in head.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        for m in frozen:
+            m.eval()
+        try:
+            pre_logits = self._pre_logits_at_positions(features)
+            cls, ood = self.get_classifier()(pre_logits), self.ood_head(pre_logits)
+        finally:
+            for m in frozen:
+                m.train()
+
+        def as_map(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+        return as_map(cls), as_map(ood)
+
+    @torch.jit.unused
+    def _head_modules(self) -> List[nn.Module]:
+        """The modules a pass of the head runs: the top-level ones the classifier sits in (timm's
+        ``pretrained_cfg['classifier']``), and MobileNetV3's per-position layers."""
+        names = (getattr(self, 'pretrained_cfg', None) or {}).get('classifier') or ()
+        tops = dict.fromkeys(n.split('.')[0] for n in ((names,) if isinstance(names, str) else names))
+        heads = [getattr(self, t) for t in tops if isinstance(getattr(self, t, None), nn.Module)]
+        return heads + ([self.norm_head] if _head_is_per_position(self) else [])
+
+    @torch.jit.unused
+    def _pre_logits_at_positions(self, features: torch.Tensor) -> torch.Tensor:
+        """``forward_head(pre_logits=True)`` at every position of ``features`` (B, C, h, w): (B*h*w, D)."""
+        b, c, h, w = features.shape
         if _head_is_per_position(self):
             # MobileNetV3 pools first, then conv_head + norm + activation act on each position alone: run them on
             # all B*h*w positions at once, the 1x1 convolution as the one matrix product it is (the same numbers;
@@ -377,28 +410,12 @@ class SSODModel(nn.Module):
             # the head's own dropout, as forward_head applies it
             x = features.permute(0, 2, 3, 1).reshape(b * h * w, c)
             x = F.linear(x, self.conv_head.weight.flatten(1), self.conv_head.bias)[:, :, None, None]
-            # a BatchNorm head (MobileNetV4's) normalises the positions with the pooled features' running statistics
-            # and leaves them alone: in train mode it would use the positions' own and update its statistics with
-            # them a second time, so that the pooled inference it serves in eval mode would read polluted ones
-            norm = self.norm_head
-            frozen = norm.training and isinstance(norm, nn.modules.batchnorm._BatchNorm)
-            if frozen:
-                norm.eval()
-            try:
-                pre_logits = self.act2(norm(x)).flatten(1)
-            finally:
-                if frozen:
-                    norm.train()
+            pre_logits = self.act2(self.norm_head(x)).flatten(1)
             if self.drop_rate > 0.:
                 pre_logits = F.dropout(pre_logits, p=self.drop_rate, training=self.training)
-        else:
-            positions = features.permute(0, 2, 3, 1).reshape(b * h * w, c, 1, 1)
-            pre_logits = self.forward_head(positions, pre_logits=True).flatten(1)
-
-        def as_map(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(b, h, w, -1).permute(0, 3, 1, 2)
-
-        return as_map(self.get_classifier()(pre_logits)), as_map(self.ood_head(pre_logits))
+            return pre_logits
+        positions = features.permute(0, 2, 3, 1).reshape(b * h * w, c, 1, 1)
+        return self.forward_head(positions, pre_logits=True).flatten(1)
 
     def __reduce_ex__(self, protocol):
         # Pickle a generated SSOD<Base> as "SSOD of <Base>", with <Base> by reference: whole-model pickles

@@ -340,7 +340,7 @@ def _build_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int
         problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e)]
         first = problems[0] if len(problems[0]) <= 160 else problems[0][:157] + '...'
         raise SystemExit(f'ssod export: error: --checkpoint {checkpoint} does not fit {spec}: {first}'
-                         f'{f" (and {len(problems) - 1} more)" * (len(problems) > 1)}; '
+                         f'{f" (and {len(problems) - 1} more problems)" * (len(problems) > 1)}; '
                          'give the architecture it was saved from as MODEL, or its hub folder or training checkpoint '
                          'alone') from None
     if not isinstance(model, SSODModel):

@@ -360,6 +360,15 @@ class Mahalanobis:
         return f'{type(self).__name__}({fitted})'
 
 
+class NoResidualError(ValueError):
+    """:meth:`ViM.fit`: the ID features lie in the principal subspace (``spanned``, the dimensions they span about
+    ViM's origin, is at most its dim), so no residual is left to score with."""
+
+    def __init__(self, message: str, spanned: int) -> None:
+        super().__init__(message)
+        self.spanned = spanned
+
+
 class ViM:
     """Virtual-logit matching: energy minus the scaled norm of the feature's residual off the principal subspace.
 
@@ -428,8 +437,11 @@ class ViM:
             vnorm_sum += float(((x - u) @ residual_basis).norm(dim=1).sum())
             norm_sum += float((x - u).norm(dim=1).sum())
         if vnorm_sum <= 1e-10 * norm_sum:
-            raise ValueError('the ID features have no component outside the principal subspace, so the virtual '
-                             'logit is always 0 and alpha is undefined; use a smaller dim')
+            spanned = int((eigvals > eigvals.max() * d * torch.finfo(torch.float64).eps).sum())
+            raise NoResidualError(f'the ID features have no component outside the principal subspace (they span '
+                                  f'{spanned} dimensions about u, dim is {dim}), so the virtual logit is always 0 and '
+                                  'alpha is undefined; ' + (f'use a smaller dim (below {spanned})' if spanned > 1
+                                                            else 'fit on more, varied images'), spanned)
         self.u = u
         self.principal_dim = dim
         self.alpha = max_logit_sum / vnorm_sum

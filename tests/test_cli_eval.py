@@ -140,12 +140,15 @@ def test_knn_k_is_capped_below_the_smallest_class_and_small_fits_are_flagged():
     text = ' '.join(str(c.message) for c in caught)
     assert detectors['knn'].k == 3 and 'KNN: k=50' in text
     assert 'Mahalanobis' in text and 'ViM' in text  # 12 images for 40 dimensions (ViM's subspace: 20)
-    assert 'got 12 (spanning 12 dimensions); using dim 11' in text
-    # repeated images span fewer dimensions than their count: ViM's subspace leaves a residual still (it used to
-    # stop the run, "no component outside the principal subspace")
-    with pytest.warns(UserWarning, match=r'ViM: .*got 12 \(spanning 4 dimensions\); using dim 3'):
-        vim = fit_detectors(f[:4].repeat(3, 1), y, classifier, knn_k=2)['vim']
-    assert torch.isfinite(vim.score(f, classifier(f))).all()
+    assert 'got 12; using dim 11' in text
+    # repeated images span fewer dimensions than their count, fewer than or as many as ViM's subspace: it leaves a
+    # residual still (it used to stop the run, "no component outside the principal subspace")
+    for copies in (3, 6):  # 12 images (under ViM's dim 20: capped first), 24
+        with pytest.warns(UserWarning, match=rf'ViM: the {4 * copies} fit images span 4 dimensions, no more than its '
+                                             r'principal subspace \(dim \d+\); using dim 3'):
+            vim = fit_detectors(f[:4].repeat(copies, 1), torch.arange(3).repeat(8)[:4 * copies], classifier,
+                                knn_k=2, methods=('vim',))['vim']
+        assert torch.isfinite(vim.score(f, classifier(f))).all()
     big = torch.randn(400, 40, generator=g)
     quiet = fit_detectors(big, torch.arange(4).repeat_interleave(100) % 3, classifier, knn_k=5)
     assert quiet['knn'].k == 5

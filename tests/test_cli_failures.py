@@ -140,6 +140,10 @@ def test_a_tag_without_its_weights_has_their_architecture_but_not_their_threshol
     ('export', ['ssod_test_resnet', '--out', 'x.onnx', '--pretrained', '--checkpoint', 'c.pt'],
      '--pretrained loads published weights and --checkpoint loads a file: give one of them'),
     ('predict', ['m', 'x.png', '--out', 'p.txt'], '--out p.txt: name a .csv or .jsonl file'),
+    # 3 scored at chance, 0.001 resized every image to 64000 px
+    ('eval', ['--model', 'm', '--val-dir', '.', '--ood-dirs', '.', '--crop-pct', '3'],
+     "argument --crop-pct: must be in [0.5, 1.5] (timm's pretrained configs use 0.875 to 1.15), got 3"),
+    ('train', ['--crop-pct', '0.001'], 'argument --crop-pct: must be in [0.5, 1.5]'),
 ])
 def test_out_of_range_values_stop_at_parsing_in_one_line(command, argv, message, capsys):
     """Before any model loads or feature is extracted (a bad --knn-k used to fail after scoring every set)."""
@@ -310,7 +314,7 @@ def test_export_of_weights_from_another_architecture_is_one_line(tmp_path):
     message = str(e.value)
     assert message.startswith(f'ssod export: error: --checkpoint {tmp_path / "r18.pth"} does not fit ssod_test_resnet: '
                               'Missing key(s) in state_dict: "conv1.0.weight"') and '\n' not in message
-    assert message.endswith('more); give the architecture it was saved from as MODEL, or its hub folder or training '
+    assert message.endswith('more problems); give the architecture it was saved from as MODEL, or its hub folder or training '
                             'checkpoint alone') and not (tmp_path / 'x.onnx').exists()
 
 
@@ -416,8 +420,9 @@ def test_eval_checks_the_fit_classes_and_the_input_size(two_class_folders, tmp_p
     import shutil
     shutil.copytree(tmp_path / 'val' / 'a', tmp_path / 'fit' / 'a')
     shutil.copytree(tmp_path / 'val' / 'a', tmp_path / 'fit' / 'c')
-    for extra, said in ((['--fit-dir', str(tmp_path / 'fit')], f'--fit-dir {tmp_path / "fit"} has the classes a, c, '
-                         'the ID set a, b: KNN, Mahalanobis, ViM and ReAct are fitted per class'),
+    for extra, said in ((['--fit-dir', str(tmp_path / 'fit')], f"--fit-dir {tmp_path / 'fit'} must have the ID set's "
+                         'classes: lacks b; has c that the ID set has not (2 against 2 classes); KNN, Mahalanobis, '
+                         'ViM and ReAct are fitted per class'),
                         (['--img-size', '8'], '--img-size 8: --model: SSODResNet has a total stride of 32, so a 8x8 '
                                               'input leaves no feature-map position of its own')):
         with pytest.raises(SystemExit) as e:

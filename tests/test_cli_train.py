@@ -171,6 +171,16 @@ def test_any_timm_cnn_trains_by_its_ssod_name():
         train_mod._model(TrainConfig(model='ssod_no_such_net'), 3)
 
 
+def test_each_rank_seeds_its_steps_with_its_own_rank(tiny, tmp_path, monkeypatch):
+    """Under DDP the ranks must not draw the same dropout masks: a step's seed takes the process's RANK."""
+    seen = []
+    real = train_mod._step_seed
+    monkeypatch.setattr(train_mod, '_step_seed', lambda *a: seen.append(a) or real(*a))
+    monkeypatch.setenv('RANK', '1')  # (one process: what rank 1 of a DDP run computes, without the process group)
+    main(_args(tiny, tmp_path / 'run', '--seed', '7', '--max-steps-per-epoch', '2', '--no-progress'))
+    assert seen == [(7, 0, 0, 1), (7, 0, 1, 1)]
+
+
 def test_val_classes_unlike_the_training_ones_are_named(tiny, tmp_path, capsys):
     """The message names the class folders that differ, not a truncated pair of lists."""
     import shutil

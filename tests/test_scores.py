@@ -375,8 +375,11 @@ def test_vim_errors():
         ViM(dim=8).fit(randn(20, 8), head.weight, head.bias)
     flat = torch.zeros(20, 8)
     flat[:, 0] = randn(20)  # every feature on one line through the origin: no residual, alpha undefined
-    with pytest.raises(ValueError, match='smaller dim'):
+    with pytest.raises(ValueError, match=r'they span 1 dimensions about u, dim is 1\).*fit on more, varied images'):
         ViM(dim=1).fit(flat, head.weight)
+    flat[:, 1] = torch.arange(20.0)  # a plane: a smaller dim leaves a residual, and the error says which
+    with pytest.raises(ValueError, match=r'they span 2 dimensions about u, dim is 2\).*use a smaller dim \(below 2\)'):
+        ViM(dim=2).fit(flat, head.weight)
     vim = ViM(dim=2).fit(randn(20, 8), head.weight, head.bias)
     with pytest.raises(ValueError, match='3-class'):
         vim(randn(2, 8), randn(2, 4))

@@ -502,19 +502,24 @@ def test_mobilenetv3_per_position_head_on_the_whole_map_is_the_head_at_each_posi
     torch.testing.assert_close(ood_map, as_map(m.ood_head(pre_logits)), rtol=1e-4, atol=1e-5)
 
 
-def test_a_batchnorm_head_keeps_the_pooled_statistics_in_training():
-    """MobileNetV4's head has a BatchNorm: the per-position pass normalises with its running statistics and leaves
-    them as the pooled pass (timm's own forward) sets them, so eval-mode inference reads the same statistics."""
+@pytest.mark.parametrize('trunk, kwargs', [('mobilenetv3_small_050', {'head_norm': True}), ('efficientvit_b0', {}),
+                                           ('repvit_m0_9', {})])
+def test_a_batchnorm_head_keeps_the_pooled_statistics_in_training(trunk, kwargs):
+    """BatchNorm in the head (MobileNetV4's norm_head, EfficientViT's head conv, RepViT's classifier): the
+    per-position pass normalises with its running statistics and leaves them as the pooled pass (timm's own forward)
+    sets them, so eval-mode inference reads the same statistics."""
     import copy
     torch.manual_seed(0)
-    plain = timm.create_model('mobilenetv3_small_050', head_norm=True, num_classes=3).train()
+    plain = timm.create_model(trunk, num_classes=3, **kwargs).train()
     m = ssod_zoo.wrap(copy.deepcopy(plain)).train()
     x = torch.randn(4, 3, 64, 64)
     plain(x)
     m.forward_spatial(x)
-    assert isinstance(m.norm_head, torch.nn.BatchNorm2d) and m.norm_head.training
-    for key, value in plain.norm_head.state_dict().items():
-        torch.testing.assert_close(m.norm_head.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert m.training and all(b.training for b in m.modules())
+    buffers = dict(m.named_buffers())
+    assert any('running_mean' in k for k in buffers)
+    for key, value in plain.named_buffers():
+        torch.testing.assert_close(buffers[key], value, rtol=0, atol=0, msg=key)
     torch.manual_seed(1)
     cls_map, _ = m.forward_positions(features := torch.randn(2, m.num_features, 2, 2))
     positions = features.permute(0, 2, 3, 1).reshape(8, -1, 1, 1)

@@ -99,12 +99,9 @@ def collect(
             pre_logits = model.forward_head(features, pre_logits=True)
             logits = model.get_classifier()(pre_logits)  # timm's heads end in the classifier: one head pass
             ood_factor = model.forward_ood(pre_logits)
+            if spatial:  # the per-position heads in float32 whatever the autocast, as spatial_score runs them
+                cls_map, ood_map = model._heads_without_autocast(model.forward_positions, features)
         if spatial:
-            # the per-position heads in float32, as forward_ood is, whatever the autocast: a bf16 classifier
-            # rounds the logits a threshold is calibrated on (by up to 0.14 on the demo model), and ssod predict
-            # scores in float32
-            with torch.autocast(device.type, enabled=False):
-                cls_map, ood_map = model.forward_positions(features.float())
             extra = (spatial_posterior_score(cls_map, ood_map), spatial_posterior_score(cls_map),
                      spatial_maxlogit_score(cls_map))
         for k, v in zip(out, (logits, ood_factor, pre_logits, y, *(extra if spatial else ()))):
@@ -434,10 +431,18 @@ def main(argv: Optional[List[str]] = None) -> dict:
     except ImageError as e:
         fail(e)
     fit_classes, id_classes = (_class_names(d.dataset) if d else [] for d in (fit, val))
-    if args.fit_dir and id_classes and list(map(class_key, fit_classes)) != list(map(class_key, id_classes)):
-        p.error(f'--fit-dir {args.fit_dir} has the classes {", ".join(fit_classes) or "(none)"}, the ID set '
-                f'{", ".join(id_classes)}: KNN, Mahalanobis, ViM and ReAct are fitted per class, so --fit-dir needs '
-                'one sub-folder of training images per ID class, named as in the ID set')
+    # a protocol's ID classes may be indices ('0'..'999'): there, the folders sort into them, and only count
+    differs = (len(fit_classes) != len(id_classes) if protocol else
+               list(map(class_key, fit_classes)) != list(map(class_key, id_classes)))
+    if args.fit_dir and id_classes and differs:
+        fit_keys, id_keys = set(map(class_key, fit_classes)), set(map(class_key, id_classes))
+        missing = [c for c in id_classes if class_key(c) not in fit_keys][:5]
+        extra = [c for c in fit_classes if class_key(c) not in id_keys][:5]
+        said = '; '.join(x for x in (missing and f'lacks {", ".join(missing)}',
+                                     extra and f'has {", ".join(extra)} that the ID set has not') if x)
+        p.error(f'--fit-dir {args.fit_dir} must have the ID set\'s classes: {said or "another order"} '
+                f'({len(fit_classes)} against {len(id_classes)} classes); KNN, Mahalanobis, ViM and ReAct are fitted '
+                'per class')
     if args.limit and not protocol:  # after the class check, which needs the whole ImageFolder
         val = loader(args.val_dir, args.limit, labelled=True)
     if protocol:

@@ -135,18 +135,25 @@ def fit_detectors(features: torch.Tensor, targets: torch.Tensor, classifier: nn.
                           '(fit on more images)', stacklevel=2)
     if 'vim' in methods:
         dim = _scores._vim_dim(d)  # the ViM paper's rule, as ViM() uses it
-        if n <= dim:  # the features about ViM's origin span at most n dimensions, fewer for repeated images
-            w = classifier.weight.detach().double().cpu()
-            u = -torch.linalg.pinv(w) @ (classifier.bias.detach().double().cpu() if classifier.bias is not None
-                                         else torch.zeros(w.shape[0], dtype=torch.float64))
-            spanned = int(torch.linalg.matrix_rank(features.detach().double().cpu() - u))
-            capped = max(1, min(dim, spanned - 1, d - 1))
-            warnings.warn(f'ViM: its principal subspace (dim {dim}) needs more than {dim} fit images, got {n} '
-                          f'(spanning {spanned} dimensions); using dim {capped}, and its scores are unreliable (fit on '
-                          'more images)', stacklevel=2)
+        if n <= dim:
+            capped = max(1, min(dim, n - 1, d - 1))
+            warnings.warn(f'ViM: its principal subspace (dim {dim}) needs more than {dim} fit images, got {n}; '
+                          f'using dim {capped}, and its scores are unreliable (fit on more images)', stacklevel=2)
             dim = capped
         kwargs['vim'] = {'dim': dim}
-    return {m: create_detector(m, **kwargs.get(m, {})).fit(features, targets, classifier) for m in methods}
+    fitted = {}
+    for m in methods:
+        try:
+            fitted[m] = create_detector(m, **kwargs.get(m, {})).fit(features, targets, classifier)
+        except _scores.NoResidualError as e:  # repeated images span fewer dimensions than their count
+            if e.spanned < 2:
+                raise
+            dim = e.spanned - 1
+            warnings.warn(f'ViM: the {n} fit images span {e.spanned} dimensions, no more than its principal '
+                          f'subspace (dim {kwargs[m]["dim"]}); using dim {dim}, and its scores are unreliable (fit on '
+                          'more, varied images)', stacklevel=2)
+            fitted[m] = create_detector(m, dim=dim).fit(features, targets, classifier)
+    return fitted
 
 
 def write_scores_csv(all_scores: Mapping[str, Mapping[str, torch.Tensor]], paths: Mapping[str, Sequence],
