@@ -581,13 +581,12 @@ def _checkpoint_data_config(ckpt: Mapping[str, Any]) -> Dict[str, Any]:
 def registered(spec: str) -> bool:
     """Whether ``spec`` names a registered timm model, with or without its pretrained tag (``ssod_resnet18.fmnist``):
     ``ssod_<trunk>`` of any timm CNN is registered here, as ``timm.create_model`` would."""
+    from .registry import register_on_request
     arch = spec.split('.')[0]
-    if not timm.is_model(arch) and arch.startswith('ssod_') and timm.is_model(arch[len('ssod_'):]):
-        from .registry import register
-        try:
-            register(arch[len('ssod_'):])
-        except ValueError:  # not a CNN
-            return False
+    try:
+        register_on_request(arch)
+    except ValueError:  # not a CNN
+        return False
     return timm.is_model(arch)
 
 

@@ -282,11 +282,18 @@ def _register_on_create() -> None:
         return
 
     def is_model(model_name: str) -> bool:
-        trunk = split_model_name_tag(model_name)[0].removeprefix('ssod_')
-        if not timm_is_model(model_name) and model_name.startswith('ssod_') and timm_is_model(trunk):
-            register(trunk)  # a trunk that is not a CNN: its ValueError says why, where timm would say 'Unknown'
+        # a trunk that is not a CNN: register's ValueError says why, where timm would say 'Unknown model'
+        register_on_request(split_model_name_tag(model_name)[0])
         return timm_is_model(model_name)
     _factory.is_model = is_model
+
+
+def register_on_request(arch: str) -> None:
+    """Register ``arch`` when it is ``ssod_<trunk>`` of a timm model ``trunk`` and not registered yet
+    (:func:`register`, whose ValueError says why a trunk cannot be one); any other name is left alone."""
+    trunk = arch[len('ssod_'):] if arch.startswith('ssod_') else ''
+    if trunk and not timm.is_model(arch) and timm.is_model(trunk):
+        register(trunk)
 
 
 _register_on_create()

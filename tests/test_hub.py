@@ -410,7 +410,9 @@ for load in (lambda: timm.create_model('local-dir:{folder}', pretrained=True).ev
 import timm, ssod_zoo
 assert ssod_zoo.register('test_efficientnet') == 'ssod_test_efficientnet'
 assert timm.create_model('local-dir:{folder}', pretrained=True).spatial_threshold == 1.5
-# any timm CNN by name, registered when create_model first asks for it; a trunk that cannot be one says why
+# any timm CNN by name, registered when create_model first asks for it (or load_model, or ssod export, which check
+# names with hub.registered); a trunk that cannot be one says why
+assert ssod_zoo.hub.registered('ssod_test_convnext.tag') and not ssod_zoo.hub.registered('ssod_test_vit')
 assert type(timm.create_model('ssod_test_byobnet', num_classes=2)).__name__ == 'SSODByobNet'
 try:
     timm.create_model('ssod_test_vit')
