@@ -83,7 +83,8 @@ def test_push_without_a_reachable_hub_is_one_line(tmp_path, monkeypatch, capsys)
 def test_export_takes_tags_and_writes_label_names(tmp_path):
     import json
 
-    from ssod_zoo.export import _build_model, _metadata
+    from ssod_zoo.app.export import _build_model
+    from ssod_zoo.export import _metadata
     from cli_helpers import NAMES, make_checkpoint
 
     model = _build_model(str(make_checkpoint(tmp_path / 'c.pt', threshold=0.5, size=48)), None, None)
@@ -285,7 +286,7 @@ def test_device_cuda_without_cuda_stops_at_parsing(command, argv, capsys):
 ])
 def test_export_refuses_an_input_size_the_model_cannot_take_before_exporting(tmp_path, capsys, size, message):
     import onnx  # noqa: F401  (the [test] extra has it: a missing onnx fails, as in test_export.py)
-    from ssod_zoo import export
+    from ssod_zoo.app import export
 
     with pytest.raises(SystemExit) as e:
         export.main(['ssod_test_resnet', '--out', str(tmp_path / 'x.onnx'), '--input-size', *size])
@@ -306,7 +307,7 @@ def test_export_refuses_an_input_size_the_model_cannot_take_before_exporting(tmp
 
 def test_export_of_weights_from_another_architecture_is_one_line(tmp_path):
     """A plain timm ResNet-18's weights given as the test network's: one line, not torch's key listing."""
-    from ssod_zoo import export
+    from ssod_zoo.app import export
 
     torch.save(timm.create_model('resnet18', num_classes=3).state_dict(), tmp_path / 'r18.pth')
     with pytest.raises(SystemExit) as e:

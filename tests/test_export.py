@@ -19,7 +19,8 @@ from torch import nn
 
 import ssod_zoo
 from ssod_zoo import SSODOutput, SSODScores
-from ssod_zoo.export import INPUT_NAME, OUTPUT_NAMES, export_onnx, main
+from ssod_zoo.app.export import main
+from ssod_zoo.export import INPUT_NAME, OUTPUT_NAMES, export_onnx
 
 # resnet34 and resnet101 export through resnet18's and resnet50's graphs (same block types, more of them)
 MODELS = [m for m in timm.list_models('ssod_*') if m not in ('ssod_resnet34', 'ssod_resnet101')]
@@ -199,7 +200,7 @@ def test_onnx_old_opset(tmp_path):
     x = _images(3)
     _assert_same(_session(path).run(None, {INPUT_NAME: x.numpy()}), _reference(model, x), atol=ONNX_ATOL)
     # and through the command's flag
-    from ssod_zoo import export
+    from ssod_zoo.app import export
     export.main(['ssod_test_resnet', '--out', str(tmp_path / 'cli17.onnx'), '--opset', '17',
                  '--input-size', *map(str, SIZE)])
     assert [o.version for o in onnx.load(str(tmp_path / 'cli17.onnx')).opset_import

@@ -70,7 +70,7 @@ def _onnx_input_hw(path):
 @pytest.mark.parametrize('source', ['checkpoint', 'folder', 'local-dir'])
 def test_export_writes_a_graph_at_the_trained_size(run, tmp_path, source):
     import onnx  # noqa: F401  (the [test] extra installs it: a missing one fails here)
-    from ssod_zoo.export import main as export_main
+    from ssod_zoo.app.export import main as export_main
     spec = str(run)
     if source != 'checkpoint':
         ssod_zoo.save_pretrained(ssod_zoo.load_checkpoint(run)[0], tmp_path / 'folder')

@@ -5,7 +5,7 @@
     ssod eval   ...                  SSOD vs post-hoc baselines on your ImageFolder data (ssod_zoo.app.evaluate)
     ssod predict MODEL INPUTS...     class or "unknown" for each image, as CSV/JSON lines (ssod_zoo.app.predict)
     ssod calibrate MODEL --val-dir D the rejection thresholds, set on your own ID images (ssod_zoo.app.calibrate)
-    ssod export MODEL --out F.onnx   ONNX: outputs logits, ood_factor, spatial_score (ssod_zoo.export)
+    ssod export MODEL --out F.onnx   ONNX: outputs logits, ood_factor, spatial_score (ssod_zoo.app.export)
     ssod save   CHECKPOINT DIR       a hub-ready folder from a training checkpoint (ssod_zoo.app.publish)
     ssod push   CHECKPOINT REPO_ID   the same, uploaded to the Hugging Face Hub (ssod_zoo.app.publish)
     ssod release RUN_DIR OUT ...     evaluate, calibrate, card and (--repo-id) push a run (ssod_zoo.app.release)
@@ -24,7 +24,7 @@ COMMANDS = {
     'eval': ('ssod_zoo.app.evaluate', 'SSOD against MSP/Energy/ODIN/ReAct/KNN/Mahalanobis/ViM on your data'),
     'predict': ('ssod_zoo.app.predict', 'class or "unknown" for each image of files, folders or globs (CSV/JSONL)'),
     'calibrate': ('ssod_zoo.app.calibrate', 'set the rejection thresholds on your own in-distribution images'),
-    'export': ('ssod_zoo.export', 'export to ONNX with outputs logits, ood_factor and spatial_score'),
+    'export': ('ssod_zoo.app.export', 'export to ONNX with outputs logits, ood_factor and spatial_score'),
     'save': ('ssod_zoo.app.publish', 'write a hub-ready folder (safetensors, config.json, model card)'),
     'push': ('ssod_zoo.app.publish', 'upload a checkpoint to the Hugging Face Hub'),
     'release': ('ssod_zoo.app.release', 'a training run to an evaluated, calibrated, carded hub folder (and push)'),
