@@ -19,6 +19,7 @@ from .cli import AT_LEAST_1, bounded
 
 __all__ = ['main']
 
+
 def _num_classes_in(checkpoint: Union[str, Path], model_name: str) -> Optional[int]:
     """The class count a checkpoint was trained with, read from its classifier weight (None if not found)."""
     import timm
