@@ -14,7 +14,7 @@ import timm
 import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 from torchvision.datasets import ImageFolder
 
 from ssod_zoo import load_model, scores
@@ -46,8 +46,9 @@ def _write_images(folder: Path, count: int, colour, seed: int) -> None:
         Image.fromarray(pixels).save(folder / f'{i:03d}.png')
 
 
-def _checkpoint(path: Path, seed: int) -> Path:
-    """A training checkpoint (the format `ssod train` writes) of a small randomised SSOD model."""
+def _checkpoint(path: Path, seed: int, ce_only: bool = False) -> Path:
+    """A training checkpoint (the format `ssod train` writes) of a small randomised SSOD model; ``ce_only``: as
+    `ssod train --ce-only` records a cross-entropy model (its OOD head never trained)."""
     torch.manual_seed(seed)
     model = timm.create_model('ssod_test_resnet', num_classes=len(CLASSES)).eval()
     with torch.no_grad():
@@ -57,7 +58,7 @@ def _checkpoint(path: Path, seed: int) -> Path:
                    'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225)}
     torch.save({'format': CHECKPOINT_FORMAT, 'architecture': 'ssod_test_resnet',
                 'model_args': {'num_classes': len(CLASSES)}, 'model': model.state_dict(), 'ood_threshold': 0.5,
-                'class_names': CLASSES, 'config': {'img_size': SIZE, 'crop_pct': 1.0}, 'metrics': {},
+                'class_names': CLASSES, 'config': {'img_size': SIZE, 'crop_pct': 1.0, 'ce_only': ce_only}, 'metrics': {},
                 'data_config': data_config}, path)
     return path
 
@@ -99,9 +100,10 @@ def _auroc(id_scores, ood_scores) -> float:
 
 
 @pytest.mark.filterwarnings('ignore:.*(unreliable|from another class).*:UserWarning')  # a tiny fit set, on purpose
+@pytest.mark.filterwarnings('ignore:.*OOD head was never trained.*:UserWarning')  # the CE model's, read by hand
 def test_ssod_eval_on_a_folder_with_two_checkpoints(folders, tmp_path, capsys):
     ssod_ckpt = _checkpoint(tmp_path / 'ssod.pt', seed=0)
-    ce_ckpt = _checkpoint(tmp_path / 'ce.pt', seed=1)
+    ce_ckpt = _checkpoint(tmp_path / 'ce.pt', seed=1, ce_only=True)
     out = tmp_path / 'out'
     ssod(['eval', '--model', str(ssod_ckpt), '--baseline-model', str(ce_ckpt), '--val-dir', str(folders / 'val'),
           '--ood-dirs', str(folders / 'ood' / 'grey'), str(folders / 'ood' / 'purple'),
@@ -254,22 +256,41 @@ def test_help_examples_keep_their_line_continuations(command, capsys):
     assert not re.search(r'\S {5,}--', out), out
 
 
+@pytest.mark.filterwarnings('ignore:.*OOD head was never trained.*:UserWarning')
+def test_baseline_rows_name_the_model_they_scored():
+    """A baseline's rows and ID accuracy say which model it scored: a cross-entropy model (its OOD head never
+    trained), another SSOD model, or, with no baseline model, the SSOD model itself."""
+    from ssod_zoo.app.evaluate import evaluate, results_markdown
+    torch.manual_seed(0)
+    model, ce, other = (timm.create_model('ssod_test_resnet', num_classes=2).eval() for _ in range(3))
+    ce.ood_head_trained = False
+    loader = DataLoader(TensorDataset(torch.randn(8, 3, SIZE, SIZE), torch.tensor([0, 1] * 4)), batch_size=8)
+    for baseline, key, name in ((ce, 'ce', 'CE model'), (other, 'baseline', 'baseline SSOD model'),
+                                (None, None, 'same model')):
+        results = evaluate(model, loader, {'noise': loader}, baseline_model=baseline, methods=['ssod', 'msp'],
+                           progress=False)
+        assert list(results['id_accuracy']) == ['ssod', key][:2 if key else 1]
+        table = results_markdown(results)
+        assert f'| msp ({name}) |' in table and f'| SSOD OOD factor, Eq. 15 (paper) |' in table, table
+        assert ('CE model' in table) == (key == 'ce'), table
+
+
 def test_report_without_bootstrap_has_no_empty_interval_table():
     from ssod_zoo.app.report import report_markdown
     accept = {'ssod_spatial_top3': {'id': {'n': 10, 'accepted': 96.0}, 'near': {'n': 10, 'accepted': 20.0}},
               'ssod': {'id': {'n': 10, 'accepted': 95.0}, 'near': {'n': 10, 'accepted': 40.0}}}
     thresholds = {'ssod_spatial_top3': 9.5, 'ssod': 0.5}
     ood = {'near': {'ssod': {'fpr95': 40.0, 'auroc': 80.0}}}
-    without = report_markdown(accept, thresholds, {}, ood, n_boot=0, ce_model=True)
+    without = report_markdown(accept, thresholds, {}, ood, n_boot=0, baseline='ce')
     assert '## FPR95 and AUROC' not in without and '| Method |' not in without
     assert '--bootstrap 0' in without and '| near | 10 | 20.0 | 40.0 |' in without
     assert '| Set | Images | Accepted %, `spatial_score` | Accepted %, `ood_factor` |' in without
     assert '`spatial_score >= 9.5` (`model.spatial_threshold`); `ood_factor >= 0.5`' in without
     # a readout without a threshold: its column goes, and the report says how to get one
-    missing = report_markdown(accept, {**thresholds, 'ssod_spatial_top3': None}, {}, ood, n_boot=0, ce_model=True)
+    missing = report_markdown(accept, {**thresholds, 'ssod_spatial_top3': None}, {}, ood, n_boot=0, baseline='ce')
     assert '| near | 10 | 40.0 |' in missing and 'no calibrated `spatial_threshold` (`ssod calibrate`' in missing
     ci = {'near': {'ssod': {'fpr95': [30.0, 50.0], 'auroc': [75.0, 85.0]}}}
-    with_ci = report_markdown(accept, thresholds, ci, ood, n_boot=100, ce_model=True)
+    with_ci = report_markdown(accept, thresholds, ci, ood, n_boot=100, baseline='ce')
     assert '(100 resamples, seed 0)' in with_ci
     # named as in the main table, with the key of its scores.csv column
     assert '| SSOD OOD factor, Eq. 15 (paper), `ssod` | 40.0 [30.0, 50.0] | 80.0 [75.0, 85.0] |' in with_ci

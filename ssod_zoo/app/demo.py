@@ -135,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     # what a deployment decides with, as `ssod eval` reports it: accept rates at the SSOD model's thresholds and
     # bootstrap intervals (`ssod eval --bootstrap`'s default resamples and seed)
     deployment, deployment_keys = deployment_report(results['scores'], results['ood'], ssod_model, BOOTSTRAP,
-                                                    ce_model=True)
+                                                    baseline='ce')
     config = {'benchmark': dataclasses.asdict(bench_cfg),
               'demo': {k: v for k, v in vars(args).items() if k not in ('out', 'bench_root')},
               'models': 'trained here (--retrain)' if args.retrain else f'shipped ({SHIPPED_MODELS})',
@@ -158,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     write_results(results, out, config, sections=[deployment], extra=deployment_keys)
     write_scores_csv(results['scores'], {k: [str(p) for p, _ in v.samples] for k, v in sets.items()},
                      out / 'scores.csv', targets={'id': torch.as_tensor(sets['id'].targets)})
-    plot_roc(results['scores'], out / 'roc.png', ce_model=True)
+    plot_roc(results['scores'], out / 'roc.png', baseline='ce')
     plot_histograms(results['scores'], out / 'histograms.png',
                     thresholds={**deployed_thresholds(ssod_model), 'maxlogit_spatial_top3': ce_model.spatial_threshold})
     train_set = bench.train_dataset(transform)

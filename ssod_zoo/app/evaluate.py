@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .. import scores
-from ..adapter import READOUTS
+from ..adapter import READOUTS, SSODModel
 from ..hub import WeightsError, load_model
 from ..detectors import DETECTORS, Detector, create_detector
 from ..metrics import accuracy, ood_metrics
@@ -37,7 +37,8 @@ from ..output import posterior_score, spatial_maxlogit_score, spatial_posterior_
 from .cli import AT_LEAST_0, AT_LEAST_1, CROP_PCT, HelpFormatter, bounded, device as device_arg
 from .images import (ImageError, ImageFiles, class_folder, class_key, one_line, ood_set_names, unreadable,
                      unreadable_report)
-from .report import deployed_thresholds, deployment_report, fit_detectors, method_label, write_scores_csv
+from .report import MODELS, baseline_of, deployed_thresholds, deployment_report, fit_detectors, method_label, \
+    write_scores_csv
 
 __all__ = ['calibrate', 'collect', 'ssod_report', 'evaluate', 'METHODS', 'results_markdown', 'main']
 
@@ -163,7 +164,7 @@ def evaluate(
     capped below the smallest class, with a warning; small fit sets for Mahalanobis/ViM are flagged).
 
     Returns:
-        ``{'id_accuracy': {'ssod': %, 'ce': %}, 'ood': {set: {method: {fpr95, auroc, aupr_in, aupr_out}},
+        ``{'id_accuracy': {'ssod': %, 'ce' or 'baseline': %}, 'ood': {set: {method: {fpr95, auroc, aupr_in, aupr_out}},
         'average': {...}}, 'scores': {method: {'id': (N,), set: (N_set,)}}}``; ``scores`` is for plots.
     """
     baseline_model = baseline_model or ssod_model
@@ -210,7 +211,9 @@ def evaluate(
     results = {'id_accuracy': {'ssod': 100 * accuracy(ssod_out['id']['logits'], ssod_out['id']['targets'])},
                'ood': {}, 'scores': all_scores}
     if baseline_model is not ssod_model:
-        results['id_accuracy']['ce'] = 100 * accuracy(base_out['id']['logits'], base_out['id']['targets'])
+        trained = isinstance(baseline_model, SSODModel) and getattr(baseline_model, 'ood_head_trained', True)
+        base_id = base_out['id']
+        results['id_accuracy']['baseline' if trained else 'ce'] = 100 * accuracy(base_id['logits'], base_id['targets'])
     for name in ood_loaders:
         results['ood'][name] = {m: _percent(ood_metrics(all_scores[m]['id'], all_scores[m][name])) for m in methods}
     results['ood']['average'] = {m: _average(results['ood'][s][m] for s in ood_loaders) for m in methods}
@@ -231,8 +234,8 @@ def results_markdown(results: dict) -> str:
             r = results['ood'][s][m]
             fpr = f'{r["fpr95"]:.2f}'
             cells += [f'**{fpr}**' if r['fpr95'] == best[s] else fpr, f'{r["auroc"]:.2f}']
-        rows.append(f'| {method_label(m, "ce" in results["id_accuracy"])} | ' + ' | '.join(cells) + ' |')
-    acc = ', '.join(f'{k.upper()} model {v:.2f}%' for k, v in results['id_accuracy'].items())
+        rows.append(f'| {method_label(m, baseline_of(results["id_accuracy"]))} | ' + ' | '.join(cells) + ' |')
+    acc = ', '.join(f'{MODELS[k]} {v:.2f}%' for k, v in results['id_accuracy'].items())
     return '\n'.join([f'ID accuracy: {acc}', '', head, rule, *rows, '',
                       'FPR95: OOD images accepted at the threshold that accepts 95% of ID images (lower is '
                       'better); AUROC: higher is better; percentages. Bold: best FPR95 per column.'])
@@ -472,7 +475,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     out = Path(args.out)
     # what a deployment decides with: sample counts, accept rates at the model's own thresholds, intervals
     deployment, deployment_keys = deployment_report(results['scores'], results['ood'], model, args.bootstrap,
-                                                    ce_model='ce' in results['id_accuracy'], note=size_note)
+                                                    baseline=baseline_of(results['id_accuracy']), note=size_note)
     extra = {'skipped': protocol.skipped, 'groups': protocol.groups} if protocol else {}
     sections = [fpr95_markdown(results)]  # both FPR95 conventions, and what the protocol could not run
     if protocol and protocol.skipped:
@@ -489,7 +492,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                      targets={'id': torch.as_tensor(id_targets)} if id_targets else None)
     if not args.no_plots:
         from .plots import plot_histograms, plot_roc
-        plot_roc(results['scores'], out / 'roc.png', ce_model='ce' in results['id_accuracy'])
+        plot_roc(results['scores'], out / 'roc.png', baseline=baseline_of(results['id_accuracy']))
         plot_histograms(results['scores'], out / 'histograms.png', thresholds=deployed_thresholds(model))
     print(results_markdown(results))
     print('\n' + sections[0])  # FPR95 in both conventions: ID positive (the paper's) and OOD positive (OpenOOD's)

@@ -21,7 +21,7 @@ def _ood_sets(scores: Dict[str, Dict[str, torch.Tensor]]) -> list:
     return [k for k in next(iter(scores.values())) if k != 'id']
 
 
-def plot_roc(scores: Dict[str, Dict[str, torch.Tensor]], path: Path, *, ce_model: bool,
+def plot_roc(scores: Dict[str, Dict[str, torch.Tensor]], path: Path, *, baseline: Optional[str],
              highlight: Sequence[str] = ('ssod_spatial_top3', 'ssod')) -> Path:
     """One panel per OOD set: every method's ROC (ID positive), with the 95%-TPR line where FPR95 is read. The SSOD
     model's readouts are solid, the baselines dashed, the ``highlight`` ones (a deployment's two rules) thick; the
@@ -40,7 +40,7 @@ def plot_roc(scores: Dict[str, Dict[str, torch.Tensor]], path: Path, *, ce_model
             # tab20 pairs a dark and a light shade of each hue: the ten dark ones first, then the light ones
             ax.plot(fpr.numpy(), tpr.numpy(), color=colours((2 * i) % 20 + (i // 10) % 2),
                     lw=2.6 if method in highlight else 1.0,
-                    ls='-' if method.startswith('ssod') else '--', label=method_label(method, ce_model))
+                    ls='-' if method.startswith('ssod') else '--', label=method_label(method, baseline))
         ax.axhline(0.95, color='k', ls=':', lw=0.8)
         ax.set(title=f'ID vs {name}', xlabel='OOD accepted (FPR)', ylabel='ID accepted (TPR)', xlim=(0, 1),
                ylim=(0, 1.01))

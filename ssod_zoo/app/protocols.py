@@ -507,7 +507,7 @@ def add_fpr95_openood(results: dict) -> dict:
 
 def fpr95_markdown(results: dict) -> str:
     """FPR95 in both conventions, side by side: the paper's (ID positive) and OpenOOD's (OOD positive)."""
-    from .report import method_label
+    from .report import baseline_of, method_label
     sets = [s for s in results['ood'] if s != 'average'] + ['average']
     methods = list(results['ood']['average'])
     head = '| Method | ' + ' | '.join(f'{s} FPR95 paper↓ | {s} FPR95 OpenOOD↓' for s in sets) + ' |'
@@ -515,7 +515,7 @@ def fpr95_markdown(results: dict) -> str:
     for m in methods:
         cells = [f'{results["ood"][s][m]["fpr95"]:.2f} | {results["ood"][s][m].get("fpr95_openood", float("nan")):.2f}'
                  for s in sets]
-        rows.append(f'| {method_label(m, "ce" in results["id_accuracy"])} | ' + ' | '.join(cells) + ' |')
+        rows.append(f'| {method_label(m, baseline_of(results["id_accuracy"]))} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(['FPR95, both conventions. Paper (ID positive): OOD images accepted when 95% of ID images are '
                       'accepted. OpenOOD v1.5 (OOD positive): ID images rejected when 95% of OOD images are rejected.',
                       '', *rows])

@@ -187,11 +187,22 @@ LABELS = {'ssod_spatial_top3': 'SSOD model, mean MaxLogit of the 3 best position
           'maxlogit_spatial_top3': 'mean MaxLogit of the 3 best positions'}
 
 
-def method_label(method: str, ce_model: bool) -> str:
+# the models of a results table by their key in ``results['id_accuracy']``: the SSOD model, and the baseline
+# model when one was given, 'ce' if its OOD head was never trained (a cross-entropy classifier), else 'baseline'
+MODELS = {'ssod': 'SSOD model', 'ce': 'CE model', 'baseline': 'baseline SSOD model'}
+
+
+def baseline_of(id_accuracy: Mapping[str, float]) -> Optional[str]:
+    """The baseline model's key in ``results['id_accuracy']`` (:data:`MODELS`); None when the baselines scored
+    the SSOD model itself."""
+    return next((k for k in id_accuracy if k != 'ssod'), None)
+
+
+def method_label(method: str, baseline: Optional[str]) -> str:
     """The row name of ``method`` in every results table: an SSOD readout's description, or a baseline's, with
-    the model it scored (the CE model, or the SSOD model itself when no CE model was given)."""
+    the model it scored: ``baseline``'s (:data:`MODELS`), or the SSOD model itself when ``baseline`` is None."""
     label = LABELS.get(method, method)
-    return label if method.startswith('ssod') else f'{label} ({"CE model" if ce_model else "same model"})'
+    return label if method.startswith('ssod') else f'{label} ({MODELS[baseline] if baseline else "same model"})'
 
 
 def deployed_thresholds(model: Any) -> Dict[str, Optional[float]]:
@@ -200,12 +211,13 @@ def deployed_thresholds(model: Any) -> Dict[str, Optional[float]]:
 
 
 def deployment_report(all_scores: Mapping[str, Mapping[str, torch.Tensor]], ood: Mapping[str, Mapping[str, dict]],
-                      model: Any, n_boot: int, *, ce_model: bool, note: str = '') -> Tuple[str, Dict[str, Any]]:
+                      model: Any, n_boot: int, *, baseline: Optional[str],
+                      note: str = '') -> Tuple[str, Dict[str, Any]]:
     """What a deployment decides with, as ``ssod eval`` and ``ssod demo`` report it: accept rates of each readout
     in :data:`DEPLOYED` at the SSOD ``model``'s calibrated threshold for it, and bootstrap intervals (seed 0; none
     when ``n_boot`` is 0). Returns the markdown section and the keys it adds to ``results.json``:
-    ``accept_rates`` and ``thresholds`` by method, ``bootstrap`` and ``ci``. ``ce_model``: whether the baselines
-    were scored on a CE model (:func:`method_label`). ``note``: a caveat printed under the thresholds (and kept as
+    ``accept_rates`` and ``thresholds`` by method, ``bootstrap`` and ``ci``. ``baseline``: the model the baselines
+    scored (:func:`method_label`). ``note``: a caveat printed under the thresholds (and kept as
     ``thresholds_note``), e.g. that the images were scored at another size than the thresholds were set at."""
     ci = confidence_intervals(all_scores, n_boot) if n_boot else {}
     thresholds = {m: t for m, t in deployed_thresholds(model).items() if m in all_scores}
@@ -213,12 +225,12 @@ def deployment_report(all_scores: Mapping[str, Mapping[str, torch.Tensor]], ood:
     keys = {'accept_rates': rates, 'thresholds': thresholds,
             'bootstrap': {'resamples': n_boot, 'seed': 0, 'level': 95}, 'ci': ci,
             **({'thresholds_note': note} if note else {})}
-    return report_markdown(rates, thresholds, ci, ood, n_boot, ce_model=ce_model, note=note), keys
+    return report_markdown(rates, thresholds, ci, ood, n_boot, baseline=baseline, note=note), keys
 
 
 def report_markdown(accept: Mapping[str, Mapping[str, dict]], thresholds: Mapping[str, Optional[float]],
                     ci: Mapping[str, Mapping[str, dict]], ood: Mapping[str, Mapping[str, dict]], n_boot: int,
-                    *, ce_model: bool, note: str = '') -> str:
+                    *, baseline: Optional[str], note: str = '') -> str:
     """Counts, accept rates at the model's thresholds, and FPR95 / AUROC with bootstrap intervals; methods are
     named as in the main table (:func:`method_label`), each with its key, its column in ``scores.csv``."""
     lines = ['## At the model\'s own thresholds', '']
@@ -254,7 +266,7 @@ def report_markdown(accept: Mapping[str, Mapping[str, dict]], thresholds: Mappin
             r, c = ood[s][method], ci[s][method]
             cells += [f'{r["fpr95"]:.1f} [{c["fpr95"][0]:.1f}, {c["fpr95"][1]:.1f}]',
                       f'{r["auroc"]:.1f} [{c["auroc"][0]:.1f}, {c["auroc"][1]:.1f}]']
-        lines.append(f'| {method_label(method, ce_model)}, `{method}` | ' + ' | '.join(cells) + ' |')
+        lines.append(f'| {method_label(method, baseline)}, `{method}` | ' + ' | '.join(cells) + ' |')
     lines += ['', 'Each interval is one method\'s alone. All methods are scored on the same images, so two '
               'overlapping intervals do not by themselves make two methods a tie: to rank a pair, bootstrap the '
               'difference of their metrics over the same resamples (the per-image scores are in `scores.csv`, one '
