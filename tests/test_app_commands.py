@@ -19,7 +19,7 @@ from torchvision.datasets import ImageFolder
 
 from ssod_zoo import load_model, scores
 from ssod_zoo.app.cli import COMMANDS, main as ssod
-from ssod_zoo.hub import CHECKPOINT_FORMAT
+from ssod_zoo.hub import CHECKPOINT_FORMAT, load_checkpoint
 from ssod_zoo.metrics import ood_metrics
 
 CLASSES = ['amber', 'cobalt', 'moss']
@@ -237,6 +237,29 @@ def test_demo_evaluates_the_shipped_models_by_default(tmp_path):
     assert 'Accepted %' in md and '95% CI' in md
     card = (out / 'models' / 'ce' / 'README.md').read_text()
     assert 'never trained' in card and 'model.spatial_threshold = ' in card and 'model.ood_threshold' not in card
+
+
+def test_demo_retrain_starts_both_runs_from_the_shipped_init(tmp_path):
+    """``--retrain`` as the README runs it (not ``--quick``, which trains from scratch): both runs load the shipped
+    cross-entropy init and start the SSOD loss at once. At learning rate 0 every parameter that the init holds
+    must come out exactly as it went in, in both models."""
+    from safetensors.torch import load_file
+    from ssod_zoo.app.demo import SHIPPED_INIT
+    out = tmp_path / 'demo'
+    ssod(['demo', '--retrain', '--ssod-epochs', '1', '--lr', '0', '--train-per-class', '4', '--val-per-class', '4',
+          '--ood-per-set', '8', '--batch-size', '8', '--no-progress', '--workers', '0', '--out', str(out)])
+    results = json.loads((out / 'results.json').read_text())
+    assert results['config']['models'] == 'trained here (--retrain)'
+    init = load_file(SHIPPED_INIT)
+    for name, ce_only in (('ssod', False), ('ce', True)):
+        model, ckpt = load_checkpoint(out / 'runs' / name / 'last.pt')
+        assert (ckpt['config']['init'], ckpt['config']['warmup_epochs'], ckpt['config']['ce_only']) == (
+            str(SHIPPED_INIT), 0, ce_only)
+        weights = dict(model.named_parameters())
+        loaded = [k for k in init if k in weights]
+        assert 'fc.weight' in loaded and len(loaded) > 20, loaded
+        for k in loaded:
+            assert torch.equal(weights[k].detach(), init[k]), (name, k)
 
 
 def test_demo_refuses_training_options_without_retrain(capsys):
