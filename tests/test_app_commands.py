@@ -58,8 +58,8 @@ def _checkpoint(path: Path, seed: int, ce_only: bool = False) -> Path:
                    'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225)}
     torch.save({'format': CHECKPOINT_FORMAT, 'architecture': 'ssod_test_resnet',
                 'model_args': {'num_classes': len(CLASSES)}, 'model': model.state_dict(), 'ood_threshold': 0.5,
-                'class_names': CLASSES, 'config': {'img_size': SIZE, 'crop_pct': 1.0, 'ce_only': ce_only}, 'metrics': {},
-                'data_config': data_config}, path)
+                'class_names': CLASSES, 'config': {'img_size': SIZE, 'crop_pct': 1.0, 'ce_only': ce_only},
+                'metrics': {}, 'data_config': data_config}, path)
     return path
 
 
@@ -294,7 +294,7 @@ def test_baseline_rows_name_the_model_they_scored():
                            progress=False)
         assert list(results['id_accuracy']) == ['ssod', key][:2 if key else 1]
         table = results_markdown(results)
-        assert f'| msp ({name}) |' in table and f'| SSOD OOD factor, Eq. 15 (paper) |' in table, table
+        assert f'| msp ({name}) |' in table and '| SSOD OOD factor, Eq. 15 (paper) |' in table, table
         assert ('CE model' in table) == (key == 'ce'), table
 
 
