@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+import timm
 import torch
+from timm.models import load_state_dict
 
 from .. import hub
 from ..adapter import SSODModel
@@ -22,9 +24,6 @@ __all__ = ['main']
 
 def _num_classes_in(checkpoint: Union[str, Path], model_name: str) -> Optional[int]:
     """The class count a checkpoint was trained with, read from its classifier weight (None if not found)."""
-    import timm
-    from timm.models import load_state_dict
-
     classifier = timm.models.get_pretrained_cfg_value(model_name, 'classifier') or ''
     try:
         state_dict = load_state_dict(str(checkpoint))
@@ -55,8 +54,6 @@ def _build_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int
     ``--checkpoint``, ``spec`` names the architecture and the file holds its weights (a training checkpoint, or
     timm-format ``.pth``/``.safetensors``).
     """
-    import timm
-
     if Path(spec).is_file():
         if checkpoint is not None:
             raise SystemExit(f'ssod export: error: {spec} is a file and --checkpoint {checkpoint} was given too; give '
