@@ -191,6 +191,14 @@ def save_pretrained(
     readout = None if readout is None else check_readout(readout)
     if readout == 'factor' and ood_head_trained is False:
         readout = None
+    saved = {'spatial_threshold': spatial, 'ood_threshold': threshold}
+    by_hand = [k for k, v in saved.items() if v is not None and k not in still_loaded(model)]
+    if by_hand and not (train_config or {}).get('img_size'):
+        size = ((getattr(model, 'pretrained_cfg', None) or {}).get('input_size') or [None])[-1]
+        warnings.warn(f'save_pretrained: nothing says at what input size the {" and ".join(by_hand)} set in Python '
+                      f'{"were" if len(by_hand) > 1 else "was"} calibrated, so the folder and its card record the '
+                      f'model\'s own, {size} px, and loading will preprocess at that size; pass '
+                      'train_config={"img_size": N} if you scored the calibration images at N px', stacklevel=2)
     if class_names is not None:
         class_names = [str(c) for c in class_names]
         if len(class_names) != model.num_classes:

@@ -508,6 +508,25 @@ def test_a_folder_without_its_weights_drops_its_thresholds(tmp_path):
     assert args['ood_threshold'] is None and args['spatial_threshold'] is None and args['num_classes'] == 4
 
 
+def test_a_threshold_set_in_python_is_saved_with_a_warning_about_its_size(tmp_path):
+    """A threshold calibrated in Python carries no input size: unless ``train_config`` gives one, the folder records
+    the model's own (160 px for ssod_test_resnet) as the size it holds at, and save_pretrained says so; the loaded
+    folder's thresholds, and any with ``train_config={'img_size': N}``, save silently at their size."""
+    model = timm.create_model('ssod_test_resnet', num_classes=3)
+    model.spatial_threshold = 1.5
+    with pytest.warns(UserWarning, match=r'at what input size the spatial_threshold set in Python was calibrated, '
+                                         r'.* the model\'s own, 160 px,.*train_config=\{"img_size": N\}') as caught:
+        guessed = ssod_zoo.save_pretrained(model, tmp_path / 'guessed')
+    assert caught[0].filename == __file__
+    assert json.loads((guessed / 'config.json').read_text())['pretrained_cfg']['input_size'] == [3, 160, 160]
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        told = ssod_zoo.save_pretrained(model, tmp_path / 'told', train_config={'img_size': 64})
+        loaded = timm.create_model(f'local-dir:{told}', pretrained=True)
+        ssod_zoo.save_pretrained(loaded, tmp_path / 'again')
+    assert loaded.pretrained_cfg['input_size'] == (3, 64, 64) and loaded.spatial_threshold == 1.5
+
+
 def test_saving_a_loaded_model_again_keeps_its_calibration_record_while_it_holds(tmp_path):
     """A folder's record of what its thresholds and readout were calibrated and chosen on goes with them when the
     loaded model is saved again, by save_pretrained; once a threshold changes, it no longer describes them."""
@@ -521,7 +540,7 @@ def test_saving_a_loaded_model_again_keeps_its_calibration_record_while_it_holds
         assert "the readout chosen for these weights on OOD validation images (fmnist_heldout, noise)" in card
         assert f"({record['data']}, {record['images']} images)" in card
     model.spatial_threshold = 7.5
-    moved = ssod_zoo.save_pretrained(model, tmp_path / 'moved')
+    moved = ssod_zoo.save_pretrained(model, tmp_path / 'moved', train_config={'img_size': 64})
     assert 'calibration' not in json.loads((moved / 'config.json').read_text())
     assert 'OOD validation images' not in (moved / 'README.md').read_text()
     with pytest.warns(UserWarning, match='the classifier is new'):
@@ -547,10 +566,10 @@ def test_saving_a_loaded_model_whose_weights_changed_warns_that_its_thresholds_a
     assert caught[0].filename == __file__
     config = json.loads((stale / 'config.json').read_text())
     assert 'calibration' not in config and config['model_args']['spatial_threshold'] == model.spatial_threshold
-    model.spatial_threshold, model.ood_threshold = 4.0, 0.1  # calibrated again, for these weights
+    model.spatial_threshold, model.ood_threshold = 4.0, 0.1  # calibrated again, for these weights, at 64 px
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        hub.save_pretrained(model, tmp_path / 'again')
+        hub.save_pretrained(model, tmp_path / 'again', train_config={'img_size': 64})
     # a new classifier trained on the weight's features (a linear probe): ood_factor, and so its threshold, unmoved
     with pytest.warns(UserWarning, match='the classifier is new'):
         probe = timm.create_model('ssod_resnet18.fmnist', pretrained=True, num_classes=3)
@@ -576,7 +595,7 @@ def test_a_threshold_passed_at_creation_is_the_callers_not_the_weights(tmp_path)
         model.ood_head.weight.add_(0.01)  # moves ood_factor alone
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        hub.save_pretrained(model, tmp_path / 'own')
+        hub.save_pretrained(model, tmp_path / 'own', train_config={'img_size': 64})
     with torch.no_grad():
         model.conv1.weight.add_(0.01)  # moves both scores: the weights' own spatial_threshold is stale
     with pytest.warns(UserWarning, match="the model's spatial_threshold was calibrated"):
