@@ -16,7 +16,7 @@ Features are the pooled pre-logits features, ``model.forward_head(model.forward_
 and ``weight``/``bias`` the classifier's, ``model.get_classifier()``.
 """
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -78,13 +78,16 @@ def odin(
         x: torch.Tensor,
         temperature: float = 1000.0,
         epsilon: float = 0.0014,
+        std: Optional[Sequence[float]] = None,
 ) -> torch.Tensor:
-    """ODIN: max_i softmax(f(x~) / T)_i, with x~ = x - epsilon * sign(-grad_x log max_i softmax(f(x) / T)_i).
+    """ODIN: max_i softmax(f(x~) / T)_i, with x~ = x - epsilon * sign(-grad_x log max_i softmax(f(x) / T)_i) / std.
 
     Liang et al., "Enhancing The Reliability of Out-of-distribution Image Detection in Neural Networks", ICLR 2018.
 
-    The input step is taken in the space ``x`` lives in (normalised images, as the model sees them). The official
-    code also divides the step by the normalisation std per channel; fold that into ``epsilon`` if needed.
+    With ``std``, the per-channel std the images were normalised with (``model.pretrained_cfg['std']``), the step
+    on the normalised ``x`` is ``epsilon / std``: ``epsilon`` is in units of pixel values in [0, 1], as in the
+    paper's code (which divides by the std of its normalisation) and OpenOOD's. Without it (None), ``epsilon`` is in
+    the units of ``x`` itself, a step about 4.4 times smaller at ImageNet's std.
     Gradients are taken with respect to the input only: the model's parameters get no ``.grad``. Works when the
     caller is under ``torch.no_grad()`` or ``torch.inference_mode()``. Put the model in ``eval()`` first, or
     BatchNorm couples the images of the batch.
@@ -94,6 +97,7 @@ def odin(
         x: (B, C, H, W) input batch (any shape ``logits_fn`` accepts, batch first).
         temperature: T > 0; the paper uses T = 1000.
         epsilon: the size of the input step; 0 gives temperature scaling alone.
+        std: (C,) the normalisation std of ``x``'s channels, or None (see above).
 
     Returns:
         (B,) scores in (0, 1], detached.
@@ -119,9 +123,21 @@ def odin(
         logits = _compute(logits) / temperature
         loss = F.cross_entropy(logits, logits.argmax(dim=1), reduction='sum')
         (grad,) = torch.autograd.grad(loss, x_in)
+    step = grad.sign()
+    if std is not None:
+        step = step / _channel_std(std, x)
     with torch.no_grad():
-        x_tilde = x_in.detach() - epsilon * grad.sign()
+        x_tilde = x_in.detach() - epsilon * step
         return msp(logits_fn(x_tilde) / temperature).detach()
+
+
+def _channel_std(std: Sequence[float], x: torch.Tensor) -> torch.Tensor:
+    """``std`` as a (1, C, 1, 1) tensor on ``x``'s device and dtype, checked against ``x``'s C channels."""
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).flatten()
+    if x.ndim < 2 or std_t.numel() != x.shape[1] or not bool((std_t > 0).all()):
+        raise ValueError(f'std must hold one positive value per channel of x ({x.shape[1] if x.ndim > 1 else "?"}), '
+                         f'got {list(std) if isinstance(std, (list, tuple)) else std}')
+    return std_t.view(1, -1, *([1] * (x.ndim - 2)))
 
 
 class ReAct:

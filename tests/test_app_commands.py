@@ -134,9 +134,14 @@ def test_ssod_eval_on_a_folder_with_two_checkpoints(folders, tmp_path, capsys):
     accuracy = 100 * (id_ce['logits'].argmax(1) == id_ce['targets']).float().mean().item()
     assert results['id_accuracy']['ce'] == pytest.approx(accuracy)
     # ODIN, the one baseline that needs the images and a gradient, written out here (Liang et al.: T = 1000,
-    # eps = 0.0014) on --baseline-model
+    # eps = 0.0014 in pixel units) on --baseline-model: every image's score, as scores.csv holds it
     odin = {name: _odin_by_hand(ce_ckpt, folders / sub, labelled) for name, sub, labelled in
             (('id', 'val', True), ('purple', 'ood/purple', False))}
+    with open(out / 'scores.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    for name, want in odin.items():
+        got = torch.tensor([float(r['odin']) for r in rows if r['set'] == name], dtype=torch.float64)
+        assert torch.allclose(got, want.double(), rtol=0, atol=1e-9), (name, (got - want.double()).abs().max())
     expected_odin = ood_metrics(odin['id'], odin['purple'])
     assert results['ood']['purple']['odin']['auroc'] == pytest.approx(100 * expected_odin['auroc'], abs=1e-4)
 
@@ -148,8 +153,9 @@ def _odin_by_hand(spec, folder: Path, labelled: bool, temperature=1000.0, eps=0.
     x = torch.stack([transform(Image.open(f).convert('RGB')) for f in files]).requires_grad_(True)
     log_msp = (model(x).logits / temperature).log_softmax(1).max(1).values
     log_msp.sum().backward()
+    std = torch.tensor(model.pretrained_cfg['std']).view(1, 3, 1, 1)  # eps in pixel units, as the paper's code
     with torch.no_grad():
-        return (model(x + eps * x.grad.sign()).logits / temperature).softmax(1).max(1).values
+        return (model(x + eps * x.grad.sign() / std).logits / temperature).softmax(1).max(1).values
 
 
 def test_ssod_eval_without_fit_dir_leaves_the_fitted_baselines_out(folders, tmp_path):

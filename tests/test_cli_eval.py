@@ -119,6 +119,21 @@ def test_a_baseline_with_other_classes_is_refused(data, tmp_path, capsys):
     assert f'--baseline-model {other} has 2 classes, {data["val"]} has 3' in capsys.readouterr().err
 
 
+def test_a_baseline_with_another_normalisation_is_refused(data, tmp_path, capsys):
+    """Both models score the same images, preprocessed for --model: a baseline normalised otherwise would read
+    them wrongly (and ODIN's step, in pixel units, divides by the std)."""
+    other = make_checkpoint(tmp_path / 'ce.pt')
+    ckpt = torch.load(other, weights_only=True)
+    ckpt['data_config'].update(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    torch.save(ckpt, other)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(['--model', str(data['ckpt']), '--baseline-model', str(other), '--val-dir', str(data['val']),
+                       '--ood-dirs', str(data['flat']), '--out', str(tmp_path / 'out'), '--no-plots'])
+    assert e.value.code == 2
+    assert (f'--baseline-model {other} normalises its images with mean/std (0.485, 0.456, 0.406) / (0.229, 0.224, '
+            f'0.225), --model {data["ckpt"]} with (0.5, 0.5, 0.5) / (0.5, 0.5, 0.5)') in capsys.readouterr().err
+
+
 def test_without_a_baseline_no_row_claims_a_ce_model(data, tmp_path):
     payload = evaluate.main(['--model', str(data['ckpt']), '--val-dir', str(data['val']), '--ood-dirs',
                              str(data['flat']), '--out', str(tmp_path), '--workers', '0', '--no-plots',

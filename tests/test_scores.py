@@ -71,14 +71,15 @@ def linear_model(seed=0, d=6, m=4):
     return nn.Linear(d, m).eval()
 
 
-def odin_by_hand(model, x, t, eps):
-    """x~ = x - eps * sign(grad_x CE(f(x)/T, argmax)); for a linear f the gradient is W^T (softmax(f(x)/T) - y) / T."""
+def odin_by_hand(model, x, t, eps, std=1.0):
+    """x~ = x - eps * sign(grad_x CE(f(x)/T, argmax)) / std; for a linear f the gradient is
+    W^T (softmax(f(x)/T) - y) / T."""
     with torch.no_grad():
         z = model(x) / t
         p = z.softmax(1)
         y = nn.functional.one_hot(z.argmax(1), z.shape[1]).to(p)
         grad = (p - y) @ model.weight / t
-        x_tilde = x - eps * grad.sign()
+        x_tilde = x - eps * grad.sign() / torch.as_tensor(std)
         return (model(x_tilde) / t).softmax(1).amax(1)
 
 
@@ -89,6 +90,19 @@ def test_odin_matches_the_formula(t, eps):
     got = odin(model, x, temperature=t, epsilon=eps)
     assert got.shape == (8,) and not got.requires_grad
     assert torch.allclose(got, odin_by_hand(model, x, t, eps), rtol=0, atol=1e-6)
+
+
+def test_odin_with_the_normalisation_std_steps_in_pixel_units():
+    """The paper's code and OpenOOD divide the step by the std the images were normalised with: epsilon is in units
+    of pixel values, and each channel of the normalised input moves by epsilon / std."""
+    model, x = linear_model(4), randn(8, 6, seed=6)
+    std = [0.229, 0.224, 0.225, 0.5, 1.0, 2.0]
+    got = odin(model, x, temperature=1000.0, epsilon=0.05, std=std)
+    assert torch.allclose(got, odin_by_hand(model, x, 1000.0, 0.05, std), rtol=0, atol=1e-6)
+    assert not torch.allclose(got, odin(model, x, temperature=1000.0, epsilon=0.05), rtol=0, atol=1e-6)
+    for bad in ([0.2] * 5, [0.2] * 5 + [0.0]):
+        with pytest.raises(ValueError, match='one positive value per channel of x \\(6\\)'):
+            odin(model, x, std=bad)
 
 
 def test_odin_without_perturbation_is_temperature_scaled_msp():

@@ -141,10 +141,13 @@ def ssod_report(id_out: Dict[str, torch.Tensor], ood_outs: Dict[str, Dict[str, t
 
 def score_images(detector: Detector, model: nn.Module, loader: Iterable, device: torch.device,
                  progress: Optional[str] = None) -> torch.Tensor:
-    """Detectors that need the images again (ODIN: an input-gradient step per batch) get their own pass."""
+    """Detectors that need the images again (ODIN: an input-gradient step per batch) get their own pass, with the
+    std the images were normalised with (the model's preprocessing, as every loader here applies it)."""
     model.eval()
     logits_fn = _logits_fn(model)
-    return torch.cat([detector.score_images(logits_fn, x.to(device)).cpu() for x, _ in _bar(loader, progress)])
+    std = (getattr(model, 'pretrained_cfg', None) or {}).get('std')
+    return torch.cat([detector.score_images(logits_fn, x.to(device), std=std).cpu()
+                      for x, _ in _bar(loader, progress)])
 
 
 def evaluate(
@@ -291,6 +294,11 @@ def in_model_order(ds, model):
     return ds
 
 
+def _norm(model: nn.Module) -> str:
+    """A model's normalisation, as its pretrained_cfg gives it: ``(mean) / (std)``."""
+    return ' / '.join(str(tuple(float(v) for v in model.pretrained_cfg.get(k) or ())) for k in ('mean', 'std'))
+
+
 def _class_names(ds: Dataset) -> List[str]:
     """The class names of a data set, through the wrappers (Subset, Transformed) around it; [] when it has none."""
     while not hasattr(ds, 'classes') and hasattr(ds, 'dataset'):
@@ -424,6 +432,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
         p.error(f'--model {args.model} and --baseline-model {args.baseline_model} order their classes differently, '
                 'so one of them would be graded against the wrong labels: give a baseline with the model\'s class '
                 'order')
+    if baseline is not None and _norm(baseline) != _norm(model):
+        p.error(f'--baseline-model {args.baseline_model} normalises its images with mean/std {_norm(baseline)}, '
+                f'--model {args.model} with {_norm(model)}: both are scored on the same images, preprocessed for '
+                '--model, so the baselines would read wrongly normalised ones; give a baseline trained with the same '
+                'normalisation')
     for flag, m in (('--model', model), ('--baseline-model', baseline)):
         if m is not None:
             _check_class_folders(p, f'{flag} {getattr(args, flag[2:].replace("-", "_"))}', m, val.dataset.classes,
