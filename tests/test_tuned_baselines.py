@@ -50,7 +50,7 @@ def test_the_test_summary_scores_the_validation_settings_and_the_margin(tb, tmp_
     results = []
     for s, (choice, odin, default) in enumerate([(30.0, 40.0, 35.0), (32.0, 44.0, 36.0), (28.0, 39.0, 37.0)]):
         ce = {'msp': 60.0, 'maxlogit': 55.0, 'energy': 54.0, 'top3': 33.0, 'odin_T100_eps0.0': odin,
-              'odin_T1000_eps0.0014': default, 'knn_k5': 70.0, 'knn_k50': 71.0, 'react_p95': 80.0, 'react_p90': 81.0}
+              'odin_T1000_px0.0014': default, 'odin_T1000_eps0.0014': default + 1, 'knn_k5': 70.0, 'knn_k50': 71.0, 'react_p95': 80.0, 'react_p90': 81.0}
         record = _record(f'lrdecay-e16-s{s}', ce)
         record['models']['ssod'] = _record('x', {'top3': choice})['models']['ce']
         for side in record['models'].values():
@@ -62,7 +62,8 @@ def test_the_test_summary_scores_the_validation_settings_and_the_margin(tb, tmp_
     assert '| knn, tuned | `knn_k5` |' in text and '`react_p95`' in text
     # the best tuned baseline on these runs is ODIN at T = 100: 10, 12 and 11 points above the choice
     assert 'over the best tuned baseline, `odin_T100_eps0.0`: 11.0 ± 1.0 (10.00 / 12.00 / 11.00)' in text
-    assert 'over the best paper default baseline, `odin_T1000_eps0.0014`: 6.0 ± 2.6 (5.00 / 4.00 / 9.00)' in text
+    assert 'over the best paper default baseline, `odin_T1000_px0.0014`: 6.0 ± 2.6 (5.00 / 4.00 / 9.00)' in text
+    assert "| odin, the study's (the step in normalised units) | `odin_T1000_eps0.0014` | 37.0 ± 1.0 |" in text
     assert '| `odin_T10_eps0.0` |' not in text  # a setting that was not scored is not listed
     with pytest.raises(AssertionError, match='validation sets only'):
         tb.write(results, tmp_path / 'x.md')
