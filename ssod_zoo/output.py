@@ -65,6 +65,19 @@ class SpatialOutput(NamedTuple):
     ood_map: torch.Tensor
 
 
+def _check_factors(logits: torch.Tensor, ood_factor: torch.Tensor) -> None:
+    """Eq. 7's two factors: (B, M) logits and a (B,) probability (NaN passes: a never-trained head's factor)."""
+    if logits.ndim != 2 or ood_factor.shape != logits.shape[:1]:
+        raise ValueError(
+            f'expected logits (B, M) and ood_factor (B,), got {tuple(logits.shape)} and {tuple(ood_factor.shape)}')
+    outside = (ood_factor < 0) | (ood_factor > 1)
+    if bool(outside.any()):
+        bad = ood_factor[outside]
+        raise ValueError(f'ood_factor must be P(x in S_ID | x), in [0, 1] (model(x).ood_factor); got values from '
+                         f'{bad.min().item():.4g} to {bad.max().item():.4g}: a score such as spatial_score is not a '
+                         'probability')
+
+
 def robust_posterior(logits: torch.Tensor, ood_factor: torch.Tensor) -> torch.Tensor:
     """The paper's posterior over M known classes plus "unknown" (Eq. 7).
 
@@ -77,9 +90,7 @@ def robust_posterior(logits: torch.Tensor, ood_factor: torch.Tensor) -> torch.Te
     Returns:
         (B, M + 1) probabilities; each row sums to 1, the last column is the probability of "unknown".
     """
-    if logits.ndim != 2 or ood_factor.shape != logits.shape[:1]:
-        raise ValueError(
-            f'expected logits (B, M) and ood_factor (B,), got {tuple(logits.shape)} and {tuple(ood_factor.shape)}')
+    _check_factors(logits, ood_factor)
     p_id = ood_factor.to(logits.dtype).unsqueeze(1)
     return torch.cat([logits.softmax(dim=1) * p_id, 1 - p_id], dim=1)
 
@@ -103,9 +114,7 @@ def posterior_score(logits: torch.Tensor, ood_factor: torch.Tensor, kind: str = 
     Returns:
         (B,) float32 scores.
     """
-    if logits.ndim != 2 or ood_factor.shape != logits.shape[:1]:
-        raise ValueError(
-            f'expected logits (B, M) and ood_factor (B,), got {tuple(logits.shape)} and {tuple(ood_factor.shape)}')
+    _check_factors(logits, ood_factor)
     z, p_id = logits.float(), ood_factor.float()
     if kind == 'energy':
         # P_ID saturates to 0 in float32 far from the data; the floor keeps the score finite and ordered by energy

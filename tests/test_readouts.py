@@ -22,6 +22,17 @@ def test_pooled_posterior_scores_are_the_two_factors_of_eq7():
         posterior_score(logits, p_id, 'max')
 
 
+def test_the_posterior_refuses_a_score_that_is_not_a_probability():
+    """Eq. 7 needs P(x in S_ID | x): a spatial score (a logit) in its place gave negative "probabilities"."""
+    logits = torch.randn(2, 4)
+    for fn in (robust_posterior, posterior_score):
+        with pytest.raises(ValueError, match=r'in \[0, 1\] .*got values from -3.007 to 1.5: a score such as '
+                                             'spatial_score is not a probability'):
+            fn(logits, torch.tensor([-3.0075, 1.5]))
+    nan = robust_posterior(logits, torch.tensor([0.5, float('nan')]))  # a never-trained head's factor passes
+    assert nan[0].sum().item() == pytest.approx(1.0) and nan[1].isnan().all()
+
+
 def test_spatial_score_is_the_best_position_of_the_per_position_heads():
     torch.manual_seed(0)
     model = timm.create_model('ssod_test_resnet', num_classes=5, output_stride=16).eval()
