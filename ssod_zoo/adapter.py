@@ -386,7 +386,7 @@ class SSODModel(nn.Module):
                 m.train()
 
         def as_map(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+            return t.reshape(b, h, w, t.shape[-1]).permute(0, 3, 1, 2)  # not -1: an empty batch has none to infer
 
         return as_map(cls), as_map(ood)
 

@@ -355,6 +355,20 @@ def test_bad_input_gets_a_clear_error(x, error, match, method):
         getattr(m, method)(x)
 
 
+@pytest.mark.parametrize('name', ['ssod_test_resnet', 'ssod_mobilenetv3_large_100'])
+def test_an_empty_batch_gives_empty_outputs_on_every_path(name):
+    """As model(x) does, every scoring path returns empty outputs of the right shape for a batch of 0 (a filtered
+    batch in a pipeline); the per-position paths used to fail reshaping the maps."""
+    m = timm.create_model(name, num_classes=4).eval()
+    x = torch.randn(0, 3, 64, 64)
+    with torch.no_grad():
+        assert [t.shape for t in m.forward_scores(x)] == [(0, 4), (0,), (0,)]
+        assert m.spatial_score(x).shape == (0,) and m(x).logits.shape == (0, 4)
+        cls_map, ood_map = m.forward_positions(m.forward_features(x))
+        spatial = m.forward_spatial(x)
+    assert cls_map.shape[:2] == (0, 4) and ood_map.shape[:2] == (0, 2) and spatial.cls_map.shape == cls_map.shape
+
+
 def test_drop_in_mode_takes_an_input_smaller_than_the_stride_as_timm_does():
     """return_ood=False is the plain timm model: an input the SSOD outputs refuse (no feature-map position of its
     own) gives timm's logits, as it does for the plain model."""
