@@ -80,12 +80,10 @@ def sample_patches(cls_map: torch.Tensor, target: torch.Tensor, gamma: float = 0
         :func:`ood_cutoff`, -1 (ignored) otherwise, NaN confidences included. Computed without gradient.
     """
     _check_gamma(gamma)
+    _check_target(target)
     if cls_map.ndim != 4 or target.shape != cls_map.shape[:1]:
         raise ValueError(f'expected cls_map (B, M, H, W) and target (B,), got {tuple(cls_map.shape)} and '
                          f'{tuple(target.shape)}')
-    if target.dtype != torch.int64:
-        raise TypeError(f'SSOD samples patches with hard labels, got target of dtype {target.dtype} '
-                        '(mixup/cutmix soft targets are not supported)')
     b, _, h, w = cls_map.shape
     index = target.view(b, 1, 1, 1).expand(b, 1, h, w)
     confidence = cls_map.float().softmax(dim=1).gather(1, index).squeeze(1)
@@ -93,6 +91,17 @@ def sample_patches(cls_map: torch.Tensor, target: torch.Tensor, gamma: float = 0
     labels[confidence >= gamma] = ID_INDEX
     labels[confidence < ood_cutoff(gamma, cls_map.shape[1], ood_rule)] = OOD_INDEX
     return labels
+
+
+def _check_target(target: torch.Tensor) -> None:
+    """SSOD's labels are hard: (B,) int64 class indices. Soft targets, timm's Mixup/CutMix, say so first."""
+    if target.is_floating_point() and target.ndim == 2:
+        raise TypeError(f'SSOD samples patches with hard labels, (B,) int64 class indices; got soft targets of shape '
+                        f'{tuple(target.shape)} (timm\'s Mixup/CutMix): mixup and cutmix are not supported, train '
+                        'without them')
+    if target.dtype != torch.int64:
+        raise TypeError(f'SSOD samples patches with hard labels, (B,) int64 class indices; got {target.dtype}: '
+                        'pass target.long()')
 
 
 class SSODLossParts(NamedTuple):
@@ -181,6 +190,11 @@ class SSODLoss(nn.Module):
             ood: False trains classification only (warm-up epochs); the OOD head then gets zero gradient.
             generator: RNG for the 'dr' scheme's resampling.
         """
+        if not isinstance(out, SpatialOutput):
+            raise TypeError(f'SSODLoss takes the model\'s forward_spatial(x) output (the logits and the per-position '
+                            f'maps it samples patches from), got {type(out).__name__}: call '
+                            'loss(model.forward_spatial(x), target)')
+        _check_target(target)
         cls_loss = F.cross_entropy(out.logits.float(), target, label_smoothing=self.label_smoothing)
         labels = sample_patches(out.cls_map.detach(), target, self.gamma, self.ood_rule)
         is_id, is_ood = labels == ID_INDEX, labels == OOD_INDEX

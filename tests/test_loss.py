@@ -261,6 +261,26 @@ def test_bad_configuration():
         SSODLoss(ood_rule='median')
 
 
+def test_wrong_inputs_say_what_to_pass():
+    """What a timm training loop would hand the loss by habit: the model(x) output, Mixup's soft targets, float
+    labels. Each gets one message that says what to pass, before any loss is computed."""
+    import timm
+    model = timm.create_model('ssod_test_resnet', num_classes=4)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 3])
+    loss = SSODLoss()
+    with pytest.raises(TypeError, match=r'takes the model\'s forward_spatial\(x\) output .*got SSODOutput: call '
+                                        r'loss\(model.forward_spatial\(x\), target\)'):
+        loss(model(x), y)
+    spatial = model.forward_spatial(x)
+    soft = F.one_hot(y, 4).float() * 0.9 + 0.025  # timm's Mixup with label smoothing
+    with pytest.raises(TypeError, match=r"soft targets of shape \(2, 4\) \(timm's Mixup/CutMix\): mixup and cutmix "
+                                        'are not supported'):
+        loss(spatial, soft)
+    with pytest.raises(TypeError, match=r'got torch.float32: pass target.long\(\)'):
+        loss(spatial, y.float())
+    assert torch.isfinite(loss(spatial, y).loss)
+
+
 def test_label_smoothing_reaches_the_classification_loss():
     out, y = _known_case()
     parts = SSODLoss(label_smoothing=0.2)(out, y)
