@@ -240,6 +240,7 @@ class SSODModel(nn.Module):
             (:meth:`accepts` with ``readout='spatial'``).
         """
         self._check_input(x)
+        self._warn_if_training('spatial_score')
         self._require_classifier('spatial_score')
         cls_map, _ = self._heads_without_autocast(self.forward_positions, self.forward_features(x))
         return spatial_maxlogit_score(cls_map, k=k)
@@ -257,6 +258,7 @@ class SSODModel(nn.Module):
             trained (``ood_head_trained`` False).
         """
         self._check_input(x)
+        self._warn_if_training('forward_scores')
         self._require_classifier('forward_scores')
         features = self.forward_features(x)
         pooled = self.forward_head(features, pre_logits=True)
@@ -505,6 +507,17 @@ class SSODModel(nn.Module):
                                'create it with num_classes > 0')
 
     @torch.jit.unused
+    @torch.jit.unused
+    def _warn_if_training(self, what: str) -> None:
+        """Scores for a decision taken in train mode without a gradient: almost always a missing ``model.eval()``
+        (timm.create_model returns a model in train mode). BatchNorm would normalise with the batch's statistics and
+        update its running ones, so the scores are not those the thresholds were calibrated on."""
+        if self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            warnings.warn(f'{what}: the model is in training mode, so BatchNorm normalises with this batch\'s '
+                          'statistics (and updates its running ones) and dropout is on: the scores are not the ones '
+                          'its thresholds were calibrated on in eval mode, and the model changes as it scores; call '
+                          'model.eval() first', stacklevel=3)
+
     def _check_input(self, x: torch.Tensor, positions: bool = True) -> None:
         """Fail with a message that says what was expected, rather than deep inside the network. ``positions``:
         also refuse an input smaller than the total stride, which leaves the feature map no position of its own."""

@@ -355,6 +355,24 @@ def test_bad_input_gets_a_clear_error(x, error, match, method):
         getattr(m, method)(x)
 
 
+def test_scoring_in_training_mode_warns_and_says_to_call_eval():
+    """timm.create_model returns a model in train mode: scores taken without a gradient there are a missing
+    model.eval() (BatchNorm reads the batch, and updates its statistics as it scores); with a gradient (training)
+    and in eval mode, nothing is said."""
+    m = timm.create_model('ssod_test_resnet', num_classes=4)
+    x = torch.randn(2, 3, 64, 64)
+    for method in ('forward_scores', 'spatial_score'):
+        with torch.no_grad(), pytest.warns(UserWarning, match=f'{method}: the model is in training mode.*call '
+                                                              r'model\.eval\(\) first') as caught:
+            getattr(m, method)(x)
+        assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        m.spatial_score(x)
+        with torch.no_grad():
+            m.eval().forward_scores(x)
+
+
 @pytest.mark.parametrize('name', ['ssod_test_resnet', 'ssod_mobilenetv3_large_100'])
 def test_an_empty_batch_gives_empty_outputs_on_every_path(name):
     """As model(x) does, every scoring path returns empty outputs of the right shape for a batch of 0 (a filtered
