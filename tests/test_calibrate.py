@@ -181,6 +181,20 @@ def test_too_few_images_to_resolve_95_percent_are_called_so(folder, tmp_path, ca
     assert 'warning: only 10 ID images' in err and not [w for w in caught if 'calibrate_threshold' in str(w.message)]
 
 
+def test_the_few_images_warning_starts_below_100(folder, tmp_path, capsys):
+    """README: fewer than 100 ID or OOD images get a warning; 100 of each get none."""
+    from ssod_zoo.app import calibrate
+    images = save_images(tmp_path / 'val', 100, size=32)
+    ood = save_images(tmp_path / 'ood' / 'noise', 100, seed=5, size=32)
+    calibrate.main([str(folder), '--val-dir', str(images), '--ood-dirs', str(ood)])
+    assert 'warning: only' not in capsys.readouterr().err
+    (images / '0.png').unlink()
+    (ood / '0.png').unlink()
+    calibrate.main([str(folder), '--val-dir', str(images), '--ood-dirs', str(ood)])
+    err = capsys.readouterr().err
+    assert 'warning: only 99 ID images' in err and 'warning: only 99 images in OOD set noise' in err
+
+
 def test_ood_dirs_report_each_rules_fpr95_at_the_calibrated_point(folder, tmp_path, capsys):
     from ssod_zoo.app import calibrate
     images = save_images(tmp_path / 'val', 20, size=40)

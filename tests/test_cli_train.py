@@ -37,6 +37,18 @@ def test_every_flag_has_help_and_shows_its_default(capsys):
     assert '(default: ssod_resnet50)' in text and '(default: 0.0001)' in text
 
 
+def test_the_defaults_are_the_papers_recipe():
+    """README: "Defaults are the paper's (Appendix A.4)": 224 px, AdamW from lr 1e-4 halved every 30 epochs, a
+    global batch of 256 (32 x 8 GPUs); gamma 0.95, alpha 1.0 and loss-wise balance (sections 2.3 and 3), the
+    paper's OOD cutoff, no exposure and no warm-up (SSOD from the first step). Written out here from the paper."""
+    cfg = TrainConfig()
+    assert (cfg.img_size, cfg.lr, cfg.lr_step, cfg.lr_gamma, cfg.batch_size) == (224, 1e-4, 30, 0.5, 256)
+    assert (cfg.gamma, cfg.alpha, cfg.balance, cfg.ood_rule, cfg.exposure) == (0.95, 1.0, 'lwb', 'paper', 0.0)
+    assert (cfg.warmup_epochs, cfg.ce_only, cfg.ood_detach, cfg.label_smoothing) == (0, False, False, 0.0)
+    assert isinstance(train_mod._optimizer(timm.create_model('ssod_test_resnet', num_classes=3), cfg),
+                      torch.optim.AdamW)
+
+
 def test_workers_default_fits_the_machine():
     assert 1 <= TrainConfig().workers <= (os.cpu_count() or 1)
 

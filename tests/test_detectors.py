@@ -22,6 +22,20 @@ def _toy(n=64, d=16, m=4, seed=0):
     return features, labels, classifier
 
 
+def test_the_defaults_are_the_papers_settings():
+    """What README and eval's tables call the papers' settings, written out here, not read from the code: ODIN
+    T = 1000 and a step of 0.0014 (Liang et al.), ReAct's clip at the 90th percentile of the ID activations (Sun et
+    al.; numpy's percentile as the oracle), KNN's k = 50 (Sun et al. 2022)."""
+    import numpy as np
+    odin = create_detector('odin')
+    assert (odin.temperature, odin.epsilon) == (1000.0, 0.0014)
+    features, labels, classifier = _toy(n=200)
+    react = create_detector('react').fit(features, labels, classifier)
+    clipped = classifier(features.clamp(max=float(np.percentile(features.numpy(), 90))))
+    torch.testing.assert_close(react.score(features, None), torch.logsumexp(clipped, 1), rtol=1e-5, atol=1e-5)
+    assert create_detector('knn').k == 50
+
+
 def test_the_table_names_every_detector():
     assert list(DETECTORS) == ['msp', 'maxlogit', 'energy', 'odin', 'react', 'knn', 'mahalanobis', 'vim']
     assert all(issubclass(cls, Detector) for cls in DETECTORS.values())

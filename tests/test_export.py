@@ -9,6 +9,7 @@ unless ``--runslow`` is given (tests/conftest.py).
 """
 import copy
 import functools
+import json
 import math
 import sys
 
@@ -188,7 +189,9 @@ def test_onnx_export_is_eval_mode_whatever_the_model_mode(tmp_path):
     assert float(meta['ssod_zoo.ood_threshold']) == 0.25 and float(meta['ssod_zoo.spatial_threshold']) == -1.5
     assert meta['ssod_zoo.readout'] == 'ood_factor'  # the output to decide with, as the model's readout says
     assert meta['ssod_zoo.input_size'] == '[3, 64, 64]'
-    assert meta['ssod_zoo.mean'] == '[0.485, 0.456, 0.406]'
+    assert meta['ssod_zoo.mean'] == '[0.485, 0.456, 0.406]' and meta['ssod_zoo.std'] == '[0.229, 0.224, 0.225]'
+    assert (json.loads(meta['ssod_zoo.interpolation']), json.loads(meta['ssod_zoo.crop_pct'])) == (
+        model.pretrained_cfg['interpolation'], model.pretrained_cfg['crop_pct'])
 
 
 def test_onnx_old_opset(tmp_path):

@@ -46,6 +46,10 @@ def test_find_images_takes_files_folders_recursively_and_globs(tmp_path):
     assert len(find_images([str(tmp_path / 'a' / '**' / '*.png')])) == 5
     both = find_images([str(tmp_path / 'a' / '0.png'), str(tmp_path / 'a')])
     assert len(both) == 5 and both[0].name == '0.png'  # no duplicates, given files first
+    # a file named on its own is read whatever its suffix; a folder scan skips the same file
+    Image.new('P', (8, 8)).save(tmp_path / 'a' / 'pal.gif')
+    assert find_images([str(tmp_path / 'a' / 'pal.gif')]) == [tmp_path / 'a' / 'pal.gif']
+    assert len(find_images([str(tmp_path / 'a')])) == 5
 
 
 def _spatial_by_hand(ckpt):
@@ -230,6 +234,11 @@ def test_accepts_says_what_to_do_when_uncalibrated():
     model.spatial_threshold = 5.0
     assert model.accepts(s, readout='spatial').tolist() == [False, True]
     assert model.accepts(s, threshold=2.0, readout='spatial').tolist() == [True, True]
+    # a threshold is one of the ID scores it was calibrated on (calibrate_threshold), and that score is kept
+    ids = torch.linspace(1.0, 20.0, 40)
+    kept = model.accepts(ids, threshold=ssod_zoo.calibrate_threshold(ids), readout='spatial')
+    assert kept.sum().item() == 38 and kept.tolist() == [False] * 2 + [True] * 38
+    assert model.accepts(torch.tensor([0.5, 0.5]), threshold=0.5).tolist() == [True, True]
     with pytest.raises(ValueError, match='must be in \\[0, 1\\]'):
         model.accepts(f, threshold=5.0)  # an ood_factor threshold
     with pytest.raises(ValueError, match="a bare tensor as ood_factor.*readout='spatial'"):

@@ -27,6 +27,10 @@ def test_training_warns_when_the_sampler_finds_no_background(capsys):
     assert 'only 0.2% of feature-map positions were sampled as OOD' in err and '--ood-rule chance' in err
     _warn_starved_sampler({'frac_ood': 0.2, 'frac_id': 0.4}, TrainConfig(), num_classes=3)
     assert capsys.readouterr().err == ''
+    # and when the classifier is not yet confident anywhere: almost no ID patches
+    _warn_starved_sampler({'frac_ood': 0.2, 'frac_id': 0.01}, TrainConfig(), num_classes=3)
+    err = capsys.readouterr().err
+    assert 'only 1.0% of positions were sampled as ID' in err and '--warmup-epochs' in err and 'as OOD' not in err
     # with Outlier Exposure on, what empties the OOD set is the exposure itself (the study's bx runs: 0.8% and 0.2%)
     _warn_starved_sampler({'frac_ood': 0.008, 'frac_id': 0.2}, TrainConfig(exposure=0.5), num_classes=10)
     err = capsys.readouterr().err

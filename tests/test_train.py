@@ -625,9 +625,10 @@ def test_recipe_flags_reach_what_they_set(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module._SpatialForward, '__init__', record('spatial', spatial))
     main(_args(bench, tmp_path, '--epochs', '1', '--max-steps-per-epoch', '1', '--label-smoothing', '0.1',
                '--background-weight', '0.5', '--gamma', '0.9', '--alpha', '2.0', '--lr-gamma', '0.3',
-               '--lr-step', '7', '--scale-min', '0.4', '--ood-detach'))
-    (loss_args, _), = seen['loss']
+               '--lr-step', '7', '--scale-min', '0.4', '--ood-detach', '--ood-rule', 'chance', '--exposure', '0.5'))
+    (loss_args, loss_kwargs), = seen['loss']
     assert loss_args[1:6] == (0.9, 2.0, 'lwb', 0.5, 0.1)  # gamma, alpha, balance, background_weight, smoothing
+    assert (loss_kwargs['ood_rule'], loss_kwargs['exposure']) == ('chance', 0.5)
     (_, step_kwargs), = seen['step']
     assert (step_kwargs['step_size'], step_kwargs['gamma']) == (7, 0.3)
     assert [kw['scale'] for _, kw in seen['transform'] if kw.get('is_training')] == [(0.4, 1.0)]
