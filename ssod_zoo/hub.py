@@ -87,6 +87,10 @@ def calibrate_threshold(id_ood_factors: Union[torch.Tensor, Sequence[float]], tp
     Returns:
         The threshold, a Python float.
     """
+    if isinstance(id_ood_factors, tuple) and hasattr(id_ood_factors, '_fields'):  # SSODScores, SSODOutput
+        raise TypeError(f'calibrate_threshold takes one score per image, got a {type(id_ood_factors).__name__} of '
+                        f'{", ".join(id_ood_factors._fields)}: pass the readout to calibrate, e.g. '
+                        'scores.spatial_score (model.spatial_threshold) or scores.ood_factor (model.ood_threshold)')
     # a list's values in float64, not torch's float32 default: the threshold must be one of them
     x = id_ood_factors.detach() if isinstance(id_ood_factors, torch.Tensor) else \
         torch.as_tensor(id_ood_factors, dtype=torch.float64)

@@ -278,6 +278,10 @@ def test_calibrate_threshold_rounding_ties_and_bounds():
                                ([0.5], {'tpr': 0.0}, r'tpr must be in \(0, 1\]'), ([0.5], {'tpr': 1.5}, 'got 1.5')):
         with pytest.raises(ValueError, match=match):
             hub.calibrate_threshold(bad, **kwargs)
+    scores = ssod_zoo.SSODScores(torch.randn(20, 3), torch.rand(20), torch.randn(20))  # forward_scores' output
+    with pytest.raises(TypeError, match=r'got a SSODScores of logits, ood_factor, spatial_score: pass the readout '
+                                        r'to calibrate, e.g. scores.spatial_score'):
+        hub.calibrate_threshold(scores)
 
 
 # ---------------------------------------------------------------------------------------------------------------
