@@ -50,7 +50,8 @@ def test_the_test_summary_scores_the_validation_settings_and_the_margin(tb, tmp_
     results = []
     for s, (choice, odin, default) in enumerate([(30.0, 40.0, 35.0), (32.0, 44.0, 36.0), (28.0, 39.0, 37.0)]):
         ce = {'msp': 60.0, 'maxlogit': 55.0, 'energy': 54.0, 'top3': 33.0, 'odin_T100_eps0.0': odin,
-              'odin_T1000_px0.0014': default, 'odin_T1000_eps0.0014': default + 1, 'knn_k5': 70.0, 'knn_k50': 71.0, 'react_p95': 80.0, 'react_p90': 81.0}
+              'odin_T1000_px0.0014': default, 'odin_T1000_eps0.0014': default + 1, 'knn_k5': 70.0, 'knn_k50': 71.0,
+              'react_p95': 80.0, 'react_p90': 81.0}
         record = _record(f'lrdecay-e16-s{s}', ce)
         record['models']['ssod'] = _record('x', {'top3': choice})['models']['ce']
         for side in record['models'].values():
