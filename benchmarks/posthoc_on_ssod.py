@@ -39,7 +39,7 @@ def measure(run: str, ce_run: str) -> dict:
     out = {'run': run, 'ce_run': ce_run, 'fpr95': {}, 'auroc': {}}
     for name, model in (('ssod', ssod), ('ce', ce)):
         res = evaluate(ssod, sets['id'], {k: v for k, v in sets.items() if k != 'id'}, baseline_model=model,
-                       fit_loader=fit, methods=BASELINES, progress=False)
+                       fit_loader=fit, methods=BASELINES, progress=False, odin_pixel_units=False)  # the study's ODIN
         out['fpr95'][name] = {m: res['ood']['average'][m]['fpr95'] for m in BASELINES}
         out['auroc'][name] = {m: res['ood']['average'][m]['auroc'] for m in BASELINES}
         out[f'per_set_fpr95_{name}'] = {s: {m: r[m]['fpr95'] for m in BASELINES}

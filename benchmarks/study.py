@@ -420,8 +420,11 @@ def evaluate_pair(ssod_dir: Path, ce_dir: Path, sets: Dict[str, Dataset], fit: D
     workers = min(8, os.cpu_count() or 1)
     loader = lambda ds: DataLoader(ds, batch_size=128, num_workers=workers)  # noqa: E731
     loaders = {k: loader(v) for k, v in sets.items()}
+    # ODIN's step in normalised units, as every committed record took it (``ssod eval`` now takes the paper's,
+    # divided by the std): a record written now stays comparable with the grid's others
     res = evaluate(ssod_model, loaders['id'], {k: v for k, v in loaders.items() if k != 'id'},
-                   baseline_model=ce_model, fit_loader=loader(fit), device=DEVICE, progress=False)
+                   baseline_model=ce_model, fit_loader=loader(fit), device=DEVICE, progress=False,
+                   odin_pixel_units=False)
     # readouts beyond evaluate()'s: per-position aggregations and the MSP form of the full posterior
     extra = {k: spatial_readouts(ssod_model, v) for k, v in loaders.items()}
     # the classifier-only position readouts are post-hoc readouts any CNN has: score the CE twin with them too, as

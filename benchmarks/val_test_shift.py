@@ -55,7 +55,8 @@ def measure(run: str, ce_run: str) -> dict:
     sets.update({f'{which}_{s}': ds for which in ('val', 'test')
                  for s, ds in benches[which].ood_datasets(tf).items()})
     loaders = {k: loader(v) for k, v in sets.items()}
-    res = evaluate(ssod, loaders.pop('val_id'), loaders, baseline_model=ce, methods=list(METHODS), progress=False)
+    res = evaluate(ssod, loaders.pop('val_id'), loaders, baseline_model=ce, methods=list(METHODS), progress=False,
+                   odin_pixel_units=False)  # the study's ODIN, as in the records it is compared with
     scores = {m: {('val_id' if k == 'id' else k): v for k, v in s.items()} for m, s in res['scores'].items()}
     table: Dict[str, Dict[str, Dict[str, float]]] = {}
     for m in METHODS:

@@ -507,7 +507,6 @@ class SSODModel(nn.Module):
                                'create it with num_classes > 0')
 
     @torch.jit.unused
-    @torch.jit.unused
     def _warn_if_training(self, what: str) -> None:
         """Scores for a decision taken in train mode without a gradient: almost always a missing ``model.eval()``
         (timm.create_model returns a model in train mode). BatchNorm would normalise with the batch's statistics and
@@ -518,6 +517,7 @@ class SSODModel(nn.Module):
                           'its thresholds were calibrated on in eval mode, and the model changes as it scores; call '
                           'model.eval() first', stacklevel=3)
 
+    @torch.jit.unused
     def _check_input(self, x: torch.Tensor, positions: bool = True) -> None:
         """Fail with a message that says what was expected, rather than deep inside the network. ``positions``:
         also refuse an input smaller than the total stride, which leaves the feature map no position of its own."""

@@ -196,7 +196,8 @@ def save_pretrained(
     if readout == 'factor' and ood_head_trained is False:
         readout = None
     saved = {'spatial_threshold': spatial, 'ood_threshold': threshold}
-    by_hand = [k for k, v in saved.items() if v is not None and k not in still_loaded(model)]
+    loaded = still_loaded(model)  # a value passed here, or set on the model since, was not calibrated with it
+    by_hand = [k for k, v in saved.items() if v is not None and (k not in loaded or v != getattr(model, k, None))]
     if by_hand and not (train_config or {}).get('img_size'):
         size = ((getattr(model, 'pretrained_cfg', None) or {}).get('input_size') or [None])[-1]
         warnings.warn(f'save_pretrained: nothing says at what input size the {" and ".join(by_hand)} set in Python '

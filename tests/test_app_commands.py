@@ -290,6 +290,7 @@ def test_baseline_rows_name_the_model_they_scored():
     """A baseline's rows and ID accuracy say which model it scored: a cross-entropy model (its OOD head never
     trained), another SSOD model, or, with no baseline model, the SSOD model itself."""
     from ssod_zoo.app.evaluate import evaluate, results_markdown
+    from ssod_zoo.app.protocols import add_fpr95_openood, fpr95_markdown
     torch.manual_seed(0)
     model, ce, other = (timm.create_model('ssod_test_resnet', num_classes=2).eval() for _ in range(3))
     ce.ood_head_trained = False
@@ -302,6 +303,29 @@ def test_baseline_rows_name_the_model_they_scored():
         table = results_markdown(results)
         assert f'| msp ({name}) |' in table and '| SSOD OOD factor, Eq. 15 (paper) |' in table, table
         assert ('CE model' in table) == (key == 'ce'), table
+        assert f'| msp ({name}) |' in fpr95_markdown(add_fpr95_openood(results))  # results.md's second table
+
+
+@pytest.mark.filterwarnings('ignore:.*OOD head was never trained.*:UserWarning')
+def test_odin_in_evaluate_steps_in_pixel_units_unless_told_otherwise():
+    """evaluate()'s ODIN divides its step by the baseline's std (the paper's units); odin_pixel_units=False keeps
+    the study's (the step on the normalised images); a std that does not fit the images' channels is left out,
+    with a warning, rather than stopping the run."""
+    from ssod_zoo.app.evaluate import evaluate
+    from ssod_zoo.scores import odin
+    torch.manual_seed(0)
+    model = timm.create_model('ssod_test_resnet', num_classes=2).eval()
+    x = torch.randn(6, 3, SIZE, SIZE)
+    loader = DataLoader(TensorDataset(x, torch.tensor([0, 1] * 3)), batch_size=6)
+    logits = lambda t: model.forward_head(model.forward_features(t))  # noqa: E731
+    for pixel, std in ((True, model.pretrained_cfg['std']), (False, None)):
+        got = evaluate(model, loader, {'same': loader}, methods=['odin'], progress=False, odin_pixel_units=pixel)
+        torch.testing.assert_close(got['scores']['odin']['id'], odin(logits, x, std=std), rtol=0, atol=1e-7)
+    gray = timm.create_model('ssod_test_resnet', num_classes=2, in_chans=1).eval()
+    loader = DataLoader(TensorDataset(torch.randn(4, 1, SIZE, SIZE), torch.tensor([0, 1] * 2)), batch_size=4)
+    with pytest.warns(UserWarning, match="std has 3 values for 1-channel images, so its step is taken in the "
+                                         "images' own units"):
+        evaluate(gray, loader, {'same': loader}, methods=['odin'], progress=False)
 
 
 def test_report_without_bootstrap_has_no_empty_interval_table():

@@ -529,6 +529,8 @@ def test_a_threshold_set_in_python_is_saved_with_a_warning_about_its_size(tmp_pa
         loaded = timm.create_model(f'local-dir:{told}', pretrained=True)
         ssod_zoo.save_pretrained(loaded, tmp_path / 'again')
     assert loaded.pretrained_cfg['input_size'] == (3, 64, 64) and loaded.spatial_threshold == 1.5
+    with pytest.warns(UserWarning, match='spatial_threshold set in Python'):  # passed here: not the loaded one
+        ssod_zoo.save_pretrained(loaded, tmp_path / 'passed', spatial_threshold=9.0)
 
 
 def test_saving_a_loaded_model_again_keeps_its_calibration_record_while_it_holds(tmp_path):

@@ -33,6 +33,21 @@ def test_the_posterior_refuses_a_score_that_is_not_a_probability():
     assert nan[0].sum().item() == pytest.approx(1.0) and nan[1].isnan().all()
 
 
+def test_the_posterior_and_the_scores_compile_into_one_graph():
+    """The range check of Eq. 7's factor and the train-mode warning are eager-only: in a compiled graph they would
+    break it (fullgraph refuses a branch on values and a warnings call)."""
+    logits, p_id = torch.randn(3, 4), torch.rand(3)
+    both = torch.compile(lambda z, p: (robust_posterior(z, p), posterior_score(z, p)), fullgraph=True,
+                         backend='eager')
+    for got, want in zip(both(logits, p_id), (robust_posterior(logits, p_id), posterior_score(logits, p_id))):
+        torch.testing.assert_close(got, want)
+    model = timm.create_model('ssod_test_resnet', num_classes=3)  # train mode, as timm creates it
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        compiled = torch.compile(model.forward_scores, fullgraph=True, backend='eager')(x)
+    assert compiled.spatial_score.shape == (2,)
+
+
 def test_spatial_score_is_the_best_position_of_the_per_position_heads():
     torch.manual_seed(0)
     model = timm.create_model('ssod_test_resnet', num_classes=5, output_stride=16).eval()

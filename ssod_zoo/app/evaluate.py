@@ -140,14 +140,21 @@ def ssod_report(id_out: Dict[str, torch.Tensor], ood_outs: Dict[str, Dict[str, t
 
 
 def score_images(detector: Detector, model: nn.Module, loader: Iterable, device: torch.device,
-                 progress: Optional[str] = None) -> torch.Tensor:
+                 progress: Optional[str] = None, pixel_units: bool = True) -> torch.Tensor:
     """Detectors that need the images again (ODIN: an input-gradient step per batch) get their own pass, with the
-    std the images were normalised with (the model's preprocessing, as every loader here applies it)."""
+    std the images were normalised with (the model's preprocessing, as every loader here applies it) when
+    ``pixel_units``; a std that does not match the images' channels is left out, with a warning."""
     model.eval()
     logits_fn = _logits_fn(model)
-    std = (getattr(model, 'pretrained_cfg', None) or {}).get('std')
-    return torch.cat([detector.score_images(logits_fn, x.to(device), std=std).cpu()
-                      for x, _ in _bar(loader, progress)])
+    std = (getattr(model, 'pretrained_cfg', None) or {}).get('std') if pixel_units else None
+    scored = []
+    for x, _ in _bar(loader, progress):
+        if std is not None and len(std) != x.shape[1]:
+            warnings.warn(f'{type(detector).__name__}: the model\'s normalisation std has {len(std)} values for '
+                          f'{x.shape[1]}-channel images, so its step is taken in the images\' own units')
+            std = None
+        scored.append(detector.score_images(logits_fn, x.to(device), std=std).cpu())
+    return torch.cat(scored)
 
 
 def evaluate(
@@ -160,11 +167,14 @@ def evaluate(
         methods: Iterable[str] = METHODS,
         progress: bool = True,
         knn_k: int = 50,
+        odin_pixel_units: bool = True,
 ) -> dict:
     """Score ID and OOD data with SSOD and every baseline; metrics per OOD set and averaged.
 
     The fitted detectors are sized to the fit set (:func:`ssod_zoo.app.report.fit_detectors`: KNN's ``knn_k`` is
     capped below the smallest class, with a warning; small fit sets for Mahalanobis/ViM are flagged).
+    ``odin_pixel_units``: ODIN's step divided by the baseline model's normalisation std, the paper's units (False:
+    in the normalised images' units, as every study record before the twenty-sixth session took it).
 
     Returns:
         ``{'id_accuracy': {'ssod': %, 'ce' or 'baseline': %}, 'ood': {set: {method: {fpr95, auroc, aupr_in, aupr_out}},
@@ -203,7 +213,8 @@ def evaluate(
             return SPATIAL_BASELINES[method](o)
         detector = detectors[method]
         if detector.needs_images:
-            return score_images(detector, baseline_model, loader, device, progress=tag(method))
+            return score_images(detector, baseline_model, loader, device, progress=tag(method),
+                                pixel_units=odin_pixel_units)
         return detector.score(o['features'], o['logits'])
 
     loaders = {'id': id_loader, **ood_loaders}
