@@ -120,6 +120,9 @@ def test_ssod_eval_on_a_folder_with_two_checkpoints(folders, tmp_path, capsys):
     assert set(results['ood']) == {'grey', 'purple', 'average'}
     methods = set(results['ood']['average'])
     assert {'ssod', 'msp', 'energy', 'odin', 'knn', 'mahalanobis', 'vim', 'react'} <= methods
+    # how the baselines ran, beside the table: KNN's k capped below the smallest fit class (8 images), ODIN's units
+    assert results['detectors']['knn'].startswith('KNN(k=7, ') and '`knn` KNN(k=7, ' in markdown
+    assert results['detectors']['odin'] == 'ODIN(temperature=1000.0, epsilon=0.0014) (step / std)'
 
     # recomputed here: the SSOD row from --model's OOD factor, MSP from --baseline-model's logits
     id_ssod, id_ce = (_scores_of(c, folders / 'val', labelled=True) for c in (ssod_ckpt, ce_ckpt))

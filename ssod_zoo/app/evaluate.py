@@ -178,7 +178,8 @@ def evaluate(
 
     Returns:
         ``{'id_accuracy': {'ssod': %, 'ce' or 'baseline': %}, 'ood': {set: {method: {fpr95, auroc, aupr_in, aupr_out}},
-        'average': {...}}, 'scores': {method: {'id': (N,), set: (N_set,)}}}``; ``scores`` is for plots.
+        'average': {...}}, 'scores': {method: {'id': (N,), set: (N_set,)}}, 'detectors': {method: str}}``; ``scores``
+        is for plots, ``detectors`` each post-hoc baseline as it ran (its repr: KNN's k after its cap, ...).
     """
     baseline_model = baseline_model or ssod_model
     methods = [m for m in methods if fit_loader is not None or m not in FITTED]
@@ -222,8 +223,12 @@ def evaluate(
     for m in methods:
         source = ssod_out if m in SSOD_READOUTS else base_out
         all_scores[m] = {k: score(m, source[k], loaders[k]) for k in loaders}
+    # the baselines as they ran: a fitted one's size (KNN's k after its cap, ViM's dimension), ODIN's step units
+    ran = {m: repr(d) for m, d in detectors.items()}
+    if 'odin' in ran:
+        ran['odin'] += ' (step / std)' if odin_pixel_units else ' (step in normalised units)'
     results = {'id_accuracy': {'ssod': 100 * accuracy(ssod_out['id']['logits'], ssod_out['id']['targets'])},
-               'ood': {}, 'scores': all_scores}
+               'ood': {}, 'scores': all_scores, 'detectors': ran}
     if baseline_model is not ssod_model:
         trained = isinstance(baseline_model, SSODModel) and getattr(baseline_model, 'ood_head_trained', True)
         base_id = base_out['id']
@@ -250,9 +255,12 @@ def results_markdown(results: dict) -> str:
             cells += [f'**{fpr}**' if r['fpr95'] == best[s] else fpr, f'{r["auroc"]:.2f}']
         rows.append(f'| {method_label(m, baseline_of(results["id_accuracy"]))} | ' + ' | '.join(cells) + ' |')
     acc = ', '.join(f'{MODELS[k]} {v:.2f}%' for k, v in results['id_accuracy'].items())
+    ran = results.get('detectors') or {}
     return '\n'.join([f'ID accuracy: {acc}', '', head, rule, *rows, '',
                       'FPR95: OOD images accepted at the threshold that accepts 95% of ID images (lower is '
-                      'better); AUROC: higher is better; percentages. Bold: best FPR95 per column.'])
+                      'better); AUROC: higher is better; percentages. Bold: best FPR95 per column.',
+                      *(['', 'The baselines as they ran: ' + '; '.join(f'`{m}` {r}' for m, r in ran.items()) + '.']
+                        if ran else [])])
 
 
 def write_results(results: dict, out_dir: Path, config: dict, extra: Optional[dict] = None,
@@ -260,7 +268,8 @@ def write_results(results: dict, out_dir: Path, config: dict, extra: Optional[di
     """results.json (without raw scores, with ``extra`` keys) and results.md (the table, then ``sections``);
     returns what was written to JSON."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {'id_accuracy': results['id_accuracy'], 'ood': results['ood'], 'config': config, **(extra or {})}
+    payload = {'id_accuracy': results['id_accuracy'], 'ood': results['ood'], 'config': config,
+               **({'detectors': results['detectors']} if results.get('detectors') else {}), **(extra or {})}
     (out_dir / 'results.json').write_text(json.dumps(payload, indent=2))
     (out_dir / 'results.md').write_text('\n\n'.join([results_markdown(results), *sections]) + '\n')
     return payload
